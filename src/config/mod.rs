@@ -1,0 +1,164 @@
+//! Configuration: the YAML rules file in two phases.
+//!
+//! 1. [`env`] expands `${VAR}` in the raw text; yaml_serde parses it into the [`raw`]
+//!    types (shape errors stop here, with their location).
+//! 2. [`plan`] validates everything else (topic filters, jq programs, templates, sink
+//!    references, identifiers) and reports *every* problem at once, each located in the
+//!    file through [`locate`], as `FILE:LINE:COL: field.path: message`.
+//!
+//! No I/O happens beyond reading the file; sinks and connections are built by `app`.
+
+pub mod env;
+pub mod locate;
+pub mod plan;
+pub mod raw;
+pub mod units;
+
+use std::fmt;
+use std::path::Path;
+
+pub use plan::{BrokerPlan, Plan, SinkPlan};
+pub use raw::RawConfig;
+
+use locate::{Locations, Position};
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub position: Option<Position>,
+    /// Field path such as `rules[0].filter`; empty for the file as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(p) = self.position {
+            write!(f, ":{}:{}", p.line, p.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads, expands, parses and validates a rules file.
+pub fn load(path: &Path) -> Result<Plan, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            position: None,
+            path: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(&text, &file, |name| std::env::var(name).ok())
+}
+
+/// Like [`load`], for text already in memory; `lookup` resolves environment variables.
+pub fn parse(
+    text: &str,
+    file: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Plan, ConfigErrors> {
+    let error = |position, path: &str, message: String| ConfigError {
+        file: file.to_string(),
+        position,
+        path: path.to_string(),
+        message,
+    };
+    let expanded = env::expand(text, lookup).map_err(|errs| {
+        ConfigErrors(
+            errs.into_iter()
+                .map(|e| {
+                    error(
+                        Some(Position {
+                            line: e.line,
+                            column: e.column,
+                        }),
+                        "",
+                        e.message,
+                    )
+                })
+                .collect(),
+        )
+    })?;
+    let locations = Locations::index(&expanded);
+    let raw = parse_raw(&expanded, &locations)
+        .map_err(|(pos, path, msg)| ConfigErrors(vec![error(pos, &path, msg)]))?;
+    plan::validate(raw).map_err(|errs| {
+        ConfigErrors(
+            errs.into_iter()
+                .map(|(path, msg)| error(locations.locate(&path), &path, msg))
+                .collect(),
+        )
+    })
+}
+
+/// Parses YAML into [`RawConfig`]; on error returns (position, field path, message).
+fn parse_raw(
+    text: &str,
+    locations: &Locations,
+) -> Result<RawConfig, (Option<Position>, String, String)> {
+    if text.trim().is_empty() {
+        return Ok(serde_json::from_str("{}").expect("empty config"));
+    }
+    let de = yaml_serde::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let inner = e.into_inner();
+        let mut message = inner.to_string();
+        // yaml_serde appends " at line L column C"; we print positions up front instead.
+        if let Some(i) = message.find(" at line ") {
+            message.truncate(i);
+        }
+        // An unknown key is best reported at the key itself.
+        let unknown_key = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(|k| {
+                if path.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{path}.{k}")
+                }
+            });
+        let position = unknown_key
+            .as_deref()
+            .and_then(|p| locations.key_position(p))
+            .or_else(|| {
+                inner.location().map(|l| Position {
+                    line: l.line(),
+                    column: l.column(),
+                })
+            })
+            .or_else(|| locations.locate(&path));
+        (position, path, message)
+    })
+}
+
+#[cfg(test)]
+mod tests;

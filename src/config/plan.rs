@@ -1,0 +1,393 @@
+//! Validation: turns [`RawConfig`] into a [`Plan`] the app can run, or reports every
+//! problem with its field path. Pure: compiles jq programs and templates, reads nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::raw::{BrokerConfig, Protocol, RawConfig, SinkConfig};
+use crate::rule::Rule;
+use crate::rule::jq::JqProgram;
+use crate::rule::template::Template;
+use crate::sink::sqlite;
+use crate::topic::TopicFilter;
+
+/// A validated config, ready to build.
+#[derive(Debug)]
+pub struct Plan {
+    pub broker: Option<BrokerPlan>,
+    pub sinks: Vec<SinkPlan>,
+    pub rules: Vec<Rule>,
+    /// Index into `sinks`.
+    pub dead_letter: Option<usize>,
+    pub shutdown_timeout: Duration,
+}
+
+/// A named sink and its settings.
+#[derive(Debug)]
+pub struct SinkPlan {
+    pub name: Arc<str>,
+    pub config: SinkConfig,
+}
+
+/// Where and how to connect to the external broker.
+#[derive(Debug, Clone)]
+pub struct BrokerPlan {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub client_id: String,
+    pub protocol: Protocol,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    pub qos: u8,
+    pub keep_alive: Duration,
+    pub max_packet_size: usize,
+    pub ca_file: Option<PathBuf>,
+    /// What to SUBSCRIBE to: the rules' filters, minus those another one covers, with the
+    /// `$share/GROUP/` prefix when a share group is set.
+    pub subscriptions: Vec<String>,
+}
+
+/// A secret string: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+type Errors = Vec<(String, String)>;
+
+/// Validates everything; on failure returns every (field path, message).
+pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
+    let mut errs = Errors::new();
+    let sink_names: Vec<&String> = raw.sinks.keys().collect();
+    for (name, sink) in &raw.sinks {
+        validate_sink(name, sink, &mut errs);
+    }
+    let sink_index = |name: &str| sink_names.iter().position(|n| n.as_str() == name);
+
+    let mut rules = Vec::new();
+    for (i, r) in raw.rules.iter().enumerate() {
+        let at = |field: &str| format!("rules[{i}].{field}");
+        if r.name.trim().is_empty() {
+            errs.push((at("name"), "must not be empty".into()));
+        } else if raw.rules[..i].iter().any(|o| o.name == r.name) {
+            errs.push((at("name"), format!("duplicate rule name {:?}", r.name)));
+        }
+        let mut from = Vec::new();
+        if r.from.as_slice().is_empty() {
+            errs.push((at("from"), "needs at least one topic filter".into()));
+        }
+        for (j, f) in r.from.as_slice().iter().enumerate() {
+            match TopicFilter::parse(f) {
+                Ok(tf) => from.push(tf),
+                Err(e) => errs.push((format!("rules[{i}].from[{j}]"), format!("{f:?}: {e}"))),
+            }
+        }
+        let mut to = Vec::new();
+        if r.to.as_slice().is_empty() {
+            errs.push((at("to"), "needs at least one sink".into()));
+        }
+        for (j, s) in r.to.as_slice().iter().enumerate() {
+            match sink_index(s) {
+                Some(k) => to.push(k),
+                None => errs.push((format!("rules[{i}].to[{j}]"), unknown_sink(s, &sink_names))),
+            }
+        }
+        let mut compile = |field: &str, code: &Option<String>| {
+            code.as_deref().and_then(|c| match JqProgram::compile(c) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    errs.push((at(field), format!("jq: {e}")));
+                    None
+                }
+            })
+        };
+        let filter = compile("filter", &r.filter);
+        let transform = compile("transform", &r.transform);
+        rules.push(Rule {
+            name: Arc::from(r.name.as_str()),
+            from,
+            decode: r.decode,
+            filter,
+            transform,
+            to,
+        });
+    }
+
+    let dead_letter = raw.dead_letter.as_ref().and_then(|d| {
+        let idx = sink_index(&d.sink);
+        if idx.is_none() {
+            errs.push((
+                "dead_letter.sink".into(),
+                unknown_sink(&d.sink, &sink_names),
+            ));
+        }
+        idx
+    });
+
+    let broker = raw
+        .broker
+        .as_ref()
+        .and_then(|b| validate_broker(b, &rules, &mut errs));
+
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Plan {
+        broker,
+        sinks: raw
+            .sinks
+            .into_iter()
+            .map(|(name, config)| SinkPlan {
+                name: Arc::from(name.as_str()),
+                config,
+            })
+            .collect(),
+        rules,
+        dead_letter,
+        shutdown_timeout: raw.shutdown_timeout.0,
+    })
+}
+
+fn unknown_sink(name: &str, known: &[&String]) -> String {
+    if known.is_empty() {
+        format!("unknown sink {name:?}: no sinks are defined")
+    } else {
+        let list: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
+        format!("unknown sink {name:?} (defined: {})", list.join(", "))
+    }
+}
+
+fn validate_sink(name: &str, sink: &SinkConfig, errs: &mut Errors) {
+    let at = |field: &str| format!("sinks.{name}.{field}");
+    if sqlite::quote_ident(name).is_none() {
+        errs.push((
+            format!("sinks.{name}"),
+            "sink names use letters, digits and '_'".into(),
+        ));
+    }
+    match sink {
+        SinkConfig::Sqlite(c) => {
+            if let Err(e) = sqlite::quote_table(&c.table) {
+                errs.push((at("table"), e));
+            }
+            if c.path.as_os_str().is_empty() {
+                errs.push((at("path"), "must not be empty".into()));
+            }
+        }
+        SinkConfig::Republish(c) => {
+            if let Err(e) = Template::compile(&c.topic) {
+                errs.push((at("topic"), format!("template: {e}")));
+            }
+            if c.qos > 2 {
+                errs.push((at("qos"), "must be 0, 1 or 2".into()));
+            }
+        }
+        SinkConfig::File(c) => {
+            if c.path.as_os_str().is_empty() {
+                errs.push((at("path"), "must not be empty".into()));
+            }
+        }
+    }
+}
+
+fn validate_broker(b: &BrokerConfig, rules: &[Rule], errs: &mut Errors) -> Option<BrokerPlan> {
+    let before = errs.len();
+    let url = match url::Url::parse(&b.url) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            errs.push(("broker.url".into(), format!("invalid URL: {e}")));
+            None
+        }
+    };
+    let (mut host, mut port, mut tls, mut username, mut password) =
+        (String::new(), 0, false, None, None);
+    if let Some(u) = &url {
+        match u.scheme() {
+            "mqtt" | "tcp" => {
+                tls = false;
+                port = 1883
+            }
+            "mqtts" | "ssl" => {
+                tls = true;
+                port = 8883
+            }
+            other => errs.push((
+                "broker.url".into(),
+                format!("unsupported scheme {other:?}: use mqtt:// or mqtts://"),
+            )),
+        }
+        port = u.port().unwrap_or(port);
+        match u.host_str() {
+            Some(h) if !h.is_empty() => host = h.trim_matches(['[', ']']).to_string(),
+            _ => errs.push(("broker.url".into(), "needs a host".into())),
+        }
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        if !u.username().is_empty() {
+            username = Some(decode(u.username()));
+        }
+        password = u.password().map(|p| Secret(decode(p)));
+    }
+    if b.username.is_some() {
+        username = b.username.clone();
+    }
+    if let Some(p) = &b.password {
+        password = Some(Secret(p.clone()));
+    }
+    if b.password.is_some() && b.password_file.is_some() {
+        errs.push((
+            "broker.password_file".into(),
+            "set password or password_file, not both".into(),
+        ));
+    }
+    if b.client_id.trim().is_empty() {
+        errs.push((
+            "broker.client_id".into(),
+            "must not be empty: a stable client id is what lets the broker keep messages for mqbridge while it is down".into(),
+        ));
+    }
+    if b.qos > 2 {
+        errs.push(("broker.qos".into(), "must be 0, 1 or 2".into()));
+    }
+    if b.max_packet_size.0 < 64 || b.max_packet_size.0 > 268_435_455 {
+        errs.push((
+            "broker.max_packet_size".into(),
+            "must be between 64 bytes and 256MiB".into(),
+        ));
+    }
+    let keep_alive = b.keep_alive.0;
+    if keep_alive < Duration::from_secs(1) || keep_alive > Duration::from_secs(65535) {
+        errs.push((
+            "broker.keep_alive".into(),
+            "must be between 1s and 65535s".into(),
+        ));
+    }
+    let filters: Vec<&str> = rules
+        .iter()
+        .flat_map(|r| r.from.iter().map(|f| f.mqtt_filter()))
+        .collect();
+    let mut subscriptions = Vec::new();
+    for f in minimal_filters(&filters) {
+        match &b.share_group {
+            Some(g) => match TopicFilter::parse(f).and_then(|tf| tf.shared(g)) {
+                Ok(s) => subscriptions.push(s),
+                Err(e) => {
+                    errs.push(("broker.share_group".into(), e.to_string()));
+                    break;
+                }
+            },
+            None => subscriptions.push(f.to_string()),
+        }
+    }
+    (errs.len() == before).then(|| BrokerPlan {
+        host,
+        port,
+        tls,
+        client_id: b.client_id.clone(),
+        protocol: b.protocol,
+        username,
+        password,
+        password_file: b.password_file.clone(),
+        qos: b.qos,
+        keep_alive,
+        max_packet_size: b.max_packet_size.0 as usize,
+        ca_file: b.ca_file.clone(),
+        subscriptions,
+    })
+}
+
+/// The filters to subscribe to so that each message arrives once: duplicates and filters
+/// covered by a broader one are dropped (overlapping subscriptions may make a broker
+/// deliver a message once per subscription).
+pub fn minimal_filters<'a>(filters: &[&'a str]) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for (i, f) in filters.iter().enumerate() {
+        let covered = filters
+            .iter()
+            .enumerate()
+            .any(|(j, g)| j != i && covers(g, f) && (!covers(f, g) || j < i));
+        if !covered && !out.contains(f) {
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// True when every topic that `f` matches is also matched by `g`.
+pub fn covers(g: &str, f: &str) -> bool {
+    let mut gl = g.split('/');
+    let mut fl = f.split('/');
+    let mut first = true;
+    loop {
+        match (gl.next(), fl.next()) {
+            (Some("#"), Some(fl_level)) => return !(first && fl_level.starts_with('$')),
+            (Some("#"), None) => return true,
+            (Some("+"), Some(x)) => {
+                if x == "#" || (first && x.starts_with('$')) {
+                    return false;
+                }
+            }
+            (Some(a), Some(b)) => {
+                if a != b {
+                    return false;
+                }
+            }
+            (None, None) => return true,
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic::filter_matches;
+
+    #[test]
+    fn covering_filters() {
+        assert!(covers("a/#", "a/b/c"));
+        assert!(covers("a/#", "a"));
+        assert!(covers("a/+", "a/b"));
+        assert!(covers("#", "a/+/#"));
+        assert!(!covers("#", "$SYS/x"));
+        assert!(!covers("+/x", "$SYS/x"));
+        assert!(!covers("a/+", "a/#"));
+        assert!(!covers("a/b", "a/+"));
+        assert_eq!(
+            minimal_filters(&["a/b", "a/#", "c", "a/#", "c"]),
+            vec!["a/#", "c"]
+        );
+    }
+
+    #[test]
+    fn covers_agrees_with_matching() {
+        use proptest::prelude::*;
+        let level = prop::sample::select(vec!["a", "b", "+", "$s"]);
+        let filter =
+            (prop::collection::vec(level, 1..4), any::<bool>()).prop_map(|(mut v, hash)| {
+                if hash {
+                    v.push("#");
+                }
+                v.join("/")
+            });
+        let topic = prop::collection::vec(prop::sample::select(vec!["a", "b", "$s", ""]), 1..5)
+            .prop_map(|v| v.join("/"));
+        proptest!(|(g in filter.clone(), f in filter, t in topic)| {
+            if covers(&g, &f) && filter_matches(&f, &t) {
+                prop_assert!(filter_matches(&g, &t), "{g} covers {f} but misses {t}");
+            }
+        });
+    }
+}

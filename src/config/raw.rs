@@ -1,0 +1,171 @@
+//! The rules file as written: serde types that mirror the YAML (unknown keys are errors).
+//! Nothing here is checked beyond its shape; [`super::plan`] validates.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::units::{ByteSize, Duration};
+use crate::rule::Decode;
+use crate::sink::{file, republish, sqlite};
+
+/// The whole rules file.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// External broker to read from (mqbridge is then an MQTT client).
+    #[serde(default)]
+    pub broker: Option<BrokerConfig>,
+    /// Named destinations.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// Topic filters mapped to sinks, evaluated in order; a message may match several rules.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// Where records that cannot be delivered (or messages a rule cannot process) go.
+    #[serde(default)]
+    pub dead_letter: Option<DeadLetterConfig>,
+    /// How long a graceful shutdown may take to flush before it gives up (unsettled
+    /// messages are then redelivered after restart).
+    #[serde(default = "default_shutdown")]
+    pub shutdown_timeout: Duration,
+}
+
+fn default_shutdown() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
+}
+
+/// `broker:`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `mqtt://[user[:password]@]host[:port]` or `mqtts://…` (TLS, default port 8883).
+    pub url: String,
+    /// Stable client id: with the persistent session it makes the broker keep messages
+    /// for mqbridge while it is down.
+    pub client_id: String,
+    /// MQTT protocol version: `3.1.1` (also `4`) or `5`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Subscribe as `$share/<group>/<filter>` so several instances split the messages.
+    #[serde(default)]
+    pub share_group: Option<String>,
+    /// Username (overrides the URL's).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (overrides the URL's); prefer `${ENV}` or `password_file`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Subscription QoS (0, 1 or 2).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: Duration,
+    /// Largest packet accepted or sent.
+    #[serde(default = "default_max_packet")]
+    pub max_packet_size: ByteSize,
+    /// PEM file of CA certificates for `mqtts://` (default: the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+fn default_keep_alive() -> Duration {
+    Duration(std::time::Duration::from_secs(30))
+}
+fn default_max_packet() -> ByteSize {
+    ByteSize(1 << 20)
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(f64),
+            S(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string(),
+            Raw::S(s) => s,
+        };
+        match text.as_str() {
+            "3.1.1" | "4" | "3" => Ok(Protocol::V311),
+            "5" | "5.0" => Ok(Protocol::V5),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown MQTT protocol {other:?}: use 3.1.1 or 5"
+            ))),
+        }
+    }
+}
+
+/// One entry of `sinks:`, by `type`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    Sqlite(sqlite::Config),
+    Republish(republish::Config),
+    File(file::Config),
+}
+
+/// One entry of `rules:`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique name, used in logs, metrics and dead letters.
+    pub name: String,
+    /// Topic filters; `+` and `#` as in MQTT, `{name}` captures a level into `vars.name`.
+    pub from: OneOrMany,
+    #[serde(default)]
+    pub decode: Decode,
+    /// jq expression; the message is kept when it yields a value other than false/null.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// jq program producing zero or more records; without it the record is
+    /// `{topic, payload, qos, retain, received_at}`.
+    #[serde(default)]
+    pub transform: Option<String>,
+    /// Sink names.
+    pub to: OneOrMany,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// `dead_letter:`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Name of the sink that receives dead letters.
+    pub sink: String,
+}

@@ -1,0 +1,105 @@
+//! `mqbridge try`: one message through the rules, printing each record and what each sink
+//! would do with it, without connecting to anything or writing anywhere.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use crate::config::Plan;
+use crate::config::raw::SinkConfig;
+use crate::message::Message;
+use crate::pipeline::evaluate;
+use crate::rule::Evaluation;
+use crate::sink::Origin;
+
+/// Renders the outcome of `msg` under `plan` as text.
+pub fn explain(plan: &Plan, msg: &Message) -> String {
+    let mut out = String::new();
+    let verdicts = evaluate(&plan.rules, msg);
+    if verdicts.is_empty() {
+        let _ = writeln!(out, "no rule matches topic {:?}", msg.topic);
+    }
+    for v in verdicts {
+        let rule = &plan.rules[v.rule];
+        let vars: Vec<String> = v.vars.iter().map(|(k, x)| format!("{k}={x}")).collect();
+        let _ = writeln!(
+            out,
+            "rule {} matched{}",
+            rule.name,
+            if vars.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", vars.join(", "))
+            }
+        );
+        let origin = Origin {
+            topic: msg.topic.clone(),
+            payload: msg.payload.clone(),
+            qos: msg.qos,
+            retain: msg.retain,
+            vars: v.vars.clone(),
+            received_at: msg.received_at,
+            rule: Arc::clone(&rule.name),
+            source: Arc::clone(&msg.source),
+        };
+        match v.evaluation {
+            Evaluation::Filtered => {
+                let _ = writeln!(out, "  filtered out: nothing is written");
+            }
+            Evaluation::Failed { stage, error } => {
+                let _ = writeln!(out, "  {stage} failed: {error}");
+                match plan.dead_letter {
+                    Some(i) => {
+                        let _ = writeln!(out, "  -> dead letter to sink {}", plan.sinks[i].name);
+                    }
+                    None => {
+                        let _ = writeln!(out, "  -> dropped (no dead_letter sink configured)");
+                    }
+                }
+            }
+            Evaluation::Records(records) => {
+                if records.is_empty() {
+                    let _ = writeln!(out, "  no records");
+                }
+                for record in records {
+                    let _ = writeln!(out, "  record {record}");
+                    for &s in &rule.to {
+                        let sink = &plan.sinks[s];
+                        let _ = writeln!(
+                            out,
+                            "    -> {}: {}",
+                            sink.name,
+                            would(&sink.config, &origin, &record)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn would(sink: &SinkConfig, origin: &Origin, record: &serde_json::Value) -> String {
+    match sink {
+        SinkConfig::Sqlite(c) => {
+            let keys: Vec<&str> = record
+                .as_object()
+                .map(|o| o.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            format!(
+                "sqlite {}: insert into {} the columns among ({})",
+                c.path.display(),
+                c.table,
+                keys.join(", ")
+            )
+        }
+        SinkConfig::File(c) => format!("append one JSON line to {}", c.path.display()),
+        SinkConfig::Republish(c) => {
+            let topic = crate::rule::template::Template::compile(&c.topic)
+                .and_then(|t| t.render(&origin.template_context(record)));
+            match topic {
+                Ok(t) => format!("publish to {t:?} qos {} retain {}", c.qos, c.retain),
+                Err(e) => format!("topic template fails: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! mqbridge: takes MQTT messages and forwards them where they are needed, acknowledging
+//! each one only once it is stored.
+//!
+//! ```text
+//!  broker ──▶ source::mqtt ──Message──▶ pipeline (rules: decode ▶ filter ▶ transform)
+//!                 ▲                          │ records, each holding a share of the message's Ack
+//!                 │                          ▼
+//!                 │                sink::driver (queue ▶ batch ▶ write ▶ retry ▶ split) ──▶ sqlite / republish / file
+//!                 │                          └──▶ dead letter (another sink) with the reason
+//!                 └── PUBACK/PUBREC in arrival order once every share settled (delivery::AckSequencer)
+//! ```
+//!
+//! Modules, in the order data flows through them:
+//! - [`config`]: the YAML rules file → a validated [`config::Plan`] (errors with file:line:col).
+//! - [`topic`]: MQTT topic filters, matching and `{name}` captures.
+//! - [`mqtt`]: rumqttc connection options.
+//! - [`source`]: where messages come from (an external broker).
+//! - [`message`]: the [`message::Message`] passed along.
+//! - [`rule`]: decode, jq filter/transform, templates; [`pipeline`] routes messages through them.
+//! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type.
+//! - [`delivery`]: settlement shares and in-order acknowledgements.
+//! - [`app`]: wires it all from a plan and orders shutdown; [`shutdown`]: signals.
+
+pub mod app;
+pub mod config;
+pub mod delivery;
+pub mod dryrun;
+pub mod message;
+pub mod mqtt;
+pub mod pipeline;
+pub mod rule;
+pub mod shutdown;
+pub mod sink;
+pub mod source;
+pub mod topic;
+
+/// Installs the process-wide TLS crypto provider (ring). Call first thing in `main` and
+/// in tests that open TLS connections; calling it twice is harmless.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

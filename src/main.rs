@@ -1,0 +1,190 @@
+//! The `mqbridge` command: parse the CLI, set up logging, load the config, and hand over
+//! to [`mqbridge::app::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mqbridge::config;
+use mqbridge::message::Message;
+
+#[derive(Parser)]
+#[command(
+    name = "mqbridge",
+    version,
+    about = "Forward MQTT messages to databases, webhooks and brokers; acknowledged only once stored."
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MQBRIDGE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge.
+    Run {
+        /// Rules file.
+        #[arg(
+            long,
+            short,
+            default_value = "config/mqbridge.yaml",
+            env = "MQBRIDGE_CONFIG"
+        )]
+        config: PathBuf,
+    },
+    /// Validate a rules file and print the plan; exit 1 with every error otherwise.
+    Check { file: PathBuf },
+    /// Run one message through the rules and print what would be written, without side effects.
+    Try {
+        file: PathBuf,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        payload: String,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+    },
+    /// Print the JSON Schema of the rules file.
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    mqbridge::install_crypto();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Schema => {
+            let schema = schemars::schema_for!(config::RawConfig);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&schema).expect("schema serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Check { file } => match config::load(&file) {
+            Ok(plan) => {
+                print!("{}", describe(&plan));
+                ExitCode::SUCCESS
+            }
+            Err(errs) => fail(&errs),
+        },
+        Command::Try {
+            file,
+            topic,
+            payload,
+            qos,
+        } => match config::load(&file) {
+            Ok(plan) => {
+                let msg = Message::detached(topic, payload.into_bytes(), qos);
+                print!("{}", mqbridge::dryrun::explain(&plan, &msg));
+                msg.ack.settle();
+                ExitCode::SUCCESS
+            }
+            Err(errs) => fail(&errs),
+        },
+        Command::Run { config: file } => {
+            let plan = match config::load(&file) {
+                Ok(p) => p,
+                Err(errs) => return fail(&errs),
+            };
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let result = rt.block_on(async {
+                let shutdown = mqbridge::shutdown::on_signal();
+                mqbridge::app::run(plan, shutdown).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn fail(errs: &config::ConfigErrors) -> ExitCode {
+    eprintln!("{errs}");
+    ExitCode::FAILURE
+}
+
+/// The plan as `check` prints it (secrets are not part of it).
+fn describe(plan: &config::Plan) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    match &plan.broker {
+        Some(b) => {
+            let _ = writeln!(
+                out,
+                "broker: {}://{}:{} as {:?} (MQTT {:?}, persistent session)",
+                if b.tls { "mqtts" } else { "mqtt" },
+                b.host,
+                b.port,
+                b.client_id,
+                b.protocol
+            );
+            for s in &b.subscriptions {
+                let _ = writeln!(out, "  subscribe {s} qos {}", b.qos);
+            }
+        }
+        None => {
+            let _ = writeln!(out, "broker: none");
+        }
+    }
+    let _ = writeln!(out, "sinks:");
+    for s in &plan.sinks {
+        let kind = match &s.config {
+            config::raw::SinkConfig::Sqlite(c) => {
+                format!("sqlite {} table {}", c.path.display(), c.table)
+            }
+            config::raw::SinkConfig::File(c) => format!("file {}", c.path.display()),
+            config::raw::SinkConfig::Republish(c) => format!("republish {} qos {}", c.topic, c.qos),
+        };
+        let _ = writeln!(out, "  {}: {kind}", s.name);
+    }
+    let _ = writeln!(out, "rules:");
+    for r in &plan.rules {
+        let from: Vec<&str> = r.from.iter().map(|f| f.pattern()).collect();
+        let to: Vec<&str> = r.to.iter().map(|&i| &*plan.sinks[i].name).collect();
+        let _ = writeln!(
+            out,
+            "  {}: from [{}] decode {:?}{}{} -> [{}]",
+            r.name,
+            from.join(", "),
+            r.decode,
+            if r.filter.is_some() { " filter" } else { "" },
+            if r.transform.is_some() {
+                " transform"
+            } else {
+                ""
+            },
+            to.join(", ")
+        );
+    }
+    if let Some(i) = plan.dead_letter {
+        let _ = writeln!(out, "dead letters: {}", plan.sinks[i].name);
+    }
+    out
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

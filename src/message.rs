@@ -1,0 +1,53 @@
+//! The unit of work: one MQTT message as a source received it, with the handle that
+//! acknowledges it upstream once every record made from it has settled.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::delivery::Ack;
+
+/// MQTT 5 properties that rules may read. Empty for MQTT 3.1.1 sources.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+}
+
+/// One received message.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    pub retain: bool,
+    pub properties: Properties,
+    /// Publishing client, when the source knows it (the embedded broker does).
+    pub client_id: Option<String>,
+    /// When the source received it.
+    pub received_at: jiff::Timestamp,
+    /// Name of the source (e.g. `broker`), for logs and dead letters.
+    pub source: Arc<str>,
+    /// Settles the message upstream; see [`Ack`].
+    pub ack: Ack,
+}
+
+impl Message {
+    /// A message with no upstream to acknowledge (used by `mqbridge try` and tests).
+    pub fn detached(topic: impl Into<String>, payload: impl Into<Bytes>, qos: u8) -> Self {
+        Message {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos,
+            retain: false,
+            properties: Properties::default(),
+            client_id: None,
+            received_at: jiff::Timestamp::now(),
+            source: Arc::from("detached"),
+            ack: Ack::detached(),
+        }
+    }
+}

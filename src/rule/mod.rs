@@ -1,0 +1,327 @@
+//! Rules: which messages (topic filters), how to read them (decode), which to keep
+//! (filter), what to make of them (transform), and where the records go (sinks).
+//!
+//! A [`Rule`] is compiled from config once; [`Rule::evaluate`] is pure and synchronous,
+//! so `mqbridge try` and the live pipeline run exactly the same code.
+
+pub mod jq;
+pub mod template;
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use jaq_json::Val;
+use serde::{Deserialize, Serialize};
+
+use crate::message::Message;
+use crate::topic::TopicFilter;
+use jq::JqProgram;
+
+/// How a payload is turned into the `payload` value that filters and transforms see.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Decode {
+    /// JSON document (nesting limited to 128 levels).
+    #[default]
+    Json,
+    /// UTF-8 text.
+    Text,
+    /// Raw bytes (a jq byte string; base64 when written out as JSON).
+    Bytes,
+}
+
+/// One compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    pub name: Arc<str>,
+    pub from: Vec<TopicFilter>,
+    pub decode: Decode,
+    pub filter: Option<JqProgram>,
+    pub transform: Option<JqProgram>,
+    /// Indices into the pipeline's sink list.
+    pub to: Vec<usize>,
+}
+
+/// What a rule made of one message.
+#[derive(Debug, PartialEq)]
+pub enum Evaluation {
+    /// Zero or more records (a transform may emit a stream).
+    Records(Vec<serde_json::Value>),
+    /// The filter said no.
+    Filtered,
+    /// Decode, filter or transform failed: the message goes to the dead letter.
+    Failed { stage: &'static str, error: String },
+}
+
+impl Rule {
+    /// The named captures of the first filter that matches `topic`, or None.
+    pub fn matches<'t>(&self, topic: &'t str) -> Option<Vec<(&str, &'t str)>> {
+        self.from.iter().find_map(|f| f.captures(topic))
+    }
+
+    /// Runs decode, filter and transform for a message that matched with `vars`.
+    pub fn evaluate(&self, msg: &Message, vars: &[(&str, &str)]) -> Evaluation {
+        let payload = match decode(self.decode, &msg.payload) {
+            Ok(p) => p,
+            Err(error) => {
+                return Evaluation::Failed {
+                    stage: "decode",
+                    error,
+                };
+            }
+        };
+        let ctx = context(msg, vars, payload);
+        if let Some(filter) = &self.filter {
+            match filter.test(ctx.clone()) {
+                Ok(true) => {}
+                Ok(false) => return Evaluation::Filtered,
+                Err(error) => {
+                    return Evaluation::Failed {
+                        stage: "filter",
+                        error,
+                    };
+                }
+            }
+        }
+        match &self.transform {
+            Some(t) => match t.run(ctx) {
+                Ok(out) => Evaluation::Records(out.iter().map(jq::to_json).collect()),
+                Err(error) => Evaluation::Failed {
+                    stage: "transform",
+                    error,
+                },
+            },
+            None => Evaluation::Records(vec![default_record(msg, &ctx)]),
+        }
+    }
+}
+
+/// Decodes a payload per the rule's `decode`.
+pub fn decode(how: Decode, payload: &[u8]) -> Result<Val, String> {
+    match how {
+        Decode::Json => serde_json::from_slice::<serde_json::Value>(payload)
+            .map(|v| jq::from_json(&v))
+            .map_err(|e| format!("payload is not valid JSON: {e}")),
+        Decode::Text => std::str::from_utf8(payload)
+            .map(|s| Val::from(s.to_string()))
+            .map_err(|e| format!("payload is not valid UTF-8: {e}")),
+        Decode::Bytes => Ok(Val::byte_str(payload.to_vec())),
+    }
+}
+
+fn key(k: &str) -> Val {
+    Val::from(k.to_string())
+}
+
+/// The value filters and transforms run on (DESIGN.md §2): `topic`, `segments`, `vars`,
+/// `payload`, `raw`, `qos`, `retain`, `properties`, `client_id`, `received_at`,
+/// `timestamp_ms`.
+pub fn context(msg: &Message, vars: &[(&str, &str)], payload: Val) -> Val {
+    let segments: Val = msg
+        .topic
+        .split('/')
+        .map(|s| Val::from(s.to_string()))
+        .collect();
+    let vars = Val::obj(vars.iter().map(|(k, v)| (key(k), key(v))).collect());
+    let raw = match std::str::from_utf8(&msg.payload) {
+        Ok(s) => Val::from(s.to_string()),
+        Err(_) => Val::Null,
+    };
+    let p = &msg.properties;
+    let opt = |s: &Option<String>| s.clone().map(Val::from).unwrap_or(Val::Null);
+    let properties = Val::obj(
+        [
+            (
+                key("user_properties"),
+                Val::obj(
+                    p.user_properties
+                        .iter()
+                        .map(|(k, v)| (key(k), key(v)))
+                        .collect(),
+                ),
+            ),
+            (key("content_type"), opt(&p.content_type)),
+            (key("response_topic"), opt(&p.response_topic)),
+            (
+                key("correlation_data"),
+                p.correlation_data
+                    .as_ref()
+                    .map(|b| Val::byte_str(b.to_vec()))
+                    .unwrap_or(Val::Null),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    Val::obj(
+        [
+            (key("topic"), key(&msg.topic)),
+            (key("segments"), segments),
+            (key("vars"), vars),
+            (key("payload"), payload),
+            (key("raw"), raw),
+            (key("qos"), Val::from(msg.qos as isize)),
+            (key("retain"), Val::Bool(msg.retain)),
+            (key("properties"), properties),
+            (key("client_id"), opt(&msg.client_id)),
+            (key("received_at"), Val::from(rfc3339(msg.received_at))),
+            (
+                key("timestamp_ms"),
+                Val::from(msg.received_at.as_millisecond() as isize),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    )
+}
+
+/// RFC 3339 UTC with millisecond precision, e.g. `2026-11-26T03:00:00.123Z`.
+pub fn rfc3339(t: jiff::Timestamp) -> String {
+    format!("{t:.3}")
+}
+
+/// The record of a rule without `transform`: the columns of the default
+/// `mqbridge_messages` table.
+fn default_record(msg: &Message, ctx: &Val) -> serde_json::Value {
+    let payload = match ctx {
+        Val::Obj(o) => o
+            .get(&key("payload"))
+            .map(jq::to_json)
+            .unwrap_or(serde_json::Value::Null),
+        _ => serde_json::Value::Null,
+    };
+    serde_json::json!({
+        "topic": msg.topic,
+        "payload": payload,
+        "qos": msg.qos,
+        "retain": msg.retain,
+        "received_at": rfc3339(msg.received_at),
+    })
+}
+
+/// Payload as JSON text when it is UTF-8, else base64; used by dead letters and `try`.
+pub fn payload_text(payload: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(payload) {
+        Ok(s) => (s.to_string(), "utf8"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(payload),
+            "base64",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rule(filter: Option<&str>, transform: Option<&str>, decode: Decode) -> Rule {
+        Rule {
+            name: Arc::from("r"),
+            from: vec![TopicFilter::parse("sensors/{device}/telemetry").unwrap()],
+            decode,
+            filter: filter.map(|f| JqProgram::compile(f).unwrap()),
+            transform: transform.map(|t| JqProgram::compile(t).unwrap()),
+            to: vec![],
+        }
+    }
+
+    fn eval(r: &Rule, topic: &str, payload: &[u8]) -> Evaluation {
+        let msg = Message::detached(topic, payload.to_vec(), 1);
+        let vars = r.matches(topic).expect("matches");
+        let vars: Vec<_> = vars.into_iter().collect();
+        let ev = r.evaluate(&msg, &vars);
+        msg.ack.settle();
+        ev
+    }
+
+    #[test]
+    fn transform_sees_vars_and_payload() {
+        let r = rule(
+            Some(".payload.temp != null"),
+            Some("{device: .vars.device, temp: .payload.temp, level: .segments[2]}"),
+            Decode::Json,
+        );
+        assert_eq!(
+            eval(&r, "sensors/d7/telemetry", br#"{"temp": 20.5}"#),
+            Evaluation::Records(vec![
+                json!({"device": "d7", "temp": 20.5, "level": "telemetry"})
+            ])
+        );
+        assert_eq!(
+            eval(&r, "sensors/d7/telemetry", br#"{"hum": 3}"#),
+            Evaluation::Filtered
+        );
+    }
+
+    #[test]
+    fn transform_may_emit_many_or_none() {
+        let r = rule(None, Some(".payload[] | {v: .}"), Decode::Json);
+        assert_eq!(
+            eval(&r, "sensors/a/telemetry", b"[1,2]"),
+            Evaluation::Records(vec![json!({"v": 1}), json!({"v": 2})])
+        );
+        assert_eq!(
+            eval(&r, "sensors/a/telemetry", b"[]"),
+            Evaluation::Records(vec![])
+        );
+    }
+
+    #[test]
+    fn failures_name_their_stage() {
+        let r = rule(None, Some("{t: (.payload.temp + 1)}"), Decode::Json);
+        assert!(matches!(
+            eval(&r, "sensors/a/telemetry", b"{not json"),
+            Evaluation::Failed {
+                stage: "decode",
+                ..
+            }
+        ));
+        assert!(matches!(
+            eval(&r, "sensors/a/telemetry", br#"{"temp": "hot"}"#),
+            Evaluation::Failed {
+                stage: "transform",
+                ..
+            }
+        ));
+        let r = rule(None, None, Decode::Text);
+        assert!(matches!(
+            eval(&r, "sensors/a/telemetry", &[0xff, 0xfe]),
+            Evaluation::Failed {
+                stage: "decode",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn default_record_and_decodings() {
+        let r = rule(None, None, Decode::Text);
+        let Evaluation::Records(recs) = eval(&r, "sensors/a/telemetry", b"hello") else {
+            panic!()
+        };
+        assert_eq!(recs[0]["payload"], json!("hello"));
+        assert_eq!(recs[0]["topic"], json!("sensors/a/telemetry"));
+        assert_eq!(recs[0]["qos"], json!(1));
+        let r = rule(None, Some("{p: .payload, raw: .raw}"), Decode::Bytes);
+        assert_eq!(
+            eval(&r, "sensors/a/telemetry", &[0, 159, 146]),
+            Evaluation::Records(vec![json!({"p": "AJ+S", "raw": null})])
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_a_decode_error_not_a_crash() {
+        let r = rule(None, None, Decode::Json);
+        let deep = "[".repeat(100_000);
+        assert!(matches!(
+            eval(&r, "sensors/a/telemetry", deep.as_bytes()),
+            Evaluation::Failed {
+                stage: "decode",
+                ..
+            }
+        ));
+    }
+}

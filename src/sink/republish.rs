@@ -1,0 +1,191 @@
+//! `republish` sink: publishes each record to the broker mqbridge reads from, on a
+//! connection of its own (client id `<client_id>-republish`), so publishing never waits
+//! on the source's event loop and the source's flow control never blocks publishing.
+//!
+//! A batch is written when the broker confirmed every message in it (PUBACK at QoS 1,
+//! PUBCOMP at QoS 2, sent at QoS 0). If the connection drops or confirmation times out,
+//! the connection is discarded and the batch fails as transient: the driver retries it on
+//! a fresh connection, so no stale confirmation can be counted for a later batch.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, mpsc};
+
+use super::{BatchConfig, Delivery, Sink, SinkError, retry::RetryConfig};
+use crate::config::BrokerPlan;
+use crate::rule::template::Template;
+use crate::topic::validate_topic_name;
+
+/// How long a batch waits for the broker's confirmations.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `type: republish`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Topic template, e.g. `processed/{{ topic }}` or `alerts/{{ vars.device }}`.
+    pub topic: String,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub retain: bool,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Records waiting for this sink before the source is held back.
+    #[serde(default = "super::default_queue")]
+    pub queue: usize,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+
+/// One live connection.
+struct Conn {
+    client: AsyncClient,
+    /// Confirmations (Ok) and the connection's end (Err) from its poll task.
+    events: mpsc::UnboundedReceiver<Result<(), String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct RepublishSink {
+    broker: BrokerPlan,
+    client_id: String,
+    topic: Template,
+    qos: QoS,
+    retain: bool,
+    conn: Mutex<Option<Conn>>,
+}
+
+impl RepublishSink {
+    pub fn new(cfg: &Config, broker: &BrokerPlan) -> anyhow::Result<Self> {
+        Ok(RepublishSink {
+            broker: broker.clone(),
+            client_id: format!("{}-republish", broker.client_id),
+            topic: Template::compile(&cfg.topic).map_err(anyhow::Error::msg)?,
+            qos: match cfg.qos {
+                0 => QoS::AtMostOnce,
+                1 => QoS::AtLeastOnce,
+                _ => QoS::ExactlyOnce,
+            },
+            retain: cfg.retain,
+            conn: Mutex::new(None),
+        })
+    }
+
+    async fn connect(&self) -> Result<Conn, SinkError> {
+        let opts = crate::mqtt::options(&self.broker, &self.client_id, false)
+            .map_err(|e| SinkError::transient(e.to_string()))?;
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let qos0 = self.qos == QoS::AtMostOnce;
+        let task = tokio::spawn(async move {
+            loop {
+                let ev = match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => Ok(()),
+                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => Ok(()),
+                    Ok(Event::Outgoing(Outgoing::Publish(_))) if qos0 => Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => Err(e.to_string()),
+                };
+                let end = ev.is_err();
+                if tx.send(ev).is_err() || end {
+                    break;
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(Ok(()))) => Ok(Conn {
+                client,
+                events,
+                task,
+            }),
+            Ok(Some(Err(e))) => Err(SinkError::transient(format!(
+                "republish: cannot connect: {e}"
+            ))),
+            _ => Err(SinkError::transient("republish: cannot connect: timed out")),
+        }
+    }
+
+    async fn publish_batch(&self, batch: &[Delivery]) -> Result<(), SinkError> {
+        // Render everything first: a bad record fails before anything is sent.
+        let mut out = Vec::with_capacity(batch.len());
+        for d in batch {
+            let topic = self
+                .topic
+                .render(&d.origin.template_context(&d.record))
+                .map_err(|e| SinkError::permanent(format!("topic template: {e}")))?;
+            validate_topic_name(&topic)
+                .map_err(|e| SinkError::permanent(format!("topic {topic:?}: {e}")))?;
+            let payload = match &d.record {
+                serde_json::Value::String(s) => s.clone().into_bytes(),
+                other => other.to_string().into_bytes(),
+            };
+            out.push((topic, payload));
+        }
+        let mut guard = self.conn.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.connect().await?);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        let result = Self::send_and_confirm(conn, out, self.qos, self.retain).await;
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+
+    async fn send_and_confirm(
+        conn: &mut Conn,
+        out: Vec<(String, Vec<u8>)>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), SinkError> {
+        let expected = out.len();
+        for (topic, payload) in out {
+            conn.client
+                .publish(topic, qos, retain, payload)
+                .await
+                .map_err(|e| SinkError::transient(format!("republish: {e}")))?;
+        }
+        let mut confirmed = 0;
+        let wait = async {
+            while confirmed < expected {
+                match conn.events.recv().await {
+                    Some(Ok(())) => confirmed += 1,
+                    Some(Err(e)) => {
+                        return Err(SinkError::transient(format!(
+                            "republish: connection lost: {e}"
+                        )));
+                    }
+                    None => return Err(SinkError::transient("republish: connection closed")),
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(CONFIRM_TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(SinkError::transient(
+                    "republish: broker did not confirm in time",
+                ))
+            })
+    }
+}
+
+impl Sink for RepublishSink {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(self.publish_batch(batch))
+    }
+}

@@ -1,0 +1,232 @@
+//! `sqlite` sink: inserts records into a table of an SQLite database file.
+//!
+//! Record keys map to the table's columns (discovered with `PRAGMA table_info` when the
+//! sink opens); keys with no column are ignored. One transaction per batch, WAL mode,
+//! `synchronous=FULL` so a committed batch survives power loss, and a busy timeout.
+//! Values are always bound parameters; the table name is validated and quoted.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{BatchConfig, Delivery, Sink, SinkError, retry::RetryConfig};
+
+/// `type: sqlite`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Database file; created when missing.
+    pub path: PathBuf,
+    /// Table to insert into (`name` or `schema.name`, letters, digits and `_`).
+    pub table: String,
+    /// Apply mqbridge's own migrations (`migrations/sqlite`, the `mqbridge_messages` table) at start.
+    #[serde(default)]
+    pub migrate: bool,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Records waiting for this sink before the source is held back.
+    #[serde(default = "super::default_queue")]
+    pub queue: usize,
+}
+
+/// mqbridge's own SQLite schema, numbered, embedded in the binary.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "mqbridge_messages",
+    include_str!("../../migrations/sqlite/0001_mqbridge_messages.sql"),
+)];
+
+/// Checks that `name` (or `schema.name`) is a plain SQL identifier and returns it quoted.
+pub fn quote_table(name: &str) -> Result<String, String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.is_empty() || parts.len() > 2 {
+        return Err(format!("invalid table name {name:?}"));
+    }
+    let mut quoted = Vec::new();
+    for p in parts {
+        quoted.push(quote_ident(p).ok_or_else(|| {
+            format!("invalid table name {name:?}: use letters, digits and '_' (not starting with a digit)")
+        })?);
+    }
+    Ok(quoted.join("."))
+}
+
+/// Quotes a validated identifier: `[A-Za-z_][A-Za-z0-9_]*`, at most 63 bytes.
+pub fn quote_ident(name: &str) -> Option<String> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let ok = first_ok && name.len() <= 63 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    ok.then(|| format!("\"{name}\""))
+}
+
+pub struct SqliteSink {
+    pool: SqlitePool,
+    table: String,
+    columns: HashSet<String>,
+}
+
+impl SqliteSink {
+    pub async fn open(cfg: &Config) -> anyhow::Result<Self> {
+        let table = quote_table(&cfg.table).map_err(anyhow::Error::msg)?;
+        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(&cfg.path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5));
+        // One writer: SQLite serializes writes anyway, and one connection keeps batches in order.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot open SQLite database {}: {e}", cfg.path.display())
+            })?;
+        if cfg.migrate {
+            let migrations = MIGRATIONS
+                .iter()
+                .map(|(v, d, sql)| {
+                    Migration::new(
+                        *v,
+                        Cow::Borrowed(*d),
+                        MigrationType::Simple,
+                        sqlx::SqlStr::from_static(sql),
+                        false,
+                    )
+                })
+                .collect();
+            let mut migrator = Migrator::with_migrations(migrations);
+            migrator.dangerous_set_table_name("_mqbridge_migrations");
+            migrator.run(&pool).await?;
+        }
+        let table_only = cfg.table.rsplit('.').next().unwrap_or(&cfg.table);
+        let pragma = format!(
+            "PRAGMA table_info({})",
+            quote_ident(table_only).unwrap_or_default()
+        );
+        let rows = sqlx::query(AssertSqlSafe(pragma)).fetch_all(&pool).await?;
+        let columns: HashSet<String> = rows.iter().map(|r| r.get::<String, _>("name")).collect();
+        if columns.is_empty() {
+            anyhow::bail!(
+                "table {} does not exist in {} (create it, or set `migrate: true` and use table mqbridge_messages)",
+                cfg.table,
+                cfg.path.display()
+            );
+        }
+        Ok(SqliteSink {
+            pool,
+            table,
+            columns,
+        })
+    }
+
+    /// The INSERT for one record and the values to bind, in column order.
+    fn insert_for<'r>(
+        &self,
+        record: &'r serde_json::Value,
+    ) -> Result<(String, Vec<&'r serde_json::Value>), SinkError> {
+        let obj = record
+            .as_object()
+            .ok_or_else(|| SinkError::permanent("record is not a JSON object"))?;
+        let mut cols = Vec::new();
+        let mut vals = Vec::new();
+        for (k, v) in obj {
+            if self.columns.contains(k) {
+                cols.push(format!("\"{k}\""));
+                vals.push(v);
+            }
+        }
+        if cols.is_empty() {
+            return Err(SinkError::permanent(format!(
+                "record has no key matching a column of {}",
+                self.table
+            )));
+        }
+        let marks = vec!["?"; cols.len()].join(",");
+        Ok((
+            format!(
+                "INSERT INTO {} ({}) VALUES ({marks})",
+                self.table,
+                cols.join(",")
+            ),
+            vals,
+        ))
+    }
+
+    async fn write_batch(&self, batch: &[Delivery]) -> Result<(), SinkError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        for d in batch {
+            let (sql, vals) = self.insert_for(&d.record)?;
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for v in vals {
+                q = match v {
+                    serde_json::Value::Null => q.bind(None::<String>),
+                    serde_json::Value::Bool(b) => q.bind(*b as i64),
+                    serde_json::Value::Number(n) => match n.as_i64() {
+                        Some(i) => q.bind(i),
+                        None => q.bind(n.as_f64()),
+                    },
+                    serde_json::Value::String(s) => q.bind(s.as_str()),
+                    other => q.bind(other.to_string()),
+                };
+            }
+            q.execute(&mut *tx).await.map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)
+    }
+}
+
+impl Sink for SqliteSink {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(self.write_batch(batch))
+    }
+}
+
+/// SQLite result codes: busy, locked, I/O, full and can't-open are worth retrying;
+/// constraint, mismatch and the rest are about the data.
+fn classify(e: sqlx::Error) -> SinkError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(1);
+            match code & 0xff {
+                5 | 6 | 10 | 13 | 14 | 15 => SinkError::transient(format!("sqlite: {db}")),
+                _ => SinkError::permanent(format!("sqlite ({code}): {db}")),
+            }
+        }
+        _ => SinkError::transient(format!("sqlite: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers() {
+        assert_eq!(quote_table("readings").unwrap(), "\"readings\"");
+        assert_eq!(
+            quote_table("main.readings").unwrap(),
+            "\"main\".\"readings\""
+        );
+        for bad in ["", "a b", "x;drop", "1abc", "a.b.c", "r\"x"] {
+            assert!(quote_table(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! MQTT topic names and topic filters: validation and matching exactly per
+//! MQTT 3.1.1 / 5.0 section 4.7, plus mqbridge's named captures `{name}`, which
+//! stand for a whole `+` level and bind the matched level to a variable, and the
+//! `$share/GROUP/filter` form for shared subscriptions.
+//!
+//! Levels are separated by `/`; empty levels are valid (`a//b`, `/a`, `a/`).
+//! `+` matches exactly one level (possibly empty); `#` must be the last level and
+//! matches the parent level plus any number of child levels. Filters whose first
+//! level is a wildcard never match topic names starting with `$`.
+
+/// Largest topic name or filter MQTT can carry (a two-byte length prefix).
+const MAX_LEN: usize = 65535;
+
+/// Why a topic name, topic filter or share group was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic filter is empty")]
+    EmptyFilter,
+    #[error("topic name is empty")]
+    EmptyName,
+    #[error("topic longer than 65535 bytes")]
+    TooLong,
+    #[error("topic contains a NUL character")]
+    Nul,
+    #[error("topic name must not contain wildcards")]
+    WildcardInName,
+    #[error("'#' must be the last level")]
+    HashNotLast,
+    #[error("'#' must occupy a whole level")]
+    HashNotWholeLevel,
+    #[error("'+' must occupy a whole level")]
+    PlusNotWholeLevel,
+    #[error("a capture must occupy a whole level, like '{{name}}' (found level '{0}')")]
+    CaptureNotWholeLevel(String),
+    #[error("capture name is empty ('{{}}')")]
+    EmptyCaptureName,
+    #[error("capture name '{0}' is not an identifier")]
+    InvalidCaptureName(String),
+    #[error("duplicate capture name '{0}'")]
+    DuplicateCapture(String),
+    #[error(
+        "write the filter without '$share/GROUP/'; shared subscriptions take the group separately"
+    )]
+    SharedPattern,
+    #[error("share group must be non-empty and contain no '/', '+' or '#'")]
+    InvalidShareGroup,
+}
+
+/// One pre-split level of a parsed filter (a trailing `#` is kept separately).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Level {
+    Literal(Box<str>),
+    Plus,
+    Capture(Box<str>),
+}
+
+/// A topic filter from the rules file, possibly with named captures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFilter {
+    pattern: String,
+    mqtt: String,
+    levels: Vec<Level>,
+    /// The filter ends with a `#` level.
+    multi: bool,
+    captures: usize,
+}
+
+impl TopicFilter {
+    /// Parses a filter as written in the rules file: MQTT wildcards `+`, `#` and named
+    /// captures `{name}` (a whole level; name = `[A-Za-z_][A-Za-z0-9_]*`, unique in the
+    /// filter). Braces are only allowed as a whole-level capture.
+    pub fn parse(pattern: &str) -> Result<Self, TopicError> {
+        if pattern.is_empty() {
+            return Err(TopicError::EmptyFilter);
+        }
+        if pattern.contains('\0') {
+            return Err(TopicError::Nul);
+        }
+        if pattern.starts_with("$share/") {
+            return Err(TopicError::SharedPattern);
+        }
+        let mut levels = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        let mut multi = false;
+        let mut mqtt = String::with_capacity(pattern.len());
+        let mut parts = pattern.split('/').peekable();
+        let mut first = true;
+        while let Some(part) = parts.next() {
+            let last = parts.peek().is_none();
+            if !std::mem::take(&mut first) {
+                mqtt.push('/');
+            }
+            if part == "#" {
+                if !last {
+                    return Err(TopicError::HashNotLast);
+                }
+                multi = true;
+                mqtt.push('#');
+                continue;
+            }
+            check_wildcards(part)?;
+            let level = if part == "+" {
+                Level::Plus
+            } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                if name.is_empty() {
+                    return Err(TopicError::EmptyCaptureName);
+                }
+                if !is_identifier(name) {
+                    return Err(TopicError::InvalidCaptureName(name.to_owned()));
+                }
+                if names.contains(&name) {
+                    return Err(TopicError::DuplicateCapture(name.to_owned()));
+                }
+                names.push(name);
+                Level::Capture(name.into())
+            } else if part.contains(['{', '}']) {
+                return Err(TopicError::CaptureNotWholeLevel(part.to_owned()));
+            } else {
+                Level::Literal(part.into())
+            };
+            mqtt.push_str(if matches!(level, Level::Literal(_)) {
+                part
+            } else {
+                "+"
+            });
+            levels.push(level);
+        }
+        if mqtt.len() > MAX_LEN {
+            return Err(TopicError::TooLong);
+        }
+        Ok(Self {
+            pattern: pattern.to_owned(),
+            mqtt,
+            levels,
+            multi,
+            captures: names.len(),
+        })
+    }
+
+    /// The pattern as the user wrote it.
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// The plain MQTT filter to subscribe with: captures replaced by `+`
+    /// (`sensors/{device}/t` -> `sensors/+/t`).
+    pub fn mqtt_filter(&self) -> &str {
+        &self.mqtt
+    }
+
+    /// True when the topic NAME matches this filter per the MQTT spec. Does not allocate.
+    pub fn matches(&self, topic: &str) -> bool {
+        self.walk(topic, |_, _| {})
+    }
+
+    /// None when it does not match; otherwise the named captures in filter order:
+    /// (name, level value).
+    pub fn captures<'f, 't>(&'f self, topic: &'t str) -> Option<Vec<(&'f str, &'t str)>> {
+        let mut out = Vec::with_capacity(self.captures);
+        self.walk(topic, |name, value| out.push((name, value)))
+            .then_some(out)
+    }
+
+    /// `$share/{group}/{mqtt_filter}`.
+    pub fn shared(&self, group: &str) -> Result<String, TopicError> {
+        if group.is_empty() || group.contains(['/', '+', '#']) {
+            return Err(TopicError::InvalidShareGroup);
+        }
+        if group.contains('\0') {
+            return Err(TopicError::Nul);
+        }
+        let shared = format!("$share/{group}/{}", self.mqtt);
+        if shared.len() > MAX_LEN {
+            return Err(TopicError::TooLong);
+        }
+        Ok(shared)
+    }
+
+    /// Walks `topic` against the pre-split levels, reporting each capture to `bind`.
+    fn walk<'f, 't>(&'f self, topic: &'t str, mut bind: impl FnMut(&'f str, &'t str)) -> bool {
+        let first_is_wildcard = match self.levels.first() {
+            Some(Level::Literal(_)) => false,
+            Some(_) => true,
+            None => self.multi,
+        };
+        if first_is_wildcard && topic.starts_with('$') {
+            return false;
+        }
+        let mut parts = topic.split('/');
+        for level in &self.levels {
+            let Some(part) = parts.next() else {
+                return false;
+            };
+            match level {
+                Level::Literal(literal) if **literal != *part => return false,
+                Level::Literal(_) | Level::Plus => {}
+                Level::Capture(name) => bind(name, part),
+            }
+        }
+        self.multi || parts.next().is_none()
+    }
+}
+
+/// Validates a topic NAME (what a PUBLISH carries): non-empty, no '+' or '#', no NUL,
+/// at most 65535 bytes.
+pub fn validate_topic_name(topic: &str) -> Result<(), TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::EmptyName);
+    }
+    if topic.len() > MAX_LEN {
+        return Err(TopicError::TooLong);
+    }
+    if topic.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    if topic.contains(['+', '#']) {
+        return Err(TopicError::WildcardInName);
+    }
+    Ok(())
+}
+
+/// Validates a plain MQTT filter (no captures) for SUBSCRIBE.
+pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
+    if filter.is_empty() {
+        return Err(TopicError::EmptyFilter);
+    }
+    if filter.len() > MAX_LEN {
+        return Err(TopicError::TooLong);
+    }
+    if filter.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    let mut parts = filter.split('/').peekable();
+    while let Some(part) = parts.next() {
+        if part == "#" && parts.peek().is_some() {
+            return Err(TopicError::HashNotLast);
+        }
+        check_wildcards(part)?;
+    }
+    Ok(())
+}
+
+/// Spec matcher on plain strings, no allocation: does MQTT `filter` match topic
+/// `name`? Assumes both are valid.
+pub fn filter_matches(filter: &str, name: &str) -> bool {
+    if name.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut filter_levels = filter.split('/');
+    let mut name_levels = name.split('/');
+    loop {
+        match (filter_levels.next(), name_levels.next()) {
+            // '#' also matches the parent level, i.e. when the name has ended.
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(f), Some(n)) if f == n => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Rejects `+` or `#` that share a level with other characters.
+fn check_wildcards(level: &str) -> Result<(), TopicError> {
+    if level != "#" && level.contains('#') {
+        Err(TopicError::HashNotWholeLevel)
+    } else if level != "+" && level.contains('+') {
+        Err(TopicError::PlusNotWholeLevel)
+    } else {
+        Ok(())
+    }
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// (filter, topic, expected): spec examples from MQTT 3.1.1 §4.7.1.2, §4.7.1.3,
+    /// §4.7.2, §4.7.3 and the level rules.
+    const MATCH_CASES: &[(&str, &str, bool)] = &[
+        ("sport/tennis/player1/#", "sport/tennis/player1", true),
+        (
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/ranking",
+            true,
+        ),
+        (
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/score/wimbledon",
+            true,
+        ),
+        ("sport/tennis/player1/#", "sport/tennis", false),
+        ("sport/#", "sport", true),
+        ("sport/#", "sport/", true),
+        ("sport/#", "sport/a/b", true),
+        ("sport/#", "sports", false),
+        ("#", "a", true),
+        ("#", "/", true),
+        ("#", "a/b/c", true),
+        ("sport/tennis/+", "sport/tennis/player1", true),
+        ("sport/tennis/+", "sport/tennis/player2", true),
+        ("sport/tennis/+", "sport/tennis/player1/ranking", false),
+        ("sport/+", "sport", false),
+        ("sport/+", "sport/", true),
+        ("sport/+/player1", "sport/tennis/player1", true),
+        ("+/tennis/#", "sport/tennis", true),
+        ("+/+", "/finance", true),
+        ("/+", "/finance", true),
+        ("+", "/finance", false),
+        ("+", "finance", true),
+        ("a//b", "a//b", true),
+        ("a/+/b", "a//b", true),
+        ("/a", "a", false),
+        ("a/", "a", false),
+        ("#", "$SYS/monitor/Clients", false),
+        ("#", "$SYS", false),
+        ("+/monitor/Clients", "$SYS/monitor/Clients", false),
+        ("$SYS/#", "$SYS/monitor/Clients", true),
+        ("$SYS/#", "$SYS", true),
+        ("$SYS/monitor/+", "$SYS/monitor/Clients", true),
+        ("a/$x", "a/$x", true),
+        ("a/+", "a/$x", true),
+        ("a/#", "a/$x", true),
+        ("ACCOUNTS", "Accounts", false),
+        ("Accounts payable", "Accounts payable", true),
+        ("/", "/", true),
+        ("caf\u{e9}", "cafe\u{301}", false),
+    ];
+
+    #[test]
+    fn spec_matching() {
+        for &(filter, topic, expected) in MATCH_CASES {
+            assert_eq!(validate_filter(filter), Ok(()), "{filter}");
+            assert_eq!(validate_topic_name(topic), Ok(()), "{topic}");
+            assert_eq!(
+                filter_matches(filter, topic),
+                expected,
+                "{filter} ~ {topic}"
+            );
+            let parsed = TopicFilter::parse(filter).unwrap();
+            assert_eq!(parsed.mqtt_filter(), filter);
+            assert_eq!(parsed.matches(topic), expected, "{filter} ~ {topic}");
+            assert_eq!(parsed.captures(topic).is_some(), expected);
+        }
+    }
+
+    #[test]
+    fn filter_errors() {
+        use TopicError::*;
+        let long = "a".repeat(MAX_LEN + 1);
+        let cases: &[(&str, TopicError)] = &[
+            ("", EmptyFilter),
+            ("sport/tennis#", HashNotWholeLevel),
+            ("sport/tennis/#/ranking", HashNotLast),
+            ("#/a", HashNotLast),
+            ("##", HashNotWholeLevel),
+            ("sport+", PlusNotWholeLevel),
+            ("a/+b/c", PlusNotWholeLevel),
+            ("++", PlusNotWholeLevel),
+            ("a/\0", Nul),
+            (&long, TooLong),
+        ];
+        for (filter, err) in cases {
+            assert_eq!(validate_filter(filter).as_ref(), Err(err), "{filter:?}");
+            assert_eq!(TopicFilter::parse(filter).as_ref(), Err(err), "{filter:?}");
+        }
+        for ok in [
+            "#",
+            "+",
+            "sport/tennis/#",
+            "+/tennis/#",
+            "/",
+            "//",
+            "a/{b}",
+            "$share/g/a",
+        ] {
+            assert_eq!(validate_filter(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(validate_filter(&"a".repeat(MAX_LEN)), Ok(()));
+    }
+
+    #[test]
+    fn parse_errors() {
+        use TopicError::*;
+        let cases = [
+            ("a{b}", CaptureNotWholeLevel("a{b}".into())),
+            ("{b}c", CaptureNotWholeLevel("{b}c".into())),
+            ("x/{b", CaptureNotWholeLevel("{b".into())),
+            ("x/b}", CaptureNotWholeLevel("b}".into())),
+            ("{}", EmptyCaptureName),
+            ("a/{x y}", InvalidCaptureName("x y".into())),
+            ("{1a}", InvalidCaptureName("1a".into())),
+            ("{a-b}", InvalidCaptureName("a-b".into())),
+            ("{a}b}", InvalidCaptureName("a}b".into())),
+            ("{device}/x/{device}", DuplicateCapture("device".into())),
+            ("{a}/#/{b}", HashNotLast),
+            ("$share/g/a/+", SharedPattern),
+        ];
+        for (pattern, err) in cases {
+            assert_eq!(TopicFilter::parse(pattern), Err(err), "{pattern}");
+        }
+        assert_eq!(
+            InvalidCaptureName("x y".into()).to_string(),
+            "capture name 'x y' is not an identifier"
+        );
+        assert_eq!(EmptyCaptureName.to_string(), "capture name is empty ('{}')");
+    }
+
+    #[test]
+    fn topic_name_validation() {
+        use TopicError::*;
+        let long = "a".repeat(MAX_LEN + 1);
+        let cases: &[(&str, Result<(), TopicError>)] = &[
+            ("a", Ok(())),
+            ("/", Ok(())),
+            ("a//b", Ok(())),
+            ("$SYS/x", Ok(())),
+            ("a/{b}", Ok(())),
+            ("", Err(EmptyName)),
+            ("a/+", Err(WildcardInName)),
+            ("a/#", Err(WildcardInName)),
+            ("a+b", Err(WildcardInName)),
+            ("a\0b", Err(Nul)),
+            (&long, Err(TooLong)),
+        ];
+        for (topic, expected) in cases {
+            assert_eq!(&validate_topic_name(topic), expected, "{topic:?}");
+        }
+        assert_eq!(validate_topic_name(&"a".repeat(MAX_LEN)), Ok(()));
+    }
+
+    #[test]
+    fn captures() {
+        let f = TopicFilter::parse("sensors/{device}/telemetry").unwrap();
+        assert_eq!(f.pattern(), "sensors/{device}/telemetry");
+        assert_eq!(f.mqtt_filter(), "sensors/+/telemetry");
+        assert_eq!(
+            f.captures("sensors/d1/telemetry"),
+            Some(vec![("device", "d1")])
+        );
+        assert_eq!(f.captures("sensors//telemetry"), Some(vec![("device", "")]));
+        assert_eq!(f.captures("sensors/d1/status"), None);
+        assert!(!f.matches("sensors/d1/telemetry/x"));
+
+        let two = TopicFilter::parse("{site}/+/{_dev2}/t").unwrap();
+        assert_eq!(two.mqtt_filter(), "+/+/+/t");
+        let got = two.captures("s1/x/d9/t").unwrap();
+        assert_eq!(got, vec![("site", "s1"), ("_dev2", "d9")]);
+        assert_eq!(two.captures("$s1/x/d9/t"), None);
+
+        let hash = TopicFilter::parse("home/{room}/#").unwrap();
+        assert_eq!(hash.mqtt_filter(), "home/+/#");
+        assert_eq!(
+            hash.captures("home/kitchen"),
+            Some(vec![("room", "kitchen")])
+        );
+        assert_eq!(
+            hash.captures("home/kitchen/a/b"),
+            Some(vec![("room", "kitchen")])
+        );
+        assert_eq!(hash.captures("home"), None);
+        assert_eq!(
+            TopicFilter::parse("a/b").unwrap().captures("a/b"),
+            Some(vec![])
+        );
+    }
+
+    #[test]
+    fn shared_subscriptions() {
+        let f = TopicFilter::parse("sensors/{device}/#").unwrap();
+        assert_eq!(f.shared("workers").unwrap(), "$share/workers/sensors/+/#");
+        for bad in ["", "a/b", "a+", "#"] {
+            assert_eq!(f.shared(bad), Err(TopicError::InvalidShareGroup), "{bad}");
+        }
+        assert_eq!(f.shared("a\0"), Err(TopicError::Nul));
+    }
+
+    /// Deliberately simple reference matcher over level slices (without the '$' rule).
+    fn reference(filter: &[&str], topic: &[&str]) -> bool {
+        match (filter, topic) {
+            (["#"], _) => true,
+            ([], []) => true,
+            (["+", f @ ..], [_, t @ ..]) => reference(f, t),
+            ([fl, f @ ..], [tl, t @ ..]) => fl == tl && reference(f, t),
+            _ => false,
+        }
+    }
+
+    fn reference_matches(filter: &str, topic: &str) -> bool {
+        let filter: Vec<&str> = filter.split('/').collect();
+        let topic_levels: Vec<&str> = topic.split('/').collect();
+        let dollar_excluded = topic.starts_with('$') && (filter[0] == "+" || filter[0] == "#");
+        !dollar_excluded && reference(&filter, &topic_levels)
+    }
+
+    fn topic_levels() -> impl Strategy<Value = Vec<&'static str>> {
+        prop::collection::vec(prop::sample::select(vec!["a", "b", "$x", ""]), 1..6)
+            .prop_filter("topic name must be non-empty", |l| !l.join("/").is_empty())
+    }
+
+    fn filter_strategy() -> impl Strategy<Value = String> {
+        let level = prop::sample::select(vec!["a", "b", "+", "", "$x"]);
+        (prop::collection::vec(level, 0..6), any::<bool>())
+            .prop_map(|(mut levels, hash)| {
+                if hash {
+                    levels.push("#");
+                }
+                levels.join("/")
+            })
+            .prop_filter("filter must be non-empty", |f| !f.is_empty())
+    }
+
+    proptest! {
+        #[test]
+        fn matchers_agree_with_reference(levels in topic_levels(), filter in filter_strategy()) {
+            let topic = levels.join("/");
+            prop_assert_eq!(validate_topic_name(&topic), Ok(()));
+            prop_assert_eq!(validate_filter(&filter), Ok(()));
+            let expected = reference_matches(&filter, &topic);
+            prop_assert_eq!(filter_matches(&filter, &topic), expected);
+            let parsed = TopicFilter::parse(&filter).unwrap();
+            prop_assert_eq!(parsed.mqtt_filter(), filter.as_str());
+            prop_assert_eq!(parsed.matches(&topic), expected);
+
+            // Same filter with every '+' turned into a capture binds the matching levels.
+            let mut n = 0;
+            let with_captures: Vec<String> = filter
+                .split('/')
+                .map(|l| if l == "+" { n += 1; format!("{{c{n}}}") } else { l.to_owned() })
+                .collect();
+            let captured = TopicFilter::parse(&with_captures.join("/")).unwrap();
+            prop_assert_eq!(captured.mqtt_filter(), filter.as_str());
+            let expected_caps = expected.then(|| {
+                with_captures.iter().zip(&levels)
+                    .filter(|(f, _)| f.starts_with('{'))
+                    .map(|(f, t)| (&f[1..f.len() - 1], *t))
+                    .collect::<Vec<_>>()
+            });
+            prop_assert_eq!(captured.captures(&topic), expected_caps);
+        }
+
+        #[test]
+        fn generalised_topic_matches(
+            levels in topic_levels(),
+            plus in prop::collection::vec(any::<bool>(), 6),
+            cut in prop::option::of(0usize..6),
+        ) {
+            let topic = levels.join("/");
+            let mut filter: Vec<&str> = levels
+                .iter()
+                .zip(&plus)
+                .map(|(&l, &p)| if p { "+" } else { l })
+                .collect();
+            if let Some(cut) = cut {
+                filter.truncate(cut.min(filter.len()));
+                filter.push("#");
+            }
+            let first_wild = filter[0] == "+" || filter[0] == "#";
+            let expected = !(topic.starts_with('$') && first_wild);
+            let filter = filter.join("/");
+            prop_assert_eq!(filter_matches(&filter, &topic), expected, "{} ~ {}", filter, topic);
+            prop_assert_eq!(TopicFilter::parse(&filter).unwrap().matches(&topic), expected);
+        }
+    }
+}
