@@ -109,11 +109,12 @@ pub fn parse(
     let raw = parse_raw(&expanded, &locations)
         .map_err(|(pos, path, msg)| ConfigErrors(vec![error(pos, &path, msg)]))?;
     plan::validate(raw).map_err(|errs| {
-        ConfigErrors(
-            errs.into_iter()
-                .map(|(path, msg)| error(locations.locate(&path), &path, msg))
-                .collect(),
-        )
+        let mut errs: Vec<ConfigError> = errs
+            .into_iter()
+            .map(|(path, msg)| error(locations.locate(&path), &path, msg))
+            .collect();
+        errs.sort_by_key(|e| e.position);
+        ConfigErrors(errs)
     })
 }
 
@@ -134,6 +135,13 @@ fn parse_raw(
         // yaml_serde appends " at line L column C"; we print positions up front instead.
         if let Some(i) = message.find(" at line ") {
             message.truncate(i);
+        }
+        // It also prefixes its own (partial) field path, e.g. "sinks: "; ours is better.
+        if let Some((prefix, rest)) = message.split_once(": ")
+            && !prefix.contains(' ')
+            && !prefix.contains('`')
+        {
+            message = rest.to_string();
         }
         // An unknown key is best reported at the key itself.
         let unknown_key = message

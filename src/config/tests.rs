@@ -1,1 +1,205 @@
+//! Config loading as a user meets it: every shipped file parses, and each kind of mistake
+//! is reported at its file, line, column and field.
 
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "MQBRIDGE_CLIENT_ID" | "DATABASE_URL" => Some(format!("test-{name}")),
+        _ => None,
+    }
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match parse(text, "rules.yaml", env) {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+const GOOD: &str = r#"
+broker:
+  url: mqtt://user:p%40ss@localhost:1884
+  client_id: c1
+sinks:
+  db: { type: sqlite, path: x.db, table: readings }
+  dlq: { type: file, path: dl.jsonl }
+rules:
+  - name: r1
+    from: ["sensors/{device}/telemetry", "other/#"]
+    filter: '.payload.t > 1'
+    transform: '{d: .vars.device}'
+    to: [db]
+dead_letter: { sink: dlq }
+"#;
+
+#[test]
+fn every_shipped_config_parses() {
+    let mut checked = 0;
+    let mut dirs = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config"
+    ))];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if let Err(e) = parse(&text, &path.display().to_string(), env) {
+                    panic!("{e}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 3, "found only {checked} config files");
+}
+
+#[test]
+fn a_good_file_becomes_a_plan() {
+    let plan = parse(GOOD, "rules.yaml", env).unwrap();
+    let b = plan.broker.unwrap();
+    assert_eq!((b.host.as_str(), b.port, b.tls), ("localhost", 1884, false));
+    assert_eq!(b.username.as_deref(), Some("user"));
+    assert_eq!(b.password.unwrap().0, "p@ss");
+    assert_eq!(b.subscriptions, vec!["sensors/+/telemetry", "other/#"]);
+    assert_eq!(plan.rules.len(), 1);
+    assert_eq!(plan.sinks.len(), 2);
+    assert_eq!(plan.dead_letter, Some(1));
+}
+
+#[test]
+fn secrets_are_not_printed() {
+    let plan = parse(GOOD, "rules.yaml", env).unwrap();
+    let debug = format!("{plan:?}");
+    assert!(!debug.contains("p@ss"), "{debug}");
+}
+
+#[test]
+fn unknown_key_is_reported_at_the_key() {
+    let text = "sinks:\n  db:\n    type: sqlite\n    path: x.db\n    tabel: readings\n";
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("rules.yaml:5:5: sinks.db"),
+        "{}",
+        errs[0]
+    );
+    assert!(errs[0].contains("unknown field `tabel`"), "{}", errs[0]);
+}
+
+#[test]
+fn unknown_top_level_key() {
+    let errs = errors("broker:\n  url: mqtt://h\n  client_id: x\nrulez: []\n");
+    assert!(errs[0].starts_with("rules.yaml:4:1: "), "{}", errs[0]);
+    assert!(errs[0].contains("rulez"), "{}", errs[0]);
+}
+
+#[test]
+fn wrong_type_names_the_field_and_line() {
+    let errs = errors("broker:\n  url: mqtt://h\n  client_id: x\n  qos: high\n");
+    assert!(
+        errs[0].starts_with("rules.yaml:4:8: broker.qos: "),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn every_validation_error_is_reported_with_its_location() {
+    let text = r#"broker:
+  url: mqtt://localhost
+  client_id: ""
+sinks:
+  db: { type: sqlite, path: x.db, table: "bad name" }
+rules:
+  - name: r1
+    from: ["a/#/b"]
+    filter: '.payload.t >'
+    to: [nope]
+  - name: r1
+    from: ["x"]
+    transform: 'undefined_fn'
+    to: [db]
+dead_letter: { sink: missing }
+"#;
+    let errs = errors(text);
+    let expect = [
+        "rules.yaml:3:14: broker.client_id: must not be empty",
+        "rules.yaml:5:42: sinks.db.table: invalid table name",
+        "rules.yaml:8:12: rules[0].from[0]: \"a/#/b\"",
+        "rules.yaml:9:13: rules[0].filter: jq: ",
+        "rules.yaml:10:10: rules[0].to[0]: unknown sink \"nope\" (defined: db)",
+        "rules.yaml:11:11: rules[1].name: duplicate rule name",
+        "rules.yaml:13:16: rules[1].transform: jq: undefined",
+        "rules.yaml:15:22: dead_letter.sink: unknown sink \"missing\"",
+    ];
+    for want in expect {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in\n{}",
+            errs.join("\n")
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+}
+
+#[test]
+fn env_vars_expand_and_missing_ones_are_located() {
+    let text = "broker:\n  url: mqtt://h:${NOT_SET_ANYWHERE}\n  client_id: ${MQBRIDGE_CLIENT_ID}\n";
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("rules.yaml:2:17: "), "{}", errs[0]);
+    assert!(errs[0].contains("NOT_SET_ANYWHERE"), "{}", errs[0]);
+
+    let text = "broker:\n  url: mqtt://h:${PORT:-1999}\n  client_id: ${MQBRIDGE_CLIENT_ID}\n";
+    let plan = parse(text, "rules.yaml", env).unwrap();
+    let b = plan.broker.unwrap();
+    assert_eq!(
+        (b.port, b.client_id.as_str()),
+        (1999, "test-MQBRIDGE_CLIENT_ID")
+    );
+}
+
+#[test]
+fn share_group_prefixes_subscriptions_and_overlaps_collapse() {
+    let text = r#"broker: { url: "mqtt://h", client_id: c, share_group: g1 }
+sinks: { f: { type: file, path: x } }
+rules:
+  - { name: a, from: "s/+/t", to: f }
+  - { name: b, from: ["s/#"], to: f }
+"#;
+    let b = parse(text, "rules.yaml", env).unwrap().broker.unwrap();
+    assert_eq!(b.subscriptions, vec!["$share/g1/s/#"]);
+    let errs = errors(&text.replace("g1", "a/b"));
+    assert!(errs[0].contains("broker.share_group"), "{}", errs[0]);
+}
+
+#[test]
+fn republish_templates_are_compiled_at_load() {
+    let text = r#"broker: { url: "mqtt://h", client_id: c }
+sinks: { out: { type: republish, topic: "x/{{ topic " } }
+"#;
+    let errs = errors(text);
+    assert!(
+        errs[0].starts_with("rules.yaml:2:41: sinks.out.topic: template"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn protocol_versions() {
+    let base = "broker: { url: \"mqtt://h\", client_id: c, protocol: P }\n";
+    for (p, want) in [
+        ("5", raw::Protocol::V5),
+        ("3.1.1", raw::Protocol::V311),
+        ("4", raw::Protocol::V311),
+    ] {
+        let plan = parse(&base.replace('P', p), "f", env).unwrap();
+        assert_eq!(plan.broker.unwrap().protocol, want);
+    }
+    assert!(errors(&base.replace('P', "6"))[0].contains("unknown MQTT protocol"));
+}

@@ -1,0 +1,280 @@
+//! Messages through a live bridge: rows, republished messages, filters and dead letters.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rumqttc::QoS;
+
+use crate::util::*;
+
+fn config(port: u16, dir: &std::path::Path, client_id: &str) -> String {
+    format!(
+        r#"
+broker:
+  url: mqtt://127.0.0.1:{port}
+  client_id: {client_id}
+sinks:
+  db:
+    type: sqlite
+    path: {db}
+    table: readings
+  mirror:
+    type: republish
+    topic: "processed/{{{{ vars.device }}}}"
+  dlq:
+    type: file
+    path: {dlq}
+rules:
+  - name: readings
+    from: ["sensors/{{device}}/telemetry"]
+    filter: '.payload.temp > 10'
+    transform: '{{device: .vars.device, seq: .payload.seq, temp: .payload.temp, ts: .received_at}}'
+    to: [db, mirror]
+dead_letter: {{ sink: dlq }}
+"#,
+        db = dir.join("t.db").display(),
+        dlq = dir.join("dead.jsonl").display(),
+    )
+}
+
+async fn setup() -> (Mosquitto, tempfile::TempDir) {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    sqlite_create(
+        &dir.path().join("t.db"),
+        "CREATE TABLE readings (device TEXT, seq INTEGER, temp REAL, ts TEXT)",
+    )
+    .await;
+    (broker, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_messages_become_rows_and_republished_messages() {
+    let (broker, dir) = setup().await;
+    let db = dir.path().join("t.db");
+    let bridge = InProcess::start(&config(broker.port, dir.path(), "bridge-flow-1"));
+    let mut watcher = TestClient::connect(broker.port, "watcher").await;
+    watcher
+        .client
+        .subscribe("processed/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let publisher = TestClient::connect(broker.port, "publisher").await;
+    // The bridge subscribes asynchronously: wait until a probe message comes through.
+    eventually(
+        Duration::from_secs(20),
+        "the bridge to subscribe",
+        async || {
+            publisher
+                .publish_all([(
+                    "sensors/probe/telemetry".to_string(),
+                    r#"{"temp": 99, "seq": -1}"#.to_string(),
+                )])
+                .await;
+            (sqlite_count(&db, "readings").await > 0).then_some(())
+        },
+    )
+    .await;
+
+    const N: i64 = 500;
+    let messages = (0..N).map(|i| {
+        (
+            format!("sensors/d{}/telemetry", i % 5),
+            format!(r#"{{"temp": {}, "seq": {i}}}"#, 20 + i % 7),
+        )
+    });
+    publisher.publish_all(messages).await;
+
+    let seqs = eventually(Duration::from_secs(30), "all rows", async || {
+        let seqs = sqlite_query(&db, "SELECT seq FROM readings WHERE seq >= 0 ORDER BY seq").await;
+        (seqs.len() as i64 >= N).then_some(seqs)
+    })
+    .await;
+    assert_eq!(
+        seqs,
+        (0..N).collect::<Vec<_>>(),
+        "each message stored exactly once"
+    );
+
+    let mut mirrored = BTreeSet::new();
+    eventually(
+        Duration::from_secs(30),
+        "all republished messages",
+        async || {
+            while let Ok((topic, payload)) = watcher.received.try_recv() {
+                let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                assert_eq!(
+                    topic,
+                    format!("processed/{}", v["device"].as_str().unwrap())
+                );
+                if v["seq"].as_i64().unwrap() >= 0 {
+                    mirrored.insert(v["seq"].as_i64().unwrap());
+                }
+            }
+            (mirrored.len() as i64 >= N).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(mirrored, (0..N).collect::<BTreeSet<_>>());
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_messages_are_skipped_and_bad_ones_dead_lettered() {
+    let (broker, dir) = setup().await;
+    let db = dir.path().join("t.db");
+    let dlq = dir.path().join("dead.jsonl");
+    let bridge = InProcess::start(&config(broker.port, dir.path(), "bridge-flow-2"));
+    let publisher = TestClient::connect(broker.port, "publisher2").await;
+    eventually(
+        Duration::from_secs(20),
+        "the bridge to subscribe",
+        async || {
+            publisher
+                .publish_all([(
+                    "sensors/probe/telemetry".to_string(),
+                    r#"{"temp": 99, "seq": -1}"#.to_string(),
+                )])
+                .await;
+            (sqlite_count(&db, "readings").await > 0).then_some(())
+        },
+    )
+    .await;
+
+    // Cold readings are filtered out, broken payloads and failing transforms dead-lettered.
+    let mut msgs = Vec::new();
+    for i in 0..60 {
+        let payload = match i % 4 {
+            0 => format!(r#"{{"temp": 5, "seq": {i}}}"#), // filtered
+            1 => format!(r#"{{"temp": 25, "seq": {i}}}"#), // stored
+            2 => format!("not json {i}"),                 // decode error
+            _ => format!(r#"{{"temp": "hot", "seq": {i}}}"#), // filter error: string > number is fine in jq, so stored
+        };
+        msgs.push(("sensors/d1/telemetry".to_string(), payload));
+    }
+    // A sentinel last: per-topic order means everything before it was processed once it lands.
+    msgs.push((
+        "sensors/d1/telemetry".to_string(),
+        r#"{"temp": 50, "seq": 1000}"#.to_string(),
+    ));
+    publisher.publish_all(msgs).await;
+
+    eventually(Duration::from_secs(30), "the sentinel row", async || {
+        (!sqlite_query(&db, "SELECT seq FROM readings WHERE seq = 1000")
+            .await
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    let stored = sqlite_query(
+        &db,
+        "SELECT seq FROM readings WHERE seq >= 0 AND seq < 1000 ORDER BY seq",
+    )
+    .await;
+    let want: Vec<i64> = (0..60).filter(|i| i % 4 == 1 || i % 4 == 3).collect();
+    assert_eq!(stored, want, "filtered messages must not be written");
+
+    let letters = eventually(Duration::from_secs(10), "15 dead letters", async || {
+        let l = json_lines(&dlq);
+        (l.len() >= 15).then_some(l)
+    })
+    .await;
+    assert_eq!(letters.len(), 15);
+    for l in &letters {
+        assert_eq!(l["rule"], "readings");
+        assert_eq!(l["topic"], "sensors/d1/telemetry");
+        assert!(
+            l["payload"].as_str().unwrap().starts_with("not json"),
+            "{l}"
+        );
+        assert!(
+            l["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("decode: payload is not valid JSON"),
+            "{l}"
+        );
+        assert_eq!(l["error_kind"], "permanent");
+        assert_eq!(l["qos"], 1);
+    }
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_sink_rejects_are_isolated_and_dead_lettered() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    // seq must be unique: duplicates in a batch make the whole transaction fail, the
+    // driver splits it until the bad rows are alone, and every good row still commits.
+    sqlite_create(
+        &db,
+        "CREATE TABLE readings (device TEXT, seq INTEGER UNIQUE, temp REAL, ts TEXT)",
+    )
+    .await;
+    let cfg =
+        config(broker.port, dir.path(), "bridge-flow-3").replace("to: [db, mirror]", "to: [db]");
+    let bridge = InProcess::start(&cfg);
+    let publisher = TestClient::connect(broker.port, "publisher3").await;
+    eventually(
+        Duration::from_secs(20),
+        "the bridge to subscribe",
+        async || {
+            publisher
+                .publish_all([(
+                    "sensors/probe/telemetry".to_string(),
+                    r#"{"temp": 99, "seq": -1}"#.to_string(),
+                )])
+                .await;
+            (sqlite_count(&db, "readings").await > 0).then_some(())
+        },
+    )
+    .await;
+    let mut msgs: Vec<(String, String)> = (0..300)
+        .map(|i| {
+            (
+                "sensors/d2/telemetry".to_string(),
+                format!(r#"{{"temp": 30, "seq": {i}}}"#),
+            )
+        })
+        .collect();
+    // Three duplicates of earlier sequence numbers, spread through the stream.
+    for (at, seq) in [(50, 7), (150, 100), (299, 200)] {
+        msgs.insert(
+            at,
+            (
+                "sensors/d2/telemetry".to_string(),
+                format!(r#"{{"temp": 30, "seq": {seq}}}"#),
+            ),
+        );
+    }
+    publisher.publish_all(msgs).await;
+    let dlq = dir.path().join("dead.jsonl");
+    let letters = eventually(Duration::from_secs(30), "3 dead letters", async || {
+        let l = json_lines(&dlq);
+        (l.len() >= 3).then_some(l)
+    })
+    .await;
+    eventually(Duration::from_secs(30), "300 rows", async || {
+        (sqlite_count(&db, "readings").await >= 301).then_some(())
+    })
+    .await;
+    assert_eq!(
+        sqlite_query(
+            &db,
+            "SELECT COUNT(DISTINCT seq) FROM readings WHERE seq >= 0"
+        )
+        .await,
+        vec![300]
+    );
+    assert_eq!(letters.len(), 3);
+    for l in &letters {
+        assert_eq!(l["sink"], "db");
+        assert!(l["error"].as_str().unwrap().contains("UNIQUE"), "{l}");
+        assert!(
+            [7, 100, 200].contains(&l["record"]["seq"].as_i64().unwrap()),
+            "{l}"
+        );
+    }
+    bridge.stop().await.unwrap();
+}

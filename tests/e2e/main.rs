@@ -1,0 +1,7 @@
+//! End-to-end tests against real services: Mosquitto on loopback, SQLite files, and the
+//! mqbridge binary. Run through `scripts/test.sh` (the README's test command), which makes
+//! sure the services are installed.
+
+mod crash;
+mod flow;
+mod util;

@@ -1,0 +1,324 @@
+//! Real services for the tests: a throwaway Mosquitto per test on a free loopback port,
+//! an MQTT test client, mqbridge itself (in-process or as a child process), and polling
+//! with deadlines instead of sleeps.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+/// Polls `check` until it returns Some or `timeout` passes.
+pub async fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn mosquitto_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MOSQUITTO") {
+        return p.into();
+    }
+    for p in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!(
+        "mosquitto not found: install it (apt-get install mosquitto) or run the tests through scripts/test.sh"
+    );
+}
+
+/// A Mosquitto broker in a temp dir, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub async fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        let broker = Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        };
+        eventually(Duration::from_secs(10), "mosquitto to listen", async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        broker
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain MQTT client for publishing test traffic and watching republished messages.
+pub struct TestClient {
+    pub client: AsyncClient,
+    pub received: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    acks: Arc<Mutex<usize>>,
+}
+
+impl TestClient {
+    pub async fn connect(port: u16, id: &str) -> TestClient {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_inflight(100);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let (tx, received) = mpsc::unbounded_channel();
+        let acks = Arc::new(Mutex::new(0));
+        let acks2 = Arc::clone(&acks);
+        let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+        let mut connected_tx = Some(connected_tx);
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send((p.topic, p.payload.to_vec()));
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => *acks2.lock().unwrap() += 1,
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), connected_rx)
+            .await
+            .expect("test client connects")
+            .unwrap();
+        TestClient {
+            client,
+            received,
+            acks,
+        }
+    }
+
+    /// Publishes at QoS 1 and waits until the broker acknowledged every message.
+    pub async fn publish_all(&self, messages: impl IntoIterator<Item = (String, String)>) {
+        let before = *self.acks.lock().unwrap();
+        let mut n = 0;
+        for (topic, payload) in messages {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+            n += 1;
+        }
+        eventually(
+            Duration::from_secs(30),
+            "PUBACKs from the broker",
+            async || (*self.acks.lock().unwrap() >= before + n).then_some(()),
+        )
+        .await;
+    }
+}
+
+/// Row count of a table, 0 when the file or table does not exist yet.
+pub async fn sqlite_count(db: &Path, table: &str) -> i64 {
+    sqlite_query(db, &format!("SELECT COUNT(*) FROM {table}"))
+        .await
+        .first()
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Runs a query returning one integer column.
+pub async fn sqlite_query(db: &Path, sql: &str) -> Vec<i64> {
+    use sqlx::Connection;
+    if !db.exists() {
+        return Vec::new();
+    }
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let Ok(mut conn) = sqlx::SqliteConnection::connect(&url).await else {
+        return Vec::new();
+    };
+    let rows: Result<Vec<(i64,)>, _> = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_all(&mut conn)
+        .await;
+    rows.map(|r| r.into_iter().map(|(v,)| v).collect())
+        .unwrap_or_default()
+}
+
+/// Creates a database file with one table.
+pub async fn sqlite_create(db: &Path, ddl: &str) {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(ddl.to_string()))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+}
+
+/// Lines of a JSON-lines file (empty when missing).
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// mqbridge running in this process, stopped gracefully on drop of the handle.
+pub struct InProcess {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcess {
+    pub fn start(config_yaml: &str) -> InProcess {
+        mqbridge::install_crypto();
+        let plan = mqbridge::config::parse(config_yaml, "test.yaml", |_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(mqbridge::app::run(plan, shutdown.clone()));
+        InProcess {
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Graceful stop; returns run's result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// mqbridge as a child process (for kill -9 and signals), with its log lines collected.
+pub struct ChildBridge {
+    child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ChildBridge {
+    pub fn start(config_path: &Path) -> ChildBridge {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
+            .args(["run", "--config"])
+            .arg(config_path)
+            .env("RUST_LOG", "info,mqbridge=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mqbridge");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let log2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().unwrap().push(line);
+            }
+        });
+        ChildBridge { child, log }
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        eventually(
+            timeout,
+            &format!("log line containing {needle:?}"),
+            async || {
+                self.log
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|l| l.contains(needle))
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for exit; returns the exit status and how long it took.
+    pub async fn terminate(mut self, timeout: Duration) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = eventually(timeout, "mqbridge to exit after SIGTERM", async || {
+            self.child.try_wait().unwrap()
+        })
+        .await;
+        (status, started.elapsed())
+    }
+}
+
+impl Drop for ChildBridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
