@@ -1,43 +1,159 @@
-//! Glue to rumqttc, the MQTT client: connection options from the validated broker plan.
-//! Kept small and in one place so that the client library could be swapped.
+//! Glue to rumqttc, the MQTT client, for both protocol versions (3.1.1 and 5): one
+//! [`Client`] / [`EventLoop`] pair whose events are normalised into [`Incoming`], so the
+//! source and the republish sink are written once. Kept in one place so that the client
+//! library could be swapped.
 
 use std::time::Duration;
 
-use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5 as p5;
+use rumqttc::{Event as Event4, Outgoing, Packet as Packet4, TlsConfiguration, Transport};
 
 use crate::config::BrokerPlan;
+use crate::config::raw::Protocol;
+use crate::message::Properties;
 
-/// Options for one connection to the configured broker.
+/// Capacity of rumqttc's request channel (publishes, acks, subscribes waiting for the
+/// event loop).
+const REQUEST_CAPACITY: usize = 1024;
+
+/// A connection's handle for requests. Cheap to clone.
+#[derive(Clone)]
+pub enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// The connection itself; must be polled for anything to happen.
+pub enum EventLoop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+/// What an acknowledgement needs to know of a received PUBLISH.
+#[derive(Debug, Clone, Copy)]
+pub struct AckToken {
+    pkid: u16,
+    qos: u8,
+}
+
+/// A PUBLISH received.
+#[derive(Debug)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub properties: Properties,
+    /// None for QoS 0.
+    pub ack: Option<AckToken>,
+}
+
+/// Normalised events.
+#[derive(Debug)]
+pub enum Incoming {
+    Connected {
+        session_present: bool,
+    },
+    /// Per filter: the granted QoS, or why it was refused.
+    SubAck(Vec<Result<u8, String>>),
+    Publish(Box<Received>),
+    /// The broker confirmed one of our publishes (PUBACK or PUBCOMP).
+    Confirmed,
+    /// One of our publishes went out (all a QoS 0 publish gets).
+    Sent,
+    DisconnectSent,
+    Other,
+}
+
+fn qos4(q: u8) -> rumqttc::QoS {
+    match q {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    use rumqttc::v5::mqttbytes::QoS;
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// Opens a connection to the configured broker (the event loop connects on first poll).
 ///
-/// `client_id` is the plan's id or a derived one (the republish connection); `persistent`
-/// asks for a persistent session (clean session off) so the broker keeps our
-/// subscriptions and unacknowledged messages while we are away.
-pub fn options(
+/// `client_id` is the plan's id or a derived one; `persistent` asks for a persistent
+/// session (clean session/start off, a session expiry for MQTT 5) so the broker keeps our
+/// subscriptions and unacknowledged messages while we are away; `manual_acks` leaves
+/// PUBACK/PUBREC to [`Client::try_ack`].
+pub fn connect(
     plan: &BrokerPlan,
     client_id: &str,
     persistent: bool,
-) -> anyhow::Result<MqttOptions> {
+    manual_acks: bool,
+) -> anyhow::Result<(Client, EventLoop)> {
     anyhow::ensure!(!client_id.is_empty(), "client id must not be empty");
-    let mut opts = MqttOptions::new(client_id, plan.host.clone(), plan.port);
-    opts.set_keep_alive(plan.keep_alive)
-        .set_clean_session(!persistent)
-        .set_max_packet_size(plan.max_packet_size, plan.max_packet_size);
-    if let Some(user) = &plan.username {
-        opts.set_credentials(user.clone(), password(plan)?.unwrap_or_default());
+    let credentials = match &plan.username {
+        Some(user) => Some((user.clone(), password(plan)?.unwrap_or_default())),
+        None => None,
+    };
+    let transport = transport(plan)?;
+    Ok(match plan.protocol {
+        Protocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(client_id, plan.host.clone(), plan.port);
+            o.set_keep_alive(plan.keep_alive)
+                .set_clean_session(!persistent)
+                .set_manual_acks(manual_acks)
+                .set_max_packet_size(plan.max_packet_size, plan.max_packet_size);
+            if let Some((u, p)) = credentials {
+                o.set_credentials(u, p);
+            }
+            if let Some(t) = transport {
+                o.set_transport(t);
+            }
+            let (c, e) = rumqttc::AsyncClient::new(o, REQUEST_CAPACITY);
+            (Client::V4(c), EventLoop::V4(Box::new(e)))
+        }
+        Protocol::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(client_id, plan.host.clone(), plan.port);
+            o.set_keep_alive(plan.keep_alive)
+                .set_clean_start(!persistent)
+                .set_manual_acks(manual_acks)
+                .set_max_packet_size(Some(plan.max_packet_size as u32))
+                .set_receive_maximum(Some(plan.receive_maximum));
+            if persistent {
+                o.set_session_expiry_interval(Some(
+                    plan.session_expiry.as_secs().min(u32::MAX as u64) as u32,
+                ));
+            }
+            if let Some((u, p)) = credentials {
+                o.set_credentials(u, p);
+            }
+            if let Some(t) = transport {
+                o.set_transport(t);
+            }
+            let (c, e) = rumqttc::v5::AsyncClient::new(o, REQUEST_CAPACITY);
+            (Client::V5(c), EventLoop::V5(Box::new(e)))
+        }
+    })
+}
+
+fn transport(plan: &BrokerPlan) -> anyhow::Result<Option<Transport>> {
+    if !plan.tls {
+        return Ok(None);
     }
-    if plan.tls {
-        let transport = match &plan.ca_file {
-            Some(path) => Transport::tls_with_config(TlsConfiguration::Simple {
-                ca: std::fs::read(path)
-                    .map_err(|e| anyhow::anyhow!("broker.ca_file {}: {e}", path.display()))?,
-                alpn: None,
-                client_auth: None,
-            }),
-            None => Transport::tls_with_default_config(),
-        };
-        opts.set_transport(transport);
-    }
-    Ok(opts)
+    Ok(Some(match &plan.ca_file {
+        Some(path) => Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("broker.ca_file {}: {e}", path.display()))?,
+            alpn: None,
+            client_auth: None,
+        }),
+        None => Transport::tls_with_default_config(),
+    }))
 }
 
 /// The password from the plan or its `password_file`.
@@ -55,17 +171,173 @@ fn password(plan: &BrokerPlan) -> anyhow::Result<Option<String>> {
     }
 }
 
-/// Reconnect backoff: exponential from 100 ms to 30 s, with full jitter.
-#[derive(Debug)]
+impl Client {
+    /// Queues a SUBSCRIBE without waiting (safe from the polling task).
+    pub fn try_subscribe_many(&self, filters: &[String], qos: u8) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.try_subscribe_many(
+                filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos4(qos))),
+            ),
+            Client::V5(c) => {
+                return c
+                    .try_subscribe_many(
+                        filters
+                            .iter()
+                            .map(|f| p5::Filter::new(f.clone(), qos5(qos))),
+                    )
+                    .map_err(|e| e.to_string());
+            }
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// Queues the acknowledgement of a received PUBLISH without waiting.
+    pub fn try_ack(&self, token: &AckToken) -> Result<(), String> {
+        // rumqttc acks a Publish; only its packet id and QoS matter.
+        match self {
+            Client::V4(c) => {
+                let mut p = rumqttc::Publish::new("", qos4(token.qos), Vec::new());
+                p.pkid = token.pkid;
+                c.try_ack(&p).map_err(|e| e.to_string())
+            }
+            Client::V5(c) => {
+                let mut p = p5::Publish::new("", qos5(token.qos), Vec::new(), None);
+                p.pkid = token.pkid;
+                c.try_ack(&p).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Queues a PUBLISH, waiting while the request channel is full.
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos: u8,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .publish(topic, qos4(qos), retain, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .publish(topic, qos5(qos), retain, payload)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn try_disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+impl EventLoop {
+    /// The next event; an error means the connection is gone (polling again reconnects).
+    pub async fn poll(&mut self) -> Result<Incoming, String> {
+        match self {
+            EventLoop::V4(e) => e.poll().await.map(incoming4).map_err(|e| e.to_string()),
+            EventLoop::V5(e) => e.poll().await.map(incoming5).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn outgoing(o: Outgoing) -> Incoming {
+    match o {
+        Outgoing::Publish(_) => Incoming::Sent,
+        Outgoing::Disconnect => Incoming::DisconnectSent,
+        _ => Incoming::Other,
+    }
+}
+
+fn incoming4(ev: Event4) -> Incoming {
+    match ev {
+        Event4::Incoming(Packet4::ConnAck(c)) => Incoming::Connected {
+            session_present: c.session_present,
+        },
+        Event4::Incoming(Packet4::SubAck(s)) => Incoming::SubAck(
+            s.return_codes
+                .iter()
+                .map(|c| match c {
+                    rumqttc::SubscribeReasonCode::Success(q) => Ok(*q as u8),
+                    rumqttc::SubscribeReasonCode::Failure => Err("refused".to_string()),
+                })
+                .collect(),
+        ),
+        Event4::Incoming(Packet4::Publish(p)) => {
+            let qos = p.qos as u8;
+            let ack = (qos > 0).then_some(AckToken { pkid: p.pkid, qos });
+            Incoming::Publish(Box::new(Received {
+                topic: p.topic,
+                payload: p.payload,
+                qos,
+                retain: p.retain,
+                properties: Properties::default(),
+                ack,
+            }))
+        }
+        Event4::Incoming(Packet4::PubAck(_) | Packet4::PubComp(_)) => Incoming::Confirmed,
+        Event4::Incoming(_) => Incoming::Other,
+        Event4::Outgoing(o) => outgoing(o),
+    }
+}
+
+fn incoming5(ev: rumqttc::v5::Event) -> Incoming {
+    use p5::Packet;
+    use rumqttc::v5::Event;
+    match ev {
+        Event::Incoming(Packet::ConnAck(c)) => Incoming::Connected {
+            session_present: c.session_present,
+        },
+        Event::Incoming(Packet::SubAck(s)) => Incoming::SubAck(
+            s.return_codes
+                .iter()
+                .map(|c| match c {
+                    p5::SubscribeReasonCode::Success(q) => Ok(*q as u8),
+                    other => Err(format!("{other:?}")),
+                })
+                .collect(),
+        ),
+        Event::Incoming(Packet::Publish(p)) => {
+            let qos = p.qos as u8;
+            let ack = (qos > 0).then_some(AckToken { pkid: p.pkid, qos });
+            let properties = p
+                .properties
+                .map(|pp| Properties {
+                    user_properties: pp.user_properties,
+                    content_type: pp.content_type,
+                    response_topic: pp.response_topic,
+                    correlation_data: pp.correlation_data,
+                })
+                .unwrap_or_default();
+            Incoming::Publish(Box::new(Received {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload,
+                qos,
+                retain: p.retain,
+                properties,
+                ack,
+            }))
+        }
+        Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => Incoming::Confirmed,
+        Event::Incoming(_) => Incoming::Other,
+        Event::Outgoing(o) => outgoing(o),
+    }
+}
+
+/// Reconnect backoff: exponential from 100 ms to 30 s, with jitter (50–100 % of the step).
+#[derive(Debug, Default)]
 pub struct ReconnectBackoff {
     failures: u32,
 }
 
 impl ReconnectBackoff {
-    pub fn new() -> Self {
-        ReconnectBackoff { failures: 0 }
-    }
-
     /// A connection attempt failed: how long to wait before the next.
     pub fn failed(&mut self) -> Duration {
         let cap = Duration::from_millis(100)
@@ -78,11 +350,5 @@ impl ReconnectBackoff {
     /// Connected: start over.
     pub fn reset(&mut self) {
         self.failures = 0;
-    }
-}
-
-impl Default for ReconnectBackoff {
-    fn default() -> Self {
-        Self::new()
     }
 }

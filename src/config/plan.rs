@@ -44,6 +44,8 @@ pub struct BrokerPlan {
     pub qos: u8,
     pub keep_alive: Duration,
     pub max_packet_size: usize,
+    pub receive_maximum: u16,
+    pub session_expiry: Duration,
     pub ca_file: Option<PathBuf>,
     /// What to SUBSCRIBE to: the rules' filters, minus those another one covers, with the
     /// `$share/GROUP/` prefix when a share group is set.
@@ -302,6 +304,8 @@ fn validate_broker(b: &BrokerConfig, rules: &[Rule], errs: &mut Errors) -> Optio
         qos: b.qos,
         keep_alive,
         max_packet_size: b.max_packet_size.0 as usize,
+        receive_maximum: b.receive_maximum,
+        session_expiry: b.session_expiry.0,
         ca_file: b.ca_file.clone(),
         subscriptions,
     })

@@ -68,6 +68,12 @@ pub struct BrokerConfig {
     /// Largest packet accepted or sent.
     #[serde(default = "default_max_packet")]
     pub max_packet_size: ByteSize,
+    /// MQTT 5: how many QoS 1/2 messages the broker may have in flight to mqbridge.
+    #[serde(default = "default_receive_maximum")]
+    pub receive_maximum: u16,
+    /// MQTT 5: how long the broker keeps the session (and queued messages) while mqbridge is away.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry: Duration,
     /// PEM file of CA certificates for `mqtts://` (default: the system's roots).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -78,6 +84,12 @@ fn default_qos() -> u8 {
 }
 fn default_keep_alive() -> Duration {
     Duration(std::time::Duration::from_secs(30))
+}
+fn default_receive_maximum() -> u16 {
+    1000
+}
+fn default_session_expiry() -> Duration {
+    Duration(std::time::Duration::from_secs(7 * 24 * 3600))
 }
 fn default_max_packet() -> ByteSize {
     ByteSize(1 << 20)

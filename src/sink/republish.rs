@@ -10,12 +10,12 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, mpsc};
 
 use super::{BatchConfig, Delivery, Sink, SinkError, retry::RetryConfig};
 use crate::config::BrokerPlan;
+use crate::mqtt::{self, Client, Incoming};
 use crate::rule::template::Template;
 use crate::topic::validate_topic_name;
 
@@ -47,7 +47,7 @@ fn default_qos() -> u8 {
 
 /// One live connection.
 struct Conn {
-    client: AsyncClient,
+    client: Client,
     /// Confirmations (Ok) and the connection's end (Err) from its poll task.
     events: mpsc::UnboundedReceiver<Result<(), String>>,
     task: tokio::task::JoinHandle<()>,
@@ -63,7 +63,7 @@ pub struct RepublishSink {
     broker: BrokerPlan,
     client_id: String,
     topic: Template,
-    qos: QoS,
+    qos: u8,
     retain: bool,
     conn: Mutex<Option<Conn>>,
 }
@@ -74,30 +74,24 @@ impl RepublishSink {
             broker: broker.clone(),
             client_id: format!("{}-republish", broker.client_id),
             topic: Template::compile(&cfg.topic).map_err(anyhow::Error::msg)?,
-            qos: match cfg.qos {
-                0 => QoS::AtMostOnce,
-                1 => QoS::AtLeastOnce,
-                _ => QoS::ExactlyOnce,
-            },
+            qos: cfg.qos,
             retain: cfg.retain,
             conn: Mutex::new(None),
         })
     }
 
     async fn connect(&self) -> Result<Conn, SinkError> {
-        let opts = crate::mqtt::options(&self.broker, &self.client_id, false)
+        let (client, mut eventloop) = mqtt::connect(&self.broker, &self.client_id, false, false)
             .map_err(|e| SinkError::transient(e.to_string()))?;
-        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let (tx, mut events) = mpsc::unbounded_channel();
-        let qos0 = self.qos == QoS::AtMostOnce;
+        let qos0 = self.qos == 0;
         let task = tokio::spawn(async move {
             loop {
                 let ev = match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => Ok(()),
-                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => Ok(()),
-                    Ok(Event::Outgoing(Outgoing::Publish(_))) if qos0 => Ok(()),
+                    Ok(Incoming::Connected { .. } | Incoming::Confirmed) => Ok(()),
+                    Ok(Incoming::Sent) if qos0 => Ok(()),
                     Ok(_) => continue,
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e),
                 };
                 let end = ev.is_err();
                 if tx.send(ev).is_err() || end {
@@ -149,7 +143,7 @@ impl RepublishSink {
     async fn send_and_confirm(
         conn: &mut Conn,
         out: Vec<(String, Vec<u8>)>,
-        qos: QoS,
+        qos: u8,
         retain: bool,
     ) -> Result<(), SinkError> {
         let expected = out.len();

@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use crate::util::*;
 
-fn config(port: u16, db: &std::path::Path) -> String {
+fn config(port: u16, db: &std::path::Path, protocol: &str) -> String {
     format!(
         r#"
 broker:
   url: mqtt://127.0.0.1:{port}
   client_id: bridge-crash
+  protocol: {protocol}
 sinks:
   db: {{ type: sqlite, path: {db}, table: readings }}
 rules:
@@ -25,13 +26,22 @@ shutdown_timeout: 5s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_before_settle_then_restart_loses_nothing() {
+async fn kill_9_before_settle_then_restart_loses_nothing_mqtt311() {
+    kill_9_before_settle_then_restart_loses_nothing("3.1.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_before_settle_then_restart_loses_nothing_mqtt5() {
+    kill_9_before_settle_then_restart_loses_nothing("5").await;
+}
+
+async fn kill_9_before_settle_then_restart_loses_nothing(protocol: &str) {
     let broker = Mosquitto::start().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     sqlite_create(&db, "CREATE TABLE readings (device TEXT, seq INTEGER)").await;
     let cfg_path = dir.path().join("bridge.yaml");
-    std::fs::write(&cfg_path, config(broker.port, &db)).unwrap();
+    std::fs::write(&cfg_path, config(broker.port, &db, protocol)).unwrap();
 
     let bridge = ChildBridge::start(&cfg_path);
     bridge

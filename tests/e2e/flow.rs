@@ -7,12 +7,13 @@ use rumqttc::QoS;
 
 use crate::util::*;
 
-fn config(port: u16, dir: &std::path::Path, client_id: &str) -> String {
+pub fn config(port: u16, dir: &std::path::Path, client_id: &str) -> String {
     format!(
         r#"
 broker:
   url: mqtt://127.0.0.1:{port}
   client_id: {client_id}
+  protocol: PROTOCOL
 sinks:
   db:
     type: sqlite
@@ -35,9 +36,10 @@ dead_letter: {{ sink: dlq }}
         db = dir.join("t.db").display(),
         dlq = dir.join("dead.jsonl").display(),
     )
+    .replace("PROTOCOL", "3.1.1")
 }
 
-async fn setup() -> (Mosquitto, tempfile::TempDir) {
+pub async fn setup() -> (Mosquitto, tempfile::TempDir) {
     let broker = Mosquitto::start().await;
     let dir = tempfile::tempdir().unwrap();
     sqlite_create(
@@ -49,18 +51,17 @@ async fn setup() -> (Mosquitto, tempfile::TempDir) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos1_messages_become_rows_and_republished_messages() {
-    let (broker, dir) = setup().await;
-    let db = dir.path().join("t.db");
-    let bridge = InProcess::start(&config(broker.port, dir.path(), "bridge-flow-1"));
-    let mut watcher = TestClient::connect(broker.port, "watcher").await;
-    watcher
-        .client
-        .subscribe("processed/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let publisher = TestClient::connect(broker.port, "publisher").await;
-    // The bridge subscribes asynchronously: wait until a probe message comes through.
+async fn qos1_messages_become_rows_and_republished_messages_mqtt311() {
+    rows_and_republished("3.1.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_messages_become_rows_and_republished_messages_mqtt5() {
+    rows_and_republished("5").await;
+}
+
+/// Waits until the bridge stores a probe message, i.e. it has subscribed.
+pub async fn wait_subscribed(publisher: &TestClient, db: &std::path::Path) {
     eventually(
         Duration::from_secs(20),
         "the bridge to subscribe",
@@ -71,10 +72,27 @@ async fn qos1_messages_become_rows_and_republished_messages() {
                     r#"{"temp": 99, "seq": -1}"#.to_string(),
                 )])
                 .await;
-            (sqlite_count(&db, "readings").await > 0).then_some(())
+            (sqlite_count(db, "readings").await > 0).then_some(())
         },
     )
     .await;
+}
+
+async fn rows_and_republished(protocol: &str) {
+    let (broker, dir) = setup().await;
+    let db = dir.path().join("t.db");
+    let cfg = config(broker.port, dir.path(), "bridge-flow-1")
+        .replace("protocol: 3.1.1", &format!("protocol: {protocol}"));
+    let bridge = InProcess::start(&cfg);
+    let mut watcher = TestClient::connect(broker.port, "watcher").await;
+    watcher
+        .client
+        .subscribe("processed/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let publisher = TestClient::connect(broker.port, "publisher").await;
+    // The bridge subscribes asynchronously: wait until a probe message comes through.
+    wait_subscribed(&publisher, &db).await;
 
     const N: i64 = 500;
     let messages = (0..N).map(|i| {
@@ -126,20 +144,7 @@ async fn filtered_messages_are_skipped_and_bad_ones_dead_lettered() {
     let dlq = dir.path().join("dead.jsonl");
     let bridge = InProcess::start(&config(broker.port, dir.path(), "bridge-flow-2"));
     let publisher = TestClient::connect(broker.port, "publisher2").await;
-    eventually(
-        Duration::from_secs(20),
-        "the bridge to subscribe",
-        async || {
-            publisher
-                .publish_all([(
-                    "sensors/probe/telemetry".to_string(),
-                    r#"{"temp": 99, "seq": -1}"#.to_string(),
-                )])
-                .await;
-            (sqlite_count(&db, "readings").await > 0).then_some(())
-        },
-    )
-    .await;
+    wait_subscribed(&publisher, &db).await;
 
     // Cold readings are filtered out, broken payloads and failing transforms dead-lettered.
     let mut msgs = Vec::new();
@@ -216,20 +221,7 @@ async fn records_the_sink_rejects_are_isolated_and_dead_lettered() {
         config(broker.port, dir.path(), "bridge-flow-3").replace("to: [db, mirror]", "to: [db]");
     let bridge = InProcess::start(&cfg);
     let publisher = TestClient::connect(broker.port, "publisher3").await;
-    eventually(
-        Duration::from_secs(20),
-        "the bridge to subscribe",
-        async || {
-            publisher
-                .publish_all([(
-                    "sensors/probe/telemetry".to_string(),
-                    r#"{"temp": 99, "seq": -1}"#.to_string(),
-                )])
-                .await;
-            (sqlite_count(&db, "readings").await > 0).then_some(())
-        },
-    )
-    .await;
+    wait_subscribed(&publisher, &db).await;
     let mut msgs: Vec<(String, String)> = (0..300)
         .map(|i| {
             (

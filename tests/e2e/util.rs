@@ -61,33 +61,53 @@ fn mosquitto_bin() -> PathBuf {
 pub struct Mosquitto {
     pub port: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    conf: PathBuf,
+    pub dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
     pub async fn start() -> Mosquitto {
+        Self::start_with(|_, port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"))
+            .await
+    }
+
+    /// Starts a broker configured with the listener sections `listeners(dir, port)`
+    /// returns; `port` is the one the broker is waited on and tests connect to.
+    pub async fn start_with(listeners: impl FnOnce(&Path, u16) -> String) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\n"
+                "user root\npersistence false\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\n{}",
+                listeners(dir.path(), port)
             ),
         )
         .unwrap();
-        let child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mosquitto");
+        let child = Self::spawn(&conf);
         let broker = Mosquitto {
             port,
             child,
-            _dir: dir,
+            conf,
+            dir,
         };
+        broker.wait_listening().await;
+        broker
+    }
+
+    fn spawn(conf: &Path) -> Child {
+        Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto")
+    }
+
+    async fn wait_listening(&self) {
+        let port = self.port;
         eventually(Duration::from_secs(10), "mosquitto to listen", async || {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -95,7 +115,15 @@ impl Mosquitto {
                 .map(|_| ())
         })
         .await;
-        broker
+    }
+
+    /// Kills the broker (losing every session: persistence is off) and starts it again
+    /// on the same port.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.conf);
+        self.wait_listening().await;
     }
 }
 

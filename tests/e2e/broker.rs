@@ -1,0 +1,238 @@
+//! The broker connection: MQTT 5 properties, resubscribing after a broker restart, TLS
+//! with a private CA, and password authentication.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::flow::{config, setup, wait_subscribed};
+use crate::util::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_properties_reach_the_rules() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    sqlite_create(
+        &db,
+        "CREATE TABLE props (seq INTEGER, ct TEXT, site TEXT, rt TEXT)",
+    )
+    .await;
+    let cfg = format!(
+        r#"
+broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: bridge-props, protocol: 5 }}
+sinks: {{ db: {{ type: sqlite, path: {db}, table: props }} }}
+rules:
+  - name: props
+    from: "v5/#"
+    transform: '{{seq: .payload.seq, ct: .properties.content_type, site: .properties.user_properties.site, rt: .properties.response_topic}}'
+    to: db
+"#,
+        port = broker.port,
+        db = db.display()
+    );
+    let bridge = InProcess::start(&cfg);
+    let port = broker.port.to_string();
+    eventually(
+        Duration::from_secs(20),
+        "a v5 message with properties",
+        async || {
+            let status = Command::new("mosquitto_pub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-V",
+                    "mqttv5",
+                    "-q",
+                    "1",
+                    "-t",
+                    "v5/x",
+                ])
+                .args(["-D", "publish", "content-type", "application/json"])
+                .args(["-D", "publish", "user-property", "site", "plant-7"])
+                .args(["-D", "publish", "response-topic", "replies/x"])
+                .args(["-m", r#"{"seq": 1}"#])
+                .status()
+                .expect("mosquitto_pub");
+            assert!(status.success());
+            (sqlite_count(&db, "props").await > 0).then_some(())
+        },
+    )
+    .await;
+    let row: Vec<(i64, String, String, String)> = {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query_as("SELECT seq, ct, site, rt FROM props LIMIT 1")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        row[0],
+        (
+            1,
+            "application/json".into(),
+            "plant-7".into(),
+            "replies/x".into()
+        )
+    );
+    bridge.stop().await.unwrap();
+}
+
+async fn resubscribes_after_broker_restart(protocol: &str) {
+    let (mut broker, dir) = setup().await;
+    let db = dir.path().join("t.db");
+    let cfg = config(broker.port, dir.path(), "bridge-restart")
+        .replace("protocol: 3.1.1", &format!("protocol: {protocol}"));
+    let bridge = InProcess::start(&cfg);
+    let publisher = TestClient::connect(broker.port, "restart-publisher").await;
+    wait_subscribed(&publisher, &db).await;
+
+    // The new broker knows nothing of the bridge: it must reconnect and subscribe again.
+    broker.restart().await;
+    let mut seq = 0;
+    eventually(
+        Duration::from_secs(30),
+        "a message after the broker restart",
+        async || {
+            seq += 1;
+            publisher
+                .publish_all([(
+                    "sensors/r/telemetry".to_string(),
+                    format!(r#"{{"temp": 50, "seq": {seq}}}"#),
+                )])
+                .await;
+            (!sqlite_query(&db, "SELECT seq FROM readings WHERE seq > 0")
+                .await
+                .is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribes_after_broker_restart_mqtt311() {
+    resubscribes_after_broker_restart("3.1.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribes_after_broker_restart_mqtt5() {
+    resubscribes_after_broker_restart("5").await;
+}
+
+fn run(cmd: &mut Command) {
+    let status = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed");
+}
+
+/// A CA and a server certificate for localhost / 127.0.0.1, made with openssl.
+fn make_certs(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .args(["req", "-x509"])
+        .args(ec)
+        .args([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=mqbridge test CA",
+        ]));
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .args(["req"])
+        .args(ec)
+        .args([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]));
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(Command::new("openssl").current_dir(dir).args([
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca_and_a_password_from_a_file() {
+    let tls_port = free_port();
+    let broker = Mosquitto::start_with(|dir, port| {
+        make_certs(dir);
+        run(Command::new("mosquitto_passwd").current_dir(dir).args([
+            "-c",
+            "-b",
+            "passwd",
+            "bridge",
+            "s3cret pass",
+        ]));
+        format!(
+            "per_listener_settings true\n\
+             listener {port} 127.0.0.1\nallow_anonymous true\n\
+             listener {tls_port} 127.0.0.1\nallow_anonymous false\npassword_file {d}/passwd\n\
+             cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+            d = dir.display()
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    sqlite_create(
+        &db,
+        "CREATE TABLE readings (device TEXT, seq INTEGER, temp REAL, ts TEXT)",
+    )
+    .await;
+    let secret = dir.path().join("mqtt-password");
+    std::fs::write(&secret, "s3cret pass\n").unwrap();
+    let cfg = config(tls_port, dir.path(), "bridge-tls").replace(
+        &format!("url: mqtt://127.0.0.1:{tls_port}"),
+        &format!(
+            "url: mqtts://bridge@localhost:{tls_port}\n  ca_file: {}\n  password_file: {}",
+            broker.dir.path().join("ca.pem").display(),
+            secret.display()
+        ),
+    );
+    let bridge = InProcess::start(&cfg);
+    let publisher = TestClient::connect(broker.port, "tls-publisher").await;
+    wait_subscribed(&publisher, &db).await;
+    bridge.stop().await.unwrap();
+}
