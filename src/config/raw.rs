@@ -65,7 +65,8 @@ pub struct BrokerConfig {
     pub qos: u8,
     #[serde(default = "default_keep_alive")]
     pub keep_alive: Duration,
-    /// Largest packet accepted or sent.
+    /// Largest packet accepted or sent. MQTT 5 tells the broker, which then withholds
+    /// larger messages; with 3.1.1 keep it at least the broker's own message size limit.
     #[serde(default = "default_max_packet")]
     pub max_packet_size: ByteSize,
     /// MQTT 5: how many QoS 1/2 messages the broker may have in flight to mqbridge.
@@ -92,7 +93,7 @@ fn default_session_expiry() -> Duration {
     Duration(std::time::Duration::from_secs(7 * 24 * 3600))
 }
 fn default_max_packet() -> ByteSize {
-    ByteSize(1 << 20)
+    ByteSize(16 << 20)
 }
 
 /// MQTT protocol version.

@@ -236,3 +236,32 @@ async fn tls_with_a_private_ca_and_a_password_from_a_file() {
     wait_subscribed(&publisher, &db).await;
     bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_pass_within_max_packet_size() {
+    let (broker, dir) = setup().await;
+    let db = dir.path().join("t.db");
+    let bridge = InProcess::start(&config(broker.port, dir.path(), "bridge-large"));
+    let publisher = TestClient::connect(broker.port, "large-publisher").await;
+    wait_subscribed(&publisher, &db).await;
+    // A 3 MiB JSON payload (rumqttc's own default limit is 10 KiB).
+    let big = "x".repeat(3 << 20);
+    publisher
+        .publish_all([(
+            "sensors/big/telemetry".to_string(),
+            format!(r#"{{"temp": 42, "seq": 1, "blob": "{big}"}}"#),
+        )])
+        .await;
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the large message",
+        async || {
+            (!sqlite_query(&db, "SELECT seq FROM readings WHERE seq = 1")
+                .await
+                .is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+    bridge.stop().await.unwrap();
+}

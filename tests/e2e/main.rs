@@ -3,6 +3,7 @@
 //! sure the services are installed.
 
 mod broker;
+mod cli;
 mod crash;
 mod flow;
 mod util;

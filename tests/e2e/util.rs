@@ -146,6 +146,7 @@ impl TestClient {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_inflight(100);
+        opts.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         let (tx, received) = mpsc::unbounded_channel();
         let acks = Arc::new(Mutex::new(0));

@@ -1,0 +1,110 @@
+//! The command line as a user runs it: `check`, `try` and `schema`.
+
+use std::process::Command;
+
+fn mqbridge(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn check_prints_the_plan_or_every_error_with_its_location() {
+    let (code, out, _) = mqbridge(&[
+        "check",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/mqbridge.yaml"),
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("subscribe # qos 1"), "{out}");
+    assert!(
+        out.contains("local: sqlite data/mqbridge.db table mqbridge_messages"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "broker:\n  url: mqtt://h\n  client_id: c\nsinks:\n  f: { type: file, path: x }\nrules:\n  - name: r\n    from: [\"a/#/b\"]\n    filter: '.x >'\n    to: [f, g]\n",
+    )
+    .unwrap();
+    let (code, out, err) = mqbridge(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    let lines: Vec<&str> = err.lines().collect();
+    let file = bad.display().to_string();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(
+        lines[0].starts_with(&format!("{file}:8:12: rules[0].from[0]: ")),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{file}:9:13: rules[0].filter: jq: ")),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("{file}:10:13: rules[0].to[1]: unknown sink \"g\"")),
+        "{err}"
+    );
+}
+
+#[test]
+fn try_shows_records_and_what_each_sink_would_do() {
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/telemetry.yaml"
+    );
+    let (code, out, err) = mqbridge(&[
+        "try",
+        cfg,
+        "--topic",
+        "sensors/d9/telemetry",
+        "--payload",
+        r#"{"temp": 95.5}"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rule readings matched (device=d9)"), "{out}");
+    assert!(
+        out.contains(r#""device":"d9""#) && out.contains(r#""temp":95.5"#),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"-> alerts: publish to "alerts/d9" qos 1"#),
+        "{out}"
+    );
+
+    let (_, out, _) = mqbridge(&[
+        "try",
+        cfg,
+        "--topic",
+        "sensors/d9/telemetry",
+        "--payload",
+        "{broken",
+    ]);
+    assert!(
+        out.contains("decode failed: payload is not valid JSON"),
+        "{out}"
+    );
+    assert!(out.contains("-> dead letter to sink dead_letters"), "{out}");
+
+    let (_, out, _) = mqbridge(&["try", cfg, "--topic", "elsewhere", "--payload", "x"]);
+    assert!(out.contains("no rule matches topic \"elsewhere\""), "{out}");
+}
+
+#[test]
+fn schema_is_json_schema_of_the_rules_file() {
+    let (code, out, _) = mqbridge(&["schema"]);
+    assert_eq!(code, 0);
+    let schema: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(schema["title"], "RawConfig");
+    for key in ["broker", "sinks", "rules", "dead_letter"] {
+        assert!(schema["properties"].get(key).is_some(), "{key} missing");
+    }
+    assert_eq!(schema["additionalProperties"], false);
+}
