@@ -14,53 +14,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::raw::SinkConfig;
 use crate::config::{BrokerPlan, Plan, SinkPlan};
 use crate::pipeline::Pipeline;
-use crate::sink::driver::{DeadLetter, Driver};
-use crate::sink::{Delivery, Sink, file, republish, sqlite};
+use crate::sink::OpenContext;
+use crate::sink::driver::{self, DeadLetter, SinkQueue};
 
 /// Messages buffered between the source and the router.
 const SOURCE_BUFFER: usize = 4096;
-
-/// Opens one sink (connects, checks tables) from its plan.
-pub async fn open_sink(
-    sink: &SinkPlan,
-    broker: Option<&BrokerPlan>,
-) -> anyhow::Result<Arc<dyn Sink>> {
-    let name = &sink.name;
-    Ok(match &sink.config {
-        SinkConfig::Sqlite(c) => Arc::new(
-            sqlite::SqliteSink::open(c)
-                .await
-                .with_context(|| format!("sink {name}"))?,
-        ),
-        SinkConfig::File(c) => Arc::new(
-            file::FileSink::open(c)
-                .await
-                .with_context(|| format!("sink {name}"))?,
-        ),
-        SinkConfig::Republish(c) => {
-            let broker =
-                broker.with_context(|| format!("sink {name}: republish needs `broker:`"))?;
-            Arc::new(republish::RepublishSink::new(c, broker)?)
-        }
-    })
-}
-
-fn settings(
-    c: &SinkConfig,
-) -> (
-    crate::sink::BatchConfig,
-    crate::sink::retry::RetryConfig,
-    usize,
-) {
-    match c {
-        SinkConfig::Sqlite(c) => (c.batch, c.retry, c.queue),
-        SinkConfig::File(c) => (c.batch, c.retry, c.queue),
-        SinkConfig::Republish(c) => (c.batch, c.retry, c.queue),
-    }
-}
 
 /// Runs mqbridge until `shutdown` is cancelled, then shuts down in order.
 pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -69,29 +29,23 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     )?;
     let drivers = TaskTracker::new();
 
-    // The dead-letter sink first: every other driver holds a sender to it.
-    let mut queues: Vec<Option<mpsc::Sender<Delivery>>> = vec![None; plan.sinks.len()];
+    // The dead-letter sink first: every other sink's driver holds its queue.
+    let mut queues: Vec<Option<SinkQueue>> = vec![None; plan.sinks.len()];
     let mut dead_letter = DeadLetter { queue: None };
     if let Some(i) = plan.dead_letter {
-        let sp = &plan.sinks[i];
-        let tx = start(
-            sp,
-            open_sink(sp, Some(&broker)).await?,
+        let queue = start(
+            &plan.sinks[i],
+            Some(&broker),
             DeadLetter { queue: None },
             &drivers,
-        );
-        queues[i] = Some(tx.clone());
-        dead_letter.queue = Some(tx);
+        )
+        .await?;
+        queues[i] = Some(queue.clone());
+        dead_letter.queue = Some(queue);
     }
     for (i, sp) in plan.sinks.iter().enumerate() {
         if queues[i].is_none() {
-            let tx = start(
-                sp,
-                open_sink(sp, Some(&broker)).await?,
-                dead_letter.clone(),
-                &drivers,
-            );
-            queues[i] = Some(tx);
+            queues[i] = Some(start(sp, Some(&broker), dead_letter.clone(), &drivers).await?);
         }
     }
     let pipeline = Pipeline {
@@ -137,22 +91,26 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Starts a sink's driver; returns its queue.
-fn start(
+/// Opens a sink and starts its driver; returns its queue.
+async fn start(
     sp: &SinkPlan,
-    sink: Arc<dyn Sink>,
+    broker: Option<&BrokerPlan>,
     dead_letter: DeadLetter,
     tracker: &TaskTracker,
-) -> mpsc::Sender<Delivery> {
-    let (batch, retry, queue) = settings(&sp.config);
-    let (tx, rx) = mpsc::channel(queue.max(1));
-    let driver = Driver {
-        name: Arc::clone(&sp.name),
+) -> anyhow::Result<SinkQueue> {
+    let spec = sp.config.spec();
+    let sink = spec
+        .open(OpenContext {
+            name: &sp.name,
+            broker,
+        })
+        .await
+        .with_context(|| format!("sink {}", sp.name))?;
+    Ok(driver::spawn(
+        Arc::clone(&sp.name),
         sink,
-        batch,
-        retry,
+        spec.common(),
         dead_letter,
-    };
-    tracker.spawn(driver.run(rx));
-    tx
+        tracker,
+    ))
 }

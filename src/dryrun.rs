@@ -5,7 +5,6 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use crate::config::Plan;
-use crate::config::raw::SinkConfig;
 use crate::message::Message;
 use crate::pipeline::evaluate;
 use crate::rule::Evaluation;
@@ -68,7 +67,7 @@ pub fn explain(plan: &Plan, msg: &Message) -> String {
                             out,
                             "    -> {}: {}",
                             sink.name,
-                            would(&sink.config, &origin, &record)
+                            sink.config.spec().would(&origin, &record)
                         );
                     }
                 }
@@ -76,30 +75,4 @@ pub fn explain(plan: &Plan, msg: &Message) -> String {
         }
     }
     out
-}
-
-fn would(sink: &SinkConfig, origin: &Origin, record: &serde_json::Value) -> String {
-    match sink {
-        SinkConfig::Sqlite(c) => {
-            let keys: Vec<&str> = record
-                .as_object()
-                .map(|o| o.keys().map(String::as_str).collect())
-                .unwrap_or_default();
-            format!(
-                "sqlite {}: insert into {} the columns among ({})",
-                c.path.display(),
-                c.table,
-                keys.join(", ")
-            )
-        }
-        SinkConfig::File(c) => format!("append one JSON line to {}", c.path.display()),
-        SinkConfig::Republish(c) => {
-            let topic = crate::rule::template::Template::compile(&c.topic)
-                .and_then(|t| t.render(&origin.template_context(record)));
-            match topic {
-                Ok(t) => format!("publish to {t:?} qos {} retain {}", c.qos, c.retain),
-                Err(e) => format!("topic template fails: {e}"),
-            }
-        }
-    }
 }

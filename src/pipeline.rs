@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use crate::delivery::Ack;
 use crate::message::Message;
 use crate::rule::{Evaluation, Rule};
-use crate::sink::driver::{DeadLetter, Failure};
+use crate::sink::driver::{DeadLetter, Failure, SinkQueue};
 use crate::sink::{Delivery, ErrorKind, Origin};
 
 /// Longest one message may spend in rule evaluation.
@@ -51,7 +51,7 @@ pub fn evaluate(rules: &[Rule], msg: &Message) -> Vec<Verdict> {
 pub struct Pipeline {
     pub rules: Arc<Vec<Rule>>,
     /// Queue of each sink, by index.
-    pub sinks: Vec<mpsc::Sender<Delivery>>,
+    pub sinks: Vec<SinkQueue>,
     pub dead_letter: DeadLetter,
 }
 
@@ -98,7 +98,7 @@ impl Pipeline {
                                 origin: Arc::clone(&origin),
                                 ack: ack.part(),
                             };
-                            if let Err(mpsc::error::SendError(d)) = self.sinks[sink].send(d).await {
+                            if let Err(d) = self.sinks[sink].send(d).await {
                                 // Shutting down: leave the message unsettled.
                                 drop(d.ack);
                             }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use super::raw::{BrokerConfig, Protocol, RawConfig, SinkConfig};
 use crate::rule::Rule;
 use crate::rule::jq::JqProgram;
-use crate::rule::template::Template;
 use crate::sink::sqlite;
 use crate::topic::TopicFilter;
 
@@ -167,35 +166,30 @@ fn unknown_sink(name: &str, known: &[&String]) -> String {
 }
 
 fn validate_sink(name: &str, sink: &SinkConfig, errs: &mut Errors) {
-    let at = |field: &str| format!("sinks.{name}.{field}");
     if sqlite::quote_ident(name).is_none() {
         errs.push((
             format!("sinks.{name}"),
             "sink names use letters, digits and '_'".into(),
         ));
     }
-    match sink {
-        SinkConfig::Sqlite(c) => {
-            if let Err(e) = sqlite::quote_table(&c.table) {
-                errs.push((at("table"), e));
-            }
-            if c.path.as_os_str().is_empty() {
-                errs.push((at("path"), "must not be empty".into()));
-            }
-        }
-        SinkConfig::Republish(c) => {
-            if let Err(e) = Template::compile(&c.topic) {
-                errs.push((at("topic"), format!("template: {e}")));
-            }
-            if c.qos > 2 {
-                errs.push((at("qos"), "must be 0, 1 or 2".into()));
-            }
-        }
-        SinkConfig::File(c) => {
-            if c.path.as_os_str().is_empty() {
-                errs.push((at("path"), "must not be empty".into()));
-            }
-        }
+    for (field, msg) in sink.spec().validate() {
+        errs.push((format!("sinks.{name}.{field}"), msg));
+    }
+    let common = sink.spec().common();
+    if common.concurrency == 0 || common.concurrency > 64 {
+        errs.push((
+            format!("sinks.{name}.concurrency"),
+            "must be between 1 and 64".into(),
+        ));
+    }
+    if common.queue == 0 {
+        errs.push((format!("sinks.{name}.queue"), "must be at least 1".into()));
+    }
+    if common.rate_limit.is_some_and(|r| r.per_second == 0) {
+        errs.push((
+            format!("sinks.{name}.rate_limit.per_second"),
+            "must be at least 1".into(),
+        ));
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::units::{ByteSize, Duration};
 use crate::rule::Decode;
-use crate::sink::{file, republish, sqlite};
+pub use crate::sink::SinkConfig;
 
 /// The whole rules file.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -126,15 +126,6 @@ impl<'de> Deserialize<'de> for Protocol {
             ))),
         }
     }
-}
-
-/// One entry of `sinks:`, by `type`.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum SinkConfig {
-    Sqlite(sqlite::Config),
-    Republish(republish::Config),
-    File(file::Config),
 }
 
 /// One entry of `rules:`.

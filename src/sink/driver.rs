@@ -2,35 +2,99 @@
 //! group them into batches, write, retry transient failures with backoff, split a batch
 //! that fails permanently until the bad records are isolated, dead-letter those, and
 //! settle each record's share of its message only once it is written or dead-lettered.
+//!
+//! A sink with `concurrency: N` runs N lanes, each with its own queue and loop; a record's
+//! lane is chosen by its topic, so the records of one topic are written in order.
 
+use std::hash::{Hash, Hasher};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use super::retry::{Backoff, RetryConfig};
-use super::{BatchConfig, Delivery, ErrorKind, Origin, Sink, SinkError};
+use super::{BatchConfig, Common, Delivery, ErrorKind, Origin, Sink, SinkError};
 use crate::delivery::Ack;
 
 /// Where records that cannot be delivered go.
 #[derive(Clone)]
 pub struct DeadLetter {
     /// The dead-letter sink's queue; None: log and drop (no `dead_letter:` configured).
-    pub queue: Option<mpsc::Sender<Delivery>>,
+    pub queue: Option<SinkQueue>,
 }
 
-/// A running sink's loop.
-pub struct Driver {
-    pub name: Arc<str>,
-    pub sink: Arc<dyn Sink>,
-    pub batch: BatchConfig,
-    pub retry: RetryConfig,
-    pub dead_letter: DeadLetter,
+/// The way into a running sink: its lanes' bounded queues.
+#[derive(Clone)]
+pub struct SinkQueue {
+    lanes: Arc<[mpsc::Sender<Delivery>]>,
+}
+
+impl SinkQueue {
+    /// Queues a record on its topic's lane, waiting while the lane is full
+    /// (backpressure). Gives the record back when the sink has stopped.
+    pub async fn send(&self, d: Delivery) -> Result<(), Delivery> {
+        let lane = if self.lanes.len() == 1 {
+            0
+        } else {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            d.origin.topic.hash(&mut h);
+            (h.finish() % self.lanes.len() as u64) as usize
+        };
+        self.lanes[lane].send(d).await.map_err(|e| e.0)
+    }
+}
+
+/// Starts a sink's lanes on `tracker`; they end once every [`SinkQueue`] clone is dropped
+/// and the queues are drained.
+pub fn spawn(
+    name: Arc<str>,
+    sink: Arc<dyn Sink>,
+    common: Common,
+    dead_letter: DeadLetter,
+    tracker: &TaskTracker,
+) -> SinkQueue {
+    let lanes = common.concurrency.max(1);
+    let limiter = common
+        .rate_limit
+        .and_then(|r| NonZeroU32::new(r.per_second))
+        .map(|n| Arc::new(RateLimiter::direct(Quota::per_second(n))));
+    let driver = Arc::new(Driver {
+        name,
+        sink,
+        batch: common.batch,
+        retry: common.retry,
+        dead_letter,
+        limiter,
+    });
+    let per_lane = (common.queue / lanes).max(1);
+    let senders: Vec<_> = (0..lanes)
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(per_lane);
+            tracker.spawn(Arc::clone(&driver).run(rx));
+            tx
+        })
+        .collect();
+    SinkQueue {
+        lanes: senders.into(),
+    }
+}
+
+/// One sink's delivery loop (shared by its lanes).
+struct Driver {
+    name: Arc<str>,
+    sink: Arc<dyn Sink>,
+    batch: BatchConfig,
+    retry: RetryConfig,
+    dead_letter: DeadLetter,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
 }
 
 impl Driver {
-    /// Runs until the queue is closed and drained.
-    pub async fn run(self, mut queue: mpsc::Receiver<Delivery>) {
+    /// Runs one lane until its queue is closed and drained.
+    async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<Delivery>) {
         let mut batch = Vec::with_capacity(self.batch.max_rows.min(4096));
         while let Some(first) = queue.recv().await {
             batch.push(first);
@@ -81,7 +145,28 @@ impl Driver {
         }
     }
 
+    /// Waits until the rate limit allows `n` more records.
+    async fn pace(&self, n: usize) {
+        let Some(limiter) = &self.limiter else { return };
+        let mut left = n as u32;
+        while left > 0 {
+            // A burst holds at most one second's worth; wait for larger batches in steps.
+            let mut step = left;
+            loop {
+                let Some(k) = NonZeroU32::new(step) else {
+                    return;
+                };
+                match limiter.until_n_ready(k).await {
+                    Ok(()) => break,
+                    Err(governor::InsufficientCapacity(cap)) => step = cap,
+                }
+            }
+            left -= step;
+        }
+    }
+
     async fn write_with_retries(&self, part: &[Delivery]) -> Result<(), (SinkError, u32)> {
+        self.pace(part.len()).await;
         let mut backoff = Backoff::new(self.retry);
         loop {
             let err = match self.sink.write(part).await {
@@ -143,7 +228,7 @@ impl DeadLetter {
             origin,
             ack,
         };
-        if let Err(mpsc::error::SendError(lost)) = queue.send(letter).await {
+        if let Err(lost) = queue.send(letter).await {
             // The dead-letter driver is gone (shutdown): leave the message unsettled so
             // the broker redelivers it.
             tracing::warn!(topic = %lost.origin.topic, "dead-letter queue closed; message left unacknowledged");

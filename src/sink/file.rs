@@ -4,25 +4,38 @@
 use std::path::PathBuf;
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::{BatchConfig, Delivery, Sink, SinkError, retry::RetryConfig};
+use std::sync::Arc;
 
-/// `type: file`.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// File to append to; created (with its folder) when missing.
-    pub path: PathBuf,
-    #[serde(default)]
-    pub batch: BatchConfig,
-    #[serde(default)]
-    pub retry: RetryConfig,
-    /// Records waiting for this sink before the source is held back.
-    #[serde(default = "super::default_queue")]
-    pub queue: usize,
+use super::{Delivery, OpenContext, Origin, Sink, SinkError, SinkSpec};
+
+super::sink_config! {
+    /// `type: file`.
+    pub struct Config {
+        /// File to append to; created (with its folder) when missing.
+        pub path: PathBuf,
+    }
+}
+
+impl SinkSpec for Config {
+    fn validate(&self) -> Vec<(&'static str, String)> {
+        if self.path.as_os_str().is_empty() {
+            vec![("path", "must not be empty".into())]
+        } else {
+            vec![]
+        }
+    }
+    fn describe(&self) -> String {
+        format!("file {}", self.path.display())
+    }
+    fn would(&self, _: &Origin, _: &serde_json::Value) -> String {
+        format!("append one JSON line to {}", self.path.display())
+    }
+    fn open<'a>(&'a self, _: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
+        Box::pin(async move { Ok(Arc::new(FileSink::open(self).await?) as Arc<dyn Sink>) })
+    }
 }
 
 pub struct FileSink {

@@ -1,6 +1,11 @@
 //! Sinks: where records go. Each sink implements [`Sink::write`] for one batch; the
 //! [`driver`] around it owns the bounded queue, batching, retries, splitting of failing
-//! batches and dead-lettering, so every sink gets the same delivery behaviour.
+//! batches, rate limiting and dead-lettering, so every sink gets the same delivery
+//! behaviour.
+//!
+//! Adding a sink type: a module with a `Config` declared through [`sink_config!`] (which
+//! adds the settings every sink shares), an implementation of [`SinkSpec`] for it, and a
+//! variant in [`SinkConfig`].
 
 pub mod driver;
 pub mod file;
@@ -15,7 +20,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::config::units;
+use crate::config::{BrokerPlan, units};
 use crate::delivery::Ack;
 
 /// Where one record came from: kept for templates and dead letters.
@@ -134,6 +139,112 @@ impl Default for BatchConfig {
     }
 }
 
+/// Settings every sink has, whatever its type (added to each `Config` by [`sink_config!`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Common {
+    pub batch: BatchConfig,
+    pub retry: retry::RetryConfig,
+    pub queue: usize,
+    pub concurrency: usize,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `rate_limit:` of a sink: records per second, with bursts up to one second's worth.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: u32,
+}
+
 pub(crate) fn default_queue() -> usize {
     10_000
+}
+
+pub(crate) fn default_concurrency() -> usize {
+    1
+}
+
+/// Declares a sink's `Config` struct with the fields every sink shares appended:
+/// `batch`, `retry`, `queue`, `concurrency` and `rate_limit`.
+macro_rules! sink_config {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            /// How records are grouped into writes.
+            #[serde(default)]
+            pub batch: $crate::sink::BatchConfig,
+            /// Retries of transient failures.
+            #[serde(default)]
+            pub retry: $crate::sink::retry::RetryConfig,
+            /// Records waiting for this sink before the source is held back.
+            #[serde(default = "crate::sink::default_queue")]
+            pub queue: usize,
+            /// Batches written at the same time. Records are split into this many lanes by
+            /// topic, so the messages of one topic still arrive in order.
+            #[serde(default = "crate::sink::default_concurrency")]
+            pub concurrency: usize,
+            /// Upper bound on records written per second.
+            #[serde(default)]
+            pub rate_limit: Option<$crate::sink::RateLimit>,
+        }
+
+        impl $crate::sink::HasCommon for $name {
+            fn common(&self) -> $crate::sink::Common {
+                $crate::sink::Common {
+                    batch: self.batch,
+                    retry: self.retry,
+                    queue: self.queue,
+                    concurrency: self.concurrency,
+                    rate_limit: self.rate_limit,
+                }
+            }
+        }
+    };
+}
+pub(crate) use sink_config;
+
+/// Access to the shared settings (implemented by [`sink_config!`]).
+pub trait HasCommon {
+    fn common(&self) -> Common;
+}
+
+/// What is needed to open a sink.
+pub struct OpenContext<'a> {
+    pub name: &'a str,
+    /// The external broker, for sinks that publish to it.
+    pub broker: Option<&'a BrokerPlan>,
+}
+
+/// A sink type's config: validation, descriptions for `check`/`try`, and opening.
+pub trait SinkSpec: HasCommon + Send + Sync {
+    /// Problems as (field, message); pure, no I/O.
+    fn validate(&self) -> Vec<(&'static str, String)>;
+    /// One line for `mqbridge check`.
+    fn describe(&self) -> String;
+    /// What writing `record` would do, for `mqbridge try` (no side effects).
+    fn would(&self, origin: &Origin, record: &serde_json::Value) -> String;
+    /// Connects / opens files and returns the sink.
+    fn open<'a>(&'a self, ctx: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>>;
+}
+
+/// One entry of `sinks:`, by `type`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    Sqlite(sqlite::Config),
+    Republish(republish::Config),
+    File(file::Config),
+}
+
+impl SinkConfig {
+    pub fn spec(&self) -> &dyn SinkSpec {
+        match self {
+            SinkConfig::Sqlite(c) => c,
+            SinkConfig::Republish(c) => c,
+            SinkConfig::File(c) => c,
+        }
+    }
 }

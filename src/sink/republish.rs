@@ -7,13 +7,13 @@
 //! the connection is discarded and the batch fails as transient: the driver retries it on
 //! a fresh connection, so no stale confirmation can be counted for a later batch.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, mpsc};
 
-use super::{BatchConfig, Delivery, Sink, SinkError, retry::RetryConfig};
+use super::{Delivery, OpenContext, Origin, Sink, SinkError, SinkSpec};
 use crate::config::BrokerPlan;
 use crate::mqtt::{self, Client, Incoming};
 use crate::rule::template::Template;
@@ -22,23 +22,48 @@ use crate::topic::validate_topic_name;
 /// How long a batch waits for the broker's confirmations.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `type: republish`.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// Topic template, e.g. `processed/{{ topic }}` or `alerts/{{ vars.device }}`.
-    pub topic: String,
-    #[serde(default = "default_qos")]
-    pub qos: u8,
-    #[serde(default)]
-    pub retain: bool,
-    #[serde(default)]
-    pub batch: BatchConfig,
-    #[serde(default)]
-    pub retry: RetryConfig,
-    /// Records waiting for this sink before the source is held back.
-    #[serde(default = "super::default_queue")]
-    pub queue: usize,
+super::sink_config! {
+    /// `type: republish`.
+    pub struct Config {
+        /// Topic template, e.g. `processed/{{ topic }}` or `alerts/{{ vars.device }}`.
+        pub topic: String,
+        #[serde(default = "default_qos")]
+        pub qos: u8,
+        #[serde(default)]
+        pub retain: bool,
+    }
+}
+
+impl SinkSpec for Config {
+    fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut errs = Vec::new();
+        if let Err(e) = Template::compile(&self.topic) {
+            errs.push(("topic", format!("template: {e}")));
+        }
+        if self.qos > 2 {
+            errs.push(("qos", "must be 0, 1 or 2".into()));
+        }
+        errs
+    }
+    fn describe(&self) -> String {
+        format!("republish {} qos {}", self.topic, self.qos)
+    }
+    fn would(&self, origin: &Origin, record: &serde_json::Value) -> String {
+        match Template::compile(&self.topic)
+            .and_then(|t| t.render(&origin.template_context(record)))
+        {
+            Ok(t) => format!("publish to {t:?} qos {} retain {}", self.qos, self.retain),
+            Err(e) => format!("topic template fails: {e}"),
+        }
+    }
+    fn open<'a>(&'a self, ctx: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
+        Box::pin(async move {
+            let broker = ctx
+                .broker
+                .ok_or_else(|| anyhow::anyhow!("republish needs `broker:`"))?;
+            Ok(Arc::new(RepublishSink::new(self, broker)?) as Arc<dyn Sink>)
+        })
+    }
 }
 
 fn default_qos() -> u8 {

@@ -9,36 +9,60 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{BatchConfig, Delivery, Sink, SinkError, retry::RetryConfig};
+use super::{Delivery, OpenContext, Origin, Sink, SinkError, SinkSpec};
 
-/// `type: sqlite`.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// Database file; created when missing.
-    pub path: PathBuf,
-    /// Table to insert into (`name` or `schema.name`, letters, digits and `_`).
-    pub table: String,
-    /// Apply mqbridge's own migrations (`migrations/sqlite`, the `mqbridge_messages` table) at start.
-    #[serde(default)]
-    pub migrate: bool,
-    #[serde(default)]
-    pub batch: BatchConfig,
-    #[serde(default)]
-    pub retry: RetryConfig,
-    /// Records waiting for this sink before the source is held back.
-    #[serde(default = "super::default_queue")]
-    pub queue: usize,
+super::sink_config! {
+    /// `type: sqlite`.
+    pub struct Config {
+        /// Database file; created when missing.
+        pub path: PathBuf,
+        /// Table to insert into (`name` or `schema.name`, letters, digits and `_`).
+        pub table: String,
+        /// Apply mqbridge's own migrations (`migrations/sqlite`, the `mqbridge_messages` table) at start.
+        #[serde(default)]
+        pub migrate: bool,
+    }
+}
+
+impl SinkSpec for Config {
+    fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut errs = Vec::new();
+        if let Err(e) = quote_table(&self.table) {
+            errs.push(("table", e));
+        }
+        if self.path.as_os_str().is_empty() {
+            errs.push(("path", "must not be empty".into()));
+        }
+        errs
+    }
+    fn describe(&self) -> String {
+        format!("sqlite {} table {}", self.path.display(), self.table)
+    }
+    fn would(&self, _: &Origin, record: &serde_json::Value) -> String {
+        let keys: Vec<&str> = record
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        format!(
+            "sqlite {}: insert into {} the columns among ({})",
+            self.path.display(),
+            self.table,
+            keys.join(", ")
+        )
+    }
+    fn open<'a>(&'a self, _: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
+        Box::pin(async move { Ok(Arc::new(SqliteSink::open(self).await?) as Arc<dyn Sink>) })
+    }
 }
 
 /// mqbridge's own SQLite schema, numbered, embedded in the binary.
