@@ -31,6 +31,7 @@ pub fn explain(plan: &Plan, msg: &Message) -> String {
             }
         );
         let origin = Origin {
+            id: crate::sink::message_id(&msg.topic, &msg.payload),
             topic: msg.topic.clone(),
             payload: msg.payload.clone(),
             qos: msg.qos,

@@ -114,6 +114,7 @@ impl Pipeline {
                         kind: ErrorKind::Permanent,
                         error: &error,
                         attempts: 1,
+                        first_attempt: jiff::Timestamp::now(),
                     };
                     self.dead_letter
                         .send(origin, &serde_json::Value::Null, failure, ack.part())
@@ -136,6 +137,7 @@ impl Pipeline {
                 kind: ErrorKind::Permanent,
                 error,
                 attempts: 1,
+                first_attempt: jiff::Timestamp::now(),
             };
             let origin = Arc::new(origin(msg, rule, Vec::new()));
             self.dead_letter
@@ -148,6 +150,7 @@ impl Pipeline {
 
 fn origin(msg: &Message, rule: &Rule, vars: Vec<(String, String)>) -> Origin {
     Origin {
+        id: crate::sink::message_id(&msg.topic, &msg.payload),
         topic: msg.topic.clone(),
         payload: msg.payload.clone(),
         qos: msg.qos,

@@ -129,16 +129,16 @@ impl Driver {
         while let Some(part) = pending.pop() {
             match self.write_with_retries(&part).await {
                 Ok(()) => part.into_iter().for_each(|d| d.ack.settle()),
-                Err((err, attempts)) if err.kind == ErrorKind::Permanent && part.len() > 1 => {
+                Err((err, attempts, _)) if err.kind == ErrorKind::Permanent && part.len() > 1 => {
                     tracing::debug!(sink = %self.name, rows = part.len(), attempts, error = %err, "batch failed permanently, splitting");
                     let mut left = part;
                     let right = left.split_off(left.len() / 2);
                     pending.push(right);
                     pending.push(left);
                 }
-                Err((err, attempts)) => {
+                Err((err, attempts, first_attempt)) => {
                     for d in part {
-                        self.dead_letter(d, &err, attempts).await;
+                        self.dead_letter(d, &err, attempts, first_attempt).await;
                     }
                 }
             }
@@ -165,8 +165,14 @@ impl Driver {
         }
     }
 
-    async fn write_with_retries(&self, part: &[Delivery]) -> Result<(), (SinkError, u32)> {
+    /// Writes with retries; on failure returns the last error, the attempts made and when
+    /// the first one started.
+    async fn write_with_retries(
+        &self,
+        part: &[Delivery],
+    ) -> Result<(), (SinkError, u32, jiff::Timestamp)> {
         self.pace(part.len()).await;
+        let first_attempt = jiff::Timestamp::now();
         let mut backoff = Backoff::new(self.retry);
         loop {
             let err = match self.sink.write(part).await {
@@ -174,24 +180,31 @@ impl Driver {
                 Err(e) => e,
             };
             if err.kind == ErrorKind::Permanent {
-                return Err((err, backoff.attempts + 1));
+                return Err((err, backoff.attempts + 1, first_attempt));
             }
             match backoff.next_delay(err.retry_after) {
                 Some(delay) => {
                     tracing::warn!(sink = %self.name, rows = part.len(), attempt = backoff.attempts, retry_in = ?delay, error = %err, "write failed, will retry");
                     tokio::time::sleep(delay).await;
                 }
-                None => return Err((err, backoff.attempts)),
+                None => return Err((err, backoff.attempts, first_attempt)),
             }
         }
     }
 
-    async fn dead_letter(&self, d: Delivery, err: &SinkError, attempts: u32) {
+    async fn dead_letter(
+        &self,
+        d: Delivery,
+        err: &SinkError,
+        attempts: u32,
+        first_attempt: jiff::Timestamp,
+    ) {
         let failure = Failure {
             sink: Some(&self.name),
             kind: err.kind,
             error: &err.message,
             attempts,
+            first_attempt,
         };
         self.dead_letter
             .send(d.origin, &d.record, failure, d.ack)
@@ -206,6 +219,8 @@ pub struct Failure<'a> {
     pub kind: ErrorKind,
     pub error: &'a str,
     pub attempts: u32,
+    /// When the first attempt started (the last one is "now", when the letter is made).
+    pub first_attempt: jiff::Timestamp,
 }
 
 impl DeadLetter {
@@ -246,6 +261,7 @@ pub fn dead_letter_record(
 ) -> serde_json::Value {
     let (payload, encoding) = crate::rule::payload_text(&origin.payload);
     serde_json::json!({
+        "message_id": origin.id,
         "topic": origin.topic,
         "payload": payload,
         "payload_encoding": encoding,
@@ -257,8 +273,9 @@ pub fn dead_letter_record(
         "error_kind": f.kind,
         "error": f.error,
         "attempts": f.attempts,
+        "first_attempt_at": crate::rule::rfc3339(f.first_attempt),
+        "last_attempt_at": crate::rule::rfc3339(jiff::Timestamp::now()),
         "record": record,
         "received_at": crate::rule::rfc3339(origin.received_at),
-        "failed_at": crate::rule::rfc3339(jiff::Timestamp::now()),
     })
 }

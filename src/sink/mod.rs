@@ -26,6 +26,8 @@ use crate::delivery::Ack;
 /// Where one record came from: kept for templates and dead letters.
 #[derive(Debug)]
 pub struct Origin {
+    /// Stable id of the message: the same when the broker redelivers it (see [`message_id`]).
+    pub id: String,
     pub topic: String,
     pub payload: Bytes,
     pub qos: u8,
@@ -36,8 +38,22 @@ pub struct Origin {
     pub source: Arc<str>,
 }
 
+/// A message's stable id: hex of the first 16 bytes of SHA-256 over topic and payload.
+/// A redelivered message gets the same id, so sinks can use it to drop duplicates
+/// (webhook `Idempotency-Key`, a database conflict key). Two identical payloads on the
+/// same topic share an id: put a sequence number or timestamp in the payload if they are
+/// distinct events.
+pub fn message_id(topic: &str, payload: &[u8]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(topic.as_bytes());
+    h.update([0u8]);
+    h.update(payload);
+    hex::encode(&h.finalize()[..16])
+}
+
 impl Origin {
-    /// The context string templates render against: `topic`, `segments`, `vars`, `qos`,
+    /// The context string templates render against: `id`, `topic`, `segments`, `vars`, `qos`,
     /// `retain`, `received_at`, `timestamp_ms`, `rule` and the `record` itself.
     pub fn template_context(&self, record: &serde_json::Value) -> serde_json::Value {
         let vars: serde_json::Map<String, serde_json::Value> = self
@@ -46,6 +62,7 @@ impl Origin {
             .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
             .collect();
         serde_json::json!({
+            "id": self.id,
             "topic": self.topic,
             "segments": self.topic.split('/').collect::<Vec<_>>(),
             "vars": vars,
