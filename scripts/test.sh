@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README "Testing"): installs what the tests need when it is missing,
-# then runs every test. The tests start their own throwaway Mosquitto brokers on free
-# loopback ports in temp dirs and stop them when done; nothing needs to be running.
+# starts a throwaway PostgreSQL on a free loopback port in a temp dir (unless
+# MQBRIDGE_TEST_DATABASE_URL points at one), runs every test, and stops it again.
+# The tests start their own throwaway Mosquitto brokers (and, for restart tests, their
+# own PostgreSQL) through the same scripts; nothing needs to be running beforehand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,10 @@ missing=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   missing+=(mosquitto mosquitto-clients)
 fi
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]; then
+  missing+=(postgresql)
+fi
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: please install: ${missing[*]} (apt-get install ${missing[*]})" >&2
@@ -16,10 +22,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   echo "scripts/test.sh: installing ${missing[*]}" >&2
   apt-get update -qq
-  # policy-rc.d keeps Debian from starting the system-wide broker on port 1883.
+  # policy-rc.d keeps Debian from starting system-wide services on their default ports.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
 fi
 
-exec cargo test --all-targets "$@"
+if [ -z "${MQBRIDGE_TEST_DATABASE_URL:-}" ]; then
+  pgtmp=$(mktemp -d)
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  scripts/postgres.sh start "$pgtmp/data" "$port"
+  trap 'scripts/postgres.sh stop "$pgtmp/data" immediate || true; rm -rf "$pgtmp"' EXIT
+  export MQBRIDGE_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+fi
+
+cargo test --all-targets "$@"

@@ -1,6 +1,7 @@
 -- Default table for rules without a transform: one row per message.
 CREATE TABLE IF NOT EXISTS mqbridge_messages (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id  TEXT,
     topic       TEXT    NOT NULL,
     payload     TEXT,
     qos         INTEGER NOT NULL,

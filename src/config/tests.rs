@@ -5,7 +5,8 @@ use super::*;
 
 fn env(name: &str) -> Option<String> {
     match name {
-        "MQBRIDGE_CLIENT_ID" | "DATABASE_URL" => Some(format!("test-{name}")),
+        "MQBRIDGE_CLIENT_ID" => Some(format!("test-{name}")),
+        "DATABASE_URL" => Some("postgres://mqbridge@db.test/iot".into()),
         _ => None,
     }
 }

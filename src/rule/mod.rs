@@ -183,7 +183,7 @@ pub fn rfc3339(t: jiff::Timestamp) -> String {
 }
 
 /// The record of a rule without `transform`: the columns of the default
-/// `mqbridge_messages` table.
+/// `mqbridge_messages` table (`message_id` is stable across redeliveries).
 fn default_record(msg: &Message, ctx: &Val) -> serde_json::Value {
     let payload = match ctx {
         Val::Obj(o) => o
@@ -193,6 +193,7 @@ fn default_record(msg: &Message, ctx: &Val) -> serde_json::Value {
         _ => serde_json::Value::Null,
     };
     serde_json::json!({
+        "message_id": crate::sink::message_id(&msg.topic, &msg.payload),
         "topic": msg.topic,
         "payload": payload,
         "qos": msg.qos,

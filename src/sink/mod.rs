@@ -9,6 +9,8 @@
 
 pub mod driver;
 pub mod file;
+pub mod migrate;
+pub mod postgres;
 pub mod republish;
 pub mod retry;
 pub mod sqlite;
@@ -251,6 +253,7 @@ pub trait SinkSpec: HasCommon + Send + Sync {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SinkConfig {
+    Postgres(postgres::Config),
     Sqlite(sqlite::Config),
     Republish(republish::Config),
     File(file::Config),
@@ -259,6 +262,7 @@ pub enum SinkConfig {
 impl SinkConfig {
     pub fn spec(&self) -> &dyn SinkSpec {
         match self {
+            SinkConfig::Postgres(c) => c,
             SinkConfig::Sqlite(c) => c,
             SinkConfig::Republish(c) => c,
             SinkConfig::File(c) => c,

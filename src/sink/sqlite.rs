@@ -5,7 +5,6 @@
 //! `synchronous=FULL` so a committed batch survives power loss, and a busy timeout.
 //! Values are always bound parameters; the table name is validated and quoted.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -13,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -64,13 +62,6 @@ impl SinkSpec for Config {
         Box::pin(async move { Ok(Arc::new(SqliteSink::open(self).await?) as Arc<dyn Sink>) })
     }
 }
-
-/// mqbridge's own SQLite schema, numbered, embedded in the binary.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "mqbridge_messages",
-    include_str!("../../migrations/sqlite/0001_mqbridge_messages.sql"),
-)];
 
 /// Checks that `name` (or `schema.name`) is a plain SQL identifier and returns it quoted.
 pub fn quote_table(name: &str) -> Result<String, String> {
@@ -124,21 +115,7 @@ impl SqliteSink {
                 anyhow::anyhow!("cannot open SQLite database {}: {e}", cfg.path.display())
             })?;
         if cfg.migrate {
-            let migrations = MIGRATIONS
-                .iter()
-                .map(|(v, d, sql)| {
-                    Migration::new(
-                        *v,
-                        Cow::Borrowed(*d),
-                        MigrationType::Simple,
-                        sqlx::SqlStr::from_static(sql),
-                        false,
-                    )
-                })
-                .collect();
-            let mut migrator = Migrator::with_migrations(migrations);
-            migrator.dangerous_set_table_name("_mqbridge_migrations");
-            migrator.run(&pool).await?;
+            super::migrate::apply(super::migrate::SQLITE, &pool).await?;
         }
         let table_only = cfg.table.rsplit('.').next().unwrap_or(&cfg.table);
         let pragma = format!(

@@ -351,3 +351,112 @@ impl Drop for ChildBridge {
         let _ = self.child.wait();
     }
 }
+
+/// The test PostgreSQL started by scripts/test.sh.
+pub fn pg_admin_url() -> String {
+    std::env::var("MQBRIDGE_TEST_DATABASE_URL")
+        .expect("MQBRIDGE_TEST_DATABASE_URL is not set: run the tests through scripts/test.sh, which starts PostgreSQL")
+}
+
+/// A new, empty database on the test server; returns its URL.
+pub async fn pg_fresh_database(admin_url: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("mqb_{:016x}", rand::random::<u64>());
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .expect("connect to test postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(admin_url).unwrap();
+    url.set_path(&name);
+    url.to_string()
+}
+
+/// Runs statements on a database.
+pub async fn pg_exec(url: &str, sql: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Runs a query whose rows are one text column (cast in SQL with ::text).
+pub async fn pg_texts(url: &str, sql: &str) -> Vec<Option<String>> {
+    use sqlx::Connection;
+    let Ok(mut conn) = sqlx::PgConnection::connect(url).await else {
+        return Vec::new();
+    };
+    let rows: Result<Vec<(Option<String>,)>, _> =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_all(&mut conn)
+            .await;
+    rows.map(|r| r.into_iter().map(|(v,)| v).collect())
+        .unwrap_or_default()
+}
+
+/// One integer from a query, None when the server is unreachable.
+pub async fn pg_count(url: &str, sql: &str) -> Option<i64> {
+    pg_texts(url, sql)
+        .await
+        .first()
+        .cloned()
+        .flatten()
+        .and_then(|s| s.parse().ok())
+}
+
+/// A PostgreSQL server of a test's own (for restarting it), via scripts/postgres.sh.
+pub struct Postgres {
+    pub port: u16,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn postgres_sh(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres.sh");
+    let status = Command::new(script)
+        .args(args)
+        .status()
+        .expect("scripts/postgres.sh");
+    assert!(status.success(), "scripts/postgres.sh {args:?} failed");
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let data = dir.path().join("data");
+        postgres_sh(&["start", data.to_str().unwrap(), &port.to_string()]);
+        Postgres {
+            port,
+            data,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server: `fast` (clean shutdown) or `immediate` (like a crash).
+    pub fn stop(&self, mode: &str) {
+        postgres_sh(&["stop", self.data.to_str().unwrap(), mode]);
+    }
+
+    /// Starts the stopped server again on the same port.
+    pub fn start_again(&self) {
+        postgres_sh(&["start", self.data.to_str().unwrap(), &self.port.to_string()]);
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres.sh");
+        let _ = Command::new(script)
+            .args(["stop", self.data.to_str().unwrap(), "immediate"])
+            .status();
+    }
+}

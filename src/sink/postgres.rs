@@ -1,0 +1,568 @@
+//! `postgres` sink: inserts records into a PostgreSQL table.
+//!
+//! Columns are discovered from the catalog (at start, and again after a transient
+//! failure, so a migrated table is picked up). Record keys map to columns, or an explicit
+//! `columns:` map computes each column with a jq expression over the record. A batch is
+//! one transaction of `INSERT … SELECT … FROM UNNEST($1::text[], …)`: one array parameter
+//! per column, each value sent as text and cast by PostgreSQL to the column's type, so the
+//! database does the type checking and a bad value fails with its SQLSTATE. Values are
+//! always bound; identifiers are validated and quoted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::RwLock;
+
+use super::sqlite::{quote_ident, quote_table};
+use super::{Delivery, OpenContext, Origin, Sink, SinkError, SinkSpec};
+use crate::rule::jq::{self, JqProgram};
+
+super::sink_config! {
+    /// `type: postgres`.
+    pub struct Config {
+        /// `postgres://user[:password]@host[:port]/database[?sslmode=require]`; keep the
+        /// password in `${ENV}`.
+        pub url: String,
+        /// Table to insert into: `name` or `schema.name`.
+        pub table: String,
+        /// Column → jq expression over the record (e.g. `temp: .payload.temp`). Without it,
+        /// record keys map to columns of the same name.
+        #[serde(default)]
+        pub columns: Option<BTreeMap<String, String>>,
+        /// What to do with a record key that has no column: `ignore` (default) or `error`
+        /// (the record goes to the dead letter).
+        #[serde(default)]
+        pub unknown_keys: UnknownKeys,
+        /// Unit of numbers written to timestamp/date columns: `s` or `ms`. Default: by
+        /// magnitude (above 10^11 means milliseconds).
+        #[serde(default)]
+        pub time_unit: Option<TimeUnit>,
+        /// Skip or update rows whose key already exists, so redelivered messages do not
+        /// duplicate rows. The key needs a unique index.
+        #[serde(default)]
+        pub on_conflict: Option<OnConflict>,
+        /// Apply mqbridge's own migrations (`migrations/postgres`: `mqbridge_messages`,
+        /// `mqbridge_dead_letters`) at start.
+        #[serde(default)]
+        pub migrate: bool,
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownKeys {
+    #[default]
+    Ignore,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeUnit {
+    S,
+    Ms,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OnConflict {
+    /// Columns of a unique index or primary key.
+    pub key: Vec<String>,
+    pub action: ConflictAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictAction {
+    /// Keep the existing row.
+    Ignore,
+    /// Overwrite the existing row's other columns.
+    Update,
+}
+
+/// The URL without its password, for plans and logs.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(invalid URL)".to_string(),
+    }
+}
+
+impl SinkSpec for Config {
+    fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut errs = Vec::new();
+        match url::Url::parse(&self.url) {
+            Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => {}
+            Ok(u) => errs.push((
+                "url",
+                format!("scheme must be postgres://, not {}://", u.scheme()),
+            )),
+            Err(e) => errs.push(("url", format!("invalid URL: {e}"))),
+        }
+        if let Err(e) = quote_table(&self.table) {
+            errs.push(("table", e));
+        }
+        for (col, expr) in self.columns.iter().flatten() {
+            if quote_ident(col).is_none() {
+                errs.push(("columns", format!("invalid column name {col:?}")));
+            }
+            if let Err(e) = JqProgram::compile(expr) {
+                errs.push(("columns", format!("{col}: jq: {e}")));
+            }
+        }
+        if let Some(c) = &self.on_conflict {
+            if c.key.is_empty() {
+                errs.push(("on_conflict", "key needs at least one column".into()));
+            }
+            for k in &c.key {
+                if quote_ident(k).is_none() {
+                    errs.push(("on_conflict", format!("invalid column name {k:?}")));
+                }
+            }
+        }
+        errs
+    }
+
+    fn describe(&self) -> String {
+        format!("postgres {} table {}", redacted(&self.url), self.table)
+    }
+
+    fn would(&self, _: &Origin, record: &serde_json::Value) -> String {
+        let cols: Vec<String> = match &self.columns {
+            Some(map) => map.keys().cloned().collect(),
+            None => record
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default(),
+        };
+        let conflict = match &self.on_conflict {
+            Some(c) => format!(" on conflict ({}) {:?}", c.key.join(", "), c.action).to_lowercase(),
+            None => String::new(),
+        };
+        format!(
+            "postgres: insert into {} the columns among ({}){conflict}",
+            self.table,
+            cols.join(", ")
+        )
+    }
+
+    fn open<'a>(&'a self, _: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
+        Box::pin(async move { Ok(Arc::new(PostgresSink::open(self).await?) as Arc<dyn Sink>) })
+    }
+}
+
+/// How a value is turned into text for a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Bool,
+    Timestamp,
+    Date,
+    Json,
+    Array,
+    /// Text, numbers and everything PostgreSQL can cast from text.
+    Plain,
+}
+
+#[derive(Debug, Clone)]
+struct Column {
+    /// `format_type()` of the column, used as the cast target.
+    sql_type: String,
+    class: Class,
+}
+
+/// One record's values as text, in its group's column order.
+type TextRow = Vec<Option<String>>;
+
+pub struct PostgresSink {
+    pool: PgPool,
+    table: String,
+    quoted_table: String,
+    /// Discovered columns; None until discovered, reset after a transient failure.
+    columns: RwLock<Option<Arc<HashMap<String, Column>>>>,
+    mapping: Option<Vec<(String, JqProgram)>>,
+    unknown_keys: UnknownKeys,
+    time_unit: Option<TimeUnit>,
+    on_conflict: Option<OnConflict>,
+}
+
+impl PostgresSink {
+    pub async fn open(cfg: &Config) -> anyhow::Result<Self> {
+        let opts = PgConnectOptions::from_str(&cfg.url)
+            .map_err(|e| anyhow::anyhow!("url {}: {e}", redacted(&cfg.url)))?
+            .application_name("mqbridge");
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.concurrency.max(1) as u32 + 1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(opts);
+        let mapping = match &cfg.columns {
+            Some(map) => Some(
+                map.iter()
+                    .map(|(c, e)| {
+                        Ok((
+                            c.clone(),
+                            JqProgram::compile(e).map_err(anyhow::Error::msg)?,
+                        ))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+            ),
+            None => None,
+        };
+        let sink = PostgresSink {
+            pool,
+            table: cfg.table.clone(),
+            quoted_table: quote_table(&cfg.table).map_err(anyhow::Error::msg)?,
+            columns: RwLock::new(None),
+            mapping,
+            unknown_keys: cfg.unknown_keys,
+            time_unit: cfg.time_unit,
+            on_conflict: cfg.on_conflict.clone(),
+        };
+        if cfg.migrate {
+            super::migrate::apply(super::migrate::POSTGRES, &sink.pool)
+                .await
+                .map_err(|e| anyhow::anyhow!("migrations on {}: {e}", redacted(&cfg.url)))?;
+        }
+        // Check the table now when the database is up; if it is down, start anyway:
+        // writes wait and retry until it is back.
+        match tokio::time::timeout(Duration::from_secs(5), sink.columns()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind == super::ErrorKind::Permanent => anyhow::bail!("{e}"),
+            Ok(Err(e)) => {
+                tracing::warn!(table = %cfg.table, error = %e, "postgres not reachable yet; will retry on write")
+            }
+            Err(_) => {
+                tracing::warn!(table = %cfg.table, "postgres not reachable yet; will retry on write")
+            }
+        }
+        Ok(sink)
+    }
+
+    /// The table's columns, discovered once (again after a transient failure).
+    async fn columns(&self) -> Result<Arc<HashMap<String, Column>>, SinkError> {
+        if let Some(c) = self.columns.read().await.as_ref() {
+            return Ok(Arc::clone(c));
+        }
+        let rows = sqlx::query(
+            "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type, \
+                    t.typname::text AS typname, t.typcategory::text AS category \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+        )
+        .bind(&self.quoted_table)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        if rows.is_empty() {
+            return Err(SinkError::permanent(format!(
+                "table {} does not exist (create it, or set `migrate: true` and use mqbridge_messages)",
+                self.table
+            )));
+        }
+        let mut map = HashMap::new();
+        for r in rows {
+            let typname: String = r.get("typname");
+            let category: String = r.get("category");
+            let class = match (typname.as_str(), category.as_str()) {
+                ("bool", _) => Class::Bool,
+                ("timestamptz" | "timestamp", _) => Class::Timestamp,
+                ("date", _) => Class::Date,
+                ("json" | "jsonb", _) => Class::Json,
+                (_, "A") => Class::Array,
+                _ => Class::Plain,
+            };
+            map.insert(
+                r.get::<String, _>("name"),
+                Column {
+                    sql_type: r.get("sql_type"),
+                    class,
+                },
+            );
+        }
+        let map = Arc::new(map);
+        *self.columns.write().await = Some(Arc::clone(&map));
+        Ok(map)
+    }
+
+    /// The (column, value) pairs of one record.
+    fn fields(
+        &self,
+        record: &serde_json::Value,
+        columns: &HashMap<String, Column>,
+    ) -> Result<Vec<(String, serde_json::Value)>, SinkError> {
+        let mut out = Vec::new();
+        if let Some(mapping) = &self.mapping {
+            let input = jq::from_json(record);
+            for (col, prog) in mapping {
+                if !columns.contains_key(col) {
+                    return Err(SinkError::permanent(format!(
+                        "column {col} does not exist in {}",
+                        self.table
+                    )));
+                }
+                let v = prog
+                    .run(input.clone())
+                    .map_err(|e| SinkError::permanent(format!("columns.{col}: {e}")))?
+                    .first()
+                    .map(jq::to_json)
+                    .unwrap_or(serde_json::Value::Null);
+                out.push((col.clone(), v));
+            }
+            return Ok(out);
+        }
+        let obj = record
+            .as_object()
+            .ok_or_else(|| SinkError::permanent("record is not a JSON object"))?;
+        for (k, v) in obj {
+            if columns.contains_key(k) {
+                out.push((k.clone(), v.clone()));
+            } else if self.unknown_keys == UnknownKeys::Error {
+                return Err(SinkError::permanent(format!(
+                    "record key {k:?} has no column in {}",
+                    self.table
+                )));
+            }
+        }
+        if out.is_empty() {
+            return Err(SinkError::permanent(format!(
+                "record has no key matching a column of {}",
+                self.table
+            )));
+        }
+        Ok(out)
+    }
+
+    async fn write_batch(&self, batch: &[Delivery]) -> Result<(), SinkError> {
+        let columns = self.columns().await?;
+        // Group records by their column set, keeping order inside each group.
+        let mut groups: Vec<(Vec<String>, Vec<TextRow>)> = Vec::new();
+        for d in batch {
+            let fields = self.fields(&d.record, &columns)?;
+            let names: Vec<String> = fields.iter().map(|(c, _)| c.clone()).collect();
+            let values: Vec<Option<String>> = fields
+                .iter()
+                .map(|(c, v)| {
+                    to_text(v, columns[c].class, self.time_unit)
+                        .map_err(|e| SinkError::permanent(format!("column {c}: {e}")))
+                })
+                .collect::<Result<_, _>>()?;
+            match groups.iter_mut().find(|(n, _)| *n == names) {
+                Some((_, rows)) => rows.push(values),
+                None => groups.push((names, vec![values])),
+            }
+        }
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        for (names, rows) in groups {
+            let sql = self.insert_sql(&names, &columns);
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for i in 0..names.len() {
+                let column: Vec<Option<String>> = rows.iter().map(|r| r[i].clone()).collect();
+                q = q.bind(column);
+            }
+            q.execute(&mut *tx).await.map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)
+    }
+
+    fn insert_sql(&self, names: &[String], columns: &HashMap<String, Column>) -> String {
+        let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+        let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}::text[]")).collect();
+        let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
+        let casts: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("u.c{i}::{}", columns[n].sql_type))
+            .collect();
+        let mut sql = format!(
+            "INSERT INTO {} ({}) SELECT {} FROM UNNEST({}) AS u({})",
+            self.quoted_table,
+            quoted.join(", "),
+            casts.join(", "),
+            params.join(", "),
+            aliases.join(", ")
+        );
+        if let Some(c) = &self.on_conflict {
+            let key: Vec<String> = c.key.iter().map(|k| format!("\"{k}\"")).collect();
+            let updates: Vec<String> = names
+                .iter()
+                .filter(|n| !c.key.contains(n))
+                .map(|n| format!("\"{n}\" = EXCLUDED.\"{n}\""))
+                .collect();
+            if c.action == ConflictAction::Update && !updates.is_empty() {
+                sql.push_str(&format!(
+                    " ON CONFLICT ({}) DO UPDATE SET {}",
+                    key.join(", "),
+                    updates.join(", ")
+                ));
+            } else {
+                sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", key.join(", ")));
+            }
+        }
+        sql
+    }
+}
+
+impl Sink for PostgresSink {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let result = self.write_batch(batch).await;
+            if result
+                .as_ref()
+                .is_err_and(|e| e.kind == super::ErrorKind::Transient)
+            {
+                // The table may have changed, or the server was replaced: look again.
+                *self.columns.write().await = None;
+            }
+            result
+        })
+    }
+}
+
+/// A JSON value as the text PostgreSQL will cast to the column's type.
+fn to_text(
+    v: &serde_json::Value,
+    class: Class,
+    unit: Option<TimeUnit>,
+) -> Result<Option<String>, String> {
+    use serde_json::Value as J;
+    Ok(Some(match (v, class) {
+        (J::Null, _) => return Ok(None),
+        (_, Class::Json) => v.to_string(),
+        (J::Number(n), Class::Timestamp | Class::Date) => epoch_to_rfc3339(n, unit)?,
+        (J::String(s), _) => s.clone(),
+        (J::Bool(b), _) => b.to_string(),
+        (J::Number(n), Class::Bool) => return Err(format!("expected a boolean, got {n}")),
+        (J::Number(n), _) => match (n.as_f64(), n.is_f64()) {
+            // 12.0 into an integer column is 12.
+            (Some(f), true) if f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        },
+        (J::Array(_), Class::Array) => pg_array(v),
+        (J::Array(_) | J::Object(_), _) => v.to_string(),
+    }))
+}
+
+fn epoch_to_rfc3339(n: &serde_json::Number, unit: Option<TimeUnit>) -> Result<String, String> {
+    let x = n.as_f64().ok_or("not a number")?;
+    let ms = match unit {
+        Some(TimeUnit::Ms) => x,
+        Some(TimeUnit::S) => x * 1000.0,
+        None if x.abs() >= 1e11 => x,
+        None => x * 1000.0,
+    };
+    let ts = jiff::Timestamp::from_millisecond(ms as i64)
+        .map_err(|e| format!("timestamp out of range: {e}"))?;
+    Ok(format!("{ts}"))
+}
+
+/// A JSON array as a PostgreSQL array literal (`{1,2}`, `{"a","b \"c\""}`, nested arrays).
+fn pg_array(v: &serde_json::Value) -> String {
+    use serde_json::Value as J;
+    fn quote(s: &str) -> String {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+    match v {
+        J::Array(items) => {
+            let inner: Vec<String> = items.iter().map(pg_array).collect();
+            format!("{{{}}}", inner.join(","))
+        }
+        J::Null => "NULL".to_string(),
+        J::String(s) => quote(s),
+        J::Object(_) => quote(&v.to_string()),
+        other => other.to_string(),
+    }
+}
+
+/// SQLSTATE classes: data (22), integrity (23) and cardinality (21) errors are about the
+/// records: permanent. Everything else (connection 08, resources 53, shutdown 57P0x,
+/// serialization 40001, deadlock 40P01, auth, missing objects while a migration runs)
+/// is about the database: transient.
+fn classify(e: sqlx::Error) -> SinkError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            let msg = format!("postgres {code}: {}", db.message());
+            if code.starts_with("22") || code.starts_with("23") || code.starts_with("21") {
+                SinkError::permanent(msg)
+            } else {
+                SinkError::transient(msg)
+            }
+        }
+        _ => SinkError::transient(format!("postgres: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn values_as_text() {
+        let t = |v: serde_json::Value, c| to_text(&v, c, None).unwrap();
+        assert_eq!(t(json!(null), Class::Plain), None);
+        assert_eq!(t(json!("x"), Class::Plain).as_deref(), Some("x"));
+        assert_eq!(t(json!(12.0), Class::Plain).as_deref(), Some("12"));
+        assert_eq!(t(json!(12.5), Class::Plain).as_deref(), Some("12.5"));
+        assert_eq!(t(json!("x"), Class::Json).as_deref(), Some("\"x\""));
+        assert_eq!(
+            t(json!({"a": 1}), Class::Json).as_deref(),
+            Some("{\"a\":1}")
+        );
+        assert_eq!(t(json!(true), Class::Bool).as_deref(), Some("true"));
+        assert!(to_text(&json!(1), Class::Bool, None).is_err());
+        assert_eq!(
+            t(json!(["a", "b\"c", null]), Class::Array).as_deref(),
+            Some(r#"{"a","b\"c",NULL}"#)
+        );
+        assert_eq!(
+            t(json!([[1, 2], [3, 4]]), Class::Array).as_deref(),
+            Some("{{1,2},{3,4}}")
+        );
+    }
+
+    #[test]
+    fn epochs() {
+        let t = |v: serde_json::Value, u| to_text(&v, Class::Timestamp, u).unwrap().unwrap();
+        assert_eq!(t(json!(1_700_000_000), None), "2023-11-14T22:13:20Z");
+        assert_eq!(
+            t(json!(1_700_000_000_123i64), None),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            t(json!(1_700_000_000), Some(TimeUnit::Ms)),
+            "1970-01-20T16:13:20Z"
+        );
+        assert_eq!(
+            t(json!("2026-01-01T00:00:00Z"), None),
+            "2026-01-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redacted("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert!(
+            !Config::describe(
+                &serde_json::from_value(json!({"url": "postgres://u:pw@h/db", "table": "t"}))
+                    .unwrap()
+            )
+            .contains("pw")
+        );
+    }
+}
