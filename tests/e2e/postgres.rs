@@ -57,7 +57,7 @@ async fn values_are_converted_to_each_column_type() {
         ),
         ("real", json!(1.5), Some("1.5")),
         ("double precision", json!(-0.125), Some("-0.125")),
-        ("numeric(10,3)", json!(2.71828), Some("2.718")),
+        ("numeric(10,3)", json!(12.34567), Some("12.346")),
         (
             "numeric",
             json!("12345678901234567890.5"),
