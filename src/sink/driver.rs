@@ -279,3 +279,226 @@ pub fn dead_letter_record(
         "received_at": crate::rule::rfc3339(origin.received_at),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The driver's logic against a scripted in-memory sink: retries, splitting, lanes,
+    //! dead letters and settlement. (The real sinks have their own tests against real
+    //! services in tests/e2e.)
+
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use futures::future::BoxFuture;
+    use serde_json::json;
+
+    use super::*;
+    use crate::delivery::Settled;
+    use crate::sink::{RateLimit, retry::RetryConfig};
+
+    /// Records what was written; fails per a script.
+    #[derive(Default)]
+    struct Scripted {
+        written: Mutex<Vec<(String, i64)>>,
+        /// Fail the first N write calls with a transient error.
+        transient_failures: AtomicUsize,
+        /// Records with this seq fail permanently (and take their batch with them).
+        poison: Option<i64>,
+        /// Random-ish delay per write, to shuffle lanes.
+        jitter: bool,
+    }
+
+    impl Sink for Scripted {
+        fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                if self.jitter {
+                    tokio::time::sleep(Duration::from_micros(rand::random::<u64>() % 2000)).await;
+                }
+                if self.transient_failures.load(Ordering::SeqCst) > 0 {
+                    self.transient_failures.fetch_sub(1, Ordering::SeqCst);
+                    return Err(SinkError::transient("connection refused"));
+                }
+                if batch.iter().any(|d| Some(seq(d)) == self.poison) {
+                    return Err(SinkError::permanent("constraint violated"));
+                }
+                let mut w = self.written.lock().unwrap();
+                w.extend(batch.iter().map(|d| (d.origin.topic.clone(), seq(d))));
+                Ok(())
+            })
+        }
+    }
+
+    /// The record's `seq`, also inside a dead letter.
+    fn seq(d: &Delivery) -> i64 {
+        d.record
+            .pointer("/seq")
+            .or(d.record.pointer("/record/seq"))
+            .and_then(|v| v.as_i64())
+            .unwrap()
+    }
+
+    struct Count(Arc<AtomicUsize>);
+    impl Settled for Count {
+        fn settled(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn delivery(topic: &str, seq: i64, settled: &Arc<AtomicUsize>) -> Delivery {
+        Delivery {
+            record: json!({ "seq": seq }),
+            origin: Arc::new(Origin {
+                id: format!("{seq}"),
+                topic: topic.to_string(),
+                payload: bytes::Bytes::from(format!("{seq}")),
+                qos: 1,
+                retain: false,
+                vars: vec![],
+                received_at: jiff::Timestamp::now(),
+                rule: Arc::from("r"),
+                source: Arc::from("test"),
+            }),
+            ack: Ack::new(Count(Arc::clone(settled))),
+        }
+    }
+
+    fn common(concurrency: usize, rate: Option<u32>) -> Common {
+        Common {
+            batch: BatchConfig {
+                max_rows: 16,
+                max_wait: crate::config::units::Duration(Duration::from_millis(1)),
+            },
+            retry: RetryConfig {
+                initial_delay: crate::config::units::Duration(Duration::from_millis(1)),
+                max_delay: crate::config::units::Duration(Duration::from_millis(5)),
+                ..RetryConfig::default()
+            },
+            queue: 64,
+            concurrency,
+            rate_limit: rate.map(|per_second| RateLimit { per_second }),
+        }
+    }
+
+    /// Runs `records` through a driver over `sink`; returns the seqs dead-lettered.
+    async fn run(sink: Arc<Scripted>, common: Common, records: Vec<Delivery>) -> Vec<i64> {
+        let tracker = TaskTracker::new();
+        let dead: Arc<Scripted> = Arc::default();
+        let dlq = spawn(
+            Arc::from("dlq"),
+            dead.clone(),
+            Common {
+                concurrency: 1,
+                ..common
+            },
+            DeadLetter { queue: None },
+            &tracker,
+        );
+        let queue = spawn(
+            Arc::from("s"),
+            sink,
+            common,
+            DeadLetter { queue: Some(dlq) },
+            &tracker,
+        );
+        for d in records {
+            assert!(queue.send(d).await.is_ok());
+        }
+        drop(queue);
+        tracker.close();
+        tracker.wait().await;
+        let letters = dead
+            .written
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| *s)
+            .collect();
+        letters
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_and_everything_settles_once_in_order() {
+        let settled = Arc::new(AtomicUsize::new(0));
+        let sink = Arc::new(Scripted {
+            transient_failures: AtomicUsize::new(5),
+            ..Scripted::default()
+        });
+        let records = (0..100).map(|i| delivery("a", i, &settled)).collect();
+        run(Arc::clone(&sink), common(1, None), records).await;
+        let written: Vec<i64> = sink
+            .written
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(written, (0..100).collect::<Vec<_>>());
+        assert_eq!(settled.load(Ordering::SeqCst), 100);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_isolated_and_the_rest_is_written() {
+        let settled = Arc::new(AtomicUsize::new(0));
+        let sink = Arc::new(Scripted {
+            poison: Some(37),
+            ..Scripted::default()
+        });
+        let records = (0..64).map(|i| delivery("a", i, &settled)).collect();
+        let dead = run(Arc::clone(&sink), common(1, None), records).await;
+        assert_eq!(dead, vec![37]);
+        let written: Vec<i64> = sink
+            .written
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(written.len(), 63);
+        assert!(!written.contains(&37));
+        // The dead-lettered record settles too, once its letter is written.
+        assert_eq!(settled.load(Ordering::SeqCst), 64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lanes_keep_each_topic_in_order() {
+        let settled = Arc::new(AtomicUsize::new(0));
+        let sink = Arc::new(Scripted {
+            jitter: true,
+            transient_failures: AtomicUsize::new(3),
+            ..Scripted::default()
+        });
+        let records = (0..400)
+            .map(|i| delivery(&format!("t{}", i % 7), i, &settled))
+            .collect();
+        run(Arc::clone(&sink), common(4, None), records).await;
+        let mut per_topic: HashMap<String, Vec<i64>> = HashMap::new();
+        for (topic, seq) in sink.written.lock().unwrap().iter() {
+            per_topic.entry(topic.clone()).or_default().push(*seq);
+        }
+        assert_eq!(per_topic.len(), 7);
+        for (topic, seqs) in per_topic {
+            let mut sorted = seqs.clone();
+            sorted.sort();
+            assert_eq!(seqs, sorted, "topic {topic} out of order");
+        }
+        assert_eq!(settled.load(Ordering::SeqCst), 400);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_rate_limit_paces_writes() {
+        let settled = Arc::new(AtomicUsize::new(0));
+        let sink: Arc<Scripted> = Arc::default();
+        let records = (0..150).map(|i| delivery("a", i, &settled)).collect();
+        let started = std::time::Instant::now();
+        run(Arc::clone(&sink), common(1, Some(100)), records).await;
+        // A burst of 100, then 50 more at 100/s: at least half a second.
+        assert!(
+            started.elapsed() >= Duration::from_millis(450),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(settled.load(Ordering::SeqCst), 150);
+    }
+}
