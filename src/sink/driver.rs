@@ -408,14 +408,12 @@ mod tests {
         drop(queue);
         tracker.close();
         tracker.wait().await;
-        let letters = dead
-            .written
+        dead.written
             .lock()
             .unwrap()
             .iter()
             .map(|(_, s)| *s)
-            .collect();
-        letters
+            .collect()
     }
 
     #[tokio::test]
