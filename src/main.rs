@@ -143,14 +143,7 @@ fn describe(plan: &config::Plan) -> String {
     }
     let _ = writeln!(out, "sinks:");
     for s in &plan.sinks {
-        let kind = match &s.config {
-            config::raw::SinkConfig::Sqlite(c) => {
-                format!("sqlite {} table {}", c.path.display(), c.table)
-            }
-            config::raw::SinkConfig::File(c) => format!("file {}", c.path.display()),
-            config::raw::SinkConfig::Republish(c) => format!("republish {} qos {}", c.topic, c.qos),
-        };
-        let _ = writeln!(out, "  {}: {kind}", s.name);
+        let _ = writeln!(out, "  {}: {}", s.name, s.config.spec().describe());
     }
     let _ = writeln!(out, "rules:");
     for r in &plan.rules {
