@@ -7,3 +7,4 @@ mod cli;
 mod crash;
 mod flow;
 mod util;
+mod webhook;
