@@ -5,7 +5,7 @@
 //!  broker ──▶ source::mqtt ──Message──▶ pipeline (rules: decode ▶ filter ▶ transform)
 //!                 ▲                          │ records, each holding a share of the message's Ack
 //!                 │                          ▼
-//!                 │                sink::driver (queue ▶ batch ▶ write ▶ retry ▶ split) ──▶ sqlite / republish / file
+//!                 │                sink::driver (queue ▶ batch ▶ write ▶ retry ▶ split) ──▶ sqlite / webhook / republish / file
 //!                 │                          └──▶ dead letter (another sink) with the reason
 //!                 └── PUBACK/PUBREC in arrival order once every share settled (delivery::AckSequencer)
 //! ```

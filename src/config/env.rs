@@ -135,7 +135,7 @@ fn expand_line(
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`
-fn is_valid_name(name: &str) -> bool {
+pub(crate) fn is_valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars
         .next()

@@ -175,6 +175,9 @@ fn validate_sink(name: &str, sink: &SinkConfig, errs: &mut Errors) {
     for (field, msg) in sink.spec().validate() {
         errs.push((format!("sinks.{name}.{field}"), msg));
     }
+    for (field, msg) in sink.spec().validate_entries() {
+        errs.push((format!("sinks.{name}.{field}"), msg));
+    }
     let common = sink.spec().common();
     if common.concurrency == 0 || common.concurrency > 64 {
         errs.push((

@@ -192,6 +192,28 @@ sinks: { out: { type: republish, topic: "x/{{ topic " } }
 }
 
 #[test]
+fn webhook_fields_are_checked_at_load_and_located() {
+    let text = r#"sinks:
+  hook:
+    type: webhook
+    url: "https://{{ vars.tenant }}.example.com/x"
+    headers:
+      Authorization: "Bearer {{ token "
+    hmac: { secret_env: "not a name" }
+"#;
+    let errs = errors(text);
+    let expect = [
+        "rules.yaml:4:10: sinks.hook.url: the scheme, host and port must be written out",
+        "rules.yaml:6:22: sinks.hook.headers.Authorization: template: syntax error",
+        "rules.yaml:7:25: sinks.hook.hmac.secret_env: must be an environment variable name",
+    ];
+    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+    for (got, want) in errs.iter().zip(expect) {
+        assert!(got.starts_with(want), "{got}\nwanted {want}");
+    }
+}
+
+#[test]
 fn protocol_versions() {
     let base = "broker: { url: \"mqtt://h\", client_id: c, protocol: P }\n";
     for (p, want) in [

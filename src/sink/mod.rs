@@ -14,6 +14,7 @@ pub mod postgres;
 pub mod republish;
 pub mod retry;
 pub mod sqlite;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -241,6 +242,11 @@ pub struct OpenContext<'a> {
 pub trait SinkSpec: HasCommon + Send + Sync {
     /// Problems as (field, message); pure, no I/O.
     fn validate(&self) -> Vec<(&'static str, String)>;
+    /// Problems in fields whose path is only known at run time, such as a map entry
+    /// (`headers.Authorization`), as (field, message); most sinks have none.
+    fn validate_entries(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
     /// One line for `mqbridge check`.
     fn describe(&self) -> String;
     /// What writing `record` would do, for `mqbridge try` (no side effects).
@@ -257,6 +263,7 @@ pub enum SinkConfig {
     Sqlite(sqlite::Config),
     Republish(republish::Config),
     File(file::Config),
+    Webhook(webhook::Config),
 }
 
 impl SinkConfig {
@@ -266,6 +273,7 @@ impl SinkConfig {
             SinkConfig::Sqlite(c) => c,
             SinkConfig::Republish(c) => c,
             SinkConfig::File(c) => c,
+            SinkConfig::Webhook(c) => c,
         }
     }
 }

@@ -98,6 +98,51 @@ fn try_shows_records_and_what_each_sink_would_do() {
 }
 
 #[test]
+fn check_and_try_describe_webhooks_without_their_secrets() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/webhook.yaml");
+    let (code, out, err) = mqbridge(&["check", cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("events_hook: webhook POST http://127.0.0.1:8080/devices/{{ vars.device | urlencode }}/events timeout 5s, HMAC in X-Signature (key from $HOOK_SECRET)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("archive_hook: webhook POST http://127.0.0.1:8080/archive (batch body)"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("change-me"),
+        "header values are not printed: {out}"
+    );
+
+    let (code, out, err) = mqbridge(&[
+        "try",
+        cfg,
+        "--topic",
+        "devices/pump 1/events",
+        "--payload",
+        r#"{"kind": "start"}"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("-> events_hook: POST http://127.0.0.1:8080/devices/pump%201/events (one request per record)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("headers Authorization, X-Device, HMAC in X-Signature"),
+        "{out}"
+    );
+    assert!(
+        out.contains("-> archive_hook: POST http://127.0.0.1:8080/archive (batch body: one request per batch)"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("change-me"),
+        "header values are not printed: {out}"
+    );
+}
+
+#[test]
 fn schema_is_json_schema_of_the_rules_file() {
     let (code, out, _) = mqbridge(&["schema"]);
     assert_eq!(code, 0);

@@ -8,3 +8,4 @@ mod crash;
 mod flow;
 mod postgres;
 mod util;
+mod webhook;

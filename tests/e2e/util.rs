@@ -288,9 +288,15 @@ pub struct ChildBridge {
 
 impl ChildBridge {
     pub fn start(config_path: &Path) -> ChildBridge {
+        Self::start_with_env(config_path, &[])
+    }
+
+    /// Like [`ChildBridge::start`], with extra environment variables (e.g. secrets).
+    pub fn start_with_env(config_path: &Path, env: &[(&str, &str)]) -> ChildBridge {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
             .args(["run", "--config"])
             .arg(config_path)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,mqbridge=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

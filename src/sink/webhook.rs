@@ -1,0 +1,1286 @@
+//! `webhook` sink: sends records to an HTTP endpoint, one request per record or (with
+//! `batch_body: true`) one request per batch whose body is a JSON array of the records.
+//!
+//! - **Requests**: method, URL, headers and body are templates rendered against the
+//!   record's context ([`Origin::template_context`]); the default body is the record as
+//!   JSON. Every request carries `Content-Type: application/json` and
+//!   `Idempotency-Key` (both can be overridden by `headers`). The key is the message id,
+//!   which stays the same when the broker redelivers the message, so a receiver can drop
+//!   duplicates. With `batch_body` the key is the id when every record of the batch comes
+//!   from one message, otherwise `<first id>-<hash of all ids>`: the same for a retry of
+//!   the same batch, different for any other grouping.
+//! - **Signature**: with `hmac:`, the header (default `X-Signature`) is
+//!   `sha256=<hex HMAC-SHA256 of the exact body bytes>`, keyed by an environment variable
+//!   read when the sink opens.
+//! - **Outcome**: 2xx is delivered. 408, 429, 5xx, connection errors, resets and timeouts
+//!   are transient (retried by the driver; `Retry-After` on 429/503 is honoured up to
+//!   `retry.max_delay`); any other status (4xx, and 3xx: redirects are not followed) is
+//!   permanent, so the record goes to the dead letter with the status and the start of
+//!   the response body.
+//! - **One request per record**: records of one topic are sent one after the other (in
+//!   order; a failure stops the rest of that topic), different topics in parallel. The
+//!   driver retries and splits whole batches, so the sink remembers the requests of the
+//!   batch that got a final answer (2xx, or a permanent error) and does not send them
+//!   again while the batch is retried or split: a bad record costs one request, and a
+//!   retry resends only what failed transiently.
+//! - The scheme, host and port of the URL must be written literally in the config, so a
+//!   message can never direct mqbridge to another host. Secrets (the HMAC key, header
+//!   values, the URL's query) never appear in logs or errors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use hmac::{Hmac, Mac};
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{StatusCode, Url};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{Delivery, ErrorKind, OpenContext, Origin, Sink, SinkError, SinkSpec};
+use crate::config::units;
+use crate::rule::template::Template;
+
+/// Requests in flight at once for one batch (records of different topics).
+const MAX_PARALLEL: usize = 16;
+/// Characters of a response body quoted in an error.
+const EXCERPT_CHARS: usize = 200;
+/// Bytes of a response body read at most (the rest is dropped with the connection).
+const READ_LIMIT: usize = 64 * 1024;
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+super::sink_config! {
+    /// `type: webhook`.
+    pub struct Config {
+        /// URL template, e.g. `https://hooks.example.com/devices/{{ vars.device | urlencode }}`.
+        /// Scheme, host and port must be literal; templates may appear in the path and query.
+        pub url: String,
+        /// HTTP method: GET, POST (default), PUT, PATCH or DELETE.
+        #[serde(default)]
+        pub method: Method,
+        /// Extra headers: name → value template. `Content-Type` and `Idempotency-Key`
+        /// override the defaults.
+        #[serde(default)]
+        pub headers: Headers,
+        /// Body template; default: the record as JSON (no body for GET).
+        #[serde(default)]
+        pub body: Option<String>,
+        /// Time limit of one request, from connecting to reading the response.
+        #[serde(default = "default_timeout")]
+        pub timeout: units::Duration,
+        /// Send a whole batch as one request whose body is a JSON array of the records
+        /// (URL and headers rendered from the first record).
+        #[serde(default)]
+        pub batch_body: bool,
+        /// Sign each body with HMAC-SHA256.
+        #[serde(default)]
+        pub hmac: Option<HmacConfig>,
+    }
+}
+
+fn default_timeout() -> units::Duration {
+    units::Duration(Duration::from_secs(10))
+}
+
+/// `method:` of a webhook.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    #[serde(alias = "get")]
+    Get,
+    #[default]
+    #[serde(alias = "post")]
+    Post,
+    #[serde(alias = "put")]
+    Put,
+    #[serde(alias = "patch")]
+    Patch,
+    #[serde(alias = "delete")]
+    Delete,
+}
+
+impl Method {
+    fn http(self) -> reqwest::Method {
+        match self {
+            Method::Get => reqwest::Method::GET,
+            Method::Post => reqwest::Method::POST,
+            Method::Put => reqwest::Method::PUT,
+            Method::Patch => reqwest::Method::PATCH,
+            Method::Delete => reqwest::Method::DELETE,
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.http().as_str())
+    }
+}
+
+/// `headers:` of a webhook: name → value template. Values are not shown by `Debug`
+/// (they often hold tokens).
+#[derive(Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(transparent)]
+pub struct Headers(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "***")))
+            .finish()
+    }
+}
+
+/// `hmac:` of a webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HmacConfig {
+    /// Environment variable holding the key, read when the sink opens.
+    pub secret_env: String,
+    /// Header carrying `sha256=<hex>`.
+    #[serde(default = "default_signature_header")]
+    pub header: String,
+}
+
+fn default_signature_header() -> String {
+    "X-Signature".into()
+}
+
+/// Headers mqbridge manages itself (or that would break the request if templated).
+const RESERVED_HEADERS: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
+
+impl SinkSpec for Config {
+    fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut errs = Vec::new();
+        if let Err(e) = check_url(&self.url) {
+            errs.push(("url", e));
+        }
+        if let Some(body) = &self.body
+            && let Err(e) = Template::compile(body)
+        {
+            errs.push(("body", format!("template: {e}")));
+        }
+        if self.timeout.0.is_zero() {
+            errs.push(("timeout", "must be more than 0".into()));
+        }
+        if self.batch_body && self.method == Method::Get {
+            errs.push(("batch_body", "GET requests have no body".into()));
+        }
+        if let Some(h) = &self.hmac {
+            if !crate::config::env::is_valid_name(&h.secret_env) {
+                errs.push((
+                    "hmac.secret_env",
+                    "must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)".into(),
+                ));
+            }
+            match HeaderName::from_bytes(h.header.as_bytes()) {
+                Err(_) => errs.push(("hmac.header", "invalid header name".into())),
+                Ok(name)
+                    if RESERVED_HEADERS.contains(&name.as_str())
+                        || name == header::CONTENT_TYPE
+                        || name.as_str() == IDEMPOTENCY_KEY =>
+                {
+                    errs.push(("hmac.header", format!("cannot be {}", h.header)));
+                }
+                Ok(name) => {
+                    if self
+                        .headers
+                        .0
+                        .keys()
+                        .any(|k| k.eq_ignore_ascii_case(name.as_str()))
+                    {
+                        errs.push((
+                            "hmac.header",
+                            format!("{} is also set in headers", h.header),
+                        ));
+                    }
+                }
+            }
+        }
+        errs
+    }
+
+    fn validate_entries(&self) -> Vec<(String, String)> {
+        let mut errs = Vec::new();
+        let mut seen: Vec<HeaderName> = Vec::new();
+        for (name, value) in &self.headers.0 {
+            let field = format!("headers.{name}");
+            match HeaderName::from_bytes(name.as_bytes()) {
+                Err(_) => errs.push((field.clone(), "invalid header name".into())),
+                Ok(h) if RESERVED_HEADERS.contains(&h.as_str()) => {
+                    errs.push((field.clone(), "is set by the HTTP client".into()))
+                }
+                Ok(h) if seen.contains(&h) => {
+                    errs.push((field.clone(), "set twice (header names ignore case)".into()))
+                }
+                Ok(h) => seen.push(h),
+            }
+            if let Err(e) = Template::compile(value) {
+                errs.push((field, format!("template: {e}")));
+            }
+        }
+        errs
+    }
+
+    fn describe(&self) -> String {
+        let mut out = format!("webhook {} {}", self.method, shown(&self.url));
+        if self.batch_body {
+            out.push_str(" (batch body)");
+        }
+        let _ = write!(out, " timeout {}", self.timeout);
+        if let Some(h) = &self.hmac {
+            let _ = write!(out, ", HMAC in {} (key from ${})", h.header, h.secret_env);
+        }
+        out
+    }
+
+    fn would(&self, origin: &Origin, record: &serde_json::Value) -> String {
+        let requests = match Requests::compile(self) {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let ctx = origin.template_context(record);
+        let url = match requests.url(&ctx) {
+            Ok(u) => u,
+            Err(e) => return e.message,
+        };
+        if let Err(e) = requests.headers(&ctx, &origin.id) {
+            return e.message;
+        }
+        let body = match &requests.body {
+            Some(t) => match t.render(&ctx) {
+                Ok(b) => format!("body {b:?}"),
+                Err(e) => return format!("body template fails: {e}"),
+            },
+            None if self.method == Method::Get => "no body".into(),
+            None if self.batch_body => {
+                "body: this record in a JSON array with the rest of its batch".into()
+            }
+            None => "body: the record as JSON".into(),
+        };
+        let mut out = format!(
+            "{} {url} ({}), {body}, Idempotency-Key {}",
+            self.method,
+            if self.batch_body {
+                "batch body: one request per batch"
+            } else {
+                "one request per record"
+            },
+            origin.id,
+        );
+        if self.batch_body {
+            out.push_str(" (when the batch holds only this message)");
+        }
+        if !self.headers.0.is_empty() {
+            let names: Vec<&str> = self.headers.0.keys().map(String::as_str).collect();
+            let _ = write!(out, ", headers {}", names.join(", "));
+        }
+        if let Some(h) = &self.hmac {
+            let _ = write!(out, ", HMAC in {}", h.header);
+        }
+        out
+    }
+
+    fn open<'a>(&'a self, _: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
+        Box::pin(async move {
+            let sink = WebhookSink::new(self, |name| std::env::var(name).ok())?;
+            Ok(Arc::new(sink) as Arc<dyn Sink>)
+        })
+    }
+}
+
+/// Checks the URL template: it compiles, and the scheme, host and port are literal.
+fn check_url(src: &str) -> Result<(), String> {
+    Template::compile(src).map_err(|e| format!("template: {e}"))?;
+    let literal_end = ["{{", "{%", "{#"]
+        .iter()
+        .filter_map(|t| src.find(t))
+        .min()
+        .unwrap_or(src.len());
+    let literal = &src[..literal_end];
+    let Some(after_scheme) = literal
+        .strip_prefix("http://")
+        .or_else(|| literal.strip_prefix("https://"))
+    else {
+        return Err("must start with http:// or https://".into());
+    };
+    let authority_end = match after_scheme.find(['/', '?', '#']) {
+        Some(i) => i,
+        None if literal_end == src.len() => after_scheme.len(),
+        None => {
+            return Err(
+                "the scheme, host and port must be written out; templates may only be used in the path and query"
+                    .into(),
+            );
+        }
+    };
+    let origin = &literal[..literal.len() - after_scheme.len() + authority_end];
+    let url = Url::parse(origin).map_err(|e| format!("invalid URL: {e}"))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("needs a host".into());
+    }
+    if literal_end == src.len() {
+        Url::parse(src).map_err(|e| format!("invalid URL: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The URL template without credentials and query, for `check`.
+fn shown(url: &str) -> String {
+    let mut s = match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_string(),
+    };
+    if let Some(i) = s.find("://") {
+        let rest = &s[i + 3..];
+        let end = rest.find(['/', '?', '#', '{']).unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            s = format!("{}…@{}", &s[..i + 3], &rest[at + 1..]);
+        }
+    }
+    s
+}
+
+fn redact(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let query = u.query().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
+    let mut s = u.to_string();
+    if query {
+        s.push_str("?…");
+    }
+    s
+}
+
+/// The config's templates, compiled.
+struct Requests {
+    method: Method,
+    url: Template,
+    /// (name as configured, header name, value template).
+    headers: Vec<(String, HeaderName, Template)>,
+    body: Option<Template>,
+    /// Whether `headers` sets these (else mqbridge does).
+    own_content_type: bool,
+    own_key: bool,
+}
+
+impl Requests {
+    fn compile(cfg: &Config) -> Result<Requests, String> {
+        let url = Template::compile(&cfg.url).map_err(|e| format!("url template: {e}"))?;
+        let mut headers = Vec::new();
+        for (name, value) in &cfg.headers.0 {
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("headers.{name}: invalid header name"))?;
+            let t =
+                Template::compile(value).map_err(|e| format!("headers.{name} template: {e}"))?;
+            headers.push((name.clone(), n, t));
+        }
+        let body = cfg
+            .body
+            .as_deref()
+            .map(Template::compile)
+            .transpose()
+            .map_err(|e| format!("body template: {e}"))?;
+        Ok(Requests {
+            method: cfg.method,
+            own_content_type: headers.iter().any(|(_, n, _)| n == header::CONTENT_TYPE),
+            own_key: headers
+                .iter()
+                .any(|(_, n, _)| n.as_str() == IDEMPOTENCY_KEY),
+            url,
+            headers,
+            body,
+        })
+    }
+
+    fn url(&self, ctx: &serde_json::Value) -> Result<Url, SinkError> {
+        let text = self
+            .url
+            .render(ctx)
+            .map_err(|e| SinkError::permanent(format!("url template: {e}")))?;
+        let url = Url::parse(&text)
+            .map_err(|e| SinkError::permanent(format!("rendered url is invalid: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(SinkError::permanent("rendered url is not http(s)"));
+        }
+        Ok(url)
+    }
+
+    /// Content-Type, Idempotency-Key and the configured headers (not the signature).
+    fn headers(&self, ctx: &serde_json::Value, key: &str) -> Result<HeaderMap, SinkError> {
+        let mut map = HeaderMap::new();
+        if !self.own_content_type {
+            map.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        if !self.own_key {
+            let v = HeaderValue::from_str(key)
+                .map_err(|_| SinkError::permanent("Idempotency-Key is not a valid header value"))?;
+            map.insert(HeaderName::from_static(IDEMPOTENCY_KEY), v);
+        }
+        for (name, header, t) in &self.headers {
+            let text = t
+                .render(ctx)
+                .map_err(|e| SinkError::permanent(format!("headers.{name} template: {e}")))?;
+            // The value may be a secret: say what is wrong, never what it is.
+            let v = HeaderValue::from_str(&text).map_err(|_| {
+                SinkError::permanent(format!(
+                    "headers.{name}: rendered value is not a valid header value (line break or control character)"
+                ))
+            })?;
+            map.insert(header.clone(), v);
+        }
+        Ok(map)
+    }
+
+    /// The body of one record's request.
+    fn body(
+        &self,
+        ctx: &serde_json::Value,
+        record: &serde_json::Value,
+    ) -> Result<Option<Bytes>, SinkError> {
+        match &self.body {
+            Some(t) => t
+                .render(ctx)
+                .map(|s| Some(Bytes::from(s)))
+                .map_err(|e| SinkError::permanent(format!("body template: {e}"))),
+            None if self.method == Method::Get => Ok(None),
+            None => serde_json::to_vec(record)
+                .map(|v| Some(Bytes::from(v)))
+                .map_err(|e| SinkError::permanent(format!("cannot serialize record: {e}"))),
+        }
+    }
+}
+
+/// One request, rendered.
+struct Request {
+    url: Url,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+}
+
+impl Request {
+    /// Identifies the request's exact content (for [`Outcomes`]).
+    fn digest(&self, method: Method) -> [u8; 16] {
+        let mut h = Sha256::new();
+        h.update(method.http().as_str());
+        h.update([0]);
+        h.update(self.url.as_str());
+        for (name, value) in &self.headers {
+            h.update([0]);
+            h.update(name.as_str());
+            h.update([0]);
+            h.update(value.as_bytes());
+        }
+        h.update([1]);
+        if let Some(b) = &self.body {
+            h.update(b);
+        }
+        let mut out = [0; 16];
+        out.copy_from_slice(&h.finalize()[..16]);
+        out
+    }
+}
+
+/// Final outcomes of requests whose records are still in flight, so that a batch the
+/// driver retries or splits does not send them again: a request that got a 2xx is
+/// skipped, one that got a permanent answer fails again at once with that answer. Keyed by
+/// the record's [`Origin`] (its address: the `Weak` keeps that allocation reserved, so no
+/// other origin can have it while the entry exists) and the request's digest; entries go
+/// once the message's records are done with.
+#[derive(Default)]
+struct Outcomes {
+    map: HashMap<(usize, [u8; 16]), (Weak<Origin>, Outcome)>,
+    prune_at: usize,
+}
+
+#[derive(Clone)]
+enum Outcome {
+    Delivered,
+    Rejected(SinkError),
+}
+
+impl Outcomes {
+    fn get(&self, origin: &Arc<Origin>, digest: [u8; 16]) -> Option<Outcome> {
+        self.map
+            .get(&(Arc::as_ptr(origin) as usize, digest))
+            .map(|(_, o)| o.clone())
+    }
+
+    fn insert(&mut self, origin: &Arc<Origin>, digest: [u8; 16], outcome: Outcome) {
+        if self.map.len() >= self.prune_at {
+            self.map.retain(|_, (w, _)| w.strong_count() > 0);
+            self.prune_at = (self.map.len() * 2).max(1024);
+        }
+        self.map.insert(
+            (Arc::as_ptr(origin) as usize, digest),
+            (Arc::downgrade(origin), outcome),
+        );
+    }
+}
+
+pub struct WebhookSink {
+    client: reqwest::Client,
+    requests: Requests,
+    batch_body: bool,
+    timeout: Duration,
+    /// Longest Retry-After honoured (the retry policy's `max_delay`).
+    max_retry_after: Duration,
+    /// Header name and a keyed MAC, cloned per request (the key itself is not kept).
+    signer: Option<(HeaderName, Hmac<Sha256>)>,
+    outcomes: Mutex<Outcomes>,
+}
+
+impl WebhookSink {
+    /// Builds the sink; `env` looks up the HMAC key's variable.
+    pub fn new(cfg: &Config, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let requests = Requests::compile(cfg).map_err(anyhow::Error::msg)?;
+        let signer = match &cfg.hmac {
+            None => None,
+            Some(h) => {
+                let secret = env(&h.secret_env)
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "hmac.secret_env: environment variable {} is not set or empty",
+                            h.secret_env
+                        )
+                    })?;
+                let mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+                    .map_err(|_| anyhow::anyhow!("hmac: invalid key"))?;
+                let name = HeaderName::from_bytes(h.header.as_bytes())
+                    .map_err(|_| anyhow::anyhow!("hmac.header: invalid header name"))?;
+                Some((name, mac))
+            }
+        };
+        crate::install_crypto();
+        let client = reqwest::Client::builder()
+            .timeout(cfg.timeout.0)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("mqbridge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {}", error_chain(&e)))?;
+        Ok(WebhookSink {
+            client,
+            requests,
+            batch_body: cfg.batch_body,
+            timeout: cfg.timeout.0,
+            max_retry_after: cfg.retry.max_delay.0,
+            signer,
+            outcomes: Mutex::new(Outcomes::default()),
+        })
+    }
+
+    fn sign(&self, headers: &mut HeaderMap, body: &[u8]) {
+        if let Some((name, mac)) = &self.signer {
+            let value = signature(mac.clone(), body);
+            headers.insert(
+                name.clone(),
+                HeaderValue::from_str(&value).expect("hex is a valid header value"),
+            );
+        }
+    }
+
+    /// The request for one record.
+    fn prepare(&self, d: &Delivery) -> Result<Request, SinkError> {
+        let ctx = d.origin.template_context(&d.record);
+        let url = self.requests.url(&ctx)?;
+        let mut headers = self.requests.headers(&ctx, &d.origin.id)?;
+        let body = self.requests.body(&ctx, &d.record)?;
+        self.sign(&mut headers, body.as_deref().unwrap_or_default());
+        Ok(Request { url, headers, body })
+    }
+
+    /// The one request for a whole batch (`batch_body: true`).
+    fn prepare_batch(&self, batch: &[Delivery]) -> Result<Request, SinkError> {
+        let first = batch.first().expect("batches are never empty");
+        let ctx = first.origin.template_context(&first.record);
+        let url = self.requests.url(&ctx)?;
+        let mut headers = self.requests.headers(&ctx, &batch_key(batch))?;
+        let body = match &self.requests.body {
+            None => serde_json::to_vec(&batch.iter().map(|d| &d.record).collect::<Vec<_>>()),
+            Some(_) => {
+                let mut items = Vec::with_capacity(batch.len());
+                for d in batch {
+                    let ctx = d.origin.template_context(&d.record);
+                    let text = self.requests.body(&ctx, &d.record)?.unwrap_or_default();
+                    let item: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+                        SinkError::permanent(format!(
+                            "body template: with batch_body it must render JSON: {e}"
+                        ))
+                    })?;
+                    items.push(item);
+                }
+                serde_json::to_vec(&items)
+            }
+        }
+        .map_err(|e| SinkError::permanent(format!("cannot serialize records: {e}")))?;
+        self.sign(&mut headers, &body);
+        Ok(Request {
+            url,
+            headers,
+            body: Some(Bytes::from(body)),
+        })
+    }
+
+    /// Sends one request and classifies the outcome.
+    async fn send(&self, r: &Request) -> Result<(), SinkError> {
+        let method = self.requests.method;
+        let mut req = self
+            .client
+            .request(method.http(), r.url.clone())
+            .headers(r.headers.clone());
+        if let Some(body) = &r.body {
+            req = req.body(body.clone());
+        }
+        let what = || format!("{method} {}", redact(&r.url));
+        let mut resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                let e = e.without_url();
+                let message = if e.is_timeout() {
+                    format!(
+                        "{}: no response within {}",
+                        what(),
+                        units::Duration(self.timeout)
+                    )
+                } else {
+                    format!("{}: {}", what(), error_chain(&e))
+                };
+                return Err(if e.is_builder() {
+                    SinkError::permanent(message)
+                } else {
+                    SinkError::transient(message)
+                });
+            }
+        };
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // Read (a bounded part of) the body: lets the connection be reused, and a failure
+        // quotes it. Delivery is decided by the status alone.
+        let mut body = Vec::new();
+        while body.len() < READ_LIMIT {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        let Some(kind) = status_kind(status) else {
+            return Ok(());
+        };
+        let mut message = format!("HTTP {status} from {}", what());
+        let excerpt = excerpt(&body);
+        if !excerpt.is_empty() {
+            let _ = write!(message, ": {excerpt}");
+        }
+        let retry_after = (matches!(status.as_u16(), 429 | 503))
+            .then(|| {
+                retry_after
+                    .as_deref()
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()))
+            })
+            .flatten()
+            .map(|d| d.min(self.max_retry_after));
+        Err(SinkError {
+            kind,
+            message,
+            retry_after,
+        })
+    }
+
+    /// Sends the requests of one topic in order, skipping those already delivered (and
+    /// failing again those already rejected); stops at the first failure.
+    async fn send_in_order(&self, group: Vec<(Arc<Origin>, Request)>) -> Result<(), SinkError> {
+        let method = self.requests.method;
+        for (origin, request) in group {
+            let digest = request.digest(method);
+            let known = self.outcomes.lock().unwrap().get(&origin, digest);
+            match known {
+                Some(Outcome::Delivered) => continue,
+                Some(Outcome::Rejected(e)) => return Err(e),
+                None => {}
+            }
+            let outcome = match self.send(&request).await {
+                Ok(()) => Outcome::Delivered,
+                Err(e) if e.kind == ErrorKind::Permanent => Outcome::Rejected(e),
+                Err(e) => return Err(e),
+            };
+            self.outcomes
+                .lock()
+                .unwrap()
+                .insert(&origin, digest, outcome.clone());
+            if let Outcome::Rejected(e) = outcome {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_each(&self, batch: &[Delivery]) -> Result<(), SinkError> {
+        // Render everything first: a record that cannot be rendered fails the batch
+        // (permanently) before anything is sent.
+        let mut groups: Vec<Vec<(Arc<Origin>, Request)>> = Vec::new();
+        let mut by_topic: HashMap<&str, usize> = HashMap::new();
+        for d in batch {
+            let request = self.prepare(d)?;
+            let i = *by_topic.entry(d.origin.topic.as_str()).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[i].push((Arc::clone(&d.origin), request));
+        }
+        let results: Vec<Result<(), SinkError>> = futures::stream::iter(groups)
+            .map(|g| self.send_in_order(g))
+            .buffer_unordered(MAX_PARALLEL)
+            .collect()
+            .await;
+        combine(
+            results.into_iter().filter_map(Result::err).collect(),
+            batch.len(),
+        )
+    }
+
+    async fn write_batch(&self, batch: &[Delivery]) -> Result<(), SinkError> {
+        let request = self.prepare_batch(batch)?;
+        self.send(&request).await
+    }
+}
+
+impl Sink for WebhookSink {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+        if self.batch_body {
+            Box::pin(self.write_batch(batch))
+        } else {
+            Box::pin(self.write_each(batch))
+        }
+    }
+}
+
+/// The outcome of a batch from its failed requests: permanent when any failure is, so
+/// the driver splits the batch and isolates that record; but when the server asked to
+/// wait (Retry-After), the batch waits first (transient), as splitting at once would send
+/// some of its requests again immediately. Delivered requests are not resent either way.
+fn combine(failures: Vec<SinkError>, records: usize) -> Result<(), SinkError> {
+    let n = failures.len();
+    let retry_after = failures.iter().filter_map(|e| e.retry_after).max();
+    let first = match retry_after {
+        Some(_) => failures.iter().find(|e| e.retry_after.is_some()),
+        None => failures
+            .iter()
+            .find(|e| e.kind == ErrorKind::Permanent)
+            .or(failures.first()),
+    };
+    let Some(first) = first.cloned() else {
+        return Ok(());
+    };
+    if n == 1 {
+        return Err(first);
+    }
+    Err(SinkError {
+        kind: first.kind,
+        message: format!(
+            "{n} requests failed (batch of {records} records), e.g. {}",
+            first.message
+        ),
+        retry_after,
+    })
+}
+
+/// The Idempotency-Key of a batch request: the message id when all records come from one
+/// message, else the first id and a hash of all of them.
+fn batch_key(batch: &[Delivery]) -> String {
+    let first = &batch[0].origin.id;
+    if batch.iter().all(|d| d.origin.id == *first) {
+        return first.clone();
+    }
+    let mut h = Sha256::new();
+    for (i, d) in batch.iter().enumerate() {
+        if i > 0 {
+            h.update(b",");
+        }
+        h.update(d.origin.id.as_bytes());
+    }
+    format!("{first}-{}", hex::encode(&h.finalize()[..8]))
+}
+
+/// `sha256=<hex>` of HMAC-SHA256 over `body`.
+fn signature(mut mac: Hmac<Sha256>, body: &[u8]) -> String {
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// None when the status means delivered (2xx), else whether retrying can help.
+fn status_kind(status: StatusCode) -> Option<ErrorKind> {
+    match status.as_u16() {
+        200..=299 => None,
+        408 | 429 | 500..=599 => Some(ErrorKind::Transient),
+        _ => Some(ErrorKind::Permanent),
+    }
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date (any of the three formats of RFC 9110);
+/// a date in the past means now.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// The start of a response body, on one line.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let mut out: String = text
+        .chars()
+        .take(EXCERPT_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().nth(EXCERPT_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// An error and its causes, e.g. `error sending request: client error (Connect): tcp
+/// connect error: Connection refused (os error 111)`.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            let _ = write!(out, ": {text}");
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(yaml: &str) -> Config {
+        yaml_serde::from_str(yaml).unwrap()
+    }
+
+    fn origin(id: &str, topic: &str) -> Arc<Origin> {
+        Arc::new(Origin {
+            id: id.into(),
+            topic: topic.into(),
+            payload: Bytes::from_static(b"{}"),
+            qos: 1,
+            retain: false,
+            vars: vec![("device".into(), "d1".into())],
+            received_at: jiff::Timestamp::UNIX_EPOCH,
+            rule: Arc::from("r"),
+            source: Arc::from("broker"),
+        })
+    }
+
+    fn delivery(o: &Arc<Origin>, record: serde_json::Value) -> Delivery {
+        Delivery {
+            record,
+            origin: Arc::clone(o),
+            ack: crate::delivery::Ack::detached(),
+        }
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let kind = |s: u16| status_kind(StatusCode::from_u16(s).unwrap());
+        for s in [200, 201, 202, 204, 299] {
+            assert_eq!(kind(s), None, "{s}");
+        }
+        for s in [408, 429, 500, 502, 503, 504, 599] {
+            assert_eq!(kind(s), Some(ErrorKind::Transient), "{s}");
+        }
+        for s in [301, 302, 304, 307, 400, 401, 403, 404, 409, 410, 413, 422] {
+            assert_eq!(kind(s), Some(ErrorKind::Permanent), "{s}");
+        }
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        // IMF-fixdate, RFC 850 and asctime forms of 08:50:07, 30 s later.
+        for date in [
+            "Sun, 06 Nov 1994 08:50:07 GMT",
+            "Sunday, 06-Nov-94 08:50:07 GMT",
+            "Sun Nov  6 08:50:07 1994",
+        ] {
+            assert_eq!(
+                parse_retry_after(date, now),
+                Some(Duration::from_secs(30)),
+                "{date}"
+            );
+        }
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a past date means now"
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn hmac_matches_the_rfc_4231_vector() {
+        // RFC 4231, test case 2.
+        let mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        assert_eq!(
+            signature(mac, b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn requests_are_rendered_and_signed_over_the_exact_body() {
+        let cfg = config(
+            r#"
+url: "http://127.0.0.1:9/devices/{{ vars.device }}?seq={{ record.seq }}"
+headers: { Authorization: "Bearer t0k", X-Topic: "{{ topic }}" }
+hmac: { secret_env: HOOK_SECRET }
+"#,
+        );
+        let sink = WebhookSink::new(&cfg, |n| (n == "HOOK_SECRET").then(|| "Jefe".into())).unwrap();
+        let o = origin("abc", "sensors/d1");
+        let r = sink.prepare(&delivery(&o, json!({"seq": 7}))).unwrap();
+        assert_eq!(r.url.as_str(), "http://127.0.0.1:9/devices/d1?seq=7");
+        assert_eq!(r.body.as_deref(), Some(&br#"{"seq":7}"#[..]));
+        assert_eq!(r.headers["idempotency-key"], "abc");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers["authorization"], "Bearer t0k");
+        assert_eq!(r.headers["x-topic"], "sensors/d1");
+        let want = signature(Hmac::new_from_slice(b"Jefe").unwrap(), br#"{"seq":7}"#);
+        assert_eq!(r.headers["x-signature"], want.as_str());
+    }
+
+    #[test]
+    fn a_header_overrides_content_type_and_key() {
+        let cfg = config(
+            r#"
+url: "http://h/x"
+headers: { content-type: text/plain, Idempotency-Key: "{{ id }}-{{ record.n }}" }
+body: "n={{ record.n }}"
+"#,
+        );
+        let sink = WebhookSink::new(&cfg, |_| None).unwrap();
+        let o = origin("abc", "t");
+        let r = sink.prepare(&delivery(&o, json!({"n": 2}))).unwrap();
+        assert_eq!(r.headers["content-type"], "text/plain");
+        assert_eq!(r.headers["idempotency-key"], "abc-2");
+        assert_eq!(r.headers.get_all("content-type").iter().count(), 1);
+        assert_eq!(r.body.as_deref(), Some(&b"n=2"[..]));
+    }
+
+    #[test]
+    fn render_errors_are_permanent_and_keep_header_values_secret() {
+        let cfg = config(
+            r#"
+url: "http://h/{{ record.missing }}"
+"#,
+        );
+        let sink = WebhookSink::new(&cfg, |_| None).unwrap();
+        let o = origin("abc", "t");
+        let err = sink.prepare(&delivery(&o, json!({}))).err().unwrap();
+        assert_eq!(err.kind, ErrorKind::Permanent);
+        assert!(err.message.starts_with("url template"), "{}", err.message);
+
+        let cfg = config("url: http://h/x\nheaders: { X-Token: \"{{ record.token }}\" }\n");
+        let sink = WebhookSink::new(&cfg, |_| None).unwrap();
+        let err = sink
+            .prepare(&delivery(&o, json!({"token": "s3cr3t\nInjected: 1"})))
+            .err()
+            .unwrap();
+        assert_eq!(err.kind, ErrorKind::Permanent);
+        assert!(
+            err.message.starts_with("headers.X-Token"),
+            "{}",
+            err.message
+        );
+        assert!(!err.message.contains("s3cr3t"), "{}", err.message);
+    }
+
+    #[test]
+    fn batch_bodies_are_arrays_keyed_by_their_ids() {
+        let cfg = config("url: http://h/x\nbatch_body: true\n");
+        let sink = WebhookSink::new(&cfg, |_| None).unwrap();
+        let (a, b) = (origin("a1", "t"), origin("b2", "t"));
+        let one = [delivery(&a, json!({"i": 1})), delivery(&a, json!({"i": 2}))];
+        let r = sink.prepare_batch(&one).unwrap();
+        assert_eq!(r.body.as_deref(), Some(&br#"[{"i":1},{"i":2}]"#[..]));
+        assert_eq!(r.headers["idempotency-key"], "a1");
+
+        let two = [delivery(&a, json!(1)), delivery(&b, json!(2))];
+        let key = batch_key(&two);
+        assert!(key.starts_with("a1-") && key.len() == 3 + 16, "{key}");
+        assert_eq!(
+            key,
+            batch_key(&[delivery(&a, json!(3)), delivery(&b, json!(4))])
+        );
+        assert_ne!(
+            key,
+            batch_key(&[delivery(&b, json!(1)), delivery(&a, json!(2))])
+        );
+
+        let cfg = config("url: http://h/x\nbatch_body: true\nbody: '{\"v\": {{ record.i }}}'\n");
+        let sink = WebhookSink::new(&cfg, |_| None).unwrap();
+        let r = sink.prepare_batch(&one).unwrap();
+        assert_eq!(r.body.as_deref(), Some(&br#"[{"v":1},{"v":2}]"#[..]));
+    }
+
+    #[test]
+    fn get_sends_no_body_by_default() {
+        let cfg = config("url: http://h/x\nmethod: get\n");
+        let sink = WebhookSink::new(&cfg, |_| None).unwrap();
+        let o = origin("a", "t");
+        assert!(
+            sink.prepare(&delivery(&o, json!({})))
+                .unwrap()
+                .body
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_missing_secret_names_the_variable_not_a_value() {
+        let cfg = config("url: http://h/x\nhmac: { secret_env: HOOK_SECRET }\n");
+        let err = WebhookSink::new(&cfg, |_| None).err().unwrap().to_string();
+        assert!(
+            err.contains("HOOK_SECRET") && err.contains("not set"),
+            "{err}"
+        );
+        let err = WebhookSink::new(&cfg, |_| Some(String::new()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("HOOK_SECRET"), "{err}");
+    }
+
+    #[test]
+    fn validation_reports_each_field() {
+        let cfg = config(
+            r#"
+url: "http://h/{{ topic "
+method: GET
+batch_body: true
+timeout: 0ms
+body: "{% if %}"
+headers: { "Bad Name": x, X-Ok: "{{ oops ", Content-Length: "1", x-ok: y, X-Sig: z }
+hmac: { secret_env: "1NOT-A-NAME", header: x-sig }
+"#,
+        );
+        let fields: Vec<&str> = cfg.validate().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            [
+                "url",
+                "body",
+                "timeout",
+                "batch_body",
+                "hmac.secret_env",
+                "hmac.header"
+            ]
+        );
+        let entries: Vec<(String, String)> = cfg.validate_entries();
+        let fields: Vec<&str> = entries.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "headers.Bad Name",
+                "headers.Content-Length",
+                "headers.X-Ok",
+                "headers.x-ok"
+            ],
+            "{entries:?}"
+        );
+        assert!(entries[2].1.starts_with("template:"), "{entries:?}");
+        assert!(entries[3].1.contains("twice"), "{entries:?}");
+
+        let clash = config("url: http://h/x\nhmac: { secret_env: K, header: Content-Type }\n");
+        assert_eq!(
+            clash.validate(),
+            [("hmac.header", "cannot be Content-Type".to_string())]
+        );
+
+        let ok = config("url: https://hooks.example.com:8443/a/{{ vars.device }}?x={{ id }}\n");
+        assert!(ok.validate().is_empty() && ok.validate_entries().is_empty());
+    }
+
+    #[test]
+    fn the_host_must_be_literal() {
+        for good in [
+            "http://h",
+            "https://h:8443/",
+            "https://user@h/{{ topic }}",
+            "http://h?x={{ id }}",
+            "http://[::1]:80/{{ id }}",
+        ] {
+            assert_eq!(check_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "{{ record.url }}",
+            "https://{{ vars.tenant }}.example.com/",
+            "https://h{{ x }}/",
+            "https://h:{{ port }}/",
+            "ftp://h/x",
+            "http:///x",
+            "h/x",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn debug_and_describe_keep_secrets_out() {
+        let cfg = config(
+            "url: \"https://h/x?token=s3cr3t\"\nheaders: { Authorization: Bearer s3cr3t }\n",
+        );
+        let debug = format!("{:?}", cfg.headers);
+        assert!(
+            !debug.contains("s3cr3t") && debug.contains("Authorization"),
+            "{debug}"
+        );
+        let d = cfg.describe();
+        assert_eq!(d, "webhook POST https://h/x?… timeout 10s");
+        let cfg = config("url: \"https://u:s3cr3t@h:1/{{ id }}\"\n");
+        assert_eq!(
+            cfg.describe(),
+            "webhook POST https://…@h:1/{{ id }} timeout 10s"
+        );
+    }
+
+    #[test]
+    fn would_shows_method_url_and_mode() {
+        let cfg = config("url: \"http://h/d/{{ vars.device }}\"\nheaders: { Authorization: x }\n");
+        let o = origin("abc", "sensors/d1");
+        let w = cfg.would(&o, &json!({"t": 1}));
+        assert!(
+            w.starts_with("POST http://h/d/d1 (one request per record)"),
+            "{w}"
+        );
+        assert!(
+            w.contains("Idempotency-Key abc") && w.contains("headers Authorization"),
+            "{w}"
+        );
+        let cfg = config("url: \"http://h/{{ record.nope }}\"\n");
+        assert!(cfg.would(&o, &json!({})).starts_with("url template"));
+    }
+
+    #[test]
+    fn failures_combine_permanent_first_unless_asked_to_wait() {
+        assert!(combine(vec![], 3).is_ok());
+        let mut throttled = SinkError::transient("HTTP 429");
+        throttled.retry_after = Some(Duration::from_secs(2));
+        let bad = SinkError::permanent("HTTP 400");
+        let down = SinkError::transient("HTTP 502");
+        let one = combine(vec![bad.clone()], 3).unwrap_err();
+        assert_eq!(
+            (one.kind, one.message.as_str()),
+            (ErrorKind::Permanent, "HTTP 400")
+        );
+        let split = combine(vec![down.clone(), bad.clone()], 3).unwrap_err();
+        assert_eq!(
+            (split.kind, split.retry_after),
+            (ErrorKind::Permanent, None)
+        );
+        assert!(
+            split.message.starts_with("2 requests failed"),
+            "{}",
+            split.message
+        );
+        assert!(split.message.contains("HTTP 400"), "{}", split.message);
+        let wait = combine(vec![down.clone(), bad, throttled.clone()], 3).unwrap_err();
+        assert_eq!(
+            (wait.kind, wait.retry_after),
+            (ErrorKind::Transient, throttled.retry_after)
+        );
+        assert!(wait.message.contains("HTTP 429"), "{}", wait.message);
+        let two = combine(vec![down.clone(), down], 3).unwrap_err();
+        assert_eq!((two.kind, two.retry_after), (ErrorKind::Transient, None));
+    }
+
+    #[test]
+    fn outcomes_are_remembered_per_origin_while_it_lives() {
+        let mut memo = Outcomes::default();
+        let (a, b) = (origin("same", "t"), origin("same", "t"));
+        memo.insert(&a, [1; 16], Outcome::Delivered);
+        memo.insert(
+            &a,
+            [2; 16],
+            Outcome::Rejected(SinkError::permanent("HTTP 400")),
+        );
+        assert!(matches!(memo.get(&a, [1; 16]), Some(Outcome::Delivered)));
+        assert!(
+            matches!(memo.get(&a, [2; 16]), Some(Outcome::Rejected(e)) if e.message == "HTTP 400")
+        );
+        assert!(memo.get(&a, [3; 16]).is_none());
+        assert!(
+            memo.get(&b, [1; 16]).is_none(),
+            "another message with the same id"
+        );
+        drop(a);
+        memo.prune_at = 0;
+        memo.insert(&b, [3; 16], Outcome::Delivered);
+        assert_eq!(memo.map.len(), 1, "entries of finished messages are pruned");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_transient_and_the_query_stays_out_of_errors() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let cfg = config(&format!(
+            "url: \"http://127.0.0.1:{port}/x?token=s3cr3t\"\ntimeout: 2s\n"
+        ));
+        let sink = WebhookSink::new(&cfg, |_| None).unwrap();
+        let o = origin("a", "t");
+        let err = sink.write(&[delivery(&o, json!({}))]).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Transient);
+        assert!(
+            err.message
+                .starts_with(&format!("POST http://127.0.0.1:{port}/x?…: ")),
+            "{}",
+            err.message
+        );
+        assert!(!err.message.contains("s3cr3t"), "{}", err.message);
+    }
+
+    #[test]
+    fn excerpts_are_short_single_lines() {
+        assert_eq!(
+            excerpt(b"  {\"error\":\n\"bad\"}\n"),
+            "{\"error\": \"bad\"}"
+        );
+        let long = "x".repeat(500);
+        let e = excerpt(long.as_bytes());
+        assert_eq!(e.chars().count(), EXCERPT_CHARS + 1);
+        assert!(e.ends_with('…'));
+    }
+}

@@ -1,0 +1,577 @@
+//! The webhook sink against a real HTTP server: hyper on a loopback port, injecting the
+//! faults the test asks for (500s, 429 with Retry-After, answers slower than the sink's
+//! timeout, connections reset mid-request) and answering 400 to records marked bad. The
+//! server checks HMAC signatures itself (401 when one does not verify) and records every
+//! request it saw and what it answered.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::Mac;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use mqbridge::sink::message_id;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::util::*;
+
+/// How long a `Slow` answer takes; the sinks under test time out after 500ms.
+const SLOW: Duration = Duration::from_millis(1500);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Answer 500.
+    Error500,
+    /// Answer 429 with `Retry-After: 1`.
+    TooMany,
+    /// Accept the request (200) but answer after [`SLOW`].
+    Slow,
+    /// Drop the connection (RST) after the request head, before reading the body.
+    Reset,
+}
+
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    path: String,
+    key: Option<String>,
+    content_type: Option<String>,
+    /// The templated `X-Device` header, when sent.
+    device: Option<String>,
+    body: Bytes,
+    /// Whether the signature header verified (None: the path is not signed).
+    signature_ok: Option<bool>,
+    /// The status answered; None when the connection was reset.
+    status: Option<u16>,
+    fault: Option<Fault>,
+}
+
+impl Seen {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Faults for the next requests, one per request, in arrival order.
+    faults: VecDeque<Fault>,
+    /// HMAC key; requests to a path in `signed` must carry a valid signature header.
+    secret: Vec<u8>,
+    signed: Vec<(&'static str, &'static str)>,
+    seen: Vec<Seen>,
+}
+
+struct HookServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HookServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HookServer {
+    async fn start() -> HookServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream, Arc::clone(&shared)));
+            }
+        });
+        HookServer { addr, state, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.state.lock().unwrap().faults.extend(faults);
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+}
+
+async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>) {
+    // Linger 0: closing the socket sends RST, so `Reset` is a real reset (and with a zero
+    // linger time the close cannot block).
+    #[allow(deprecated)]
+    let _ = stream.set_linger(Some(Duration::ZERO));
+    let reset = Arc::new(Notify::new());
+    let service = {
+        let reset = Arc::clone(&reset);
+        hyper::service::service_fn(move |req| handle(Arc::clone(&state), Arc::clone(&reset), req))
+    };
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = conn => {}
+        // Dropping the connection mid-request.
+        _ = reset.notified() => {}
+    }
+}
+
+async fn handle(
+    state: Arc<Mutex<State>>,
+    reset: Arc<Notify>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let fault = state.lock().unwrap().faults.pop_front();
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let path = req.uri().path().to_owned();
+    let signature_header = state
+        .lock()
+        .unwrap()
+        .signed
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, h)| *h);
+    let mut seen = Seen {
+        at: Instant::now(),
+        key: header("idempotency-key"),
+        content_type: header("content-type"),
+        device: header("x-device"),
+        signature_ok: None,
+        body: Bytes::new(),
+        status: None,
+        fault,
+        path,
+    };
+    let signature = signature_header.and_then(header);
+    if fault == Some(Fault::Reset) {
+        state.lock().unwrap().seen.push(seen);
+        reset.notify_one();
+        // Never answers: the connection is dropped under it.
+        return std::future::pending().await;
+    }
+    seen.body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if signature_header.is_some() {
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(&state.lock().unwrap().secret).unwrap();
+        mac.update(&seen.body);
+        let want = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        seen.signature_ok = Some(signature.as_deref() == Some(want.as_str()));
+    }
+    let bad = seen.json().get("bad") == Some(&Value::Bool(true));
+    let (status, body) = match fault {
+        Some(Fault::Error500) => (500, "injected failure"),
+        Some(Fault::TooMany) => (429, "slow down"),
+        _ if seen.signature_ok == Some(false) => (401, "bad signature"),
+        _ if bad => (400, r#"{"error":"bad payload"}"#),
+        _ => (200, "ok"),
+    };
+    seen.status = Some(status);
+    state.lock().unwrap().seen.push(seen);
+    if fault == Some(Fault::Slow) && status == 200 {
+        tokio::time::sleep(SLOW).await;
+    }
+    let mut resp = Response::builder().status(status);
+    if status == 429 {
+        resp = resp.header("retry-after", "1");
+    }
+    Ok(resp.body(Full::new(Bytes::from(body))).unwrap())
+}
+
+fn topic(device: &str) -> String {
+    format!("devices/{device}/events")
+}
+
+fn payload(seq: i64, bad: bool) -> String {
+    if bad {
+        format!(r#"{{"seq": {seq}, "bad": true}}"#)
+    } else {
+        format!(r#"{{"seq": {seq}}}"#)
+    }
+}
+
+const RULE: &str = r#"
+rules:
+  - name: events
+    from: ["devices/{device}/events"]
+    transform: '{device: .vars.device, seq: .payload.seq, bad: (.payload.bad // false)}'
+    to: [TO]
+dead_letter: { sink: dlq }
+"#;
+
+fn bridge_config(
+    broker: u16,
+    client_id: &str,
+    dlq: &std::path::Path,
+    sinks: &str,
+    to: &str,
+) -> String {
+    format!(
+        "broker:\n  url: mqtt://127.0.0.1:{broker}\n  client_id: {client_id}\nsinks:\n{sinks}  dlq:\n    type: file\n    path: {}\n{}",
+        dlq.display(),
+        RULE.replace("TO", to)
+    )
+}
+
+/// Publishes probe messages until the server saw one (the bridge has subscribed), then a
+/// last one and waits for it: the records of one topic are sent in order, so no probe is
+/// still in flight when the test injects its faults.
+async fn wait_for_probes(publisher: &TestClient, hook: &HookServer) {
+    let mut sent = 0;
+    eventually(
+        Duration::from_secs(20),
+        "a probe to reach the webhook",
+        async || {
+            sent += 1;
+            publisher
+                .publish_all([(topic("probe"), payload(-sent, false))])
+                .await;
+            hook.seen()
+                .iter()
+                .any(|s| s.path.contains("probe"))
+                .then_some(())
+        },
+    )
+    .await;
+    let (t, p) = (topic("probe"), payload(-1_000_000, false));
+    let last = message_id(&t, p.as_bytes());
+    publisher.publish_all([(t, p)]).await;
+    eventually(Duration::from_secs(10), "the last probe", async || {
+        hook.seen()
+            .iter()
+            .any(|s| s.key.as_deref() == Some(last.as_str()) && s.status == Some(200))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_delivers_each_message_once_through_faults_and_dead_letters_4xx() {
+    let broker = Mosquitto::start().await;
+    let hook = HookServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let dlq = dir.path().join("dead.jsonl");
+    let sinks = r#"  hook:
+    type: webhook
+    url: "URL/ingest/{{ vars.device }}"
+    headers: { X-Device: "{{ vars.device }}" }
+    timeout: 500ms
+    batch: { max_rows: 16, max_wait: 20ms }
+    retry: { initial_delay: 50ms, max_delay: 2s }
+"#
+    .replace("URL", &hook.url());
+    let bridge = InProcess::start(&bridge_config(
+        broker.port,
+        "bridge-hook-1",
+        &dlq,
+        &sinks,
+        "hook",
+    ));
+    let publisher = TestClient::connect(broker.port, "hook-publisher-1").await;
+    wait_for_probes(&publisher, &hook).await;
+
+    let faults = [
+        [Fault::Error500; 5].as_slice(),
+        &[Fault::TooMany, Fault::Slow, Fault::Reset, Fault::Reset],
+    ]
+    .concat();
+    hook.inject(faults.iter().copied());
+    const N: i64 = 48;
+    const BAD: [i64; 3] = [5, 22, 41];
+    let messages: Vec<(String, String)> = (0..N)
+        .map(|i| (topic(&format!("d{}", i % 4)), payload(i, BAD.contains(&i))))
+        .collect();
+    let good_ids: BTreeSet<String> = messages
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !BAD.contains(&(*i as i64)))
+        .map(|(_, (t, p))| message_id(t, p.as_bytes()))
+        .collect();
+    let bad_ids: BTreeSet<String> = BAD
+        .iter()
+        .map(|&i| {
+            let (t, p) = &messages[i as usize];
+            message_id(t, p.as_bytes())
+        })
+        .collect();
+    let started = Instant::now();
+    publisher.publish_all(messages.clone()).await;
+
+    let accepted = |seen: &[Seen]| -> Vec<Seen> {
+        seen.iter()
+            .filter(|s| !s.path.contains("probe") && s.status == Some(200))
+            .cloned()
+            .collect()
+    };
+    let letters = eventually(
+        Duration::from_secs(15),
+        "every good message delivered and 3 dead letters",
+        async || {
+            let keys: BTreeSet<String> = accepted(&hook.seen())
+                .into_iter()
+                .filter_map(|s| s.key)
+                .collect();
+            let letters = json_lines(&dlq);
+            (keys.len() >= good_ids.len() && letters.len() >= 3).then_some(letters)
+        },
+    )
+    .await;
+    let seen: Vec<Seen> = hook
+        .seen()
+        .into_iter()
+        .filter(|s| !s.path.contains("probe"))
+        .collect();
+    let ok = accepted(&seen);
+
+    // Nothing lost, nothing extra: the receiver, deduplicating by Idempotency-Key, has
+    // exactly the good messages.
+    let keys: BTreeSet<String> = ok.iter().filter_map(|s| s.key.clone()).collect();
+    assert_eq!(keys, good_ids, "delivered keys = the good messages' ids");
+    // Duplicates only where the server accepted a request the sink had given up on
+    // (the slow answer): requests that got a 2xx are not sent again when the batch is
+    // retried or split.
+    let mut per_key: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in &ok {
+        *per_key.entry(s.key.as_deref().unwrap()).or_default() += 1;
+    }
+    let slow_keys: BTreeSet<&str> = seen
+        .iter()
+        .filter(|s| s.fault == Some(Fault::Slow))
+        .filter_map(|s| s.key.as_deref())
+        .collect();
+    for (key, n) in &per_key {
+        assert!(
+            *n == 1 || (*n == 2 && slow_keys.contains(key)),
+            "{key} delivered {n} times"
+        );
+    }
+    println!(
+        "webhook: {} requests for {} messages ({} accepted, {} distinct keys) in {:?}",
+        seen.len(),
+        N,
+        ok.len(),
+        keys.len(),
+        started.elapsed()
+    );
+
+    // Every fault was served, each request carried the key and the JSON content type.
+    assert!(hook.state.lock().unwrap().faults.is_empty());
+    for f in [Fault::Error500, Fault::TooMany, Fault::Slow, Fault::Reset] {
+        let want = faults.iter().filter(|&&x| x == f).count();
+        let got = seen.iter().filter(|s| s.fault == Some(f)).count();
+        assert_eq!(got, want, "{f:?}");
+    }
+    for s in &seen {
+        assert!(
+            s.key
+                .as_ref()
+                .is_some_and(|k| good_ids.contains(k) || bad_ids.contains(k)),
+            "{s:?}"
+        );
+        assert_eq!(s.content_type.as_deref(), Some("application/json"), "{s:?}");
+    }
+
+    // Retry-After: 1 was honoured: the throttled request came back at least 1 s later.
+    let throttled = seen
+        .iter()
+        .find(|s| s.fault == Some(Fault::TooMany))
+        .unwrap();
+    let again = seen
+        .iter()
+        .find(|s| s.key == throttled.key && s.at > throttled.at)
+        .expect("the throttled request is retried");
+    assert!(
+        again.at - throttled.at >= Duration::from_secs(1),
+        "retried after {:?}",
+        again.at - throttled.at
+    );
+
+    // Per topic, records arrive in order (first delivery of each key).
+    let mut firsts: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut counted = BTreeSet::new();
+    for s in &ok {
+        if counted.insert(s.key.clone()) {
+            let v = s.json();
+            assert_eq!(s.path, format!("/ingest/{}", v["device"].as_str().unwrap()));
+            assert_eq!(
+                s.device.as_deref(),
+                v["device"].as_str(),
+                "templated header"
+            );
+            firsts
+                .entry(v["device"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(v["seq"].as_i64().unwrap());
+        }
+    }
+    for (device, seqs) in &firsts {
+        assert!(seqs.is_sorted(), "{device}: {seqs:?}");
+    }
+
+    // Each bad record was rejected once: splitting the batch did not send it again.
+    let rejected: Vec<&Seen> = seen.iter().filter(|s| s.status == Some(400)).collect();
+    assert_eq!(rejected.len(), 3, "{rejected:?}");
+
+    // The bad records went to the dead letter on their first attempt, with the status.
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for l in &letters {
+        assert!(bad_ids.contains(l["message_id"].as_str().unwrap()), "{l}");
+        assert!(BAD.contains(&l["record"]["seq"].as_i64().unwrap()), "{l}");
+        assert_eq!(l["sink"], "hook");
+        assert_eq!(l["error_kind"], "permanent");
+        assert_eq!(l["attempts"], 1, "{l}");
+        let error = l["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("HTTP 400 Bad Request from POST http://"),
+            "{error}"
+        );
+        assert!(error.contains("bad payload"), "{error}");
+    }
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_signs_bodies_with_hmac_from_env_and_batches_json_arrays() {
+    const SECRET: &str = "e2e-webhook-secret";
+    let broker = Mosquitto::start().await;
+    let hook = HookServer::start().await;
+    {
+        let mut st = hook.state.lock().unwrap();
+        st.secret = SECRET.as_bytes().to_vec();
+        st.signed = vec![("/each", "x-signature"), ("/batch", "x-hub-signature-256")];
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dlq = dir.path().join("dead.jsonl");
+    let sinks = r#"  each:
+    type: webhook
+    url: URL/each
+    method: PUT
+    timeout: 2s
+    hmac: { secret_env: HOOK_SECRET }
+  batched:
+    type: webhook
+    url: URL/batch
+    batch_body: true
+    batch: { max_rows: 100, max_wait: 200ms }
+    timeout: 2s
+    hmac: { secret_env: HOOK_SECRET, header: X-Hub-Signature-256 }
+"#
+    .replace("URL", &hook.url());
+    let cfg = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &cfg,
+        bridge_config(broker.port, "bridge-hook-2", &dlq, &sinks, "each, batched"),
+    )
+    .unwrap();
+    let bridge = ChildBridge::start_with_env(&cfg, &[("HOOK_SECRET", SECRET)]);
+    bridge
+        .wait_for_log("subscribed", Duration::from_secs(20))
+        .await;
+    assert!(
+        !bridge
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(SECRET)),
+        "the secret is never logged"
+    );
+
+    const N: i64 = 60;
+    let messages: Vec<(String, String)> = (0..N)
+        .map(|i| (topic(&format!("d{}", i % 3)), payload(i, false)))
+        .collect();
+    let ids: BTreeSet<String> = messages
+        .iter()
+        .map(|(t, p)| message_id(t, p.as_bytes()))
+        .collect();
+    let publisher = TestClient::connect(broker.port, "hook-publisher-2").await;
+    publisher.publish_all(messages.clone()).await;
+
+    let seen = eventually(
+        Duration::from_secs(15),
+        "both sinks to deliver everything",
+        async || {
+            let seen = hook.seen();
+            let each: BTreeSet<String> = seen
+                .iter()
+                .filter(|s| s.path == "/each" && s.status == Some(200))
+                .filter_map(|s| s.key.clone())
+                .collect();
+            let batched: BTreeSet<i64> = seen
+                .iter()
+                .filter(|s| s.path == "/batch" && s.status == Some(200))
+                .flat_map(|s| s.json().as_array().cloned().unwrap_or_default())
+                .map(|r| r["seq"].as_i64().unwrap())
+                .collect();
+            (each.len() >= ids.len() && batched.len() as i64 >= N).then_some(seen)
+        },
+    )
+    .await;
+
+    assert!(
+        seen.iter()
+            .all(|s| s.signature_ok == Some(true) && s.status == Some(200)),
+        "every signature verifies: {:?}",
+        seen.iter().find(|s| s.signature_ok != Some(true))
+    );
+    let each: Vec<&Seen> = seen.iter().filter(|s| s.path == "/each").collect();
+    let keys: BTreeSet<String> = each.iter().filter_map(|s| s.key.clone()).collect();
+    assert_eq!(keys, ids, "one request per record, keyed by message id");
+    assert_eq!(each.len() as i64, N, "no retries were needed");
+    for s in &each {
+        assert!(s.json().is_object(), "{s:?}");
+    }
+
+    let batches: Vec<&Seen> = seen.iter().filter(|s| s.path == "/batch").collect();
+    assert!(
+        batches.len() < N as usize,
+        "records were batched: {} requests",
+        batches.len()
+    );
+    let mut batched_seqs = Vec::new();
+    for b in &batches {
+        assert_eq!(b.content_type.as_deref(), Some("application/json"));
+        let records = b.json().as_array().cloned().expect("a JSON array");
+        let first = &records[0]["seq"].as_i64().unwrap();
+        let (t, p) = &messages[*first as usize];
+        let key = b.key.as_deref().unwrap();
+        if records.len() == 1 {
+            assert_eq!(key, message_id(t, p.as_bytes()));
+        } else {
+            assert!(
+                key.starts_with(&format!("{}-", message_id(t, p.as_bytes()))),
+                "{key}"
+            );
+        }
+        batched_seqs.extend(records.iter().map(|r| r["seq"].as_i64().unwrap()));
+    }
+    batched_seqs.sort();
+    assert_eq!(
+        batched_seqs,
+        (0..N).collect::<Vec<_>>(),
+        "each record in one batch"
+    );
+    assert!(json_lines(&dlq).is_empty());
+    drop(bridge);
+}
