@@ -101,6 +101,8 @@ fn main() -> ExitCode {
                 let shutdown = mqbridge::shutdown::on_signal();
                 mqbridge::app::run(plan, shutdown).await
             });
+            // Don't wait for a blocking thread stuck in a runaway jq program.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -88,7 +88,7 @@ fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
 /// `client_id` is the plan's id or a derived one; `persistent` asks for a persistent
 /// session (clean session/start off, a session expiry for MQTT 5) so the broker keeps our
 /// subscriptions and unacknowledged messages while we are away; `manual_acks` leaves
-/// PUBACK/PUBREC to [`Client::try_ack`].
+/// PUBACK/PUBREC to [`Client::ack`].
 pub fn connect(
     plan: &BrokerPlan,
     client_id: &str,
@@ -193,19 +193,20 @@ impl Client {
         .map_err(|e| e.to_string())
     }
 
-    /// Queues the acknowledgement of a received PUBLISH without waiting.
-    pub fn try_ack(&self, token: &AckToken) -> Result<(), String> {
+    /// Queues the acknowledgement of a received PUBLISH, waiting while the request
+    /// channel is full. Never call it from the task that polls the event loop.
+    pub async fn ack(&self, token: &AckToken) -> Result<(), String> {
         // rumqttc acks a Publish; only its packet id and QoS matter.
         match self {
             Client::V4(c) => {
                 let mut p = rumqttc::Publish::new("", qos4(token.qos), Vec::new());
                 p.pkid = token.pkid;
-                c.try_ack(&p).map_err(|e| e.to_string())
+                c.ack(&p).await.map_err(|e| e.to_string())
             }
             Client::V5(c) => {
                 let mut p = p5::Publish::new("", qos5(token.qos), Vec::new(), None);
                 p.pkid = token.pkid;
-                c.try_ack(&p).map_err(|e| e.to_string())
+                c.ack(&p).await.map_err(|e| e.to_string())
             }
         }
     }

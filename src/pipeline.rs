@@ -21,6 +21,9 @@ use crate::sink::{Delivery, ErrorKind, Origin};
 /// Longest one message may spend in rule evaluation.
 pub const EVAL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Most messages evaluated per hand-off to a blocking thread.
+const EVAL_BATCH: usize = 256;
+
 /// A matching rule's verdict on one message.
 pub struct Verdict {
     pub rule: usize,
@@ -58,37 +61,76 @@ pub struct Pipeline {
 impl Pipeline {
     /// Processes messages until the source closes its channel.
     pub async fn run(self, mut rx: mpsc::Receiver<Message>) {
-        while let Some(msg) = rx.recv().await {
-            self.process(msg).await;
+        let mut batch = Vec::with_capacity(EVAL_BATCH);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < EVAL_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            self.process(std::mem::take(&mut batch)).await;
         }
         tracing::debug!("source closed, router done");
     }
 
-    async fn process(&self, mut msg: Message) {
-        let ack = std::mem::replace(&mut msg.ack, Ack::detached());
-        let msg = Arc::new(msg);
-        let rules = Arc::clone(&self.rules);
-        let job = {
-            let msg = Arc::clone(&msg);
-            tokio::task::spawn_blocking(move || evaluate(&rules, &msg))
-        };
-        let verdicts = match tokio::time::timeout(EVAL_TIMEOUT, job).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(panic)) => {
-                let error = format!("rule evaluation panicked: {panic}");
-                self.fail_all(&msg, &error, ack).await;
-                return;
+    /// Evaluates a run of messages on a blocking thread (one hand-off for many messages)
+    /// and dispatches each message's records as its verdicts arrive, in order.
+    async fn process(&self, batch: Vec<Message>) {
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut msgs = Vec::with_capacity(batch.len());
+        for mut m in batch {
+            acks.push(std::mem::replace(&mut m.ack, Ack::detached()));
+            msgs.push(Arc::new(m));
+        }
+        let msgs: Arc<[Arc<Message>]> = msgs.into();
+        let mut acks = acks.into_iter();
+        let mut next = 0;
+        while next < msgs.len() {
+            let (tx, mut results) = mpsc::unbounded_channel();
+            let job = {
+                let (rules, msgs) = (Arc::clone(&self.rules), Arc::clone(&msgs));
+                tokio::task::spawn_blocking(move || {
+                    for m in &msgs[next..] {
+                        if tx.send(evaluate(&rules, m)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            };
+            // Results come one per message, in order; a message that takes too long is
+            // dead-lettered and the rest are evaluated again on a fresh thread.
+            while next < msgs.len() {
+                let msg = &msgs[next];
+                let ack = acks.next().expect("one ack per message");
+                next += 1;
+                match tokio::time::timeout(EVAL_TIMEOUT, results.recv()).await {
+                    Ok(Some(verdicts)) => self.dispatch(msg, verdicts, ack).await,
+                    Ok(None) => {
+                        let error = match job.await {
+                            Err(e) if e.is_panic() => format!("rule evaluation panicked: {e}"),
+                            _ => "rule evaluation stopped".to_string(),
+                        };
+                        self.fail_all(msg, &error, ack).await;
+                        break;
+                    }
+                    Err(_) => {
+                        let error = format!("rule evaluation took longer than {EVAL_TIMEOUT:?}");
+                        tracing::error!(topic = %msg.topic, "{error}; a blocking thread stays busy until the program ends");
+                        self.fail_all(msg, &error, ack).await;
+                        break;
+                    }
+                }
             }
-            Err(_) => {
-                let error = format!("rule evaluation took longer than {EVAL_TIMEOUT:?}");
-                tracing::error!(topic = %msg.topic, "{error}; a blocking thread stays busy until the program ends");
-                self.fail_all(&msg, &error, ack).await;
-                return;
-            }
-        };
+        }
+    }
+
+    /// Hands one message's records to the sinks (waiting when a queue is full).
+    async fn dispatch(&self, msg: &Message, verdicts: Vec<Verdict>, ack: Ack) {
         for v in verdicts {
             let rule = &self.rules[v.rule];
-            let origin = Arc::new(origin(&msg, rule, v.vars));
+            let origin = Arc::new(origin(msg, rule, v.vars));
             match v.evaluation {
                 Evaluation::Records(records) => {
                     for record in records {
@@ -159,5 +201,115 @@ fn origin(msg: &Message, rule: &Rule, vars: Vec<(String, String)>) -> Origin {
         received_at: msg.received_at,
         rule: Arc::clone(&rule.name),
         source: Arc::clone(&msg.source),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::jq::JqProgram;
+    use crate::sink::driver::spawn;
+    use crate::sink::{BatchConfig, Common, Sink, SinkError};
+    use crate::topic::TopicFilter;
+    use futures::future::BoxFuture;
+    use std::sync::Mutex;
+    use tokio_util::task::TaskTracker;
+
+    /// Collects what it is given.
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<serde_json::Value>>);
+    impl Sink for Collect {
+        fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+            self.0
+                .lock()
+                .unwrap()
+                .extend(batch.iter().map(|d| d.record.clone()));
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn rule(name: &str, from: &str, transform: &str, to: usize) -> Rule {
+        Rule {
+            name: Arc::from(name),
+            from: vec![TopicFilter::parse(from).unwrap()],
+            decode: crate::rule::Decode::Json,
+            filter: None,
+            transform: Some(JqProgram::compile(transform).unwrap()),
+            to: vec![to],
+        }
+    }
+
+    #[test]
+    fn a_runaway_program_costs_one_message_not_the_stream() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (out, dead) = rt.block_on(async {
+            let tracker = TaskTracker::new();
+            let common = Common {
+                batch: BatchConfig::default(),
+                retry: Default::default(),
+                queue: 100,
+                concurrency: 1,
+                rate_limit: None,
+            };
+            let out = Arc::new(Collect::default());
+            let dead = Arc::new(Collect::default());
+            let dlq = spawn(
+                Arc::from("dlq"),
+                dead.clone(),
+                common,
+                DeadLetter { queue: None },
+                &tracker,
+            );
+            let sink = spawn(
+                Arc::from("out"),
+                out.clone(),
+                common,
+                DeadLetter {
+                    queue: Some(dlq.clone()),
+                },
+                &tracker,
+            );
+            let pipeline = Pipeline {
+                rules: Arc::new(vec![
+                    rule("fast", "ok/+", "{v: .payload.v}", 0),
+                    rule("slow", "slow", "last(range(1e15))", 0),
+                ]),
+                sinks: vec![sink],
+                dead_letter: DeadLetter { queue: Some(dlq) },
+            };
+            let (tx, rx) = mpsc::channel(16);
+            for (topic, v) in [("ok/a", 1), ("slow", 2), ("ok/b", 3)] {
+                tx.send(Message::detached(topic, format!(r#"{{"v": {v}}}"#), 1))
+                    .await
+                    .unwrap();
+            }
+            drop(tx);
+            pipeline.run(rx).await;
+            tracker.close();
+            tracker.wait().await;
+            (out, dead)
+        });
+        // The stuck evaluation thread is abandoned, not waited for.
+        rt.shutdown_timeout(Duration::from_millis(10));
+        let out = out.0.lock().unwrap().clone();
+        assert_eq!(
+            out,
+            vec![serde_json::json!({"v": 1}), serde_json::json!({"v": 3})]
+        );
+        let dead = dead.0.lock().unwrap().clone();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0]["topic"], "slow");
+        assert!(
+            dead[0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("took longer than"),
+            "{}",
+            dead[0]
+        );
     }
 }

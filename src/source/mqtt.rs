@@ -7,7 +7,8 @@
 //!   (rumqttc#250), backs off between failed connects, turns PUBLISHes into [`Message`]s
 //!   and hands them to the pipeline with `try_send`;
 //! - the **ack task** owns the [`AckSequencer`]: it learns of arrivals and settlements and
-//!   queues PUBACK/PUBREC for the settled prefix, in arrival order (rumqttc#846);
+//!   queues PUBACK/PUBREC for the settled prefix, in arrival order (rumqttc#846), waiting
+//!   for room in rumqttc's request channel (acks must not be lost);
 //! - each message's [`Ack`] reports its settlement to the ack task.
 //!
 //! QoS 1/2 messages in flight are bounded by the broker's window (its inflight limit, or
@@ -195,9 +196,11 @@ async fn ack_task(client: Client, mut rx: mpsc::UnboundedReceiver<AckEvent>) {
             AckEvent::Reset => seq.reset(),
             AckEvent::Settled(n) => {
                 for token in seq.settle(n) {
-                    // try_: this task must not wait on a poll loop that may be gone.
-                    if let Err(e) = client.try_ack(&token) {
-                        tracing::warn!(error = %e, "cannot queue ack; the broker will redeliver");
+                    // Waits while rumqttc's request channel is full: the poll loop never
+                    // waits on this task, so the channel drains. A lost ack would hold a
+                    // slot of the broker's window until the next reconnect.
+                    if let Err(e) = client.ack(&token).await {
+                        tracing::warn!(error = %e, "cannot queue ack (connection closing); the broker will redeliver");
                     }
                 }
             }
