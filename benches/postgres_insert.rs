@@ -1,0 +1,117 @@
+//! Batch insert strategies for the postgres sink, measured side by side on one server:
+//! the sink's `INSERT … SELECT … FROM UNNEST($1::text[], …)` (what mqbridge uses) against
+//! `COPY … FROM STDIN` in a transaction per batch. Needs a PostgreSQL URL:
+//!
+//! ```text
+//! cargo bench --bench postgres_insert -- postgres://postgres@127.0.0.1:5432/bench
+//! ```
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use mqbridge::delivery::Ack;
+use mqbridge::sink::{Delivery, OpenContext, Origin, SinkConfig};
+use serde_json::json;
+use sqlx::Connection;
+
+const ROWS: usize = 100_000;
+const BATCH: usize = 1000;
+const RUNS: usize = 5;
+
+fn delivery(seq: usize) -> Delivery {
+    Delivery {
+        record: json!({"device": format!("d{}", seq % 100), "seq": seq, "temp": (seq % 40) as f64 + 0.5, "ts": "2026-11-26T03:00:00Z"}),
+        origin: Arc::new(Origin {
+            id: seq.to_string(),
+            topic: "bench".into(),
+            payload: bytes::Bytes::new(),
+            qos: 1,
+            retain: false,
+            vars: vec![],
+            received_at: jiff::Timestamp::now(),
+            rule: Arc::from("bench"),
+            source: Arc::from("bench"),
+        }),
+        ack: Ack::detached(),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let Some(url) = std::env::args().skip(1).find(|a| a.starts_with("postgres")) else {
+        println!("postgres_insert: run with `cargo bench --bench postgres_insert -- postgres://…`");
+        return;
+    };
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("DROP TABLE IF EXISTS bench_rows; CREATE TABLE bench_rows (device text, seq bigint, temp double precision, ts timestamptz)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let records: Vec<Delivery> = (0..ROWS).map(delivery).collect();
+    let cfg: SinkConfig =
+        serde_json::from_value(json!({"type": "postgres", "url": url, "table": "bench_rows"}))
+            .unwrap();
+    let sink = cfg
+        .spec()
+        .open(OpenContext {
+            name: "bench",
+            broker: None,
+        })
+        .await
+        .unwrap();
+
+    let (mut unnest, mut copy) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        sqlx::raw_sql("TRUNCATE bench_rows")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let t = Instant::now();
+        for chunk in records.chunks(BATCH) {
+            sink.write(chunk).await.unwrap();
+        }
+        unnest.push(ROWS as f64 / t.elapsed().as_secs_f64());
+
+        sqlx::raw_sql("TRUNCATE bench_rows")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let t = Instant::now();
+        for chunk in records.chunks(BATCH) {
+            let mut text = String::with_capacity(chunk.len() * 48);
+            for d in chunk {
+                let r = &d.record;
+                text.push_str(&format!(
+                    "{}\t{}\t{}\t{}\n",
+                    r["device"].as_str().unwrap(),
+                    r["seq"],
+                    r["temp"],
+                    r["ts"].as_str().unwrap()
+                ));
+            }
+            let mut tx = conn.begin().await.unwrap();
+            let mut c = tx
+                .copy_in_raw("COPY bench_rows (device, seq, temp, ts) FROM STDIN")
+                .await
+                .unwrap();
+            c.send(text.into_bytes()).await.unwrap();
+            c.finish().await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        copy.push(ROWS as f64 / t.elapsed().as_secs_f64());
+    }
+    let (u, c) = (median(unnest.clone()), median(copy.clone()));
+    println!("{ROWS} rows in batches of {BATCH}, {RUNS} runs each (rows/s)");
+    println!("  UNNEST (the sink):  median {u:>9.0}  runs {unnest:.0?}");
+    println!("  COPY FROM STDIN:    median {c:>9.0}  runs {copy:.0?}");
+    println!("  UNNEST / COPY = {:.2}", u / c);
+    sqlx::raw_sql("DROP TABLE bench_rows")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
