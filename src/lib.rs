@@ -22,6 +22,7 @@
 //! - [`app`]: wires it all from a plan and orders shutdown; [`shutdown`]: signals.
 
 pub mod app;
+pub mod broker;
 pub mod config;
 pub mod delivery;
 pub mod dryrun;
