@@ -112,6 +112,9 @@ async fn handle(
     // The CONNECT.
     let frame = tokio::time::timeout(CONNECT_TIMEOUT, async {
         loop {
+            if buf.first().is_some_and(|&b| b != 0x10) {
+                anyhow::bail!("first packet is not CONNECT");
+            }
             if let Some(frame) = codec::take_frame(&mut buf, max_packet)? {
                 return Ok::<_, anyhow::Error>(frame);
             }
