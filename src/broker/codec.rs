@@ -67,6 +67,8 @@ pub struct Connect {
     pub receive_maximum: u16,
     /// Largest packet the client accepts.
     pub max_packet_size: Option<u32>,
+    /// MQTT 5: how many topic aliases the client accepts from us.
+    pub topic_alias_max: u16,
     /// MQTT 5 enhanced authentication method (not supported: refused).
     pub auth_method: Option<String>,
 }
@@ -295,6 +297,7 @@ fn decode_v4(mut frame: BytesMut) -> Result<Packet, CodecError> {
                 session_expiry: if c.clean_session { 0 } else { u32::MAX },
                 receive_maximum: u16::MAX,
                 max_packet_size: None,
+                topic_alias_max: 0,
                 auth_method: None,
             }))
         }
@@ -411,6 +414,7 @@ fn decode_v5(mut frame: BytesMut) -> Result<Packet, CodecError> {
                 session_expiry: props.session_expiry_interval.unwrap_or(0),
                 receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
                 max_packet_size: props.max_packet_size,
+                topic_alias_max: props.topic_alias_max.unwrap_or(0),
                 auth_method: props.authentication_method,
             }))
         }

@@ -109,8 +109,8 @@ async fn handle(
     let max_packet = shared.plan.max_packet_size;
     let mut buf = BytesMut::with_capacity(4096);
 
-    // The CONNECT.
-    let frame = tokio::time::timeout(CONNECT_TIMEOUT, async {
+    // The CONNECT (a client that never sends one must not hold up a shutdown).
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, async {
         loop {
             if buf.first().is_some_and(|&b| b != 0x10) {
                 anyhow::bail!("first packet is not CONNECT");
@@ -122,9 +122,11 @@ async fn handle(
                 anyhow::bail!("closed before CONNECT");
             }
         }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no CONNECT within {CONNECT_TIMEOUT:?}"))??;
+    });
+    let frame = tokio::select! {
+        r = connecting => r.map_err(|_| anyhow::anyhow!("no CONNECT within {CONNECT_TIMEOUT:?}"))??,
+        _ = stop.cancelled() => anyhow::bail!("shutting down"),
+    };
     let version = match codec::detect_version(&frame) {
         Ok(v) => v,
         Err(e @ CodecError::UnsupportedProtocol { .. }) => {
@@ -174,12 +176,19 @@ async fn handle(
             return Err(e);
         }
     };
-    let end = conn.run(rd, buf, &stop, &done, &writer_gone).await;
+    let end = conn.run(&mut rd, buf, &stop, &done, &writer_gone).await;
     conn.finish(&end).await;
     drop(conn);
     drop(wtx);
-    // Let queued packets (DISCONNECT, last acks) out, briefly.
+    // Let queued packets (DISCONNECT, last acks) out, briefly; then read until the
+    // client closes, so that closing with unread input does not reset the connection
+    // and destroy the DISCONNECT before the client reads it.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut sink = [0u8; 4096];
+        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
     tracing::debug!(?end, "embedded broker: connection ended");
     Ok(())
 }
@@ -247,6 +256,9 @@ struct Conn {
     /// QoS 2 packet ids of this connection waiting for settlement.
     qos2_pending_here: HashSet<u16>,
     aliases: HashMap<u16, String>,
+    /// Server → client topic aliases (MQTT 5, up to the client's topic alias maximum).
+    aliases_out: HashMap<String, u16>,
+    client_alias_max: u16,
     source: Arc<str>,
 }
 
@@ -342,7 +354,8 @@ impl Conn {
                 _ => (Session::new(c.session_expiry), false),
             };
             session.expiry = c.session_expiry;
-            session.generation += 1;
+            // Unique across sessions, so a timer of an earlier session never matches.
+            session.generation = conn_id;
             session.link = Some(link);
             session.username = c.username.clone();
             let resend = session.resend();
@@ -389,6 +402,8 @@ impl Conn {
             settled_rx,
             qos2_pending_here: HashSet::new(),
             aliases: HashMap::new(),
+            aliases_out: HashMap::new(),
+            client_alias_max: c.topic_alias_max,
             source: Arc::from("embedded"),
         };
         conn.send(Outgoing::ConnAck {
@@ -443,7 +458,7 @@ impl Conn {
 
     async fn run(
         &mut self,
-        mut rd: OwnedReadHalf,
+        rd: &mut OwnedReadHalf,
         mut buf: BytesMut,
         stop: &CancellationToken,
         done: &CancellationToken,
@@ -484,7 +499,7 @@ impl Conn {
                     self.disconnect(0x8D).await;
                     return End::Lost;
                 }
-                r = read_more(&mut rd, &mut buf), if !paused => {
+                r = read_more(rd, &mut buf), if !paused => {
                     match r {
                         Ok(0) | Err(_) => return End::Lost,
                         Ok(_) => {}
@@ -563,13 +578,40 @@ impl Conn {
                 _ => Vec::new(),
             }
         };
-        for p in packets {
+        for mut p in packets {
+            if let Outgoing::Publish(publish) = &mut p {
+                self.alias_topic(publish);
+            }
             let mut buf = BytesMut::new();
             if codec::encode(&p, self.version, &mut buf).is_ok() {
                 // Room was reserved above; a full queue here would mean a bug, and the
                 // message stays in flight to be resent after a reconnect.
                 let _ = self.wtx.try_send(buf.freeze());
             }
+        }
+    }
+
+    /// Replaces a repeated topic by its alias when the client accepts aliases: the first
+    /// PUBLISH on a topic carries topic and alias, later ones the alias only.
+    fn alias_topic(&mut self, p: &mut Publish) {
+        if self.client_alias_max == 0 {
+            return;
+        }
+        let known = self.aliases_out.get(&p.topic).copied();
+        let alias = match known {
+            Some(a) => a,
+            None if self.aliases_out.len() < self.client_alias_max as usize => {
+                let a = self.aliases_out.len() as u16 + 1;
+                self.aliases_out.insert(p.topic.clone(), a);
+                a
+            }
+            None => return,
+        };
+        p.properties
+            .get_or_insert_with(Default::default)
+            .topic_alias = Some(alias);
+        if known.is_some() {
+            p.topic.clear();
         }
     }
 

@@ -132,7 +132,7 @@ impl Session {
             if self.dropped.is_power_of_two() {
                 tracing::warn!(
                     dropped = self.dropped,
-                    "embedded broker: a subscriber's queue is full; dropping messages"
+                    "embedded broker: dropping messages for a subscriber (queue full, or QoS 0 while offline)"
                 );
             }
             return false;

@@ -589,6 +589,111 @@ async fn embedded_serves_mosquitto_clients() {
     bridge.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_keepalive_and_client_ids() {
+    let port = free_port();
+    let bridge = start(port, &config(port, "", "")).await;
+    let mut watcher = V4::connect(port, "watcher", true, None).await;
+    watcher
+        .client
+        .subscribe("gone/+", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    watcher
+        .expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
+        .await;
+
+    // Keepalive 1 s and silence: closed after 1.5 s, and the will goes out.
+    let mut c = v4::Connect::new("sleepy");
+    c.keep_alive = 1;
+    c.last_will = Some(rumqttc::LastWill::new(
+        "gone/sleepy",
+        "timeout",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let mut s = raw_send_connect(port, c);
+    assert_eq!(raw_connack_code(&mut s), 0);
+    let started = std::time::Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(
+        s.read_to_end(&mut Vec::new()).is_ok(),
+        "closed, not timed out"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(&watcher.publish_msg().await.payload[..], b"timeout");
+
+    // PINGREQ keeps a connection alive.
+    let mut c = v4::Connect::new("awake");
+    c.keep_alive = 1;
+    let mut s = raw_send_connect(port, c);
+    assert_eq!(raw_connack_code(&mut s), 0);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(600));
+        s.write_all(&[0xC0, 0]).unwrap();
+        let mut pong = [0u8; 2];
+        s.read_exact(&mut pong).unwrap();
+        assert_eq!(pong, [0xD0, 0]);
+    }
+
+    // An empty client id: refused (0x02) without clean session, assigned with it.
+    let mut c = v4::Connect::new("");
+    c.clean_session = false;
+    assert_eq!(raw_connack_code(&mut raw_send_connect(port, c)), 0x02);
+    let c = v4::Connect::new("");
+    assert_eq!(raw_connack_code(&mut raw_send_connect(port, c)), 0x00);
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_slow_subscriber_does_not_hold_up_publishers() {
+    let port = free_port();
+    let bridge = start(port, &config(port, "  max_queued_messages: 10", "")).await;
+    // Subscribes, then never reads: its socket buffers fill, then its queue (10).
+    let mut stuck = raw_connect(port, "stuck", true, None).await;
+    let mut buf = BytesMut::new();
+    v4::Packet::Subscribe(v4::Subscribe::new("load/#", rumqttc::QoS::AtLeastOnce))
+        .write(&mut buf, usize::MAX)
+        .unwrap();
+    stuck.write_all(&buf).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut p = V4::connect(port, "firehose", true, None).await;
+    let payload = vec![b'x'; 4096];
+    let started = std::time::Instant::now();
+    for i in 0..2000 {
+        p.client
+            .publish(
+                format!("load/{}", i % 10),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    for _ in 0..2000 {
+        p.expect(|e| matches!(e, rumqttc::Packet::PubAck(_))).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // The stuck subscriber got its window's worth, not 8 MB.
+    let got = raw_read_packets(&mut stuck, 5000, Duration::from_secs(2));
+    let publishes = got
+        .iter()
+        .filter(|p| matches!(p, v4::Packet::Publish(_)))
+        .count();
+    assert!(
+        publishes <= 100 + 10,
+        "{publishes} messages delivered to a client that acked none"
+    );
+    bridge.stop().await.unwrap();
+}
+
 // ---- raw 3.1.1 client over a std TcpStream ----
 
 async fn raw_connect(
