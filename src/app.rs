@@ -28,6 +28,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         anyhow::bail!("nothing to read from: configure `broker:` or `embedded:`");
     }
     let broker = plan.broker.clone();
+    let embedded = plan.embedded.clone().map(crate::broker::Broker::new);
     let drivers = TaskTracker::new();
 
     // The dead-letter sink first: every other sink's driver holds its queue.
@@ -37,6 +38,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         let queue = start(
             &plan.sinks[i],
             broker.as_ref(),
+            embedded.as_ref(),
             DeadLetter { queue: None },
             &drivers,
         )
@@ -46,7 +48,16 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     for (i, sp) in plan.sinks.iter().enumerate() {
         if queues[i].is_none() {
-            queues[i] = Some(start(sp, broker.as_ref(), dead_letter.clone(), &drivers).await?);
+            queues[i] = Some(
+                start(
+                    sp,
+                    broker.as_ref(),
+                    embedded.as_ref(),
+                    dead_letter.clone(),
+                    &drivers,
+                )
+                .await?,
+            );
         }
     }
     let pipeline = Pipeline {
@@ -63,16 +74,14 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
 
     let stop = shutdown.child_token();
     let done = CancellationToken::new();
-    let mut source = match (broker, plan.embedded) {
+    let mut source = match (broker, embedded) {
         (Some(broker), _) => tokio::spawn(crate::source::mqtt::run(
             broker,
             tx,
             stop.clone(),
             done.clone(),
         )),
-        (None, Some(embedded)) => {
-            tokio::spawn(crate::broker::run(embedded, tx, stop.clone(), done.clone()))
-        }
+        (None, Some(embedded)) => tokio::spawn(embedded.run(tx, stop.clone(), done.clone())),
         (None, None) => unreachable!("checked above"),
     };
     tokio::select! {
@@ -102,6 +111,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
 async fn start(
     sp: &SinkPlan,
     broker: Option<&BrokerPlan>,
+    embedded: Option<&crate::broker::Broker>,
     dead_letter: DeadLetter,
     tracker: &TaskTracker,
 ) -> anyhow::Result<SinkQueue> {
@@ -110,6 +120,7 @@ async fn start(
         .open(OpenContext {
             name: &sp.name,
             broker,
+            embedded,
         })
         .await
         .with_context(|| format!("sink {}", sp.name))?;

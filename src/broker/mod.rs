@@ -77,59 +77,103 @@ impl Shared {
     }
 }
 
-/// Binds the plan's listeners, then serves as [`serve`] does.
+/// A broker ready to serve; cheap to clone. Created before the sinks so that a
+/// `republish` sink can publish into it in-process.
+#[derive(Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    pub fn new(plan: EmbeddedPlan) -> Broker {
+        let auth = Auth::new(plan.users.clone(), plan.allow_anonymous, plan.acl.clone());
+        Broker {
+            shared: Arc::new(Shared {
+                plan,
+                auth,
+                state: Mutex::new(Router::default()),
+                connections: AtomicUsize::new(0),
+                next_conn_id: AtomicU64::new(1),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// Binds the plan's listeners, then serves as [`Broker::serve`] does.
+    pub async fn run(
+        self,
+        out: mpsc::Sender<Message>,
+        stop: CancellationToken,
+        done: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut listeners = Vec::new();
+        for addr in &self.shared.plan.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("embedded broker: cannot listen on {addr}"))?;
+            listeners.push(l);
+        }
+        self.serve(listeners, out, stop, done).await
+    }
+
+    /// Serves MQTT on `listeners` until `done`; see the module docs for `stop` and
+    /// `done`. Returns after every connection has ended.
+    pub async fn serve(
+        self,
+        listeners: Vec<TcpListener>,
+        out: mpsc::Sender<Message>,
+        stop: CancellationToken,
+        done: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let tasks = TaskTracker::new();
+        for listener in listeners {
+            let addr: Option<SocketAddr> = listener.local_addr().ok();
+            tracing::info!(?addr, "embedded broker listening");
+            tasks.spawn(accept_loop(
+                listener,
+                Arc::clone(&self.shared),
+                out.clone(),
+                stop.clone(),
+                done.clone(),
+                tasks.clone(),
+            ));
+        }
+        drop(out);
+        tasks.close();
+        done.cancelled().await;
+        tasks.wait().await;
+        Ok(())
+    }
+
+    /// Publishes a message from inside mqbridge (the `republish` sink) to the broker's
+    /// subscribers and retained store. It does not go through the rules again (a sink
+    /// waiting on the rules that feed it could deadlock).
+    pub fn publish(&self, topic: &str, payload: bytes::Bytes, qos: u8, retain: bool) {
+        let stored = Arc::new(session::Stored {
+            topic: topic.to_string(),
+            payload,
+            qos,
+            properties: None,
+            expires_at: None,
+            from: None,
+        });
+        let max = self.shared.plan.max_queued_messages;
+        let mut state = self.shared.lock();
+        if retain {
+            state.retained.set(Arc::clone(&stored));
+        }
+        state.route(&stored, retain, max, &self.shared.auth);
+    }
+}
+
+/// Runs a broker for `plan` until `done` (see [`Broker::run`]).
 pub async fn run(
     plan: EmbeddedPlan,
     out: mpsc::Sender<Message>,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut listeners = Vec::new();
-    for addr in &plan.listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("embedded broker: cannot listen on {addr}"))?;
-        listeners.push(l);
-    }
-    serve(plan, listeners, out, stop, done).await
-}
-
-/// Serves MQTT on `listeners` until `done`; see the module docs for `stop` and `done`.
-/// Returns after every connection has ended.
-pub async fn serve(
-    plan: EmbeddedPlan,
-    listeners: Vec<TcpListener>,
-    out: mpsc::Sender<Message>,
-    stop: CancellationToken,
-    done: CancellationToken,
-) -> anyhow::Result<()> {
-    let auth = Auth::new(plan.users.clone(), plan.allow_anonymous, plan.acl.clone());
-    let shared = Arc::new(Shared {
-        plan,
-        auth,
-        state: Mutex::new(Router::default()),
-        connections: AtomicUsize::new(0),
-        next_conn_id: AtomicU64::new(1),
-        counters: Counters::default(),
-    });
-    let tasks = TaskTracker::new();
-    for listener in listeners {
-        let addr: Option<SocketAddr> = listener.local_addr().ok();
-        tracing::info!(?addr, "embedded broker listening");
-        tasks.spawn(accept_loop(
-            listener,
-            Arc::clone(&shared),
-            out.clone(),
-            stop.clone(),
-            done.clone(),
-            tasks.clone(),
-        ));
-    }
-    drop(out);
-    tasks.close();
-    done.cancelled().await;
-    tasks.wait().await;
-    Ok(())
+    Broker::new(plan).run(out, stop, done).await
 }
 
 async fn accept_loop(

@@ -159,22 +159,11 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
         .embedded
         .as_ref()
         .and_then(|e| validate_embedded(e, &mut errs));
-    match (&raw.broker, &raw.embedded) {
-        (Some(_), Some(_)) => errs.push((
+    if raw.broker.is_some() && raw.embedded.is_some() {
+        errs.push((
             "embedded".into(),
             "configure either `broker:` (an external broker) or `embedded:`, not both".into(),
-        )),
-        (None, Some(_)) => {
-            for (name, sink) in &raw.sinks {
-                if matches!(sink, SinkConfig::Republish(_)) {
-                    errs.push((
-                        format!("sinks.{name}"),
-                        "republish into the embedded broker is not supported yet: use it with `broker:`".into(),
-                    ));
-                }
-            }
-        }
-        _ => {}
+        ));
     }
 
     if !errs.is_empty() {

@@ -694,6 +694,44 @@ async fn embedded_slow_subscriber_does_not_hold_up_publishers() {
     bridge.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_republish_reaches_subscribers_in_process() {
+    let port = free_port();
+    let rest = r#"sinks:
+  mirror: { type: republish, topic: "processed/{{ vars.device }}", qos: 1 }
+rules:
+  - name: mirror
+    from: ["raw/{device}"]
+    transform: '{device: .vars.device, doubled: (.payload.v * 2), by: .client_id}'
+    to: [mirror]"#;
+    let bridge = start(port, &config(port, "", rest)).await;
+    let mut sub = V5::connect(port, "dash", None).await;
+    sub.expect(|p| matches!(p, P5::ConnAck(_))).await;
+    sub.client
+        .subscribe("processed/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    sub.expect(|p| matches!(p, P5::SubAck(_))).await;
+    let mut p = V4::connect(port, "dev-9", true, None).await;
+    p.client
+        .publish("raw/d9", rumqttc::QoS::AtLeastOnce, false, r#"{"v": 21}"#)
+        .await
+        .unwrap();
+    p.expect(|e| matches!(e, rumqttc::Packet::PubAck(_))).await;
+    match sub.expect(|p| matches!(p, P5::Publish(_))).await {
+        P5::Publish(m) => {
+            assert_eq!(&m.topic[..], b"processed/d9");
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(
+                v,
+                serde_json::json!({"device": "d9", "doubled": 42, "by": "dev-9"})
+            );
+        }
+        _ => unreachable!(),
+    }
+    bridge.stop().await.unwrap();
+}
+
 // ---- raw 3.1.1 client over a std TcpStream ----
 
 async fn raw_connect(
