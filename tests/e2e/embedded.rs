@@ -732,6 +732,63 @@ rules:
     bridge.stop().await.unwrap();
 }
 
+/// Python paho-mqtt (2.x), MQTT 5 and 3.1.1, when installed (`pip install paho-mqtt`;
+/// `MQBRIDGE_TEST_PYTHON` picks the interpreter, default `python3`); skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_serves_python_paho() {
+    let python = std::env::var("MQBRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_paho = Command::new(&python)
+        .args(["-c", "import paho.mqtt.client"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_paho {
+        eprintln!("skipped: {python} has no paho-mqtt (pip install paho-mqtt)");
+        return;
+    }
+    let port = free_port();
+    let bridge = start(port, &config(port, "", "")).await;
+    let script = format!(
+        r#"
+import paho.mqtt.client as mqtt, queue
+got = queue.Queue()
+for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-sub", protocol=proto)
+    sub.on_message = lambda c, u, m: got.put((m.topic, m.payload, m.qos))
+    sub.connect("127.0.0.1", {port})
+    sub.loop_start()
+    sub.subscribe("py/#", qos=2)
+    import time; time.sleep(0.3)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-pub", protocol=proto)
+    pub.connect("127.0.0.1", {port})
+    pub.loop_start()
+    for qos in (0, 1, 2):
+        pub.publish("py/%d" % qos, b"hello", qos=qos).wait_for_publish(5)
+    for _ in range(3):
+        print(got.get(timeout=5))
+    pub.disconnect(); sub.disconnect(); pub.loop_stop(); sub.loop_stop()
+"#
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python).args(["-c", &script]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "('py/0', b'hello', 0)",
+        "('py/1', b'hello', 1)",
+        "('py/2', b'hello', 2)",
+    ] {
+        assert_eq!(stdout.matches(line).count(), 2, "{stdout}");
+    }
+    bridge.stop().await.unwrap();
+}
+
 // ---- raw 3.1.1 client over a std TcpStream ----
 
 async fn raw_connect(
