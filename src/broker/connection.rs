@@ -184,11 +184,13 @@ async fn handle(
     // client closes, so that closing with unread input does not reset the connection
     // and destroy the DISCONNECT before the client reads it.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let mut sink = [0u8; 4096];
-        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
+    if end == End::Lost {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut sink = [0u8; 4096];
+            while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
     tracing::debug!(?end, "embedded broker: connection ended");
     Ok(())
 }
@@ -493,7 +495,6 @@ impl Conn {
                         return End::Lost;
                     }
                 }
-                _ = self.notify.notified() => self.pump(),
                 _ = tokio::time::sleep_until(deadline), if !self.keep_alive.is_zero() => {
                     tracing::debug!(client_id = %self.client_id, "embedded broker: keepalive expired");
                     self.disconnect(0x8D).await;
@@ -533,6 +534,8 @@ impl Conn {
                         }
                     }
                 }
+                // After reading: a subscriber with a full queue must not starve its input.
+                _ = self.notify.notified() => self.pump(),
             }
         }
     }
