@@ -61,6 +61,7 @@ async fn main() {
         .open(OpenContext {
             name: "bench",
             broker: None,
+            embedded: None,
         })
         .await
         .unwrap();

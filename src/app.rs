@@ -24,9 +24,11 @@ const SOURCE_BUFFER: usize = 4096;
 
 /// Runs mqbridge until `shutdown` is cancelled, then shuts down in order.
 pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let broker = plan.broker.clone().context(
-        "nothing to read from: configure `broker:` (the embedded broker is not available yet)",
-    )?;
+    if plan.broker.is_none() && plan.embedded.is_none() {
+        anyhow::bail!("nothing to read from: configure `broker:` or `embedded:`");
+    }
+    let broker = plan.broker.clone();
+    let embedded = plan.embedded.clone().map(crate::broker::Broker::new);
     let drivers = TaskTracker::new();
 
     // The dead-letter sink first: every other sink's driver holds its queue.
@@ -35,7 +37,8 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     if let Some(i) = plan.dead_letter {
         let queue = start(
             &plan.sinks[i],
-            Some(&broker),
+            broker.as_ref(),
+            embedded.as_ref(),
             DeadLetter { queue: None },
             &drivers,
         )
@@ -45,7 +48,16 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     for (i, sp) in plan.sinks.iter().enumerate() {
         if queues[i].is_none() {
-            queues[i] = Some(start(sp, Some(&broker), dead_letter.clone(), &drivers).await?);
+            queues[i] = Some(
+                start(
+                    sp,
+                    broker.as_ref(),
+                    embedded.as_ref(),
+                    dead_letter.clone(),
+                    &drivers,
+                )
+                .await?,
+            );
         }
     }
     let pipeline = Pipeline {
@@ -62,12 +74,16 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
 
     let stop = shutdown.child_token();
     let done = CancellationToken::new();
-    let mut source = tokio::spawn(crate::source::mqtt::run(
-        broker,
-        tx,
-        stop.clone(),
-        done.clone(),
-    ));
+    let mut source = match (broker, embedded) {
+        (Some(broker), _) => tokio::spawn(crate::source::mqtt::run(
+            broker,
+            tx,
+            stop.clone(),
+            done.clone(),
+        )),
+        (None, Some(embedded)) => tokio::spawn(embedded.run(tx, stop.clone(), done.clone())),
+        (None, None) => unreachable!("checked above"),
+    };
     tokio::select! {
         _ = shutdown.cancelled() => {}
         r = &mut source => {
@@ -95,6 +111,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
 async fn start(
     sp: &SinkPlan,
     broker: Option<&BrokerPlan>,
+    embedded: Option<&crate::broker::Broker>,
     dead_letter: DeadLetter,
     tracker: &TaskTracker,
 ) -> anyhow::Result<SinkQueue> {
@@ -103,6 +120,7 @@ async fn start(
         .open(OpenContext {
             name: &sp.name,
             broker,
+            embedded,
         })
         .await
         .with_context(|| format!("sink {}", sp.name))?;

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!  broker ──▶ source::mqtt ──Message──▶ pipeline (rules: decode ▶ filter ▶ transform)
+//!  (or devices ──▶ broker, the embedded one ──Message──▶ the same pipeline)
 //!                 ▲                          │ records, each holding a share of the message's Ack
 //!                 │                          ▼
 //!                 │                sink::driver (queue ▶ batch ▶ write ▶ retry ▶ split) ──▶ sqlite / webhook / republish / file
@@ -14,7 +15,8 @@
 //! - [`config`]: the YAML rules file → a validated [`config::Plan`] (errors with file:line:col).
 //! - [`topic`]: MQTT topic filters, matching and `{name}` captures.
 //! - [`mqtt`]: rumqttc connection options.
-//! - [`source`]: where messages come from (an external broker).
+//! - [`source`]: where messages come from (an external broker), or [`broker`]: the
+//!   embedded MQTT broker devices connect to, which feeds the same pipeline in-process.
 //! - [`message`]: the [`message::Message`] passed along.
 //! - [`rule`]: decode, jq filter/transform, templates; [`pipeline`] routes messages through them.
 //! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type.
@@ -22,6 +24,7 @@
 //! - [`app`]: wires it all from a plan and orders shutdown; [`shutdown`]: signals.
 
 pub mod app;
+pub mod broker;
 pub mod config;
 pub mod delivery;
 pub mod dryrun;

@@ -55,6 +55,8 @@ enum Command {
     },
     /// Print the JSON Schema of the rules file.
     Schema,
+    /// Read a password from stdin and print its argon2 hash for `embedded.users`.
+    Passwd,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +64,20 @@ fn main() -> ExitCode {
     mqbridge::install_crypto();
     init_tracing(cli.log_format);
     match cli.command {
+        Command::Passwd => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("cannot read the password from stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                eprintln!("empty password: type it on stdin, e.g. `mqbridge passwd <<< 's3cret'`");
+                return ExitCode::FAILURE;
+            }
+            println!("{}", mqbridge::broker::auth::hash_password(password));
+            ExitCode::SUCCESS
+        }
         Command::Schema => {
             let schema = schemars::schema_for!(config::RawConfig);
             println!(
@@ -142,6 +158,26 @@ fn describe(plan: &config::Plan) -> String {
         None => {
             let _ = writeln!(out, "broker: none");
         }
+    }
+    if let Some(e) = &plan.embedded {
+        let listen: Vec<String> = e.listen.iter().map(|a| a.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "embedded broker: listen {} ({} users, anonymous {}, {} ACL rules; keepalive <= {}s, packets <= {} bytes, {} connections, {} in flight, {} queued)",
+            listen.join(", "),
+            e.users.len(),
+            if e.allow_anonymous {
+                "allowed"
+            } else {
+                "refused"
+            },
+            e.acl.len(),
+            e.max_keepalive,
+            e.max_packet_size,
+            e.max_connections,
+            e.max_inflight,
+            e.max_queued_messages
+        );
     }
     let _ = writeln!(out, "sinks:");
     for s in &plan.sinks {

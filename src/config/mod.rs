@@ -17,7 +17,7 @@ pub mod units;
 use std::fmt;
 use std::path::Path;
 
-pub use plan::{BrokerPlan, Plan, SinkPlan};
+pub use plan::{BrokerPlan, EmbeddedPlan, Plan, SinkPlan};
 pub use raw::RawConfig;
 
 use locate::{Locations, Position};

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::raw::{BrokerConfig, Protocol, RawConfig, SinkConfig};
+use super::raw::{AclAction, BrokerConfig, EmbeddedConfig, Protocol, RawConfig, SinkConfig};
+use crate::broker::auth::{AclRule, validate_hash};
 use crate::rule::Rule;
 use crate::rule::jq::JqProgram;
 use crate::sink::sqlite;
@@ -15,6 +16,7 @@ use crate::topic::TopicFilter;
 #[derive(Debug)]
 pub struct Plan {
     pub broker: Option<BrokerPlan>,
+    pub embedded: Option<EmbeddedPlan>,
     pub sinks: Vec<SinkPlan>,
     pub rules: Vec<Rule>,
     /// Index into `sinks`.
@@ -49,6 +51,22 @@ pub struct BrokerPlan {
     /// What to SUBSCRIBE to: the rules' filters, minus those another one covers, with the
     /// `$share/GROUP/` prefix when a share group is set.
     pub subscriptions: Vec<String>,
+}
+
+/// The embedded broker's settings (see [`crate::broker`]).
+#[derive(Debug, Clone)]
+pub struct EmbeddedPlan {
+    pub listen: Vec<std::net::SocketAddr>,
+    pub allow_anonymous: bool,
+    /// (username, argon2 PHC hash).
+    pub users: Vec<(String, String)>,
+    pub acl: Vec<AclRule>,
+    /// Seconds; 0 = no limit.
+    pub max_keepalive: u16,
+    pub max_packet_size: usize,
+    pub max_connections: usize,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
 }
 
 /// A secret string: never printed.
@@ -137,11 +155,23 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
         .as_ref()
         .and_then(|b| validate_broker(b, &rules, &mut errs));
 
+    let embedded = raw
+        .embedded
+        .as_ref()
+        .and_then(|e| validate_embedded(e, &mut errs));
+    if raw.broker.is_some() && raw.embedded.is_some() {
+        errs.push((
+            "embedded".into(),
+            "configure either `broker:` (an external broker) or `embedded:`, not both".into(),
+        ));
+    }
+
     if !errs.is_empty() {
         return Err(errs);
     }
     Ok(Plan {
         broker,
+        embedded,
         sinks: raw
             .sinks
             .into_iter()
@@ -305,6 +335,127 @@ fn validate_broker(b: &BrokerConfig, rules: &[Rule], errs: &mut Errors) -> Optio
         session_expiry: b.session_expiry.0,
         ca_file: b.ca_file.clone(),
         subscriptions,
+    })
+}
+
+fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPlan> {
+    let before = errs.len();
+    let mut listen = Vec::new();
+    if e.listen.as_slice().is_empty() {
+        errs.push((
+            "embedded.listen".into(),
+            "needs at least one address".into(),
+        ));
+    }
+    for (i, a) in e.listen.as_slice().iter().enumerate() {
+        let at = match &e.listen {
+            super::raw::OneOrMany::One(_) => "embedded.listen".to_string(),
+            super::raw::OneOrMany::Many(_) => format!("embedded.listen[{i}]"),
+        };
+        match a.parse::<std::net::SocketAddr>() {
+            Ok(addr) => listen.push(addr),
+            Err(_) => errs.push((
+                at,
+                format!("{a:?} is not an address like 127.0.0.1:1883 or [::]:1883"),
+            )),
+        }
+    }
+    let mut users = Vec::new();
+    for (i, u) in e.users.iter().enumerate() {
+        if u.username.is_empty() || u.username == "*" {
+            errs.push((
+                format!("embedded.users[{i}].username"),
+                "must be a non-empty name other than '*'".into(),
+            ));
+        } else if e.users[..i].iter().any(|o| o.username == u.username) {
+            errs.push((
+                format!("embedded.users[{i}].username"),
+                format!("duplicate user {:?}", u.username),
+            ));
+        }
+        if let Err(msg) = validate_hash(&u.password_hash) {
+            errs.push((format!("embedded.users[{i}].password_hash"), msg));
+        }
+        users.push((u.username.clone(), u.password_hash.clone()));
+    }
+    let mut acl = Vec::new();
+    for (i, r) in e.acl.iter().enumerate() {
+        if r.username.is_empty() {
+            errs.push((
+                format!("embedded.acl[{i}].username"),
+                "use a username or \"*\"".into(),
+            ));
+        }
+        if r.publish.is_empty() && r.subscribe.is_empty() {
+            errs.push((
+                format!("embedded.acl[{i}]"),
+                "needs `publish` or `subscribe` filters".into(),
+            ));
+        }
+        for (field, list) in [("publish", &r.publish), ("subscribe", &r.subscribe)] {
+            for (j, f) in list.iter().enumerate() {
+                if let Err(err) = crate::topic::validate_filter(f) {
+                    errs.push((
+                        format!("embedded.acl[{i}].{field}[{j}]"),
+                        format!("{f:?}: {err}"),
+                    ));
+                }
+            }
+        }
+        acl.push(AclRule {
+            username: (r.username != "*").then(|| r.username.clone()),
+            allow: r.action == AclAction::Allow,
+            publish: r.publish.clone(),
+            subscribe: r.subscribe.clone(),
+        });
+    }
+    if e.users.is_empty() && !e.allow_anonymous {
+        errs.push((
+            "embedded".into(),
+            "no client could connect: add `users:` or set `allow_anonymous: true`".into(),
+        ));
+    }
+    let keepalive = e.max_keepalive.0.as_secs();
+    if keepalive > 65535 {
+        errs.push((
+            "embedded.max_keepalive".into(),
+            "must be at most 65535s".into(),
+        ));
+    }
+    if e.max_packet_size.0 < 64 || e.max_packet_size.0 > 268_435_455 {
+        errs.push((
+            "embedded.max_packet_size".into(),
+            "must be between 64 bytes and 256MiB".into(),
+        ));
+    }
+    if e.max_connections == 0 {
+        errs.push((
+            "embedded.max_connections".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if e.max_inflight == 0 {
+        errs.push((
+            "embedded.max_inflight".into(),
+            "must be between 1 and 65535".into(),
+        ));
+    }
+    if e.max_queued_messages == 0 {
+        errs.push((
+            "embedded.max_queued_messages".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    (errs.len() == before).then(|| EmbeddedPlan {
+        listen,
+        allow_anonymous: e.allow_anonymous,
+        users,
+        acl,
+        max_keepalive: keepalive.min(65535) as u16,
+        max_packet_size: e.max_packet_size.0 as usize,
+        max_connections: e.max_connections,
+        max_inflight: e.max_inflight,
+        max_queued_messages: e.max_queued_messages,
     })
 }
 

@@ -17,6 +17,9 @@ pub struct RawConfig {
     /// External broker to read from (mqbridge is then an MQTT client).
     #[serde(default)]
     pub broker: Option<BrokerConfig>,
+    /// Embedded MQTT broker: devices connect to mqbridge itself (instead of `broker:`).
+    #[serde(default)]
+    pub embedded: Option<EmbeddedConfig>,
     /// Named destinations.
     #[serde(default)]
     pub sinks: BTreeMap<String, SinkConfig>,
@@ -94,6 +97,93 @@ fn default_session_expiry() -> Duration {
 }
 fn default_max_packet() -> ByteSize {
     ByteSize(16 << 20)
+}
+
+/// `embedded:`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Address(es) to listen on, e.g. `0.0.0.0:1883`. Default `127.0.0.1:1883` (local
+    /// clients only): set it to reach devices on the network.
+    #[serde(default = "default_listen")]
+    pub listen: OneOrMany,
+    /// Accept clients without a username.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// Users and their argon2 password hashes (`mqbridge passwd` prints one).
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// Ordered access rules; the first that applies decides; none applies: allowed.
+    #[serde(default)]
+    pub acl: Vec<AclConfig>,
+    /// Longest keepalive granted; MQTT 5 clients asking for more (or for none) are told
+    /// this one. `0` = no limit.
+    #[serde(default = "default_max_keepalive")]
+    pub max_keepalive: Duration,
+    /// Largest packet accepted from a client.
+    #[serde(default = "default_embedded_max_packet")]
+    pub max_packet_size: ByteSize,
+    /// Simultaneous client connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// QoS 1/2 messages in flight per client, each way (MQTT 5 receive maximum).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Messages queued per subscriber (also while a persistent session is offline);
+    /// beyond it new messages for that subscriber are dropped and counted.
+    #[serde(default = "default_max_queued")]
+    pub max_queued_messages: usize,
+}
+
+/// One entry of `embedded.users`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    /// PHC string of an argon2 hash, e.g. `$argon2id$v=19$m=19456,t=2,p=1$…`.
+    pub password_hash: String,
+}
+
+/// `allow` or `deny`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AclAction {
+    Allow,
+    Deny,
+}
+
+/// One entry of `embedded.acl`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    /// A username, or `*` for everyone (anonymous clients included).
+    pub username: String,
+    pub action: AclAction,
+    /// Topic filters this rule applies to for PUBLISH.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic filters this rule applies to for SUBSCRIBE.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+fn default_listen() -> OneOrMany {
+    OneOrMany::One("127.0.0.1:1883".into())
+}
+fn default_max_keepalive() -> Duration {
+    Duration(std::time::Duration::from_secs(300))
+}
+fn default_embedded_max_packet() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_inflight() -> u16 {
+    100
+}
+fn default_max_queued() -> usize {
+    1000
 }
 
 /// MQTT protocol version.

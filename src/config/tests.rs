@@ -226,3 +226,64 @@ fn protocol_versions() {
     }
     assert!(errors(&base.replace('P', "6"))[0].contains("unknown MQTT protocol"));
 }
+
+#[test]
+fn embedded_broker_settings_are_validated_with_locations() {
+    let plan = parse(
+        "embedded:\n  listen: [127.0.0.1:1884, \"[::1]:1884\"]\n  allow_anonymous: true\n  max_keepalive: 60s\n",
+        "rules.yaml",
+        env,
+    )
+    .unwrap();
+    let e = plan.embedded.unwrap();
+    assert_eq!(e.listen.len(), 2);
+    assert_eq!(e.max_keepalive, 60);
+    assert!(plan.broker.is_none());
+
+    let default = parse("embedded: { allow_anonymous: true }\n", "rules.yaml", env).unwrap();
+    assert_eq!(
+        default.embedded.unwrap().listen,
+        vec!["127.0.0.1:1883".parse().unwrap()],
+        "loopback unless told otherwise"
+    );
+
+    let text = r#"broker:
+  url: mqtt://localhost
+  client_id: c1
+embedded:
+  listen: nowhere
+  users:
+    - { username: sensor, password_hash: plain }
+  acl:
+    - { username: sensor, action: allow, publish: ["a/#/b"] }
+  max_inflight: 0
+"#;
+    let errs = errors(text);
+    let expect = [
+        "rules.yaml:5:3: embedded: configure either `broker:`",
+        "rules.yaml:5:11: embedded.listen: \"nowhere\" is not an address",
+        "rules.yaml:7:42: embedded.users[0].password_hash: not a PHC hash string",
+        "rules.yaml:9:52: embedded.acl[0].publish[0]: \"a/#/b\"",
+        "rules.yaml:10:17: embedded.max_inflight: must be between 1 and 65535",
+    ];
+    for want in expect {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in\n{}",
+            errs.join("\n")
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+
+    assert!(
+        parse(
+            "embedded: { allow_anonymous: true }\nsinks:\n  up: { type: republish, topic: x }\n",
+            "rules.yaml",
+            env
+        )
+        .is_ok(),
+        "republish publishes into the embedded broker"
+    );
+    let errs = errors("embedded: {}\n");
+    assert!(errs[0].contains("no client could connect"), "{errs:?}");
+}

@@ -236,6 +236,8 @@ pub struct OpenContext<'a> {
     pub name: &'a str,
     /// The external broker, for sinks that publish to it.
     pub broker: Option<&'a BrokerPlan>,
+    /// The embedded broker, for sinks that publish into it in-process.
+    pub embedded: Option<&'a crate::broker::Broker>,
 }
 
 /// A sink type's config: validation, descriptions for `check`/`try`, and opening.

@@ -1,6 +1,9 @@
 //! `republish` sink: publishes each record to the broker mqbridge reads from, on a
 //! connection of its own (client id `<client_id>-republish`), so publishing never waits
 //! on the source's event loop and the source's flow control never blocks publishing.
+//! With the embedded broker there is no connection: records are handed to its
+//! subscribers in-process (and to its retained store), which settles them at once; they
+//! do not go through the rules again.
 //!
 //! A batch is written when the broker confirmed every message in it (PUBACK at QoS 1,
 //! PUBCOMP at QoS 2, sent at QoS 0). If the connection drops or confirmation times out,
@@ -58,9 +61,17 @@ impl SinkSpec for Config {
     }
     fn open<'a>(&'a self, ctx: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
         Box::pin(async move {
+            if let Some(embedded) = ctx.embedded {
+                return Ok(Arc::new(EmbeddedRepublish {
+                    broker: embedded.clone(),
+                    topic: Template::compile(&self.topic).map_err(anyhow::Error::msg)?,
+                    qos: self.qos,
+                    retain: self.retain,
+                }) as Arc<dyn Sink>);
+            }
             let broker = ctx
                 .broker
-                .ok_or_else(|| anyhow::anyhow!("republish needs `broker:`"))?;
+                .ok_or_else(|| anyhow::anyhow!("republish needs `broker:` or `embedded:`"))?;
             Ok(Arc::new(RepublishSink::new(self, broker)?) as Arc<dyn Sink>)
         })
     }
@@ -138,21 +149,7 @@ impl RepublishSink {
     }
 
     async fn publish_batch(&self, batch: &[Delivery]) -> Result<(), SinkError> {
-        // Render everything first: a bad record fails before anything is sent.
-        let mut out = Vec::with_capacity(batch.len());
-        for d in batch {
-            let topic = self
-                .topic
-                .render(&d.origin.template_context(&d.record))
-                .map_err(|e| SinkError::permanent(format!("topic template: {e}")))?;
-            validate_topic_name(&topic)
-                .map_err(|e| SinkError::permanent(format!("topic {topic:?}: {e}")))?;
-            let payload = match &d.record {
-                serde_json::Value::String(s) => s.clone().into_bytes(),
-                other => other.to_string().into_bytes(),
-            };
-            out.push((topic, payload));
-        }
+        let out = render(&self.topic, batch)?;
         let mut guard = self.conn.lock().await;
         if guard.is_none() {
             *guard = Some(self.connect().await?);
@@ -200,6 +197,44 @@ impl RepublishSink {
                     "republish: broker did not confirm in time",
                 ))
             })
+    }
+}
+
+/// Renders every record first: a bad record fails before anything is sent.
+fn render(topic: &Template, batch: &[Delivery]) -> Result<Vec<(String, Vec<u8>)>, SinkError> {
+    let mut out = Vec::with_capacity(batch.len());
+    for d in batch {
+        let topic = topic
+            .render(&d.origin.template_context(&d.record))
+            .map_err(|e| SinkError::permanent(format!("topic template: {e}")))?;
+        validate_topic_name(&topic)
+            .map_err(|e| SinkError::permanent(format!("topic {topic:?}: {e}")))?;
+        let payload = match &d.record {
+            serde_json::Value::String(s) => s.clone().into_bytes(),
+            other => other.to_string().into_bytes(),
+        };
+        out.push((topic, payload));
+    }
+    Ok(out)
+}
+
+/// Republishing into the embedded broker, in-process.
+struct EmbeddedRepublish {
+    broker: crate::broker::Broker,
+    topic: Template,
+    qos: u8,
+    retain: bool,
+}
+
+impl Sink for EmbeddedRepublish {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            for (topic, payload) in render(&self.topic, batch)? {
+                self.broker
+                    .publish(&topic, payload.into(), self.qos, self.retain);
+            }
+            Ok(())
+        })
     }
 }
 

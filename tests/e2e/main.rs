@@ -5,6 +5,7 @@
 mod broker;
 mod cli;
 mod crash;
+mod embedded;
 mod flow;
 mod postgres;
 mod util;

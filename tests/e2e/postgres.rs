@@ -16,6 +16,7 @@ async fn open(cfg: serde_json::Value) -> Arc<dyn Sink> {
         .open(OpenContext {
             name: "pg",
             broker: None,
+            embedded: None,
         })
         .await
         .unwrap()

@@ -1,0 +1,190 @@
+//! Who may connect, publish and subscribe.
+//!
+//! Users are checked against argon2 password hashes (PHC strings, made with
+//! `mqbridge passwd`). The ACL is an ordered list; for each request the first rule whose
+//! username matches (`*` matches everyone, anonymous clients included) and whose filters
+//! apply decides. A request no rule applies to is allowed, so a list that should be
+//! restrictive ends with a catch-all `{username: "*", action: deny, publish: ["#"],
+//! subscribe: ["#"]}`.
+//!
+//! A publish rule applies when one of its filters matches the topic. A subscribe rule
+//! applies to a SUBSCRIBE when one of its filters covers the requested filter entirely,
+//! and to every message delivered when one of its filters matches the message's topic:
+//! with `deny subscribe secret/#`, a subscription to `#` is granted but never carries
+//! messages on `secret/…`.
+
+use std::collections::HashMap;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+
+use crate::config::plan::covers;
+use crate::topic::filter_matches;
+
+/// One ACL entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AclRule {
+    /// None = `*`.
+    pub username: Option<String>,
+    pub allow: bool,
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// Users and ACL.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    /// username → PHC hash string.
+    users: HashMap<String, String>,
+    pub allow_anonymous: bool,
+    acl: Vec<AclRule>,
+}
+
+/// Outcome of a login attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Login {
+    Ok,
+    /// Unknown user or wrong password.
+    BadCredentials,
+    /// No username and anonymous clients are not allowed.
+    NotAuthorized,
+}
+
+impl Auth {
+    pub fn new(users: Vec<(String, String)>, allow_anonymous: bool, acl: Vec<AclRule>) -> Self {
+        Auth {
+            users: users.into_iter().collect(),
+            allow_anonymous,
+            acl,
+        }
+    }
+
+    /// Checks a CONNECT's credentials. Slow by design (argon2): call off the async threads.
+    pub fn login(&self, username: Option<&str>, password: Option<&str>) -> Login {
+        let Some(username) = username else {
+            return if self.allow_anonymous && password.is_none() {
+                Login::Ok
+            } else if password.is_some() {
+                Login::BadCredentials
+            } else {
+                Login::NotAuthorized
+            };
+        };
+        let Some(hash) = self.users.get(username) else {
+            return Login::BadCredentials;
+        };
+        let Ok(parsed) = PasswordHash::new(hash) else {
+            return Login::BadCredentials;
+        };
+        match argon2::Argon2::default().verify_password(password.unwrap_or("").as_bytes(), &parsed)
+        {
+            Ok(()) => Login::Ok,
+            Err(_) => Login::BadCredentials,
+        }
+    }
+
+    fn rules_for<'a>(&'a self, user: Option<&'a str>) -> impl Iterator<Item = &'a AclRule> + 'a {
+        self.acl
+            .iter()
+            .filter(move |r| r.username.is_none() || r.username.as_deref() == user)
+    }
+
+    /// May `user` publish to `topic`?
+    pub fn can_publish(&self, user: Option<&str>, topic: &str) -> bool {
+        self.rules_for(user)
+            .find(|r| r.publish.iter().any(|f| filter_matches(f, topic)))
+            .is_none_or(|r| r.allow)
+    }
+
+    /// May `user` subscribe to `filter`?
+    pub fn can_subscribe(&self, user: Option<&str>, filter: &str) -> bool {
+        self.rules_for(user)
+            .find(|r| r.subscribe.iter().any(|f| covers(f, filter)))
+            .is_none_or(|r| r.allow)
+    }
+
+    /// May a subscription of `user` carry a message on `topic`?
+    pub fn can_receive(&self, user: Option<&str>, topic: &str) -> bool {
+        self.acl.is_empty()
+            || self
+                .rules_for(user)
+                .find(|r| r.subscribe.iter().any(|f| filter_matches(f, topic)))
+                .is_none_or(|r| r.allow)
+    }
+}
+
+/// A PHC argon2id hash of `password` with a random salt (for `mqbridge passwd`).
+pub fn hash_password(password: &str) -> String {
+    let salt_bytes: [u8; 16] = rand::random();
+    let salt = SaltString::encode_b64(&salt_bytes).expect("16 bytes make a valid salt");
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with default parameters")
+        .to_string()
+}
+
+/// Checks that `hash` is a PHC string argon2 can verify against.
+pub fn validate_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|e| format!("not a PHC hash string: {e}"))?;
+    if !parsed.algorithm.as_str().starts_with("argon2") {
+        return Err(format!(
+            "unsupported algorithm {:?}: use an argon2 hash from `mqbridge passwd`",
+            parsed.algorithm.as_str()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(user: &str, allow: bool, publish: &[&str], subscribe: &[&str]) -> AclRule {
+        AclRule {
+            username: (user != "*").then(|| user.to_string()),
+            allow,
+            publish: publish.iter().map(|s| s.to_string()).collect(),
+            subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn passwords() {
+        let hash = hash_password("s3cret");
+        assert!(validate_hash(&hash).is_ok());
+        assert!(validate_hash("plain").is_err());
+        let auth = Auth::new(vec![("sensor".into(), hash)], false, vec![]);
+        assert_eq!(auth.login(Some("sensor"), Some("s3cret")), Login::Ok);
+        assert_eq!(
+            auth.login(Some("sensor"), Some("wrong")),
+            Login::BadCredentials
+        );
+        assert_eq!(auth.login(Some("nobody"), Some("x")), Login::BadCredentials);
+        assert_eq!(auth.login(None, None), Login::NotAuthorized);
+        let open = Auth::new(vec![], true, vec![]);
+        assert_eq!(open.login(None, None), Login::Ok);
+    }
+
+    #[test]
+    fn first_matching_rule_wins() {
+        let auth = Auth::new(
+            vec![],
+            true,
+            vec![
+                rule("sensor", true, &["sensors/#"], &["cmd/+"]),
+                rule("*", false, &["#"], &["secret/#"]),
+            ],
+        );
+        assert!(auth.can_publish(Some("sensor"), "sensors/a/t"));
+        assert!(!auth.can_publish(Some("sensor"), "other"));
+        assert!(!auth.can_publish(None, "sensors/a/t"));
+        assert!(auth.can_subscribe(Some("sensor"), "cmd/x"));
+        assert!(!auth.can_subscribe(Some("sensor"), "secret/x"));
+        assert!(auth.can_subscribe(None, "#"), "deny does not cover '#'");
+        assert!(
+            !auth.can_receive(None, "secret/x"),
+            "but its messages are withheld"
+        );
+        assert!(auth.can_receive(None, "public/x"));
+        assert!(auth.can_subscribe(None, "public/x"), "no rule applies");
+    }
+}

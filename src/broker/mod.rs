@@ -1,0 +1,211 @@
+//! The embedded MQTT broker: devices connect to mqbridge itself (MQTT 3.1.1 and 5.0 on
+//! the same listener), and every message they publish goes to the rules in-process.
+//!
+//! ```text
+//!  client ──TCP──▶ connection (one task per client: read ▶ decode ▶ handle; keepalive)
+//!                     │ PUBLISH ──▶ router ──▶ each matching session's bounded queue ──▶ its connection ──▶ subscriber
+//!                     │         └─▶ retained (retain flag)
+//!                     │         └─▶ pipeline as a Message (the same channel source::mqtt feeds)
+//!                     └◀── PUBACK / PUBREC once the Message's Ack fired, in arrival order (AckSequencer)
+//! ```
+//!
+//! Modules, in the order a packet meets them:
+//! - [`codec`]: framing, version detection on the CONNECT, decode/encode through
+//!   rumqttc's packet codecs into one normalized packet enum.
+//! - [`auth`]: users (argon2 hashes) and the ordered ACL.
+//! - `connection`: the per-client task.
+//! - [`session`]: subscriptions, queue, in-flight windows, persistent sessions.
+//! - [`router`]: sessions by client id, fan-out to subscriptions (incl. shared ones).
+//! - [`retained`]: retained messages.
+//!
+//! Guarantees: a publisher's QoS 1/2 message is acknowledged only after every rule
+//! record made from it settled (written or dead-lettered); subscribers receive it at
+//! once, like from any broker. Sessions and retained messages live in memory: a restart
+//! of mqbridge forgets them (acknowledged messages are already stored by the sinks).
+//!
+//! Shutdown: `stop` closes the listeners and makes connections ignore new PUBLISHes (they
+//! are not acknowledged, so clients resend them after reconnecting) while the
+//! acknowledgements of settling messages still go out; `done` sends a DISCONNECT
+//! (v5: 0x8B server shutting down) and closes every connection.
+
+pub mod auth;
+pub mod codec;
+mod connection;
+pub mod retained;
+pub mod router;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::EmbeddedPlan;
+use crate::message::Message;
+use auth::Auth;
+use router::Router;
+
+/// Counters of what the broker refused or dropped (logged; exported as metrics later).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// PUBLISHes refused by the ACL.
+    pub publish_denied: AtomicU64,
+    /// QoS 0 messages not handed to the rules because the pipeline was full.
+    pub pipeline_dropped_qos0: AtomicU64,
+}
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    plan: EmbeddedPlan,
+    auth: Auth,
+    state: Mutex<Router>,
+    /// Live connections (bounded by `max_connections`).
+    connections: AtomicUsize,
+    next_conn_id: AtomicU64,
+    counters: Counters,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Router> {
+        // A panic while holding the lock leaves consistent-enough state: keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A broker ready to serve; cheap to clone. Created before the sinks so that a
+/// `republish` sink can publish into it in-process.
+#[derive(Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    pub fn new(plan: EmbeddedPlan) -> Broker {
+        let auth = Auth::new(plan.users.clone(), plan.allow_anonymous, plan.acl.clone());
+        Broker {
+            shared: Arc::new(Shared {
+                plan,
+                auth,
+                state: Mutex::new(Router::default()),
+                connections: AtomicUsize::new(0),
+                next_conn_id: AtomicU64::new(1),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// Binds the plan's listeners, then serves as [`Broker::serve`] does.
+    pub async fn run(
+        self,
+        out: mpsc::Sender<Message>,
+        stop: CancellationToken,
+        done: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut listeners = Vec::new();
+        for addr in &self.shared.plan.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("embedded broker: cannot listen on {addr}"))?;
+            listeners.push(l);
+        }
+        self.serve(listeners, out, stop, done).await
+    }
+
+    /// Serves MQTT on `listeners` until `done`; see the module docs for `stop` and
+    /// `done`. Returns after every connection has ended.
+    pub async fn serve(
+        self,
+        listeners: Vec<TcpListener>,
+        out: mpsc::Sender<Message>,
+        stop: CancellationToken,
+        done: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let tasks = TaskTracker::new();
+        for listener in listeners {
+            let addr: Option<SocketAddr> = listener.local_addr().ok();
+            tracing::info!(?addr, "embedded broker listening");
+            tasks.spawn(accept_loop(
+                listener,
+                Arc::clone(&self.shared),
+                out.clone(),
+                stop.clone(),
+                done.clone(),
+                tasks.clone(),
+            ));
+        }
+        drop(out);
+        tasks.close();
+        done.cancelled().await;
+        tasks.wait().await;
+        Ok(())
+    }
+
+    /// Publishes a message from inside mqbridge (the `republish` sink) to the broker's
+    /// subscribers and retained store. It does not go through the rules again (a sink
+    /// waiting on the rules that feed it could deadlock).
+    pub fn publish(&self, topic: &str, payload: bytes::Bytes, qos: u8, retain: bool) {
+        let stored = Arc::new(session::Stored {
+            topic: topic.to_string(),
+            payload,
+            qos,
+            properties: None,
+            expires_at: None,
+            from: None,
+        });
+        let max = self.shared.plan.max_queued_messages;
+        let mut state = self.shared.lock();
+        if retain {
+            state.retained.set(Arc::clone(&stored));
+        }
+        state.route(&stored, retain, max, &self.shared.auth);
+    }
+}
+
+/// Runs a broker for `plan` until `done` (see [`Broker::run`]).
+pub async fn run(
+    plan: EmbeddedPlan,
+    out: mpsc::Sender<Message>,
+    stop: CancellationToken,
+    done: CancellationToken,
+) -> anyhow::Result<()> {
+    Broker::new(plan).run(out, stop, done).await
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Message>,
+    stop: CancellationToken,
+    done: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let _ = socket.set_nodelay(true);
+                tasks.spawn(connection::serve(
+                    socket,
+                    peer,
+                    Arc::clone(&shared),
+                    out.clone(),
+                    stop.clone(),
+                    done.clone(),
+                ));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little instead of spinning.
+                tracing::warn!(error = %e, "embedded broker: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

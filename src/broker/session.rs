@@ -1,0 +1,373 @@
+//! A client's session: what outlives one connection when the client asks for a
+//! persistent session (3.1.1 clean session 0, MQTT 5 session expiry > 0).
+//!
+//! It owns the client's subscriptions, the bounded queue of messages waiting to be sent,
+//! the outbound QoS 1/2 messages in flight (resent with DUP after a reconnect), and the
+//! state of inbound QoS 2 exchanges. The connection task pulls from the queue only as
+//! fast as its socket writes and the client's receive window allow, so a slow consumer
+//! fills its queue, not memory: beyond `max_queued_messages` new messages are dropped and
+//! counted (QoS 0 first: they are never queued while the client is offline).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{Outgoing, Publish, PublishProperties, Version};
+
+/// A published message as the broker keeps it (shared by every subscriber's queue).
+#[derive(Debug)]
+pub struct Stored {
+    pub topic: String,
+    pub payload: Bytes,
+    /// QoS it was published with.
+    pub qos: u8,
+    /// MQTT 5 properties to forward (topic alias and subscription ids removed).
+    pub properties: Option<PublishProperties>,
+    /// Message expiry.
+    pub expires_at: Option<Instant>,
+    /// Publishing client (for no-local).
+    pub from: Option<String>,
+}
+
+impl Stored {
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// One message for one subscriber.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub msg: Arc<Stored>,
+    /// Delivery QoS: min(published, granted).
+    pub qos: u8,
+    pub retain: bool,
+    pub subscription_ids: Vec<usize>,
+}
+
+/// What a subscription asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The filter without a `$share/GROUP/` prefix.
+    pub filter: String,
+    /// Share group of a shared subscription.
+    pub share: Option<String>,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub id: Option<usize>,
+}
+
+/// An outbound QoS 1/2 message not yet acknowledged by the client.
+#[derive(Debug)]
+struct Inflight {
+    publish: Publish,
+    /// QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
+    released: bool,
+}
+
+/// The live connection attached to a session.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub conn_id: u64,
+    /// Wakes the connection to pull from the queue.
+    pub notify: Arc<Notify>,
+    /// Cancelled when another connection takes the session over.
+    pub kick: CancellationToken,
+}
+
+/// State of an inbound QoS 2 message (by packet id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos2 {
+    /// Received; PUBREC not sent yet (waits for settlement).
+    Received,
+    /// PUBREC sent; waiting for PUBREL.
+    Recorded,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    /// Subscriptions by the filter as the client wrote it (incl. `$share/G/`).
+    pub subscriptions: HashMap<String, Subscription>,
+    queue: VecDeque<Outbound>,
+    inflight: VecDeque<Inflight>,
+    last_pkid: u16,
+    pub incoming_qos2: HashMap<u16, Qos2>,
+    /// Seconds the session outlives its connection (u32::MAX: forever).
+    pub expiry: u32,
+    pub link: Option<Link>,
+    /// The user the client logged in as (for the ACL on delivery).
+    pub username: Option<String>,
+    /// Bumped on every connect: timers (expiry, delayed will) check it is still theirs.
+    pub generation: u64,
+    /// Messages dropped because the queue was full.
+    pub dropped: u64,
+}
+
+impl Session {
+    pub fn new(expiry: u32) -> Self {
+        Session {
+            subscriptions: HashMap::new(),
+            queue: VecDeque::new(),
+            inflight: VecDeque::new(),
+            last_pkid: 0,
+            incoming_qos2: HashMap::new(),
+            expiry,
+            link: None,
+            username: None,
+            generation: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Queues a message; false when it was dropped (queue full, or QoS 0 while offline).
+    pub fn enqueue(&mut self, out: Outbound, max_queued: usize) -> bool {
+        let offline = self.link.is_none();
+        if (out.qos == 0 && offline) || self.queue.len() >= max_queued {
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped = self.dropped,
+                    "embedded broker: dropping messages for a subscriber (queue full, or QoS 0 while offline)"
+                );
+            }
+            return false;
+        }
+        self.queue.push_back(out);
+        if let Some(link) = &self.link {
+            link.notify.notify_one();
+        }
+        true
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1).max(1);
+            let id = self.last_pkid;
+            if !self.inflight.iter().any(|i| i.publish.pkid == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Takes up to `room` messages off the queue for sending, keeping at most `window`
+    /// QoS 1/2 messages in flight. Messages larger than `max_packet` (the client's limit)
+    /// are dropped, as MQTT 5 requires; expired ones too.
+    pub fn take_sendable(
+        &mut self,
+        mut room: usize,
+        window: usize,
+        max_packet: Option<u32>,
+        version: Version,
+    ) -> Vec<Outgoing> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while room > 0 {
+            let Some(front) = self.queue.front() else {
+                break;
+            };
+            if front.msg.expired(now) {
+                self.queue.pop_front();
+                continue;
+            }
+            if front.qos > 0 && self.inflight.len() >= window {
+                break;
+            }
+            let o = self.queue.pop_front().expect("front exists");
+            let pkid = if o.qos > 0 { self.next_pkid() } else { 0 };
+            let publish = build_publish(&o, pkid, version, now);
+            if let Some(max) = max_packet
+                && super::codec::encoded_len(&Outgoing::Publish(publish.clone()), version)
+                    > max as usize
+            {
+                continue;
+            }
+            if o.qos > 0 {
+                self.inflight.push_back(Inflight {
+                    publish: publish.clone(),
+                    released: false,
+                });
+            }
+            out.push(Outgoing::Publish(publish));
+            room -= 1;
+        }
+        out
+    }
+
+    /// PUBACK from the client.
+    pub fn acked(&mut self, pkid: u16) {
+        self.inflight
+            .retain(|i| i.publish.pkid != pkid || i.publish.qos != 1);
+    }
+
+    /// PUBREC from the client: true when a PUBREL should follow (false: unknown id, or the
+    /// client refused the message, which then ends here).
+    pub fn received(&mut self, pkid: u16, refused: bool) -> bool {
+        if refused {
+            self.inflight.retain(|i| i.publish.pkid != pkid);
+            return false;
+        }
+        match self
+            .inflight
+            .iter_mut()
+            .find(|i| i.publish.pkid == pkid && i.publish.qos == 2)
+        {
+            Some(i) => {
+                i.released = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// PUBCOMP from the client.
+    pub fn completed(&mut self, pkid: u16) {
+        self.inflight
+            .retain(|i| i.publish.pkid != pkid || !i.released);
+    }
+
+    /// What to resend on a resumed session, in the original order: PUBLISH with DUP for
+    /// unacknowledged messages, PUBREL for released QoS 2 ones.
+    pub fn resend(&mut self) -> Vec<Outgoing> {
+        self.inflight
+            .iter_mut()
+            .map(|i| {
+                if i.released {
+                    Outgoing::PubRel {
+                        pkid: i.publish.pkid,
+                    }
+                } else {
+                    i.publish.dup = true;
+                    Outgoing::Publish(i.publish.clone())
+                }
+            })
+            .collect()
+    }
+}
+
+/// The PUBLISH for one delivery: v5 properties carry the remaining expiry and the
+/// matching subscription identifiers.
+fn build_publish(o: &Outbound, pkid: u16, version: Version, now: Instant) -> Publish {
+    let properties = match version {
+        Version::V311 => None,
+        Version::V5 => {
+            let mut p = o.msg.properties.clone().unwrap_or_default();
+            if let Some(at) = o.msg.expires_at {
+                p.message_expiry_interval =
+                    Some(at.saturating_duration_since(now).as_secs().max(1) as u32);
+            }
+            p.subscription_identifiers = o.subscription_ids.clone();
+            (p != PublishProperties::default()).then_some(p)
+        }
+    };
+    Publish {
+        dup: false,
+        qos: o.qos,
+        retain: o.retain,
+        topic: o.msg.topic.clone(),
+        pkid,
+        payload: o.msg.payload.clone(),
+        properties,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(qos: u8) -> Outbound {
+        Outbound {
+            msg: Arc::new(Stored {
+                topic: "t".into(),
+                payload: Bytes::from_static(b"x"),
+                qos,
+                properties: None,
+                expires_at: None,
+                from: None,
+            }),
+            qos,
+            retain: false,
+            subscription_ids: vec![],
+        }
+    }
+
+    fn online() -> Session {
+        let mut s = Session::new(0);
+        s.link = Some(Link {
+            conn_id: 1,
+            notify: Arc::new(Notify::new()),
+            kick: CancellationToken::new(),
+        });
+        s
+    }
+
+    #[test]
+    fn bounded_queue_drops_when_full_and_qos0_offline() {
+        let mut s = online();
+        assert!(s.enqueue(out(1), 2));
+        assert!(s.enqueue(out(0), 2));
+        assert!(!s.enqueue(out(2), 2));
+        assert_eq!(s.dropped, 1);
+        s.link = None;
+        s.take_sendable(10, 10, None, Version::V311);
+        assert!(!s.enqueue(out(0), 2), "QoS 0 is not queued offline");
+        assert!(s.enqueue(out(1), 2));
+    }
+
+    #[test]
+    fn window_limits_inflight_and_resend_sets_dup() {
+        let mut s = online();
+        for _ in 0..5 {
+            s.enqueue(out(1), 100);
+        }
+        let sent = s.take_sendable(10, 2, None, Version::V5);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(s.inflight(), 2);
+        let Outgoing::Publish(first) = &sent[0] else {
+            panic!()
+        };
+        s.acked(first.pkid);
+        assert_eq!(s.take_sendable(10, 2, None, Version::V5).len(), 1);
+        let again = s.resend();
+        assert_eq!(again.len(), 2);
+        assert!(
+            again
+                .iter()
+                .all(|p| matches!(p, Outgoing::Publish(p) if p.dup))
+        );
+    }
+
+    #[test]
+    fn qos2_outbound_flow() {
+        let mut s = online();
+        s.enqueue(out(2), 10);
+        let sent = s.take_sendable(10, 10, None, Version::V311);
+        let Outgoing::Publish(p) = &sent[0] else {
+            panic!()
+        };
+        assert!(s.received(p.pkid, false));
+        assert!(matches!(s.resend()[0], Outgoing::PubRel { .. }));
+        s.completed(p.pkid);
+        assert_eq!(s.inflight(), 0);
+    }
+
+    #[test]
+    fn oversized_messages_are_dropped_for_small_clients() {
+        let mut s = online();
+        s.enqueue(out(1), 10);
+        assert!(s.take_sendable(10, 10, Some(5), Version::V5).is_empty());
+        assert_eq!(s.inflight(), 0);
+    }
+}

@@ -1,0 +1,854 @@
+//! The embedded broker with real clients: rumqttc (3.1.1 and 5), mosquitto_pub/sub and a
+//! raw TCP socket, against mqbridge started in-process on a free port.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4;
+use tokio::sync::mpsc;
+
+use crate::util::*;
+
+/// An embedded-broker config on `port`; `extra` is appended to the `embedded:` block.
+fn config(port: u16, extra: &str, rest: &str) -> String {
+    format!(
+        "embedded:\n  listen: 127.0.0.1:{port}\n  allow_anonymous: true\n{extra}\n{rest}\nshutdown_timeout: 5s\n"
+    )
+}
+
+async fn start(port: u16, yaml: &str) -> InProcess {
+    let bridge = InProcess::start(yaml);
+    eventually(
+        Duration::from_secs(10),
+        "the broker to listen",
+        async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    bridge
+}
+
+/// Events of a rumqttc 3.1.1 client, polled on their own task.
+struct V4 {
+    client: rumqttc::AsyncClient,
+    events: mpsc::UnboundedReceiver<rumqttc::Packet>,
+}
+
+impl V4 {
+    async fn connect(port: u16, id: &str, clean: bool, will: Option<rumqttc::LastWill>) -> V4 {
+        Self::connect_as(port, id, clean, will, None).await
+    }
+
+    async fn connect_as(
+        port: u16,
+        id: &str,
+        clean: bool,
+        will: Option<rumqttc::LastWill>,
+        login: Option<(&str, &str)>,
+    ) -> V4 {
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_clean_session(clean);
+        opts.set_keep_alive(Duration::from_secs(30));
+        if let Some(w) = will {
+            opts.set_last_will(w);
+        }
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(p)) => {
+                        if tx.send(p).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break, // tests reconnect explicitly
+                }
+            }
+        });
+        let mut c = V4 { client, events };
+        c.expect(|p| matches!(p, rumqttc::Packet::ConnAck(_))).await;
+        c
+    }
+
+    /// The next packet satisfying `want` (others are skipped), within 10 s.
+    async fn expect(&mut self, want: impl Fn(&rumqttc::Packet) -> bool) -> rumqttc::Packet {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let p = self.events.recv().await.expect("connection alive");
+                if want(&p) {
+                    return p;
+                }
+            }
+        })
+        .await
+        .expect("expected packet in time")
+    }
+
+    async fn publish_msg(&mut self) -> rumqttc::Publish {
+        match self
+            .expect(|p| matches!(p, rumqttc::Packet::Publish(_)))
+            .await
+        {
+            rumqttc::Packet::Publish(p) => p,
+            _ => unreachable!(),
+        }
+    }
+}
+
+/// Events of a rumqttc MQTT 5 client.
+struct V5 {
+    client: rumqttc::v5::AsyncClient,
+    events: mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+}
+
+impl V5 {
+    async fn connect(port: u16, id: &str, login: Option<(&str, &str)>) -> V5 {
+        let mut opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 100);
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(ev) = eventloop.poll().await {
+                if let rumqttc::v5::Event::Incoming(p) = ev
+                    && tx.send(p).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        V5 { client, events }
+    }
+
+    async fn expect(
+        &mut self,
+        want: impl Fn(&rumqttc::v5::mqttbytes::v5::Packet) -> bool,
+    ) -> rumqttc::v5::mqttbytes::v5::Packet {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let p = self.events.recv().await.expect("connection alive");
+                if want(&p) {
+                    return p;
+                }
+            }
+        })
+        .await
+        .expect("expected packet in time")
+    }
+}
+
+use rumqttc::v5::mqttbytes::v5::Packet as P5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_pub_sub_across_versions_with_qos2() {
+    let port = free_port();
+    let bridge = start(port, &config(port, "", "")).await;
+
+    let mut sub4 = V4::connect(port, "sub4", true, None).await;
+    sub4.client
+        .subscribe("room/+/temp", rumqttc::QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    sub4.expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
+        .await;
+    let mut pub5 = V5::connect(port, "pub5", None).await;
+    pub5.expect(|p| matches!(p, P5::ConnAck(_))).await;
+    pub5.client
+        .subscribe("room/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    pub5.expect(|p| matches!(p, P5::SubAck(_))).await;
+
+    // A v5 QoS 2 publish reaches the 3.1.1 subscriber at QoS 2 and the v5 one at QoS 1.
+    pub5.client
+        .publish(
+            "room/1/temp",
+            rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+            false,
+            "21.5",
+        )
+        .await
+        .unwrap();
+    // Its own copy (subscribed to room/#) and the PUBCOMP, in either order.
+    let (mut own, mut completed) = (None, false);
+    while own.is_none() || !completed {
+        match pub5
+            .expect(|p| matches!(p, P5::PubComp(_) | P5::Publish(_)))
+            .await
+        {
+            P5::Publish(p) => own = Some(p),
+            _ => completed = true,
+        }
+    }
+    let own = own.unwrap();
+    assert_eq!(&own.topic[..], b"room/1/temp");
+    assert_eq!(own.qos, rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
+    let got = sub4.publish_msg().await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..], got.qos),
+        ("room/1/temp", &b"21.5"[..], rumqttc::QoS::ExactlyOnce)
+    );
+
+    // And back: a 3.1.1 QoS 1 publish to the v5 subscriber.
+    sub4.client
+        .publish("room/2/hum", rumqttc::QoS::AtLeastOnce, false, "40")
+        .await
+        .unwrap();
+    sub4.expect(|p| matches!(p, rumqttc::Packet::PubAck(_)))
+        .await;
+    match pub5.expect(|p| matches!(p, P5::Publish(_))).await {
+        P5::Publish(p) => assert_eq!(&p.payload[..], b"40"),
+        _ => unreachable!(),
+    }
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_retained_set_replace_clear_and_wills() {
+    let port = free_port();
+    let bridge = start(port, &config(port, "", "")).await;
+    let mut p = V4::connect(port, "retainer", true, None).await;
+    for payload in ["one", "two"] {
+        p.client
+            .publish("status/a", rumqttc::QoS::AtLeastOnce, true, payload)
+            .await
+            .unwrap();
+        p.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    }
+    let mut s = V4::connect(port, "late", true, None).await;
+    s.client
+        .subscribe("status/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = s.publish_msg().await;
+    assert!(got.retain);
+    assert_eq!(&got.payload[..], b"two", "the newest retained message");
+    p.client
+        .publish("status/a", rumqttc::QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    p.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    let cleared = s.publish_msg().await;
+    assert!(cleared.payload.is_empty());
+    let mut s2 = V4::connect(port, "later", true, None).await;
+    s2.client
+        .subscribe("status/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    s2.expect(|p| matches!(p, rumqttc::Packet::SubAck(_))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s2.events.try_recv().is_err(), "cleared: nothing retained");
+
+    // Will: sent when the connection drops, not after DISCONNECT.
+    let will = || {
+        Some(rumqttc::LastWill::new(
+            "status/gone",
+            "bye",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+        ))
+    };
+    let polite = V4::connect(port, "polite", true, will()).await;
+    polite.client.disconnect().await.unwrap();
+    let mut raw = raw_connect(port, "rude", true, will()).await;
+    raw.flush().unwrap();
+    drop(raw); // connection lost without DISCONNECT
+    let got = s2.publish_msg().await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("status/gone", &b"bye"[..])
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        s2.events.try_recv().is_err(),
+        "one will only (the rude one)"
+    );
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_persistent_session_queues_and_redelivers() {
+    let port = free_port();
+    let bridge = start(port, &config(port, "", "")).await;
+    let sub = V4::connect(port, "keeper", false, None).await;
+    sub.client
+        .subscribe("jobs/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sub.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut p = V4::connect(port, "producer", true, None).await;
+    for i in 0..3 {
+        p.client
+            .publish(format!("jobs/{i}"), rumqttc::QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+        p.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    }
+
+    // Back online, a raw client that receives but never acknowledges: the broker must
+    // resend the unacknowledged messages with DUP on the next connection.
+    let mut raw = raw_connect(port, "keeper", false, None).await;
+    let first = raw_read_packets(&mut raw, 4, Duration::from_secs(5));
+    let publishes: Vec<_> = first
+        .iter()
+        .filter_map(|p| match p {
+            v4::Packet::Publish(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(publishes.len(), 3, "{first:?}");
+    assert!(publishes.iter().all(|p| !p.dup));
+    drop(raw);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = V4::connect(port, "keeper", false, None).await;
+    let mut topics = Vec::new();
+    for _ in 0..3 {
+        let p = again.publish_msg().await;
+        assert!(p.dup, "redelivered with DUP");
+        topics.push(p.topic);
+    }
+    assert_eq!(topics, ["jobs/0", "jobs/1", "jobs/2"]);
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_acl_and_passwords() {
+    let port = free_port();
+    let hash = mqbridge::broker::auth::hash_password("s3cret");
+    let extra = format!(
+        r##"  users: [{{ username: dev, password_hash: "{hash}" }}]
+  acl:
+    - {{ username: dev, action: allow, publish: ["dev/#"], subscribe: ["dev/#"] }}
+    - {{ username: "*", action: deny, publish: ["#"], subscribe: ["#"] }}"##
+    );
+    let bridge = start(
+        port,
+        &config(port, &extra, "").replace("allow_anonymous: true", "allow_anonymous: false"),
+    )
+    .await;
+
+    // Wrong password: 3.1.1 0x04, 5.0 0x86; anonymous: 0x05 / 0x87.
+    let mut raw = raw_connect_login(port, "bad", Some(("dev", "nope")));
+    assert_eq!(raw_connack_code(&mut raw), 0x04);
+    let mut raw = raw_connect_login(port, "anon", None);
+    assert_eq!(raw_connack_code(&mut raw), 0x05);
+    let mut opts = rumqttc::v5::MqttOptions::new("bad5", "127.0.0.1", port);
+    opts.set_credentials("dev", "nope");
+    let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 10);
+    match eventloop.poll().await {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => assert_eq!(
+            code,
+            rumqttc::v5::mqttbytes::v5::ConnectReturnCode::BadUserNamePassword
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // Right password: the ACL decides per filter and per topic.
+    let mut dev = V5::connect(port, "dev5", Some(("dev", "s3cret"))).await;
+    dev.expect(|p| matches!(p, P5::ConnAck(c) if c.code == rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success)).await;
+    dev.client
+        .subscribe_many([
+            rumqttc::v5::mqttbytes::v5::Filter::new(
+                "dev/#",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            ),
+            rumqttc::v5::mqttbytes::v5::Filter::new(
+                "other/#",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            ),
+        ])
+        .await
+        .unwrap();
+    match dev.expect(|p| matches!(p, P5::SubAck(_))).await {
+        P5::SubAck(s) => {
+            use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as C;
+            assert_eq!(
+                s.return_codes,
+                vec![
+                    C::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+                    C::NotAuthorized
+                ]
+            );
+        }
+        _ => unreachable!(),
+    }
+    dev.client
+        .publish(
+            "other/x",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "no",
+        )
+        .await
+        .unwrap();
+    match dev.expect(|p| matches!(p, P5::PubAck(_))).await {
+        P5::PubAck(a) => assert_eq!(
+            a.reason,
+            rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized
+        ),
+        _ => unreachable!(),
+    }
+    dev.client
+        .publish(
+            "dev/x",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "yes",
+        )
+        .await
+        .unwrap();
+    match dev.expect(|p| matches!(p, P5::Publish(_))).await {
+        P5::Publish(p) => assert_eq!(&p.payload[..], b"yes", "the refused one never arrives"),
+        _ => unreachable!(),
+    }
+
+    // 3.1.1: a refused subscription is 0x80.
+    let mut dev4 = V4::connect_as(port, "dev4", true, None, Some(("dev", "s3cret"))).await;
+    dev4.client
+        .subscribe("secret/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    match dev4
+        .expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
+        .await
+    {
+        rumqttc::Packet::SubAck(s) => {
+            assert_eq!(s.return_codes, vec![rumqttc::SubscribeReasonCode::Failure])
+        }
+        _ => unreachable!(),
+    }
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_malformed_input_closes_only_that_connection() {
+    let port = free_port();
+    let bridge = start(port, &config(port, "", "")).await;
+    let mut good = V4::connect(port, "good", true, None).await;
+    good.client
+        .subscribe("ok", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    good.expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
+        .await;
+
+    let garbage: [&[u8]; 5] = [
+        b"\xff\xff\xff\xff\xff\xff",   // invalid packet type and length
+        b"\x30\x05\x00\x03a+b",        // PUBLISH with a wildcard topic
+        b"\x30\x06\x00\x02\xc3\x28ab", // PUBLISH with invalid UTF-8
+        b"\x82\x04\x00\x01\x00\x00",   // SUBSCRIBE with no filter
+        b"\x30\xff\xff\xff\x7f",       // 256 MiB PUBLISH announced
+    ];
+    for bytes in garbage {
+        let mut raw = raw_connect(port, "bad", true, None).await;
+        raw.write_all(bytes).unwrap();
+        let mut rest = Vec::new();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = raw.read_to_end(&mut rest);
+        assert!(
+            n.is_ok(),
+            "closed by the broker for {bytes:?}, not timed out: {n:?}"
+        );
+    }
+    // Garbage before any CONNECT, too.
+    let mut raw = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(raw.read_to_end(&mut Vec::new()).is_ok());
+
+    good.client
+        .publish("ok", rumqttc::QoS::AtLeastOnce, false, "still here")
+        .await
+        .unwrap();
+    assert_eq!(&good.publish_msg().await.payload[..], b"still here");
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_puback_waits_for_the_sqlite_commit() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    sqlite_create(
+        &db,
+        "CREATE TABLE readings (device TEXT, seq INTEGER, client TEXT)",
+    )
+    .await;
+    let rest = format!(
+        r#"sinks:
+  db: {{ type: sqlite, path: {db}, table: readings }}
+rules:
+  - name: readings
+    from: ["sensors/{{device}}/telemetry"]
+    transform: '{{device: .vars.device, seq: .payload.seq, client: .client_id}}'
+    to: [db]"#,
+        db = db.display()
+    );
+    let bridge = start(port, &config(port, "", &rest)).await;
+    let lock = {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn
+    };
+    let mut p = V4::connect(port, "sensor-7", true, None).await;
+    p.client
+        .publish(
+            "sensors/d1/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"seq": 1}"#,
+        )
+        .await
+        .unwrap();
+    // A subscriber would have it now; the publisher's PUBACK waits for the row.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while let Ok(ev) = p.events.try_recv() {
+        assert!(
+            !matches!(ev, rumqttc::Packet::PubAck(_)),
+            "PUBACK before the row was stored"
+        );
+    }
+    drop(lock);
+    p.expect(|e| matches!(e, rumqttc::Packet::PubAck(_))).await;
+    assert_eq!(
+        sqlite_query(&db, "SELECT seq FROM readings").await,
+        vec![1],
+        "the row is committed when the PUBACK arrives"
+    );
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_serves_mosquitto_clients() {
+    let port = free_port();
+    let bridge = start(port, &config(port, "", "")).await;
+    let sub = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "m/#",
+            "-q",
+            "2",
+        ])
+        .args(["-C", "2", "-v", "-W", "20", "-V", "mqttv5"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for (version, qos) in [("mqttv311", "1"), ("mqttv5", "2")] {
+        let status = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-t",
+                &format!("m/{version}"),
+                "-m",
+                "hello",
+                "-q",
+                qos,
+                "-V",
+                version,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "m/mqttv311 hello\nm/mqttv5 hello\n"
+    );
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_keepalive_and_client_ids() {
+    let port = free_port();
+    let bridge = start(port, &config(port, "", "")).await;
+    let mut watcher = V4::connect(port, "watcher", true, None).await;
+    watcher
+        .client
+        .subscribe("gone/+", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    watcher
+        .expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
+        .await;
+
+    // Keepalive 1 s and silence: closed after 1.5 s, and the will goes out.
+    let mut c = v4::Connect::new("sleepy");
+    c.keep_alive = 1;
+    c.last_will = Some(rumqttc::LastWill::new(
+        "gone/sleepy",
+        "timeout",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let mut s = raw_send_connect(port, c);
+    assert_eq!(raw_connack_code(&mut s), 0);
+    let started = std::time::Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(
+        s.read_to_end(&mut Vec::new()).is_ok(),
+        "closed, not timed out"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(&watcher.publish_msg().await.payload[..], b"timeout");
+
+    // PINGREQ keeps a connection alive.
+    let mut c = v4::Connect::new("awake");
+    c.keep_alive = 1;
+    let mut s = raw_send_connect(port, c);
+    assert_eq!(raw_connack_code(&mut s), 0);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(600));
+        s.write_all(&[0xC0, 0]).unwrap();
+        let mut pong = [0u8; 2];
+        s.read_exact(&mut pong).unwrap();
+        assert_eq!(pong, [0xD0, 0]);
+    }
+
+    // An empty client id: refused (0x02) without clean session, assigned with it.
+    let mut c = v4::Connect::new("");
+    c.clean_session = false;
+    assert_eq!(raw_connack_code(&mut raw_send_connect(port, c)), 0x02);
+    let c = v4::Connect::new("");
+    assert_eq!(raw_connack_code(&mut raw_send_connect(port, c)), 0x00);
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_slow_subscriber_does_not_hold_up_publishers() {
+    let port = free_port();
+    let bridge = start(port, &config(port, "  max_queued_messages: 10", "")).await;
+    // Subscribes, then never reads: its socket buffers fill, then its queue (10).
+    let mut stuck = raw_connect(port, "stuck", true, None).await;
+    let mut buf = BytesMut::new();
+    v4::Packet::Subscribe(v4::Subscribe::new("load/#", rumqttc::QoS::AtLeastOnce))
+        .write(&mut buf, usize::MAX)
+        .unwrap();
+    stuck.write_all(&buf).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut p = V4::connect(port, "firehose", true, None).await;
+    let payload = vec![b'x'; 4096];
+    let started = std::time::Instant::now();
+    for i in 0..2000 {
+        p.client
+            .publish(
+                format!("load/{}", i % 10),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    for _ in 0..2000 {
+        p.expect(|e| matches!(e, rumqttc::Packet::PubAck(_))).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // The stuck subscriber got its window's worth, not 8 MB.
+    let got = raw_read_packets(&mut stuck, 5000, Duration::from_secs(2));
+    let publishes = got
+        .iter()
+        .filter(|p| matches!(p, v4::Packet::Publish(_)))
+        .count();
+    assert!(
+        publishes <= 100 + 10,
+        "{publishes} messages delivered to a client that acked none"
+    );
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_republish_reaches_subscribers_in_process() {
+    let port = free_port();
+    let rest = r#"sinks:
+  mirror: { type: republish, topic: "processed/{{ vars.device }}", qos: 1 }
+rules:
+  - name: mirror
+    from: ["raw/{device}"]
+    transform: '{device: .vars.device, doubled: (.payload.v * 2), by: .client_id}'
+    to: [mirror]"#;
+    let bridge = start(port, &config(port, "", rest)).await;
+    let mut sub = V5::connect(port, "dash", None).await;
+    sub.expect(|p| matches!(p, P5::ConnAck(_))).await;
+    sub.client
+        .subscribe("processed/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    sub.expect(|p| matches!(p, P5::SubAck(_))).await;
+    let mut p = V4::connect(port, "dev-9", true, None).await;
+    p.client
+        .publish("raw/d9", rumqttc::QoS::AtLeastOnce, false, r#"{"v": 21}"#)
+        .await
+        .unwrap();
+    p.expect(|e| matches!(e, rumqttc::Packet::PubAck(_))).await;
+    match sub.expect(|p| matches!(p, P5::Publish(_))).await {
+        P5::Publish(m) => {
+            assert_eq!(&m.topic[..], b"processed/d9");
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(
+                v,
+                serde_json::json!({"device": "d9", "doubled": 42, "by": "dev-9"})
+            );
+        }
+        _ => unreachable!(),
+    }
+    bridge.stop().await.unwrap();
+}
+
+/// Python paho-mqtt (2.x), MQTT 5 and 3.1.1, when installed (`pip install paho-mqtt`;
+/// `MQBRIDGE_TEST_PYTHON` picks the interpreter, default `python3`); skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_serves_python_paho() {
+    let python = std::env::var("MQBRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_paho = Command::new(&python)
+        .args(["-c", "import paho.mqtt.client"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_paho {
+        eprintln!("skipped: {python} has no paho-mqtt (pip install paho-mqtt)");
+        return;
+    }
+    let port = free_port();
+    let bridge = start(port, &config(port, "", "")).await;
+    let script = format!(
+        r#"
+import paho.mqtt.client as mqtt, queue
+got = queue.Queue()
+for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-sub", protocol=proto)
+    sub.on_message = lambda c, u, m: got.put((m.topic, m.payload, m.qos))
+    sub.connect("127.0.0.1", {port})
+    sub.loop_start()
+    sub.subscribe("py/#", qos=2)
+    import time; time.sleep(0.3)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-pub", protocol=proto)
+    pub.connect("127.0.0.1", {port})
+    pub.loop_start()
+    for qos in (0, 1, 2):
+        pub.publish("py/%d" % qos, b"hello", qos=qos).wait_for_publish(5)
+    for _ in range(3):
+        print(got.get(timeout=5))
+    pub.disconnect(); sub.disconnect(); pub.loop_stop(); sub.loop_stop()
+"#
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python).args(["-c", &script]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "('py/0', b'hello', 0)",
+        "('py/1', b'hello', 1)",
+        "('py/2', b'hello', 2)",
+    ] {
+        assert_eq!(stdout.matches(line).count(), 2, "{stdout}");
+    }
+    bridge.stop().await.unwrap();
+}
+
+// ---- raw 3.1.1 client over a std TcpStream ----
+
+async fn raw_connect(
+    port: u16,
+    id: &str,
+    clean: bool,
+    will: Option<rumqttc::LastWill>,
+) -> TcpStream {
+    let mut c = v4::Connect::new(id);
+    c.clean_session = clean;
+    c.keep_alive = 60;
+    c.last_will = will;
+    let mut s = raw_send_connect(port, c);
+    assert_eq!(raw_connack_code(&mut s), 0);
+    s
+}
+
+fn raw_connect_login(port: u16, id: &str, login: Option<(&str, &str)>) -> TcpStream {
+    let mut c = v4::Connect::new(id);
+    if let Some((u, p)) = login {
+        c.set_login(u, p);
+    }
+    raw_send_connect(port, c)
+}
+
+fn raw_send_connect(port: u16, c: v4::Connect) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut buf = BytesMut::new();
+    v4::Packet::Connect(c).write(&mut buf, usize::MAX).unwrap();
+    s.write_all(&buf).unwrap();
+    s
+}
+
+fn raw_connack_code(s: &mut TcpStream) -> u8 {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b[..2], &[0x20, 2], "a CONNACK");
+    b[3]
+}
+
+/// Reads up to `n` packets (or until `timeout` passes without data).
+fn raw_read_packets(s: &mut TcpStream, n: usize, timeout: Duration) -> Vec<v4::Packet> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while out.len() < n {
+        match v4::Packet::read(&mut buf, 1 << 20) {
+            Ok(p) => {
+                out.push(p);
+                continue;
+            }
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => panic!("bad packet from the broker: {e}"),
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+    out
+}
