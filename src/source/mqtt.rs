@@ -169,25 +169,42 @@ pub async fn run(
             }
         }
     }
-    // Let queued acknowledgements out, then say goodbye.
+    // Let the queued acknowledgements out, then say goodbye. The event loop must keep
+    // being polled meanwhile: it is what drains rumqttc's request channel, which the ack
+    // task may be waiting on. New PUBLISHes are not taken any more (not acknowledged).
     drop(ack_tx);
-    // Ends when every message's Ack is gone; unsettled ones may still be held elsewhere.
-    let _ = tokio::time::timeout(Duration::from_secs(2), acker).await;
-    if client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Ok(ev) = eventloop.poll().await {
-                if matches!(ev, Incoming::DisconnectSent) {
-                    break;
-                }
+    tracing::debug!(arrivals, dropped_qos0, "source stopped taking messages");
+    let _ = tokio::time::timeout(FAREWELL, async {
+        // Ends when every message's Ack is gone; unsettled ones may still be held elsewhere.
+        let mut acker = acker;
+        loop {
+            tokio::select! {
+                _ = &mut acker => break,
+                ev = eventloop.poll() => if let Err(e) = ev {
+                    tracing::debug!(error = %e, "connection ended while acknowledging");
+                    return;
+                },
             }
-        })
-        .await;
-    }
+        }
+        tracing::debug!("acknowledgements queued; disconnecting");
+        if client.try_disconnect().is_ok() {
+            // Keep reading until the broker closes the connection after our DISCONNECT:
+            // closing first, with its data unread, would reset the connection and the
+            // broker could drop the last acknowledgements still in its receive buffer.
+            while eventloop.poll().await.is_ok() {}
+        }
+    })
+    .await;
     Ok(())
 }
 
+/// How long the source may take, after the pipeline has drained, to send the last
+/// acknowledgements and disconnect.
+const FAREWELL: Duration = Duration::from_secs(5);
+
 async fn ack_task(client: Client, mut rx: mpsc::UnboundedReceiver<AckEvent>) {
     let mut seq = AckSequencer::default();
+    let mut sent: u64 = 0;
     while let Some(ev) = rx.recv().await {
         match ev {
             AckEvent::Arrived(token) => {
@@ -199,11 +216,15 @@ async fn ack_task(client: Client, mut rx: mpsc::UnboundedReceiver<AckEvent>) {
                     // Waits while rumqttc's request channel is full: the poll loop never
                     // waits on this task, so the channel drains. A lost ack would hold a
                     // slot of the broker's window until the next reconnect.
-                    if let Err(e) = client.ack(&token).await {
-                        tracing::warn!(error = %e, "cannot queue ack (connection closing); the broker will redeliver");
+                    match client.ack(&token).await {
+                        Ok(()) => sent += 1,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot queue ack (connection closing); the broker will redeliver")
+                        }
                     }
                 }
             }
         }
     }
+    tracing::debug!(sent, pending = seq.pending(), "ack task done");
 }

@@ -96,3 +96,59 @@ async fn kill_9_before_settle_then_restart_loses_nothing(protocol: &str) {
     assert!(status.success(), "exit status {status:?}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
+
+/// A graceful stop right after a burst: every stored message must also be acknowledged,
+/// or the broker redelivers it to the next run as a duplicate. The sentinel published
+/// after the restart lands after any redelivered message (one topic, in order), so once
+/// it is stored the row count is final.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_a_burst_leaves_nothing_unacknowledged() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    sqlite_create(&db, "CREATE TABLE readings (device TEXT, seq INTEGER)").await;
+    let cfg_path = dir.path().join("bridge.yaml");
+    std::fs::write(&cfg_path, config(broker.port, &db, "5")).unwrap();
+
+    let bridge = ChildBridge::start(&cfg_path);
+    bridge
+        .wait_for_log("subscribed", Duration::from_secs(20))
+        .await;
+    const N: i64 = 20_000;
+    let publisher = TestClient::connect(broker.port, "burst-publisher").await;
+    publisher
+        .publish_all((0..N).map(|i| {
+            (
+                "sensors/d/telemetry".to_string(),
+                format!(r#"{{"seq": {i}}}"#),
+            )
+        }))
+        .await;
+    eventually(Duration::from_secs(60), "the burst stored", async || {
+        (sqlite_count(&db, "readings").await >= N).then_some(())
+    })
+    .await;
+    let (status, _) = bridge.terminate(Duration::from_secs(15)).await;
+    assert!(status.success());
+
+    let bridge = ChildBridge::start(&cfg_path);
+    publisher
+        .publish_all([(
+            "sensors/d/telemetry".to_string(),
+            r#"{"seq": -1}"#.to_string(),
+        )])
+        .await;
+    eventually(Duration::from_secs(30), "the sentinel", async || {
+        (!sqlite_query(&db, "SELECT seq FROM readings WHERE seq = -1")
+            .await
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    assert_eq!(
+        sqlite_count(&db, "readings").await,
+        N + 1,
+        "messages were redelivered: their acks were lost"
+    );
+    drop(bridge);
+}
