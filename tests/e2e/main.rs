@@ -8,5 +8,6 @@ mod crash;
 mod embedded;
 mod flow;
 mod postgres;
+mod scale;
 mod util;
 mod webhook;

@@ -241,11 +241,10 @@ pub async fn sqlite_create(db: &Path, ddl: &str) {
 
 /// Lines of a JSON-lines file (empty when missing).
 pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Only complete lines: the sink may be in the middle of appending the next one.
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// mqbridge running in this process, stopped gracefully on drop of the handle.

@@ -1,0 +1,199 @@
+//! Scale-out and poison input: several instances sharing one subscription, one of them
+//! killed mid-stream; and malformed payloads mixed into good traffic.
+
+use std::time::Duration;
+
+use crate::util::*;
+
+/// Three instances in one share group split the stream; one is killed with SIGKILL
+/// mid-stream and restarted (as a supervisor would), and every message is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_the_load_and_a_killed_one_loses_nothing() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg_fresh_database(&pg_admin_url()).await;
+    pg_exec(
+        &db,
+        "CREATE TABLE readings (seq int PRIMARY KEY, instance text)",
+    )
+    .await;
+    let cfg = |i: usize| {
+        let path = dir.path().join(format!("bridge{i}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: shared-{i}, share_group: ingest, protocol: 5, receive_maximum: 50 }}
+sinks:
+  pg: {{ type: postgres, url: "{db}", table: readings, on_conflict: {{ key: [seq], action: ignore }} }}
+rules:
+  - {{ name: r, from: "sensors/+/telemetry", transform: '{{seq: .payload.seq, instance: "{i}"}}', to: pg }}
+"#,
+                port = broker.port
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let mut bridges: Vec<ChildBridge> = (0..3).map(|i| ChildBridge::start(&cfg(i))).collect();
+    for b in &bridges {
+        b.wait_for_log("subscribed", Duration::from_secs(20)).await;
+    }
+    let publisher = TestClient::connect(broker.port, "scale-publisher").await;
+    let chunk = |from: i64, to: i64| {
+        (from..to).map(|i| {
+            (
+                format!("sensors/d{}/telemetry", i % 10),
+                format!(r#"{{"seq": {i}}}"#),
+            )
+        })
+    };
+    const N: i64 = 6000;
+    publisher.publish_all(chunk(0, 2000)).await;
+    // Kill instance 1 while messages are in its hands.
+    bridges.remove(1).kill9();
+    publisher.publish_all(chunk(2000, 4000)).await;
+    // Its supervisor restarts it; the broker hands its session's messages back to it.
+    bridges.push(ChildBridge::start(&cfg(1)));
+    publisher.publish_all(chunk(4000, N)).await;
+
+    eventually(
+        Duration::from_secs(60),
+        "every message stored",
+        async || (pg_count(&db, "SELECT count(*)::text FROM readings").await? >= N).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        pg_count(&db, "SELECT count(DISTINCT seq)::text FROM readings").await,
+        Some(N),
+        "lost"
+    );
+    let per_instance = pg_texts(
+        &db,
+        "SELECT instance || '=' || count(*) FROM readings GROUP BY instance ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        per_instance.len(),
+        3,
+        "the load should be split over all three: {per_instance:?}"
+    );
+}
+
+/// 1,000 malformed payloads in good traffic: each bad one is dead-lettered with its
+/// reason, every good one stored, and the same bridge keeps running throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_payloads_are_dead_lettered_and_never_stall_the_stream() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    sqlite_create(
+        &db,
+        "CREATE TABLE readings (seq INTEGER PRIMARY KEY, temp REAL)",
+    )
+    .await;
+    let dlq = dir.path().join("dead.jsonl");
+    let cfg = format!(
+        r#"
+broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: poison, max_packet_size: 4MiB }}
+sinks:
+  db: {{ type: sqlite, path: {db} , table: readings }}
+  dead: {{ type: file, path: {dlq} }}
+rules:
+  - name: r
+    from: "sensors/+/telemetry"
+    transform: '{{seq: .payload.seq, temp: (.payload.temp | if type == "number" then . else error("temp is not a number") end)}}'
+    to: db
+dead_letter: {{ sink: dead }}
+"#,
+        port = broker.port,
+        db = db.display(),
+        dlq = dlq.display()
+    );
+    let bridge = InProcess::start(&cfg);
+    let publisher = TestClient::connect(broker.port, "poison-publisher").await;
+    eventually(
+        Duration::from_secs(20),
+        "the bridge to subscribe",
+        async || {
+            publisher
+                .publish_all([(
+                    "sensors/p/telemetry".into(),
+                    r#"{"seq": -1, "temp": 1}"#.into(),
+                )])
+                .await;
+            (sqlite_count(&db, "readings").await > 0).then_some(())
+        },
+    )
+    .await;
+
+    let deep = format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000));
+    let huge = format!(r#"{{"seq": 1, "temp": "{}"}}"#, "x".repeat(1 << 20));
+    let poison: Vec<Vec<u8>> = vec![
+        b"{not json".to_vec(),
+        br#"{"seq": 1, "temp": "hot"}"#.to_vec(),
+        br#"{"seq": 1, "temp": 1e400}"#.to_vec(),
+        deep.into_bytes(),
+        huge.into_bytes(),
+        vec![0xff, 0xfe, 0x00, 0x80],
+        b"".to_vec(),
+        br#"[1, 2, 3]"#.to_vec(),
+    ];
+    let mut good = 0;
+    let mut bad = 0;
+    let mut msgs = Vec::new();
+    for i in 0..3000 {
+        if i % 3 == 0 && bad < 1000 {
+            let p = &poison[bad % poison.len()];
+            msgs.push(("sensors/x/telemetry".to_string(), p.clone()));
+            bad += 1;
+        } else {
+            msgs.push((
+                "sensors/x/telemetry".to_string(),
+                format!(r#"{{"seq": {good}, "temp": 21.5}}"#).into_bytes(),
+            ));
+            good += 1;
+        }
+    }
+    for (topic, payload) in msgs {
+        publisher
+            .client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let letters = eventually(
+        Duration::from_secs(90),
+        "every good row and every dead letter",
+        async || {
+            let rows = sqlite_count(&db, "readings").await - 1;
+            let letters = json_lines(&dlq);
+            (rows >= good as i64 && letters.len() >= bad).then_some(letters)
+        },
+    )
+    .await;
+    assert_eq!(sqlite_count(&db, "readings").await - 1, good as i64);
+    assert_eq!(letters.len(), bad);
+    assert!(
+        letters
+            .iter()
+            .all(|l| !l["error"].as_str().unwrap().is_empty())
+    );
+    let reasons: std::collections::BTreeSet<String> = letters
+        .iter()
+        .map(|l| {
+            l["error"]
+                .as_str()
+                .unwrap()
+                .split(':')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        reasons.contains("decode") && reasons.contains("transform"),
+        "{reasons:?}"
+    );
+    bridge.stop().await.unwrap();
+}
