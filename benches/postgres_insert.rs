@@ -6,11 +6,9 @@
 //! cargo bench --bench postgres_insert -- postgres://postgres@127.0.0.1:5432/bench
 //! ```
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use mqbridge::delivery::Ack;
-use mqbridge::sink::{Delivery, OpenContext, Origin, SinkConfig};
+use mqbridge::sink::{Delivery, OpenContext, SinkConfig};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -19,21 +17,10 @@ const BATCH: usize = 1000;
 const RUNS: usize = 5;
 
 fn delivery(seq: usize) -> Delivery {
-    Delivery {
-        record: json!({"device": format!("d{}", seq % 100), "seq": seq, "temp": (seq % 40) as f64 + 0.5, "ts": "2026-11-26T03:00:00Z"}),
-        origin: Arc::new(Origin {
-            id: seq.to_string(),
-            topic: "bench".into(),
-            payload: bytes::Bytes::new(),
-            qos: 1,
-            retain: false,
-            vars: vec![],
-            received_at: jiff::Timestamp::now(),
-            rule: Arc::from("bench"),
-            source: Arc::from("bench"),
-        }),
-        ack: Ack::detached(),
-    }
+    Delivery::detached(
+        "bench",
+        json!({"device": format!("d{}", seq % 100), "seq": seq, "temp": (seq % 40) as f64 + 0.5, "ts": "2026-11-26T03:00:00Z"}),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -2,7 +2,6 @@
 //! would do with it, without connecting to anything or writing anywhere.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use crate::config::Plan;
 use crate::message::Message;
@@ -30,17 +29,7 @@ pub fn explain(plan: &Plan, msg: &Message) -> String {
                 format!(" ({})", vars.join(", "))
             }
         );
-        let origin = Origin {
-            id: crate::sink::message_id(&msg.topic, &msg.payload),
-            topic: msg.topic.clone(),
-            payload: msg.payload.clone(),
-            qos: msg.qos,
-            retain: msg.retain,
-            vars: v.vars.clone(),
-            received_at: msg.received_at,
-            rule: Arc::clone(&rule.name),
-            source: Arc::clone(&msg.source),
-        };
+        let origin = Origin::from_message(msg, &rule.name, v.vars.clone());
         match v.evaluation {
             Evaluation::Filtered => {
                 let _ = writeln!(out, "  filtered out: nothing is written");

@@ -130,7 +130,7 @@ impl Pipeline {
     async fn dispatch(&self, msg: &Message, verdicts: Vec<Verdict>, ack: Ack) {
         for v in verdicts {
             let rule = &self.rules[v.rule];
-            let origin = Arc::new(origin(msg, rule, v.vars));
+            let origin = Arc::new(Origin::from_message(msg, &rule.name, v.vars));
             match v.evaluation {
                 Evaluation::Records(records) => {
                     for record in records {
@@ -181,26 +181,12 @@ impl Pipeline {
                 attempts: 1,
                 first_attempt: jiff::Timestamp::now(),
             };
-            let origin = Arc::new(origin(msg, rule, Vec::new()));
+            let origin = Arc::new(Origin::from_message(msg, &rule.name, Vec::new()));
             self.dead_letter
                 .send(origin, &serde_json::Value::Null, failure, ack.part())
                 .await;
         }
         ack.settle();
-    }
-}
-
-fn origin(msg: &Message, rule: &Rule, vars: Vec<(String, String)>) -> Origin {
-    Origin {
-        id: crate::sink::message_id(&msg.topic, &msg.payload),
-        topic: msg.topic.clone(),
-        payload: msg.payload.clone(),
-        qos: msg.qos,
-        retain: msg.retain,
-        vars,
-        received_at: msg.received_at,
-        rule: Arc::clone(&rule.name),
-        source: Arc::clone(&msg.source),
     }
 }
 

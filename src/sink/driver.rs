@@ -348,19 +348,8 @@ mod tests {
 
     fn delivery(topic: &str, seq: i64, settled: &Arc<AtomicUsize>) -> Delivery {
         Delivery {
-            record: json!({ "seq": seq }),
-            origin: Arc::new(Origin {
-                id: format!("{seq}"),
-                topic: topic.to_string(),
-                payload: bytes::Bytes::from(format!("{seq}")),
-                qos: 1,
-                retain: false,
-                vars: vec![],
-                received_at: jiff::Timestamp::now(),
-                rule: Arc::from("r"),
-                source: Arc::from("test"),
-            }),
             ack: Ack::new(Count(Arc::clone(settled))),
+            ..Delivery::detached(topic, json!({ "seq": seq }))
         }
     }
 

@@ -56,6 +56,25 @@ pub fn message_id(topic: &str, payload: &[u8]) -> String {
 }
 
 impl Origin {
+    /// The origin of records a rule made from `msg`, with the rule's topic captures.
+    pub fn from_message(
+        msg: &crate::message::Message,
+        rule: &Arc<str>,
+        vars: Vec<(String, String)>,
+    ) -> Origin {
+        Origin {
+            id: message_id(&msg.topic, &msg.payload),
+            topic: msg.topic.clone(),
+            payload: msg.payload.clone(),
+            qos: msg.qos,
+            retain: msg.retain,
+            vars,
+            received_at: msg.received_at,
+            rule: Arc::clone(rule),
+            source: Arc::clone(&msg.source),
+        }
+    }
+
     /// The context string templates render against: `id`, `topic`, `segments`, `vars`, `qos`,
     /// `retain`, `received_at`, `timestamp_ms`, `rule` and the `record` itself.
     pub fn template_context(&self, record: &serde_json::Value) -> serde_json::Value {
@@ -85,6 +104,21 @@ pub struct Delivery {
     pub record: serde_json::Value,
     pub origin: Arc<Origin>,
     pub ack: Ack,
+}
+
+impl Delivery {
+    /// A record from a QoS 1 message on `topic` with nothing to acknowledge (tests,
+    /// benchmarks, dry runs).
+    pub fn detached(topic: &str, record: serde_json::Value) -> Delivery {
+        let msg = crate::message::Message::detached(topic, record.to_string(), 1);
+        let origin = Origin::from_message(&msg, &Arc::from("detached"), Vec::new());
+        msg.ack.settle();
+        Delivery {
+            record,
+            origin: Arc::new(origin),
+            ack: Ack::detached(),
+        }
+    }
 }
 
 /// Whether retrying can help.

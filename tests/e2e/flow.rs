@@ -62,18 +62,11 @@ async fn qos1_messages_become_rows_and_republished_messages_mqtt5() {
 
 /// Waits until the bridge stores a probe message, i.e. it has subscribed.
 pub async fn wait_subscribed(publisher: &TestClient, db: &std::path::Path) {
-    eventually(
-        Duration::from_secs(20),
-        "the bridge to subscribe",
-        async || {
-            publisher
-                .publish_all([(
-                    "sensors/probe/telemetry".to_string(),
-                    r#"{"temp": 99, "seq": -1}"#.to_string(),
-                )])
-                .await;
-            (sqlite_count(db, "readings").await > 0).then_some(())
-        },
+    probe_until(
+        publisher,
+        "sensors/probe/telemetry",
+        r#"{"temp": 99, "seq": -1}"#,
+        async || sqlite_count(db, "readings").await > 0,
     )
     .await;
 }

@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqbridge::delivery::Ack;
-use mqbridge::sink::{Delivery, OpenContext, Origin, Sink, SinkConfig};
+use mqbridge::sink::{Delivery, OpenContext, Sink, SinkConfig};
 use serde_json::json;
 
 use crate::util::*;
@@ -23,21 +22,7 @@ async fn open(cfg: serde_json::Value) -> Arc<dyn Sink> {
 }
 
 fn delivery(record: serde_json::Value) -> Delivery {
-    Delivery {
-        record,
-        origin: Arc::new(Origin {
-            id: "id".into(),
-            topic: "t".into(),
-            payload: bytes::Bytes::new(),
-            qos: 1,
-            retain: false,
-            vars: vec![],
-            received_at: jiff::Timestamp::now(),
-            rule: Arc::from("r"),
-            source: Arc::from("test"),
-        }),
-        ack: Ack::detached(),
-    }
+    Delivery::detached("t", record)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,17 +202,15 @@ async fn one_bad_row_in_a_thousand_is_dead_lettered_and_the_rest_commit() {
     .await;
     let bridge = InProcess::start(&bridge_config(broker.port, &db, true, dir.path()));
     let publisher = TestClient::connect(broker.port, "pg-publisher").await;
-    eventually(
-        Duration::from_secs(20),
-        "the bridge to subscribe",
+    probe_until(
+        &publisher,
+        "sensors/probe/telemetry",
+        r#"{"seq": -1, "temp": 1}"#,
         async || {
-            publisher
-                .publish_all([(
-                    "sensors/probe/telemetry".into(),
-                    r#"{"seq": -1, "temp": 1}"#.into(),
-                )])
-                .await;
-            (pg_count(&db, "SELECT count(*)::text FROM readings").await? > 0).then_some(())
+            pg_count(&db, "SELECT count(*)::text FROM readings")
+                .await
+                .unwrap_or(0)
+                > 0
         },
     )
     .await;
@@ -320,17 +303,15 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() {
     .await;
     let bridge = InProcess::start(&bridge_config(broker.port, &db, false, dir.path()));
     let publisher = TestClient::connect(broker.port, "pg-restart-publisher").await;
-    eventually(
-        Duration::from_secs(20),
-        "the bridge to subscribe",
+    probe_until(
+        &publisher,
+        "sensors/probe/telemetry",
+        r#"{"seq": -1, "temp": 1}"#,
         async || {
-            publisher
-                .publish_all([(
-                    "sensors/probe/telemetry".into(),
-                    r#"{"seq": -1, "temp": 1}"#.into(),
-                )])
-                .await;
-            (pg_count(&db, "SELECT count(*)::text FROM readings").await? > 0).then_some(())
+            pg_count(&db, "SELECT count(*)::text FROM readings")
+                .await
+                .unwrap_or(0)
+                > 0
         },
     )
     .await;

@@ -112,18 +112,11 @@ dead_letter: {{ sink: dead }}
     );
     let bridge = InProcess::start(&cfg);
     let publisher = TestClient::connect(broker.port, "poison-publisher").await;
-    eventually(
-        Duration::from_secs(20),
-        "the bridge to subscribe",
-        async || {
-            publisher
-                .publish_all([(
-                    "sensors/p/telemetry".into(),
-                    r#"{"seq": -1, "temp": 1}"#.into(),
-                )])
-                .await;
-            (sqlite_count(&db, "readings").await > 0).then_some(())
-        },
+    probe_until(
+        &publisher,
+        "sensors/p/telemetry",
+        r#"{"seq": -1, "temp": 1}"#,
+        async || sqlite_count(&db, "readings").await > 0,
     )
     .await;
 

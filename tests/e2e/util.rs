@@ -31,6 +31,27 @@ pub async fn eventually<T>(
     }
 }
 
+/// Publishes a probe message until `stored` says it arrived: the bridge has connected
+/// and subscribed (its subscription is made asynchronously after start).
+pub async fn probe_until(
+    publisher: &TestClient,
+    topic: &str,
+    payload: &str,
+    mut stored: impl AsyncFnMut() -> bool,
+) {
+    eventually(
+        Duration::from_secs(20),
+        "the bridge to subscribe",
+        async || {
+            publisher
+                .publish_all([(topic.to_string(), payload.to_string())])
+                .await;
+            stored().await.then_some(())
+        },
+    )
+    .await
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -244,7 +265,10 @@ pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     // Only complete lines: the sink may be in the middle of appending the next one.
     let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    complete.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// mqbridge running in this process, stopped gracefully on drop of the handle.
