@@ -152,3 +152,92 @@ async fn sigterm_right_after_a_burst_leaves_nothing_unacknowledged() {
     );
     drop(bridge);
 }
+
+/// Issue 5's crash scenario, external-broker mode: 20,000 QoS 1 messages from 4
+/// publishers while mqbridge is killed with SIGKILL 5 times at random moments (and
+/// restarted, as a supervisor would). Prints `sent / stored / lost / duplicates`; lost
+/// must be 0 everywhere, duplicates 0 in the table with a conflict key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_five_times_during_20k_messages_loses_nothing() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg_fresh_database(&pg_admin_url()).await;
+    pg_exec(
+        &db,
+        "CREATE TABLE keyed (seq int PRIMARY KEY); CREATE TABLE raw (seq int)",
+    )
+    .await;
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: crash-5, protocol: 5, receive_maximum: 200 }}
+sinks:
+  keyed: {{ type: postgres, url: "{db}", table: keyed, on_conflict: {{ key: [seq], action: ignore }}, batch: {{ max_rows: 200 }} }}
+  raw: {{ type: postgres, url: "{db}", table: raw, batch: {{ max_rows: 200 }} }}
+rules:
+  - {{ name: r, from: "crash/#", transform: '{{seq: .payload.seq}}', to: [keyed, raw] }}
+"#,
+            port = broker.port
+        ),
+    )
+    .unwrap();
+    let mut bridge = ChildBridge::start(&path);
+    bridge
+        .wait_for_log("subscribed", Duration::from_secs(20))
+        .await;
+
+    const N: i64 = 20_000;
+    const PUBLISHERS: i64 = 4;
+    let port = broker.port;
+    // Publishers and the killer run side by side (joined, not spawned: the test client's
+    // futures are not Send).
+    let publishers = futures::future::join_all((0..PUBLISHERS).map(|p| async move {
+        let client = TestClient::connect(port, &format!("crash-pub-{p}")).await;
+        let (mut from, end) = (p * N / PUBLISHERS, (p + 1) * N / PUBLISHERS);
+        while from < end {
+            let to = (from + 250).min(end);
+            client
+                .publish_all(
+                    (from..to).map(|i| (format!("crash/p{p}"), format!(r#"{{"seq": {i}}}"#))),
+                )
+                .await;
+            from = to;
+        }
+    }));
+    let killer = async {
+        for _ in 0..5 {
+            // A random moment to strike (not a wait for something to happen).
+            tokio::time::sleep(Duration::from_millis(200 + rand::random::<u64>() % 600)).await;
+            bridge.kill9();
+            bridge = ChildBridge::start(&path);
+        }
+        bridge
+    };
+    let (_, bridge) = tokio::join!(publishers, killer);
+    eventually(
+        Duration::from_secs(120),
+        "every message stored",
+        async || (pg_count(&db, "SELECT count(*)::text FROM keyed").await? >= N).then_some(()),
+    )
+    .await;
+    let stored = pg_count(&db, "SELECT count(DISTINCT seq)::text FROM raw")
+        .await
+        .unwrap();
+    let raw_rows = pg_count(&db, "SELECT count(*)::text FROM raw")
+        .await
+        .unwrap();
+    let keyed_rows = pg_count(&db, "SELECT count(*)::text FROM keyed")
+        .await
+        .unwrap();
+    println!(
+        "sent {N} / stored {stored} / lost {} / duplicates {} (table without key), {} (table with conflict key)",
+        N - stored,
+        raw_rows - stored,
+        keyed_rows - N
+    );
+    assert_eq!(stored, N, "lost messages");
+    assert_eq!(keyed_rows, N, "duplicates in the table with a conflict key");
+    drop(bridge);
+}
