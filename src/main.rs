@@ -18,8 +18,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MQBRIDGE_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Without a subcommand: `run` with the default config.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -30,15 +31,10 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the bridge.
+    /// Run the bridge (the default when no command is given).
     Run {
         /// Rules file.
-        #[arg(
-            long,
-            short,
-            default_value = "config/mqbridge.yaml",
-            env = "MQBRIDGE_CONFIG"
-        )]
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "MQBRIDGE_CONFIG")]
         config: PathBuf,
     },
     /// Validate a rules file and print the plan; exit 1 with every error otherwise.
@@ -59,11 +55,19 @@ enum Command {
     Passwd,
 }
 
+/// The quickstart: embedded broker on 127.0.0.1:1883, every message into SQLite.
+const DEFAULT_CONFIG: &str = "config/mqbridge.yaml";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     mqbridge::install_crypto();
     init_tracing(cli.log_format);
-    match cli.command {
+    let command = cli.command.unwrap_or_else(|| Command::Run {
+        config: std::env::var_os("MQBRIDGE_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| DEFAULT_CONFIG.into()),
+    });
+    match command {
         Command::Passwd => {
             let mut line = String::new();
             if let Err(e) = std::io::stdin().read_line(&mut line) {

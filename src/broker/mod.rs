@@ -39,7 +39,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -108,10 +107,7 @@ impl Broker {
     ) -> anyhow::Result<()> {
         let mut listeners = Vec::new();
         for addr in &self.shared.plan.listen {
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("embedded broker: cannot listen on {addr}"))?;
-            listeners.push(l);
+            listeners.push(bind(*addr).await?);
         }
         self.serve(listeners, out, stop, done).await
     }
@@ -164,6 +160,18 @@ impl Broker {
         }
         state.route(&stored, retain, max, &self.shared.auth);
     }
+}
+
+/// Binds one listener; the error names the address (and, when it is taken, the likely cause).
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process, e.g. an MQTT broker such as mosquitto, already listens there: stop it or change `embedded.listen`)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("embedded broker: cannot listen on {addr}: {e}{hint}")
+    })
 }
 
 /// Runs a broker for `plan` until `done` (see [`Broker::run`]).

@@ -8,5 +8,6 @@ mod crash;
 mod embedded;
 mod flow;
 mod postgres;
+mod quickstart;
 mod util;
 mod webhook;

@@ -293,10 +293,17 @@ impl ChildBridge {
 
     /// Like [`ChildBridge::start`], with extra environment variables (e.g. secrets).
     pub fn start_with_env(config_path: &Path, env: &[(&str, &str)]) -> ChildBridge {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
-            .args(["run", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqbridge"));
+        cmd.args(["run", "--config"])
             .arg(config_path)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd` (the mqbridge binary with arguments, environment and working directory
+    /// already set).
+    pub fn spawn(mut cmd: Command) -> ChildBridge {
+        let mut child = cmd
             .env("RUST_LOG", "info,mqbridge=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -328,6 +335,14 @@ impl ChildBridge {
                     .then_some(())
             },
         )
+        .await
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn exited(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        eventually(timeout, "mqbridge to exit", async || {
+            self.child.try_wait().unwrap()
+        })
         .await
     }
 
