@@ -356,6 +356,7 @@ impl Conn {
                 _ => (Session::new(c.session_expiry), false),
             };
             session.expiry = c.session_expiry;
+            session.dirty = true;
             // Unique across sessions, so a timer of an earlier session never matches.
             session.generation = conn_id;
             session.link = Some(link);
@@ -645,6 +646,7 @@ impl Conn {
                             return Err(0x82);
                         }
                         s.expiry = expiry;
+                        s.dirty = true;
                     }
                 }
                 return Ok(Some(End::Disconnected {
@@ -678,6 +680,7 @@ impl Conn {
             Packet::Unsubscribe { pkid, filters } => {
                 let codes = self
                     .with_session(|s| {
+                        s.dirty = true;
                         filters
                             .iter()
                             .map(|f| {
@@ -759,6 +762,7 @@ impl Conn {
                 .subscriptions
                 .insert(f.filter.clone(), sub)
                 .is_some();
+            session.dirty = true;
             let send_retained =
                 share.is_none() && (f.retain_handling == 0 || (f.retain_handling == 1 && !existed));
             if send_retained {
@@ -1025,7 +1029,7 @@ impl Conn {
 }
 
 /// Removes a session still offline after `expiry` seconds.
-fn schedule_expiry(shared: &Arc<Shared>, client_id: &str, generation: u64, expiry: u32) {
+pub(super) fn schedule_expiry(shared: &Arc<Shared>, client_id: &str, generation: u64, expiry: u32) {
     let shared = Arc::clone(shared);
     let client_id = client_id.to_string();
     tokio::spawn(async move {

@@ -17,11 +17,13 @@
 //! - [`session`]: subscriptions, queue, in-flight windows, persistent sessions.
 //! - [`router`]: sessions by client id, fan-out to subscriptions (incl. shared ones).
 //! - [`retained`]: retained messages.
+//! - [`store`]: optional persistence of sessions and retained messages (SQLite).
 //!
 //! Guarantees: a publisher's QoS 1/2 message is acknowledged only after every rule
 //! record made from it settled (written or dead-lettered); subscribers receive it at
-//! once, like from any broker. Sessions and retained messages live in memory: a restart
-//! of mqbridge forgets them (acknowledged messages are already stored by the sinks).
+//! once, like from any broker. Sessions and retained messages live in memory; with
+//! `persistence` they are also saved to a SQLite file every `flush_interval` and restored
+//! at start (acknowledged messages are stored by the sinks either way).
 //!
 //! Shutdown: `stop` closes the listeners and makes connections ignore new PUBLISHes (they
 //! are not acknowledged, so clients resend them after reconnecting) while the
@@ -34,6 +36,7 @@ mod connection;
 pub mod retained;
 pub mod router;
 pub mod session;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -67,6 +70,8 @@ pub(crate) struct Shared {
     connections: AtomicUsize,
     next_conn_id: AtomicU64,
     counters: Counters,
+    /// The state file, taken by the flusher when serving starts.
+    store: Mutex<Option<store::Store>>,
 }
 
 impl Shared {
@@ -84,18 +89,39 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(plan: EmbeddedPlan) -> Broker {
+    /// A broker for `plan`; with `persistence`, opens its state file and restores the
+    /// retained messages and sessions it holds.
+    pub async fn open(plan: EmbeddedPlan) -> anyhow::Result<Broker> {
+        let (store, router) = match &plan.persistence {
+            Some(p) => {
+                let (store, router) = store::Store::open(&p.path).await?;
+                (Some(store), router)
+            }
+            None => (None, Router::default()),
+        };
         let auth = Auth::new(plan.users.clone(), plan.allow_anonymous, plan.acl.clone());
-        Broker {
+        let restored: Vec<(String, u64, u32)> = router
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.expiry != u32::MAX)
+            .map(|(id, s)| (id.clone(), s.generation, s.expiry))
+            .collect();
+        let broker = Broker {
             shared: Arc::new(Shared {
                 plan,
                 auth,
-                state: Mutex::new(Router::default()),
+                state: Mutex::new(router),
                 connections: AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
                 counters: Counters::default(),
+                store: Mutex::new(store),
             }),
+        };
+        // Restored sessions are offline: their expiry counts from now.
+        for (id, generation, expiry) in restored {
+            connection::schedule_expiry(&broker.shared, &id, generation, expiry);
         }
+        Ok(broker)
     }
 
     /// Binds the plan's listeners, then serves as [`Broker::serve`] does.
@@ -136,8 +162,23 @@ impl Broker {
         }
         drop(out);
         tasks.close();
+        let store = self
+            .shared
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let flusher = store
+            .map(|store| tokio::spawn(flush_loop(Arc::clone(&self.shared), store, done.clone())));
         done.cancelled().await;
         tasks.wait().await;
+        // Every connection has ended (sessions detached): the last flush.
+        if let Some(flusher) = flusher
+            && let Ok(mut store) = flusher.await
+        {
+            let changes = store.take_changes(&mut self.shared.lock());
+            store.write(changes).await;
+        }
         Ok(())
     }
 
@@ -181,7 +222,31 @@ pub async fn run(
     stop: CancellationToken,
     done: CancellationToken,
 ) -> anyhow::Result<()> {
-    Broker::new(plan).run(out, stop, done).await
+    Broker::open(plan).await?.run(out, stop, done).await
+}
+
+/// Writes the broker's changes every `flush_interval` until `done`; returns the store for
+/// the last flush.
+async fn flush_loop(
+    shared: Arc<Shared>,
+    mut store: store::Store,
+    done: CancellationToken,
+) -> store::Store {
+    let every = shared
+        .plan
+        .persistence
+        .as_ref()
+        .map_or(std::time::Duration::from_millis(100), |p| p.flush_interval);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return store,
+            _ = tick.tick() => {}
+        }
+        let changes = store.take_changes(&mut shared.lock());
+        store.write(changes).await;
+    }
 }
 
 async fn accept_loop(

@@ -106,6 +106,21 @@ pub struct Session {
     pub generation: u64,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
+    /// Changed since [`super::store`] last wrote it (subscriptions, queue, in flight, expiry).
+    pub dirty: bool,
+}
+
+/// What [`super::store`] keeps of a session: everything but the live connection, the
+/// inbound QoS 2 state (a publisher resends after a restart) and the counters.
+#[derive(Debug, Clone)]
+pub struct SessionImage {
+    pub expiry: u32,
+    pub username: Option<String>,
+    pub subscriptions: Vec<(String, Subscription)>,
+    pub queued: Vec<Outbound>,
+    /// Sent, not yet acknowledged; true: PUBREL sent (QoS 2).
+    pub inflight: Vec<(Publish, bool)>,
+    pub last_pkid: u16,
 }
 
 impl Session {
@@ -121,7 +136,43 @@ impl Session {
             username: None,
             generation: 0,
             dropped: 0,
+            dirty: true,
         }
+    }
+
+    pub fn image(&self) -> SessionImage {
+        SessionImage {
+            expiry: self.expiry,
+            username: self.username.clone(),
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            queued: self.queue.iter().cloned().collect(),
+            inflight: self
+                .inflight
+                .iter()
+                .map(|i| (i.publish.clone(), i.released))
+                .collect(),
+            last_pkid: self.last_pkid,
+        }
+    }
+
+    /// A session as it was persisted, offline.
+    pub fn restore(img: SessionImage) -> Session {
+        let mut s = Session::new(img.expiry);
+        s.username = img.username;
+        s.subscriptions = img.subscriptions.into_iter().collect();
+        s.queue = img.queued.into();
+        s.inflight = img
+            .inflight
+            .into_iter()
+            .map(|(publish, released)| Inflight { publish, released })
+            .collect();
+        s.last_pkid = img.last_pkid;
+        s.dirty = false;
+        s
     }
 
     /// Queues a message; false when it was dropped (queue full, or QoS 0 while offline).
@@ -138,6 +189,7 @@ impl Session {
             return false;
         }
         self.queue.push_back(out);
+        self.dirty = true;
         if let Some(link) = &self.link {
             link.notify.notify_one();
         }
@@ -178,6 +230,7 @@ impl Session {
             let Some(front) = self.queue.front() else {
                 break;
             };
+            self.dirty = true;
             if front.msg.expired(now) {
                 self.queue.pop_front();
                 continue;
@@ -208,6 +261,7 @@ impl Session {
 
     /// PUBACK from the client.
     pub fn acked(&mut self, pkid: u16) {
+        self.dirty = true;
         self.inflight
             .retain(|i| i.publish.pkid != pkid || i.publish.qos != 1);
     }
@@ -215,6 +269,7 @@ impl Session {
     /// PUBREC from the client: true when a PUBREL should follow (false: unknown id, or the
     /// client refused the message, which then ends here).
     pub fn received(&mut self, pkid: u16, refused: bool) -> bool {
+        self.dirty = true;
         if refused {
             self.inflight.retain(|i| i.publish.pkid != pkid);
             return false;
@@ -234,6 +289,7 @@ impl Session {
 
     /// PUBCOMP from the client.
     pub fn completed(&mut self, pkid: u16) {
+        self.dirty = true;
         self.inflight
             .retain(|i| i.publish.pkid != pkid || !i.released);
     }
@@ -241,6 +297,7 @@ impl Session {
     /// What to resend on a resumed session, in the original order: PUBLISH with DUP for
     /// unacknowledged messages, PUBREL for released QoS 2 ones.
     pub fn resend(&mut self) -> Vec<Outgoing> {
+        self.dirty = true;
         self.inflight
             .iter_mut()
             .map(|i| {

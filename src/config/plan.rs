@@ -67,6 +67,14 @@ pub struct EmbeddedPlan {
     pub max_connections: usize,
     pub max_inflight: u16,
     pub max_queued_messages: usize,
+    pub persistence: Option<PersistencePlan>,
+}
+
+/// Where the embedded broker keeps its state (see [`crate::broker::store`]).
+#[derive(Debug, Clone)]
+pub struct PersistencePlan {
+    pub path: PathBuf,
+    pub flush_interval: Duration,
 }
 
 /// A secret string: never printed.
@@ -446,6 +454,21 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             "must be at least 1".into(),
         ));
     }
+    if let Some(p) = &e.persistence {
+        if p.path.as_os_str().is_empty() {
+            errs.push((
+                "embedded.persistence.path".into(),
+                "needs a file name".into(),
+            ));
+        }
+        let f = p.flush_interval.0;
+        if f.is_zero() || f > Duration::from_secs(60) {
+            errs.push((
+                "embedded.persistence.flush_interval".into(),
+                "must be between 1ms and 60s".into(),
+            ));
+        }
+    }
     (errs.len() == before).then(|| EmbeddedPlan {
         listen,
         allow_anonymous: e.allow_anonymous,
@@ -456,6 +479,10 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
         max_connections: e.max_connections,
         max_inflight: e.max_inflight,
         max_queued_messages: e.max_queued_messages,
+        persistence: e.persistence.as_ref().map(|p| PersistencePlan {
+            path: p.path.clone(),
+            flush_interval: p.flush_interval.0,
+        }),
     })
 }
 

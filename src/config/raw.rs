@@ -133,6 +133,26 @@ pub struct EmbeddedConfig {
     /// beyond it new messages for that subscriber are dropped and counted.
     #[serde(default = "default_max_queued")]
     pub max_queued_messages: usize,
+    /// Keep retained messages and persistent sessions (subscriptions, queued and unacknowledged
+    /// messages) across restarts, in a SQLite file of their own. Default: in memory only.
+    #[serde(default)]
+    pub persistence: Option<PersistenceConfig>,
+}
+
+/// `embedded.persistence`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PersistenceConfig {
+    /// SQLite file for the broker's state (not a sink's database), e.g. `data/broker.db`.
+    pub path: PathBuf,
+    /// Changes are written in one transaction at most this often; a crash (`kill -9`, not a
+    /// graceful stop) loses at most this much of broker state. Default 100ms.
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: Duration,
+}
+
+fn default_flush_interval() -> Duration {
+    Duration(std::time::Duration::from_millis(100))
 }
 
 /// One entry of `embedded.users`.
