@@ -164,7 +164,10 @@ fn describe(plan: &config::Plan) -> String {
         }
     }
     if let Some(e) = &plan.embedded {
-        let listen: Vec<String> = e.listen.iter().map(|a| a.to_string()).collect();
+        let mut listen: Vec<String> = e.listen.iter().map(|a| a.to_string()).collect();
+        if listen.is_empty() {
+            listen.push("(no plain TCP)".into());
+        }
         let _ = writeln!(
             out,
             "embedded broker: listen {} ({} users, anonymous {}, {} ACL rules; keepalive <= {}s, packets <= {} bytes, {} connections, {} in flight, {} queued)",
@@ -182,6 +185,32 @@ fn describe(plan: &config::Plan) -> String {
             e.max_inflight,
             e.max_queued_messages
         );
+        let addrs = |l: &[std::net::SocketAddr]| {
+            l.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(t) = e.tls.as_ref().filter(|t| !t.listen.is_empty()) {
+            let _ = writeln!(
+                out,
+                "  mqtts: listen {} (certificate {})",
+                addrs(&t.listen),
+                t.cert_file.display()
+            );
+        }
+        if let Some(w) = &e.websocket {
+            let scheme = if w.tls { "wss" } else { "ws" };
+            let _ = writeln!(out, "  {scheme}: listen {} on /mqtt", addrs(&w.listen));
+        }
+        if let Some(p) = &e.persistence {
+            let _ = writeln!(
+                out,
+                "  persistence: {} every {:?}",
+                p.path.display(),
+                p.flush_interval
+            );
+        }
     }
     let _ = writeln!(out, "sinks:");
     for s in &plan.sinks {

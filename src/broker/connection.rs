@@ -16,9 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -29,13 +27,14 @@ use super::codec::{
     self, CodecError, ConnAckProperties, Connect, Outgoing, Packet, Publish, SubscribeFilter,
     Version, Will,
 };
+use super::listener::Io;
 use super::session::{Link, Outbound, Qos2, Session, Stored, Subscription};
 use crate::delivery::{Ack, AckSequencer, Settled};
 use crate::message::{Message, Properties};
 use crate::topic::{validate_filter, validate_topic_name};
 
 /// How long a new connection may take to send its CONNECT.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Encoded packets waiting for the writer task.
 const WRITE_QUEUE: usize = 64;
 /// Topic aliases a v5 client may use towards us.
@@ -75,7 +74,7 @@ impl Settled for ReportSettled {
 
 /// Entry point of a connection task.
 pub(super) async fn serve(
-    socket: TcpStream,
+    socket: Box<dyn Io>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     out: mpsc::Sender<Message>,
@@ -90,7 +89,9 @@ pub(super) async fn serve(
     }
 }
 
-async fn read_more(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+type Reader = ReadHalf<Box<dyn Io>>;
+
+async fn read_more(rd: &mut Reader, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(4096);
     }
@@ -98,14 +99,14 @@ async fn read_more(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Resul
 }
 
 async fn handle(
-    socket: TcpStream,
+    socket: Box<dyn Io>,
     shared: &Arc<Shared>,
     count: usize,
     out: mpsc::Sender<Message>,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (mut rd, mut wr) = socket.into_split();
+    let (mut rd, mut wr) = tokio::io::split(socket);
     let max_packet = shared.plan.max_packet_size;
     let mut buf = BytesMut::with_capacity(4096);
 
@@ -219,7 +220,7 @@ fn refuse(buf: &mut BytesMut, version: Version, code: u8) {
 }
 
 async fn write_loop(
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut wr: WriteHalf<Box<dyn Io>>,
     mut rx: mpsc::Receiver<Bytes>,
     notify: Arc<Notify>,
     gone: CancellationToken,
@@ -461,7 +462,7 @@ impl Conn {
 
     async fn run(
         &mut self,
-        rd: &mut OwnedReadHalf,
+        rd: &mut Reader,
         mut buf: BytesMut,
         stop: &CancellationToken,
         done: &CancellationToken,

@@ -13,6 +13,7 @@
 //! - [`codec`]: framing, version detection on the CONNECT, decode/encode through
 //!   rumqttc's packet codecs into one normalized packet enum.
 //! - [`auth`]: users (argon2 hashes) and the ordered ACL.
+//! - [`listener`]: TCP, TLS and WebSocket listeners, each giving a byte stream.
 //! - `connection`: the per-client task.
 //! - [`session`]: subscriptions, queue, in-flight windows, persistent sessions.
 //! - [`router`]: sessions by client id, fan-out to subscriptions (incl. shared ones).
@@ -33,6 +34,7 @@
 pub mod auth;
 pub mod codec;
 mod connection;
+pub mod listener;
 pub mod retained;
 pub mod router;
 pub mod session;
@@ -42,7 +44,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -131,10 +132,7 @@ impl Broker {
         stop: CancellationToken,
         done: CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut listeners = Vec::new();
-        for addr in &self.shared.plan.listen {
-            listeners.push(bind(*addr).await?);
-        }
+        let listeners = listener::bind_all(&self.shared.plan).await?;
         self.serve(listeners, out, stop, done).await
     }
 
@@ -142,15 +140,16 @@ impl Broker {
     /// `done`. Returns after every connection has ended.
     pub async fn serve(
         self,
-        listeners: Vec<TcpListener>,
+        listeners: Vec<listener::Listener>,
         out: mpsc::Sender<Message>,
         stop: CancellationToken,
         done: CancellationToken,
     ) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
         for listener in listeners {
-            let addr: Option<SocketAddr> = listener.local_addr().ok();
-            tracing::info!(?addr, "embedded broker listening");
+            let addr: Option<SocketAddr> = listener.tcp.local_addr().ok();
+            let transport = listener.transport.name();
+            tracing::info!(?addr, transport, "embedded broker listening");
             tasks.spawn(accept_loop(
                 listener,
                 Arc::clone(&self.shared),
@@ -203,18 +202,6 @@ impl Broker {
     }
 }
 
-/// Binds one listener; the error names the address (and, when it is taken, the likely cause).
-async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-            " (another process, e.g. an MQTT broker such as mosquitto, already listens there: stop it or change `embedded.listen`)"
-        } else {
-            ""
-        };
-        anyhow::anyhow!("embedded broker: cannot listen on {addr}: {e}{hint}")
-    })
-}
-
 /// Runs a broker for `plan` until `done` (see [`Broker::run`]).
 pub async fn run(
     plan: EmbeddedPlan,
@@ -250,7 +237,7 @@ async fn flush_loop(
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: listener::Listener,
     shared: Arc<Shared>,
     out: mpsc::Sender<Message>,
     stop: CancellationToken,
@@ -260,19 +247,30 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.accept() => r,
+            r = listener.tcp.accept() => r,
         };
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                tasks.spawn(connection::serve(
-                    socket,
-                    peer,
-                    Arc::clone(&shared),
-                    out.clone(),
-                    stop.clone(),
-                    done.clone(),
-                ));
+                let transport = listener.transport.clone();
+                let (shared, out) = (Arc::clone(&shared), out.clone());
+                let (stop, done) = (stop.clone(), done.clone());
+                tasks.spawn(async move {
+                    // TLS / WebSocket handshakes, bounded like the CONNECT that follows.
+                    let opened = tokio::select! {
+                        r = tokio::time::timeout(connection::CONNECT_TIMEOUT, transport.open(socket)) => r,
+                        _ = stop.cancelled() => return,
+                    };
+                    match opened {
+                        Ok(Ok(io)) => connection::serve(io, peer, shared, out, stop, done).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, transport = transport.name(), error = %e, "embedded broker: handshake failed")
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, transport = transport.name(), "embedded broker: handshake timed out")
+                        }
+                    }
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.

@@ -137,6 +137,36 @@ pub struct EmbeddedConfig {
     /// messages) across restarts, in a SQLite file of their own. Default: in memory only.
     #[serde(default)]
     pub persistence: Option<PersistenceConfig>,
+    /// MQTT over TLS listener(s) and the server certificate (also used by `websocket.tls`).
+    #[serde(default)]
+    pub tls: Option<TlsListenerConfig>,
+    /// MQTT over WebSocket listener(s): `ws://HOST:PORT/mqtt`, subprotocol `mqtt`.
+    #[serde(default)]
+    pub websocket: Option<WebSocketListenerConfig>,
+}
+
+/// `embedded.tls`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerConfig {
+    /// Address(es) for MQTT over TLS, e.g. `0.0.0.0:8883`; may be empty (`[]`) when only
+    /// `websocket.tls` uses the certificate.
+    pub listen: OneOrMany,
+    /// PEM file: the server certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM file: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// `embedded.websocket`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketListenerConfig {
+    /// Address(es), e.g. `0.0.0.0:8080`; clients connect to `ws://HOST:8080/mqtt`.
+    pub listen: OneOrMany,
+    /// Serve `wss://` with the certificate of `embedded.tls`.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// `embedded.persistence`.
