@@ -284,6 +284,10 @@ impl Conn {
             let _ = wtx.send(b.freeze()).await;
         };
         if count > plan.max_connections {
+            shared
+                .counters
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
             send_refusal(0x97).await;
             anyhow::bail!("too many connections");
         }
@@ -339,6 +343,16 @@ impl Conn {
             server_keep_alive = Some(keep_alive);
         }
 
+        // Session expiry: 3.1.1 persistent sessions get the configured one; MQTT 5 clients
+        // at most that, and are told when they get less than they asked for.
+        let (expiry, granted_expiry) = match (version, c.session_expiry) {
+            (Version::V311, u32::MAX) => (plan.session_expiry, None),
+            (Version::V5, e) if e > plan.session_expiry => {
+                (plan.session_expiry, Some(plan.session_expiry))
+            }
+            (_, e) => (e, None),
+        };
+
         let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let kick = CancellationToken::new();
         let link = Link {
@@ -356,7 +370,7 @@ impl Conn {
                 Some(s) if !c.clean_start => (s, true),
                 _ => (Session::new(c.session_expiry), false),
             };
-            session.expiry = c.session_expiry;
+            session.expiry = expiry;
             session.dirty = true;
             // Unique across sessions, so a timer of an earlier session never matches.
             session.generation = conn_id;
@@ -368,7 +382,7 @@ impl Conn {
         };
 
         let properties = (version == Version::V5).then(|| ConnAckProperties {
-            session_expiry_interval: None,
+            session_expiry_interval: granted_expiry,
             receive_max: Some(plan.max_inflight),
             max_qos: None,
             retain_available: Some(1),
@@ -646,7 +660,7 @@ impl Conn {
                             drop(state);
                             return Err(0x82);
                         }
-                        s.expiry = expiry;
+                        s.expiry = expiry.min(self.shared.plan.session_expiry);
                         s.dirty = true;
                     }
                 }

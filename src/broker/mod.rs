@@ -53,13 +53,26 @@ use crate::message::Message;
 use auth::Auth;
 use router::Router;
 
-/// Counters of what the broker refused or dropped (logged; exported as metrics later).
+/// Counters of what the broker refused or dropped (logged, read through
+/// [`Broker::stats`]; the admin API's metrics will export them).
 #[derive(Debug, Default)]
 pub struct Counters {
     /// PUBLISHes refused by the ACL.
     pub publish_denied: AtomicU64,
     /// QoS 0 messages not handed to the rules because the pipeline was full.
     pub pipeline_dropped_qos0: AtomicU64,
+    /// CONNECTs refused because `max_connections` clients were connected.
+    pub connections_refused: AtomicU64,
+}
+
+/// A snapshot of the broker's gauges and counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Open client connections (including ones still handshaking).
+    pub connections: usize,
+    pub publish_denied: u64,
+    pub pipeline_dropped_qos0: u64,
+    pub connections_refused: u64,
 }
 
 /// What every connection shares.
@@ -123,6 +136,18 @@ impl Broker {
             connection::schedule_expiry(&broker.shared, &id, generation, expiry);
         }
         Ok(broker)
+    }
+
+    /// The current counters (cheap: atomic loads).
+    pub fn stats(&self) -> Stats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shared.counters;
+        Stats {
+            connections: self.shared.connections.load(Relaxed),
+            publish_denied: c.publish_denied.load(Relaxed),
+            pipeline_dropped_qos0: c.pipeline_dropped_qos0.load(Relaxed),
+            connections_refused: c.connections_refused.load(Relaxed),
+        }
     }
 
     /// Binds the plan's listeners, then serves as [`Broker::serve`] does.

@@ -68,6 +68,8 @@ pub struct EmbeddedPlan {
     pub max_inflight: u16,
     pub max_queued_messages: usize,
     pub persistence: Option<PersistencePlan>,
+    /// Seconds an offline persistent session is kept (3.1.1), at most (MQTT 5).
+    pub session_expiry: u32,
     /// MQTT over TLS (and the certificate for `websocket.tls`).
     pub tls: Option<TlsPlan>,
     pub websocket: Option<WebSocketPlan>,
@@ -479,6 +481,13 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             "must be at least 1".into(),
         ));
     }
+    let session_expiry = e.session_expiry.0.as_secs();
+    if session_expiry == 0 || session_expiry >= u32::MAX as u64 {
+        errs.push((
+            "embedded.session_expiry".into(),
+            "must be at least 1s and less than 136 years".into(),
+        ));
+    }
     if let Some(p) = &e.persistence {
         if p.path.as_os_str().is_empty() {
             errs.push((
@@ -506,6 +515,7 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
         max_queued_messages: e.max_queued_messages,
         tls,
         websocket,
+        session_expiry: session_expiry.clamp(1, u32::MAX as u64 - 1) as u32,
         persistence: e.persistence.as_ref().map(|p| PersistencePlan {
             path: p.path.clone(),
             flush_interval: p.flush_interval.0,

@@ -137,6 +137,11 @@ pub struct EmbeddedConfig {
     /// messages) across restarts, in a SQLite file of their own. Default: in memory only.
     #[serde(default)]
     pub persistence: Option<PersistenceConfig>,
+    /// How long a persistent session is kept while its client is offline: for MQTT 3.1.1
+    /// clients with clean session 0 (which cannot say), and the most an MQTT 5 client may
+    /// ask for (it is told the value granted).
+    #[serde(default = "default_embedded_session_expiry")]
+    pub session_expiry: Duration,
     /// MQTT over TLS listener(s) and the server certificate (also used by `websocket.tls`).
     #[serde(default)]
     pub tls: Option<TlsListenerConfig>,
@@ -179,6 +184,10 @@ pub struct PersistenceConfig {
     /// graceful stop) loses at most this much of broker state. Default 100ms.
     #[serde(default = "default_flush_interval")]
     pub flush_interval: Duration,
+}
+
+fn default_embedded_session_expiry() -> Duration {
+    Duration(std::time::Duration::from_secs(7 * 24 * 3600))
 }
 
 fn default_flush_interval() -> Duration {

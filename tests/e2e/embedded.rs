@@ -814,7 +814,7 @@ fn raw_connect_login(port: u16, id: &str, login: Option<(&str, &str)>) -> TcpStr
     raw_send_connect(port, c)
 }
 
-fn raw_send_connect(port: u16, c: v4::Connect) -> TcpStream {
+pub(crate) fn raw_send_connect(port: u16, c: v4::Connect) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut buf = BytesMut::new();
     v4::Packet::Connect(c).write(&mut buf, usize::MAX).unwrap();
@@ -822,7 +822,7 @@ fn raw_send_connect(port: u16, c: v4::Connect) -> TcpStream {
     s
 }
 
-fn raw_connack_code(s: &mut TcpStream) -> u8 {
+pub(crate) fn raw_connack_code(s: &mut TcpStream) -> u8 {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut b = [0u8; 4];
     s.read_exact(&mut b).unwrap();

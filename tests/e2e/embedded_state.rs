@@ -141,7 +141,7 @@ async fn embedded_state_survives_kill_9_after_a_flush() {
 
 /// Leaves a persistent session subscribed to `filter`: subscribes, sends DISCONNECT and
 /// waits until the broker closed the connection (the session is offline by then).
-async fn offline_subscriber(port: u16, id: &str, filter: &str) {
+pub(crate) async fn offline_subscriber(port: u16, id: &str, filter: &str) {
     use std::io::{Read, Write};
     let mut s = raw_connect(port, id, false, None).await;
     raw_subscribe(&mut s, filter);

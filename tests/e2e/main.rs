@@ -6,6 +6,7 @@ mod broker;
 mod cli;
 mod crash;
 mod embedded;
+mod embedded_limits;
 mod embedded_listeners;
 mod embedded_state;
 mod flow;
