@@ -371,7 +371,7 @@ impl Conn {
                 _ => (Session::new(c.session_expiry), false),
             };
             session.expiry = expiry;
-            session.dirty = true;
+            session.touch();
             // Unique across sessions, so a timer of an earlier session never matches.
             session.generation = conn_id;
             session.link = Some(link);
@@ -661,7 +661,7 @@ impl Conn {
                             return Err(0x82);
                         }
                         s.expiry = expiry.min(self.shared.plan.session_expiry);
-                        s.dirty = true;
+                        s.touch();
                     }
                 }
                 return Ok(Some(End::Disconnected {
@@ -695,7 +695,7 @@ impl Conn {
             Packet::Unsubscribe { pkid, filters } => {
                 let codes = self
                     .with_session(|s| {
-                        s.dirty = true;
+                        s.touch();
                         filters
                             .iter()
                             .map(|f| {
@@ -777,7 +777,7 @@ impl Conn {
                 .subscriptions
                 .insert(f.filter.clone(), sub)
                 .is_some();
-            session.dirty = true;
+            session.touch();
             let send_retained =
                 share.is_none() && (f.retain_handling == 0 || (f.retain_handling == 1 && !existed));
             if send_retained {

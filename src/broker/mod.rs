@@ -68,7 +68,8 @@ pub struct Counters {
 /// A snapshot of the broker's gauges and counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Open client connections (including ones still handshaking).
+    /// Open client connections (past the TLS/WebSocket handshake; counted before their
+    /// CONNECT, as `max_connections` counts them).
     pub connections: usize,
     pub publish_denied: u64,
     pub pipeline_dropped_qos0: u64,

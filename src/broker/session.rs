@@ -106,8 +106,21 @@ pub struct Session {
     pub generation: u64,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
-    /// Changed since [`super::store`] last wrote it (subscriptions, queue, in flight, expiry).
-    pub dirty: bool,
+    /// What changed since [`super::store`] last wrote it.
+    dirty: Dirty,
+}
+
+/// Changes of a session not yet written by [`super::store`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dirty {
+    Clean,
+    /// Only messages appended to the queue, from this index on (an offline subscriber's
+    /// queue growing): written as new rows, not by rewriting the session.
+    Appended {
+        from: usize,
+    },
+    /// Anything else: the session is written again as a whole.
+    Changed,
 }
 
 /// What [`super::store`] keeps of a session: everything but the live connection, the
@@ -136,7 +149,7 @@ impl Session {
             username: None,
             generation: 0,
             dropped: 0,
-            dirty: true,
+            dirty: Dirty::Changed,
         }
     }
 
@@ -171,8 +184,23 @@ impl Session {
             .map(|(publish, released)| Inflight { publish, released })
             .collect();
         s.last_pkid = img.last_pkid;
-        s.dirty = false;
+        s.dirty = Dirty::Clean;
         s
+    }
+
+    /// Marks a change the store must write (anything but a queue append).
+    pub fn touch(&mut self) {
+        self.dirty = Dirty::Changed;
+    }
+
+    /// What changed since the last call (then clean).
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::replace(&mut self.dirty, Dirty::Clean)
+    }
+
+    /// The messages queued from index `from` on (see [`Dirty::Appended`]).
+    pub fn queued_from(&self, from: usize) -> Vec<Outbound> {
+        self.queue.iter().skip(from).cloned().collect()
     }
 
     /// Queues a message; false when it was dropped (queue full, or QoS 0 while offline).
@@ -188,8 +216,12 @@ impl Session {
             }
             return false;
         }
+        if self.dirty == Dirty::Clean {
+            self.dirty = Dirty::Appended {
+                from: self.queue.len(),
+            };
+        }
         self.queue.push_back(out);
-        self.dirty = true;
         if let Some(link) = &self.link {
             link.notify.notify_one();
         }
@@ -230,15 +262,16 @@ impl Session {
             let Some(front) = self.queue.front() else {
                 break;
             };
-            self.dirty = true;
             if front.msg.expired(now) {
                 self.queue.pop_front();
+                self.touch();
                 continue;
             }
             if front.qos > 0 && self.inflight.len() >= window {
                 break;
             }
             let o = self.queue.pop_front().expect("front exists");
+            self.touch();
             let pkid = if o.qos > 0 { self.next_pkid() } else { 0 };
             let publish = build_publish(&o, pkid, version, now);
             if let Some(max) = max_packet
@@ -261,7 +294,7 @@ impl Session {
 
     /// PUBACK from the client.
     pub fn acked(&mut self, pkid: u16) {
-        self.dirty = true;
+        self.touch();
         self.inflight
             .retain(|i| i.publish.pkid != pkid || i.publish.qos != 1);
     }
@@ -269,7 +302,7 @@ impl Session {
     /// PUBREC from the client: true when a PUBREL should follow (false: unknown id, or the
     /// client refused the message, which then ends here).
     pub fn received(&mut self, pkid: u16, refused: bool) -> bool {
-        self.dirty = true;
+        self.touch();
         if refused {
             self.inflight.retain(|i| i.publish.pkid != pkid);
             return false;
@@ -289,7 +322,7 @@ impl Session {
 
     /// PUBCOMP from the client.
     pub fn completed(&mut self, pkid: u16) {
-        self.dirty = true;
+        self.touch();
         self.inflight
             .retain(|i| i.publish.pkid != pkid || !i.released);
     }
@@ -297,7 +330,7 @@ impl Session {
     /// What to resend on a resumed session, in the original order: PUBLISH with DUP for
     /// unacknowledged messages, PUBREL for released QoS 2 ones.
     pub fn resend(&mut self) -> Vec<Outgoing> {
-        self.dirty = true;
+        self.touch();
         self.inflight
             .iter_mut()
             .map(|i| {

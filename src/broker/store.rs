@@ -3,10 +3,11 @@
 //! file of their own (WAL, busy timeout), so that they survive a restart.
 //!
 //! Batched, not write-through: connections only mark what they change (a session's
-//! `dirty` flag, the retained store's changed topics, both under the broker lock they
+//! [`Dirty`] state, the retained store's changed topics, both under the broker lock they
 //! already hold); every `flush_interval` the flusher takes those changes under the lock
-//! (cloning `Arc`s and `Bytes`, no I/O there) and writes them in one transaction, each
-//! changed session as a whole. A graceful stop flushes once more after every connection
+//! (cloning `Arc`s and `Bytes`, no I/O there) and writes them in one transaction: new
+//! rows for messages appended to an offline session's queue, the whole session again for
+//! any other change (so a busy online subscriber costs its queue's size per flush). A graceful stop flushes once more after every connection
 //! has ended. A crash (`kill -9`) loses at most the last interval of broker state; it
 //! never loses a publisher's acknowledged message, which the sinks stored before the
 //! acknowledgement went out (this file plays no part in that).
@@ -14,7 +15,7 @@
 //! Restored sessions are offline; their expiry counts from the restart. Messages that
 //! were in flight to a subscriber are resent with DUP (or PUBREL) when it reconnects.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use sqlx::{Connection as _, Row as _};
 
 use super::codec::{Publish, PublishProperties};
 use super::router::Router;
-use super::session::{Outbound, Session, SessionImage, Stored, Subscription};
+use super::session::{Dirty, Outbound, Session, SessionImage, Stored, Subscription};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS retained (
@@ -76,8 +77,8 @@ CREATE TABLE IF NOT EXISTS session_messages (
 pub struct Store {
     conn: SqliteConnection,
     path: PathBuf,
-    /// Client ids of the sessions in the file.
-    known: HashSet<String>,
+    /// Client ids of the sessions in the file, with the next free message `seq` of each.
+    known: HashMap<String, i64>,
     /// After a failed write: write everything again next time.
     resync: bool,
 }
@@ -88,6 +89,8 @@ pub struct Changes {
     /// (topic, message; None: cleared). With `all`, every retained message.
     retained: Vec<(String, Option<Arc<Stored>>)>,
     sessions: Vec<(String, SessionImage)>,
+    /// Messages appended to a session's queue: (client id, seq of the first, messages).
+    appended: Vec<(String, i64, Vec<Outbound>)>,
     removed: Vec<String>,
     /// Replace the whole file's content (after a failed write).
     all: bool,
@@ -95,7 +98,10 @@ pub struct Changes {
 
 impl Changes {
     fn is_empty(&self) -> bool {
-        self.retained.is_empty() && self.sessions.is_empty() && self.removed.is_empty()
+        self.retained.is_empty()
+            && self.sessions.is_empty()
+            && self.appended.is_empty()
+            && self.removed.is_empty()
     }
 }
 
@@ -129,7 +135,7 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
-            known: HashSet::new(),
+            known: HashMap::new(),
             resync: false,
         };
         let router = store.load().await.map_err(|e| fail(&e))?;
@@ -245,8 +251,17 @@ impl Store {
                 ));
             }
         }
+        let next_seq: HashMap<String, i64> = sqlx::query(
+            "SELECT client_id, MAX(seq) + 1 AS next FROM session_messages GROUP BY client_id",
+        )
+        .fetch_all(&mut self.conn)
+        .await?
+        .iter()
+        .map(|r| (r.get("client_id"), r.get("next")))
+        .collect();
         for (client_id, img) in images {
-            self.known.insert(client_id.clone());
+            let next = next_seq.get(&client_id).copied().unwrap_or(1);
+            self.known.insert(client_id.clone(), next);
             router.sessions.insert(client_id, Session::restore(img));
         }
         Ok(router)
@@ -266,21 +281,34 @@ impl Store {
             router.retained.take_changes()
         };
         for (id, s) in router.sessions.iter_mut() {
-            if s.expiry > 0 && (s.dirty || all) {
-                s.dirty = false;
-                c.sessions.push((id.clone(), s.image()));
+            let dirty = s.take_dirty();
+            if s.expiry == 0 {
+                continue;
+            }
+            match (dirty, self.known.get_mut(id)) {
+                (Dirty::Clean, _) if !all => {}
+                (Dirty::Appended { from }, Some(next)) if !all => {
+                    let added = s.queued_from(from);
+                    let first = *next;
+                    *next += added.len() as i64;
+                    c.appended.push((id.clone(), first, added));
+                }
+                _ => {
+                    let img = s.image();
+                    let rows = (img.inflight.len() + img.queued.len()) as i64;
+                    self.known.insert(id.clone(), rows + 1);
+                    c.sessions.push((id.clone(), img));
+                }
             }
         }
         let router = &*router;
-        self.known.retain(|id| {
+        self.known.retain(|id, _| {
             let live = router.sessions.get(id).is_some_and(|s| s.expiry > 0);
             if !live {
                 c.removed.push(id.clone());
             }
             live
         });
-        self.known
-            .extend(c.sessions.iter().map(|(id, _)| id.clone()));
         c
     }
 
@@ -379,31 +407,37 @@ impl Store {
             }
             for o in &s.queued {
                 seq += 1;
-                let p = Publish {
-                    dup: false,
-                    qos: o.qos,
-                    retain: o.retain,
-                    topic: o.msg.topic.clone(),
-                    pkid: 0,
-                    payload: o.msg.payload.clone(),
-                    properties: o.msg.properties.clone(),
-                };
-                let ids = serde_json::to_string(&o.subscription_ids).unwrap_or_default();
-                insert_message(
-                    &mut tx,
-                    id,
-                    seq,
-                    0,
-                    &p,
-                    o.msg.qos,
-                    &ids,
-                    o.msg.expires_at.map(to_unix_ms),
-                )
-                .await?;
+                insert_queued(&mut tx, id, seq, o).await?;
+            }
+        }
+        for (id, first, added) in &c.appended {
+            for (i, o) in added.iter().enumerate() {
+                insert_queued(&mut tx, id, first + i as i64, o).await?;
             }
         }
         tx.commit().await
     }
+}
+
+/// A queued (not yet sent) message's row.
+async fn insert_queued(
+    conn: &mut SqliteConnection,
+    client_id: &str,
+    seq: i64,
+    o: &Outbound,
+) -> Result<(), sqlx::Error> {
+    let p = Publish {
+        dup: false,
+        qos: o.qos,
+        retain: o.retain,
+        topic: o.msg.topic.clone(),
+        pkid: 0,
+        payload: o.msg.payload.clone(),
+        properties: o.msg.properties.clone(),
+    };
+    let ids = serde_json::to_string(&o.subscription_ids).unwrap_or_default();
+    let expires_at = o.msg.expires_at.map(to_unix_ms);
+    insert_message(conn, client_id, seq, 0, &p, o.msg.qos, &ids, expires_at).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -609,6 +643,61 @@ mod tests {
         drop(store);
         let (_, router) = Store::open(&path).await.unwrap();
         assert!(router.sessions.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_offline_queue_grows_by_appending_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        let out = |t: &str| Outbound {
+            msg: stored(t, "x"),
+            qos: 1,
+            retain: false,
+            subscription_ids: vec![],
+        };
+        let (mut store, mut router) = Store::open(&path).await.unwrap();
+        let mut s = Session::new(3600);
+        s.enqueue(out("q/0"), 100);
+        router.sessions.insert("off".into(), s);
+        let c = store.take_changes(&mut router);
+        assert_eq!((c.sessions.len(), c.appended.len()), (1, 0));
+        store.write(c).await;
+        for round in 1..=2 {
+            router
+                .sessions
+                .get_mut("off")
+                .unwrap()
+                .enqueue(out(&format!("q/{round}")), 100);
+            let c = store.take_changes(&mut router);
+            assert_eq!(
+                (c.sessions.len(), c.appended.len()),
+                (0, 1),
+                "appended only"
+            );
+            store.write(c).await;
+            if round == 1 {
+                // Reopening in between: appends continue after the rows in the file.
+                drop(store);
+                (store, router) = Store::open(&path).await.unwrap();
+            }
+        }
+        drop(store);
+        let (_, mut router) = Store::open(&path).await.unwrap();
+        let s = router.sessions.get_mut("off").unwrap();
+        s.link = Some(super::super::session::Link {
+            conn_id: 1,
+            notify: Default::default(),
+            kick: Default::default(),
+        });
+        let topics: Vec<String> = s
+            .take_sendable(10, 10, None, super::super::codec::Version::V311)
+            .into_iter()
+            .map(|p| match p {
+                super::super::codec::Outgoing::Publish(p) => p.topic,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(topics, ["q/0", "q/1", "q/2"]);
     }
 
     #[test]
