@@ -1,5 +1,6 @@
 //! The embedded broker's limits and counters: `max_connections`, publishes refused by the
-//! ACL (read through `Broker::stats`), and the expiry of offline 3.1.1 persistent sessions.
+//! ACL (read through `Broker::stats`), and `session_expiry` (offline 3.1.1 persistent
+//! sessions expire; MQTT 5 clients get at most it).
 
 use std::io::Read;
 use std::time::Duration;
@@ -119,5 +120,24 @@ async fn embedded_offline_311_sessions_expire() {
     s.read_exact(&mut ack).unwrap();
     assert_eq!(ack, [0x20, 2, 0, 0], "accepted, no session present");
     drop(s);
+
+    // An MQTT 5 client asking for a longer expiry is granted the configured one, and told.
+    let mut opts = rumqttc::v5::MqttOptions::new("five", "127.0.0.1", port);
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(100_000));
+    let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 10);
+    let connack = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(a)) =
+                eventloop.poll().await.unwrap()
+            {
+                return a;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let granted = connack.properties.and_then(|p| p.session_expiry_interval);
+    assert_eq!(granted, Some(1));
     bridge.stop().await.unwrap();
 }
