@@ -28,7 +28,10 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         anyhow::bail!("nothing to read from: configure `broker:` or `embedded:`");
     }
     let broker = plan.broker.clone();
-    let embedded = plan.embedded.clone().map(crate::broker::Broker::new);
+    let embedded = match plan.embedded.clone() {
+        Some(p) => Some(crate::broker::Broker::open(p).await?),
+        None => None,
+    };
     let drivers = TaskTracker::new();
 
     // The dead-letter sink first: every other sink's driver holds its queue.

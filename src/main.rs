@@ -18,8 +18,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MQBRIDGE_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Without a subcommand: `run` with the default config.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -30,15 +31,10 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the bridge.
+    /// Run the bridge (the default when no command is given).
     Run {
         /// Rules file.
-        #[arg(
-            long,
-            short,
-            default_value = "config/mqbridge.yaml",
-            env = "MQBRIDGE_CONFIG"
-        )]
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "MQBRIDGE_CONFIG")]
         config: PathBuf,
     },
     /// Validate a rules file and print the plan; exit 1 with every error otherwise.
@@ -59,11 +55,19 @@ enum Command {
     Passwd,
 }
 
+/// The quickstart: embedded broker on 127.0.0.1:1883, every message into SQLite.
+const DEFAULT_CONFIG: &str = "config/mqbridge.yaml";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     mqbridge::install_crypto();
     init_tracing(cli.log_format);
-    match cli.command {
+    let command = cli.command.unwrap_or_else(|| Command::Run {
+        config: std::env::var_os("MQBRIDGE_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| DEFAULT_CONFIG.into()),
+    });
+    match command {
         Command::Passwd => {
             let mut line = String::new();
             if let Err(e) = std::io::stdin().read_line(&mut line) {
@@ -160,7 +164,10 @@ fn describe(plan: &config::Plan) -> String {
         }
     }
     if let Some(e) = &plan.embedded {
-        let listen: Vec<String> = e.listen.iter().map(|a| a.to_string()).collect();
+        let mut listen: Vec<String> = e.listen.iter().map(|a| a.to_string()).collect();
+        if listen.is_empty() {
+            listen.push("(no plain TCP)".into());
+        }
         let _ = writeln!(
             out,
             "embedded broker: listen {} ({} users, anonymous {}, {} ACL rules; keepalive <= {}s, packets <= {} bytes, {} connections, {} in flight, {} queued)",
@@ -178,6 +185,32 @@ fn describe(plan: &config::Plan) -> String {
             e.max_inflight,
             e.max_queued_messages
         );
+        let addrs = |l: &[std::net::SocketAddr]| {
+            l.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(t) = e.tls.as_ref().filter(|t| !t.listen.is_empty()) {
+            let _ = writeln!(
+                out,
+                "  mqtts: listen {} (certificate {})",
+                addrs(&t.listen),
+                t.cert_file.display()
+            );
+        }
+        if let Some(w) = &e.websocket {
+            let scheme = if w.tls { "wss" } else { "ws" };
+            let _ = writeln!(out, "  {scheme}: listen {} on /mqtt", addrs(&w.listen));
+        }
+        if let Some(p) = &e.persistence {
+            let _ = writeln!(
+                out,
+                "  persistence: {} every {:?}",
+                p.path.display(),
+                p.flush_interval
+            );
+        }
     }
     let _ = writeln!(out, "sinks:");
     for s in &plan.sinks {

@@ -418,6 +418,18 @@ fn decode_v5(mut frame: BytesMut) -> Result<Packet, CodecError> {
                 auth_method: props.authentication_method,
             }))
         }
+        // A client must not send subscription identifiers [MQTT-3.3.4-6]; refusing them
+        // also avoids rumqttc's decoder, which counts each one's type byte twice and then
+        // reads the properties that follow as payload (found by fuzz/decode).
+        v5::Packet::Publish(p)
+            if p.properties
+                .as_ref()
+                .is_some_and(|pp| !pp.subscription_identifiers.is_empty()) =>
+        {
+            return Err(CodecError::Protocol(
+                "PUBLISH from a client with a subscription identifier".into(),
+            ));
+        }
         v5::Packet::Publish(p) => Packet::Publish(Publish {
             dup: p.dup,
             qos: qos5(p.qos),

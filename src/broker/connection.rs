@@ -16,9 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -29,13 +27,14 @@ use super::codec::{
     self, CodecError, ConnAckProperties, Connect, Outgoing, Packet, Publish, SubscribeFilter,
     Version, Will,
 };
+use super::listener::Io;
 use super::session::{Link, Outbound, Qos2, Session, Stored, Subscription};
 use crate::delivery::{Ack, AckSequencer, Settled};
 use crate::message::{Message, Properties};
 use crate::topic::{validate_filter, validate_topic_name};
 
 /// How long a new connection may take to send its CONNECT.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Encoded packets waiting for the writer task.
 const WRITE_QUEUE: usize = 64;
 /// Topic aliases a v5 client may use towards us.
@@ -75,7 +74,7 @@ impl Settled for ReportSettled {
 
 /// Entry point of a connection task.
 pub(super) async fn serve(
-    socket: TcpStream,
+    socket: Box<dyn Io>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     out: mpsc::Sender<Message>,
@@ -90,7 +89,9 @@ pub(super) async fn serve(
     }
 }
 
-async fn read_more(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+type Reader = ReadHalf<Box<dyn Io>>;
+
+async fn read_more(rd: &mut Reader, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(4096);
     }
@@ -98,14 +99,14 @@ async fn read_more(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Resul
 }
 
 async fn handle(
-    socket: TcpStream,
+    socket: Box<dyn Io>,
     shared: &Arc<Shared>,
     count: usize,
     out: mpsc::Sender<Message>,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (mut rd, mut wr) = socket.into_split();
+    let (mut rd, mut wr) = tokio::io::split(socket);
     let max_packet = shared.plan.max_packet_size;
     let mut buf = BytesMut::with_capacity(4096);
 
@@ -219,7 +220,7 @@ fn refuse(buf: &mut BytesMut, version: Version, code: u8) {
 }
 
 async fn write_loop(
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut wr: WriteHalf<Box<dyn Io>>,
     mut rx: mpsc::Receiver<Bytes>,
     notify: Arc<Notify>,
     gone: CancellationToken,
@@ -283,6 +284,10 @@ impl Conn {
             let _ = wtx.send(b.freeze()).await;
         };
         if count > plan.max_connections {
+            shared
+                .counters
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
             send_refusal(0x97).await;
             anyhow::bail!("too many connections");
         }
@@ -338,6 +343,16 @@ impl Conn {
             server_keep_alive = Some(keep_alive);
         }
 
+        // Session expiry: 3.1.1 persistent sessions get the configured one; MQTT 5 clients
+        // at most that, and are told when they get less than they asked for.
+        let (expiry, granted_expiry) = match (version, c.session_expiry) {
+            (Version::V311, u32::MAX) => (plan.session_expiry, None),
+            (Version::V5, e) if e > plan.session_expiry => {
+                (plan.session_expiry, Some(plan.session_expiry))
+            }
+            (_, e) => (e, None),
+        };
+
         let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let kick = CancellationToken::new();
         let link = Link {
@@ -355,7 +370,8 @@ impl Conn {
                 Some(s) if !c.clean_start => (s, true),
                 _ => (Session::new(c.session_expiry), false),
             };
-            session.expiry = c.session_expiry;
+            session.expiry = expiry;
+            session.touch();
             // Unique across sessions, so a timer of an earlier session never matches.
             session.generation = conn_id;
             session.link = Some(link);
@@ -366,7 +382,7 @@ impl Conn {
         };
 
         let properties = (version == Version::V5).then(|| ConnAckProperties {
-            session_expiry_interval: None,
+            session_expiry_interval: granted_expiry,
             receive_max: Some(plan.max_inflight),
             max_qos: None,
             retain_available: Some(1),
@@ -460,7 +476,7 @@ impl Conn {
 
     async fn run(
         &mut self,
-        rd: &mut OwnedReadHalf,
+        rd: &mut Reader,
         mut buf: BytesMut,
         stop: &CancellationToken,
         done: &CancellationToken,
@@ -644,7 +660,8 @@ impl Conn {
                             drop(state);
                             return Err(0x82);
                         }
-                        s.expiry = expiry;
+                        s.expiry = expiry.min(self.shared.plan.session_expiry);
+                        s.touch();
                     }
                 }
                 return Ok(Some(End::Disconnected {
@@ -678,6 +695,7 @@ impl Conn {
             Packet::Unsubscribe { pkid, filters } => {
                 let codes = self
                     .with_session(|s| {
+                        s.touch();
                         filters
                             .iter()
                             .map(|f| {
@@ -759,6 +777,7 @@ impl Conn {
                 .subscriptions
                 .insert(f.filter.clone(), sub)
                 .is_some();
+            session.touch();
             let send_retained =
                 share.is_none() && (f.retain_handling == 0 || (f.retain_handling == 1 && !existed));
             if send_retained {
@@ -1025,7 +1044,7 @@ impl Conn {
 }
 
 /// Removes a session still offline after `expiry` seconds.
-fn schedule_expiry(shared: &Arc<Shared>, client_id: &str, generation: u64, expiry: u32) {
+pub(super) fn schedule_expiry(shared: &Arc<Shared>, client_id: &str, generation: u64, expiry: u32) {
     let shared = Arc::clone(shared);
     let client_id = client_id.to_string();
     tokio::spawn(async move {

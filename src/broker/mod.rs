@@ -13,15 +13,18 @@
 //! - [`codec`]: framing, version detection on the CONNECT, decode/encode through
 //!   rumqttc's packet codecs into one normalized packet enum.
 //! - [`auth`]: users (argon2 hashes) and the ordered ACL.
+//! - [`listener`]: TCP, TLS and WebSocket listeners, each giving a byte stream.
 //! - `connection`: the per-client task.
 //! - [`session`]: subscriptions, queue, in-flight windows, persistent sessions.
 //! - [`router`]: sessions by client id, fan-out to subscriptions (incl. shared ones).
 //! - [`retained`]: retained messages.
+//! - [`store`]: optional persistence of sessions and retained messages (SQLite).
 //!
 //! Guarantees: a publisher's QoS 1/2 message is acknowledged only after every rule
 //! record made from it settled (written or dead-lettered); subscribers receive it at
-//! once, like from any broker. Sessions and retained messages live in memory: a restart
-//! of mqbridge forgets them (acknowledged messages are already stored by the sinks).
+//! once, like from any broker. Sessions and retained messages live in memory; with
+//! `persistence` they are also saved to a SQLite file every `flush_interval` and restored
+//! at start (acknowledged messages are stored by the sinks either way).
 //!
 //! Shutdown: `stop` closes the listeners and makes connections ignore new PUBLISHes (they
 //! are not acknowledged, so clients resend them after reconnecting) while the
@@ -31,16 +34,16 @@
 pub mod auth;
 pub mod codec;
 mod connection;
+pub mod listener;
 pub mod retained;
 pub mod router;
 pub mod session;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context as _;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,13 +53,27 @@ use crate::message::Message;
 use auth::Auth;
 use router::Router;
 
-/// Counters of what the broker refused or dropped (logged; exported as metrics later).
+/// Counters of what the broker refused or dropped (logged, read through
+/// [`Broker::stats`]; the admin API's metrics will export them).
 #[derive(Debug, Default)]
 pub struct Counters {
     /// PUBLISHes refused by the ACL.
     pub publish_denied: AtomicU64,
     /// QoS 0 messages not handed to the rules because the pipeline was full.
     pub pipeline_dropped_qos0: AtomicU64,
+    /// CONNECTs refused because `max_connections` clients were connected.
+    pub connections_refused: AtomicU64,
+}
+
+/// A snapshot of the broker's gauges and counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Open client connections (past the TLS/WebSocket handshake; counted before their
+    /// CONNECT, as `max_connections` counts them).
+    pub connections: usize,
+    pub publish_denied: u64,
+    pub pipeline_dropped_qos0: u64,
+    pub connections_refused: u64,
 }
 
 /// What every connection shares.
@@ -68,6 +85,8 @@ pub(crate) struct Shared {
     connections: AtomicUsize,
     next_conn_id: AtomicU64,
     counters: Counters,
+    /// The state file, taken by the flusher when serving starts.
+    store: Mutex<Option<store::Store>>,
 }
 
 impl Shared {
@@ -85,17 +104,50 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(plan: EmbeddedPlan) -> Broker {
+    /// A broker for `plan`; with `persistence`, opens its state file and restores the
+    /// retained messages and sessions it holds.
+    pub async fn open(plan: EmbeddedPlan) -> anyhow::Result<Broker> {
+        let (store, router) = match &plan.persistence {
+            Some(p) => {
+                let (store, router) = store::Store::open(&p.path).await?;
+                (Some(store), router)
+            }
+            None => (None, Router::default()),
+        };
         let auth = Auth::new(plan.users.clone(), plan.allow_anonymous, plan.acl.clone());
-        Broker {
+        let restored: Vec<(String, u64, u32)> = router
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.expiry != u32::MAX)
+            .map(|(id, s)| (id.clone(), s.generation, s.expiry))
+            .collect();
+        let broker = Broker {
             shared: Arc::new(Shared {
                 plan,
                 auth,
-                state: Mutex::new(Router::default()),
+                state: Mutex::new(router),
                 connections: AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
                 counters: Counters::default(),
+                store: Mutex::new(store),
             }),
+        };
+        // Restored sessions are offline: their expiry counts from now.
+        for (id, generation, expiry) in restored {
+            connection::schedule_expiry(&broker.shared, &id, generation, expiry);
+        }
+        Ok(broker)
+    }
+
+    /// The current counters (cheap: atomic loads).
+    pub fn stats(&self) -> Stats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shared.counters;
+        Stats {
+            connections: self.shared.connections.load(Relaxed),
+            publish_denied: c.publish_denied.load(Relaxed),
+            pipeline_dropped_qos0: c.pipeline_dropped_qos0.load(Relaxed),
+            connections_refused: c.connections_refused.load(Relaxed),
         }
     }
 
@@ -106,13 +158,7 @@ impl Broker {
         stop: CancellationToken,
         done: CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut listeners = Vec::new();
-        for addr in &self.shared.plan.listen {
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("embedded broker: cannot listen on {addr}"))?;
-            listeners.push(l);
-        }
+        let listeners = listener::bind_all(&self.shared.plan).await?;
         self.serve(listeners, out, stop, done).await
     }
 
@@ -120,15 +166,16 @@ impl Broker {
     /// `done`. Returns after every connection has ended.
     pub async fn serve(
         self,
-        listeners: Vec<TcpListener>,
+        listeners: Vec<listener::Listener>,
         out: mpsc::Sender<Message>,
         stop: CancellationToken,
         done: CancellationToken,
     ) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
         for listener in listeners {
-            let addr: Option<SocketAddr> = listener.local_addr().ok();
-            tracing::info!(?addr, "embedded broker listening");
+            let addr: Option<SocketAddr> = listener.tcp.local_addr().ok();
+            let transport = listener.transport.name();
+            tracing::info!(?addr, transport, "embedded broker listening");
             tasks.spawn(accept_loop(
                 listener,
                 Arc::clone(&self.shared),
@@ -140,8 +187,23 @@ impl Broker {
         }
         drop(out);
         tasks.close();
+        let store = self
+            .shared
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let flusher = store
+            .map(|store| tokio::spawn(flush_loop(Arc::clone(&self.shared), store, done.clone())));
         done.cancelled().await;
         tasks.wait().await;
+        // Every connection has ended (sessions detached): the last flush.
+        if let Some(flusher) = flusher
+            && let Ok(mut store) = flusher.await
+        {
+            let changes = store.take_changes(&mut self.shared.lock());
+            store.write(changes).await;
+        }
         Ok(())
     }
 
@@ -173,11 +235,35 @@ pub async fn run(
     stop: CancellationToken,
     done: CancellationToken,
 ) -> anyhow::Result<()> {
-    Broker::new(plan).run(out, stop, done).await
+    Broker::open(plan).await?.run(out, stop, done).await
+}
+
+/// Writes the broker's changes every `flush_interval` until `done`; returns the store for
+/// the last flush.
+async fn flush_loop(
+    shared: Arc<Shared>,
+    mut store: store::Store,
+    done: CancellationToken,
+) -> store::Store {
+    let every = shared
+        .plan
+        .persistence
+        .as_ref()
+        .map_or(std::time::Duration::from_millis(100), |p| p.flush_interval);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return store,
+            _ = tick.tick() => {}
+        }
+        let changes = store.take_changes(&mut shared.lock());
+        store.write(changes).await;
+    }
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: listener::Listener,
     shared: Arc<Shared>,
     out: mpsc::Sender<Message>,
     stop: CancellationToken,
@@ -187,19 +273,30 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.accept() => r,
+            r = listener.tcp.accept() => r,
         };
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                tasks.spawn(connection::serve(
-                    socket,
-                    peer,
-                    Arc::clone(&shared),
-                    out.clone(),
-                    stop.clone(),
-                    done.clone(),
-                ));
+                let transport = listener.transport.clone();
+                let (shared, out) = (Arc::clone(&shared), out.clone());
+                let (stop, done) = (stop.clone(), done.clone());
+                tasks.spawn(async move {
+                    // TLS / WebSocket handshakes, bounded like the CONNECT that follows.
+                    let opened = tokio::select! {
+                        r = tokio::time::timeout(connection::CONNECT_TIMEOUT, transport.open(socket)) => r,
+                        _ = stop.cancelled() => return,
+                    };
+                    match opened {
+                        Ok(Ok(io)) => connection::serve(io, peer, shared, out, stop, done).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, transport = transport.name(), error = %e, "embedded broker: handshake failed")
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, transport = transport.name(), "embedded broker: handshake timed out")
+                        }
+                    }
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.

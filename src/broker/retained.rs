@@ -1,7 +1,7 @@
 //! Retained messages: the last message published with the retain flag on each topic,
 //! sent to every new matching subscription. An empty payload clears the topic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,11 +11,14 @@ use crate::topic::filter_matches;
 #[derive(Debug, Default)]
 pub struct Retained {
     by_topic: HashMap<String, Arc<Stored>>,
+    /// Topics set or cleared since [`super::store`] last wrote them.
+    changed: HashSet<String>,
 }
 
 impl Retained {
     /// Stores, replaces or (empty payload) clears the retained message of its topic.
     pub fn set(&mut self, msg: Arc<Stored>) {
+        self.changed.insert(msg.topic.clone());
         if msg.payload.is_empty() {
             self.by_topic.remove(&msg.topic);
         } else {
@@ -26,7 +29,14 @@ impl Retained {
     /// Unexpired retained messages whose topic matches `filter`.
     pub fn matching(&mut self, filter: &str) -> Vec<Arc<Stored>> {
         let now = Instant::now();
-        self.by_topic.retain(|_, m| !m.expired(now));
+        let changed = &mut self.changed;
+        self.by_topic.retain(|topic, m| {
+            let keep = !m.expired(now);
+            if !keep {
+                changed.insert(topic.clone());
+            }
+            keep
+        });
         let mut found: Vec<Arc<Stored>> = self
             .by_topic
             .values()
@@ -35,6 +45,30 @@ impl Retained {
             .collect();
         found.sort_by(|a, b| a.topic.cmp(&b.topic));
         found
+    }
+
+    /// Takes the topics changed since the last call, each with its message (None: cleared).
+    pub fn take_changes(&mut self) -> Vec<(String, Option<Arc<Stored>>)> {
+        self.changed
+            .drain()
+            .map(|t| {
+                let m = self.by_topic.get(&t).cloned();
+                (t, m)
+            })
+            .collect()
+    }
+
+    /// Every retained message (to write the whole store again).
+    pub fn all(&self) -> Vec<(String, Option<Arc<Stored>>)> {
+        self.by_topic
+            .iter()
+            .map(|(t, m)| (t.clone(), Some(Arc::clone(m))))
+            .collect()
+    }
+
+    /// Puts back a persisted message (not a change).
+    pub fn restore(&mut self, msg: Arc<Stored>) {
+        self.by_topic.insert(msg.topic.clone(), msg);
     }
 
     pub fn len(&self) -> usize {

@@ -106,6 +106,34 @@ pub struct Session {
     pub generation: u64,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
+    /// What changed since [`super::store`] last wrote it.
+    dirty: Dirty,
+}
+
+/// Changes of a session not yet written by [`super::store`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dirty {
+    Clean,
+    /// Only messages appended to the queue, from this index on (an offline subscriber's
+    /// queue growing): written as new rows, not by rewriting the session.
+    Appended {
+        from: usize,
+    },
+    /// Anything else: the session is written again as a whole.
+    Changed,
+}
+
+/// What [`super::store`] keeps of a session: everything but the live connection, the
+/// inbound QoS 2 state (a publisher resends after a restart) and the counters.
+#[derive(Debug, Clone)]
+pub struct SessionImage {
+    pub expiry: u32,
+    pub username: Option<String>,
+    pub subscriptions: Vec<(String, Subscription)>,
+    pub queued: Vec<Outbound>,
+    /// Sent, not yet acknowledged; true: PUBREL sent (QoS 2).
+    pub inflight: Vec<(Publish, bool)>,
+    pub last_pkid: u16,
 }
 
 impl Session {
@@ -121,7 +149,58 @@ impl Session {
             username: None,
             generation: 0,
             dropped: 0,
+            dirty: Dirty::Changed,
         }
+    }
+
+    pub fn image(&self) -> SessionImage {
+        SessionImage {
+            expiry: self.expiry,
+            username: self.username.clone(),
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            queued: self.queue.iter().cloned().collect(),
+            inflight: self
+                .inflight
+                .iter()
+                .map(|i| (i.publish.clone(), i.released))
+                .collect(),
+            last_pkid: self.last_pkid,
+        }
+    }
+
+    /// A session as it was persisted, offline.
+    pub fn restore(img: SessionImage) -> Session {
+        let mut s = Session::new(img.expiry);
+        s.username = img.username;
+        s.subscriptions = img.subscriptions.into_iter().collect();
+        s.queue = img.queued.into();
+        s.inflight = img
+            .inflight
+            .into_iter()
+            .map(|(publish, released)| Inflight { publish, released })
+            .collect();
+        s.last_pkid = img.last_pkid;
+        s.dirty = Dirty::Clean;
+        s
+    }
+
+    /// Marks a change the store must write (anything but a queue append).
+    pub fn touch(&mut self) {
+        self.dirty = Dirty::Changed;
+    }
+
+    /// What changed since the last call (then clean).
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::replace(&mut self.dirty, Dirty::Clean)
+    }
+
+    /// The messages queued from index `from` on (see [`Dirty::Appended`]).
+    pub fn queued_from(&self, from: usize) -> Vec<Outbound> {
+        self.queue.iter().skip(from).cloned().collect()
     }
 
     /// Queues a message; false when it was dropped (queue full, or QoS 0 while offline).
@@ -136,6 +215,11 @@ impl Session {
                 );
             }
             return false;
+        }
+        if self.dirty == Dirty::Clean {
+            self.dirty = Dirty::Appended {
+                from: self.queue.len(),
+            };
         }
         self.queue.push_back(out);
         if let Some(link) = &self.link {
@@ -180,12 +264,14 @@ impl Session {
             };
             if front.msg.expired(now) {
                 self.queue.pop_front();
+                self.touch();
                 continue;
             }
             if front.qos > 0 && self.inflight.len() >= window {
                 break;
             }
             let o = self.queue.pop_front().expect("front exists");
+            self.touch();
             let pkid = if o.qos > 0 { self.next_pkid() } else { 0 };
             let publish = build_publish(&o, pkid, version, now);
             if let Some(max) = max_packet
@@ -208,6 +294,7 @@ impl Session {
 
     /// PUBACK from the client.
     pub fn acked(&mut self, pkid: u16) {
+        self.touch();
         self.inflight
             .retain(|i| i.publish.pkid != pkid || i.publish.qos != 1);
     }
@@ -215,6 +302,7 @@ impl Session {
     /// PUBREC from the client: true when a PUBREL should follow (false: unknown id, or the
     /// client refused the message, which then ends here).
     pub fn received(&mut self, pkid: u16, refused: bool) -> bool {
+        self.touch();
         if refused {
             self.inflight.retain(|i| i.publish.pkid != pkid);
             return false;
@@ -234,6 +322,7 @@ impl Session {
 
     /// PUBCOMP from the client.
     pub fn completed(&mut self, pkid: u16) {
+        self.touch();
         self.inflight
             .retain(|i| i.publish.pkid != pkid || !i.released);
     }
@@ -241,6 +330,7 @@ impl Session {
     /// What to resend on a resumed session, in the original order: PUBLISH with DUP for
     /// unacknowledged messages, PUBREL for released QoS 2 ones.
     pub fn resend(&mut self) -> Vec<Outgoing> {
+        self.touch();
         self.inflight
             .iter_mut()
             .map(|i| {

@@ -67,6 +67,32 @@ pub struct EmbeddedPlan {
     pub max_connections: usize,
     pub max_inflight: u16,
     pub max_queued_messages: usize,
+    pub persistence: Option<PersistencePlan>,
+    /// Seconds an offline persistent session is kept (3.1.1), at most (MQTT 5).
+    pub session_expiry: u32,
+    /// MQTT over TLS (and the certificate for `websocket.tls`).
+    pub tls: Option<TlsPlan>,
+    pub websocket: Option<WebSocketPlan>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsPlan {
+    pub listen: Vec<std::net::SocketAddr>,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebSocketPlan {
+    pub listen: Vec<std::net::SocketAddr>,
+    pub tls: bool,
+}
+
+/// Where the embedded broker keeps its state (see [`crate::broker::store`]).
+#[derive(Debug, Clone)]
+pub struct PersistencePlan {
+    pub path: PathBuf,
+    pub flush_interval: Duration,
 }
 
 /// A secret string: never printed.
@@ -340,25 +366,34 @@ fn validate_broker(b: &BrokerConfig, rules: &[Rule], errs: &mut Errors) -> Optio
 
 fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPlan> {
     let before = errs.len();
-    let mut listen = Vec::new();
-    if e.listen.as_slice().is_empty() {
+    let listen = addresses(&e.listen, "embedded.listen", errs);
+    let tls = e.tls.as_ref().map(|t| TlsPlan {
+        listen: addresses(&t.listen, "embedded.tls.listen", errs),
+        cert_file: t.cert_file.clone(),
+        key_file: t.key_file.clone(),
+    });
+    let websocket = e.websocket.as_ref().map(|w| WebSocketPlan {
+        listen: addresses(&w.listen, "embedded.websocket.listen", errs),
+        tls: w.tls,
+    });
+    if e.websocket.as_ref().is_some_and(|w| w.tls) && e.tls.is_none() {
         errs.push((
-            "embedded.listen".into(),
-            "needs at least one address".into(),
+            "embedded.websocket.tls".into(),
+            "needs the certificate of `embedded.tls` (cert_file, key_file)".into(),
         ));
     }
-    for (i, a) in e.listen.as_slice().iter().enumerate() {
-        let at = match &e.listen {
-            super::raw::OneOrMany::One(_) => "embedded.listen".to_string(),
-            super::raw::OneOrMany::Many(_) => format!("embedded.listen[{i}]"),
-        };
-        match a.parse::<std::net::SocketAddr>() {
-            Ok(addr) => listen.push(addr),
-            Err(_) => errs.push((
-                at,
-                format!("{a:?} is not an address like 127.0.0.1:1883 or [::]:1883"),
-            )),
-        }
+    let none = e.listen.as_slice().is_empty()
+        && e.tls
+            .as_ref()
+            .is_none_or(|t| t.listen.as_slice().is_empty())
+        && e.websocket
+            .as_ref()
+            .is_none_or(|w| w.listen.as_slice().is_empty());
+    if none {
+        errs.push((
+            "embedded.listen".into(),
+            "needs at least one address (here, in `tls` or in `websocket`)".into(),
+        ));
     }
     let mut users = Vec::new();
     for (i, u) in e.users.iter().enumerate() {
@@ -446,6 +481,28 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             "must be at least 1".into(),
         ));
     }
+    let session_expiry = e.session_expiry.0.as_secs();
+    if session_expiry == 0 || session_expiry >= u32::MAX as u64 {
+        errs.push((
+            "embedded.session_expiry".into(),
+            "must be at least 1s and less than 136 years".into(),
+        ));
+    }
+    if let Some(p) = &e.persistence {
+        if p.path.as_os_str().is_empty() {
+            errs.push((
+                "embedded.persistence.path".into(),
+                "needs a file name".into(),
+            ));
+        }
+        let f = p.flush_interval.0;
+        if f.is_zero() || f > Duration::from_secs(60) {
+            errs.push((
+                "embedded.persistence.flush_interval".into(),
+                "must be between 1ms and 60s".into(),
+            ));
+        }
+    }
     (errs.len() == before).then(|| EmbeddedPlan {
         listen,
         allow_anonymous: e.allow_anonymous,
@@ -456,7 +513,37 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
         max_connections: e.max_connections,
         max_inflight: e.max_inflight,
         max_queued_messages: e.max_queued_messages,
+        tls,
+        websocket,
+        session_expiry: session_expiry.clamp(1, u32::MAX as u64 - 1) as u32,
+        persistence: e.persistence.as_ref().map(|p| PersistencePlan {
+            path: p.path.clone(),
+            flush_interval: p.flush_interval.0,
+        }),
     })
+}
+
+/// Parses `listen`-style addresses; `at` is the field path for errors.
+fn addresses(
+    list: &super::raw::OneOrMany,
+    at: &str,
+    errs: &mut Errors,
+) -> Vec<std::net::SocketAddr> {
+    let mut out = Vec::new();
+    for (i, a) in list.as_slice().iter().enumerate() {
+        let path = match list {
+            super::raw::OneOrMany::One(_) => at.to_string(),
+            super::raw::OneOrMany::Many(_) => format!("{at}[{i}]"),
+        };
+        match a.parse::<std::net::SocketAddr>() {
+            Ok(addr) => out.push(addr),
+            Err(_) => errs.push((
+                path,
+                format!("{a:?} is not an address like 127.0.0.1:1883 or [::]:1883"),
+            )),
+        }
+    }
+    out
 }
 
 /// The filters to subscribe to so that each message arrives once: duplicates and filters

@@ -133,6 +133,65 @@ pub struct EmbeddedConfig {
     /// beyond it new messages for that subscriber are dropped and counted.
     #[serde(default = "default_max_queued")]
     pub max_queued_messages: usize,
+    /// Keep retained messages and persistent sessions (subscriptions, queued and unacknowledged
+    /// messages) across restarts, in a SQLite file of their own. Default: in memory only.
+    #[serde(default)]
+    pub persistence: Option<PersistenceConfig>,
+    /// How long a persistent session is kept while its client is offline: for MQTT 3.1.1
+    /// clients with clean session 0 (which cannot say), and the most an MQTT 5 client may
+    /// ask for (it is told the value granted).
+    #[serde(default = "default_embedded_session_expiry")]
+    pub session_expiry: Duration,
+    /// MQTT over TLS listener(s) and the server certificate (also used by `websocket.tls`).
+    #[serde(default)]
+    pub tls: Option<TlsListenerConfig>,
+    /// MQTT over WebSocket listener(s): `ws://HOST:PORT/mqtt`, subprotocol `mqtt`.
+    #[serde(default)]
+    pub websocket: Option<WebSocketListenerConfig>,
+}
+
+/// `embedded.tls`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerConfig {
+    /// Address(es) for MQTT over TLS, e.g. `0.0.0.0:8883`; may be empty (`[]`) when only
+    /// `websocket.tls` uses the certificate.
+    pub listen: OneOrMany,
+    /// PEM file: the server certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM file: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// `embedded.websocket`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketListenerConfig {
+    /// Address(es), e.g. `0.0.0.0:8080`; clients connect to `ws://HOST:8080/mqtt`.
+    pub listen: OneOrMany,
+    /// Serve `wss://` with the certificate of `embedded.tls`.
+    #[serde(default)]
+    pub tls: bool,
+}
+
+/// `embedded.persistence`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PersistenceConfig {
+    /// SQLite file for the broker's state (not a sink's database), e.g. `data/broker.db`.
+    pub path: PathBuf,
+    /// Changes are written in one transaction at most this often; a crash (`kill -9`, not a
+    /// graceful stop) loses at most this much of broker state. Default 100ms.
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: Duration,
+}
+
+fn default_embedded_session_expiry() -> Duration {
+    Duration(std::time::Duration::from_secs(7 * 24 * 3600))
+}
+
+fn default_flush_interval() -> Duration {
+    Duration(std::time::Duration::from_millis(100))
 }
 
 /// One entry of `embedded.users`.

@@ -125,80 +125,12 @@ async fn resubscribes_after_broker_restart_mqtt5() {
     resubscribes_after_broker_restart("5").await;
 }
 
-fn run(cmd: &mut Command) {
-    let status = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(status.success(), "{cmd:?} failed");
-}
-
-/// A CA and a server certificate for localhost / 127.0.0.1, made with openssl.
-fn make_certs(dir: &std::path::Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(Command::new("openssl")
-        .current_dir(dir)
-        .args(["req", "-x509"])
-        .args(ec)
-        .args([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=mqbridge test CA",
-        ]));
-    run(Command::new("openssl")
-        .current_dir(dir)
-        .args(["req"])
-        .args(ec)
-        .args([
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ]));
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    run(Command::new("openssl").current_dir(dir).args([
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_private_ca_and_a_password_from_a_file() {
     let tls_port = free_port();
     let broker = Mosquitto::start_with(|dir, port| {
         make_certs(dir);
-        run(Command::new("mosquitto_passwd").current_dir(dir).args([
+        run_ok(Command::new("mosquitto_passwd").current_dir(dir).args([
             "-c",
             "-b",
             "passwd",

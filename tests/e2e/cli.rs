@@ -21,6 +21,22 @@ fn check_prints_the_plan_or_every_error_with_its_location() {
         concat!(env!("CARGO_MANIFEST_DIR"), "/config/mqbridge.yaml"),
     ]);
     assert_eq!(code, 0);
+    assert!(
+        out.contains("embedded broker: listen 127.0.0.1:1883 (0 users, anonymous allowed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("local: sqlite data/mqbridge.db table mqbridge_messages"),
+        "{out}"
+    );
+    let (code, out, _) = mqbridge(&[
+        "check",
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/examples/external-broker.yaml"
+        ),
+    ]);
+    assert_eq!(code, 0);
     assert!(out.contains("subscribe # qos 1"), "{out}");
     assert!(
         out.contains("local: sqlite data/mqbridge.db table mqbridge_messages"),

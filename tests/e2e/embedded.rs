@@ -13,13 +13,13 @@ use tokio::sync::mpsc;
 use crate::util::*;
 
 /// An embedded-broker config on `port`; `extra` is appended to the `embedded:` block.
-fn config(port: u16, extra: &str, rest: &str) -> String {
+pub(crate) fn config(port: u16, extra: &str, rest: &str) -> String {
     format!(
         "embedded:\n  listen: 127.0.0.1:{port}\n  allow_anonymous: true\n{extra}\n{rest}\nshutdown_timeout: 5s\n"
     )
 }
 
-async fn start(port: u16, yaml: &str) -> InProcess {
+pub(crate) async fn start(port: u16, yaml: &str) -> InProcess {
     let bridge = InProcess::start(yaml);
     eventually(
         Duration::from_secs(10),
@@ -36,13 +36,13 @@ async fn start(port: u16, yaml: &str) -> InProcess {
 }
 
 /// Events of a rumqttc 3.1.1 client, polled on their own task.
-struct V4 {
-    client: rumqttc::AsyncClient,
+pub(crate) struct V4 {
+    pub client: rumqttc::AsyncClient,
     events: mpsc::UnboundedReceiver<rumqttc::Packet>,
 }
 
 impl V4 {
-    async fn connect(port: u16, id: &str, clean: bool, will: Option<rumqttc::LastWill>) -> V4 {
+    pub async fn connect(port: u16, id: &str, clean: bool, will: Option<rumqttc::LastWill>) -> V4 {
         Self::connect_as(port, id, clean, will, None).await
     }
 
@@ -83,7 +83,7 @@ impl V4 {
     }
 
     /// The next packet satisfying `want` (others are skipped), within 10 s.
-    async fn expect(&mut self, want: impl Fn(&rumqttc::Packet) -> bool) -> rumqttc::Packet {
+    pub async fn expect(&mut self, want: impl Fn(&rumqttc::Packet) -> bool) -> rumqttc::Packet {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let p = self.events.recv().await.expect("connection alive");
@@ -96,7 +96,7 @@ impl V4 {
         .expect("expected packet in time")
     }
 
-    async fn publish_msg(&mut self) -> rumqttc::Publish {
+    pub async fn publish_msg(&mut self) -> rumqttc::Publish {
         match self
             .expect(|p| matches!(p, rumqttc::Packet::Publish(_)))
             .await
@@ -791,7 +791,7 @@ for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
 
 // ---- raw 3.1.1 client over a std TcpStream ----
 
-async fn raw_connect(
+pub(crate) async fn raw_connect(
     port: u16,
     id: &str,
     clean: bool,
@@ -814,7 +814,7 @@ fn raw_connect_login(port: u16, id: &str, login: Option<(&str, &str)>) -> TcpStr
     raw_send_connect(port, c)
 }
 
-fn raw_send_connect(port: u16, c: v4::Connect) -> TcpStream {
+pub(crate) fn raw_send_connect(port: u16, c: v4::Connect) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut buf = BytesMut::new();
     v4::Packet::Connect(c).write(&mut buf, usize::MAX).unwrap();
@@ -822,7 +822,7 @@ fn raw_send_connect(port: u16, c: v4::Connect) -> TcpStream {
     s
 }
 
-fn raw_connack_code(s: &mut TcpStream) -> u8 {
+pub(crate) fn raw_connack_code(s: &mut TcpStream) -> u8 {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut b = [0u8; 4];
     s.read_exact(&mut b).unwrap();
@@ -831,7 +831,7 @@ fn raw_connack_code(s: &mut TcpStream) -> u8 {
 }
 
 /// Reads up to `n` packets (or until `timeout` passes without data).
-fn raw_read_packets(s: &mut TcpStream, n: usize, timeout: Duration) -> Vec<v4::Packet> {
+pub(crate) fn raw_read_packets(s: &mut TcpStream, n: usize, timeout: Duration) -> Vec<v4::Packet> {
     s.set_read_timeout(Some(timeout)).unwrap();
     let mut buf = BytesMut::new();
     let mut out = Vec::new();

@@ -316,10 +316,17 @@ impl ChildBridge {
 
     /// Like [`ChildBridge::start`], with extra environment variables (e.g. secrets).
     pub fn start_with_env(config_path: &Path, env: &[(&str, &str)]) -> ChildBridge {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
-            .args(["run", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqbridge"));
+        cmd.args(["run", "--config"])
             .arg(config_path)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd` (the mqbridge binary with arguments, environment and working directory
+    /// already set).
+    pub fn spawn(mut cmd: Command) -> ChildBridge {
+        let mut child = cmd
             .env("RUST_LOG", "info,mqbridge=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -362,6 +369,14 @@ impl ChildBridge {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmRSS in /proc status")
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn exited(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        eventually(timeout, "mqbridge to exit", async || {
+            self.child.try_wait().unwrap()
+        })
+        .await
     }
 
     pub fn kill9(mut self) {
@@ -498,4 +513,77 @@ impl Drop for Postgres {
             .args(["stop", self.data.to_str().unwrap(), "immediate"])
             .status();
     }
+}
+
+/// Runs a command that must succeed (output discarded).
+pub fn run_ok(cmd: &mut Command) {
+    let status = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed");
+}
+
+/// A CA and a server certificate for localhost / 127.0.0.1, made with openssl.
+pub fn make_certs(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run_ok(
+        Command::new("openssl")
+            .current_dir(dir)
+            .args(["req", "-x509"])
+            .args(ec)
+            .args([
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=mqbridge test CA",
+            ]),
+    );
+    run_ok(
+        Command::new("openssl")
+            .current_dir(dir)
+            .args(["req"])
+            .args(ec)
+            .args([
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ]),
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run_ok(Command::new("openssl").current_dir(dir).args([
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]));
 }

@@ -342,3 +342,16 @@ proptest! {
         let _ = decode(frame, Version::V5);
     }
 }
+
+#[test]
+fn client_publish_with_subscription_identifiers_is_refused() {
+    // Found by fuzz/decode: PUBLISH a/b QoS 1 with properties [sub id 11, user property
+    // k=v]; rumqttc's decoder would end the properties early and put k=v in the payload.
+    let frame = frame_of(&[
+        0x32, 18, 0, 3, b'a', b'/', b'b', 0, 1, 9, 0x0b, 11, 0x26, 0, 1, b'k', 0, 1, b'v', b'x',
+    ]);
+    assert!(matches!(
+        decode(frame, Version::V5),
+        Err(CodecError::Protocol(_))
+    ));
+}

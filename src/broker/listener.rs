@@ -1,0 +1,285 @@
+//! Listeners: plain TCP, TLS (rustls), and WebSocket (`/mqtt`, subprotocol `mqtt`) over
+//! either. Each accepted socket becomes one byte stream ([`Io`]) that the connection task
+//! reads MQTT from, whatever carried it.
+//!
+//! A WebSocket connection is bridged to an in-memory pipe by a small task: binary
+//! messages in are written to the pipe, bytes out are sent as binary messages. MQTT
+//! packets may span messages or share one (MQTT 5 §6), so the connection's own framing is
+//! all that is needed. The TLS and WebSocket handshakes run on the connection's task
+//! (never on the accept loop), bounded by the CONNECT timeout.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt as _, StreamExt as _};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::config::EmbeddedPlan;
+use crate::config::plan::TlsPlan;
+
+/// A client's byte stream, whatever the transport.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// What runs on top of an accepted TCP socket.
+#[derive(Clone)]
+pub struct Transport {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    websocket: bool,
+    /// Largest WebSocket message or frame accepted.
+    max_message: usize,
+}
+
+impl Transport {
+    pub fn name(&self) -> &'static str {
+        match (self.websocket, self.tls.is_some()) {
+            (false, false) => "mqtt",
+            (false, true) => "mqtts",
+            (true, false) => "ws",
+            (true, true) => "wss",
+        }
+    }
+
+    /// The handshakes of this transport, then the stream MQTT flows in.
+    pub async fn open(&self, socket: TcpStream) -> anyhow::Result<Box<dyn Io>> {
+        let stream: Box<dyn Io> = match &self.tls {
+            Some(acceptor) => Box::new(acceptor.accept(socket).await?),
+            None => Box::new(socket),
+        };
+        if !self.websocket {
+            return Ok(stream);
+        }
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(self.max_message))
+            .max_frame_size(Some(self.max_message));
+        let ws =
+            tokio_tungstenite::accept_hdr_async_with_config(stream, check_request, Some(config))
+                .await?;
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(bridge(ws, theirs));
+        Ok(Box::new(ours))
+    }
+}
+
+/// A bound listener with its transport.
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub transport: Transport,
+}
+
+/// Binds every listener of `plan`; errors name the address or the certificate file.
+pub async fn bind_all(plan: &EmbeddedPlan) -> anyhow::Result<Vec<Listener>> {
+    let max_message = plan.max_packet_size.max(64 * 1024);
+    let plain = Transport {
+        tls: None,
+        websocket: false,
+        max_message,
+    };
+    let tls = plan.tls.as_ref().map(acceptor).transpose()?;
+    let mut wanted: Vec<(SocketAddr, Transport)> =
+        plan.listen.iter().map(|a| (*a, plain.clone())).collect();
+    if let Some(t) = &plan.tls {
+        for a in &t.listen {
+            let transport = Transport {
+                tls: tls.clone(),
+                ..plain.clone()
+            };
+            wanted.push((*a, transport));
+        }
+    }
+    if let Some(w) = &plan.websocket {
+        for a in &w.listen {
+            let transport = Transport {
+                tls: if w.tls { tls.clone() } else { None },
+                websocket: true,
+                max_message,
+            };
+            wanted.push((*a, transport));
+        }
+    }
+    let mut out = Vec::new();
+    for (addr, transport) in wanted {
+        out.push(Listener {
+            tcp: bind(addr).await?,
+            transport,
+        });
+    }
+    Ok(out)
+}
+
+/// Binds one address; the error names it (and, when it is taken, the likely cause).
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process, e.g. an MQTT broker such as mosquitto, already listens there: stop it or change the address in `embedded`)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("embedded broker: cannot listen on {addr}: {e}{hint}")
+    })
+}
+
+/// The TLS server config from the PEM files.
+fn acceptor(t: &TlsPlan) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "embedded.tls.cert_file {}: cannot read certificates: {e}",
+                t.cert_file.display()
+            )
+        })?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "embedded.tls.cert_file {}: no certificate in the file",
+            t.cert_file.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| {
+        anyhow::anyhow!(
+            "embedded.tls.key_file {}: cannot read a private key: {e}",
+            t.key_file.display()
+        )
+    })?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "embedded.tls: {} and {} do not make a usable certificate: {e}",
+                t.cert_file.display(),
+                t.key_file.display()
+            )
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The WebSocket upgrade: path `/mqtt`; the `mqtt` subprotocol is chosen when offered
+/// (`mqttv3.1` too, for old clients); a client offering none is served anyway.
+#[allow(clippy::result_large_err)] // the callback type is tungstenite's
+fn check_request(req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
+    if req.uri().path() != "/mqtt" {
+        let mut r = ErrorResponse::new(Some("MQTT is served on /mqtt\n".into()));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return Err(r);
+    }
+    let offered = req
+        .headers()
+        .get_all("Sec-WebSocket-Protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| *p == "mqtt" || *p == "mqttv3.1")
+        .map(str::to_string);
+    if let Some(p) = offered
+        && let Ok(v) = HeaderValue::from_str(&p)
+    {
+        resp.headers_mut().insert("Sec-WebSocket-Protocol", v);
+    }
+    Ok(resp)
+}
+
+/// Copies between a WebSocket and the connection's pipe until either side ends.
+async fn bridge<S>(ws: tokio_tungstenite::WebSocketStream<S>, pipe: tokio::io::DuplexStream)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ws_out, mut ws_in) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(pipe);
+    let inbound = async move {
+        while let Some(Ok(msg)) = ws_in.next().await {
+            match msg {
+                WsMessage::Binary(b) if wr.write_all(&b).await.is_err() => break,
+                WsMessage::Binary(_) => {}
+                // MQTT over WebSocket is binary only [MQTT-6.0.0-1]: close.
+                WsMessage::Text(_) | WsMessage::Close(_) => break,
+                _ => {} // ping/pong: answered by tungstenite
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let outbound = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let msg = WsMessage::Binary(buf[..n].to_vec().into());
+                    if ws_out.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = ws_out.close().await;
+    };
+    tokio::pin!(inbound);
+    tokio::select! {
+        _ = &mut inbound => {}
+        _ = outbound => {
+            // The connection ended; give the client a moment to answer the close.
+            let _ = tokio::time::timeout(Duration::from_secs(5), inbound).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(embedded: &str) -> Result<EmbeddedPlan, String> {
+        let yaml = format!("embedded:\n  allow_anonymous: true\n{embedded}\n");
+        crate::config::parse(&yaml, "t.yaml", |_| None)
+            .map(|p| p.embedded.expect("embedded"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn certificate_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let p = plan(&format!(
+            "  listen: []\n  tls: {{ listen: 127.0.0.1:0, cert_file: {m}, key_file: {m} }}",
+            m = missing.display()
+        ))
+        .unwrap();
+        let err = bind_all(&p).await.err().expect("fails").to_string();
+        assert!(
+            err.contains("embedded.tls.cert_file") && err.contains("missing.pem"),
+            "{err}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let p = plan(&format!(
+            "  listen: []\n  tls: {{ listen: 127.0.0.1:0, cert_file: {e}, key_file: {e} }}",
+            e = empty.display()
+        ))
+        .unwrap();
+        let err = bind_all(&p).await.err().expect("fails").to_string();
+        assert!(err.contains("no certificate"), "{err}");
+    }
+
+    #[test]
+    fn listener_settings_are_validated() {
+        let err = plan("  websocket: { listen: 127.0.0.1:8080, tls: true }").unwrap_err();
+        assert!(
+            err.contains("embedded.websocket.tls: needs the certificate"),
+            "{err}"
+        );
+        let err = plan("  websocket: { listen: nowhere }").unwrap_err();
+        assert!(err.contains("embedded.websocket.listen"), "{err}");
+        let err = plan("  listen: []").unwrap_err();
+        assert!(err.contains("needs at least one address"), "{err}");
+        let p = plan("  listen: []\n  websocket: { listen: 127.0.0.1:8080 }").unwrap();
+        assert!(p.listen.is_empty());
+    }
+}

@@ -1,0 +1,143 @@
+//! The embedded broker's limits and counters: `max_connections`, publishes refused by the
+//! ACL (read through `Broker::stats`), and `session_expiry` (offline 3.1.1 persistent
+//! sessions expire; MQTT 5 clients get at most it).
+
+use std::io::Read;
+use std::time::Duration;
+
+use rumqttc::mqttbytes::v4;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::embedded::{V4, config, raw_connack_code, raw_send_connect};
+use crate::embedded_state::offline_subscriber;
+use crate::util::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_max_connections_and_refused_publishes_are_counted() {
+    let port = free_port();
+    let yaml = config(
+        port,
+        "  max_connections: 2\n  acl:\n    - { username: \"*\", action: deny, publish: [\"secret/#\"] }",
+        "",
+    );
+    let plan = mqbridge::config::parse(&yaml, "t.yaml", |_| None)
+        .unwrap()
+        .embedded
+        .unwrap();
+    // The broker on its own, its messages settled at once, so the test can read its stats.
+    let broker = mqbridge::broker::Broker::open(plan).await.unwrap();
+    let (tx, mut rx) = mpsc::channel::<mqbridge::message::Message>(64);
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            m.ack.settle();
+        }
+    });
+    let (stop, done) = (CancellationToken::new(), CancellationToken::new());
+    let task = tokio::spawn(broker.clone().run(tx, stop.clone(), done.clone()));
+    eventually(
+        Duration::from_secs(10),
+        "the broker to listen",
+        async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let idle = async || (broker.stats().connections == 0).then_some(());
+    eventually(Duration::from_secs(10), "the probe to go", idle).await;
+
+    let a = V4::connect(port, "a", true, None).await;
+    let mut b = V4::connect(port, "b", true, None).await;
+    let mut third = raw_send_connect(port, v4::Connect::new("c"));
+    assert_eq!(raw_connack_code(&mut third), 3, "3.1.1: server unavailable");
+    let mut rest = Vec::new();
+    let _ = third.read_to_end(&mut rest); // closed by the broker
+    assert_eq!(broker.stats().connections_refused, 1);
+
+    a.client.disconnect().await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "a's connection to end",
+        async || (broker.stats().connections == 1).then_some(()),
+    )
+    .await;
+    let _c = V4::connect(port, "c", true, None).await;
+
+    // A publish the ACL refuses is acknowledged (3.1.1 cannot refuse), dropped and counted.
+    b.client
+        .publish("secret/x", rumqttc::QoS::AtLeastOnce, false, "no")
+        .await
+        .unwrap();
+    b.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    b.client
+        .publish("open/x", rumqttc::QoS::AtLeastOnce, false, "yes")
+        .await
+        .unwrap();
+    b.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    let stats = broker.stats();
+    assert_eq!(
+        (stats.publish_denied, stats.connections),
+        (1, 2),
+        "{stats:?}"
+    );
+
+    stop.cancel();
+    done.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_offline_311_sessions_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("broker.db");
+    let port = free_port();
+    let yaml = config(
+        port,
+        &format!(
+            "  session_expiry: 1s\n  persistence: {{ path: {}, flush_interval: 20ms }}",
+            state.display()
+        ),
+        "",
+    );
+    let bridge = crate::embedded::start(port, &yaml).await;
+    offline_subscriber(port, "keeper", "jobs/#").await;
+    // The state file shows the session kept, then dropped once it expired.
+    eventually(Duration::from_secs(10), "the session saved", async || {
+        (sqlite_count(&state, "sessions").await == 1).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the session expired", async || {
+        (sqlite_count(&state, "sessions").await == 0).then_some(())
+    })
+    .await;
+    let mut c = v4::Connect::new("keeper");
+    c.clean_session = false;
+    let mut s = raw_send_connect(port, c);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0], "accepted, no session present");
+    drop(s);
+
+    // An MQTT 5 client asking for a longer expiry is granted the configured one, and told.
+    let mut opts = rumqttc::v5::MqttOptions::new("five", "127.0.0.1", port);
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(100_000));
+    let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 10);
+    let connack = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(a)) =
+                eventloop.poll().await.unwrap()
+            {
+                return a;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let granted = connack.properties.and_then(|p| p.session_expiry_interval);
+    assert_eq!(granted, Some(1));
+    bridge.stop().await.unwrap();
+}

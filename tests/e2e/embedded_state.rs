@@ -1,0 +1,162 @@
+//! The embedded broker's persistence (`embedded.persistence`): retained messages and
+//! persistent sessions (subscriptions, queued and unacknowledged messages) survive a
+//! graceful restart and a `kill -9`.
+
+use std::time::Duration;
+
+use rumqttc::mqttbytes::v4;
+
+use crate::embedded::{V4, config, raw_connect, raw_read_packets, start};
+use crate::util::*;
+
+fn persistent(port: u16, state: &std::path::Path) -> String {
+    config(
+        port,
+        &format!(
+            "  persistence: {{ path: {}, flush_interval: 50ms }}",
+            state.display()
+        ),
+        "",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_state_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("broker.db");
+    let port = free_port();
+    let yaml = persistent(port, &state);
+    let bridge = start(port, &yaml).await;
+
+    // A persistent session subscribed to jobs/#, then offline.
+    offline_subscriber(port, "keeper", "jobs/#").await;
+    // A second persistent session gets the messages but never acknowledges them.
+    let mut raw = raw_connect(port, "slacker", false, None).await;
+    raw_subscribe(&mut raw, "jobs/#");
+
+    let mut p = V4::connect(port, "producer", true, None).await;
+    p.client
+        .publish("status/d1", rumqttc::QoS::AtLeastOnce, true, "online")
+        .await
+        .unwrap();
+    p.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    for i in 0..3 {
+        p.client
+            .publish(format!("jobs/{i}"), rumqttc::QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+        p.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    }
+    let got = raw_read_packets(&mut raw, 3, Duration::from_secs(5));
+    assert_eq!(got.len(), 3, "{got:?}");
+
+    bridge.stop().await.unwrap();
+    drop(raw);
+    let bridge = start(port, &yaml).await;
+
+    // The retained message is back.
+    let mut watcher = V4::connect(port, "watcher", true, None).await;
+    watcher
+        .client
+        .subscribe("status/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let r = watcher.publish_msg().await;
+    assert_eq!(
+        (r.topic.as_str(), &r.payload[..], r.retain),
+        ("status/d1", &b"online"[..], true)
+    );
+
+    // The offline session's queue is back, in order, and its subscription still works.
+    let mut keeper = V4::connect(port, "keeper", false, None).await;
+    let mut topics = Vec::new();
+    for _ in 0..3 {
+        topics.push(keeper.publish_msg().await.topic);
+    }
+    assert_eq!(topics, ["jobs/0", "jobs/1", "jobs/2"]);
+    p = V4::connect(port, "producer", true, None).await;
+    p.client
+        .publish("jobs/after", rumqttc::QoS::AtLeastOnce, false, "y")
+        .await
+        .unwrap();
+    assert_eq!(keeper.publish_msg().await.topic, "jobs/after");
+
+    // The unacknowledged messages of the other session are resent with DUP.
+    let mut slacker = V4::connect(port, "slacker", false, None).await;
+    for i in 0..3 {
+        let m = slacker.publish_msg().await;
+        assert!(m.dup, "resent with DUP: {m:?}");
+        assert_eq!(m.topic, format!("jobs/{i}"));
+    }
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_state_survives_kill_9_after_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("broker.db");
+    let port = free_port();
+    let cfg = dir.path().join("mqbridge.yaml");
+    std::fs::write(&cfg, persistent(port, &state)).unwrap();
+    let bridge = ChildBridge::start(&cfg);
+    bridge
+        .wait_for_log("embedded broker listening", Duration::from_secs(20))
+        .await;
+    offline_subscriber(port, "keeper", "jobs/#").await;
+    let mut p = V4::connect(port, "producer", true, None).await;
+    p.client
+        .publish("status/d1", rumqttc::QoS::AtLeastOnce, true, "online")
+        .await
+        .unwrap();
+    p.client
+        .publish("jobs/1", rumqttc::QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    p.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    p.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    // Wait for a flush to have written both, then crash.
+    eventually(Duration::from_secs(10), "the state flushed", async || {
+        let queued = sqlite_count(&state, "session_messages").await;
+        let retained = sqlite_count(&state, "retained").await;
+        (queued == 1 && retained == 1).then_some(())
+    })
+    .await;
+    bridge.kill9();
+
+    let bridge = ChildBridge::start(&cfg);
+    bridge
+        .wait_for_log("embedded broker listening", Duration::from_secs(20))
+        .await;
+    let mut keeper = V4::connect(port, "keeper", false, None).await;
+    assert_eq!(keeper.publish_msg().await.topic, "jobs/1");
+    let mut watcher = V4::connect(port, "watcher", true, None).await;
+    watcher
+        .client
+        .subscribe("status/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(&watcher.publish_msg().await.payload[..], b"online");
+    drop(bridge);
+}
+
+/// Leaves a persistent session subscribed to `filter`: subscribes, sends DISCONNECT and
+/// waits until the broker closed the connection (the session is offline by then).
+pub(crate) async fn offline_subscriber(port: u16, id: &str, filter: &str) {
+    use std::io::{Read, Write};
+    let mut s = raw_connect(port, id, false, None).await;
+    raw_subscribe(&mut s, filter);
+    s.write_all(&[0xe0, 0]).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+}
+
+fn raw_subscribe(s: &mut std::net::TcpStream, filter: &str) {
+    use std::io::Write;
+    let mut buf = bytes::BytesMut::new();
+    v4::Subscribe::new(filter, rumqttc::QoS::AtLeastOnce)
+        .write(&mut buf)
+        .unwrap();
+    s.write_all(&buf).unwrap();
+    let ack = raw_read_packets(s, 1, Duration::from_secs(5));
+    assert!(matches!(ack[..], [v4::Packet::SubAck(_)]), "{ack:?}");
+}
