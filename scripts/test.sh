@@ -28,6 +28,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   rm -f /usr/sbin/policy-rc.d
 fi
 
+# A third-party client for the embedded broker's tests (skipped when it cannot be had).
+if ! python3 -c 'import paho.mqtt.client' >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' >/dev/null 2>&1 \
+    || echo "scripts/test.sh: could not install paho-mqtt; its test will be skipped" >&2
+fi
+
 if [ -z "${MQBRIDGE_TEST_DATABASE_URL:-}" ]; then
   pgtmp=$(mktemp -d)
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
