@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,7 @@ use super::codec::{
     self, CodecError, ConnAckProperties, Connect, Outgoing, Packet, Publish, SubscribeFilter,
     Version, Will,
 };
-use super::listener::Io;
+use super::listener::{Stream, StreamReader, StreamWriter};
 use super::session::{Link, Outbound, Qos2, Session, Stored, Subscription};
 use crate::delivery::{Ack, AckSequencer, Settled};
 use crate::message::{Message, Properties};
@@ -74,7 +74,7 @@ impl Settled for ReportSettled {
 
 /// Entry point of a connection task.
 pub(super) async fn serve(
-    socket: Box<dyn Io>,
+    socket: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     out: mpsc::Sender<Message>,
@@ -89,9 +89,7 @@ pub(super) async fn serve(
     }
 }
 
-type Reader = ReadHalf<Box<dyn Io>>;
-
-async fn read_more(rd: &mut Reader, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_more(rd: &mut StreamReader, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(4096);
     }
@@ -99,14 +97,14 @@ async fn read_more(rd: &mut Reader, buf: &mut BytesMut) -> std::io::Result<usize
 }
 
 async fn handle(
-    socket: Box<dyn Io>,
+    socket: Stream,
     shared: &Arc<Shared>,
     count: usize,
     out: mpsc::Sender<Message>,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (mut rd, mut wr) = tokio::io::split(socket);
+    let (mut rd, mut wr) = socket.split();
     let max_packet = shared.plan.max_packet_size;
     let mut buf = BytesMut::with_capacity(4096);
 
@@ -220,7 +218,7 @@ fn refuse(buf: &mut BytesMut, version: Version, code: u8) {
 }
 
 async fn write_loop(
-    mut wr: WriteHalf<Box<dyn Io>>,
+    mut wr: StreamWriter,
     mut rx: mpsc::Receiver<Bytes>,
     notify: Arc<Notify>,
     gone: CancellationToken,
@@ -476,7 +474,7 @@ impl Conn {
 
     async fn run(
         &mut self,
-        rd: &mut Reader,
+        rd: &mut StreamReader,
         mut buf: BytesMut,
         stop: &CancellationToken,
         done: &CancellationToken,

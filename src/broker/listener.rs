@@ -9,13 +9,15 @@
 //! (never on the accept loop), bounded by the CONNECT timeout.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{SinkExt as _, StreamExt as _};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -25,9 +27,84 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::config::EmbeddedPlan;
 use crate::config::plan::TlsPlan;
 
-/// A client's byte stream, whatever the transport.
+/// A byte stream over TLS or WebSocket.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A client's byte stream, whatever the transport. Plain TCP (the common case) is kept
+/// apart so that its halves are split without the lock `tokio::io::split` takes on every
+/// read and write.
+pub enum Stream {
+    Tcp(TcpStream),
+    Other(Box<dyn Io>),
+}
+
+impl Stream {
+    pub fn split(self) -> (StreamReader, StreamWriter) {
+        match self {
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (StreamReader::Tcp(r), StreamWriter::Tcp(w))
+            }
+            Stream::Other(s) => {
+                let (r, w) = tokio::io::split(s);
+                (StreamReader::Other(r), StreamWriter::Other(w))
+            }
+        }
+    }
+}
+
+/// The reading half of a [`Stream`].
+pub enum StreamReader {
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+    Other(tokio::io::ReadHalf<Box<dyn Io>>),
+}
+
+/// The writing half of a [`Stream`].
+pub enum StreamWriter {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Other(tokio::io::WriteHalf<Box<dyn Io>>),
+}
+
+impl AsyncRead for StreamReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            StreamReader::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            StreamReader::Other(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for StreamWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            StreamWriter::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            StreamWriter::Other(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            StreamWriter::Tcp(w) => Pin::new(w).poll_flush(cx),
+            StreamWriter::Other(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            StreamWriter::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            StreamWriter::Other(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
 
 /// What runs on top of an accepted TCP socket.
 #[derive(Clone)]
@@ -49,14 +126,15 @@ impl Transport {
     }
 
     /// The handshakes of this transport, then the stream MQTT flows in.
-    pub async fn open(&self, socket: TcpStream) -> anyhow::Result<Box<dyn Io>> {
-        let stream: Box<dyn Io> = match &self.tls {
-            Some(acceptor) => Box::new(acceptor.accept(socket).await?),
-            None => Box::new(socket),
+    pub async fn open(&self, socket: TcpStream) -> anyhow::Result<Stream> {
+        let stream: Box<dyn Io> = match (&self.tls, self.websocket) {
+            (None, false) => return Ok(Stream::Tcp(socket)),
+            (Some(acceptor), false) => {
+                return Ok(Stream::Other(Box::new(acceptor.accept(socket).await?)));
+            }
+            (Some(acceptor), true) => Box::new(acceptor.accept(socket).await?),
+            (None, true) => Box::new(socket),
         };
-        if !self.websocket {
-            return Ok(stream);
-        }
         let config = WebSocketConfig::default()
             .max_message_size(Some(self.max_message))
             .max_frame_size(Some(self.max_message));
@@ -65,7 +143,7 @@ impl Transport {
                 .await?;
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         tokio::spawn(bridge(ws, theirs));
-        Ok(Box::new(ours))
+        Ok(Stream::Other(Box::new(ours)))
     }
 }
 
