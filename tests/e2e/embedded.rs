@@ -284,14 +284,16 @@ async fn embedded_retained_set_replace_clear_and_wills() {
 async fn embedded_persistent_session_queues_and_redelivers() {
     let port = free_port();
     let bridge = start(port, &config(port, "", "")).await;
-    let sub = V4::connect(port, "keeper", false, None).await;
+    let mut sub = V4::connect(port, "keeper", false, None).await;
     sub.client
         .subscribe("jobs/#", rumqttc::QoS::AtLeastOnce)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    sub.expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
+        .await;
     sub.client.disconnect().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // No signal tells when the broker has seen the DISCONNECT; give it ample time.
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     let mut p = V4::connect(port, "producer", true, None).await;
     for i in 0..3 {
@@ -560,7 +562,8 @@ async fn embedded_serves_mosquitto_clients() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // mosquitto_sub gives no sign when it has subscribed; give it ample time.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     for (version, qos) in [("mqttv311", "1"), ("mqttv5", "2")] {
         let status = Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
@@ -749,22 +752,28 @@ async fn embedded_serves_python_paho() {
     let bridge = start(port, &config(port, "", "")).await;
     let script = format!(
         r#"
-import paho.mqtt.client as mqtt, queue
+import paho.mqtt.client as mqtt, queue, threading
 got = queue.Queue()
 for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
+    subscribed = threading.Event()
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-sub", protocol=proto)
     sub.on_message = lambda c, u, m: got.put((m.topic, m.payload, m.qos))
+    sub.on_connect = lambda c, u, f, rc, p=None: c.subscribe("py/#", qos=2)
+    sub.on_subscribe = lambda c, u, mid, rc, p=None: subscribed.set()
     sub.connect("127.0.0.1", {port})
     sub.loop_start()
-    sub.subscribe("py/#", qos=2)
-    import time; time.sleep(0.3)
+    # Wait for the SUBACK (a deadline, not a pause): publishing earlier could race it.
+    assert subscribed.wait(30), "no SUBACK"
+    connected = threading.Event()
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-pub", protocol=proto)
+    pub.on_connect = lambda c, u, f, rc, p=None: connected.set()
     pub.connect("127.0.0.1", {port})
     pub.loop_start()
+    assert connected.wait(30), "no CONNACK"
     for qos in (0, 1, 2):
-        pub.publish("py/%d" % qos, b"hello", qos=qos).wait_for_publish(5)
+        pub.publish("py/%d" % qos, b"hello", qos=qos).wait_for_publish(30)
     for _ in range(3):
-        print(got.get(timeout=5))
+        print(got.get(timeout=30))
     pub.disconnect(); sub.disconnect(); pub.loop_stop(); sub.loop_stop()
 "#
     );
