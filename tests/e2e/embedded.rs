@@ -82,6 +82,13 @@ impl V4 {
         c
     }
 
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe_acked(&mut self, filter: &str, qos: rumqttc::QoS) -> rumqttc::Packet {
+        self.client.subscribe(filter, qos).await.unwrap();
+        self.expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
+            .await
+    }
+
     /// The next packet satisfying `want` (others are skipped), within 10 s.
     pub async fn expect(&mut self, want: impl Fn(&rumqttc::Packet) -> bool) -> rumqttc::Packet {
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -159,11 +166,7 @@ async fn embedded_pub_sub_across_versions_with_qos2() {
     let bridge = start(port, &config(port, "", "")).await;
 
     let mut sub4 = V4::connect(port, "sub4", true, None).await;
-    sub4.client
-        .subscribe("room/+/temp", rumqttc::QoS::ExactlyOnce)
-        .await
-        .unwrap();
-    sub4.expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
+    sub4.subscribe_acked("room/+/temp", rumqttc::QoS::ExactlyOnce)
         .await;
     let mut pub5 = V5::connect(port, "pub5", None).await;
     pub5.expect(|p| matches!(p, P5::ConnAck(_))).await;
@@ -245,11 +248,8 @@ async fn embedded_retained_set_replace_clear_and_wills() {
     let cleared = s.publish_msg().await;
     assert!(cleared.payload.is_empty());
     let mut s2 = V4::connect(port, "later", true, None).await;
-    s2.client
-        .subscribe("status/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    s2.expect(|p| matches!(p, rumqttc::Packet::SubAck(_))).await;
+    s2.subscribe_acked("status/#", rumqttc::QoS::AtLeastOnce)
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(s2.events.try_recv().is_err(), "cleared: nothing retained");
 
@@ -285,11 +285,7 @@ async fn embedded_persistent_session_queues_and_redelivers() {
     let port = free_port();
     let bridge = start(port, &config(port, "", "")).await;
     let mut sub = V4::connect(port, "keeper", false, None).await;
-    sub.client
-        .subscribe("jobs/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    sub.expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
+    sub.subscribe_acked("jobs/#", rumqttc::QoS::AtLeastOnce)
         .await;
     sub.client.disconnect().await.unwrap();
     // No signal tells when the broker has seen the DISCONNECT; give it ample time.
@@ -444,12 +440,7 @@ async fn embedded_malformed_input_closes_only_that_connection() {
     let port = free_port();
     let bridge = start(port, &config(port, "", "")).await;
     let mut good = V4::connect(port, "good", true, None).await;
-    good.client
-        .subscribe("ok", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    good.expect(|p| matches!(p, rumqttc::Packet::SubAck(_)))
-        .await;
+    good.subscribe_acked("ok", rumqttc::QoS::AtLeastOnce).await;
 
     let garbage: [&[u8]; 5] = [
         b"\xff\xff\xff\xff\xff\xff",   // invalid packet type and length

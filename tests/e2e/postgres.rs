@@ -159,6 +159,22 @@ async fn explicit_columns_unknown_keys_and_conflicts() {
     );
 }
 
+/// Waits until the bridge stores a probe row in `readings`, i.e. it has subscribed.
+async fn wait_subscribed(publisher: &TestClient, db: &str) {
+    probe_until(
+        publisher,
+        "sensors/probe/telemetry",
+        r#"{"seq": -1, "temp": 1}"#,
+        async || {
+            pg_count(db, "SELECT count(*)::text FROM readings")
+                .await
+                .unwrap_or(0)
+                > 0
+        },
+    )
+    .await;
+}
+
 fn bridge_config(port: u16, db: &str, dlq_table: bool, dir: &std::path::Path) -> String {
     let dead = if dlq_table {
         format!("{{ type: postgres, url: \"{db}\", table: mqbridge_dead_letters, migrate: true }}")
@@ -202,18 +218,7 @@ async fn one_bad_row_in_a_thousand_is_dead_lettered_and_the_rest_commit() {
     .await;
     let bridge = InProcess::start(&bridge_config(broker.port, &db, true, dir.path()));
     let publisher = TestClient::connect(broker.port, "pg-publisher").await;
-    probe_until(
-        &publisher,
-        "sensors/probe/telemetry",
-        r#"{"seq": -1, "temp": 1}"#,
-        async || {
-            pg_count(&db, "SELECT count(*)::text FROM readings")
-                .await
-                .unwrap_or(0)
-                > 0
-        },
-    )
-    .await;
+    wait_subscribed(&publisher, &db).await;
 
     // Message 500 has a temperature the CHECK constraint refuses (23514), message 700 one
     // that is no number (22P02); both sit in the middle of 500-row batches.
@@ -303,18 +308,7 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() {
     .await;
     let bridge = InProcess::start(&bridge_config(broker.port, &db, false, dir.path()));
     let publisher = TestClient::connect(broker.port, "pg-restart-publisher").await;
-    probe_until(
-        &publisher,
-        "sensors/probe/telemetry",
-        r#"{"seq": -1, "temp": 1}"#,
-        async || {
-            pg_count(&db, "SELECT count(*)::text FROM readings")
-                .await
-                .unwrap_or(0)
-                > 0
-        },
-    )
-    .await;
+    wait_subscribed(&publisher, &db).await;
 
     const N: i64 = 3000;
     let batch = |from: i64, to: i64| {
