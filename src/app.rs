@@ -1,11 +1,17 @@
 //! Wiring and supervision: builds the sinks, the router and the source from a validated
 //! [`Plan`], runs them, and orders the shutdown.
 //!
+//! With a spool the source feeds the [spool](crate::spool), which acknowledges messages
+//! once they are on disk and feeds the router; without one the source feeds the router
+//! and messages are acknowledged once their records settle.
+//!
 //! Shutdown order, so that nothing settled goes unacknowledged and nothing unsettled is
-//! acknowledged: the source stops taking messages → the router drains and closes the sink
-//! queues → each sink driver flushes and ends → the dead-letter driver ends → the source
-//! sends the remaining acknowledgements and disconnects. Whatever has not settled by
-//! `shutdown_timeout` stays unacknowledged and is redelivered after a restart.
+//! acknowledged: the source stops taking messages (the spool's writer commits what it was
+//! handed; its reader stops) → the router drains and closes the sink queues → each sink
+//! driver flushes and ends → the dead-letter driver ends → the spool saves its cursor →
+//! the source sends the remaining acknowledgements and disconnects. Whatever has not
+//! settled by `shutdown_timeout` stays unacknowledged (or in the spool) and is delivered
+//! again after a restart.
 
 use std::sync::Arc;
 
@@ -27,6 +33,11 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     if plan.broker.is_none() && plan.embedded.is_none() {
         anyhow::bail!("nothing to read from: configure `broker:` or `embedded:`");
     }
+    let spool = plan
+        .spool
+        .as_ref()
+        .map(crate::spool::Spool::open)
+        .transpose()?;
     let broker = plan.broker.clone();
     let embedded = match plan.embedded.clone() {
         Some(p) => Some(crate::broker::Broker::open(p).await?),
@@ -77,6 +88,13 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
 
     let stop = shutdown.child_token();
     let done = CancellationToken::new();
+    let (tx, mut spool) = match spool {
+        Some(spool) => {
+            let (source_tx, spool_rx) = mpsc::channel(SOURCE_BUFFER);
+            (source_tx, Some(spool.start(spool_rx, tx, stop.clone())?))
+        }
+        None => (tx, None),
+    };
     let mut source = match (broker, embedded) {
         (Some(broker), _) => tokio::spawn(crate::source::mqtt::run(
             broker,
@@ -96,13 +114,27 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
                 Err(e) => Err(anyhow::anyhow!("source task failed: {e}")),
             };
         }
+        e = async {
+            match spool.as_mut() {
+                Some(spool) => spool.failed().await,
+                None => std::future::pending().await,
+            }
+        } => return Err(e),
     }
     stop.cancel();
-    if tokio::time::timeout(plan.shutdown_timeout, drivers.wait())
+    let deadline = tokio::time::Instant::now() + plan.shutdown_timeout;
+    if let Some(spool) = &mut spool {
+        // Quick: the writer only commits what the source had handed over.
+        spool.writer_done().await?;
+    }
+    if tokio::time::timeout_at(deadline, drivers.wait())
         .await
         .is_err()
     {
-        tracing::warn!(timeout = ?plan.shutdown_timeout, "shutdown deadline passed; unsettled messages will be redelivered after restart");
+        tracing::warn!(timeout = ?plan.shutdown_timeout, "shutdown deadline passed; unsettled messages will be delivered again after restart");
+    }
+    if let Some(spool) = spool {
+        spool.close().await?;
     }
     done.cancel();
     source.await.context("source task")??;

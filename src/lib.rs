@@ -35,6 +35,7 @@ pub mod rule;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod spool;
 pub mod topic;
 
 /// Installs the process-wide TLS crypto provider (ring). Call first thing in `main` and

@@ -212,6 +212,23 @@ fn describe(plan: &config::Plan) -> String {
             );
         }
     }
+    match &plan.spool {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "spool: {} up to {}, fsync {} (acknowledged once on disk)",
+                s.path.display(),
+                config::units::ByteSize(s.max_bytes),
+                match s.fsync {
+                    config::Fsync::Batch => "batch",
+                    config::Fsync::Always => "always",
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(out, "spool: none (acknowledged once every sink settled)");
+        }
+    }
     let _ = writeln!(out, "sinks:");
     for s in &plan.sinks {
         let _ = writeln!(out, "  {}: {}", s.name, s.config.spec().describe());

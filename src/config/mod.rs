@@ -17,8 +17,8 @@ pub mod units;
 use std::fmt;
 use std::path::Path;
 
-pub use plan::{BrokerPlan, EmbeddedPlan, Plan, SinkPlan};
-pub use raw::RawConfig;
+pub use plan::{BrokerPlan, EmbeddedPlan, Plan, SinkPlan, SpoolPlan};
+pub use raw::{Fsync, RawConfig};
 
 use locate::{Locations, Position};
 

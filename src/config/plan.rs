@@ -12,6 +12,11 @@ use crate::rule::jq::JqProgram;
 use crate::sink::sqlite;
 use crate::topic::TopicFilter;
 
+use super::units::ByteSize;
+
+/// Smallest `spool.max_bytes`: room for a few segments of the smallest size.
+const MIN_SPOOL_BYTES: u64 = 1 << 20;
+
 /// A validated config, ready to build.
 #[derive(Debug)]
 pub struct Plan {
@@ -21,7 +26,16 @@ pub struct Plan {
     pub rules: Vec<Rule>,
     /// Index into `sinks`.
     pub dead_letter: Option<usize>,
+    pub spool: Option<SpoolPlan>,
     pub shutdown_timeout: Duration,
+}
+
+/// The durable spool's place and limits (`spool:`).
+#[derive(Debug, Clone)]
+pub struct SpoolPlan {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+    pub fsync: super::raw::Fsync,
 }
 
 /// A named sink and its settings.
@@ -192,6 +206,24 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
         ));
     }
 
+    let spool = raw.spool.as_ref().and_then(|s| {
+        let before = errs.len();
+        if s.path.as_os_str().is_empty() {
+            errs.push(("spool.path".into(), "needs a directory".into()));
+        }
+        if s.max_bytes.0 < MIN_SPOOL_BYTES {
+            errs.push((
+                "spool.max_bytes".into(),
+                format!("must be at least {}", ByteSize(MIN_SPOOL_BYTES)),
+            ));
+        }
+        (errs.len() == before).then(|| SpoolPlan {
+            path: s.path.clone(),
+            max_bytes: s.max_bytes.0,
+            fsync: s.fsync,
+        })
+    });
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -208,6 +240,7 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
             .collect(),
         rules,
         dead_letter,
+        spool,
         shutdown_timeout: raw.shutdown_timeout.0,
     })
 }

@@ -29,6 +29,11 @@ pub struct RawConfig {
     /// Where records that cannot be delivered (or messages a rule cannot process) go.
     #[serde(default)]
     pub dead_letter: Option<DeadLetterConfig>,
+    /// Durable local buffer between the source and the sinks: a message is acknowledged
+    /// upstream once it is on disk here, and the sinks deliver from it. Without it, a
+    /// message is acknowledged only once every sink has settled it.
+    #[serde(default)]
+    pub spool: Option<SpoolConfig>,
     /// How long a graceful shutdown may take to flush before it gives up (unsettled
     /// messages are then redelivered after restart).
     #[serde(default = "default_shutdown")]
@@ -172,6 +177,39 @@ pub struct WebSocketListenerConfig {
     /// Serve `wss://` with the certificate of `embedded.tls`.
     #[serde(default)]
     pub tls: bool,
+}
+
+/// `spool:`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Directory of the spool's segment files, e.g. `data/spool` (created if missing; one
+    /// mqbridge process per directory).
+    pub path: PathBuf,
+    /// Most disk space the spool may use. When it is full, acknowledgements stop and the
+    /// broker (or the publishers, in embedded mode) holds the backlog. Default 1GiB.
+    #[serde(default = "default_spool_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// `batch` (default): messages arriving together share one write and one fsync, and
+    /// each is acknowledged after it. `always`: one write and fsync per message (slower;
+    /// the same guarantee, for disks that lie about batched flushes).
+    #[serde(default)]
+    pub fsync: Fsync,
+}
+
+fn default_spool_max_bytes() -> ByteSize {
+    ByteSize(1 << 30)
+}
+
+/// `spool.fsync`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    #[default]
+    Batch,
+    Always,
 }
 
 /// `embedded.persistence`.

@@ -1,0 +1,385 @@
+//! The durable spool: an append-only log on local disk between the source and the
+//! router, so that a message can be acknowledged upstream as soon as it is safely stored
+//! here, however slow or absent the sinks are.
+//!
+//! ```text
+//!  source ──Message──▶ writer ──group commit (write + fdatasync)──▶ segment files
+//!    ▲                   │                                            │
+//!    └── ack (PUBACK) ◀──┘ after the fsync                 reader ◀───┘ committed records, in order
+//!                                                             │
+//!                               pipeline ◀──Message (Ack → window)┘
+//!  janitor: every 100 ms saves the cursor (first unsettled record) and deletes
+//!           segments whose records have all settled
+//! ```
+//!
+//! - **Writer** (a thread): takes what the source has buffered (a group), appends it to the
+//!   active segment with one `write` and one `fdatasync`, then settles each message's
+//!   upstream [`Ack`](crate::delivery::Ack), in order. With `fsync: always` a group is one
+//!   message. When the spool's files would pass `max_bytes` it stops taking messages, so
+//!   acknowledgements stop and the backlog stays with the broker or the publishers.
+//! - **Reader** (a thread): hands committed records to the pipeline in order, each with an
+//!   [`Ack`](crate::delivery::Ack) that marks it settled in the [`window::Window`]; the
+//!   pipeline's bounded queues bound what is in memory.
+//! - **Cursor**: the first unsettled record, saved in `cursor` (write + rename). After a
+//!   crash the reader resumes there; records settled after the last save are delivered
+//!   again (at least once, like a broker's redelivery).
+//! - **Recovery**: a crash can leave the last segment with a torn record after the last
+//!   fsync. Such records were never acknowledged (the broker still has them), so opening
+//!   the spool cuts them off.
+
+mod reader;
+mod record;
+mod segment;
+mod window;
+mod writer;
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Fsync, SpoolPlan};
+use crate::message::Message;
+use segment::{Next, SegmentReader};
+use window::Window;
+
+/// How often settled space is given back and the cursor saved.
+const RECLAIM_EVERY: Duration = Duration::from_millis(100);
+
+/// How long a waiting writer or reader sleeps before looking at the stop signal again.
+const RECHECK: Duration = Duration::from_millis(100);
+
+/// An opened (and recovered) spool, not yet running.
+pub struct Spool {
+    shared: Arc<Shared>,
+    active: File,
+    /// The first record the reader hands over.
+    start: u64,
+    fsync: Fsync,
+}
+
+/// State shared by the writer, the reader and the janitor.
+struct Shared {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Nominal segment size: a segment is sealed once it reaches this.
+    segment_bytes: u64,
+    state: Mutex<State>,
+    /// Signalled when records are committed and when space is freed.
+    changed: Condvar,
+    window: Window,
+    /// Held (`flock`) while the spool is open: one process per directory.
+    _lock: File,
+}
+
+struct State {
+    /// Every record numbered below this is written and fsynced.
+    committed: u64,
+    /// The segments, oldest first, as (first record, bytes); the last one is being written.
+    segments: VecDeque<(u64, u64)>,
+    /// Bytes in all segments.
+    used: u64,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("spool state lock")
+    }
+}
+
+impl Spool {
+    /// Opens the spool directory (creating it), takes its lock, cuts off a torn tail and
+    /// finds where to resume.
+    pub fn open(plan: &SpoolPlan) -> anyhow::Result<Spool> {
+        let dir = plan.path.clone();
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("spool: cannot create {}", dir.display()))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .with_context(|| format!("spool: cannot open {}", dir.join("lock").display()))?;
+        lock.try_lock().map_err(|_| {
+            anyhow::anyhow!(
+                "spool {} is in use by another mqbridge process (one process per spool directory)",
+                dir.display()
+            )
+        })?;
+        let cursor = read_cursor(&dir);
+        let mut segments: VecDeque<(u64, u64)> = segment::list(&dir)
+            .with_context(|| format!("spool: cannot list {}", dir.display()))?
+            .into();
+
+        // Only the newest segment can end in a torn write; find its last whole record.
+        let mut committed = cursor;
+        if let Some(&(first, bytes)) = segments.back() {
+            let (next, valid) = recover(&dir, first, bytes)?;
+            if valid < bytes {
+                tracing::warn!(
+                    segment = %segment::path(&dir, first).display(),
+                    cut = bytes - valid,
+                    "spool: cut off a torn write (never acknowledged, so the broker still has it)"
+                );
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(segment::path(&dir, first))?;
+                f.set_len(valid)?;
+                f.sync_all()?;
+                segments.back_mut().expect("a segment").1 = valid;
+            }
+            committed = committed.max(next);
+        }
+        // Resume at the cursor, or at the oldest record when the cursor is older.
+        let start = segments
+            .front()
+            .map_or(committed, |&(first, _)| cursor.max(first))
+            .min(committed);
+
+        // Writing continues in a fresh segment named after the next record number.
+        if segments
+            .back()
+            .is_some_and(|&(first, _)| first == committed)
+        {
+            segments.pop_back(); // an empty segment, made again below
+        }
+        let active = create_segment(&dir, committed)?;
+        segments.push_back((committed, 0));
+        let used = segments.iter().map(|&(_, b)| b).sum();
+        if committed > start {
+            tracing::info!(path = %dir.display(), backlog = committed - start, bytes = used, "spool: resuming a backlog");
+        }
+        let shared = Arc::new(Shared {
+            segment_bytes: (plan.max_bytes / 16).clamp(64 << 10, 64 << 20),
+            max_bytes: plan.max_bytes,
+            state: Mutex::new(State {
+                committed,
+                segments,
+                used,
+            }),
+            changed: Condvar::new(),
+            window: Window::new(start),
+            dir,
+            _lock: lock,
+        });
+        Ok(Spool {
+            shared,
+            active,
+            start,
+            fsync: plan.fsync,
+        })
+    }
+
+    /// Starts the writer (taking messages from `input`), the reader (handing them to
+    /// `output`) and the janitor. After `stop` the reader hands over nothing more and the
+    /// writer stops waiting for room; the writer ends when `input` closes.
+    pub fn start(
+        self,
+        input: mpsc::Receiver<Message>,
+        output: mpsc::Sender<Message>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Running> {
+        let Spool {
+            shared,
+            active,
+            start,
+            fsync,
+        } = self;
+        let writer = thread("spool-writer", {
+            let (shared, stop) = (Arc::clone(&shared), stop.clone());
+            move || writer::run(&shared, active, input, fsync, &stop)
+        })?;
+        let reader = thread("spool-reader", {
+            let (shared, stop) = (Arc::clone(&shared), stop.clone());
+            let handle = tokio::runtime::Handle::current();
+            move || reader::run(&shared, start, output, &stop, &handle)
+        })?;
+        let janitor = tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move {
+                let mut saved = start;
+                let mut tick = tokio::time::interval(RECLAIM_EVERY);
+                loop {
+                    tick.tick().await;
+                    let s = Arc::clone(&shared);
+                    match tokio::task::spawn_blocking(move || reclaim(&s, saved)).await {
+                        Ok(Ok(base)) => saved = base,
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "spool: cannot save the cursor or delete settled segments")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "spool: janitor failed"),
+                    }
+                }
+            }
+        });
+        Ok(Running {
+            shared,
+            writer: Some(writer),
+            reader: Some(reader),
+            janitor,
+        })
+    }
+}
+
+/// A running spool; see [`Spool::start`].
+pub struct Running {
+    shared: Arc<Shared>,
+    writer: Option<oneshot::Receiver<io::Result<()>>>,
+    reader: Option<oneshot::Receiver<io::Result<()>>>,
+    janitor: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Resolves only if the writer or the reader fails (a disk error): mqbridge must then
+    /// stop, since it can neither acknowledge nor deliver.
+    pub async fn failed(&mut self) -> anyhow::Error {
+        /// The thread's result once it ends; pending while it runs or once taken.
+        async fn end(
+            slot: &mut Option<oneshot::Receiver<io::Result<()>>>,
+        ) -> Option<io::Result<()>> {
+            let r = match slot {
+                Some(rx) => rx.await.ok(),
+                None => std::future::pending().await,
+            };
+            *slot = None;
+            r
+        }
+        loop {
+            let (part, result) = tokio::select! {
+                r = end(&mut self.writer) => ("writer", r),
+                r = end(&mut self.reader) => ("reader", r),
+            };
+            match result {
+                Some(Ok(())) => {} // ended normally (the source or the pipeline stopped)
+                Some(Err(e)) => {
+                    return anyhow::Error::new(e).context(format!("spool {part} failed"));
+                }
+                None => return anyhow::anyhow!("spool {part} ended abnormally"),
+            }
+        }
+    }
+
+    /// Waits for the writer to commit (and acknowledge) what the source handed over; call
+    /// once the source has stopped taking messages.
+    pub async fn writer_done(&mut self) -> anyhow::Result<()> {
+        finished("writer", self.writer.take()).await
+    }
+
+    /// Waits for the reader to stop, then saves the cursor: call after the sinks have
+    /// flushed, so every settlement is in it.
+    pub async fn close(mut self) -> anyhow::Result<()> {
+        let reader = finished("reader", self.reader.take()).await;
+        self.janitor.abort();
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || reclaim(&shared, u64::MAX))
+            .await?
+            .context("spool: cannot save the cursor")?;
+        reader
+    }
+}
+
+async fn finished(
+    part: &str,
+    done: Option<oneshot::Receiver<io::Result<()>>>,
+) -> anyhow::Result<()> {
+    match done {
+        Some(rx) => match rx.await {
+            Ok(r) => r.with_context(|| format!("spool {part} failed")),
+            Err(_) => Err(anyhow::anyhow!("spool {part} ended abnormally")),
+        },
+        None => Ok(()),
+    }
+}
+
+fn thread(
+    name: &str,
+    f: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> anyhow::Result<oneshot::Receiver<io::Result<()>>> {
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .with_context(|| format!("cannot start the {name} thread"))?;
+    Ok(rx)
+}
+
+/// Saves the cursor when it moved past `saved` and deletes the segments whose records
+/// have all settled; returns the cursor.
+fn reclaim(shared: &Shared, saved: u64) -> io::Result<u64> {
+    let base = shared.window.base();
+    if base == saved {
+        return Ok(base);
+    }
+    write_cursor(&shared.dir, base)?;
+    let doomed: Vec<u64> = {
+        let mut st = shared.state();
+        let mut doomed = Vec::new();
+        // A segment is done when the next one starts at or before the cursor.
+        while st.segments.len() > 1 && st.segments[1].0 <= base {
+            let (first, bytes) = st.segments.pop_front().expect("a segment");
+            st.used -= bytes;
+            doomed.push(first);
+        }
+        doomed
+    };
+    if !doomed.is_empty() {
+        shared.changed.notify_all();
+        for first in doomed {
+            std::fs::remove_file(segment::path(&shared.dir, first))?;
+        }
+    }
+    Ok(base)
+}
+
+fn read_cursor(dir: &Path) -> u64 {
+    match std::fs::read_to_string(dir.join("cursor")) {
+        Ok(s) => s.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(dir = %dir.display(), "spool: unreadable cursor; starting from the oldest record");
+            0
+        }),
+        Err(_) => 0,
+    }
+}
+
+fn write_cursor(dir: &Path, base: u64) -> io::Result<()> {
+    // Not fsynced: a cursor lost with the OS only means records are delivered again.
+    let tmp = dir.join("cursor.tmp");
+    std::fs::write(&tmp, format!("{base}\n"))?;
+    std::fs::rename(tmp, dir.join("cursor"))
+}
+
+/// Creates segment `first` (or empties it) and makes its directory entry durable.
+fn create_segment(dir: &Path, first: u64) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(segment::path(dir, first))?;
+    File::open(dir)?.sync_all()?;
+    Ok(f)
+}
+
+/// Scans segment `first`: the number after its last intact record, and where that
+/// record ends.
+fn recover(dir: &Path, first: u64, bytes: u64) -> io::Result<(u64, u64)> {
+    let mut r = SegmentReader::open(&segment::path(dir, first))?;
+    let mut next = first;
+    loop {
+        let valid = r.offset.min(bytes);
+        match r.next()? {
+            Next::Record(d) if d.seq == next => next += 1,
+            Next::Record(_) | Next::Broken(_) | Next::End => return Ok((next, valid)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

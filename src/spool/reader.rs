@@ -1,0 +1,131 @@
+//! The spool's reader: hands committed records to the pipeline in order, each with an
+//! [`Ack`] that marks it settled in the spool's window.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::segment::{self, Next, SegmentReader};
+use super::{RECHECK, Shared};
+use crate::delivery::{Ack, Settled};
+use crate::message::Message;
+
+/// Marks a spooled record settled.
+struct Settle {
+    shared: Arc<Shared>,
+    seq: u64,
+}
+
+impl Settled for Settle {
+    fn settled(&self) {
+        self.shared.window.settle(self.seq);
+    }
+}
+
+/// Runs until `stop`, or until the pipeline goes away.
+pub fn run(
+    shared: &Arc<Shared>,
+    start: u64,
+    out: mpsc::Sender<Message>,
+    stop: &CancellationToken,
+    handle: &Handle,
+) -> io::Result<()> {
+    let mut next = start;
+    // The segment being read: its first record number and a reader.
+    let mut current: Option<(u64, SegmentReader)> = None;
+    loop {
+        let committed = {
+            let mut st = shared.state();
+            loop {
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+                if st.committed > next {
+                    break st.committed;
+                }
+                st = shared
+                    .changed
+                    .wait_timeout(st, RECHECK)
+                    .expect("spool state lock")
+                    .0;
+            }
+        };
+        while next < committed {
+            let (first, seg) = match &mut current {
+                Some(c) => c,
+                None => current.insert(open(shared, |f| f <= next, true)?),
+            };
+            match seg.next()? {
+                Next::Record(d) if d.seq < next => {} // before where this run starts
+                Next::Record(d) => {
+                    if d.seq > next {
+                        tracing::error!(
+                            missing = d.seq - next,
+                            from = next,
+                            "spool: records missing (unreadable segment); they are lost"
+                        );
+                    }
+                    shared.window.dispatched(d.seq);
+                    next = d.seq + 1;
+                    let mut msg = d.message;
+                    msg.ack = Ack::new(Settle {
+                        shared: Arc::clone(shared),
+                        seq: d.seq,
+                    });
+                    if !send(&out, msg, stop, handle) {
+                        return Ok(());
+                    }
+                }
+                end => {
+                    if let Next::Broken(why) = end {
+                        tracing::error!(segment = %segment::path(&shared.dir, *first).display(), offset = seg.offset, %why, "spool: unreadable record; skipping the rest of this segment");
+                    }
+                    let after = *first;
+                    current = Some(open(shared, |f| f > after, false)?);
+                }
+            }
+        }
+    }
+}
+
+/// Opens the last segment whose first record passes `pick` (`last`), or the first one.
+fn open(
+    shared: &Shared,
+    pick: impl Fn(u64) -> bool,
+    last: bool,
+) -> io::Result<(u64, SegmentReader)> {
+    let first = {
+        let st = shared.state();
+        let mut found = st.segments.iter().map(|&(f, _)| f).filter(|&f| pick(f));
+        if last { found.last() } else { found.next() }
+    };
+    let first =
+        first.ok_or_else(|| io::Error::other("spool: a committed record has no segment"))?;
+    Ok((
+        first,
+        SegmentReader::open(&segment::path(&shared.dir, first))?,
+    ))
+}
+
+/// Hands `msg` on, waiting while the pipeline is full; false when stopping or when the
+/// pipeline has gone (the message stays unsettled and is delivered again next run).
+fn send(
+    out: &mpsc::Sender<Message>,
+    msg: Message,
+    stop: &CancellationToken,
+    handle: &Handle,
+) -> bool {
+    match out.try_send(msg) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Full(msg)) => handle.block_on(async {
+            tokio::select! {
+                r = out.send(msg) => r.is_ok(),
+                _ = stop.cancelled() => false,
+            }
+        }),
+    }
+}

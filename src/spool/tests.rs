@@ -1,0 +1,264 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::delivery::{Ack, Settled};
+
+struct Count(Arc<AtomicUsize>);
+impl Settled for Count {
+    fn settled(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn plan(dir: &Path, max_bytes: u64) -> SpoolPlan {
+    SpoolPlan {
+        path: dir.to_path_buf(),
+        max_bytes,
+        fsync: Fsync::Batch,
+    }
+}
+
+/// A running spool with its ends: messages go in through `input` and come out of `output`.
+struct Harness {
+    input: mpsc::Sender<Message>,
+    output: mpsc::Receiver<Message>,
+    running: Running,
+    stop: CancellationToken,
+    /// Upstream acknowledgements so far.
+    acked: Arc<AtomicUsize>,
+}
+
+impl Harness {
+    fn start(plan: &SpoolPlan) -> Harness {
+        let (input, rx) = mpsc::channel(64);
+        let (tx, output) = mpsc::channel(64);
+        let stop = CancellationToken::new();
+        let running = Spool::open(plan)
+            .unwrap()
+            .start(rx, tx, stop.clone())
+            .unwrap();
+        Harness {
+            input,
+            output,
+            running,
+            stop,
+            acked: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    async fn send(&self, i: usize, payload_len: usize) {
+        let mut m = Message::detached(format!("t/{i}"), vec![b'x'; payload_len.max(1)], 1);
+        m.ack = Ack::new(Count(Arc::clone(&self.acked)));
+        self.input.send(m).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Message {
+        tokio::time::timeout(Duration::from_secs(10), self.output.recv())
+            .await
+            .expect("a message from the spool in time")
+            .expect("spool still running")
+    }
+
+    async fn acked_at_least(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.acked.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} acked",
+                self.acked.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A graceful stop: the writer drains, the reader stops, the cursor is saved.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        drop(self.input);
+        self.running.writer_done().await.unwrap();
+        drop(self.output);
+        self.running.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_acknowledged_once_spooled_and_come_out_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::start(&plan(dir.path(), 64 << 20));
+    for i in 0..500 {
+        h.send(i, 100).await;
+    }
+    // Acknowledged upstream although nothing downstream has settled.
+    h.acked_at_least(500).await;
+    for i in 0..500 {
+        let m = h.recv().await;
+        assert_eq!(m.topic, format!("t/{i}"));
+        assert_eq!(m.payload.len(), 100);
+        m.ack.settle();
+    }
+    h.stop().await;
+    // Everything settled: a restart has nothing to deliver again.
+    let mut h = Harness::start(&plan(dir.path(), 64 << 20));
+    h.send(500, 10).await;
+    assert_eq!(h.recv().await.topic, "t/500");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsettled_records_are_delivered_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::start(&plan(dir.path(), 64 << 20));
+    for i in 0..100 {
+        h.send(i, 10).await;
+    }
+    h.acked_at_least(100).await;
+    // Settle 0..40 and every odd one after: the cursor stops at 40.
+    for i in 0..100 {
+        let m = h.recv().await;
+        if i < 40 || i % 2 == 1 {
+            m.ack.settle();
+        } else {
+            drop(m); // unsettled, like a sink that never finished
+        }
+    }
+    h.stop().await;
+    let mut h = Harness::start(&plan(dir.path(), 64 << 20));
+    for i in 40..100 {
+        let m = h.recv().await;
+        assert_eq!(m.topic, format!("t/{i}"));
+        m.ack.settle();
+    }
+    h.send(100, 10).await;
+    assert_eq!(
+        h.recv().await.topic,
+        "t/100",
+        "new records follow the backlog"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_write_is_cut_off_and_numbering_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::start(&plan(dir.path(), 64 << 20));
+    for i in 0..10 {
+        h.send(i, 10).await;
+    }
+    h.acked_at_least(10).await;
+    for _ in 0..10 {
+        drop(h.recv().await);
+    }
+    h.stop().await;
+    // A crash in the middle of the next write: half a record at the end of the newest segment.
+    let (last, _) = *segment::list(dir.path()).unwrap().last().unwrap();
+    let mut torn = Vec::new();
+    record::encode(
+        10,
+        &Message::detached("t/torn", &b"payload"[..], 1),
+        &mut torn,
+    );
+    torn.truncate(torn.len() / 2);
+    let path = segment::path(dir.path(), last);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(&torn);
+    std::fs::write(&path, bytes).unwrap();
+
+    let mut h = Harness::start(&plan(dir.path(), 64 << 20));
+    for i in 0..10 {
+        let m = h.recv().await;
+        assert_eq!(m.topic, format!("t/{i}"));
+        m.ack.settle();
+    }
+    h.send(10, 10).await;
+    let m = h.recv().await;
+    assert_eq!(m.topic, "t/10", "the torn record is gone, not delivered");
+    m.ack.settle();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_stops_acknowledging_until_records_settle() {
+    let dir = tempfile::tempdir().unwrap();
+    // 256 KiB: 16 segments of 64 KiB; 2 KiB messages.
+    let mut h = Harness::start(&plan(dir.path(), 256 << 10));
+    let sender = {
+        let input = h.input.clone();
+        let acked = Arc::clone(&h.acked);
+        tokio::spawn(async move {
+            for i in 0..400 {
+                let mut m = Message::detached(format!("t/{i}"), vec![b'x'; 2048], 1);
+                m.ack = Ack::new(Count(Arc::clone(&acked)));
+                input.send(m).await.unwrap();
+            }
+        })
+    };
+    // Hold everything the reader hands over, settling nothing.
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        while let Ok(m) = h.output.try_recv() {
+            held.push(m);
+        }
+        let used = h.running.shared.state().used;
+        if used + 4096 > 256 << 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spool never filled ({used} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let acked_when_full = h.acked.load(Ordering::SeqCst);
+    assert!(acked_when_full < 400);
+    assert!(
+        h.running.shared.state().used <= (256 << 10) + 2200,
+        "past the limit by more than one message"
+    );
+    // Still full a while later: acknowledgements really stopped.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.acked.load(Ordering::SeqCst), acked_when_full);
+
+    // Settling frees whole segments; every message is eventually acknowledged and
+    // delivered.
+    let mut delivered = held.len();
+    for m in held.drain(..) {
+        m.ack.settle();
+    }
+    while delivered < 400 {
+        let m = h.recv().await;
+        m.ack.settle();
+        delivered += 1;
+    }
+    h.acked_at_least(400).await;
+    sender.await.unwrap();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_the_spool_passes_when_it_is_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::start(&plan(dir.path(), 64 << 10));
+    h.send(0, 200 << 10).await;
+    h.acked_at_least(1).await;
+    let m = h.recv().await;
+    assert_eq!(m.payload.len(), 200 << 10);
+    m.ack.settle();
+    h.send(1, 10).await;
+    let m = h.recv().await;
+    assert_eq!(m.topic, "t/1");
+    m.ack.settle();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_per_spool_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Spool::open(&plan(dir.path(), 1 << 20)).unwrap();
+    let err = Spool::open(&plan(dir.path(), 1 << 20))
+        .err()
+        .expect("second open refused")
+        .to_string();
+    assert!(err.contains("in use by another mqbridge process"), "{err}");
+}
