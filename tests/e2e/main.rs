@@ -13,5 +13,6 @@ mod flow;
 mod postgres;
 mod quickstart;
 mod scale;
+mod spool;
 mod util;
 mod webhook;

@@ -95,13 +95,26 @@ impl Mosquitto {
     /// Starts a broker configured with the listener sections `listeners(dir, port)`
     /// returns; `port` is the one the broker is waited on and tests connect to.
     pub async fn start_with(listeners: impl FnOnce(&Path, u16) -> String) -> Mosquitto {
+        Self::start_conf("max_queued_messages 100000\n", listeners).await
+    }
+
+    /// A broker with Mosquitto's own queue limits (`max_queued_messages` 1000, which
+    /// drops messages to a subscriber that falls further behind).
+    pub async fn start_default_limits() -> Mosquitto {
+        Self::start_conf("", |_, port| {
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n")
+        })
+        .await
+    }
+
+    async fn start_conf(limits: &str, listeners: impl FnOnce(&Path, u16) -> String) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "user root\npersistence false\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\n{}",
+                "user root\npersistence false\n{limits}log_dest stderr\nlog_type error\n{}",
                 listeners(dir.path(), port)
             ),
         )
@@ -586,4 +599,66 @@ pub fn make_certs(dir: &std::path::Path) {
         "-extfile",
         "san.ext",
     ]));
+}
+
+/// Whether the long forms of the fault scenarios run (`MQBRIDGE_LONG_TESTS=1`); the
+/// normal test run uses their short forms.
+pub fn long_tests() -> bool {
+    std::env::var("MQBRIDGE_LONG_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// The outcome of a loss-counting scenario: numbered messages `0..sent` were published;
+/// the sink has a table `keyed` (conflict key `seq`) and a table `raw` (no key).
+#[derive(Debug)]
+pub struct Counts {
+    pub sent: i64,
+    /// Distinct numbers stored.
+    pub stored: i64,
+    /// Rows in `raw` beyond one per stored number.
+    pub duplicates: i64,
+    /// Rows in `keyed` beyond one per stored number (must be 0).
+    pub keyed_duplicates: i64,
+}
+
+impl Counts {
+    /// Waits until `keyed` holds `sent` rows or `timeout` passes, then counts and prints
+    /// `sent / stored / lost / duplicates`.
+    pub async fn await_postgres(db: &str, sent: i64, timeout: Duration) -> Counts {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline
+            && pg_count(db, "SELECT count(*)::text FROM keyed")
+                .await
+                .unwrap_or(0)
+                < sent
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let count = async |sql: &str| pg_count(db, sql).await.unwrap_or(0);
+        let stored = count("SELECT count(DISTINCT seq)::text FROM raw").await;
+        let counts = Counts {
+            sent,
+            stored,
+            duplicates: count("SELECT count(*)::text FROM raw").await - stored,
+            keyed_duplicates: count("SELECT count(*)::text FROM keyed").await
+                - count("SELECT count(DISTINCT seq)::text FROM keyed").await,
+        };
+        println!(
+            "sent {} / stored {} / lost {} / duplicates {} (table without key), {} (table with conflict key)",
+            counts.sent,
+            counts.stored,
+            counts.sent - counts.stored,
+            counts.duplicates,
+            counts.keyed_duplicates
+        );
+        counts
+    }
+
+    /// lost = 0, and no duplicates in the table with a conflict key.
+    pub fn assert_complete(&self) {
+        assert_eq!(self.stored, self.sent, "lost messages: {self:?}");
+        assert_eq!(
+            self.keyed_duplicates, 0,
+            "duplicates despite the key: {self:?}"
+        );
+    }
 }
