@@ -56,11 +56,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Feeds `n` messages in, takes them out and settles them; returns msg/s once every
 /// message was acknowledged upstream and delivered.
-async fn drive(
-    n: usize,
-    input: mpsc::Sender<Message>,
-    mut output: mpsc::Receiver<Message>,
-) -> f64 {
+async fn drive(n: usize, input: mpsc::Sender<Message>, mut output: mpsc::Receiver<Message>) -> f64 {
     let acked = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let producer = tokio::spawn({
@@ -138,9 +134,8 @@ async fn sqlite_wal(dir: &Path, n: usize) -> f64 {
             }
             let mut tx = w.begin().await.unwrap();
             for chunk in group.chunks(500) {
-                let mut sql = String::from(
-                    "INSERT INTO spool (seq, topic, payload, received_at) VALUES ",
-                );
+                let mut sql =
+                    String::from("INSERT INTO spool (seq, topic, payload, received_at) VALUES ");
                 for i in 0..chunk.len() {
                     sql.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
                 }
@@ -177,11 +172,7 @@ async fn sqlite_wal(dir: &Path, n: usize) -> f64 {
                 .unwrap();
             for row in rows {
                 next = row.get::<i64, _>(0) + 1;
-                let m = Message::detached(
-                    row.get::<String, _>(1),
-                    row.get::<Vec<u8>, _>(2),
-                    1,
-                );
+                let m = Message::detached(row.get::<String, _>(1), row.get::<Vec<u8>, _>(2), 1);
                 if out_tx.send(m).await.is_err() {
                     return;
                 }

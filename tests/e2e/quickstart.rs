@@ -1,6 +1,6 @@
 //! The README's quickstart as a user runs it: `mqbridge` with no arguments in a directory
 //! holding `config/mqbridge.yaml`, mosquitto_pub against it, the row in `data/mqbridge.db`;
-//! and the error when the port is taken.
+//! and the errors when the port or the spool directory is taken.
 
 use std::process::Command;
 use std::time::Duration;
@@ -49,10 +49,14 @@ async fn quickstart_stores_what_mosquitto_pub_sends_and_refuses_a_taken_port() {
         .status()
         .expect("mosquitto_pub (apt-get install mosquitto-clients)");
     assert!(status.success());
-    // mosquitto_pub exits after the PUBACK, which is sent after the commit.
+    // mosquitto_pub exits after the PUBACK, which is sent once the message is in the
+    // spool; the row follows.
     let db = dir.path().join("data/mqbridge.db");
-    let rows = sqlite_count(&db, "mqbridge_messages").await;
-    assert_eq!(rows, 1);
+    eventually(Duration::from_secs(10), "the row", async || {
+        (sqlite_count(&db, "mqbridge_messages").await >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(sqlite_count(&db, "mqbridge_messages").await, 1);
     let matching = sqlite_query(
         &db,
         r#"SELECT COUNT(*) FROM mqbridge_messages WHERE topic = 'sensors/d1/telemetry' AND payload = '{"temp": 21.5}' AND qos = 1 AND received_at IS NOT NULL"#,
@@ -60,16 +64,27 @@ async fn quickstart_stores_what_mosquitto_pub_sends_and_refuses_a_taken_port() {
     .await;
     assert_eq!(matching, [1]);
 
-    // A second instance on the same port fails at once, naming the address.
-    let mut second = bridge_in(dir.path(), port);
-    let status = second.exited(Duration::from_secs(20)).await;
-    assert_eq!(status.code(), Some(1));
-    let log = second.log.lock().unwrap().join("\n");
-    assert!(
-        log.contains(&format!("cannot listen on 127.0.0.1:{port}")) && log.contains("already"),
-        "{log}"
-    );
-    drop(second);
+    // A second instance on the same port fails at once, naming the address; one in the
+    // same directory (so the same spool) fails naming the spool.
+    let other = checkout();
+    for (dir, port, expected) in [
+        (
+            other.path(),
+            port,
+            format!("cannot listen on 127.0.0.1:{port}"),
+        ),
+        (
+            dir.path(),
+            free_port(),
+            "in use by another mqbridge process".into(),
+        ),
+    ] {
+        let mut second = bridge_in(dir, port);
+        let status = second.exited(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(1));
+        let log = second.log.lock().unwrap().join("\n");
+        assert!(log.contains(&expected), "expected {expected:?} in {log}");
+    }
 
     let (status, _) = bridge.terminate(Duration::from_secs(15)).await;
     assert!(status.success());
