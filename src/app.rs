@@ -125,7 +125,10 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     let deadline = tokio::time::Instant::now() + plan.shutdown_timeout;
     if let Some(spool) = &mut spool {
         // Quick: the writer only commits what the source had handed over.
-        spool.writer_done().await?;
+        match tokio::time::timeout_at(deadline, spool.writer_done()).await {
+            Ok(r) => r?,
+            Err(_) => tracing::warn!("the spool writer did not finish by the shutdown deadline"),
+        }
     }
     if tokio::time::timeout_at(deadline, drivers.wait())
         .await

@@ -106,12 +106,17 @@ impl Spool {
             .write(true)
             .open(dir.join("lock"))
             .with_context(|| format!("spool: cannot open {}", dir.join("lock").display()))?;
-        lock.try_lock().map_err(|_| {
-            anyhow::anyhow!(
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
                 "spool {} is in use by another mqbridge process (one process per spool directory)",
                 dir.display()
-            )
-        })?;
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("spool: cannot lock {}", dir.join("lock").display())));
+            }
+        }
         let cursor = read_cursor(&dir);
         let mut segments: VecDeque<(u64, u64)> = segment::list(&dir)
             .with_context(|| format!("spool: cannot list {}", dir.display()))?
