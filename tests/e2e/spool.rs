@@ -178,3 +178,36 @@ async fn kill_9_with_a_backlog_in_the_spool_loses_nothing() {
     counts.assert_complete();
     drop(bridge);
 }
+
+/// Issue 5's SIGTERM scenario with the spool (the shipped configs have one): a graceful
+/// stop while 4 publishers are sending exits within `shutdown_timeout`, and the next run
+/// stores everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_load_exits_in_time_and_loses_nothing() {
+    const N: i64 = 10_000;
+    let broker = Mosquitto::start_default_limits().await;
+    let db = pg_fresh_database(&pg_admin_url()).await;
+    create_tables(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), broker.port, &db, true);
+    let bridge = ChildBridge::start(&path);
+    bridge
+        .wait_for_log("subscribed", Duration::from_secs(20))
+        .await;
+    let stopper = async {
+        // A random moment in the middle of the 5 s of publishing.
+        tokio::time::sleep(Duration::from_millis(1500 + rand::random::<u64>() % 2000)).await;
+        let (status, took) = bridge.terminate(Duration::from_secs(20)).await;
+        println!("SIGTERM during load: exit {status:?} after {took:?}");
+        assert!(status.success(), "exit status {status:?}");
+        assert!(
+            took < Duration::from_secs(10),
+            "took {took:?} (shutdown_timeout 10s)"
+        );
+        ChildBridge::start(&path)
+    };
+    let (_, bridge) = tokio::join!(publish_paced(broker.port, N, 2000), stopper);
+    let counts = Counts::await_postgres(&db, N, Duration::from_secs(120)).await;
+    counts.assert_complete();
+    drop(bridge);
+}
