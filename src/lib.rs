@@ -2,13 +2,14 @@
 //! each one only once it is stored.
 //!
 //! ```text
-//!  broker ──▶ source::mqtt ──Message──▶ pipeline (rules: decode ▶ filter ▶ transform)
-//!  (or devices ──▶ broker, the embedded one ──Message──▶ the same pipeline)
-//!                 ▲                          │ records, each holding a share of the message's Ack
-//!                 │                          ▼
-//!                 │                sink::driver (queue ▶ batch ▶ write ▶ retry ▶ split) ──▶ sqlite / webhook / republish / file
-//!                 │                          └──▶ dead letter (another sink) with the reason
-//!                 └── PUBACK/PUBREC in arrival order once every share settled (delivery::AckSequencer)
+//!  broker ──▶ source::mqtt ──Message──▶ [spool] ──▶ pipeline (rules: decode ▶ filter ▶ transform)
+//!  (or devices ──▶ broker, the embedded one ──Message──▶ the same path)
+//!                 ▲                                     │ records, each holding a share of the message's Ack
+//!                 │                                     ▼
+//!                 │                sink::driver (queue ▶ batch ▶ write ▶ retry ▶ split) ──▶ postgres / sqlite / webhook / republish / file
+//!                 │                                     └──▶ dead letter (another sink) with the reason
+//!                 └── PUBACK/PUBREC in arrival order (delivery::AckSequencer) once the message is
+//!                     fsynced to the spool, or, without a spool, once every share settled
 //! ```
 //!
 //! Modules, in the order data flows through them:
@@ -18,6 +19,7 @@
 //! - [`source`]: where messages come from (an external broker), or [`broker`]: the
 //!   embedded MQTT broker devices connect to, which feeds the same pipeline in-process.
 //! - [`message`]: the [`message::Message`] passed along.
+//! - [`spool`]: the durable local log between the source and the rules (optional).
 //! - [`rule`]: decode, jq filter/transform, templates; [`pipeline`] routes messages through them.
 //! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type.
 //! - [`delivery`]: settlement shares and in-order acknowledgements.
