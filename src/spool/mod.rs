@@ -18,7 +18,7 @@
 //!   message. When the spool's files would pass `max_bytes` it stops taking messages, so
 //!   acknowledgements stop and the backlog stays with the broker or the publishers.
 //! - **Reader** (a thread): hands committed records to the pipeline in order, each with an
-//!   [`Ack`](crate::delivery::Ack) that marks it settled in the [`window::Window`]; the
+//!   [`Ack`](crate::delivery::Ack) that marks it settled in the settlement window; the
 //!   pipeline's bounded queues bound what is in memory.
 //! - **Cursor**: the first unsettled record, saved in `cursor` (write + rename). After a
 //!   crash the reader resumes there; records settled after the last save are delivered
