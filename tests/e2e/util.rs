@@ -105,13 +105,37 @@ impl Mosquitto {
     /// Starts a broker configured with the listener sections `listeners(dir, port)`
     /// returns; `port` is the one the broker is waited on and tests connect to.
     pub async fn start_with(listeners: impl FnOnce(&Path, u16) -> String) -> Mosquitto {
+        Self::start_configured(|_| "persistence false\n".to_string(), listeners).await
+    }
+
+    /// A broker that writes its sessions (subscriptions, queued and unacknowledged
+    /// messages) to `dir/mosquitto.db` when it stops gracefully and reads them back when it
+    /// starts, so [`Mosquitto::restart_gracefully`] keeps them.
+    pub async fn start_persistent() -> Mosquitto {
+        Self::start_configured(
+            |dir| {
+                format!(
+                    "persistence true\npersistence_location {}/\n",
+                    dir.display()
+                )
+            },
+            |_, port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+        )
+        .await
+    }
+
+    async fn start_configured(
+        persistence: impl FnOnce(&Path) -> String,
+        listeners: impl FnOnce(&Path, u16) -> String,
+    ) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "user root\npersistence false\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\n{}",
+                "user root\n{}max_queued_messages 100000\nlog_dest stderr\nlog_type error\n{}",
+                persistence(dir.path()),
                 listeners(dir.path(), port)
             ),
         )
@@ -153,6 +177,23 @@ impl Mosquitto {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.child = Self::spawn(&self.conf);
+        self.wait_listening().await;
+    }
+
+    /// Stops the broker with SIGTERM (a persistent one saves its state then), waits until
+    /// it exited, and starts it again on the same port with the same data directory.
+    pub async fn restart_gracefully(&mut self) {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let child = &mut self.child;
+        let status = eventually(Duration::from_secs(10), "mosquitto to stop", async || {
+            child.try_wait().unwrap()
+        })
+        .await;
+        assert!(status.success(), "mosquitto stopped with {status:?}");
         self.child = Self::spawn(&self.conf);
         self.wait_listening().await;
     }
