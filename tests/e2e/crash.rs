@@ -159,85 +159,154 @@ async fn sigterm_right_after_a_burst_leaves_nothing_unacknowledged() {
 /// must be 0 everywhere, duplicates 0 in the table with a conflict key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_five_times_during_20k_messages_loses_nothing() {
+    kill_9_five_times_during_20k_messages(false).await;
+}
+
+/// The same with the spool: messages are acknowledged once on mqbridge's disk, so every
+/// kill also finds records in the spool that the sinks have not taken yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_five_times_during_20k_messages_with_the_spool_loses_nothing() {
+    kill_9_five_times_during_20k_messages(true).await;
+}
+
+/// A `spool:` line for a config in `dir` (an empty line without one).
+fn spool_in(dir: &std::path::Path, spool: bool) -> String {
+    if spool {
+        format!("spool: {{ path: {} }}", dir.join("spool").display())
+    } else {
+        String::new()
+    }
+}
+
+async fn kill_9_five_times_during_20k_messages(spool: bool) {
     let broker = Mosquitto::start().await;
     let dir = tempfile::tempdir().unwrap();
     let db = pg_fresh_database(&pg_admin_url()).await;
-    pg_exec(
-        &db,
-        "CREATE TABLE keyed (seq int PRIMARY KEY); CREATE TABLE raw (seq int)",
-    )
-    .await;
+    pg_exec(&db, NUMBERED_TABLES).await;
     let path = dir.path().join("bridge.yaml");
     std::fs::write(
         &path,
         format!(
             r#"
 broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: crash-5, protocol: 5, receive_maximum: 200 }}
-sinks:
-  keyed: {{ type: postgres, url: "{db}", table: keyed, on_conflict: {{ key: [seq], action: ignore }}, batch: {{ max_rows: 200 }} }}
-  raw: {{ type: postgres, url: "{db}", table: raw, batch: {{ max_rows: 200 }} }}
-rules:
-  - {{ name: r, from: "crash/#", transform: '{{seq: .payload.seq}}', to: [keyed, raw] }}
-"#,
-            port = broker.port
+{spool}
+{sinks}"#,
+            port = broker.port,
+            spool = spool_in(dir.path(), spool),
+            sinks = numbered_sinks_and_rule(&db, "crash")
         ),
     )
     .unwrap();
-    let mut bridge = ChildBridge::start(&path);
+    let bridge = ChildBridge::start(&path);
     bridge
         .wait_for_log("subscribed", Duration::from_secs(20))
         .await;
 
     const N: i64 = 20_000;
-    const PUBLISHERS: i64 = 4;
-    let port = broker.port;
-    // Publishers and the killer run side by side (joined, not spawned: the test client's
-    // futures are not Send).
-    let publishers = futures::future::join_all((0..PUBLISHERS).map(|p| async move {
-        let client = TestClient::connect(port, &format!("crash-pub-{p}")).await;
-        let (mut from, end) = (p * N / PUBLISHERS, (p + 1) * N / PUBLISHERS);
-        while from < end {
-            let to = (from + 250).min(end);
-            client
-                .publish_all(
-                    (from..to).map(|i| (format!("crash/p{p}"), format!(r#"{{"seq": {i}}}"#))),
-                )
-                .await;
-            from = to;
-        }
-    }));
-    let killer = async {
-        for _ in 0..5 {
-            // A random moment to strike (not a wait for something to happen).
-            tokio::time::sleep(Duration::from_millis(200 + rand::random::<u64>() % 600)).await;
-            bridge.kill9();
-            bridge = ChildBridge::start(&path);
-        }
-        bridge
-    };
-    let (_, bridge) = tokio::join!(publishers, killer);
-    eventually(
-        Duration::from_secs(120),
-        "every message stored",
-        async || (pg_count(&db, "SELECT count(*)::text FROM keyed").await? >= N).then_some(()),
-    )
-    .await;
-    let stored = pg_count(&db, "SELECT count(DISTINCT seq)::text FROM raw")
-        .await
-        .unwrap();
-    let raw_rows = pg_count(&db, "SELECT count(*)::text FROM raw")
-        .await
-        .unwrap();
-    let keyed_rows = pg_count(&db, "SELECT count(*)::text FROM keyed")
-        .await
-        .unwrap();
-    println!(
-        "sent {N} / stored {stored} / lost {} / duplicates {} (table without key), {} (table with conflict key)",
-        N - stored,
-        raw_rows - stored,
-        keyed_rows - N
+    let acked = Acked::default();
+    let (_, bridge) = tokio::join!(
+        publish_numbered(broker.port, "crash", N, 4, Duration::from_secs(120), &acked),
+        kill_9_at_random_moments(bridge, &path, &db, N)
     );
-    assert_eq!(stored, N, "lost messages");
-    assert_eq!(keyed_rows, N, "duplicates in the table with a conflict key");
+    assert_numbered_stored_once(&db, N, Duration::from_secs(120)).await;
     drop(bridge);
+}
+
+/// Issue 5's crash scenario, embedded-broker mode: 4 devices publish 20,000 numbered QoS 1
+/// messages to mqbridge itself while it is killed with SIGKILL 5 times and restarted on
+/// the same port. Its PUBACK means "stored", so every message a device saw acknowledged
+/// is in both tables, and the devices publish again whatever was not acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_kill_9_five_times_during_20k_messages_loses_nothing() {
+    embedded_kill_9_five_times_during_20k_messages(false).await;
+}
+
+/// The same with the spool: a device's PUBACK then means "in the spool".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_kill_9_five_times_during_20k_messages_with_the_spool_loses_nothing() {
+    embedded_kill_9_five_times_during_20k_messages(true).await;
+}
+
+async fn embedded_kill_9_five_times_during_20k_messages(spool: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg_fresh_database(&pg_admin_url()).await;
+    pg_exec(&db, NUMBERED_TABLES).await;
+    let port = free_port();
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+embedded:
+  listen: 127.0.0.1:{port}
+  allow_anonymous: true
+  persistence: {{ path: {state}, flush_interval: 50ms }}
+{spool}
+{sinks}"#,
+            state = dir.path().join("broker.db").display(),
+            spool = spool_in(dir.path(), spool),
+            sinks = numbered_sinks_and_rule(&db, "devices")
+        ),
+    )
+    .unwrap();
+    let bridge = ChildBridge::start(&path);
+    bridge
+        .wait_for_log("embedded broker listening", Duration::from_secs(20))
+        .await;
+
+    const N: i64 = 20_000;
+    const PUBLISHERS: i64 = 4;
+    let acked = Acked::default();
+    let (stats, bridge) = tokio::join!(
+        publish_numbered(
+            port,
+            "devices",
+            N,
+            PUBLISHERS,
+            Duration::from_secs(180),
+            &acked
+        ),
+        kill_9_at_random_moments(bridge, &path, &db, N)
+    );
+    println!(
+        "publishers: {} connections, {} PUBLISH packets for {N} messages",
+        stats.connections, stats.publishes
+    );
+    assert!(
+        stats.connections > PUBLISHERS as u64,
+        "the kills never cut a publisher's connection: {stats:?}"
+    );
+    assert_numbered_stored_once(&db, N, Duration::from_secs(60)).await;
+    drop(bridge);
+}
+
+/// Kills `bridge` with SIGKILL 5 times and starts it again from `config` each time, as a
+/// supervisor would; returns the last one. Kill number k comes at a random moment (up to
+/// 300 ms) after the `keyed` table of `db` holds k/6 of the `n` messages, so that every
+/// kill lands mid-stream. When that count stops short (messages were lost), it stops
+/// killing, so that the tally can say how many.
+async fn kill_9_at_random_moments(
+    mut bridge: ChildBridge,
+    config: &std::path::Path,
+    db: &str,
+    n: i64,
+) -> ChildBridge {
+    for k in 1..=5 {
+        let reached = within(Duration::from_secs(20), async || {
+            (pg_count(db, "SELECT count(*)::text FROM keyed").await? >= k * n / 6).then_some(())
+        })
+        .await;
+        if reached.is_none() {
+            println!(
+                "{k}/6 of the messages never stored: stopped killing after {} kills",
+                k - 1
+            );
+            break;
+        }
+        // A random moment to strike (not a wait for something to happen).
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 300)).await;
+        bridge.kill9();
+        bridge = ChildBridge::start(config);
+    }
+    bridge
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::util::*;
 
-/// A bridge from Mosquitto into a keyed and an unkeyed Postgres table, with or without a
-/// spool in `dir`.
+/// A bridge from Mosquitto into the [`NUMBERED_TABLES`] of `db`, with or without a spool
+/// in `dir`.
 fn config(dir: &Path, port: u16, db: &str, spool: bool) -> std::path::PathBuf {
     let spool = if spool {
         format!(
@@ -24,15 +24,8 @@ fn config(dir: &Path, port: u16, db: &str, spool: bool) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            r#"
-broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: spooled, protocol: 5 }}
-{spool}
-sinks:
-  keyed: {{ type: postgres, url: "{db}", table: keyed, on_conflict: {{ key: [seq], action: ignore }}, retry: {{ max_delay: 500ms }} }}
-  raw: {{ type: postgres, url: "{db}", table: raw, retry: {{ max_delay: 500ms }} }}
-rules:
-  - {{ name: r, from: "outage/#", transform: '{{seq: .payload.seq}}', to: [keyed, raw] }}
-"#
+            "broker: {{ url: \"mqtt://127.0.0.1:{port}\", client_id: spooled, protocol: 5 }}\n{spool}\n{}",
+            numbered_sinks_and_rule(db, "outage")
         ),
     )
     .unwrap();
@@ -67,14 +60,6 @@ async fn publish_paced(port: u16, n: i64, rate: i64) {
     .await;
 }
 
-async fn create_tables(db: &str) {
-    pg_exec(
-        db,
-        "CREATE TABLE keyed (seq int PRIMARY KEY); CREATE TABLE raw (seq int)",
-    )
-    .await;
-}
-
 /// Issue 5: a sink outage against a default-configured Mosquitto loses nothing with the
 /// spool. The short form holds the database down for 8 s under 1,000 msg/s; with
 /// `MQBRIDGE_LONG_TESTS=1` for 10 minutes under 200 msg/s (120,000 messages).
@@ -89,7 +74,7 @@ async fn a_long_sink_outage_against_a_default_mosquitto_loses_nothing() {
     let broker = Mosquitto::start_default_limits().await;
     let pg = Postgres::start();
     let db = pg_fresh_database(&pg.url()).await;
-    create_tables(&db).await;
+    pg_exec(&db, NUMBERED_TABLES).await;
     let dir = tempfile::tempdir().unwrap();
     let bridge = ChildBridge::start(&config(dir.path(), broker.port, &db, true));
     bridge
@@ -100,8 +85,7 @@ async fn a_long_sink_outage_against_a_default_mosquitto_loses_nothing() {
     publish_paced(broker.port, n, rate).await;
     pg.start_again();
 
-    let counts = Counts::await_postgres(&db, n, Duration::from_secs(300)).await;
-    counts.assert_complete();
+    assert_numbered_stored_once(&db, n, Duration::from_secs(300)).await;
     drop(bridge);
 }
 
@@ -113,7 +97,7 @@ async fn without_the_spool_a_default_mosquitto_drops_the_backlog() {
     let broker = Mosquitto::start_default_limits().await;
     let pg = Postgres::start();
     let db = pg_fresh_database(&pg.url()).await;
-    create_tables(&db).await;
+    pg_exec(&db, NUMBERED_TABLES).await;
     let dir = tempfile::tempdir().unwrap();
     let bridge = ChildBridge::start(&config(dir.path(), broker.port, &db, false));
     bridge
@@ -157,7 +141,7 @@ async fn kill_9_with_a_backlog_in_the_spool_loses_nothing() {
     let broker = Mosquitto::start_default_limits().await;
     let pg = Postgres::start();
     let db = pg_fresh_database(&pg.url()).await;
-    create_tables(&db).await;
+    pg_exec(&db, NUMBERED_TABLES).await;
     let dir = tempfile::tempdir().unwrap();
     let path = config(dir.path(), broker.port, &db, true);
     let bridge = ChildBridge::start(&path);
@@ -174,8 +158,7 @@ async fn kill_9_with_a_backlog_in_the_spool_loses_nothing() {
     bridge
         .wait_for_log("spool: resuming a backlog", Duration::from_secs(20))
         .await;
-    let counts = Counts::await_postgres(&db, N, Duration::from_secs(120)).await;
-    counts.assert_complete();
+    assert_numbered_stored_once(&db, N, Duration::from_secs(120)).await;
     drop(bridge);
 }
 
@@ -187,7 +170,7 @@ async fn sigterm_during_load_exits_in_time_and_loses_nothing() {
     const N: i64 = 10_000;
     let broker = Mosquitto::start_default_limits().await;
     let db = pg_fresh_database(&pg_admin_url()).await;
-    create_tables(&db).await;
+    pg_exec(&db, NUMBERED_TABLES).await;
     let dir = tempfile::tempdir().unwrap();
     let path = config(dir.path(), broker.port, &db, true);
     let bridge = ChildBridge::start(&path);
@@ -207,7 +190,6 @@ async fn sigterm_during_load_exits_in_time_and_loses_nothing() {
         ChildBridge::start(&path)
     };
     let (_, bridge) = tokio::join!(publish_paced(broker.port, N, 2000), stopper);
-    let counts = Counts::await_postgres(&db, N, Duration::from_secs(120)).await;
-    counts.assert_complete();
+    assert_numbered_stored_once(&db, N, Duration::from_secs(120)).await;
     drop(bridge);
 }

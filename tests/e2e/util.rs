@@ -12,21 +12,31 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
+mod numbered;
+pub use numbered::*;
+
 /// Polls `check` until it returns Some or `timeout` passes.
 pub async fn eventually<T>(
     timeout: Duration,
     what: &str,
-    mut check: impl AsyncFnMut() -> Option<T>,
+    check: impl AsyncFnMut() -> Option<T>,
 ) -> T {
+    within(timeout, check)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Polls `check` until it returns Some, or None once `timeout` passed (for a caller that
+/// reports what it found before failing).
+pub async fn within<T>(timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check().await {
-            return v;
+            return Some(v);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -95,26 +105,52 @@ impl Mosquitto {
     /// Starts a broker configured with the listener sections `listeners(dir, port)`
     /// returns; `port` is the one the broker is waited on and tests connect to.
     pub async fn start_with(listeners: impl FnOnce(&Path, u16) -> String) -> Mosquitto {
-        Self::start_conf("max_queued_messages 100000\n", listeners).await
+        Self::start_configured(
+            |_| "persistence false\nmax_queued_messages 100000\n".to_string(),
+            listeners,
+        )
+        .await
+    }
+
+    /// A broker that writes its sessions (subscriptions, queued and unacknowledged
+    /// messages) to `dir/mosquitto.db` when it stops gracefully and reads them back when it
+    /// starts, so [`Mosquitto::restart_gracefully`] keeps them.
+    pub async fn start_persistent() -> Mosquitto {
+        Self::start_configured(
+            |dir| {
+                format!(
+                    "persistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
+                    dir.display()
+                )
+            },
+            |_, port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+        )
+        .await
     }
 
     /// A broker with Mosquitto's own queue limits (`max_queued_messages` 1000, which
     /// drops messages to a subscriber that falls further behind).
     pub async fn start_default_limits() -> Mosquitto {
-        Self::start_conf("", |_, port| {
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\n")
-        })
+        Self::start_configured(
+            |_| "persistence false\n".to_string(),
+            |_, port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+        )
         .await
     }
 
-    async fn start_conf(limits: &str, listeners: impl FnOnce(&Path, u16) -> String) -> Mosquitto {
+    /// `settings(dir)` gives the broker-wide lines (persistence, queue limits).
+    async fn start_configured(
+        settings: impl FnOnce(&Path) -> String,
+        listeners: impl FnOnce(&Path, u16) -> String,
+    ) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "user root\npersistence false\n{limits}log_dest stderr\nlog_type error\n{}",
+                "user root\n{}log_dest stderr\nlog_type error\n{}",
+                settings(dir.path()),
                 listeners(dir.path(), port)
             ),
         )
@@ -156,6 +192,23 @@ impl Mosquitto {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.child = Self::spawn(&self.conf);
+        self.wait_listening().await;
+    }
+
+    /// Stops the broker with SIGTERM (a persistent one saves its state then), waits until
+    /// it exited, and starts it again on the same port with the same data directory.
+    pub async fn restart_gracefully(&mut self) {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let child = &mut self.child;
+        let status = eventually(Duration::from_secs(10), "mosquitto to stop", async || {
+            child.try_wait().unwrap()
+        })
+        .await;
+        assert!(status.success(), "mosquitto stopped with {status:?}");
         self.child = Self::spawn(&self.conf);
         self.wait_listening().await;
     }
@@ -605,60 +658,4 @@ pub fn make_certs(dir: &std::path::Path) {
 /// normal test run uses their short forms.
 pub fn long_tests() -> bool {
     std::env::var("MQBRIDGE_LONG_TESTS").is_ok_and(|v| v == "1")
-}
-
-/// The outcome of a loss-counting scenario: numbered messages `0..sent` were published;
-/// the sink has a table `keyed` (conflict key `seq`) and a table `raw` (no key).
-#[derive(Debug)]
-pub struct Counts {
-    pub sent: i64,
-    /// Distinct numbers stored.
-    pub stored: i64,
-    /// Rows in `raw` beyond one per stored number.
-    pub duplicates: i64,
-    /// Rows in `keyed` beyond one per stored number (must be 0).
-    pub keyed_duplicates: i64,
-}
-
-impl Counts {
-    /// Waits until `keyed` holds `sent` rows or `timeout` passes, then counts and prints
-    /// `sent / stored / lost / duplicates`.
-    pub async fn await_postgres(db: &str, sent: i64, timeout: Duration) -> Counts {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline
-            && pg_count(db, "SELECT count(*)::text FROM keyed")
-                .await
-                .unwrap_or(0)
-                < sent
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let count = async |sql: &str| pg_count(db, sql).await.unwrap_or(0);
-        let stored = count("SELECT count(DISTINCT seq)::text FROM raw").await;
-        let counts = Counts {
-            sent,
-            stored,
-            duplicates: count("SELECT count(*)::text FROM raw").await - stored,
-            keyed_duplicates: count("SELECT count(*)::text FROM keyed").await
-                - count("SELECT count(DISTINCT seq)::text FROM keyed").await,
-        };
-        println!(
-            "sent {} / stored {} / lost {} / duplicates {} (table without key), {} (table with conflict key)",
-            counts.sent,
-            counts.stored,
-            counts.sent - counts.stored,
-            counts.duplicates,
-            counts.keyed_duplicates
-        );
-        counts
-    }
-
-    /// lost = 0, and no duplicates in the table with a conflict key.
-    pub fn assert_complete(&self) {
-        assert_eq!(self.stored, self.sent, "lost messages: {self:?}");
-        assert_eq!(
-            self.keyed_duplicates, 0,
-            "duplicates despite the key: {self:?}"
-        );
-    }
 }
