@@ -33,7 +33,8 @@ enum AckEvent {
     Arrived(AckToken),
     /// Message number `n` (counting QoS 1/2 arrivals since start) settled.
     Settled(u64),
-    /// A new connection: forget pending arrivals, the broker redelivers them.
+    /// The connection ended, or a new one began: forget pending arrivals (the broker
+    /// redelivers them) so that none is acknowledged on a later connection.
     Reset,
 }
 
@@ -160,6 +161,9 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                // Acks of this connection's messages must not go out on the next one,
+                // where the same packet ids may name other messages (a lost session).
+                let _ = ack_tx.send(AckEvent::Reset);
                 let delay = backoff.failed();
                 tracing::warn!(error = %e, retry_in = ?delay, "broker connection failed");
                 tokio::select! {
