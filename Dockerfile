@@ -6,6 +6,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY migrations migrations
+# Declared in Cargo.toml, so cargo needs them to read the manifest (they are not built).
+COPY benches benches
 RUN cargo build --release --locked && strip target/release/mqbridge
 
 FROM debian:bookworm-slim
