@@ -10,6 +10,7 @@ mod embedded_limits;
 mod embedded_listeners;
 mod embedded_state;
 mod flow;
+mod hook_server;
 mod postgres;
 mod quickstart;
 mod scale;
