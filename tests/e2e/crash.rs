@@ -189,23 +189,11 @@ rules:
         .await;
 
     const N: i64 = 20_000;
-    const PUBLISHERS: i64 = 4;
-    let port = broker.port;
     // Publishers and the killer run side by side (joined, not spawned: the test client's
     // futures are not Send).
-    let publishers = futures::future::join_all((0..PUBLISHERS).map(|p| async move {
-        let client = TestClient::connect(port, &format!("crash-pub-{p}")).await;
-        let (mut from, end) = (p * N / PUBLISHERS, (p + 1) * N / PUBLISHERS);
-        while from < end {
-            let to = (from + 250).min(end);
-            client
-                .publish_all(
-                    (from..to).map(|i| (format!("crash/p{p}"), format!(r#"{{"seq": {i}}}"#))),
-                )
-                .await;
-            from = to;
-        }
-    }));
+    let publishers = publish_numbered(broker.port, "crash-pub", 4, N, Duration::ZERO, |p, _| {
+        format!("crash/p{p}")
+    });
     let killer = async {
         for _ in 0..5 {
             // A random moment to strike (not a wait for something to happen).

@@ -1,8 +1,9 @@
 //! A real HTTP receiver for the webhook tests: hyper on a loopback port, injecting the
-//! faults a test asks for (500s, 429 with Retry-After, answers slower than the sink's
-//! timeout, connections reset mid-request). It checks HMAC signatures itself (401 when one
-//! does not verify), answers 400 to records marked bad, and records every request it saw
-//! and what it answered.
+//! faults a test asks for (500s, 503s, 429 with Retry-After, answers slower than the sink's
+//! timeout, connections reset mid-request), scripted request by request or drawn at random.
+//! It checks HMAC signatures itself (401 when one does not verify), answers 400 to records
+//! marked bad, and records every request it saw and what it answered. Its port can be
+//! reserved before it listens, so an endpoint can start out down (connections refused).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -25,6 +26,8 @@ pub const SLOW: Duration = Duration::from_millis(1500);
 pub enum Fault {
     /// Answer 500.
     Error500,
+    /// Answer 503 (no Retry-After).
+    Unavailable,
     /// Answer 429 with `Retry-After: 1`.
     TooMany,
     /// Accept the request (200) but answer after [`SLOW`].
@@ -60,10 +63,29 @@ impl Seen {
 pub struct State {
     /// Faults for the next requests, one per request, in arrival order.
     pub faults: VecDeque<Fault>,
+    /// When `faults` is empty: each request gets one of these faults with its probability
+    /// (the rest are answered normally).
+    pub random: Vec<(Fault, f64)>,
     /// HMAC key; requests to a path in `signed` must carry a valid signature header.
     pub secret: Vec<u8>,
     pub signed: Vec<(&'static str, &'static str)>,
     pub seen: Vec<Seen>,
+}
+
+impl State {
+    fn next_fault(&mut self) -> Option<Fault> {
+        if let Some(f) = self.faults.pop_front() {
+            return Some(f);
+        }
+        let mut draw = rand::random::<f64>();
+        for &(fault, p) in &self.random {
+            if draw < p {
+                return Some(fault);
+            }
+            draw -= p;
+        }
+        None
+    }
 }
 
 pub struct HookServer {
@@ -78,10 +100,21 @@ impl Drop for HookServer {
     }
 }
 
-impl HookServer {
-    pub async fn start() -> HookServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+/// A loopback port held but not listened on: connections to it are refused, like an
+/// endpoint that is down. [`Reserved::listen`] brings the server up on it.
+pub struct Reserved {
+    socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+}
+
+impl Reserved {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn listen(self) -> HookServer {
+        let listener = self.socket.listen(1024).unwrap();
+        let addr = self.addr;
         let state = Arc::new(Mutex::new(State::default()));
         let shared = Arc::clone(&state);
         let task = tokio::spawn(async move {
@@ -90,6 +123,20 @@ impl HookServer {
             }
         });
         HookServer { addr, state, task }
+    }
+}
+
+impl HookServer {
+    pub async fn start() -> HookServer {
+        HookServer::reserve().listen()
+    }
+
+    /// A port for a server that is not up yet.
+    pub fn reserve() -> Reserved {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        Reserved { socket, addr }
     }
 
     pub fn url(&self) -> String {
@@ -100,8 +147,19 @@ impl HookServer {
         self.state.lock().unwrap().faults.extend(faults);
     }
 
+    /// From now on, answers each request with a fault drawn from `mix` (fault,
+    /// probability), or normally for the remaining probability.
+    pub fn fail_at_random(&self, mix: &[(Fault, f64)]) {
+        self.state.lock().unwrap().random = mix.to_vec();
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
+    }
+
+    /// Looks at the requests seen so far without copying them.
+    pub fn with_seen<T>(&self, f: impl FnOnce(&[Seen]) -> T) -> T {
+        f(&self.state.lock().unwrap().seen)
     }
 }
 
@@ -129,7 +187,7 @@ async fn handle(
     reset: Arc<Notify>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let fault = state.lock().unwrap().faults.pop_front();
+    let fault = state.lock().unwrap().next_fault();
     let header = |name: &str| {
         req.headers()
             .get(name)
@@ -178,6 +236,7 @@ async fn handle(
     let bad = seen.json().get("bad") == Some(&Value::Bool(true));
     let (status, body) = match fault {
         Some(Fault::Error500) => (500, "injected failure"),
+        Some(Fault::Unavailable) => (503, "down for maintenance"),
         Some(Fault::TooMany) => (429, "slow down"),
         _ if seen.signature_ok == Some(false) => (401, "bad signature"),
         _ if bad => (400, r#"{"error":"bad payload"}"#),

@@ -9,6 +9,7 @@ mod embedded;
 mod embedded_limits;
 mod embedded_listeners;
 mod embedded_state;
+mod faults;
 mod flow;
 mod hook_server;
 mod postgres;
