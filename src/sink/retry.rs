@@ -60,6 +60,10 @@ impl Backoff {
             .with_max_delay(config.max_delay.0)
             .with_factor(2.0)
             .with_jitter()
+            // backon is built without its `std` feature, where every generator starts from
+            // one fixed seed: each batch, lane and instance would wait the same
+            // "random" delays and retry in lockstep. A seed of its own per backoff.
+            .with_jitter_seed(rand::random())
             .without_max_times()
             .build();
         Backoff {
@@ -121,6 +125,18 @@ mod tests {
             "{delays:?}"
         );
         assert!(delays[11] >= Duration::from_secs(2), "{delays:?}");
+    }
+
+    #[test]
+    fn jitter_differs_between_backoffs() {
+        let delays = || {
+            let mut b = Backoff::new(cfg(0, None));
+            (0..8)
+                .map(|_| b.next_delay(None).unwrap())
+                .collect::<Vec<_>>()
+        };
+        // Equal sequences: the jitter is not random, and retries go out in lockstep.
+        assert_ne!(delays(), delays());
     }
 
     #[test]

@@ -188,7 +188,7 @@ broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: restart-bridge, protocol: 
         }
     };
     let (stats, ()) = tokio::join!(
-        publish_numbered(
+        publish_numbered_resending(
             port,
             "restart",
             N,

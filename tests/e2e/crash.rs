@@ -205,7 +205,7 @@ broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: crash-5, protocol: 5, rece
     const N: i64 = 20_000;
     let acked = Acked::default();
     let (_, bridge) = tokio::join!(
-        publish_numbered(broker.port, "crash", N, 4, Duration::from_secs(120), &acked),
+        publish_numbered_resending(broker.port, "crash", N, 4, Duration::from_secs(120), &acked),
         kill_9_at_random_moments(bridge, &path, &db, N)
     );
     assert_numbered_stored_once(&db, N, Duration::from_secs(120)).await;
@@ -258,7 +258,7 @@ embedded:
     const PUBLISHERS: i64 = 4;
     let acked = Acked::default();
     let (stats, bridge) = tokio::join!(
-        publish_numbered(
+        publish_numbered_resending(
             port,
             "devices",
             N,

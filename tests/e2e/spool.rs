@@ -34,29 +34,10 @@ fn config(dir: &Path, port: u16, db: &str, spool: bool) -> std::path::PathBuf {
 
 /// Publishes `n` numbered QoS 1 messages from 4 publishers at about `rate` per second.
 async fn publish_paced(port: u16, n: i64, rate: i64) {
-    const PUBLISHERS: i64 = 4;
-    futures::future::join_all((0..PUBLISHERS).map(|p| async move {
-        let client = TestClient::connect(port, &format!("outage-pub-{p}")).await;
-        // Ten ticks a second; each publisher sends its share of a tick's messages.
-        let per_tick = (rate / 10 / PUBLISHERS).max(1);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut i = p;
-        while i < n {
-            tick.tick().await;
-            let batch: Vec<i64> = (0..per_tick)
-                .map(|k| i + k * PUBLISHERS)
-                .take_while(|&s| s < n)
-                .collect();
-            i += per_tick * PUBLISHERS;
-            client
-                .publish_all(
-                    batch
-                        .iter()
-                        .map(|s| (format!("outage/p{p}"), format!(r#"{{"seq": {s}}}"#))),
-                )
-                .await;
-        }
-    }))
+    let over = Duration::from_secs_f64(n as f64 / rate as f64);
+    publish_numbered(port, "outage-pub", 4, n, over, |p, _| {
+        format!("outage/p{p}")
+    })
     .await;
 }
 

@@ -88,6 +88,11 @@ fn mosquitto_bin() -> PathBuf {
     );
 }
 
+/// Messages Mosquitto queues per session (QoS 1/2, beyond the in-flight window) in the
+/// test brokers; Mosquitto's own default of 1000 drops a sink outage's backlog
+/// (docs/guarantees.md §1).
+const MAX_QUEUED: usize = 100_000;
+
 /// A Mosquitto broker in a temp dir, killed on drop.
 pub struct Mosquitto {
     pub port: u16,
@@ -96,17 +101,31 @@ pub struct Mosquitto {
     pub dir: tempfile::TempDir,
 }
 
+/// A plain listener on loopback, anonymous clients allowed.
+fn loopback_listener(_: &Path, port: u16) -> String {
+    format!("listener {port} 127.0.0.1\nallow_anonymous true\n")
+}
+
 impl Mosquitto {
     pub async fn start() -> Mosquitto {
-        Self::start_with(|_, port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"))
-            .await
+        Self::start_queueing(MAX_QUEUED).await
+    }
+
+    /// Starts a broker that queues up to `max_queued` messages per session (for
+    /// backlogs larger than the default 100,000).
+    pub async fn start_queueing(max_queued: usize) -> Mosquitto {
+        Self::start_configured(
+            |_| format!("persistence false\nmax_queued_messages {max_queued}\n"),
+            loopback_listener,
+        )
+        .await
     }
 
     /// Starts a broker configured with the listener sections `listeners(dir, port)`
     /// returns; `port` is the one the broker is waited on and tests connect to.
     pub async fn start_with(listeners: impl FnOnce(&Path, u16) -> String) -> Mosquitto {
         Self::start_configured(
-            |_| "persistence false\nmax_queued_messages 100000\n".to_string(),
+            |_| format!("persistence false\nmax_queued_messages {MAX_QUEUED}\n"),
             listeners,
         )
         .await
@@ -119,11 +138,11 @@ impl Mosquitto {
         Self::start_configured(
             |dir| {
                 format!(
-                    "persistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
+                    "persistence true\npersistence_location {}/\nmax_queued_messages {MAX_QUEUED}\n",
                     dir.display()
                 )
             },
-            |_, port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+            loopback_listener,
         )
         .await
     }
@@ -131,11 +150,7 @@ impl Mosquitto {
     /// A broker with Mosquitto's own queue limits (`max_queued_messages` 1000, which
     /// drops messages to a subscriber that falls further behind).
     pub async fn start_default_limits() -> Mosquitto {
-        Self::start_configured(
-            |_| "persistence false\n".to_string(),
-            |_, port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
-        )
-        .await
+        Self::start_configured(|_| "persistence false\n".to_string(), loopback_listener).await
     }
 
     /// `settings(dir)` gives the broker-wide lines (persistence, queue limits).
@@ -285,6 +300,96 @@ impl TestClient {
             async || (*self.acks.lock().unwrap() >= before + n).then_some(()),
         )
         .await;
+    }
+}
+
+/// Issue 5's traffic: `n` numbered QoS 1 messages (`{"seq": i}`, i in 0..n) from
+/// `publishers` clients at once. Publisher p sends its share, [p·n/publishers,
+/// (p+1)·n/publishers), in order to `topic(p, i)`, 250 at a time, each lot acknowledged
+/// by the broker before the next; `over` spreads the lots evenly over that long (zero: as
+/// fast as the broker takes them). Returns once every message was acknowledged.
+pub async fn publish_numbered(
+    port: u16,
+    name: &str,
+    publishers: i64,
+    n: i64,
+    over: Duration,
+    topic: impl Fn(i64, i64) -> String,
+) {
+    const LOT: i64 = 250;
+    let start = tokio::time::Instant::now();
+    let topic = &topic;
+    // Joined, not spawned: the test client's futures are not Send.
+    futures::future::join_all((0..publishers).map(|p| async move {
+        let client = TestClient::connect(port, &format!("{name}-{p}")).await;
+        let (first, end) = (p * n / publishers, (p + 1) * n / publishers);
+        let mut from = first;
+        while from < end {
+            let due = over.mul_f64((from - first) as f64 / (end - first) as f64);
+            tokio::time::sleep_until(start + due).await;
+            let to = (from + LOT).min(end);
+            client
+                .publish_all((from..to).map(|i| (topic(p, i), format!(r#"{{"seq": {i}}}"#))))
+                .await;
+            from = to;
+        }
+    }))
+    .await;
+}
+
+/// Whether the long forms of issue 5's fault scenarios run (`MQBRIDGE_LONG_TESTS=1`);
+/// otherwise each runs a shortened form that fits the normal test run.
+pub fn long_tests() -> bool {
+    std::env::var("MQBRIDGE_LONG_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// `short` in the normal test run, `long` with `MQBRIDGE_LONG_TESTS=1`.
+pub fn short_or_long<T>(short: T, long: T) -> T {
+    if long_tests() { long } else { short }
+}
+
+/// What a sink holds of the numbered messages 0..sent, as issue 5 reports it:
+/// `sent N / stored S / lost L / duplicates D` (stored counts distinct messages;
+/// duplicates, the copies beyond the first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub sent: i64,
+    pub stored: i64,
+    pub lost: i64,
+    pub duplicates: i64,
+}
+
+impl Tally {
+    /// From the count of distinct messages stored and of copies in all.
+    pub fn new(sent: i64, stored: i64, copies: i64) -> Tally {
+        Tally {
+            sent,
+            stored,
+            lost: sent - stored,
+            duplicates: copies - stored,
+        }
+    }
+
+    /// From every seq the sink holds, repeats included; each must be one that was sent.
+    pub fn of_seqs(sent: i64, held: impl IntoIterator<Item = i64>) -> Tally {
+        let mut distinct = std::collections::HashSet::new();
+        let mut copies = 0;
+        for seq in held {
+            assert!((0..sent).contains(&seq), "seq {seq} was never sent");
+            distinct.insert(seq);
+            copies += 1;
+        }
+        Tally::new(sent, distinct.len() as i64, copies)
+    }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sent {} / stored {} / lost {} / duplicates {}",
+            self.sent, self.stored, self.lost, self.duplicates
+        )
     }
 }
 
@@ -652,10 +757,4 @@ pub fn make_certs(dir: &std::path::Path) {
         "-extfile",
         "san.ext",
     ]));
-}
-
-/// Whether the long forms of the fault scenarios run (`MQBRIDGE_LONG_TESTS=1`); the
-/// normal test run uses their short forms.
-pub fn long_tests() -> bool {
-    std::env::var("MQBRIDGE_LONG_TESTS").is_ok_and(|v| v == "1")
 }

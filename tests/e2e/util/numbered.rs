@@ -4,7 +4,7 @@
 //! number, one without), and the tally `sent N / stored S / lost L / duplicates D`.
 //!
 //! A scenario: create [`NUMBERED_TABLES`], run mqbridge with [`numbered_sinks_and_rule`],
-//! hurt something while [`publish_numbered`] runs, then [`assert_numbered_stored_once`].
+//! hurt something while [`publish_numbered_resending`] runs, then [`assert_numbered_stored_once`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -189,7 +189,7 @@ struct ConnectionLost {
 /// `port` by `publishers` [`ResendingPublisher`]s side by side, each its share in order on
 /// its own topic `{root}/p{k}`, counting acknowledged messages into `acked`. Returns once
 /// every message was acknowledged; panics when that takes longer than `timeout`.
-pub async fn publish_numbered(
+pub async fn publish_numbered_resending(
     port: u16,
     root: &str,
     n: i64,
@@ -223,7 +223,7 @@ pub const NUMBERED_TABLES: &str =
     "CREATE TABLE keyed (seq int PRIMARY KEY); CREATE TABLE raw (seq int)";
 
 /// The `sinks:` and `rules:` sections that store every message under `{root}/#` of
-/// [`publish_numbered`] into both [`NUMBERED_TABLES`] of the database `db`.
+/// [`publish_numbered_resending`] into both [`NUMBERED_TABLES`] of the database `db`.
 pub fn numbered_sinks_and_rule(db: &str, root: &str) -> String {
     format!(
         r#"
@@ -255,9 +255,8 @@ pub async fn assert_numbered_stored_once(db: &str, sent: i64, timeout: Duration)
     let raw_rows = count("SELECT count(*)::text FROM raw").await;
     let keyed_rows = count("SELECT count(*)::text FROM keyed").await;
     println!(
-        "sent {sent} / stored {stored} / lost {} / duplicates {} (table without key), {} (table with conflict key)",
-        sent - stored,
-        raw_rows - stored,
+        "{} (table without key), {} (table with conflict key)",
+        super::Tally::new(sent, stored, raw_rows),
         keyed_rows - keyed_stored
     );
     assert_eq!(stored, sent, "lost messages (table without key)");
