@@ -14,13 +14,15 @@ use crate::util::*;
 
 /// The bridge for every scenario here: topics `faults/{stream}` to the webhook sink
 /// described by `hook` (YAML under `sinks:`, at its indentation), records
-/// `{stream, seq}`, a file dead letter at `dlq`.
+/// `{stream, seq}`, a file dead letter at `dlq`, and a spool, as in the shipped configs.
 ///
-/// The broker holds whatever mqbridge has not acknowledged: the test brokers queue up to
-/// 100,000 messages a session (util::Mosquitto), more than any backlog here. With
-/// Mosquitto's default of 1,000, an outage's backlog beyond `receive_maximum` + 1,000 would
-/// be dropped by the broker; the durable spool (issue 5, being built) removes that limit,
-/// and its block goes in this one function once it exists.
+/// With the spool, mqbridge acknowledges what it is handed as soon as it is on disk, so it
+/// keeps reading its broker connection however slow the receiver is. (Without one it
+/// stops reading when its buffers are full; Mosquitto 2.0.11 ignores the receive maximum
+/// after the first acknowledgements and floods the connection, its ping answer waits
+/// behind the flood, and after two keep-alive periods the client drops the connection and
+/// gets the unacknowledged messages again: duplicates and, across the reconnect, order
+/// lost. See docs/guarantees.md §5.)
 fn bridge_config(dir: &Path, broker: u16, client_id: &str, hook: &str) -> std::path::PathBuf {
     let path = dir.join("bridge.yaml");
     let dlq = dir.join("dead.jsonl");
@@ -29,6 +31,7 @@ fn bridge_config(dir: &Path, broker: u16, client_id: &str, hook: &str) -> std::p
         format!(
             r#"
 broker: {{ url: "mqtt://127.0.0.1:{broker}", client_id: {client_id}, protocol: 5, receive_maximum: 2000 }}
+spool: {{ path: {spool} }}
 sinks:
 {hook}
   dlq: {{ type: file, path: {dlq} }}
@@ -39,7 +42,8 @@ rules:
     to: [hook]
 dead_letter: {{ sink: dlq }}
 "#,
-            dlq = dlq.display()
+            dlq = dlq.display(),
+            spool = dir.join("spool").display()
         ),
     )
     .unwrap();
