@@ -4,32 +4,60 @@
 //! sees them); with the spool mqbridge keeps acknowledging into local disk and loses
 //! nothing. Also: SIGKILL with a backlog in the spool loses nothing.
 
-use std::path::Path;
 use std::time::Duration;
 
 use crate::util::*;
 
-/// A bridge from Mosquitto into the [`NUMBERED_TABLES`] of `db`, with or without a spool
-/// in `dir`.
-fn config(dir: &Path, port: u16, db: &str, spool: bool) -> std::path::PathBuf {
-    let spool = if spool {
-        format!(
-            "spool: {{ path: {}, max_bytes: 256MiB }}",
-            dir.join("spool").display()
+/// Each scenario's world: Mosquitto with its default queue limit, a PostgreSQL of its
+/// own (to stop and start) holding the [`NUMBERED_TABLES`], and a bridge config between
+/// them, with or without a spool.
+struct Setup {
+    broker: Mosquitto,
+    pg: Postgres,
+    db: String,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// Builds the world and starts a bridge, returned once it has subscribed.
+    async fn start(spool: bool) -> (Setup, ChildBridge) {
+        let broker = Mosquitto::start_default_limits().await;
+        let pg = Postgres::start();
+        let db = pg_fresh_database(&pg.url()).await;
+        pg_exec(&db, NUMBERED_TABLES).await;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = if spool {
+            format!(
+                "spool: {{ path: {}, max_bytes: 256MiB }}",
+                dir.path().join("spool").display()
+            )
+        } else {
+            String::new()
+        };
+        let path = dir.path().join("bridge.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "broker: {{ url: \"mqtt://127.0.0.1:{}\", client_id: spooled, protocol: 5 }}\n{spool}\n{}",
+                broker.port,
+                numbered_sinks_and_rule(&db, "outage")
+            ),
         )
-    } else {
-        String::new()
-    };
-    let path = dir.join("bridge.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "broker: {{ url: \"mqtt://127.0.0.1:{port}\", client_id: spooled, protocol: 5 }}\n{spool}\n{}",
-            numbered_sinks_and_rule(db, "outage")
-        ),
-    )
-    .unwrap();
-    path
+        .unwrap();
+        let bridge = ChildBridge::start(&path);
+        bridge
+            .wait_for_log("subscribed", Duration::from_secs(20))
+            .await;
+        let setup = Setup {
+            broker,
+            pg,
+            db,
+            path,
+            _dir: dir,
+        };
+        (setup, bridge)
+    }
 }
 
 /// Publishes `n` numbered QoS 1 messages from 4 publishers at about `rate` per second.
@@ -52,21 +80,11 @@ async fn a_long_sink_outage_against_a_default_mosquitto_loses_nothing() {
         (Duration::from_secs(8), 1000)
     };
     let n = outage.as_secs() as i64 * rate;
-    let broker = Mosquitto::start_default_limits().await;
-    let pg = Postgres::start();
-    let db = pg_fresh_database(&pg.url()).await;
-    pg_exec(&db, NUMBERED_TABLES).await;
-    let dir = tempfile::tempdir().unwrap();
-    let bridge = ChildBridge::start(&config(dir.path(), broker.port, &db, true));
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
-
-    pg.stop("fast");
-    publish_paced(broker.port, n, rate).await;
-    pg.start_again();
-
-    assert_numbered_stored_once(&db, n, Duration::from_secs(300)).await;
+    let (s, bridge) = Setup::start(true).await;
+    s.pg.stop("fast");
+    publish_paced(s.broker.port, n, rate).await;
+    s.pg.start_again();
+    assert_numbered_stored_once(&s.db, n, Duration::from_secs(300)).await;
     drop(bridge);
 }
 
@@ -75,18 +93,10 @@ async fn a_long_sink_outage_against_a_default_mosquitto_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_spool_a_default_mosquitto_drops_the_backlog() {
     const N: i64 = 4000;
-    let broker = Mosquitto::start_default_limits().await;
-    let pg = Postgres::start();
-    let db = pg_fresh_database(&pg.url()).await;
-    pg_exec(&db, NUMBERED_TABLES).await;
-    let dir = tempfile::tempdir().unwrap();
-    let bridge = ChildBridge::start(&config(dir.path(), broker.port, &db, false));
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
-    pg.stop("fast");
-    publish_paced(broker.port, N, 2000).await;
-    pg.start_again();
+    let (s, bridge) = Setup::start(false).await;
+    s.pg.stop("fast");
+    publish_paced(s.broker.port, N, 2000).await;
+    s.pg.start_again();
     // What the broker kept (its queue plus the window in flight to mqbridge) arrives;
     // the last message published is one the broker dropped, so wait for the count to
     // stop growing instead.
@@ -95,7 +105,7 @@ async fn without_the_spool_a_default_mosquitto_drops_the_backlog() {
         Duration::from_secs(60),
         "the backlog to settle",
         async || {
-            let now = pg_count(&db, "SELECT count(*)::text FROM keyed").await?;
+            let now = pg_count(&s.db, "SELECT count(*)::text FROM keyed").await?;
             let settled = now > 0 && now == last;
             last = now;
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -119,27 +129,18 @@ async fn without_the_spool_a_default_mosquitto_drops_the_backlog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_a_backlog_in_the_spool_loses_nothing() {
     const N: i64 = 5000;
-    let broker = Mosquitto::start_default_limits().await;
-    let pg = Postgres::start();
-    let db = pg_fresh_database(&pg.url()).await;
-    pg_exec(&db, NUMBERED_TABLES).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = config(dir.path(), broker.port, &db, true);
-    let bridge = ChildBridge::start(&path);
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
-    pg.stop("fast");
+    let (s, bridge) = Setup::start(true).await;
+    s.pg.stop("fast");
     // mqbridge acknowledges into its spool as fast as this arrives, so the broker's
     // queue stays short; the kill finds the backlog in the spool.
-    publish_paced(broker.port, N, 5000).await;
+    publish_paced(s.broker.port, N, 5000).await;
     bridge.kill9();
-    pg.start_again();
-    let bridge = ChildBridge::start(&path);
+    s.pg.start_again();
+    let bridge = ChildBridge::start(&s.path);
     bridge
         .wait_for_log("spool: resuming a backlog", Duration::from_secs(20))
         .await;
-    assert_numbered_stored_once(&db, N, Duration::from_secs(120)).await;
+    assert_numbered_stored_once(&s.db, N, Duration::from_secs(120)).await;
     drop(bridge);
 }
 
@@ -149,15 +150,7 @@ async fn kill_9_with_a_backlog_in_the_spool_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_load_exits_in_time_and_loses_nothing() {
     const N: i64 = 10_000;
-    let broker = Mosquitto::start_default_limits().await;
-    let db = pg_fresh_database(&pg_admin_url()).await;
-    pg_exec(&db, NUMBERED_TABLES).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = config(dir.path(), broker.port, &db, true);
-    let bridge = ChildBridge::start(&path);
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
+    let (s, bridge) = Setup::start(true).await;
     let stopper = async {
         // A random moment in the middle of the 5 s of publishing.
         tokio::time::sleep(Duration::from_millis(1500 + rand::random::<u64>() % 2000)).await;
@@ -168,9 +161,9 @@ async fn sigterm_during_load_exits_in_time_and_loses_nothing() {
             took < Duration::from_secs(10),
             "took {took:?} (shutdown_timeout 10s)"
         );
-        ChildBridge::start(&path)
+        ChildBridge::start(&s.path)
     };
-    let (_, bridge) = tokio::join!(publish_paced(broker.port, N, 2000), stopper);
-    assert_numbered_stored_once(&db, N, Duration::from_secs(120)).await;
+    let (_, bridge) = tokio::join!(publish_paced(s.broker.port, N, 2000), stopper);
+    assert_numbered_stored_once(&s.db, N, Duration::from_secs(120)).await;
     drop(bridge);
 }
