@@ -140,18 +140,11 @@ async fn broker_restarted_mid_stream_loses_nothing(protocol: &str) {
     let dir = tempfile::tempdir().unwrap();
     let db = pg_fresh_database(&pg_admin_url()).await;
     pg_exec(&db, NUMBERED_TABLES).await;
-    let path = dir.path().join("bridge.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: restart-bridge, protocol: {protocol} }}
-{sinks}"#,
-            port = broker.port,
-            sinks = numbered_sinks_and_rule(&db, "restart")
-        ),
-    )
-    .unwrap();
+    let source = format!(
+        "broker: {{ url: \"mqtt://127.0.0.1:{}\", client_id: restart-bridge, protocol: {protocol} }}",
+        broker.port
+    );
+    let path = numbered_bridge(dir.path(), &source, &db, "restart");
     let bridge = ChildBridge::start(&path);
     bridge
         .wait_for_log("subscribed", Duration::from_secs(20))

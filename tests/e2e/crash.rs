@@ -183,20 +183,12 @@ async fn kill_9_five_times_during_20k_messages(spool: bool) {
     let dir = tempfile::tempdir().unwrap();
     let db = pg_fresh_database(&pg_admin_url()).await;
     pg_exec(&db, NUMBERED_TABLES).await;
-    let path = dir.path().join("bridge.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: crash-5, protocol: 5, receive_maximum: 200 }}
-{spool}
-{sinks}"#,
-            port = broker.port,
-            spool = spool_in(dir.path(), spool),
-            sinks = numbered_sinks_and_rule(&db, "crash")
-        ),
-    )
-    .unwrap();
+    let source = format!(
+        "broker: {{ url: \"mqtt://127.0.0.1:{}\", client_id: crash-5, protocol: 5, receive_maximum: 200 }}\n{}",
+        broker.port,
+        spool_in(dir.path(), spool)
+    );
+    let path = numbered_bridge(dir.path(), &source, &db, "crash");
     let bridge = ChildBridge::start(&path);
     bridge
         .wait_for_log("subscribed", Duration::from_secs(20))
@@ -232,23 +224,17 @@ async fn embedded_kill_9_five_times_during_20k_messages(spool: bool) {
     let db = pg_fresh_database(&pg_admin_url()).await;
     pg_exec(&db, NUMBERED_TABLES).await;
     let port = free_port();
-    let path = dir.path().join("bridge.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
+    let source = format!(
+        r#"
 embedded:
   listen: 127.0.0.1:{port}
   allow_anonymous: true
   persistence: {{ path: {state}, flush_interval: 50ms }}
-{spool}
-{sinks}"#,
-            state = dir.path().join("broker.db").display(),
-            spool = spool_in(dir.path(), spool),
-            sinks = numbered_sinks_and_rule(&db, "devices")
-        ),
-    )
-    .unwrap();
+{spool}"#,
+        state = dir.path().join("broker.db").display(),
+        spool = spool_in(dir.path(), spool),
+    );
+    let path = numbered_bridge(dir.path(), &source, &db, "devices");
     let bridge = ChildBridge::start(&path);
     bridge
         .wait_for_log("embedded broker listening", Duration::from_secs(20))

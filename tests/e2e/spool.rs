@@ -35,16 +35,11 @@ impl Setup {
         } else {
             String::new()
         };
-        let path = dir.path().join("bridge.yaml");
-        std::fs::write(
-            &path,
-            format!(
-                "broker: {{ url: \"mqtt://127.0.0.1:{}\", client_id: spooled, protocol: 5 }}\n{spool}\n{}",
-                broker.port,
-                numbered_sinks_and_rule(&db, "outage")
-            ),
-        )
-        .unwrap();
+        let source = format!(
+            "broker: {{ url: \"mqtt://127.0.0.1:{}\", client_id: spooled, protocol: 5 }}\n{spool}",
+            broker.port
+        );
+        let path = numbered_bridge(dir.path(), &source, &db, "outage");
         let bridge = ChildBridge::start(&path);
         bridge
             .wait_for_log("subscribed", Duration::from_secs(20))

@@ -3,11 +3,12 @@
 //! it has), the two PostgreSQL tables they end up in (one with a conflict key on the
 //! number, one without), and the tally `sent N / stored S / lost L / duplicates D`.
 //!
-//! A scenario: create [`NUMBERED_TABLES`], run mqbridge with [`numbered_sinks_and_rule`],
+//! A scenario: create [`NUMBERED_TABLES`], run mqbridge with [`numbered_bridge`],
 //! hurt something while [`publish_numbered_resending`] runs, then [`assert_numbered_stored_once`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -222,18 +223,26 @@ pub async fn publish_numbered_resending(
 pub const NUMBERED_TABLES: &str =
     "CREATE TABLE keyed (seq int PRIMARY KEY); CREATE TABLE raw (seq int)";
 
-/// The `sinks:` and `rules:` sections that store every message under `{root}/#` of
-/// [`publish_numbered_resending`] into both [`NUMBERED_TABLES`] of the database `db`.
-pub fn numbered_sinks_and_rule(db: &str, root: &str) -> String {
-    format!(
-        r#"
+/// Writes `dir/bridge.yaml`: `source` (the `broker:` or `embedded:` section and any other
+/// top-level ones, such as `spool:`), then sinks and a rule that store every message under
+/// `{root}/#` of [`publish_numbered_resending`] into both [`NUMBERED_TABLES`] of the
+/// database `db`. Returns its path.
+pub fn numbered_bridge(dir: &Path, source: &str, db: &str, root: &str) -> PathBuf {
+    let path = dir.join("bridge.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{source}
 sinks:
   keyed: {{ type: postgres, url: "{db}", table: keyed, on_conflict: {{ key: [seq], action: ignore }}, batch: {{ max_rows: 200 }} }}
   raw: {{ type: postgres, url: "{db}", table: raw, batch: {{ max_rows: 200 }} }}
 rules:
   - {{ name: numbered, from: "{root}/#", transform: '{{seq: .payload.seq}}', to: [keyed, raw] }}
 "#
+        ),
     )
+    .unwrap();
+    path
 }
 
 /// Waits up to `timeout` for both tables to hold every number of `0..sent`, then prints
