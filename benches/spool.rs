@@ -5,7 +5,7 @@
 //! settled. Each run pushes `MESSAGES` through and reports msg/s; the median of `RUNS`.
 //!
 //! ```text
-//! cargo bench --bench spool            # temp dirs under /tmp
+//! cargo bench --bench spool            # temp dirs under /tmp (cargo test runs a small smoke pass)
 //! cargo bench --bench spool -- DIR     # on the disk that holds DIR
 //! ```
 
@@ -27,6 +27,9 @@ const MESSAGES: usize = 200_000;
 const RUNS: usize = 5;
 /// `fsync: always` is one fsync per message: fewer messages keep the run short.
 const MESSAGES_ALWAYS: usize = 5_000;
+/// Under `cargo test --all-targets` (no `--bench` argument) the bench only runs once at
+/// this size, as a smoke test of the code, not a measurement.
+const SMOKE: usize = 2_000;
 
 struct Count(Arc<AtomicUsize>);
 impl Settled for Count {
@@ -202,11 +205,17 @@ async fn main() {
         None => tmp.path().to_path_buf(),
     };
     std::fs::create_dir_all(&dir).unwrap();
+    let measure = std::env::args().any(|a| a == "--bench");
+    let (runs, messages, messages_always) = if measure {
+        (RUNS, MESSAGES, MESSAGES_ALWAYS)
+    } else {
+        (1, SMOKE, SMOKE / 10)
+    };
     let (mut log, mut log_always, mut sqlite) = (Vec::new(), Vec::new(), Vec::new());
-    for run in 0..RUNS {
-        log.push(segment_log(&dir, Fsync::Batch, MESSAGES).await);
-        sqlite.push(sqlite_wal(&dir, MESSAGES).await);
-        log_always.push(segment_log(&dir, Fsync::Always, MESSAGES_ALWAYS).await);
+    for run in 0..runs {
+        log.push(segment_log(&dir, Fsync::Batch, messages).await);
+        sqlite.push(sqlite_wal(&dir, messages).await);
+        log_always.push(segment_log(&dir, Fsync::Always, messages_always).await);
         println!(
             "run {run}: segment log {:.0} msg/s, SQLite WAL {:.0} msg/s, segment log fsync=always {:.0} msg/s",
             log[run], sqlite[run], log_always[run]
@@ -214,7 +223,7 @@ async fn main() {
     }
     let (l, s, a) = (median(log), median(sqlite), median(log_always));
     println!(
-        "median of {RUNS}: segment log (fsync: batch) {l:.0} msg/s; SQLite WAL {s:.0} msg/s (segment log ×{:.2}); segment log (fsync: always) {a:.0} msg/s",
+        "median of {runs}: segment log (fsync: batch) {l:.0} msg/s; SQLite WAL {s:.0} msg/s (segment log ×{:.2}); segment log (fsync: always) {a:.0} msg/s",
         l / s
     );
 }
