@@ -200,12 +200,13 @@ async fn sqlite_wal(dir: &Path, n: usize) -> f64 {
 #[tokio::main]
 async fn main() {
     let tmp = tempfile::tempdir().unwrap();
+    // `cargo bench` passes `--bench`; `cargo test` does not (and may pass test filters).
+    let measure = std::env::args().any(|a| a == "--bench");
     let dir = match std::env::args().skip(1).find(|a| !a.starts_with('-')) {
-        Some(d) => std::path::PathBuf::from(d),
-        None => tmp.path().to_path_buf(),
+        Some(d) if measure => std::path::PathBuf::from(d),
+        _ => tmp.path().to_path_buf(),
     };
     std::fs::create_dir_all(&dir).unwrap();
-    let measure = std::env::args().any(|a| a == "--bench");
     let (runs, messages, messages_always) = if measure {
         (RUNS, MESSAGES, MESSAGES_ALWAYS)
     } else {
