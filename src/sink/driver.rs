@@ -138,7 +138,11 @@ impl Driver {
                 }
                 Err((err, attempts, first_attempt)) => {
                     for d in part {
-                        self.dead_letter(d, &err, attempts, first_attempt).await;
+                        if self.sink.already_written(&d) {
+                            d.ack.settle();
+                        } else {
+                            self.dead_letter(d, &err, attempts, first_attempt).await;
+                        }
                     }
                 }
             }
@@ -308,6 +312,9 @@ mod tests {
         poison: Option<i64>,
         /// Random-ish delay per write, to shuffle lanes.
         jitter: bool,
+        /// A record with this seq never gets through (transiently), while the rest of its
+        /// batch does, and the sink remembers them (like the webhook's requests).
+        stuck: Option<i64>,
     }
 
     impl Sink for Scripted {
@@ -324,9 +331,22 @@ mod tests {
                     return Err(SinkError::permanent("constraint violated"));
                 }
                 let mut w = self.written.lock().unwrap();
-                w.extend(batch.iter().map(|d| (d.origin.topic.clone(), seq(d))));
-                Ok(())
+                for d in batch {
+                    let record = (d.origin.topic.clone(), seq(d));
+                    if Some(record.1) != self.stuck && !w.contains(&record) {
+                        w.push(record);
+                    }
+                }
+                match batch.iter().any(|d| Some(seq(d)) == self.stuck) {
+                    true => Err(SinkError::transient("503 for one request")),
+                    false => Ok(()),
+                }
             })
+        }
+
+        fn already_written(&self, d: &Delivery) -> bool {
+            let record = (d.origin.topic.clone(), seq(d));
+            self.written.lock().unwrap().contains(&record)
         }
     }
 
@@ -446,6 +466,23 @@ mod tests {
         assert!(!written.contains(&37));
         // The dead-lettered record settles too, once its letter is written.
         assert_eq!(settled.load(Ordering::SeqCst), 64);
+    }
+
+    #[tokio::test]
+    async fn giving_up_dead_letters_only_what_was_not_written() {
+        let settled = Arc::new(AtomicUsize::new(0));
+        let sink = Arc::new(Scripted {
+            stuck: Some(7),
+            ..Scripted::default()
+        });
+        let mut c = common(1, None);
+        c.retry.max_attempts = 3;
+        let records = (0..10).map(|i| delivery("a", i, &settled)).collect();
+        let dead = run(Arc::clone(&sink), c, records).await;
+        assert_eq!(dead, vec![7], "only the record that never got through");
+        let written = sink.written.lock().unwrap().len();
+        assert_eq!(written, 9, "each of the others written once");
+        assert_eq!(settled.load(Ordering::SeqCst), 10);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,6 +162,14 @@ impl SinkError {
 /// (one transaction, one request); the driver splits and retries.
 pub trait Sink: Send + Sync + 'static {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// Whether `d` is known to have been written by an earlier attempt of a batch that
+    /// failed as a whole (a sink that remembers per-record outcomes, like the webhook's
+    /// requests). When the driver gives up on a batch, such records settle instead of
+    /// going to the dead letter.
+    fn already_written(&self, _d: &Delivery) -> bool {
+        false
+    }
 }
 
 /// How records are grouped into writes.

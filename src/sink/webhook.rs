@@ -769,6 +769,21 @@ impl Sink for WebhookSink {
             Box::pin(self.write_each(batch))
         }
     }
+
+    /// A record whose own request was answered 2xx (one request per record only).
+    fn already_written(&self, d: &Delivery) -> bool {
+        if self.batch_body {
+            return false;
+        }
+        let Ok(request) = self.prepare(d) else {
+            return false;
+        };
+        let digest = request.digest(self.requests.method);
+        matches!(
+            self.outcomes.lock().unwrap().get(&d.origin, digest),
+            Some(Outcome::Delivered)
+        )
+    }
 }
 
 /// The outcome of a batch from its failed requests: permanent when any failure is, so

@@ -241,6 +241,8 @@ async fn handle(
         Some(Fault::Unavailable) => (503, "down for maintenance"),
         Some(Fault::TooMany) => (429, "slow down"),
         _ if seen.signature_ok == Some(false) => (401, "bad signature"),
+        // An endpoint that never comes back (for giving-up tests).
+        _ if seen.path.ends_with("/down") => (503, "down for good"),
         _ if bad => (400, r#"{"error":"bad payload"}"#),
         _ => (200, "ok"),
     };

@@ -387,3 +387,69 @@ async fn webhook_signs_bodies_with_hmac_from_env_and_batches_json_arrays() {
     assert!(json_lines(&dlq).is_empty());
     drop(bridge);
 }
+
+/// A batch given up after `max_attempts` dead-letters only its records that never got a
+/// 2xx: the others were delivered by an earlier attempt, so they settle instead (neither
+/// dead-lettered nor sent again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giving_up_dead_letters_only_the_undelivered_records() {
+    let broker = Mosquitto::start().await;
+    let hook = HookServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let dlq = dir.path().join("dead.jsonl");
+    let sinks = r#"  hook:
+    type: webhook
+    url: "URL/ingest/{{ vars.device }}"
+    batch: { max_rows: 16, max_wait: 300ms }
+    retry: { max_attempts: 3, initial_delay: 10ms, max_delay: 50ms }
+"#
+    .replace("URL", &hook.url());
+    let bridge = InProcess::start(&bridge_config(
+        broker.port,
+        "bridge-hook-giveup",
+        &dlq,
+        &sinks,
+        "hook",
+    ));
+    let publisher = TestClient::connect(broker.port, "hook-publisher-giveup").await;
+    wait_for_probes(&publisher, &hook).await;
+
+    // One burst, so one batch: 7 devices that answer 200 and one that is down for good.
+    let messages: Vec<(String, String)> = (0..8)
+        .map(|i| {
+            let device = if i == 7 {
+                "down".into()
+            } else {
+                format!("d{i}")
+            };
+            (topic(&device), payload(i, false))
+        })
+        .collect();
+    publisher.publish_all(messages.clone()).await;
+    eventually(Duration::from_secs(15), "the dead letter", async || {
+        (!json_lines(&dlq).is_empty()).then_some(())
+    })
+    .await;
+    bridge.stop().await.unwrap(); // flushes everything still queued
+
+    let letters = json_lines(&dlq);
+    let dead: Vec<i64> = letters
+        .iter()
+        .map(|l| l["record"]["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(dead, vec![7], "only the undelivered record: {letters:?}");
+    let seen = hook.seen();
+    for (i, (t, p)) in messages.iter().enumerate().take(7) {
+        let id = message_id(t, p.as_bytes());
+        let accepted = seen
+            .iter()
+            .filter(|s| s.key.as_deref() == Some(id.as_str()) && s.status == Some(200))
+            .count();
+        assert_eq!(accepted, 1, "record {i} delivered once");
+    }
+    assert_eq!(
+        seen.iter().filter(|s| s.path.ends_with("/down")).count(),
+        3,
+        "the down endpoint got max_attempts requests"
+    );
+}
