@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures::future::BoxFuture;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -94,8 +95,33 @@ pub struct SqliteSink {
     columns: HashSet<String>,
 }
 
+/// How long opening waits for a database another process holds locked.
+const OPEN_PATIENCE: Duration = Duration::from_secs(120);
+
 impl SqliteSink {
+    /// Opens the database and reads the table's columns. A database that is busy or
+    /// locked (another process in a long transaction) is waited for, up to
+    /// [`OPEN_PATIENCE`]; other errors (no such table, unreadable file) fail at once.
     pub async fn open(cfg: &Config) -> anyhow::Result<Self> {
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match Self::try_open(cfg).await {
+                Err(e) if is_busy(&e) && started.elapsed() < OPEN_PATIENCE => {
+                    tracing::warn!(path = %cfg.path.display(), error = %e, retry_in = ?delay, "SQLite database is locked; waiting to open it");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                r => {
+                    return r.with_context(|| {
+                        format!("cannot open SQLite database {}", cfg.path.display())
+                    });
+                }
+            }
+        }
+    }
+
+    async fn try_open(cfg: &Config) -> anyhow::Result<Self> {
         let table = quote_table(&cfg.table).map_err(anyhow::Error::msg)?;
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
@@ -110,10 +136,7 @@ impl SqliteSink {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(opts)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot open SQLite database {}: {e}", cfg.path.display())
-            })?;
+            .await?;
         if cfg.migrate {
             super::migrate::apply(super::migrate::SQLITE, &pool).await?;
         }
@@ -198,6 +221,16 @@ impl Sink for SqliteSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(self.write_batch(batch))
     }
+}
+
+/// Whether an error is SQLite's "busy" or "locked" (another connection holds a lock).
+fn is_busy(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<sqlx::Error>().is_some_and(|e| {
+            matches!(e, sqlx::Error::Database(db)
+                if matches!(db.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff), Some(5 | 6)))
+        })
+    })
 }
 
 /// SQLite result codes: busy, locked, I/O, full and can't-open are worth retrying;

@@ -263,3 +263,36 @@ async fn records_the_sink_rejects_are_isolated_and_dead_lettered() {
     }
     bridge.stop().await.unwrap();
 }
+
+/// A database another process holds locked when mqbridge starts: the bridge waits for it
+/// (saying so in its log) instead of exiting, and stores messages once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_database_locked_at_startup_is_waited_for() {
+    let (broker, dir) = setup().await;
+    let db = dir.path().join("t.db");
+    let lock = {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn
+    };
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(&path, config(broker.port, dir.path(), "bridge-locked")).unwrap();
+    let bridge = ChildBridge::start(&path);
+    bridge
+        .wait_for_log(
+            "SQLite database is locked; waiting to open it",
+            Duration::from_secs(30),
+        )
+        .await;
+    drop(lock); // rolls back, releases the lock
+    let publisher = TestClient::connect(broker.port, "publisher-locked").await;
+    // Stored by the bridge that waited (it would have exited with the old behaviour).
+    wait_subscribed(&publisher, &db).await;
+    drop(bridge);
+}
