@@ -50,17 +50,7 @@ async fn kill_9_before_settle_then_restart_loses_nothing(protocol: &str) {
 
     // Hold SQLite's write lock so nothing can settle, publish, and wait until the bridge
     // is retrying: the messages are in mqbridge's hands, unacknowledged.
-    let lock = {
-        use sqlx::Connection;
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
-        sqlx::query("BEGIN EXCLUSIVE")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn
-    };
+    let lock = sqlite_lock(&db).await;
     const N: i64 = 200;
     let publisher = TestClient::connect(broker.port, "crash-publisher").await;
     publisher

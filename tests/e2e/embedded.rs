@@ -495,17 +495,7 @@ rules:
         db = db.display()
     );
     let bridge = start(port, &config(port, "", &rest)).await;
-    let lock = {
-        use sqlx::Connection;
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
-        sqlx::query("BEGIN EXCLUSIVE")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn
-    };
+    let lock = sqlite_lock(&db).await;
     let mut p = V4::connect(port, "sensor-7", true, None).await;
     p.client
         .publish(

@@ -270,17 +270,7 @@ async fn records_the_sink_rejects_are_isolated_and_dead_lettered() {
 async fn a_sqlite_database_locked_at_startup_is_waited_for() {
     let (broker, dir) = setup().await;
     let db = dir.path().join("t.db");
-    let lock = {
-        use sqlx::Connection;
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
-        sqlx::query("BEGIN EXCLUSIVE")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn
-    };
+    let lock = sqlite_lock(&db).await;
     let path = dir.path().join("bridge.yaml");
     std::fs::write(&path, config(broker.port, dir.path(), "bridge-locked")).unwrap();
     let bridge = ChildBridge::start(&path);

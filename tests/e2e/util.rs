@@ -393,6 +393,20 @@ impl std::fmt::Display for Tally {
     }
 }
 
+/// Holds SQLite's write lock on `db` (`BEGIN EXCLUSIVE`) until the connection is dropped,
+/// which rolls back: a database another process has locked.
+pub async fn sqlite_lock(db: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
 /// Row count of a table, 0 when the file or table does not exist yet.
 pub async fn sqlite_count(db: &Path, table: &str) -> i64 {
     sqlite_query(db, &format!("SELECT COUNT(*) FROM {table}"))
