@@ -350,6 +350,18 @@ mod tests {
         }
     }
 
+    impl Scripted {
+        /// The seqs written so far, in write order.
+        fn seqs(&self) -> Vec<i64> {
+            self.written
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, s)| *s)
+                .collect()
+        }
+    }
+
     /// The record's `seq`, also inside a dead letter.
     fn seq(d: &Delivery) -> i64 {
         d.record
@@ -417,12 +429,7 @@ mod tests {
         drop(queue);
         tracker.close();
         tracker.wait().await;
-        dead.written
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, s)| *s)
-            .collect()
+        dead.seqs()
     }
 
     #[tokio::test]
@@ -434,13 +441,7 @@ mod tests {
         });
         let records = (0..100).map(|i| delivery("a", i, &settled)).collect();
         run(Arc::clone(&sink), common(1, None), records).await;
-        let written: Vec<i64> = sink
-            .written
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, s)| *s)
-            .collect();
+        let written = sink.seqs();
         assert_eq!(written, (0..100).collect::<Vec<_>>());
         assert_eq!(settled.load(Ordering::SeqCst), 100);
     }
@@ -455,13 +456,7 @@ mod tests {
         let records = (0..64).map(|i| delivery("a", i, &settled)).collect();
         let dead = run(Arc::clone(&sink), common(1, None), records).await;
         assert_eq!(dead, vec![37]);
-        let written: Vec<i64> = sink
-            .written
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, s)| *s)
-            .collect();
+        let written = sink.seqs();
         assert_eq!(written.len(), 63);
         assert!(!written.contains(&37));
         // The dead-lettered record settles too, once its letter is written.
@@ -480,8 +475,7 @@ mod tests {
         let records = (0..10).map(|i| delivery("a", i, &settled)).collect();
         let dead = run(Arc::clone(&sink), c, records).await;
         assert_eq!(dead, vec![7], "only the record that never got through");
-        let written = sink.written.lock().unwrap().len();
-        assert_eq!(written, 9, "each of the others written once");
+        assert_eq!(sink.seqs().len(), 9, "each of the others written once");
         assert_eq!(settled.load(Ordering::SeqCst), 10);
     }
 
