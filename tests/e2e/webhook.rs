@@ -77,30 +77,57 @@ async fn wait_for_probes(publisher: &TestClient, hook: &HookServer) {
     .await;
 }
 
+/// A bridge (in-process) from a fresh Mosquitto to `hook` through the webhook sink `sinks`
+/// (YAML under `sinks:`, `URL` standing for the server's address), a publisher, and the
+/// probes through: the bridge has subscribed and nothing is in flight.
+struct HookBridge {
+    _broker: Mosquitto,
+    _dir: tempfile::TempDir,
+    dlq: std::path::PathBuf,
+    bridge: InProcess,
+    publisher: TestClient,
+}
+
+impl HookBridge {
+    async fn start(hook: &HookServer, sinks: &str, name: &str) -> HookBridge {
+        let broker = Mosquitto::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let dlq = dir.path().join("dead.jsonl");
+        let bridge = InProcess::start(&bridge_config(
+            broker.port,
+            &format!("bridge-hook-{name}"),
+            &dlq,
+            &sinks.replace("URL", &hook.url()),
+            "hook",
+        ));
+        let publisher = TestClient::connect(broker.port, &format!("hook-publisher-{name}")).await;
+        wait_for_probes(&publisher, hook).await;
+        HookBridge {
+            _broker: broker,
+            _dir: dir,
+            dlq,
+            bridge,
+            publisher,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_delivers_each_message_once_through_faults_and_dead_letters_4xx() {
-    let broker = Mosquitto::start().await;
     let hook = HookServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let dlq = dir.path().join("dead.jsonl");
-    let sinks = r#"  hook:
+    let setup = HookBridge::start(
+        &hook,
+        r#"  hook:
     type: webhook
     url: "URL/ingest/{{ vars.device }}"
     headers: { X-Device: "{{ vars.device }}" }
     timeout: 500ms
     batch: { max_rows: 16, max_wait: 20ms }
     retry: { initial_delay: 50ms, max_delay: 2s }
-"#
-    .replace("URL", &hook.url());
-    let bridge = InProcess::start(&bridge_config(
-        broker.port,
-        "bridge-hook-1",
-        &dlq,
-        &sinks,
-        "hook",
-    ));
-    let publisher = TestClient::connect(broker.port, "hook-publisher-1").await;
-    wait_for_probes(&publisher, &hook).await;
+"#,
+        "1",
+    )
+    .await;
 
     let faults = [
         [Fault::Error500; 5].as_slice(),
@@ -127,7 +154,7 @@ async fn webhook_delivers_each_message_once_through_faults_and_dead_letters_4xx(
         })
         .collect();
     let started = Instant::now();
-    publisher.publish_all(messages.clone()).await;
+    setup.publisher.publish_all(messages.clone()).await;
 
     let accepted = |seen: &[Seen]| -> Vec<Seen> {
         seen.iter()
@@ -143,7 +170,7 @@ async fn webhook_delivers_each_message_once_through_faults_and_dead_letters_4xx(
                 .into_iter()
                 .filter_map(|s| s.key)
                 .collect();
-            let letters = json_lines(&dlq);
+            let letters = json_lines(&setup.dlq);
             (keys.len() >= good_ids.len() && letters.len() >= 3).then_some(letters)
         },
     )
@@ -259,7 +286,7 @@ async fn webhook_delivers_each_message_once_through_faults_and_dead_letters_4xx(
         );
         assert!(error.contains("bad payload"), "{error}");
     }
-    bridge.stop().await.unwrap();
+    setup.bridge.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,26 +420,18 @@ async fn webhook_signs_bodies_with_hmac_from_env_and_batches_json_arrays() {
 /// dead-lettered nor sent again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn giving_up_dead_letters_only_the_undelivered_records() {
-    let broker = Mosquitto::start().await;
     let hook = HookServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let dlq = dir.path().join("dead.jsonl");
-    let sinks = r#"  hook:
+    let setup = HookBridge::start(
+        &hook,
+        r#"  hook:
     type: webhook
     url: "URL/ingest/{{ vars.device }}"
     batch: { max_rows: 16, max_wait: 300ms }
     retry: { max_attempts: 3, initial_delay: 10ms, max_delay: 50ms }
-"#
-    .replace("URL", &hook.url());
-    let bridge = InProcess::start(&bridge_config(
-        broker.port,
-        "bridge-hook-giveup",
-        &dlq,
-        &sinks,
-        "hook",
-    ));
-    let publisher = TestClient::connect(broker.port, "hook-publisher-giveup").await;
-    wait_for_probes(&publisher, &hook).await;
+"#,
+        "giveup",
+    )
+    .await;
 
     // One burst, so one batch: 7 devices that answer 200 and one that is down for good.
     let messages: Vec<(String, String)> = (0..8)
@@ -425,14 +444,14 @@ async fn giving_up_dead_letters_only_the_undelivered_records() {
             (topic(&device), payload(i, false))
         })
         .collect();
-    publisher.publish_all(messages.clone()).await;
+    setup.publisher.publish_all(messages.clone()).await;
     eventually(Duration::from_secs(15), "the dead letter", async || {
-        (!json_lines(&dlq).is_empty()).then_some(())
+        (!json_lines(&setup.dlq).is_empty()).then_some(())
     })
     .await;
-    bridge.stop().await.unwrap(); // flushes everything still queued
+    setup.bridge.stop().await.unwrap(); // flushes everything still queued
 
-    let letters = json_lines(&dlq);
+    let letters = json_lines(&setup.dlq);
     let dead: Vec<i64> = letters
         .iter()
         .map(|l| l["record"]["seq"].as_i64().unwrap())
