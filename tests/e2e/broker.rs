@@ -145,10 +145,7 @@ async fn broker_restarted_mid_stream_loses_nothing(protocol: &str) {
         broker.port
     );
     let path = numbered_bridge(dir.path(), &source, &db, "restart");
-    let bridge = ChildBridge::start(&path);
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
+    let bridge = ChildBridge::start_subscribed(&path).await;
 
     const N: i64 = 20_000;
     const PUBLISHERS: i64 = 4;

@@ -43,10 +43,7 @@ async fn kill_9_before_settle_then_restart_loses_nothing(protocol: &str) {
     let cfg_path = dir.path().join("bridge.yaml");
     std::fs::write(&cfg_path, config(broker.port, &db, protocol)).unwrap();
 
-    let bridge = ChildBridge::start(&cfg_path);
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
+    let bridge = ChildBridge::start_subscribed(&cfg_path).await;
 
     // Hold SQLite's write lock so nothing can settle, publish, and wait until the bridge
     // is retrying: the messages are in mqbridge's hands, unacknowledged.
@@ -100,10 +97,7 @@ async fn sigterm_right_after_a_burst_leaves_nothing_unacknowledged() {
     let cfg_path = dir.path().join("bridge.yaml");
     std::fs::write(&cfg_path, config(broker.port, &db, "5")).unwrap();
 
-    let bridge = ChildBridge::start(&cfg_path);
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
+    let bridge = ChildBridge::start_subscribed(&cfg_path).await;
     const N: i64 = 20_000;
     let publisher = TestClient::connect(broker.port, "burst-publisher").await;
     publisher
@@ -179,10 +173,7 @@ async fn kill_9_five_times_during_20k_messages(spool: bool) {
         spool_in(dir.path(), spool)
     );
     let path = numbered_bridge(dir.path(), &source, &db, "crash");
-    let bridge = ChildBridge::start(&path);
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
+    let bridge = ChildBridge::start_subscribed(&path).await;
 
     const N: i64 = 20_000;
     let acked = Acked::default();

@@ -122,10 +122,9 @@ async fn webhook_down_then_flaky_loses_nothing() {
     retry: {{ initial_delay: 20ms, max_delay: 1s }}"#,
         reserved.url()
     );
-    let bridge = ChildBridge::start(&bridge_config(dir.path(), broker.port, "faults-1", &hook));
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
+    let bridge =
+        ChildBridge::start_subscribed(&bridge_config(dir.path(), broker.port, "faults-1", &hook))
+            .await;
 
     // 64 streams a publisher (many, for the reason above), spread over 1.5 outages: some
     // of the traffic arrives while the webhook is down, the rest while it is flaky.
@@ -220,10 +219,9 @@ async fn webhook_keeps_each_topic_in_order_through_retries_on_4_lanes() {
     retry: {{ initial_delay: 2ms, max_delay: 20ms }}"#,
         hook.url()
     );
-    let bridge = ChildBridge::start(&bridge_config(dir.path(), broker.port, "faults-2", &sink));
-    bridge
-        .wait_for_log("subscribed", Duration::from_secs(20))
-        .await;
+    let _bridge =
+        ChildBridge::start_subscribed(&bridge_config(dir.path(), broker.port, "faults-2", &sink))
+            .await;
 
     // Publisher p sends streams 2p and 2p+1, interleaved, each in increasing seq order.
     let stream = |i: i64| i / (n / 4) * 2 + i % 2;

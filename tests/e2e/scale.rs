@@ -231,10 +231,7 @@ rules:
             ),
         )
         .unwrap();
-        let bridge = ChildBridge::start(&path);
-        bridge
-            .wait_for_log("subscribed", Duration::from_secs(20))
-            .await;
+        let bridge = ChildBridge::start_subscribed(&path).await;
         let publisher = TestClient::connect(broker.port, &format!("{client_id}-publisher")).await;
         PgOutage {
             broker,

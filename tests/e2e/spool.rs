@@ -40,10 +40,7 @@ impl Setup {
             broker.port
         );
         let path = numbered_bridge(dir.path(), &source, &db, "outage");
-        let bridge = ChildBridge::start(&path);
-        bridge
-            .wait_for_log("subscribed", Duration::from_secs(20))
-            .await;
+        let bridge = ChildBridge::start_subscribed(&path).await;
         let setup = Setup {
             broker,
             pg,

@@ -499,6 +499,15 @@ impl ChildBridge {
         Self::start_with_env(config_path, &[])
     }
 
+    /// Starts mqbridge and waits until it has subscribed at the broker (its log says so).
+    pub async fn start_subscribed(config_path: &Path) -> ChildBridge {
+        let bridge = Self::start(config_path);
+        bridge
+            .wait_for_log("subscribed", Duration::from_secs(20))
+            .await;
+        bridge
+    }
+
     /// Like [`ChildBridge::start`], with extra environment variables (e.g. secrets).
     pub fn start_with_env(config_path: &Path, env: &[(&str, &str)]) -> ChildBridge {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqbridge"));
