@@ -75,7 +75,7 @@ struct Shared {
     changed: Condvar,
     window: Window,
     /// Held (`flock`) while the spool is open: one process per directory.
-    _lock: File,
+    lock: File,
 }
 
 struct State {
@@ -90,6 +90,13 @@ struct State {
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("spool state lock")
+    }
+
+    /// Gives up the directory's lock (also released when the last reference goes).
+    fn unlock(&self) {
+        if let Err(e) = self.lock.unlock() {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "spool: cannot release the lock");
+        }
     }
 }
 
@@ -171,7 +178,7 @@ impl Spool {
             changed: Condvar::new(),
             window: Window::new(start),
             dir,
-            _lock: lock,
+            lock,
         });
         Ok(Spool {
             shared,
@@ -205,13 +212,19 @@ impl Spool {
             let handle = tokio::runtime::Handle::current();
             move || reader::run(&shared, start, output, &stop, &handle)
         })?;
+        let janitor_stop = CancellationToken::new();
         let janitor = tokio::spawn({
-            let shared = Arc::clone(&shared);
+            let (shared, quit) = (Arc::clone(&shared), janitor_stop.clone());
             async move {
                 let mut saved = start;
                 let mut tick = tokio::time::interval(RECLAIM_EVERY);
                 loop {
-                    tick.tick().await;
+                    // Only between rounds: a round in progress (its blocking half holds
+                    // the spool's files) always finishes before the janitor ends.
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = quit.cancelled() => return,
+                    }
                     let s = Arc::clone(&shared);
                     match tokio::task::spawn_blocking(move || reclaim(&s, saved)).await {
                         Ok(Ok(base)) => saved = base,
@@ -228,6 +241,7 @@ impl Spool {
             writer: Some(writer),
             reader: Some(reader),
             janitor,
+            janitor_stop,
         })
     }
 }
@@ -238,6 +252,8 @@ pub struct Running {
     writer: Option<oneshot::Receiver<io::Result<()>>>,
     reader: Option<oneshot::Receiver<io::Result<()>>>,
     janitor: tokio::task::JoinHandle<()>,
+    /// Ends the janitor between two rounds, so that `close` can wait for it.
+    janitor_stop: CancellationToken,
 }
 
 impl Running {
@@ -277,14 +293,24 @@ impl Running {
     }
 
     /// Waits for the reader to stop, then saves the cursor: call after the sinks have
-    /// flushed, so every settlement is in it.
+    /// flushed, so every settlement is in it. When this returns, nothing of this spool
+    /// touches its directory any more and its lock is released, so the directory can be
+    /// opened again at once (by this process or another).
     pub async fn close(mut self) -> anyhow::Result<()> {
         let reader = finished("reader", self.reader.take()).await;
-        self.janitor.abort();
+        // Wait for the janitor rather than abort it: an aborted janitor could leave a
+        // round running on a blocking thread that writes an older cursor after ours.
+        self.janitor_stop.cancel();
+        if let Err(e) = (&mut self.janitor).await {
+            tracing::warn!(error = %e, "spool: janitor failed");
+        }
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || reclaim(&shared, u64::MAX))
             .await?
             .context("spool: cannot save the cursor")?;
+        // Acks of records still held downstream keep `Shared` (and its lock file) alive;
+        // the lock must not outlive the spool.
+        self.shared.unlock();
         reader
     }
 }
