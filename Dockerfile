@@ -1,14 +1,25 @@
 # syntax=docker/dockerfile:1
-# mqbridge: build with `docker build -t mqbridge .`, run with
-#   docker run -v $PWD/config:/etc/mqbridge -v mqbridge-data:/var/lib/mqbridge mqbridge
+# mqbridge: build with `docker build -t mqbridge .`, run the quickstart config with
+#   docker run --stop-timeout 30 -p 127.0.0.1:1883:1883 -e MQBRIDGE_LISTEN=0.0.0.0:1883 \
+#     -v mqbridge-data:/var/lib/mqbridge mqbridge
+# (--stop-timeout, or compose's stop_grace_period, must exceed the config's
+# shutdown_timeout, 10s by default: docker stop waits that long after SIGTERM, then kills.)
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
+# Dependencies first, from the manifests alone, in a layer of their own: a change to src/
+# rebuilds only mqbridge itself. Empty stand-ins for src/ let cargo load the package
+# (benches/ is declared in Cargo.toml, so cargo needs it to read the manifest; it is not built).
 COPY Cargo.toml Cargo.lock ./
+COPY benches benches
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked \
+    && rm -rf src
 COPY src src
 COPY migrations migrations
-# Declared in Cargo.toml, so cargo needs them to read the manifest (they are not built).
-COPY benches benches
-RUN cargo build --release --locked && strip target/release/mqbridge
+# COPY keeps the files' own times, which can be older than the stand-ins' build.
+RUN touch src/main.rs src/lib.rs \
+    && cargo build --release --locked \
+    && strip target/release/mqbridge
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
@@ -18,7 +29,10 @@ COPY --from=build /src/target/release/mqbridge /usr/local/bin/mqbridge
 COPY config /etc/mqbridge
 USER mqbridge
 WORKDIR /var/lib/mqbridge
-# SIGTERM flushes and acknowledges what settled; give it the configured shutdown_timeout.
+# MQTT (the embedded broker of the default config; set MQBRIDGE_LISTEN=0.0.0.0:1883).
+EXPOSE 1883
+# SIGTERM stops taking messages, flushes within shutdown_timeout and acknowledges what
+# settled; give the container a longer stop timeout than that (see the top of this file).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["mqbridge"]
 CMD ["run", "--config", "/etc/mqbridge/mqbridge.yaml"]
