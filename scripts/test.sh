@@ -28,10 +28,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   rm -f /usr/sbin/policy-rc.d
 fi
 
-# A third-party client for the embedded broker's tests (skipped when it cannot be had).
+# A third-party client for the embedded broker's tests: its test fails without it.
 if ! python3 -c 'import paho.mqtt.client' >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' >/dev/null 2>&1 \
-    || echo "scripts/test.sh: could not install paho-mqtt; its test will be skipped" >&2
+  if ! python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' >/dev/null; then
+    echo "scripts/test.sh: cannot install the Python paho-mqtt client (pip install 'paho-mqtt>=2,<3')" >&2
+    exit 1
+  fi
 fi
 
 if [ -z "${MQBRIDGE_TEST_DATABASE_URL:-}" ]; then
@@ -42,4 +44,6 @@ if [ -z "${MQBRIDGE_TEST_DATABASE_URL:-}" ]; then
   export MQBRIDGE_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 fi
 
-cargo test --all-targets "$@"
+# --no-fail-fast: every test target runs even when an earlier one fails, so one failure
+# never hides the others.
+cargo test --all-targets --no-fail-fast "$@"
