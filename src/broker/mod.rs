@@ -40,7 +40,6 @@ pub mod router;
 pub mod session;
 pub mod store;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
@@ -173,9 +172,11 @@ impl Broker {
     ) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
         for listener in listeners {
-            let addr: Option<SocketAddr> = listener.tcp.local_addr().ok();
             let transport = listener.transport.name();
-            tracing::info!(?addr, transport, "embedded broker listening");
+            match listener.tcp.local_addr() {
+                Ok(addr) => tracing::info!(%addr, transport, "embedded broker listening"),
+                Err(_) => tracing::info!(transport, "embedded broker listening"),
+            }
             tasks.spawn(accept_loop(
                 listener,
                 Arc::clone(&self.shared),
