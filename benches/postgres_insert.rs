@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use mqbridge::sink::{Delivery, OpenContext, SinkConfig};
+use mqbridge::sink::{Delivery, OpenContext, Outcome, SinkConfig};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -61,7 +61,8 @@ async fn main() {
             .unwrap();
         let t = Instant::now();
         for chunk in records.chunks(BATCH) {
-            sink.write(chunk).await.unwrap();
+            let outcomes = sink.write(chunk).await;
+            outcomes.into_iter().try_for_each(Outcome::result).unwrap();
         }
         unnest.push(ROWS as f64 / t.elapsed().as_secs_f64());
 

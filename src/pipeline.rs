@@ -195,7 +195,7 @@ mod tests {
     use super::*;
     use crate::rule::jq::JqProgram;
     use crate::sink::driver::spawn;
-    use crate::sink::{BatchConfig, Common, Sink, SinkError};
+    use crate::sink::{BatchConfig, Common, Outcome, Sink};
     use crate::topic::TopicFilter;
     use futures::future::BoxFuture;
     use std::sync::Mutex;
@@ -205,12 +205,12 @@ mod tests {
     #[derive(Default)]
     struct Collect(Mutex<Vec<serde_json::Value>>);
     impl Sink for Collect {
-        fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+        fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
             self.0
                 .lock()
                 .unwrap()
                 .extend(batch.iter().map(|d| d.record.clone()));
-            Box::pin(async { Ok(()) })
+            Box::pin(async { vec![Outcome::Delivered; batch.len()] })
         }
     }
 

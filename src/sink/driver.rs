@@ -1,23 +1,42 @@
 //! The delivery loop around every sink: take records from the sink's bounded queue,
-//! group them into batches, write, retry transient failures with backoff, split a batch
-//! that fails permanently until the bad records are isolated, dead-letter those, and
-//! settle each record's share of its message only once it is written or dead-lettered.
+//! group them into batches, write, and settle each record's share of its message only
+//! once it is written or dead-lettered.
+//!
+//! **Retries are per record.** The sink reports an [`Outcome`] for each record. What was
+//! delivered settles; what failed permanently is dead-lettered at once; what failed
+//! transiently is written again in the next round, in order, after a backoff that starts
+//! over whenever a round delivered something. Each record counts its own attempts and
+//! elapsed time against `retry:`, so a record is given up on only when *its* budget is
+//! spent, however its neighbours fare. Records a sink held back to keep a topic in order
+//! go again without counting an attempt.
+//!
+//! **Panics are caught at the lane.** A panic in a sink's write is logged with the sink,
+//! rule and topic; the batch is halved until the record that panics is alone, the others
+//! are written, and that record is tried [`PANIC_ATTEMPTS`] times in all, then
+//! dead-lettered with `error_kind: "panic"`. The lane keeps running.
 //!
 //! A sink with `concurrency: N` runs N lanes, each with its own queue and loop; a record's
 //! lane is chosen by its topic, so the records of one topic are written in order.
 
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::retry::{Backoff, RetryConfig};
-use super::{BatchConfig, Common, Delivery, ErrorKind, Origin, Sink, SinkError};
+use super::{BatchConfig, Common, Delivery, ErrorKind, Origin, Outcome, Sink, SinkError};
 use crate::delivery::Ack;
+
+/// Attempts in all for a record whose write panics, whatever `retry:` says (a panic is a
+/// bug; retrying without end would stall its lane for good).
+pub const PANIC_ATTEMPTS: u32 = 3;
 
 /// Where records that cannot be delivered go.
 #[derive(Clone)]
@@ -122,31 +141,155 @@ impl Driver {
         }
     }
 
-    /// Delivers one batch to the end: written, or dead-lettered, record by record.
+    /// Delivers one batch to the end: each record written, or dead-lettered once its own
+    /// retry budget is spent (see the module docs).
     async fn deliver(&self, batch: Vec<Delivery>) {
-        // Work list of sub-batches still to write; a permanently failing one is halved.
-        let mut pending = vec![batch];
-        while let Some(part) = pending.pop() {
-            match self.write_with_retries(&part).await {
-                Ok(()) => part.into_iter().for_each(|d| d.ack.settle()),
-                Err((err, attempts, _)) if err.kind == ErrorKind::Permanent && part.len() > 1 => {
-                    tracing::debug!(sink = %self.name, rows = part.len(), attempts, error = %err, "batch failed permanently, splitting");
-                    let mut left = part;
-                    let right = left.split_off(left.len() / 2);
-                    pending.push(right);
-                    pending.push(left);
-                }
-                Err((err, attempts, first_attempt)) => {
-                    for d in part {
-                        if self.sink.already_written(&d) {
-                            d.ack.settle();
-                        } else {
-                            self.dead_letter(d, &err, attempts, first_attempt).await;
-                        }
+        self.pace(batch.len()).await;
+        let mut backoff = Backoff::new(self.retry);
+        // In batch order; a record's place in it is its place in its topic.
+        let mut pending: Vec<(Delivery, Budget)> =
+            batch.into_iter().map(|d| (d, Budget::default())).collect();
+        loop {
+            // This round: every record not waiting out a Retry-After, nor behind one of
+            // its topic that is.
+            let now = Instant::now();
+            let mut waiting_topics: Vec<&str> = Vec::new();
+            let ready: Vec<bool> = pending
+                .iter()
+                .map(|(d, b)| {
+                    let topic = d.origin.topic.as_str();
+                    let ready =
+                        b.not_before.is_none_or(|t| t <= now) && !waiting_topics.contains(&topic);
+                    if !ready && !waiting_topics.contains(&topic) {
+                        waiting_topics.push(topic);
                     }
+                    ready
+                })
+                .collect();
+            drop(waiting_topics);
+            let (round, waiting): (Vec<_>, Vec<_>) = pending
+                .into_iter()
+                .zip(ready)
+                .enumerate()
+                .partition(|(_, (_, ready))| *ready);
+            if round.is_empty() {
+                let until = waiting
+                    .iter()
+                    .filter_map(|(_, ((_, b), _))| b.not_before)
+                    .min();
+                tokio::time::sleep_until(until.unwrap_or(now)).await;
+                pending = waiting.into_iter().map(|(_, (p, _))| p).collect();
+                continue;
+            }
+            let (places, round): (Vec<usize>, Vec<(Delivery, Budget)>) =
+                round.into_iter().map(|(i, (p, _))| (i, p)).unzip();
+            let (records, budgets): (Vec<Delivery>, Vec<Budget>) = round.into_iter().unzip();
+
+            let started = (Instant::now(), jiff::Timestamp::now());
+            let outcomes = self.write_round(&records).await;
+            if outcomes.iter().any(|o| matches!(o, Outcome::Delivered)) {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay(None);
+            let mut again: Vec<(usize, (Delivery, Budget))> = Vec::new();
+            let mut example: Option<SinkError> = None;
+            let round = places.into_iter().zip(records).zip(budgets).zip(outcomes);
+            for (((place, d), mut budget), outcome) in round {
+                let e = match outcome {
+                    Outcome::Delivered => {
+                        d.ack.settle();
+                        continue;
+                    }
+                    Outcome::HeldBack => {
+                        again.push((place, (d, budget)));
+                        continue;
+                    }
+                    Outcome::Failed(e) => e,
+                };
+                budget.attempts += 1;
+                let (first, _) = *budget.first.get_or_insert(started);
+                // A delay the endpoint asked for holds this record (and its topic) back.
+                let wait = e.retry_after.map_or(delay, |asked| asked.max(delay));
+                let retry = match e.kind {
+                    ErrorKind::Permanent => false,
+                    ErrorKind::Transient => {
+                        self.retry.allows(budget.attempts, first.elapsed(), wait)
+                    }
+                    ErrorKind::Panic => budget.attempts < PANIC_ATTEMPTS,
+                };
+                if retry {
+                    budget.not_before = (wait > delay).then(|| Instant::now() + wait);
+                    example.get_or_insert(e);
+                    again.push((place, (d, budget)));
+                } else {
+                    self.dead_letter(d, &e, &budget).await;
                 }
             }
+            again.extend(waiting.into_iter().map(|(i, (p, _))| (i, p)));
+            if again.is_empty() {
+                return;
+            }
+            again.sort_by_key(|&(place, _)| place);
+            if let Some(e) = example {
+                tracing::warn!(sink = %self.name, records = again.len(), retry_in = ?delay, error = %e, "write failed, will retry");
+            }
+            tokio::time::sleep(delay).await;
+            pending = again.into_iter().map(|(_, p)| p).collect();
         }
+    }
+
+    /// One write of `part`, with a panic in the sink caught: the part is halved until the
+    /// record that panics is alone (its outcome is then a failure of kind
+    /// [`ErrorKind::Panic`]). After a half that did not fully succeed, the next half is held
+    /// back, which keeps every topic in order.
+    fn write_round<'a>(&'a self, part: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let written = AssertUnwindSafe(self.sink.write(part)).catch_unwind().await;
+            let mut outcomes = match written {
+                Ok(outcomes) if outcomes.len() == part.len() => outcomes,
+                Ok(outcomes) => {
+                    let e = format!(
+                        "sink bug: {} outcomes for {} records",
+                        outcomes.len(),
+                        part.len()
+                    );
+                    tracing::error!(sink = %self.name, "{e}");
+                    vec![Outcome::Failed(SinkError::transient(e)); part.len()]
+                }
+                Err(panic) if part.len() == 1 => {
+                    let what = panic_message(&*panic);
+                    let o = &part[0].origin;
+                    tracing::error!(sink = %self.name, rule = %o.rule, topic = %o.topic, panic = %what, "sink panicked writing a record");
+                    vec![Outcome::Failed(SinkError {
+                        kind: ErrorKind::Panic,
+                        message: format!("sink panicked: {what}"),
+                        retry_after: None,
+                    })]
+                }
+                Err(panic) => {
+                    tracing::error!(sink = %self.name, records = part.len(), panic = %panic_message(&*panic), "sink panicked writing a batch; writing it in halves to find the record");
+                    let (left, right) = part.split_at(part.len() / 2);
+                    let mut out = self.write_round(left).await;
+                    let clean = out.iter().all(|o| match o {
+                        Outcome::Delivered => true,
+                        Outcome::Failed(e) => e.kind == ErrorKind::Permanent,
+                        Outcome::HeldBack => false,
+                    });
+                    if clean {
+                        out.extend(self.write_round(right).await);
+                    } else {
+                        out.extend(std::iter::repeat_n(Outcome::HeldBack, right.len()));
+                    }
+                    out
+                }
+            };
+            // A round that attempts nothing would never end: count it as a failure.
+            if outcomes.iter().all(|o| matches!(o, Outcome::HeldBack)) {
+                let e = SinkError::transient("sink bug: every record held back");
+                outcomes.fill(Outcome::Failed(e));
+            }
+            outcomes
+        })
     }
 
     /// Waits until the rate limit allows `n` more records.
@@ -169,51 +312,39 @@ impl Driver {
         }
     }
 
-    /// Writes with retries; on failure returns the last error, the attempts made and when
-    /// the first one started.
-    async fn write_with_retries(
-        &self,
-        part: &[Delivery],
-    ) -> Result<(), (SinkError, u32, jiff::Timestamp)> {
-        self.pace(part.len()).await;
-        let first_attempt = jiff::Timestamp::now();
-        let mut backoff = Backoff::new(self.retry);
-        loop {
-            let err = match self.sink.write(part).await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            if err.kind == ErrorKind::Permanent {
-                return Err((err, backoff.attempts + 1, first_attempt));
-            }
-            match backoff.next_delay(err.retry_after) {
-                Some(delay) => {
-                    tracing::warn!(sink = %self.name, rows = part.len(), attempt = backoff.attempts, retry_in = ?delay, error = %err, "write failed, will retry");
-                    tokio::time::sleep(delay).await;
-                }
-                None => return Err((err, backoff.attempts, first_attempt)),
-            }
-        }
-    }
-
-    async fn dead_letter(
-        &self,
-        d: Delivery,
-        err: &SinkError,
-        attempts: u32,
-        first_attempt: jiff::Timestamp,
-    ) {
+    async fn dead_letter(&self, d: Delivery, err: &SinkError, budget: &Budget) {
         let failure = Failure {
             sink: Some(&self.name),
             kind: err.kind,
             error: &err.message,
-            attempts,
-            first_attempt,
+            attempts: budget.attempts,
+            first_attempt: budget.first.map_or_else(jiff::Timestamp::now, |(_, at)| at),
         };
         self.dead_letter
             .send(d.origin, &d.record, failure, d.ack)
             .await;
     }
+}
+
+/// One record's retry budget.
+#[derive(Default, Clone, Copy)]
+struct Budget {
+    /// Attempts made (a round that held the record back does not count).
+    attempts: u32,
+    /// When its first attempt started.
+    first: Option<(Instant, jiff::Timestamp)>,
+    /// Not to be sent before this: the endpoint asked for a longer wait (Retry-After)
+    /// than the round's backoff.
+    not_before: Option<Instant>,
+}
+
+/// The text of a panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Why a record or message is dead-lettered.
@@ -302,51 +433,76 @@ mod tests {
     use crate::delivery::Settled;
     use crate::sink::{RateLimit, retry::RetryConfig};
 
-    /// Records what was written; fails per a script.
+    /// Records what was written; fails per a script, record by record where a real sink
+    /// can tell records apart.
     #[derive(Default)]
     struct Scripted {
         written: Mutex<Vec<(String, i64)>>,
-        /// Fail the first N write calls with a transient error.
+        /// Everything written, as given.
+        records: Mutex<Vec<serde_json::Value>>,
+        /// Fail the first N write calls as a whole, transiently (a database down).
         transient_failures: AtomicUsize,
-        /// Records with this seq fail permanently (and take their batch with them).
+        /// Records with this seq fail permanently (a constraint).
         poison: Option<i64>,
         /// Random-ish delay per write, to shuffle lanes.
         jitter: bool,
-        /// A record with this seq never gets through (transiently), while the rest of its
-        /// batch does, and the sink remembers them (like the webhook's requests).
+        /// A record with this seq never gets through (transiently); the records after it
+        /// in its topic are held back, like the webhook's.
         stuck: Option<i64>,
+        /// Each record fails (transiently) this many of its attempts before it gets
+        /// through; the records after it in its topic are held back meanwhile.
+        fails_first: u32,
+        /// Attempts seen per seq.
+        attempts: Mutex<HashMap<i64, u32>>,
+        /// Writing a batch with a record whose seq is a multiple of this panics.
+        panic_every: Option<i64>,
     }
 
     impl Sink for Scripted {
-        fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+        fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
             Box::pin(async move {
                 if self.jitter {
                     tokio::time::sleep(Duration::from_micros(rand::random::<u64>() % 2000)).await;
                 }
                 if self.transient_failures.load(Ordering::SeqCst) > 0 {
                     self.transient_failures.fetch_sub(1, Ordering::SeqCst);
-                    return Err(SinkError::transient("connection refused"));
+                    return crate::sink::all(
+                        batch.len(),
+                        Err(SinkError::transient("connection refused")),
+                    );
                 }
-                if batch.iter().any(|d| Some(seq(d)) == self.poison) {
-                    return Err(SinkError::permanent("constraint violated"));
+                if let Some(n) = self.panic_every
+                    && batch.iter().any(|d| seq(d) % n == 0)
+                {
+                    panic!("scripted panic");
                 }
-                let mut w = self.written.lock().unwrap();
+                let mut failed_topics = Vec::new();
+                let mut out = Vec::new();
                 for d in batch {
-                    let record = (d.origin.topic.clone(), seq(d));
-                    if Some(record.1) != self.stuck && !w.contains(&record) {
-                        w.push(record);
+                    let (topic, seq) = (d.origin.topic.clone(), seq(d));
+                    if failed_topics.contains(&topic) {
+                        out.push(Outcome::HeldBack);
+                        continue;
+                    }
+                    let attempt = {
+                        let mut a = self.attempts.lock().unwrap();
+                        let n = a.entry(seq).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    if Some(seq) == self.poison {
+                        out.push(Outcome::Failed(SinkError::permanent("constraint violated")));
+                    } else if Some(seq) == self.stuck || attempt <= self.fails_first {
+                        failed_topics.push(topic);
+                        out.push(Outcome::Failed(SinkError::transient("HTTP 503")));
+                    } else {
+                        self.written.lock().unwrap().push((topic, seq));
+                        self.records.lock().unwrap().push(d.record.clone());
+                        out.push(Outcome::Delivered);
                     }
                 }
-                match batch.iter().any(|d| Some(seq(d)) == self.stuck) {
-                    true => Err(SinkError::transient("503 for one request")),
-                    false => Ok(()),
-                }
+                out
             })
-        }
-
-        fn already_written(&self, d: &Delivery) -> bool {
-            let record = (d.origin.topic.clone(), seq(d));
-            self.written.lock().unwrap().contains(&record)
         }
     }
 
@@ -464,7 +620,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn giving_up_dead_letters_only_what_was_not_written() {
+    async fn giving_up_dead_letters_only_the_record_whose_budget_is_spent() {
         let settled = Arc::new(AtomicUsize::new(0));
         let sink = Arc::new(Scripted {
             stuck: Some(7),
@@ -475,8 +631,98 @@ mod tests {
         let records = (0..10).map(|i| delivery("a", i, &settled)).collect();
         let dead = run(Arc::clone(&sink), c, records).await;
         assert_eq!(dead, vec![7], "only the record that never got through");
-        assert_eq!(sink.seqs().len(), 9, "each of the others written once");
+        assert_eq!(
+            sink.seqs(),
+            vec![0, 1, 2, 3, 4, 5, 6, 8, 9],
+            "each of the others written once, in order"
+        );
+        assert_eq!(sink.attempts.lock().unwrap()[&7], 3);
+        assert_eq!(
+            sink.attempts.lock().unwrap()[&8],
+            1,
+            "held back: no attempt counted"
+        );
         assert_eq!(settled.load(Ordering::SeqCst), 10);
+    }
+
+    /// Every record needs 3 attempts, and waits behind the records of its topic before
+    /// it: with the budget per record none is given up on, and the backoff starts over
+    /// after each round that delivered something, so the run takes a few short waits per
+    /// record, not the longest wait per round. (Time is paused: virtual, deterministic.)
+    #[tokio::test(start_paused = true)]
+    async fn each_record_has_its_own_budget_and_progress_resets_the_backoff() {
+        let settled = Arc::new(AtomicUsize::new(0));
+        let sink = Arc::new(Scripted {
+            fails_first: 2,
+            ..Scripted::default()
+        });
+        let mut c = common(1, None);
+        c.retry = RetryConfig {
+            max_attempts: 3,
+            initial_delay: crate::config::units::Duration(Duration::from_millis(10)),
+            max_delay: crate::config::units::Duration(Duration::from_secs(1)),
+            max_elapsed: None,
+        };
+        let started = Instant::now();
+        let records = (0..20)
+            .map(|i| delivery(if i % 2 == 0 { "a" } else { "b" }, i, &settled))
+            .collect();
+        let dead = run(Arc::clone(&sink), c, records).await;
+        assert_eq!(dead, Vec::<i64>::new());
+        assert_eq!(sink.seqs().len(), 20);
+        assert!(sink.attempts.lock().unwrap().values().all(|&n| n == 3));
+        assert_eq!(settled.load(Ordering::SeqCst), 20);
+        // 10 records per topic, 3 rounds each: 30 rounds, each waiting 10–20 ms or
+        // 20–40 ms after the reset. Without the reset the waits would grow to 1–2 s.
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_record_is_dead_lettered_and_the_rest_delivered() {
+        let settled = Arc::new(AtomicUsize::new(0));
+        let sink = Arc::new(Scripted {
+            panic_every: Some(100),
+            ..Scripted::default()
+        });
+        let (dead, letters) = {
+            let tracker = TaskTracker::new();
+            let dead: Arc<Scripted> = Arc::default();
+            let dlq = spawn(
+                Arc::from("dlq"),
+                dead.clone(),
+                common(1, None),
+                DeadLetter { queue: None },
+                &tracker,
+            );
+            let queue = spawn(
+                Arc::from("s"),
+                Arc::clone(&sink) as Arc<dyn Sink>,
+                common(2, None),
+                DeadLetter { queue: Some(dlq) },
+                &tracker,
+            );
+            for i in 1..=300 {
+                let topic = format!("t{}", i % 5);
+                assert!(queue.send(delivery(&topic, i, &settled)).await.is_ok());
+            }
+            drop(queue);
+            tracker.close();
+            tracker.wait().await;
+            let letters = dead.records.lock().unwrap().clone();
+            (dead.seqs(), letters)
+        };
+        let mut dead = dead;
+        dead.sort();
+        assert_eq!(dead, vec![100, 200, 300]);
+        assert!(
+            letters
+                .iter()
+                .all(|l| l["error_kind"] == "panic" && l["attempts"] == PANIC_ATTEMPTS),
+            "{letters:?}"
+        );
+        assert_eq!(sink.seqs().len(), 297, "every other record delivered");
+        assert_eq!(settled.load(Ordering::SeqCst), 300, "every ack given");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

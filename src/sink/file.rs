@@ -9,7 +9,7 @@ use tokio::sync::Mutex;
 
 use std::sync::Arc;
 
-use super::{Delivery, OpenContext, Origin, Sink, SinkError, SinkSpec};
+use super::{Delivery, OpenContext, Origin, Outcome, Sink, SinkError, SinkSpec};
 
 super::sink_config! {
     /// `type: file`.
@@ -75,7 +75,8 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
-        Box::pin(self.append(batch))
+    /// One write and one fsync for the batch: it succeeds or fails as a whole.
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move { super::all(batch.len(), self.append(batch).await) })
     }
 }

@@ -1,7 +1,7 @@
-//! Sinks: where records go. Each sink implements [`Sink::write`] for one batch; the
-//! [`driver`] around it owns the bounded queue, batching, retries, splitting of failing
-//! batches, rate limiting and dead-lettering, so every sink gets the same delivery
-//! behaviour.
+//! Sinks: where records go. Each sink implements [`Sink::write`] for one batch and says
+//! what became of each record ([`Outcome`]); the [`driver`] around it owns the bounded
+//! queue, batching, per-record retries, rate limiting, panics and dead-lettering, so
+//! every sink gets the same delivery behaviour.
 //!
 //! Adding a sink type: a module with a `Config` declared through [`sink_config!`] (which
 //! adds the settings every sink shares), an implementation of [`SinkSpec`] for it, and a
@@ -129,6 +129,9 @@ pub enum ErrorKind {
     Transient,
     /// This data cannot be written as it is (constraint, type, bad request): dead letter.
     Permanent,
+    /// The code handling it panicked (a bug): retried a few times in case it was passing,
+    /// then dead-lettered.
+    Panic,
 }
 
 /// A failed write, classified.
@@ -158,18 +161,118 @@ impl SinkError {
     }
 }
 
-/// A destination for records. `write` stores the whole batch or fails as a whole
-/// (one transaction, one request); the driver splits and retries.
-pub trait Sink: Send + Sync + 'static {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>>;
+/// What became of one record of a [`Sink::write`].
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Written: the record settles.
+    Delivered,
+    /// Not written; the error's kind says whether it is retried or dead-lettered.
+    Failed(SinkError),
+    /// Not attempted, to keep its topic in order: an earlier record of the same topic in
+    /// this batch failed transiently. Sent again with that one, without counting an attempt.
+    HeldBack,
+}
 
-    /// Whether `d` is known to have been written by an earlier attempt of a batch that
-    /// failed as a whole (a sink that remembers per-record outcomes, like the webhook's
-    /// requests). When the driver gives up on a batch, such records settle instead of
-    /// going to the dead letter.
-    fn already_written(&self, _d: &Delivery) -> bool {
-        false
+impl Outcome {
+    /// Ok when delivered, else why not (a held-back record as a transient error).
+    pub fn result(self) -> Result<(), SinkError> {
+        match self {
+            Outcome::Delivered => Ok(()),
+            Outcome::Failed(e) => Err(e),
+            Outcome::HeldBack => Err(SinkError::transient(
+                "held back behind a failure of its topic",
+            )),
+        }
     }
+}
+
+/// A destination for records.
+///
+/// `write` returns one [`Outcome`] per record of the batch, in the batch's order. A sink
+/// that can only fail a batch as a whole (one transaction, one request) reports that
+/// failure for every record ([`all`]); one that can find the bad records isolates them
+/// ([`isolate`]). **Order**: once a record has failed transiently, no later record of the
+/// same topic in the batch may be delivered (report it [`Outcome::HeldBack`] or failed):
+/// the driver sends the failures again, in order, and the topic must stay in order.
+pub trait Sink: Send + Sync + 'static {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>>;
+}
+
+/// The outcomes of a write that succeeded or failed as a whole.
+pub fn all(records: usize, result: Result<(), SinkError>) -> Vec<Outcome> {
+    match result {
+        Ok(()) => vec![Outcome::Delivered; records],
+        Err(e) => vec![Outcome::Failed(e); records],
+    }
+}
+
+/// Per-record outcomes from a write that can only fail as a whole (one transaction): a
+/// part that fails permanently is halved until the bad records are alone, so that the
+/// others are written and only those are dead-lettered. After a transient failure the
+/// rest of the batch is held back (not attempted), which keeps every topic in order.
+pub async fn isolate<'a, T, F, Fut>(items: &'a [T], mut write: F) -> Vec<Outcome>
+where
+    F: FnMut(&'a [T]) -> Fut,
+    Fut: std::future::Future<Output = Result<(), SinkError>>,
+{
+    let mut out = vec![Outcome::HeldBack; items.len()];
+    // Parts still to write, as (start, end), the next one last.
+    let mut parts = vec![(0, items.len())];
+    while let Some((start, end)) = parts.pop() {
+        match write(&items[start..end]).await {
+            Ok(()) => out[start..end].fill(Outcome::Delivered),
+            Err(e) if e.kind == ErrorKind::Permanent && end - start > 1 => {
+                let mid = start + (end - start) / 2;
+                parts.push((mid, end));
+                parts.push((start, mid));
+            }
+            Err(e) => {
+                let transient = e.kind != ErrorKind::Permanent;
+                out[start..end].fill(Outcome::Failed(e));
+                if transient {
+                    break; // the parts after this one stay held back
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Prepares each record for writing (rendering, conversion); a record that cannot be
+/// prepared fails permanently on its own. `write` gets the prepared ones, in order, and
+/// returns their outcomes; the result has one outcome per record of `batch`.
+pub async fn prepared<'b, T, Fut>(
+    batch: &'b [Delivery],
+    mut prepare: impl FnMut(&'b Delivery) -> Result<T, SinkError>,
+    write: impl FnOnce(Vec<T>) -> Fut,
+) -> Vec<Outcome>
+where
+    Fut: std::future::Future<Output = Vec<Outcome>>,
+{
+    let mut out: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+    let mut items = Vec::with_capacity(batch.len());
+    for d in batch {
+        match prepare(d) {
+            Ok(item) => {
+                items.push(item);
+                out.push(None);
+            }
+            Err(e) => out.push(Some(Outcome::Failed(e))),
+        }
+    }
+    let mut written = if items.is_empty() {
+        Vec::new()
+    } else {
+        write(items).await
+    }
+    .into_iter();
+    out.into_iter()
+        .map(|o| {
+            o.or_else(|| written.next()).unwrap_or_else(|| {
+                Outcome::Failed(SinkError::transient("sink bug: an outcome is missing"))
+            })
+        })
+        .collect()
 }
 
 /// How records are grouped into writes.

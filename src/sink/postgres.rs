@@ -20,7 +20,7 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::RwLock;
 
 use super::sqlite::{quote_ident, quote_table};
-use super::{Delivery, OpenContext, Origin, Sink, SinkError, SinkSpec};
+use super::{Delivery, OpenContext, Origin, Outcome, Sink, SinkError, SinkSpec};
 use crate::rule::jq::{self, JqProgram};
 
 super::sink_config! {
@@ -183,9 +183,6 @@ struct Column {
     class: Class,
 }
 
-/// One record's values as text, in its group's column order.
-type TextRow = Vec<Option<String>>;
-
 pub struct PostgresSink {
     pool: PgPool,
     table: String,
@@ -344,36 +341,65 @@ impl PostgresSink {
         Ok(out)
     }
 
-    async fn write_batch(&self, batch: &[Delivery]) -> Result<(), SinkError> {
-        let columns = self.columns().await?;
-        // Group records by their column set, keeping order inside each group.
-        let mut groups: Vec<(Vec<String>, Vec<TextRow>)> = Vec::new();
-        for d in batch {
-            let fields = self.fields(&d.record, &columns)?;
-            let names: Vec<String> = fields.iter().map(|(c, _)| c.clone()).collect();
-            let values: Vec<Option<String>> = fields
-                .iter()
-                .map(|(c, v)| {
-                    to_text(v, columns[c].class, self.time_unit)
-                        .map_err(|e| SinkError::permanent(format!("column {c}: {e}")))
-                })
-                .collect::<Result<_, _>>()?;
-            match groups.iter_mut().find(|(n, _)| *n == names) {
-                Some((_, rows)) => rows.push(values),
-                None => groups.push((names, vec![values])),
+    /// One record as a row: its column names and each value as text for PostgreSQL to cast.
+    fn row(
+        &self,
+        record: &serde_json::Value,
+        columns: &HashMap<String, Column>,
+    ) -> Result<Prepared, SinkError> {
+        let fields = self.fields(record, columns)?;
+        let mut names = Vec::with_capacity(fields.len());
+        let mut values = Vec::with_capacity(fields.len());
+        for (c, v) in fields {
+            let text = to_text(&v, columns[&c].class, self.time_unit)
+                .map_err(|e| SinkError::permanent(format!("column {c}: {e}")))?;
+            names.push(c);
+            values.push(text);
+        }
+        Ok(Prepared { names, values })
+    }
+
+    /// Inserts rows in one transaction: one statement per set of columns, in order.
+    async fn insert(
+        &self,
+        rows: &[Prepared],
+        columns: &HashMap<String, Column>,
+    ) -> Result<(), SinkError> {
+        // Group rows by their column set, keeping order inside each group.
+        let mut groups: Vec<Vec<&Prepared>> = Vec::new();
+        for r in rows {
+            match groups.iter_mut().find(|g| g[0].names == r.names) {
+                Some(group) => group.push(r),
+                None => groups.push(vec![r]),
             }
         }
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        for (names, rows) in groups {
-            let sql = self.insert_sql(&names, &columns);
+        for group in groups {
+            let names = &group[0].names;
+            let sql = self.insert_sql(names, columns);
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for i in 0..names.len() {
-                let column: Vec<Option<String>> = rows.iter().map(|r| r[i].clone()).collect();
+                let column: Vec<Option<&str>> =
+                    group.iter().map(|r| r.values[i].as_deref()).collect();
                 q = q.bind(column);
             }
             q.execute(&mut *tx).await.map_err(classify)?;
         }
         tx.commit().await.map_err(classify)
+    }
+
+    async fn write_batch(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let columns = match self.columns().await {
+            Ok(c) => c,
+            Err(e) => return super::all(batch.len(), Err(e)),
+        };
+        let columns = &*columns;
+        super::prepared(
+            batch,
+            |d| self.row(&d.record, columns),
+            move |rows| async move { super::isolate(&rows, |part| self.insert(part, columns)).await },
+        )
+        .await
     }
 
     fn insert_sql(&self, names: &[String], columns: &HashMap<String, Column>) -> String {
@@ -415,19 +441,26 @@ impl PostgresSink {
 }
 
 impl Sink for PostgresSink {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
+    /// One transaction per batch; a batch the database rejects is split to isolate the
+    /// rows it refuses.
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let result = self.write_batch(batch).await;
-            if result
-                .as_ref()
-                .is_err_and(|e| e.kind == super::ErrorKind::Transient)
-            {
+            let outcomes = self.write_batch(batch).await;
+            let transient = |o: &Outcome| matches!(o, Outcome::Failed(e) if e.kind == super::ErrorKind::Transient);
+            if outcomes.iter().any(transient) {
                 // The table may have changed, or the server was replaced: look again.
                 *self.columns.write().await = None;
             }
-            result
+            outcomes
         })
     }
+}
+
+/// A record prepared for insertion.
+struct Prepared {
+    names: Vec<String>,
+    /// Each column's value as text (None: NULL), in the order of `names`.
+    values: Vec<Option<String>>,
 }
 
 /// A JSON value as the text PostgreSQL will cast to the column's type.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::{Mutex, mpsc};
 
-use super::{Delivery, OpenContext, Origin, Sink, SinkError, SinkSpec};
+use super::{Delivery, OpenContext, Origin, Outcome, Sink, SinkError, SinkSpec};
 use crate::config::BrokerPlan;
 use crate::mqtt::{self, Client, Incoming};
 use crate::rule::template::Template;
@@ -148,8 +148,9 @@ impl RepublishSink {
         }
     }
 
-    async fn publish_batch(&self, batch: &[Delivery]) -> Result<(), SinkError> {
-        let out = render(&self.topic, batch)?;
+    /// Publishes the rendered records over the connection (made on first use, and again
+    /// after a failure); they succeed or fail as a whole.
+    async fn publish_all(&self, out: Vec<(String, Vec<u8>)>) -> Result<(), SinkError> {
         let mut guard = self.conn.lock().await;
         if guard.is_none() {
             *guard = Some(self.connect().await?);
@@ -200,22 +201,19 @@ impl RepublishSink {
     }
 }
 
-/// Renders every record first: a bad record fails before anything is sent.
-fn render(topic: &Template, batch: &[Delivery]) -> Result<Vec<(String, Vec<u8>)>, SinkError> {
-    let mut out = Vec::with_capacity(batch.len());
-    for d in batch {
-        let topic = topic
-            .render(&d.origin.template_context(&d.record))
-            .map_err(|e| SinkError::permanent(format!("topic template: {e}")))?;
-        validate_topic_name(&topic)
-            .map_err(|e| SinkError::permanent(format!("topic {topic:?}: {e}")))?;
-        let payload = match &d.record {
-            serde_json::Value::String(s) => s.clone().into_bytes(),
-            other => other.to_string().into_bytes(),
-        };
-        out.push((topic, payload));
-    }
-    Ok(out)
+/// The topic and payload a record is published as; a record whose topic cannot be
+/// rendered fails on its own (permanently).
+fn render(topic: &Template, d: &Delivery) -> Result<(String, Vec<u8>), SinkError> {
+    let topic = topic
+        .render(&d.origin.template_context(&d.record))
+        .map_err(|e| SinkError::permanent(format!("topic template: {e}")))?;
+    validate_topic_name(&topic)
+        .map_err(|e| SinkError::permanent(format!("topic {topic:?}: {e}")))?;
+    let payload = match &d.record {
+        serde_json::Value::String(s) => s.clone().into_bytes(),
+        other => other.to_string().into_bytes(),
+    };
+    Ok((topic, payload))
 }
 
 /// Republishing into the embedded broker, in-process.
@@ -227,19 +225,31 @@ struct EmbeddedRepublish {
 }
 
 impl Sink for EmbeddedRepublish {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
-        Box::pin(async move {
-            for (topic, payload) in render(&self.topic, batch)? {
-                self.broker
-                    .publish(&topic, payload.into(), self.qos, self.retain);
-            }
-            Ok(())
-        })
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(super::prepared(
+            batch,
+            |d| render(&self.topic, d),
+            move |out| async move {
+                let n = out.len();
+                for (topic, payload) in out {
+                    self.broker
+                        .publish(&topic, payload.into(), self.qos, self.retain);
+                }
+                vec![Outcome::Delivered; n]
+            },
+        ))
     }
 }
 
 impl Sink for RepublishSink {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
-        Box::pin(self.publish_batch(batch))
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(super::prepared(
+            batch,
+            |d| render(&self.topic, d),
+            move |out| async move {
+                let n = out.len();
+                super::all(n, self.publish_all(out).await)
+            },
+        ))
     }
 }

@@ -1,7 +1,7 @@
 //! Retry policy for transient sink errors: exponential backoff with jitter (backon),
 //! bounded by attempts and elapsed time, honouring a delay the sink asked for.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
@@ -44,52 +44,59 @@ impl Default for RetryConfig {
     }
 }
 
-/// The state of retrying one batch.
+impl RetryConfig {
+    /// Whether a record may be tried again after `delay`: it has been attempted
+    /// `attempts` times, the first `elapsed` ago. Each record has its own budget, so a
+    /// record that keeps failing is given up on however well its batch does.
+    pub fn allows(&self, attempts: u32, elapsed: Duration, delay: Duration) -> bool {
+        (self.max_attempts == 0 || attempts < self.max_attempts)
+            && self
+                .max_elapsed
+                .is_none_or(|limit| elapsed + delay <= limit.0)
+    }
+}
+
+/// The waits between rounds of retries: exponential with jitter from `initial_delay` to
+/// `max_delay`, starting over once a round makes progress.
 pub struct Backoff {
     config: RetryConfig,
     delays: backon::ExponentialBackoff,
-    started: Instant,
-    /// Attempts made so far.
-    pub attempts: u32,
 }
 
 impl Backoff {
     pub fn new(config: RetryConfig) -> Self {
-        let delays = ExponentialBuilder::default()
-            .with_min_delay(config.initial_delay.0)
-            .with_max_delay(config.max_delay.0)
-            .with_factor(2.0)
-            .with_jitter()
-            // backon is built without its `std` feature, where every generator starts from
-            // one fixed seed: each batch, lane and instance would wait the same
-            // "random" delays and retry in lockstep. A seed of its own per backoff.
-            .with_jitter_seed(rand::random())
-            .without_max_times()
-            .build();
         Backoff {
             config,
-            delays,
-            started: Instant::now(),
-            attempts: 0,
+            delays: delays(config),
         }
     }
 
-    /// Records a failed attempt; returns how long to wait before the next one, or None
-    /// when the policy says give up. `asked` is a delay the sink requested (Retry-After).
-    pub fn next_delay(&mut self, asked: Option<Duration>) -> Option<Duration> {
-        self.attempts += 1;
-        if self.config.max_attempts != 0 && self.attempts >= self.config.max_attempts {
-            return None;
-        }
-        let computed = self.delays.next().unwrap_or(self.config.max_delay.0);
-        let delay = asked.map_or(computed, |a| a.max(computed));
-        if let Some(limit) = self.config.max_elapsed
-            && self.started.elapsed() + delay > limit.0
-        {
-            return None;
-        }
-        Some(delay)
+    /// Starts over from `initial_delay` (a round delivered something: the sink is
+    /// working, and what failed is worth trying again soon).
+    pub fn reset(&mut self) {
+        self.delays = delays(self.config);
     }
+
+    /// How long to wait before the next round; `asked` is a delay the sink requested
+    /// (Retry-After), honoured when longer.
+    pub fn next_delay(&mut self, asked: Option<Duration>) -> Duration {
+        let computed = self.delays.next().unwrap_or(self.config.max_delay.0);
+        asked.map_or(computed, |a| a.max(computed))
+    }
+}
+
+fn delays(config: RetryConfig) -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(config.initial_delay.0)
+        .with_max_delay(config.max_delay.0)
+        .with_factor(2.0)
+        .with_jitter()
+        // backon is built without its `std` feature, where every generator starts from one
+        // fixed seed: each batch, lane and instance would wait the same "random" delays
+        // and retry in lockstep. A seed of its own per backoff.
+        .with_jitter_seed(rand::random())
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]
@@ -106,18 +113,29 @@ mod tests {
     }
 
     #[test]
-    fn gives_up_after_max_attempts() {
-        let mut b = Backoff::new(cfg(3, None));
-        assert!(b.next_delay(None).is_some());
-        assert!(b.next_delay(None).is_some());
-        assert!(b.next_delay(None).is_none());
-        assert_eq!(b.attempts, 3);
+    fn each_record_gives_up_after_max_attempts() {
+        let c = cfg(3, None);
+        let no_time = Duration::ZERO;
+        assert!(c.allows(1, no_time, no_time));
+        assert!(c.allows(2, no_time, no_time));
+        assert!(!c.allows(3, no_time, no_time));
+        assert!(
+            cfg(0, None).allows(1_000_000, no_time, no_time),
+            "0 = no limit"
+        );
     }
 
     #[test]
-    fn delays_grow_and_are_capped() {
+    fn elapsed_limit_counts_the_next_wait() {
+        let c = cfg(0, Some(10));
+        assert!(c.allows(5, Duration::from_secs(8), Duration::from_secs(2)));
+        assert!(!c.allows(5, Duration::from_secs(8), Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn delays_grow_are_capped_and_start_over_on_reset() {
         let mut b = Backoff::new(cfg(0, None));
-        let delays: Vec<Duration> = (0..12).map(|_| b.next_delay(None).unwrap()).collect();
+        let delays: Vec<Duration> = (0..12).map(|_| b.next_delay(None)).collect();
         assert!(delays[0] >= Duration::from_millis(100));
         // Jitter adds at most one more base delay, and the cap holds (base ≤ 2 s, jitter ≤ 2 s).
         assert!(
@@ -125,15 +143,16 @@ mod tests {
             "{delays:?}"
         );
         assert!(delays[11] >= Duration::from_secs(2), "{delays:?}");
+        b.reset();
+        let first = b.next_delay(None);
+        assert!(first < Duration::from_millis(200), "{first:?}");
     }
 
     #[test]
     fn jitter_differs_between_backoffs() {
         let delays = || {
             let mut b = Backoff::new(cfg(0, None));
-            (0..8)
-                .map(|_| b.next_delay(None).unwrap())
-                .collect::<Vec<_>>()
+            (0..8).map(|_| b.next_delay(None)).collect::<Vec<_>>()
         };
         // Equal sequences: the jitter is not random, and retries go out in lockstep.
         assert_ne!(delays(), delays());
@@ -142,13 +161,9 @@ mod tests {
     #[test]
     fn retry_after_is_honoured() {
         let mut b = Backoff::new(cfg(0, None));
-        let d = b.next_delay(Some(Duration::from_secs(7))).unwrap();
-        assert_eq!(d, Duration::from_secs(7));
-    }
-
-    #[test]
-    fn elapsed_limit() {
-        let mut b = Backoff::new(cfg(0, Some(1)));
-        assert!(b.next_delay(Some(Duration::from_secs(5))).is_none());
+        assert_eq!(
+            b.next_delay(Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
     }
 }

@@ -18,7 +18,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Delivery, OpenContext, Origin, Sink, SinkError, SinkSpec};
+use super::{Delivery, OpenContext, Origin, Outcome, Sink, SinkError, SinkSpec};
 
 super::sink_config! {
     /// `type: sqlite`.
@@ -194,11 +194,11 @@ impl SqliteSink {
         ))
     }
 
-    async fn write_batch(&self, batch: &[Delivery]) -> Result<(), SinkError> {
+    /// Inserts the prepared records in one transaction.
+    async fn insert(&self, rows: &[(String, Vec<&serde_json::Value>)]) -> Result<(), SinkError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        for d in batch {
-            let (sql, vals) = self.insert_for(&d.record)?;
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (sql, vals) in rows {
+            let mut q = sqlx::query(AssertSqlSafe(sql.as_str()));
             for v in vals {
                 q = match v {
                     serde_json::Value::Null => q.bind(None::<String>),
@@ -218,8 +218,14 @@ impl SqliteSink {
 }
 
 impl Sink for SqliteSink {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), SinkError>> {
-        Box::pin(self.write_batch(batch))
+    /// One transaction per batch; a batch the database rejects is split to isolate the
+    /// rows it refuses.
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(super::prepared(
+            batch,
+            |d| self.insert_for(&d.record),
+            move |rows| async move { super::isolate(&rows, |part| self.insert(part)).await },
+        ))
     }
 }
 

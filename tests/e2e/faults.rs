@@ -51,16 +51,19 @@ dead_letter: {{ sink: dlq }}
 }
 
 /// The records the receiver accepted (answered 2xx), as (stream, seq), in the order it
-/// answered them.
+/// answered them (a request's body is one record, or an array of them).
 fn accepted(seen: &[Seen]) -> Vec<(String, i64)> {
+    let record = |v: &serde_json::Value| {
+        (
+            v["stream"].as_str().unwrap().to_owned(),
+            v["seq"].as_i64().unwrap(),
+        )
+    };
     seen.iter()
         .filter(|s| s.status.is_some_and(|c| (200..300).contains(&c)))
-        .map(|s| {
-            let v = s.json();
-            (
-                v["stream"].as_str().unwrap().to_owned(),
-                v["seq"].as_i64().unwrap(),
-            )
+        .flat_map(|s| match s.json() {
+            serde_json::Value::Array(items) => items.iter().map(record).collect(),
+            v => vec![record(&v)],
         })
         .collect()
 }
@@ -270,4 +273,110 @@ async fn webhook_keeps_each_topic_in_order_through_retries_on_4_lanes() {
         hook.with_seen(|seen| seen.iter().filter(|s| s.fault == Some(Fault::Slow)).count() as i64);
     assert!(tally.duplicates <= slow, "{tally}, {slow} slow answers");
     assert!(json_lines(&dir.path().join("dead.jsonl")).is_empty());
+}
+
+/// Issue 10's flaky endpoint, a normal day for a SaaS webhook: every third request is
+/// answered 500 and every seventh 429 with `Retry-After: 1`, while 10 devices send 100
+/// QoS 1 messages each, to the webhook and to PostgreSQL, with
+/// `retry: { max_attempts: 30, initial_delay: 20ms, max_delay: 500ms }`. Each record has
+/// its own budget of 30 attempts, and no record fails 30 times in a row here, so the
+/// webhook must get all 1,000 records and nothing may be dead-lettered. (When the attempt
+/// count belonged to a whole batch, 538 of 1,000 were dead-lettered.)
+async fn a_flaky_endpoint_gets_every_record(batch_body: bool) {
+    const DEVICES: i64 = 10;
+    const N: i64 = 1_000;
+    let broker = Mosquitto::start().await;
+    let db = pg_fresh_database(&pg_admin_url()).await;
+    pg_exec(
+        &db,
+        "CREATE TABLE flaky (stream text NOT NULL, seq bigint NOT NULL)",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let hook = HookServer::start().await;
+    hook.fail_every(&[(7, Fault::TooMany), (3, Fault::Error500)]);
+    let config = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: flaky-{batch_body}, protocol: 5 }}
+spool: {{ path: {spool} }}
+sinks:
+  hook:
+    type: webhook
+    url: {url}/ingest
+    batch_body: {batch_body}
+    retry: {{ max_attempts: 30, initial_delay: 20ms, max_delay: 500ms }}
+  pg: {{ type: postgres, url: "{db}", table: flaky }}
+  dlq: {{ type: file, path: {dlq} }}
+rules:
+  - name: flaky
+    from: ["faults/{{stream}}"]
+    transform: '{{stream: .vars.stream, seq: .payload.seq}}'
+    to: [hook, pg]
+dead_letter: {{ sink: dlq }}
+"#,
+            port = broker.port,
+            url = hook.url(),
+            spool = dir.path().join("spool").display(),
+            dlq = dir.path().join("dead.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    let bridge = ChildBridge::start_subscribed(&config).await;
+
+    let started = Instant::now();
+    publish_numbered(
+        broker.port,
+        "flaky-pub",
+        DEVICES,
+        N,
+        Duration::ZERO,
+        |p, _| format!("faults/d{p}"),
+    )
+    .await;
+    all_accepted(&hook, N, Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    eventually(
+        Duration::from_secs(30),
+        "every row in PostgreSQL",
+        async || {
+            (pg_count(&db, "SELECT count(DISTINCT seq)::text FROM flaky").await == Some(N))
+                .then_some(())
+        },
+    )
+    .await;
+    let (status, _) = bridge.terminate(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status:?}");
+
+    let tally =
+        hook.with_seen(|seen| Tally::of_seqs(N, accepted(seen).into_iter().map(|(_, s)| s)));
+    println!("{tally}");
+    println!(
+        "flaky endpoint (batch_body: {batch_body}): answers {:?}, every record accepted after {took:?}",
+        hook.with_seen(answers)
+    );
+    assert_eq!(tally.lost, 0, "{tally}");
+    let answers = hook.with_seen(answers);
+    for status in ["500", "429"] {
+        assert!(answers.get(status).is_some_and(|&k| k > 0), "{answers:?}");
+    }
+    let dead = json_lines(&dir.path().join("dead.jsonl"));
+    assert!(
+        dead.is_empty(),
+        "{} dead-lettered, e.g. {}",
+        dead.len(),
+        dead[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_endpoint_gets_every_record_one_request_each() {
+    a_flaky_endpoint_gets_every_record(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_endpoint_gets_every_record_in_batch_bodies() {
+    a_flaky_endpoint_gets_every_record(true).await;
 }

@@ -63,8 +63,13 @@ impl Seen {
 pub struct State {
     /// Faults for the next requests, one per request, in arrival order.
     pub faults: VecDeque<Fault>,
-    /// When `faults` is empty: each request gets one of these faults with its probability
-    /// (the rest are answered normally).
+    /// When `faults` is empty: request number k (counting from 1) gets the first of these
+    /// faults whose period divides k.
+    pub every: Vec<(u64, Fault)>,
+    /// Requests seen so far, for `every`.
+    pub count: u64,
+    /// When neither of the above applies: each request gets one of these faults with its
+    /// probability (the rest are answered normally).
     pub random: Vec<(Fault, f64)>,
     /// HMAC key; requests to a path in `signed` must carry a valid signature header.
     pub secret: Vec<u8>,
@@ -75,6 +80,14 @@ pub struct State {
 impl State {
     fn next_fault(&mut self) -> Option<Fault> {
         if let Some(f) = self.faults.pop_front() {
+            return Some(f);
+        }
+        self.count += 1;
+        if let Some(&(_, f)) = self
+            .every
+            .iter()
+            .find(|(n, _)| self.count.is_multiple_of(*n))
+        {
             return Some(f);
         }
         let mut draw = rand::random::<f64>();
@@ -145,6 +158,12 @@ impl HookServer {
 
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         self.state.lock().unwrap().faults.extend(faults);
+    }
+
+    /// From now on, answers request number k (counting from 1) with the first fault whose
+    /// period divides k, e.g. `[(7, TooMany), (3, Error500)]`.
+    pub fn fail_every(&self, pattern: &[(u64, Fault)]) {
+        self.state.lock().unwrap().every = pattern.to_vec();
     }
 
     /// From now on, answers each request with a fault drawn from `mix` (fault,

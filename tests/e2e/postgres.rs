@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqbridge::sink::{Delivery, OpenContext, Sink, SinkConfig};
+use mqbridge::sink::{Delivery, OpenContext, Outcome, Sink, SinkConfig};
 use serde_json::json;
 
 use crate::util::*;
@@ -105,6 +105,8 @@ async fn values_are_converted_to_each_column_type() {
         let sink = open(json!({"type": "postgres", "url": db, "table": table})).await;
         sink.write(&[delivery(json!({"v": value, "not_a_column": 1}))])
             .await
+            .into_iter()
+            .try_for_each(Outcome::result)
             .unwrap_or_else(|e| panic!("{ty} {value}: {e}"));
         let got = pg_texts(&db, &format!("SELECT v::text FROM {table}")).await;
         assert_eq!(got, vec![want.map(String::from)], "{ty} from {value}");
@@ -126,9 +128,13 @@ async fn explicit_columns_unknown_keys_and_conflicts() {
         delivery(json!({"d": "b", "n": 2, "m": {"t": 1}})),
     ])
     .await
+    .into_iter()
+    .try_for_each(Outcome::result)
     .unwrap();
     sink.write(&[delivery(json!({"d": "c", "n": 1, "m": {"t": 20}}))])
         .await
+        .into_iter()
+        .try_for_each(Outcome::result)
         .unwrap();
     assert_eq!(
         pg_texts(
@@ -147,11 +153,15 @@ async fn explicit_columns_unknown_keys_and_conflicts() {
     let err = strict
         .write(&[delivery(json!({"seq": 3, "oops": 1}))])
         .await
+        .into_iter()
+        .try_for_each(Outcome::result)
         .unwrap_err();
     assert!(err.message.contains("oops"), "{err}");
     strict
         .write(&[delivery(json!({"seq": 1, "device": "ignored"}))])
         .await
+        .into_iter()
+        .try_for_each(Outcome::result)
         .unwrap();
     assert_eq!(
         pg_texts(&db, "SELECT device FROM iot.readings WHERE seq = 1").await,
