@@ -103,6 +103,29 @@ impl V4 {
         .expect("expected packet in time")
     }
 
+    /// Publishes a probe (QoS 0) to `topic`, which this client subscribed to, and returns
+    /// the packets that arrived before the probe came back (keepalive answers left out).
+    /// The broker handles a connection's packets in order and writes to a client in
+    /// order, so whatever it had routed or sent to this client before it read the probe
+    /// is in the answer: the proof that the path works, for a check that something did
+    /// not arrive.
+    pub async fn until_probe(&mut self, topic: &str) -> Vec<rumqttc::Packet> {
+        self.client
+            .publish(topic, rumqttc::QoS::AtMostOnce, false, "probe")
+            .await
+            .unwrap();
+        let mut before = Vec::new();
+        loop {
+            match self.expect(|_| true).await {
+                rumqttc::Packet::Publish(p) if p.topic == topic && &p.payload[..] == b"probe" => {
+                    return before;
+                }
+                rumqttc::Packet::PingResp => {}
+                other => before.push(other),
+            }
+        }
+    }
+
     pub async fn publish_msg(&mut self) -> rumqttc::Publish {
         match self
             .expect(|p| matches!(p, rumqttc::Packet::Publish(_)))
@@ -250,8 +273,8 @@ async fn embedded_retained_set_replace_clear_and_wills() {
     let mut s2 = V4::connect(port, "later", true, None).await;
     s2.subscribe_acked("status/#", rumqttc::QoS::AtLeastOnce)
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(s2.events.try_recv().is_err(), "cleared: nothing retained");
+    let before = s2.until_probe("status/probe").await;
+    assert!(before.is_empty(), "cleared, nothing retained: {before:?}");
 
     // Will: sent when the connection drops, not after DISCONNECT.
     let will = || {
@@ -262,8 +285,7 @@ async fn embedded_retained_set_replace_clear_and_wills() {
             false,
         ))
     };
-    let polite = V4::connect(port, "polite", true, will()).await;
-    polite.client.disconnect().await.unwrap();
+    raw_disconnect(raw_connect(port, "polite", true, will()).await);
     let mut raw = raw_connect(port, "rude", true, will()).await;
     raw.flush().unwrap();
     drop(raw); // connection lost without DISCONNECT
@@ -272,10 +294,11 @@ async fn embedded_retained_set_replace_clear_and_wills() {
         (got.topic.as_str(), &got.payload[..]),
         ("status/gone", &b"bye"[..])
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The polite connection had ended before the rude one began.
+    let before = s2.until_probe("status/probe").await;
     assert!(
-        s2.events.try_recv().is_err(),
-        "one will only (the rude one)"
+        before.is_empty(),
+        "one will only (the rude one): {before:?}"
     );
     bridge.stop().await.unwrap();
 }
@@ -472,25 +495,33 @@ async fn embedded_malformed_input_closes_only_that_connection() {
 async fn embedded_puback_waits_for_the_sqlite_commit() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    sqlite_create(
-        &db,
-        "CREATE TABLE readings (device TEXT, seq INTEGER, client TEXT)",
-    )
-    .await;
+    // The rule writes to two databases; `seen` is never locked and shows when the
+    // message has reached the sinks.
+    let (db, seen) = (dir.path().join("t.db"), dir.path().join("seen.db"));
+    for path in [&db, &seen] {
+        sqlite_create(
+            path,
+            "CREATE TABLE readings (device TEXT, seq INTEGER, client TEXT)",
+        )
+        .await;
+    }
     let rest = format!(
         r#"sinks:
   db: {{ type: sqlite, path: {db}, table: readings }}
+  seen: {{ type: sqlite, path: {seen}, table: readings }}
 rules:
   - name: readings
     from: ["sensors/{{device}}/telemetry"]
     transform: '{{device: .vars.device, seq: .payload.seq, client: .client_id}}'
-    to: [db]"#,
-        db = db.display()
+    to: [db, seen]"#,
+        db = db.display(),
+        seen = seen.display()
     );
     let bridge = start(port, &config(port, "", &rest)).await;
     let lock = sqlite_lock(&db).await;
     let mut p = V4::connect(port, "sensor-7", true, None).await;
+    p.subscribe_acked("echo/sensor-7", rumqttc::QoS::AtMostOnce)
+        .await;
     p.client
         .publish(
             "sensors/d1/telemetry",
@@ -500,14 +531,17 @@ rules:
         )
         .await
         .unwrap();
-    // A subscriber would have it now; the publisher's PUBACK waits for the row.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    while let Ok(ev) = p.events.try_recv() {
-        assert!(
-            !matches!(ev, rumqttc::Packet::PubAck(_)),
-            "PUBACK before the row was stored"
-        );
-    }
+    eventually(Duration::from_secs(10), "the row in seen.db", async || {
+        (sqlite_count(&seen, "readings").await == 1).then_some(())
+    })
+    .await;
+    // The message reached the sinks, and whatever the broker had sent the publisher
+    // arrives before the probe: the PUBACK still waits for the locked database.
+    let before = p.until_probe("echo/sensor-7").await;
+    assert!(
+        before.is_empty(),
+        "PUBACK before the row was stored: {before:?}"
+    );
     drop(lock);
     p.expect(|e| matches!(e, rumqttc::Packet::PubAck(_))).await;
     assert_eq!(
