@@ -348,9 +348,10 @@ async fn embedded_acl_and_passwords() {
     let port = free_port();
     let hash = mqbridge::broker::auth::hash_password("s3cret");
     let extra = format!(
-        r##"  users: [{{ username: dev, password_hash: "{hash}" }}]
+        r##"  users: [{{ username: dev, password_hash: "{hash}" }}, {{ username: ops, password_hash: "{hash}" }}]
   acl:
     - {{ username: dev, action: allow, publish: ["dev/#"], subscribe: ["dev/#"] }}
+    - {{ username: ops, action: allow, subscribe: ["#"] }}
     - {{ username: "*", action: deny, publish: ["#"], subscribe: ["#"] }}"##
     );
     let bridge = start(
@@ -375,7 +376,9 @@ async fn embedded_acl_and_passwords() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 
-    // Right password: the ACL decides per filter and per topic.
+    // Right password: the ACL decides per filter and per topic. `ops` may read everything.
+    let mut ops = V4::connect_as(port, "ops", true, None, Some(("ops", "s3cret"))).await;
+    ops.subscribe_acked("#", rumqttc::QoS::AtLeastOnce).await;
     let mut dev = V5::connect(port, "dev5", Some(("dev", "s3cret"))).await;
     dev.expect(|p| matches!(p, P5::ConnAck(c) if c.code == rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success)).await;
     dev.client
@@ -430,9 +433,16 @@ async fn embedded_acl_and_passwords() {
         .await
         .unwrap();
     match dev.expect(|p| matches!(p, P5::Publish(_))).await {
-        P5::Publish(p) => assert_eq!(&p.payload[..], b"yes", "the refused one never arrives"),
+        P5::Publish(p) => assert_eq!(&p.payload[..], b"yes"),
         _ => unreachable!(),
     }
+    // Published after the refused one on the same connection: had that one been routed,
+    // it would have reached `ops` first.
+    assert_eq!(
+        ops.publish_msg().await.topic,
+        "dev/x",
+        "the refused one never arrives"
+    );
 
     // 3.1.1: a refused subscription is 0x80.
     let mut dev4 = V4::connect_as(port, "dev4", true, None, Some(("dev", "s3cret"))).await;
