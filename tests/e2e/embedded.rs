@@ -566,48 +566,51 @@ rules:
 async fn embedded_serves_mosquitto_clients() {
     let port = free_port();
     let bridge = start(port, &config(port, "", "")).await;
-    let sub = std::process::Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            "m/#",
-            "-q",
-            "2",
-        ])
-        .args(["-C", "2", "-v", "-W", "20", "-V", "mqttv5"])
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "m/#"])
+        .args(["-q", "2", "-v", "-W", "30", "-V", "mqttv5"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-    // mosquitto_sub gives no sign when it has subscribed; give it ample time.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for (version, qos) in [("mqttv311", "1"), ("mqttv5", "2")] {
+    let lines = collect_lines(sub.stdout.take().unwrap());
+    let publish = |topic: &str, version: &str, qos: &str| {
         let status = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args([
-                "-t",
-                &format!("m/{version}"),
-                "-m",
-                "hello",
-                "-q",
-                qos,
-                "-V",
-                version,
-            ])
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
+            .args(["-m", "hello", "-q", qos, "-V", version])
             .status()
             .unwrap();
         assert!(status.success());
+    };
+    // mosquitto_sub gives no sign when it has subscribed: probe until one arrives.
+    eventually(
+        Duration::from_secs(10),
+        "mosquitto_sub to subscribe",
+        async || {
+            publish("m/probe", "mqttv5", "1");
+            let lines = lines.lock().unwrap();
+            lines
+                .iter()
+                .any(|l| l.starts_with("m/probe "))
+                .then_some(())
+        },
+    )
+    .await;
+    for (version, qos) in [("mqttv311", "1"), ("mqttv5", "2")] {
+        publish(&format!("m/{version}"), version, qos);
     }
-    let out = tokio::task::spawn_blocking(move || sub.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "m/mqttv311 hello\nm/mqttv5 hello\n"
-    );
+    let got = eventually(Duration::from_secs(10), "both messages", async || {
+        let lines = lines.lock().unwrap();
+        let got: Vec<String> = lines
+            .iter()
+            .filter(|l| !l.starts_with("m/probe "))
+            .cloned()
+            .collect();
+        (got.len() >= 2).then_some(got)
+    })
+    .await;
+    assert_eq!(got, ["m/mqttv311 hello", "m/mqttv5 hello"]);
+    sub.kill().unwrap();
+    sub.wait().unwrap();
     bridge.stop().await.unwrap();
 }
 

@@ -488,6 +488,18 @@ impl Drop for InProcess {
     }
 }
 
+/// The lines a child process writes to `output`, collected as they come (on a thread).
+pub fn collect_lines(output: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let lines2 = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            lines2.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
 /// mqbridge as a child process (for kill -9 and signals), with its log lines collected.
 pub struct ChildBridge {
     child: Child,
@@ -527,14 +539,7 @@ impl ChildBridge {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start mqbridge");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let log2 = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log2.lock().unwrap().push(line);
-            }
-        });
+        let log = collect_lines(child.stderr.take().unwrap());
         ChildBridge { child, log }
     }
 
