@@ -172,11 +172,13 @@ async fn filtered_messages_are_skipped_and_bad_ones_dead_lettered() {
     let want: Vec<i64> = (0..60).filter(|i| i % 4 == 1 || i % 4 == 3).collect();
     assert_eq!(stored, want, "filtered messages must not be written");
 
-    let letters = eventually(Duration::from_secs(10), "15 dead letters", async || {
-        let l = json_lines(&dlq);
-        (l.len() >= 15).then_some(l)
+    eventually(Duration::from_secs(10), "15 dead letters", async || {
+        (json_lines(&dlq).len() >= 15).then_some(())
     })
     .await;
+    // Stopped, the bridge writes nothing more: the count is final.
+    bridge.stop().await.unwrap();
+    let letters = json_lines(&dlq);
     assert_eq!(letters.len(), 15);
     for l in &letters {
         assert_eq!(l["rule"], "readings");
@@ -195,7 +197,6 @@ async fn filtered_messages_are_skipped_and_bad_ones_dead_lettered() {
         assert_eq!(l["error_kind"], "permanent");
         assert_eq!(l["qos"], 1);
     }
-    bridge.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,15 +236,18 @@ async fn records_the_sink_rejects_are_isolated_and_dead_lettered() {
     }
     publisher.publish_all(msgs).await;
     let dlq = dir.path().join("dead.jsonl");
-    let letters = eventually(Duration::from_secs(30), "3 dead letters", async || {
-        let l = json_lines(&dlq);
-        (l.len() >= 3).then_some(l)
-    })
+    eventually(
+        Duration::from_secs(30),
+        "3 dead letters and 300 rows",
+        async || {
+            (json_lines(&dlq).len() >= 3 && sqlite_count(&db, "readings").await >= 301)
+                .then_some(())
+        },
+    )
     .await;
-    eventually(Duration::from_secs(30), "300 rows", async || {
-        (sqlite_count(&db, "readings").await >= 301).then_some(())
-    })
-    .await;
+    // Stopped, the bridge writes nothing more: the counts are final.
+    bridge.stop().await.unwrap();
+    let letters = json_lines(&dlq);
     assert_eq!(
         sqlite_query(
             &db,
@@ -261,7 +265,6 @@ async fn records_the_sink_rejects_are_isolated_and_dead_lettered() {
             "{l}"
         );
     }
-    bridge.stop().await.unwrap();
 }
 
 /// A database another process holds locked when mqbridge starts: the bridge waits for it
