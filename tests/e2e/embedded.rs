@@ -572,7 +572,7 @@ async fn embedded_serves_mosquitto_clients() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-    let lines = collect_lines(sub.stdout.take().unwrap());
+    let (lines, _reader) = collect_lines(sub.stdout.take().unwrap());
     let publish = |topic: &str, version: &str, qos: &str| {
         let status = Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
