@@ -96,11 +96,14 @@ async fn rows_and_republished(protocol: &str) {
     });
     publisher.publish_all(messages).await;
 
-    let seqs = eventually(Duration::from_secs(30), "all rows", async || {
-        let seqs = sqlite_query(&db, "SELECT seq FROM readings WHERE seq >= 0 ORDER BY seq").await;
-        (seqs.len() as i64 >= N).then_some(seqs)
+    let all_rows = "SELECT seq FROM readings WHERE seq >= 0 ORDER BY seq";
+    eventually(Duration::from_secs(30), "all rows", async || {
+        (sqlite_query(&db, all_rows).await.len() as i64 >= N).then_some(())
     })
     .await;
+    // Stopped, the bridge writes and republishes nothing more: no duplicate can follow.
+    bridge.stop().await.unwrap();
+    let seqs = sqlite_query(&db, all_rows).await;
     assert_eq!(
         seqs,
         (0..N).collect::<Vec<_>>(),
@@ -127,7 +130,6 @@ async fn rows_and_republished(protocol: &str) {
     )
     .await;
     assert_eq!(mirrored, (0..N).collect::<BTreeSet<_>>());
-    bridge.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
