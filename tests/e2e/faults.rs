@@ -139,6 +139,7 @@ async fn webhook_down_then_flaky_loses_nothing() {
     let publishing = publish_numbered(broker.port, "faults-pub", 4, n, outage * 3 / 2, |p, i| {
         format!("faults/p{p}s{}", i % 64)
     });
+    // The sleeps here pace the phases (how long each lasts); nothing waits on them.
     let server = async {
         // Down: the port is not listened on, connections are refused.
         tokio::time::sleep(outage / 2).await;

@@ -306,6 +306,7 @@ async fn memory_stays_flat_while_the_sink_is_down() {
             }))
             .await;
         samples.push(o.bridge.rss_kib());
+        // Pacing: one second's worth of messages a second.
         tokio::time::sleep_until(tick + Duration::from_secs(1)).await;
     }
     // Once the queues are full (a few seconds in), memory must not keep growing with the
