@@ -103,6 +103,29 @@ impl V4 {
         .expect("expected packet in time")
     }
 
+    /// Publishes a probe (QoS 0) to `topic`, which this client subscribed to, and returns
+    /// the packets that arrived before the probe came back (keepalive answers left out).
+    /// The broker handles a connection's packets in order and writes to a client in
+    /// order, so whatever it had routed or sent to this client before it read the probe
+    /// is in the answer: the proof that the path works, for a check that something did
+    /// not arrive.
+    pub async fn until_probe(&mut self, topic: &str) -> Vec<rumqttc::Packet> {
+        self.client
+            .publish(topic, rumqttc::QoS::AtMostOnce, false, "probe")
+            .await
+            .unwrap();
+        let mut before = Vec::new();
+        loop {
+            match self.expect(|_| true).await {
+                rumqttc::Packet::Publish(p) if p.topic == topic && &p.payload[..] == b"probe" => {
+                    return before;
+                }
+                rumqttc::Packet::PingResp => {}
+                other => before.push(other),
+            }
+        }
+    }
+
     pub async fn publish_msg(&mut self) -> rumqttc::Publish {
         match self
             .expect(|p| matches!(p, rumqttc::Packet::Publish(_)))
@@ -250,8 +273,8 @@ async fn embedded_retained_set_replace_clear_and_wills() {
     let mut s2 = V4::connect(port, "later", true, None).await;
     s2.subscribe_acked("status/#", rumqttc::QoS::AtLeastOnce)
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(s2.events.try_recv().is_err(), "cleared: nothing retained");
+    let before = s2.until_probe("status/probe").await;
+    assert!(before.is_empty(), "cleared, nothing retained: {before:?}");
 
     // Will: sent when the connection drops, not after DISCONNECT.
     let will = || {
@@ -262,8 +285,7 @@ async fn embedded_retained_set_replace_clear_and_wills() {
             false,
         ))
     };
-    let polite = V4::connect(port, "polite", true, will()).await;
-    polite.client.disconnect().await.unwrap();
+    raw_disconnect(raw_connect(port, "polite", true, will()).await);
     let mut raw = raw_connect(port, "rude", true, will()).await;
     raw.flush().unwrap();
     drop(raw); // connection lost without DISCONNECT
@@ -272,10 +294,11 @@ async fn embedded_retained_set_replace_clear_and_wills() {
         (got.topic.as_str(), &got.payload[..]),
         ("status/gone", &b"bye"[..])
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The polite connection had ended before the rude one began.
+    let before = s2.until_probe("status/probe").await;
     assert!(
-        s2.events.try_recv().is_err(),
-        "one will only (the rude one)"
+        before.is_empty(),
+        "one will only (the rude one): {before:?}"
     );
     bridge.stop().await.unwrap();
 }
@@ -284,12 +307,7 @@ async fn embedded_retained_set_replace_clear_and_wills() {
 async fn embedded_persistent_session_queues_and_redelivers() {
     let port = free_port();
     let bridge = start(port, &config(port, "", "")).await;
-    let mut sub = V4::connect(port, "keeper", false, None).await;
-    sub.subscribe_acked("jobs/#", rumqttc::QoS::AtLeastOnce)
-        .await;
-    sub.client.disconnect().await.unwrap();
-    // No signal tells when the broker has seen the DISCONNECT; give it ample time.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    offline_subscriber(port, "keeper", "jobs/#").await;
 
     let mut p = V4::connect(port, "producer", true, None).await;
     for i in 0..3 {
@@ -313,8 +331,7 @@ async fn embedded_persistent_session_queues_and_redelivers() {
         .collect();
     assert_eq!(publishes.len(), 3, "{first:?}");
     assert!(publishes.iter().all(|p| !p.dup));
-    drop(raw);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw_hang_up(raw);
     let mut again = V4::connect(port, "keeper", false, None).await;
     let mut topics = Vec::new();
     for _ in 0..3 {
@@ -331,9 +348,10 @@ async fn embedded_acl_and_passwords() {
     let port = free_port();
     let hash = mqbridge::broker::auth::hash_password("s3cret");
     let extra = format!(
-        r##"  users: [{{ username: dev, password_hash: "{hash}" }}]
+        r##"  users: [{{ username: dev, password_hash: "{hash}" }}, {{ username: ops, password_hash: "{hash}" }}]
   acl:
     - {{ username: dev, action: allow, publish: ["dev/#"], subscribe: ["dev/#"] }}
+    - {{ username: ops, action: allow, subscribe: ["#"] }}
     - {{ username: "*", action: deny, publish: ["#"], subscribe: ["#"] }}"##
     );
     let bridge = start(
@@ -358,7 +376,9 @@ async fn embedded_acl_and_passwords() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 
-    // Right password: the ACL decides per filter and per topic.
+    // Right password: the ACL decides per filter and per topic. `ops` may read everything.
+    let mut ops = V4::connect_as(port, "ops", true, None, Some(("ops", "s3cret"))).await;
+    ops.subscribe_acked("#", rumqttc::QoS::AtLeastOnce).await;
     let mut dev = V5::connect(port, "dev5", Some(("dev", "s3cret"))).await;
     dev.expect(|p| matches!(p, P5::ConnAck(c) if c.code == rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success)).await;
     dev.client
@@ -413,9 +433,16 @@ async fn embedded_acl_and_passwords() {
         .await
         .unwrap();
     match dev.expect(|p| matches!(p, P5::Publish(_))).await {
-        P5::Publish(p) => assert_eq!(&p.payload[..], b"yes", "the refused one never arrives"),
+        P5::Publish(p) => assert_eq!(&p.payload[..], b"yes"),
         _ => unreachable!(),
     }
+    // Published after the refused one on the same connection: had that one been routed,
+    // it would have reached `ops` first.
+    assert_eq!(
+        ops.publish_msg().await.topic,
+        "dev/x",
+        "the refused one never arrives"
+    );
 
     // 3.1.1: a refused subscription is 0x80.
     let mut dev4 = V4::connect_as(port, "dev4", true, None, Some(("dev", "s3cret"))).await;
@@ -478,25 +505,33 @@ async fn embedded_malformed_input_closes_only_that_connection() {
 async fn embedded_puback_waits_for_the_sqlite_commit() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    sqlite_create(
-        &db,
-        "CREATE TABLE readings (device TEXT, seq INTEGER, client TEXT)",
-    )
-    .await;
+    // The rule writes to two databases; `seen` is never locked and shows when the
+    // message has reached the sinks.
+    let (db, seen) = (dir.path().join("t.db"), dir.path().join("seen.db"));
+    for path in [&db, &seen] {
+        sqlite_create(
+            path,
+            "CREATE TABLE readings (device TEXT, seq INTEGER, client TEXT)",
+        )
+        .await;
+    }
     let rest = format!(
         r#"sinks:
   db: {{ type: sqlite, path: {db}, table: readings }}
+  seen: {{ type: sqlite, path: {seen}, table: readings }}
 rules:
   - name: readings
     from: ["sensors/{{device}}/telemetry"]
     transform: '{{device: .vars.device, seq: .payload.seq, client: .client_id}}'
-    to: [db]"#,
-        db = db.display()
+    to: [db, seen]"#,
+        db = db.display(),
+        seen = seen.display()
     );
     let bridge = start(port, &config(port, "", &rest)).await;
     let lock = sqlite_lock(&db).await;
     let mut p = V4::connect(port, "sensor-7", true, None).await;
+    p.subscribe_acked("echo/sensor-7", rumqttc::QoS::AtMostOnce)
+        .await;
     p.client
         .publish(
             "sensors/d1/telemetry",
@@ -506,14 +541,17 @@ rules:
         )
         .await
         .unwrap();
-    // A subscriber would have it now; the publisher's PUBACK waits for the row.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    while let Ok(ev) = p.events.try_recv() {
-        assert!(
-            !matches!(ev, rumqttc::Packet::PubAck(_)),
-            "PUBACK before the row was stored"
-        );
-    }
+    eventually(Duration::from_secs(10), "the row in seen.db", async || {
+        (sqlite_count(&seen, "readings").await == 1).then_some(())
+    })
+    .await;
+    // The message reached the sinks, and whatever the broker had sent the publisher
+    // arrives before the probe: the PUBACK still waits for the locked database.
+    let before = p.until_probe("echo/sensor-7").await;
+    assert!(
+        before.is_empty(),
+        "PUBACK before the row was stored: {before:?}"
+    );
     drop(lock);
     p.expect(|e| matches!(e, rumqttc::Packet::PubAck(_))).await;
     assert_eq!(
@@ -528,48 +566,51 @@ rules:
 async fn embedded_serves_mosquitto_clients() {
     let port = free_port();
     let bridge = start(port, &config(port, "", "")).await;
-    let sub = std::process::Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            "m/#",
-            "-q",
-            "2",
-        ])
-        .args(["-C", "2", "-v", "-W", "20", "-V", "mqttv5"])
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "m/#"])
+        .args(["-q", "2", "-v", "-W", "30", "-V", "mqttv5"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-    // mosquitto_sub gives no sign when it has subscribed; give it ample time.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for (version, qos) in [("mqttv311", "1"), ("mqttv5", "2")] {
+    let (lines, _reader) = collect_lines(sub.stdout.take().unwrap());
+    let publish = |topic: &str, version: &str, qos: &str| {
         let status = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args([
-                "-t",
-                &format!("m/{version}"),
-                "-m",
-                "hello",
-                "-q",
-                qos,
-                "-V",
-                version,
-            ])
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
+            .args(["-m", "hello", "-q", qos, "-V", version])
             .status()
             .unwrap();
         assert!(status.success());
+    };
+    // mosquitto_sub gives no sign when it has subscribed: probe until one arrives.
+    eventually(
+        Duration::from_secs(10),
+        "mosquitto_sub to subscribe",
+        async || {
+            publish("m/probe", "mqttv5", "1");
+            let lines = lines.lock().unwrap();
+            lines
+                .iter()
+                .any(|l| l.starts_with("m/probe "))
+                .then_some(())
+        },
+    )
+    .await;
+    for (version, qos) in [("mqttv311", "1"), ("mqttv5", "2")] {
+        publish(&format!("m/{version}"), version, qos);
     }
-    let out = tokio::task::spawn_blocking(move || sub.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "m/mqttv311 hello\nm/mqttv5 hello\n"
-    );
+    let got = eventually(Duration::from_secs(10), "both messages", async || {
+        let lines = lines.lock().unwrap();
+        let got: Vec<String> = lines
+            .iter()
+            .filter(|l| !l.starts_with("m/probe "))
+            .cloned()
+            .collect();
+        (got.len() >= 2).then_some(got)
+    })
+    .await;
+    assert_eq!(got, ["m/mqttv311 hello", "m/mqttv5 hello"]);
+    sub.kill().unwrap();
+    sub.wait().unwrap();
     bridge.stop().await.unwrap();
 }
 
@@ -616,8 +657,9 @@ async fn embedded_keepalive_and_client_ids() {
     c.keep_alive = 1;
     let mut s = raw_send_connect(port, c);
     assert_eq!(raw_connack_code(&mut s), 0);
+    // Pacing, not waiting: four pings 0.6 s apart outlast 1.5 × the keepalive.
     for _ in 0..4 {
-        std::thread::sleep(Duration::from_millis(600));
+        tokio::time::sleep(Duration::from_millis(600)).await;
         s.write_all(&[0xC0, 0]).unwrap();
         let mut pong = [0u8; 2];
         s.read_exact(&mut pong).unwrap();
@@ -639,12 +681,7 @@ async fn embedded_slow_subscriber_does_not_hold_up_publishers() {
     let bridge = start(port, &config(port, "  max_queued_messages: 10", "")).await;
     // Subscribes, then never reads: its socket buffers fill, then its queue (10).
     let mut stuck = raw_connect(port, "stuck", true, None).await;
-    let mut buf = BytesMut::new();
-    v4::Packet::Subscribe(v4::Subscribe::new("load/#", rumqttc::QoS::AtLeastOnce))
-        .write(&mut buf, usize::MAX)
-        .unwrap();
-    stuck.write_all(&buf).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    raw_subscribe(&mut stuck, "load/#");
 
     let mut p = V4::connect(port, "firehose", true, None).await;
     let payload = vec![b'x'; 4096];
@@ -665,15 +702,15 @@ async fn embedded_slow_subscriber_does_not_hold_up_publishers() {
     }
     assert!(started.elapsed() < Duration::from_secs(30));
 
-    // The stuck subscriber got its window's worth, not 8 MB.
+    // The stuck subscriber got its window's worth (max_inflight, 100 by default), not 8 MB.
     let got = raw_read_packets(&mut stuck, 5000, Duration::from_secs(2));
     let publishes = got
         .iter()
         .filter(|p| matches!(p, v4::Packet::Publish(_)))
         .count();
-    assert!(
-        publishes <= 100 + 10,
-        "{publishes} messages delivered to a client that acked none"
+    assert_eq!(
+        publishes, 100,
+        "messages delivered to a client that acked none"
     );
     bridge.stop().await.unwrap();
 }
@@ -716,8 +753,9 @@ rules:
     bridge.stop().await.unwrap();
 }
 
-/// Python paho-mqtt (2.x), MQTT 5 and 3.1.1, when installed (`pip install paho-mqtt`;
-/// `MQBRIDGE_TEST_PYTHON` picks the interpreter, default `python3`); skipped otherwise.
+/// Python paho-mqtt (2.x), MQTT 5 and 3.1.1 (`MQBRIDGE_TEST_PYTHON` picks the
+/// interpreter, default `python3`). Fails when paho-mqtt is missing: scripts/test.sh
+/// installs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_serves_python_paho() {
     let python = std::env::var("MQBRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -725,10 +763,10 @@ async fn embedded_serves_python_paho() {
         .args(["-c", "import paho.mqtt.client"])
         .status()
         .is_ok_and(|s| s.success());
-    if !has_paho {
-        eprintln!("skipped: {python} has no paho-mqtt (pip install paho-mqtt)");
-        return;
-    }
+    assert!(
+        has_paho,
+        "{python} has no paho-mqtt: pip install 'paho-mqtt>=2,<3', or run the tests through scripts/test.sh, which installs it"
+    );
     let port = free_port();
     let bridge = start(port, &config(port, "", "")).await;
     let script = format!(
@@ -818,6 +856,47 @@ pub(crate) fn raw_connack_code(s: &mut TcpStream) -> u8 {
     s.read_exact(&mut b).unwrap();
     assert_eq!(&b[..2], &[0x20, 2], "a CONNACK");
     b[3]
+}
+
+/// Subscribes to `filter` at QoS 1 and waits for the SUBACK.
+pub(crate) fn raw_subscribe(s: &mut TcpStream, filter: &str) {
+    let mut buf = BytesMut::new();
+    v4::Subscribe::new(filter, rumqttc::QoS::AtLeastOnce)
+        .write(&mut buf)
+        .unwrap();
+    s.write_all(&buf).unwrap();
+    let ack = raw_read_packets(s, 1, Duration::from_secs(5));
+    assert!(matches!(ack[..], [v4::Packet::SubAck(_)]), "{ack:?}");
+}
+
+/// Leaves a persistent session subscribed to `filter`, offline (see [`raw_disconnect`]).
+pub(crate) async fn offline_subscriber(port: u16, id: &str, filter: &str) {
+    let mut s = raw_connect(port, id, false, None).await;
+    raw_subscribe(&mut s, filter);
+    raw_disconnect(s);
+}
+
+/// Sends DISCONNECT and waits until the broker closed the connection: it has ended it by
+/// then (the session is offline, the will discarded).
+pub(crate) fn raw_disconnect(mut s: TcpStream) {
+    s.write_all(&[0xe0, 0]).unwrap();
+    raw_closed_by_broker(s);
+}
+
+/// Closes the connection without DISCONNECT (a lost connection) and waits until the
+/// broker closed its side: it has ended the connection by then (the session is offline,
+/// the will sent).
+fn raw_hang_up(s: TcpStream) {
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    raw_closed_by_broker(s);
+}
+
+/// Waits until the broker closes the connection (it does so after ending it: will,
+/// session), discarding what it still sends.
+fn raw_closed_by_broker(mut s: TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.read_to_end(&mut Vec::new())
+        .expect("the broker closes the connection in time");
 }
 
 /// Reads up to `n` packets (or until `timeout` passes without data).

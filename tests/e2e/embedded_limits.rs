@@ -9,8 +9,7 @@ use rumqttc::mqttbytes::v4;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::embedded::{V4, config, raw_connack_code, raw_send_connect};
-use crate::embedded_state::offline_subscriber;
+use crate::embedded::{V4, config, offline_subscriber, raw_connack_code, raw_send_connect};
 use crate::util::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

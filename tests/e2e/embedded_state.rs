@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use rumqttc::mqttbytes::v4;
-
-use crate::embedded::{V4, config, raw_connect, raw_read_packets, start};
+use crate::embedded::{
+    V4, config, offline_subscriber, raw_connect, raw_read_packets, raw_subscribe, start,
+};
 use crate::util::*;
 
 fn persistent(port: u16, state: &std::path::Path) -> String {
@@ -137,26 +137,4 @@ async fn embedded_state_survives_kill_9_after_a_flush() {
         .unwrap();
     assert_eq!(&watcher.publish_msg().await.payload[..], b"online");
     drop(bridge);
-}
-
-/// Leaves a persistent session subscribed to `filter`: subscribes, sends DISCONNECT and
-/// waits until the broker closed the connection (the session is offline by then).
-pub(crate) async fn offline_subscriber(port: u16, id: &str, filter: &str) {
-    use std::io::{Read, Write};
-    let mut s = raw_connect(port, id, false, None).await;
-    raw_subscribe(&mut s, filter);
-    s.write_all(&[0xe0, 0]).unwrap();
-    let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
-}
-
-fn raw_subscribe(s: &mut std::net::TcpStream, filter: &str) {
-    use std::io::Write;
-    let mut buf = bytes::BytesMut::new();
-    v4::Subscribe::new(filter, rumqttc::QoS::AtLeastOnce)
-        .write(&mut buf)
-        .unwrap();
-    s.write_all(&buf).unwrap();
-    let ack = raw_read_packets(s, 1, Duration::from_secs(5));
-    assert!(matches!(ack[..], [v4::Packet::SubAck(_)]), "{ack:?}");
 }

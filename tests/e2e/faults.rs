@@ -97,6 +97,13 @@ async fn all_accepted(hook: &HookServer, n: i64, timeout: Duration) {
     .await
 }
 
+/// Stops the bridge gracefully: it sends and writes nothing more, so what the receiver saw
+/// and the dead letters are final (a late resend counts as a duplicate, or out of order).
+async fn stop_for_the_tally(bridge: ChildBridge) {
+    let (status, _) = bridge.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
 /// The webhook is down (connections refused, then 503 to everything) while 4 publishers
 /// send, then comes back flaky (about half the requests get a 5xx, some a 429 with
 /// `Retry-After: 1`) for twice as long, then healthy. Retries are unlimited, so every
@@ -135,6 +142,7 @@ async fn webhook_down_then_flaky_loses_nothing() {
     let publishing = publish_numbered(broker.port, "faults-pub", 4, n, outage * 3 / 2, |p, i| {
         format!("faults/p{p}s{}", i % 64)
     });
+    // The sleeps here pace the phases (how long each lasts); nothing waits on them.
     let server = async {
         // Down: the port is not listened on, connections are refused.
         tokio::time::sleep(outage / 2).await;
@@ -156,6 +164,8 @@ async fn webhook_down_then_flaky_loses_nothing() {
     let ((), hook) = tokio::join!(publishing, server);
     let while_flaky = hook.with_seen(|seen| accepted(seen).len());
     all_accepted(&hook, n, short_or_long(120, 900) * Duration::from_secs(1)).await;
+    let log = std::sync::Arc::clone(&bridge.log);
+    stop_for_the_tally(bridge).await;
 
     let tally =
         hook.with_seen(|seen| Tally::of_seqs(n, accepted(seen).into_iter().map(|(_, s)| s)));
@@ -175,9 +185,7 @@ async fn webhook_down_then_flaky_loses_nothing() {
 
     // Each phase happened: refused connections, 503s, then 500s and 429s.
     assert!(
-        bridge
-            .log
-            .lock()
+        log.lock()
             .unwrap()
             .iter()
             .any(|l| l.contains("will retry") && l.contains("refused")),
@@ -222,7 +230,7 @@ async fn webhook_keeps_each_topic_in_order_through_retries_on_4_lanes() {
     retry: {{ initial_delay: 2ms, max_delay: 20ms }}"#,
         hook.url()
     );
-    let _bridge =
+    let bridge =
         ChildBridge::start_subscribed(&bridge_config(dir.path(), broker.port, "faults-2", &sink))
             .await;
 
@@ -234,6 +242,7 @@ async fn webhook_keeps_each_topic_in_order_through_retries_on_4_lanes() {
     })
     .await;
     all_accepted(&hook, n, short_or_long(120, 900) * Duration::from_secs(1)).await;
+    stop_for_the_tally(bridge).await;
 
     let accepted = hook.with_seen(accepted);
     let tally = Tally::of_seqs(n, accepted.iter().map(|(_, s)| *s));

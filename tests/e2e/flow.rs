@@ -96,11 +96,14 @@ async fn rows_and_republished(protocol: &str) {
     });
     publisher.publish_all(messages).await;
 
-    let seqs = eventually(Duration::from_secs(30), "all rows", async || {
-        let seqs = sqlite_query(&db, "SELECT seq FROM readings WHERE seq >= 0 ORDER BY seq").await;
-        (seqs.len() as i64 >= N).then_some(seqs)
+    let all_rows = "SELECT seq FROM readings WHERE seq >= 0 ORDER BY seq";
+    eventually(Duration::from_secs(30), "all rows", async || {
+        (sqlite_query(&db, all_rows).await.len() as i64 >= N).then_some(())
     })
     .await;
+    // Stopped, the bridge writes and republishes nothing more: no duplicate can follow.
+    bridge.stop().await.unwrap();
+    let seqs = sqlite_query(&db, all_rows).await;
     assert_eq!(
         seqs,
         (0..N).collect::<Vec<_>>(),
@@ -127,7 +130,6 @@ async fn rows_and_republished(protocol: &str) {
     )
     .await;
     assert_eq!(mirrored, (0..N).collect::<BTreeSet<_>>());
-    bridge.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,11 +174,13 @@ async fn filtered_messages_are_skipped_and_bad_ones_dead_lettered() {
     let want: Vec<i64> = (0..60).filter(|i| i % 4 == 1 || i % 4 == 3).collect();
     assert_eq!(stored, want, "filtered messages must not be written");
 
-    let letters = eventually(Duration::from_secs(10), "15 dead letters", async || {
-        let l = json_lines(&dlq);
-        (l.len() >= 15).then_some(l)
+    eventually(Duration::from_secs(10), "15 dead letters", async || {
+        (json_lines(&dlq).len() >= 15).then_some(())
     })
     .await;
+    // Stopped, the bridge writes nothing more: the count is final.
+    bridge.stop().await.unwrap();
+    let letters = json_lines(&dlq);
     assert_eq!(letters.len(), 15);
     for l in &letters {
         assert_eq!(l["rule"], "readings");
@@ -195,7 +199,6 @@ async fn filtered_messages_are_skipped_and_bad_ones_dead_lettered() {
         assert_eq!(l["error_kind"], "permanent");
         assert_eq!(l["qos"], 1);
     }
-    bridge.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,15 +238,18 @@ async fn records_the_sink_rejects_are_isolated_and_dead_lettered() {
     }
     publisher.publish_all(msgs).await;
     let dlq = dir.path().join("dead.jsonl");
-    let letters = eventually(Duration::from_secs(30), "3 dead letters", async || {
-        let l = json_lines(&dlq);
-        (l.len() >= 3).then_some(l)
-    })
+    eventually(
+        Duration::from_secs(30),
+        "3 dead letters and 300 rows",
+        async || {
+            (json_lines(&dlq).len() >= 3 && sqlite_count(&db, "readings").await >= 301)
+                .then_some(())
+        },
+    )
     .await;
-    eventually(Duration::from_secs(30), "300 rows", async || {
-        (sqlite_count(&db, "readings").await >= 301).then_some(())
-    })
-    .await;
+    // Stopped, the bridge writes nothing more: the counts are final.
+    bridge.stop().await.unwrap();
+    let letters = json_lines(&dlq);
     assert_eq!(
         sqlite_query(
             &db,
@@ -261,7 +267,6 @@ async fn records_the_sink_rejects_are_isolated_and_dead_lettered() {
             "{l}"
         );
     }
-    bridge.stop().await.unwrap();
 }
 
 /// A database another process holds locked when mqbridge starts: the bridge waits for it

@@ -254,6 +254,8 @@ async fn one_bad_row_in_a_thousand_is_dead_lettered_and_the_rest_commit() {
         },
     )
     .await;
+    // Stopped, the bridge writes nothing more: the counts are final.
+    bridge.stop().await.unwrap();
     assert_eq!(
         pg_count(&db, "SELECT count(*)::text FROM readings WHERE seq >= 0").await,
         Some(998)
@@ -269,7 +271,6 @@ async fn one_bad_row_in_a_thousand_is_dead_lettered_and_the_rest_commit() {
         l700.starts_with("700 pg permanent postgres 22P02"),
         "{l700}"
     );
-    bridge.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,6 +363,8 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() {
         },
     )
     .await;
+    // Stopped, the bridge writes nothing more: the counts are final.
+    bridge.stop().await.unwrap();
     assert_eq!(
         pg_count(
             &db,
@@ -379,5 +382,4 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() {
         json_lines(&dir.path().join("dead.jsonl")).is_empty(),
         "nothing should be dead-lettered"
     );
-    bridge.stop().await.unwrap();
 }

@@ -56,13 +56,6 @@ async fn quickstart_stores_what_mosquitto_pub_sends_and_refuses_a_taken_port() {
         (sqlite_count(&db, "mqbridge_messages").await >= 1).then_some(())
     })
     .await;
-    assert_eq!(sqlite_count(&db, "mqbridge_messages").await, 1);
-    let matching = sqlite_query(
-        &db,
-        r#"SELECT COUNT(*) FROM mqbridge_messages WHERE topic = 'sensors/d1/telemetry' AND payload = '{"temp": 21.5}' AND qos = 1 AND received_at IS NOT NULL"#,
-    )
-    .await;
-    assert_eq!(matching, [1]);
 
     // A second instance on the same port fails at once, naming the address; one in the
     // same directory (so the same spool) fails naming the spool.
@@ -88,4 +81,12 @@ async fn quickstart_stores_what_mosquitto_pub_sends_and_refuses_a_taken_port() {
 
     let (status, _) = bridge.terminate(Duration::from_secs(15)).await;
     assert!(status.success());
+    // Stopped, the bridge writes nothing more: one row, the message.
+    assert_eq!(sqlite_count(&db, "mqbridge_messages").await, 1);
+    let matching = sqlite_query(
+        &db,
+        r#"SELECT COUNT(*) FROM mqbridge_messages WHERE topic = 'sensors/d1/telemetry' AND payload = '{"temp": 21.5}' AND qos = 1 AND received_at IS NOT NULL"#,
+    )
+    .await;
+    assert_eq!(matching, [1]);
 }

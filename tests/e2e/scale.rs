@@ -155,20 +155,25 @@ dead_letter: {{ sink: dead }}
             .await
             .unwrap();
     }
-    let letters = eventually(
+    // Only the stream's letters: a repeated probe (seq -1 again) may be refused too.
+    let stream_letters = || -> Vec<_> {
+        json_lines(&dlq)
+            .into_iter()
+            .filter(|l| l["topic"] == "sensors/x/telemetry")
+            .collect()
+    };
+    eventually(
         Duration::from_secs(90),
         "every good row and every dead letter",
         async || {
             let rows = sqlite_count(&db, "readings").await - 1;
-            // Only the stream's letters: a repeated probe (seq -1 again) may be refused too.
-            let letters: Vec<_> = json_lines(&dlq)
-                .into_iter()
-                .filter(|l| l["topic"] == "sensors/x/telemetry")
-                .collect();
-            (rows >= good as i64 && letters.len() >= bad).then_some(letters)
+            (rows >= good as i64 && stream_letters().len() >= bad).then_some(())
         },
     )
     .await;
+    // Stopped, the bridge writes nothing more: the counts are final.
+    bridge.stop().await.unwrap();
+    let letters = stream_letters();
     assert_eq!(sqlite_count(&db, "readings").await - 1, good as i64);
     assert_eq!(letters.len(), bad);
     assert!(
@@ -192,7 +197,6 @@ dead_letter: {{ sink: dead }}
         reasons.contains("decode") && reasons.contains("transform"),
         "{reasons:?}"
     );
-    bridge.stop().await.unwrap();
 }
 
 /// mqbridge (a child process) storing `soak/#` messages in a PostgreSQL of the test's own,
@@ -302,6 +306,7 @@ async fn memory_stays_flat_while_the_sink_is_down() {
             }))
             .await;
         samples.push(o.bridge.rss_kib());
+        // Pacing: one second's worth of messages a second.
         tokio::time::sleep_until(tick + Duration::from_secs(1)).await;
     }
     // Once the queues are full (a few seconds in), memory must not keep growing with the

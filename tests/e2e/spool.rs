@@ -52,10 +52,14 @@ impl Setup {
     }
 }
 
-/// Publishes `n` numbered QoS 1 messages from 4 publishers at about `rate` per second.
+/// Publishers of the numbered messages, each on a topic of its own (`outage/p{k}`).
+const PUBLISHERS: i64 = 4;
+
+/// Publishes `n` numbered QoS 1 messages from [`PUBLISHERS`] publishers at about `rate`
+/// per second.
 async fn publish_paced(port: u16, n: i64, rate: i64) {
     let over = Duration::from_secs_f64(n as f64 / rate as f64);
-    publish_numbered(port, "outage-pub", 4, n, over, |p, _| {
+    publish_numbered(port, "outage-pub", PUBLISHERS, n, over, |p, _| {
         format!("outage/p{p}")
     })
     .await;
@@ -89,22 +93,26 @@ async fn without_the_spool_a_default_mosquitto_drops_the_backlog() {
     s.pg.stop("fast");
     publish_paced(s.broker.port, N, 2000).await;
     s.pg.start_again();
-    // What the broker kept (its queue plus the window in flight to mqbridge) arrives;
-    // the last message published is one the broker dropped, so wait for the count to
-    // stop growing instead.
-    let mut last = -1;
-    let stored = eventually(
+    // What the broker kept (its queue plus the window in flight to mqbridge) arrives.
+    // It delivers in order and mqbridge stores each topic in order, so once a sentinel
+    // published now is stored on every topic, so is all of that. The broker may drop a
+    // sentinel too: they are published until stored.
+    let publisher = TestClient::connect(s.broker.port, "outage-sentinels").await;
+    eventually(
         Duration::from_secs(60),
-        "the backlog to settle",
+        "a sentinel stored on every topic",
         async || {
-            let now = pg_count(&s.db, "SELECT count(*)::text FROM keyed").await?;
-            let settled = now > 0 && now == last;
-            last = now;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            settled.then_some(now)
+            let sentinels = (0..PUBLISHERS)
+                .map(|p| (format!("outage/p{p}"), format!(r#"{{"seq": {}}}"#, -1 - p)));
+            publisher.publish_all(sentinels).await;
+            let sql = "SELECT count(*)::text FROM keyed WHERE seq < 0";
+            (pg_count(&s.db, sql).await? == PUBLISHERS).then_some(())
         },
     )
     .await;
+    let stored = pg_count(&s.db, "SELECT count(*)::text FROM keyed WHERE seq >= 0")
+        .await
+        .unwrap();
     println!(
         "without spool: sent {N} / stored {stored} / lost {}",
         N - stored

@@ -488,10 +488,28 @@ impl Drop for InProcess {
     }
 }
 
+/// The lines a child process writes to `output`, collected as they come by a thread,
+/// which ends at the end of the output (joining it after the process exited waits for
+/// its last lines).
+pub fn collect_lines(
+    output: impl std::io::Read + Send + 'static,
+) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let lines2 = Arc::clone(&lines);
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            lines2.lock().unwrap().push(line);
+        }
+    });
+    (lines, reader)
+}
+
 /// mqbridge as a child process (for kill -9 and signals), with its log lines collected.
 pub struct ChildBridge {
     child: Child,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Collects `log`; joined once the process exited, so that the log is complete.
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ChildBridge {
@@ -527,15 +545,12 @@ impl ChildBridge {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start mqbridge");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let log2 = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log2.lock().unwrap().push(line);
-            }
-        });
-        ChildBridge { child, log }
+        let (log, log_reader) = collect_lines(child.stderr.take().unwrap());
+        ChildBridge {
+            child,
+            log,
+            log_reader: Some(log_reader),
+        }
     }
 
     /// Waits until a log line contains `needle`.
@@ -565,12 +580,21 @@ impl ChildBridge {
             .expect("VmRSS in /proc status")
     }
 
-    /// Waits for the process to exit on its own.
+    /// Waits for the process to exit on its own; its log is complete then.
     pub async fn exited(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        eventually(timeout, "mqbridge to exit", async || {
+        let status = eventually(timeout, "mqbridge to exit", async || {
             self.child.try_wait().unwrap()
         })
-        .await
+        .await;
+        self.log_complete();
+        status
+    }
+
+    /// After the process exited: waits until its last log lines are in `log`.
+    fn log_complete(&mut self) {
+        if let Some(reader) = self.log_reader.take() {
+            reader.join().unwrap();
+        }
     }
 
     pub fn kill9(mut self) {
@@ -578,7 +602,8 @@ impl ChildBridge {
         self.child.wait().unwrap();
     }
 
-    /// SIGTERM, then waits for exit; returns the exit status and how long it took.
+    /// SIGTERM, then waits for exit (the log is complete then); returns the exit status
+    /// and how long it took.
     pub async fn terminate(mut self, timeout: Duration) -> (std::process::ExitStatus, Duration) {
         let started = Instant::now();
         Command::new("kill")
@@ -589,7 +614,9 @@ impl ChildBridge {
             self.child.try_wait().unwrap()
         })
         .await;
-        (status, started.elapsed())
+        let took = started.elapsed();
+        self.log_complete();
+        (status, took)
     }
 }
 
