@@ -30,7 +30,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let Some(url) = std::env::args().skip(1).find(|a| a.starts_with("postgres")) else {
+    // `cargo test --all-targets` runs benches without `--bench`, maybe with test filters
+    // (`postgres::`): measure only under `cargo bench`, and only a URL is a URL.
+    let measure = std::env::args().any(|a| a == "--bench");
+    let url = std::env::args()
+        .skip(1)
+        .find(|a| a.starts_with("postgres://") || a.starts_with("postgresql://"));
+    let (true, Some(url)) = (measure, url) else {
         println!("postgres_insert: run with `cargo bench --bench postgres_insert -- postgres://…`");
         return;
     };
