@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{BrokerPlan, Plan, SinkPlan};
+use crate::delivery::Watch;
 use crate::pipeline::Pipeline;
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter, SinkQueue};
@@ -74,8 +75,11 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
             );
         }
     }
+    let watch = Arc::new(Watch::default());
+    tokio::spawn(Arc::clone(&watch).run(plan.unsettled_warning, shutdown.child_token()));
     let pipeline = Pipeline {
         rules: Arc::new(plan.rules),
+        watch,
         sinks: queues
             .into_iter()
             .map(|q| q.expect("every sink started"))

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::delivery::Ack;
+use crate::delivery::{Ack, Watch};
 use crate::message::Message;
 use crate::rule::{Evaluation, Rule};
 use crate::sink::driver::{DeadLetter, Failure, SinkQueue};
@@ -53,6 +53,8 @@ pub fn evaluate(rules: &[Rule], msg: &Message) -> Vec<Verdict> {
 
 pub struct Pipeline {
     pub rules: Arc<Vec<Rule>>,
+    /// Every message taken is tracked here until it settles.
+    pub watch: Arc<Watch>,
     /// Queue of each sink, by index.
     pub sinks: Vec<SinkQueue>,
     pub dead_letter: DeadLetter,
@@ -81,7 +83,8 @@ impl Pipeline {
         let mut acks = Vec::with_capacity(batch.len());
         let mut msgs = Vec::with_capacity(batch.len());
         for mut m in batch {
-            acks.push(std::mem::replace(&mut m.ack, Ack::detached()));
+            let ack = std::mem::replace(&mut m.ack, Ack::detached());
+            acks.push(self.watch.track(&m.topic, ack));
             msgs.push(Arc::new(m));
         }
         let msgs: Arc<[Arc<Message>]> = msgs.into();
@@ -264,6 +267,7 @@ mod tests {
                     rule("fast", "ok/+", "{v: .payload.v}", 0),
                     rule("slow", "slow", "last(range(1e15))", 0),
                 ]),
+                watch: Arc::default(),
                 sinks: vec![sink],
                 dead_letter: DeadLetter { queue: Some(dlq) },
             };

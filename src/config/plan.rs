@@ -28,6 +28,8 @@ pub struct Plan {
     pub dead_letter: Option<usize>,
     pub spool: Option<SpoolPlan>,
     pub shutdown_timeout: Duration,
+    /// Log a message still unsettled after this long.
+    pub unsettled_warning: Duration,
 }
 
 /// The durable spool's place and limits (`spool:`).
@@ -242,6 +244,7 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
         dead_letter,
         spool,
         shutdown_timeout: raw.shutdown_timeout.0,
+        unsettled_warning: raw.unsettled_warning.0,
     })
 }
 

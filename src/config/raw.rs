@@ -38,6 +38,14 @@ pub struct RawConfig {
     /// messages are then redelivered after restart).
     #[serde(default = "default_shutdown")]
     pub shutdown_timeout: Duration,
+    /// A message whose records are not all written or dead-lettered after this long is
+    /// logged (once): it holds back the acknowledgements after it.
+    #[serde(default = "default_unsettled_warning")]
+    pub unsettled_warning: Duration,
+}
+
+fn default_unsettled_warning() -> Duration {
+    Duration(std::time::Duration::from_secs(300))
 }
 
 fn default_shutdown() -> Duration {

@@ -1,8 +1,10 @@
-//! Delivery bookkeeping shared by sources and sinks: settlement shares ([`Ack`]) and the
-//! in-order acknowledgement sequencer.
+//! Delivery bookkeeping shared by sources and sinks: settlement shares ([`Ack`]), the
+//! in-order acknowledgement sequencer, and the watchdog for messages that stay unsettled.
 
 mod ack;
 mod sequencer;
+mod watch;
 
 pub use ack::{Ack, Settled};
 pub use sequencer::AckSequencer;
+pub use watch::Watch;

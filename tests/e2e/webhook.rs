@@ -473,3 +473,44 @@ async fn giving_up_dead_letters_only_the_undelivered_records() {
         "the down endpoint got max_attempts requests"
     );
 }
+
+/// A message whose record cannot be delivered (the endpoint refuses connections and
+/// retries are unlimited) is logged once it has been unsettled for `unsettled_warning`,
+/// with its topic, while mqbridge keeps retrying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_unsettled_too_long_is_logged_with_its_topic() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let down = HookServer::reserve();
+    let config = dir.path().join("bridge.yaml");
+    let sinks = format!("  hook:\n    type: webhook\n    url: {}/x\n", down.url());
+    std::fs::write(
+        &config,
+        bridge_config(
+            broker.port,
+            "unsettled",
+            &dir.path().join("dead.jsonl"),
+            &sinks,
+            "hook",
+        ) + "unsettled_warning: 300ms\n",
+    )
+    .unwrap();
+    let bridge = ChildBridge::start_subscribed(&config).await;
+    let publisher = TestClient::connect(broker.port, "unsettled-pub").await;
+    publisher
+        .publish_all([(topic("stuck"), payload(1, false))])
+        .await;
+    bridge
+        .wait_for_log("still not settled", Duration::from_secs(20))
+        .await;
+    let log = bridge.log.lock().unwrap().clone();
+    let line = log
+        .iter()
+        .find(|l| l.contains("still not settled"))
+        .unwrap();
+    assert!(line.contains(&topic("stuck")), "{line}");
+    assert!(
+        log.iter().any(|l| l.contains("will retry")),
+        "still being retried"
+    );
+}
