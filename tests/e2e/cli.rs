@@ -1,5 +1,8 @@
-//! The command line as a user runs it: `check`, `try` and `schema`.
+//! The command line as a user runs it: `check`, `try` and `schema`, and what `run` prints
+//! when it cannot start.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn mqbridge(args: &[&str]) -> (i32, String, String) {
@@ -168,4 +171,65 @@ fn schema_is_json_schema_of_the_rules_file() {
         assert!(schema["properties"].get(key).is_some(), "{key} missing");
     }
     assert_eq!(schema["additionalProperties"], false);
+}
+
+/// A config whose `run` fails at once, and the listener that makes it fail (its embedded
+/// broker's address is taken while the listener lives).
+fn taken_address_config(dir: &Path) -> (TcpListener, PathBuf) {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = dir.join("taken.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "embedded:\n  listen: {}\n  allow_anonymous: true\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    (taken, cfg)
+}
+
+#[test]
+fn run_logs_in_colour_only_on_a_terminal_without_no_color() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_taken, cfg) = taken_address_config(dir.path());
+    let bin = env!("CARGO_BIN_EXE_mqbridge");
+    let cfg = cfg.to_str().unwrap();
+
+    // stderr to a pipe: plain text.
+    let out = Command::new(bin)
+        .args(["run", "--config", cfg])
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("ERROR") && err.contains("cannot listen on"),
+        "{err}"
+    );
+    assert!(!err.contains("\x1b["), "escape codes in a pipe: {err:?}");
+
+    // stderr on a terminal (script(1) runs it on a pseudo-terminal and copies what it
+    // prints to its stdout): colour, unless NO_COLOR is set and not empty.
+    let on_terminal = |no_color: Option<&str>| {
+        let mut cmd = Command::new("script");
+        cmd.args([
+            "-qec",
+            &format!("'{bin}' run --config '{cfg}'"),
+            "/dev/null",
+        ])
+        .env_remove("RUST_LOG");
+        match no_color {
+            Some(v) => cmd.env("NO_COLOR", v),
+            None => cmd.env_remove("NO_COLOR"),
+        };
+        let out = cmd.output().expect("script (util-linux)");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("cannot listen on"), "{text}");
+        text.contains("\x1b[")
+    };
+    assert!(on_terminal(None), "colour on a terminal");
+    assert!(on_terminal(Some("")), "an empty NO_COLOR keeps colour");
+    assert!(!on_terminal(Some("1")), "NO_COLOR=1 turns colour off");
 }
