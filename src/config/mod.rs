@@ -105,17 +105,27 @@ pub fn parse(
                 .collect(),
         )
     })?;
-    let locations = Locations::index(&expanded);
-    let raw = parse_raw(&expanded, &locations)
+    let locations = Locations::index(&expanded.text);
+    let raw = parse_raw(&expanded.text, &locations)
         .map_err(|(pos, path, msg)| ConfigErrors(vec![error(pos, &path, msg)]))?;
-    plan::validate(raw).map_err(|errs| {
+    let listen_var = raw.embedded.as_ref().and_then(|e| match &e.listen {
+        raw::OneOrMany::One(address) => expanded
+            .variable_of(locations.locate("embedded.listen")?, address)
+            .map(str::to_owned),
+        raw::OneOrMany::Many(_) => None,
+    });
+    let mut plan = plan::validate(raw).map_err(|errs| {
         let mut errs: Vec<ConfigError> = errs
             .into_iter()
             .map(|(path, msg)| error(locations.locate(&path), &path, msg))
             .collect();
         errs.sort_by_key(|e| e.position);
         ConfigErrors(errs)
-    })
+    })?;
+    if let Some(embedded) = &mut plan.embedded {
+        embedded.listen_var = listen_var;
+    }
+    Ok(plan)
 }
 
 /// Parses YAML into [`RawConfig`]; on error returns (position, field path, message).

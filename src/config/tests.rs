@@ -287,3 +287,23 @@ embedded:
     let errs = errors("embedded: {}\n");
     assert!(errs[0].contains("no client could connect"), "{errs:?}");
 }
+
+#[test]
+fn the_variable_behind_the_listen_address_is_kept_for_hints() {
+    let listen_var = |listen: &str| {
+        let text = format!("embedded:\n  listen: {listen}\n  allow_anonymous: true\n");
+        parse(&text, "rules.yaml", env)
+            .unwrap()
+            .embedded
+            .unwrap()
+            .listen_var
+    };
+    assert_eq!(
+        listen_var("${MQBRIDGE_LISTEN:-127.0.0.1:1883}").as_deref(),
+        Some("MQBRIDGE_LISTEN")
+    );
+    assert_eq!(listen_var("\"${L:-[::1]:1883}\"").as_deref(), Some("L"));
+    assert_eq!(listen_var("127.0.0.1:1883"), None);
+    assert_eq!(listen_var("127.0.0.1:${PORT:-1883}"), None);
+    assert_eq!(listen_var("[\"${L:-127.0.0.1:1883}\"]"), None);
+}
