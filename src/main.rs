@@ -55,6 +55,9 @@ enum Command {
     Passwd,
 }
 
+/// The log target of why `run` stopped: shown whatever `RUST_LOG` filters out.
+const EXIT_LOG: &str = "mqbridge::exit";
+
 /// The quickstart: embedded broker on 127.0.0.1:1883, every message into SQLite.
 const DEFAULT_CONFIG: &str = "config/mqbridge.yaml";
 
@@ -126,8 +129,8 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("error: {e:#}");
+                    // Once, as a log line in the log's own format (e.g. JSON).
+                    tracing::error!(target: EXIT_LOG, "{e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -261,7 +264,9 @@ fn describe(plan: &config::Plan) -> String {
 fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(format!("{EXIT_LOG}=error").parse().expect("a directive"));
     let colour = log_colour(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),

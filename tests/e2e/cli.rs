@@ -175,18 +175,43 @@ fn schema_is_json_schema_of_the_rules_file() {
 
 /// A config whose `run` fails at once, and the listener that makes it fail (its embedded
 /// broker's address is taken while the listener lives).
+/// The address is written as in the default config: `${MQBRIDGE_LISTEN:-ADDRESS}`.
 fn taken_address_config(dir: &Path) -> (TcpListener, PathBuf) {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let cfg = dir.join("taken.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "embedded:\n  listen: {}\n  allow_anonymous: true\n",
+            "embedded:\n  listen: ${{MQBRIDGE_LISTEN:-{}}}\n  allow_anonymous: true\n",
             taken.local_addr().unwrap()
         ),
     )
     .unwrap();
     (taken, cfg)
+}
+
+#[test]
+fn run_reports_a_taken_address_once_with_the_variable_that_moves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (taken, cfg) = taken_address_config(dir.path());
+    let addr = taken.local_addr().unwrap();
+    let message = format!(
+        "embedded broker: cannot listen on {addr}: Address already in use (os error 98) \
+         (another broker running? set MQBRIDGE_LISTEN=127.0.0.1:{}, or stop it)",
+        addr.port() + 1
+    );
+    // Also when RUST_LOG hides every other log line.
+    for rust_log in ["info", "off"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .env("RUST_LOG", rust_log)
+            .output()
+            .unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.matches(&message).count(), 1, "{err}");
+        assert_eq!(err.matches("cannot listen").count(), 1, "{err}");
+    }
 }
 
 #[test]
