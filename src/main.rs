@@ -151,7 +151,7 @@ fn describe(plan: &config::Plan) -> String {
         Some(b) => {
             let _ = writeln!(
                 out,
-                "broker: {}://{}:{} as {:?} (MQTT {:?}, persistent session)",
+                "broker: {}://{}:{} as {:?} (MQTT {}, persistent session)",
                 if b.tls { "mqtts" } else { "mqtt" },
                 b.host,
                 b.port,
@@ -209,9 +209,9 @@ fn describe(plan: &config::Plan) -> String {
         if let Some(p) = &e.persistence {
             let _ = writeln!(
                 out,
-                "  persistence: {} every {:?}",
+                "  persistence: {} every {}",
                 p.path.display(),
-                p.flush_interval
+                config::units::Duration(p.flush_interval)
             );
         }
     }
@@ -242,7 +242,7 @@ fn describe(plan: &config::Plan) -> String {
         let to: Vec<&str> = r.to.iter().map(|&i| &*plan.sinks[i].name).collect();
         let _ = writeln!(
             out,
-            "  {}: from [{}] decode {:?}{}{} -> [{}]",
+            "  {}: from [{}] decode {}{}{} -> [{}]",
             r.name,
             from.join(", "),
             r.decode,

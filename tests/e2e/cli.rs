@@ -32,6 +32,10 @@ fn check_prints_the_plan_or_every_error_with_its_location() {
         out.contains("local: sqlite data/mqbridge.db table mqbridge_messages"),
         "{out}"
     );
+    assert!(
+        out.contains("everything: from [#] decode text -> [local]"),
+        "{out}"
+    );
     let (code, out, _) = mqbridge(&[
         "check",
         concat!(
@@ -40,6 +44,7 @@ fn check_prints_the_plan_or_every_error_with_its_location() {
         ),
     ]);
     assert_eq!(code, 0);
+    assert!(out.contains("(MQTT 3.1.1, persistent session)"), "{out}");
     assert!(out.contains("subscribe # qos 1"), "{out}");
     assert!(
         out.contains("local: sqlite data/mqbridge.db table mqbridge_messages"),
@@ -71,6 +76,27 @@ fn check_prints_the_plan_or_every_error_with_its_location() {
         lines[2].starts_with(&format!("{file}:10:13: rules[0].to[1]: unknown sink \"g\"")),
         "{err}"
     );
+}
+
+#[test]
+fn check_prints_settings_as_they_are_written_in_the_file() {
+    let example = |name: &str| format!("{}/config/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let (code, out, err) = mqbridge(&["check", &example("postgres.yaml")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(MQTT 5, persistent session)"), "{out}");
+    assert!(
+        out.contains(
+            "readings: from [sensors/{device}/telemetry] decode json transform -> [warehouse]"
+        ),
+        "{out}"
+    );
+    let (code, out, err) = mqbridge(&["check", &example("embedded.yaml")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("persistence: data/broker-state.db every 100ms"),
+        "{out}"
+    );
+    assert!(out.contains("decode text"), "{out}");
 }
 
 #[test]
