@@ -307,3 +307,43 @@ fn the_variable_behind_the_listen_address_is_kept_for_hints() {
     assert_eq!(listen_var("127.0.0.1:${PORT:-1883}"), None);
     assert_eq!(listen_var("[\"${L:-127.0.0.1:1883}\"]"), None);
 }
+
+#[test]
+fn yaml_syntax_errors_give_the_place_and_the_path_being_read() {
+    for (text, want) in [
+        // An unclosed flow mapping (was reported under `sinks.local.?`).
+        (
+            "sinks:\n  local: { type: sqlite, path: x.db, table: t\nrules: []\n",
+            "rules.yaml:3:6: sinks.local: did not find expected ',' or '}' \
+             (while parsing a flow mapping that starts at 2:10)",
+        ),
+        // An unclosed quote.
+        (
+            "sinks:\n  local:\n    type: sqlite\n    path: \"data/x.db\n    table: t\nrules: []\n",
+            "rules.yaml:7:1: sinks.local.path: found unexpected end of stream \
+             (while scanning a quoted scalar that starts at 4:11)",
+        ),
+        // Bad indentation (was an unknown sink type "sqlite path").
+        (
+            "sinks:\n  local:\n    type: sqlite\n     path: x.db\n",
+            "rules.yaml:4:10: sinks.local: mapping values are not allowed in this context",
+        ),
+        // A syntax error wins over a shape error above it.
+        (
+            "broker:\n  url: mqtt://h\n  client_id: x\n  qos: high\nrules:\n  - from: [a\n",
+            "rules.yaml:7:1: rules[0].from: did not find expected ',' or ']' \
+             (while parsing a flow sequence that starts at 6:11)",
+        ),
+        // A key that is not a string: the path stops before it.
+        (
+            "sinks: { [x]: 1 }\n",
+            "rules.yaml:1:10: sinks: invalid type: sequence, expected a string",
+        ),
+        (
+            "sinks:\n  a: { type: file, path: x }\n  a: { type: file, path: y }\n",
+            "rules.yaml:2:3: sinks: duplicate entry with key \"a\"",
+        ),
+    ] {
+        assert_eq!(errors(text), [want], "{text}");
+    }
+}
