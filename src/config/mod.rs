@@ -4,14 +4,18 @@
 //!    the [`raw`] types (a syntax error, or else a shape error, stops here, with its
 //!    location and the path being read).
 //! 2. [`plan`] validates everything else (topic filters, jq programs, templates, sink
-//!    references, identifiers) and reports *every* problem at once, each located in the
+//!    references, identifiers, addresses) and, for `run` and `check`, [`preflight`]
+//!    checks what the config needs from this machine (files readable, environment
+//!    variables set). *Every* problem of both is reported at once, each located in the
 //!    file through [`locate`], as `FILE:LINE:COL: field.path: message`.
 //!
-//! No I/O happens beyond reading the file; sinks and connections are built by `app`.
+//! No I/O happens beyond reading the file and opening the files it names; sinks and
+//! connections are built by `app`.
 
 pub mod env;
 pub mod locate;
 pub mod plan;
+pub mod preflight;
 pub mod raw;
 pub mod units;
 
@@ -64,8 +68,17 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// What [`load`] verifies beyond the file itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checks {
+    /// Only the file: enough to run its rules (`try`).
+    FileOnly,
+    /// Also what `run` needs from this machine (see [`preflight`]): for `run` and `check`.
+    ForRun,
+}
+
 /// Reads, expands, parses and validates a rules file.
-pub fn load(path: &Path) -> Result<Plan, ConfigErrors> {
+pub fn load(path: &Path, checks: Checks) -> Result<Plan, ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
@@ -75,14 +88,24 @@ pub fn load(path: &Path) -> Result<Plan, ConfigErrors> {
             message: format!("cannot read: {e}"),
         }])
     })?;
-    parse(&text, &file, |name| std::env::var(name).ok())
+    parse_checked(&text, &file, |name| std::env::var(name).ok(), checks)
 }
 
-/// Like [`load`], for text already in memory; `lookup` resolves environment variables.
+/// Like [`load`] with [`Checks::FileOnly`], for text already in memory; `lookup` resolves
+/// environment variables.
 pub fn parse(
     text: &str,
     file: &str,
     lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Plan, ConfigErrors> {
+    parse_checked(text, file, lookup, Checks::FileOnly)
+}
+
+fn parse_checked(
+    text: &str,
+    file: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+    checks: Checks,
 ) -> Result<Plan, ConfigErrors> {
     let error = |position, path: &str, message: String| ConfigError {
         file: file.to_string(),
@@ -90,7 +113,7 @@ pub fn parse(
         path: path.to_string(),
         message,
     };
-    let expanded = env::expand(text, lookup).map_err(|errs| {
+    let expanded = env::expand(text, &lookup).map_err(|errs| {
         ConfigErrors(
             errs.into_iter()
                 .map(|e| {
@@ -115,18 +138,33 @@ pub fn parse(
             .map(str::to_owned),
         raw::OneOrMany::Many(_) => None,
     });
-    let mut plan = plan::validate(raw).map_err(|errs| {
-        let mut errs: Vec<ConfigError> = errs
-            .into_iter()
-            .map(|(path, msg)| error(locations.locate(&path), &path, msg))
-            .collect();
-        errs.sort_by_key(|e| e.position);
-        ConfigErrors(errs)
-    })?;
-    if let Some(embedded) = &mut plan.embedded {
-        embedded.listen_var = listen_var;
+    let mut errs = match checks {
+        Checks::FileOnly => Vec::new(),
+        Checks::ForRun => preflight::check(&raw, &lookup),
+    };
+    let plan = match plan::validate(raw) {
+        Ok(plan) => Some(plan),
+        Err(invalid) => {
+            errs.extend(invalid);
+            None
+        }
+    };
+    match plan {
+        Some(mut plan) if errs.is_empty() => {
+            if let Some(embedded) = &mut plan.embedded {
+                embedded.listen_var = listen_var;
+            }
+            Ok(plan)
+        }
+        _ => {
+            let mut errs: Vec<ConfigError> = errs
+                .into_iter()
+                .map(|(path, msg)| error(locations.locate(&path), &path, msg))
+                .collect();
+            errs.sort_by_key(|e| e.position);
+            Err(ConfigErrors(errs))
+        }
     }
-    Ok(plan)
 }
 
 /// Parses YAML into [`RawConfig`]; on error returns (position, field path, message).

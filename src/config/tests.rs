@@ -347,3 +347,74 @@ fn yaml_syntax_errors_give_the_place_and_the_path_being_read() {
         assert_eq!(errors(text), [want], "{text}");
     }
 }
+
+#[test]
+fn for_run_the_files_and_variables_it_needs_are_checked_with_every_other_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let text = format!(
+        r#"broker:
+  url: mqtts://h
+  client_id: c
+  password_file: {missing}
+  ca_file: {dir}
+  qos: 7
+sinks:
+  unset: {{ type: webhook, url: "http://h/x", hmac: {{ secret_env: UNSET_SECRET }} }}
+  empty: {{ type: webhook, url: "http://h/y", hmac: {{ secret_env: EMPTY_SECRET }} }}
+  set: {{ type: webhook, url: "http://h/z", hmac: {{ secret_env: SET_SECRET }} }}
+"#,
+        missing = missing.display(),
+        dir = dir.path().display()
+    );
+    let lookup = |name: &str| match name {
+        "EMPTY_SECRET" => Some(String::new()),
+        "SET_SECRET" => Some("k".into()),
+        _ => env(name),
+    };
+    let errs: Vec<String> = parse_checked(&text, "rules.yaml", lookup, Checks::ForRun)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        errs,
+        [
+            format!(
+                "rules.yaml:4:18: broker.password_file: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+            format!(
+                "rules.yaml:5:12: broker.ca_file: {} is a directory, not a file",
+                dir.path().display()
+            ),
+            "rules.yaml:6:8: broker.qos: must be 0, 1 or 2".into(),
+            "rules.yaml:8:66: sinks.unset.hmac.secret_env: environment variable UNSET_SECRET is not set or empty".into(),
+            "rules.yaml:9:66: sinks.empty.hmac.secret_env: environment variable EMPTY_SECRET is not set or empty".into(),
+        ]
+    );
+    // `try` and `parse` look at the file alone.
+    assert_eq!(
+        errors(&text),
+        ["rules.yaml:6:8: broker.qos: must be 0, 1 or 2"]
+    );
+}
+
+#[test]
+fn for_run_the_embedded_certificate_and_key_must_be_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("server.pem");
+    std::fs::write(&cert, "not checked beyond being readable").unwrap();
+    let text = format!(
+        "embedded:\n  allow_anonymous: true\n  tls: {{ listen: 127.0.0.1:8883, cert_file: {}, key_file: {} }}\n",
+        cert.display(),
+        dir.path().join("server.key").display()
+    );
+    let errs = parse_checked(&text, "rules.yaml", env, Checks::ForRun).unwrap_err();
+    assert_eq!(errs.0.len(), 1, "{errs}");
+    assert_eq!(errs.0[0].path, "embedded.tls.key_file");
+    assert!(errs.0[0].message.starts_with("cannot read "), "{errs}");
+    std::fs::write(dir.path().join("server.key"), "").unwrap();
+    assert!(parse_checked(&text, "rules.yaml", env, Checks::ForRun).is_ok());
+}

@@ -6,8 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn mqbridge(args: &[&str]) -> (i32, String, String) {
+    mqbridge_with_env(args, &[])
+}
+
+fn mqbridge_with_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -145,7 +150,7 @@ fn try_shows_records_and_what_each_sink_would_do() {
 #[test]
 fn check_and_try_describe_webhooks_without_their_secrets() {
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/webhook.yaml");
-    let (code, out, err) = mqbridge(&["check", cfg]);
+    let (code, out, err) = mqbridge_with_env(&["check", cfg], &[("HOOK_SECRET", "k3y")]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("events_hook: webhook POST http://127.0.0.1:8080/devices/{{ vars.device | urlencode }}/events timeout 5s, HMAC in X-Signature (key from $HOOK_SECRET)"),
@@ -184,6 +189,69 @@ fn check_and_try_describe_webhooks_without_their_secrets() {
     assert!(
         !out.contains("change-me"),
         "header values are not printed: {out}"
+    );
+}
+
+#[test]
+fn check_fails_on_what_run_would_miss_on_this_machine() {
+    // The HMAC key of the shipped webhook example, unset (or empty): `run` would refuse
+    // to start; `try` needs no key.
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/webhook.yaml");
+    let (code, out, err) = mqbridge_with_env(&["check", cfg], &[("HOOK_SECRET", "")]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{cfg}:26:25: sinks.events_hook.hmac.secret_env: environment variable HOOK_SECRET is not set or empty"
+        )
+    );
+    let (code, _, err) = mqbridge_with_env(
+        &[
+            "try",
+            cfg,
+            "--topic",
+            "devices/d1/events",
+            "--payload",
+            "{}",
+        ],
+        &[("HOOK_SECRET", "")],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // A password file that is not there, with a mistake of the file itself: both.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    let missing = dir.path().join("mqtt-password");
+    std::fs::write(
+        &bad,
+        format!(
+            "broker:\n  url: mqtt://h\n  client_id: c\n  password_file: {}\n  qos: 3\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = mqbridge(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    let file = bad.display();
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "{file}:4:18: broker.password_file: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+            format!("{file}:5:8: broker.qos: must be 0, 1 or 2"),
+        ]
+    );
+    std::fs::write(&missing, "s3cret\n").unwrap();
+    let (code, _, err) = mqbridge(&["check", bad.to_str().unwrap()]);
+    assert_eq!(
+        (code, err.trim_end()),
+        (
+            1,
+            format!("{file}:5:8: broker.qos: must be 0, 1 or 2").as_str()
+        )
     );
 }
 
