@@ -55,6 +55,9 @@ enum Command {
     Passwd,
 }
 
+/// The log target of why `run` stopped: shown whatever `RUST_LOG` filters out.
+const EXIT_LOG: &str = "mqbridge::exit";
+
 /// The quickstart: embedded broker on 127.0.0.1:1883, every message into SQLite.
 const DEFAULT_CONFIG: &str = "config/mqbridge.yaml";
 
@@ -90,7 +93,7 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Check { file } => match config::load(&file) {
+        Command::Check { file } => match config::load(&file, config::Checks::ForRun) {
             Ok(plan) => {
                 print!("{}", describe(&plan));
                 ExitCode::SUCCESS
@@ -102,17 +105,21 @@ fn main() -> ExitCode {
             topic,
             payload,
             qos,
-        } => match config::load(&file) {
-            Ok(plan) => {
-                let msg = Message::detached(topic, payload.into_bytes(), qos);
-                print!("{}", mqbridge::dryrun::explain(&plan, &msg));
-                msg.ack.settle();
-                ExitCode::SUCCESS
+        } => {
+            // Not the checks of this machine: `try` connects to nothing and reads no
+            // secret, so it also works on a config meant for another machine.
+            match config::load(&file, config::Checks::FileOnly) {
+                Ok(plan) => {
+                    let msg = Message::detached(topic, payload.into_bytes(), qos);
+                    print!("{}", mqbridge::dryrun::explain(&plan, &msg));
+                    msg.ack.settle();
+                    ExitCode::SUCCESS
+                }
+                Err(errs) => fail(&errs),
             }
-            Err(errs) => fail(&errs),
-        },
+        }
         Command::Run { config: file } => {
-            let plan = match config::load(&file) {
+            let plan = match config::load(&file, config::Checks::ForRun) {
                 Ok(p) => p,
                 Err(errs) => return fail(&errs),
             };
@@ -126,8 +133,8 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("error: {e:#}");
+                    // Once, as a log line in the log's own format (e.g. JSON).
+                    tracing::error!(target: EXIT_LOG, "{e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -148,7 +155,7 @@ fn describe(plan: &config::Plan) -> String {
         Some(b) => {
             let _ = writeln!(
                 out,
-                "broker: {}://{}:{} as {:?} (MQTT {:?}, persistent session)",
+                "broker: {}://{}:{} as {:?} (MQTT {}, persistent session)",
                 if b.tls { "mqtts" } else { "mqtt" },
                 b.host,
                 b.port,
@@ -206,9 +213,9 @@ fn describe(plan: &config::Plan) -> String {
         if let Some(p) = &e.persistence {
             let _ = writeln!(
                 out,
-                "  persistence: {} every {:?}",
+                "  persistence: {} every {}",
                 p.path.display(),
-                p.flush_interval
+                config::units::Duration(p.flush_interval)
             );
         }
     }
@@ -239,7 +246,7 @@ fn describe(plan: &config::Plan) -> String {
         let to: Vec<&str> = r.to.iter().map(|&i| &*plan.sinks[i].name).collect();
         let _ = writeln!(
             out,
-            "  {}: from [{}] decode {:?}{}{} -> [{}]",
+            "  {}: from [{}] decode {}{}{} -> [{}]",
             r.name,
             from.join(", "),
             r.decode,
@@ -259,13 +266,27 @@ fn describe(plan: &config::Plan) -> String {
 }
 
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(format!("{EXIT_LOG}=error").parse().expect("a directive"));
+    let colour = log_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Colour is for a person at a terminal: none when stderr is a file or a pipe, nor when
+/// `NO_COLOR` is set to anything but the empty string (<https://no-color.org>).
+fn log_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }

@@ -162,15 +162,25 @@ pub async fn bind_all(plan: &EmbeddedPlan) -> anyhow::Result<Vec<Listener>> {
         max_message,
     };
     let tls = plan.tls.as_ref().map(acceptor).transpose()?;
-    let mut wanted: Vec<(SocketAddr, Transport)> =
-        plan.listen.iter().map(|a| (*a, plain.clone())).collect();
+    // Each address with its transport and what would move it elsewhere.
+    let mut wanted: Vec<(SocketAddr, Transport, Setting)> = plan
+        .listen
+        .iter()
+        .map(|a| {
+            let setting = match &plan.listen_var {
+                Some(var) => Setting::Variable(var),
+                None => Setting::Field("embedded.listen"),
+            };
+            (*a, plain.clone(), setting)
+        })
+        .collect();
     if let Some(t) = &plan.tls {
         for a in &t.listen {
             let transport = Transport {
                 tls: tls.clone(),
                 ..plain.clone()
             };
-            wanted.push((*a, transport));
+            wanted.push((*a, transport, Setting::Field("embedded.tls.listen")));
         }
     }
     if let Some(w) = &plan.websocket {
@@ -180,26 +190,41 @@ pub async fn bind_all(plan: &EmbeddedPlan) -> anyhow::Result<Vec<Listener>> {
                 websocket: true,
                 max_message,
             };
-            wanted.push((*a, transport));
+            wanted.push((*a, transport, Setting::Field("embedded.websocket.listen")));
         }
     }
     let mut out = Vec::new();
-    for (addr, transport) in wanted {
+    for (addr, transport, setting) in wanted {
         out.push(Listener {
-            tcp: bind(addr).await?,
+            tcp: bind(addr, setting).await?,
             transport,
         });
     }
     Ok(out)
 }
 
-/// Binds one address; the error names it (and, when it is taken, the likely cause).
-async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+/// Where a listener's address comes from, for the hint when it is taken.
+enum Setting<'a> {
+    /// A config field such as `embedded.tls.listen`.
+    Field(&'static str),
+    /// The environment variable the address was written as.
+    Variable(&'a str),
+}
+
+/// Binds one address; the error names it (and, when it is taken, how to move it).
+async fn bind(addr: SocketAddr, setting: Setting<'_>) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-            " (another process, e.g. an MQTT broker such as mosquitto, already listens there: stop it or change the address in `embedded`)"
+            let change = match setting {
+                Setting::Field(field) => format!("change `{field}`"),
+                Setting::Variable(var) => {
+                    let port = addr.port().checked_add(1).unwrap_or(addr.port() - 1);
+                    format!("set {var}={}", SocketAddr::new(addr.ip(), port))
+                }
+            };
+            format!(" (another broker running? {change}, or stop it)")
         } else {
-            ""
+            String::new()
         };
         anyhow::anyhow!("embedded broker: cannot listen on {addr}: {e}{hint}")
     })
@@ -344,6 +369,43 @@ mod tests {
         .unwrap();
         let err = bind_all(&p).await.err().expect("fails").to_string();
         assert!(err.contains("no certificate"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_taken_address_says_what_moves_it() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let next = SocketAddr::new(addr.ip(), addr.port() + 1);
+        for (listen, hint) in [
+            (
+                format!("  listen: ${{MQBRIDGE_LISTEN:-{addr}}}"),
+                format!("set MQBRIDGE_LISTEN={next}"),
+            ),
+            (
+                format!("  listen: {addr}"),
+                "change `embedded.listen`".into(),
+            ),
+            (
+                format!("  listen: []\n  websocket: {{ listen: \"${{WS:-{addr}}}\" }}"),
+                "change `embedded.websocket.listen`".into(),
+            ),
+        ] {
+            let err = bind_all(&plan(&listen).unwrap())
+                .await
+                .err()
+                .expect("fails");
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "embedded broker: cannot listen on {addr}: Address already in use"
+                )),
+                "{err}"
+            );
+            assert!(
+                err.to_string()
+                    .ends_with(&format!("(another broker running? {hint}, or stop it)")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

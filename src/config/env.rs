@@ -17,7 +17,62 @@
 //! character is `#` (YAML comments) are copied without expansion.
 //!
 //! Error messages name variables but never include their values, which may
-//! be secrets.
+//! be secrets. The result remembers where each value went, so that later
+//! messages can name the variable behind a setting (see [`Expanded::variable_of`]).
+
+use super::locate::Position;
+
+/// The text after substitution, and where each variable went in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expanded {
+    pub text: String,
+    /// Every reference replaced, in order.
+    pub substitutions: Vec<Substitution>,
+}
+
+/// A `${NAME}` or `${NAME:-default}` replaced by its value (or default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Substitution {
+    pub name: String,
+    /// Where the value starts in the expanded text (a value holds no line break).
+    pub start: Position,
+    /// Length of the value, in characters.
+    pub chars: usize,
+}
+
+impl Expanded {
+    /// The variable a whole scalar was written as: `value`, found at `position` in the
+    /// expanded text (just inside a quote, if quoted), is exactly one substitution. E.g.
+    /// `listen: ${MQBRIDGE_LISTEN:-127.0.0.1:1883}` gives `MQBRIDGE_LISTEN`, and
+    /// `url: mqtt://${HOST}` nothing.
+    #[must_use]
+    pub fn variable_of(&self, position: Position, value: &str) -> Option<&str> {
+        let quoted = Position {
+            column: position.column + 1,
+            ..position
+        };
+        self.substitutions
+            .iter()
+            .find(|s| {
+                (s.start == position || s.start == quoted) && s.chars == value.chars().count()
+            })
+            .map(|s| s.name.as_str())
+    }
+
+    /// Appends `value` as the substitution of `name`, on line `line` of the text.
+    fn substitute(&mut self, name: &str, value: &str, line: usize) {
+        let line_start = self.text.rfind('\n').map_or(0, |i| i + 1);
+        self.substitutions.push(Substitution {
+            name: name.to_owned(),
+            start: Position {
+                line,
+                column: self.text[line_start..].chars().count() + 1,
+            },
+            chars: value.chars().count(),
+        });
+        self.text.push_str(value);
+    }
+}
 
 /// A substitution error, positioned at the `$` that starts the reference.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,12 +101,15 @@ pub struct EnvError {
 pub fn expand(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, Vec<EnvError>> {
-    let mut out = String::with_capacity(text.len());
+) -> Result<Expanded, Vec<EnvError>> {
+    let mut out = Expanded {
+        text: String::with_capacity(text.len()),
+        substitutions: Vec::new(),
+    };
     let mut errors = Vec::new();
     for (index, line) in text.split_inclusive('\n').enumerate() {
         if line.trim_start().starts_with('#') {
-            out.push_str(line);
+            out.text.push_str(line);
         } else {
             expand_line(line, index + 1, &lookup, &mut out, &mut errors);
         }
@@ -68,7 +126,7 @@ fn expand_line(
     line: &str,
     line_no: usize,
     lookup: &impl Fn(&str) -> Option<String>,
-    out: &mut String,
+    out: &mut Expanded,
     errors: &mut Vec<EnvError>,
 ) {
     let error_at = |byte: usize, message: String| EnvError {
@@ -79,10 +137,10 @@ fn expand_line(
     let mut pos = 0;
     while let Some(offset) = line[pos..].find('$') {
         let dollar = pos + offset;
-        out.push_str(&line[pos..dollar]);
+        out.text.push_str(&line[pos..dollar]);
         let after = &line[dollar + 1..];
         if after.starts_with('$') {
-            out.push('$');
+            out.text.push('$');
             pos = dollar + 2;
         } else if after.starts_with('{') {
             let body_start = dollar + 2;
@@ -92,7 +150,7 @@ fn expand_line(
                     "unterminated variable reference: `${` without a closing `}` on the same line"
                         .to_owned(),
                 ));
-                out.push_str(&line[dollar..]);
+                out.text.push_str(&line[dollar..]);
                 return;
             };
             let body = &line[body_start..body_start + body_len];
@@ -102,18 +160,28 @@ fn expand_line(
                 None => (body, None),
             };
             if is_valid_name(name) {
-                match (lookup(name), default) {
-                    (Some(value), Some(default)) if value.is_empty() => out.push_str(default),
-                    (Some(value), _) if value.contains(['\n', '\r']) => errors.push(error_at(
-                        dollar,
-                        format!("value of {name} contains a line break"),
-                    )),
-                    (Some(value), _) => out.push_str(&value),
-                    (None, Some(default)) => out.push_str(default),
-                    (None, None) => errors.push(error_at(
-                        dollar,
-                        format!("environment variable {name} is not set"),
-                    )),
+                let value = lookup(name);
+                let inserted = match (value.as_deref(), default) {
+                    (Some(""), Some(default)) => Some(default),
+                    (Some(value), _) if value.contains(['\n', '\r']) => {
+                        errors.push(error_at(
+                            dollar,
+                            format!("value of {name} contains a line break"),
+                        ));
+                        None
+                    }
+                    (Some(value), _) => Some(value),
+                    (None, Some(default)) => Some(default),
+                    (None, None) => {
+                        errors.push(error_at(
+                            dollar,
+                            format!("environment variable {name} is not set"),
+                        ));
+                        None
+                    }
+                };
+                if let Some(value) = inserted {
+                    out.substitute(name, value, line_no);
                 }
             } else {
                 errors.push(error_at(
@@ -123,15 +191,15 @@ fn expand_line(
                          (expected ${{NAME}} or ${{NAME:-default}})"
                     ),
                 ));
-                out.push_str(&line[dollar..end]);
+                out.text.push_str(&line[dollar..end]);
             }
             pos = end;
         } else {
-            out.push('$');
+            out.text.push('$');
             pos = dollar + 1;
         }
     }
-    out.push_str(&line[pos..]);
+    out.text.push_str(&line[pos..]);
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`
@@ -166,55 +234,85 @@ mod tests {
             "url: mqtt://${HOST}:1883\nuser: ${USER_1}\n",
             vars(&[("HOST", "broker.local"), ("USER_1", "bob")]),
         );
-        assert_eq!(out.unwrap(), "url: mqtt://broker.local:1883\nuser: bob\n");
+        assert_eq!(
+            out.unwrap().text,
+            "url: mqtt://broker.local:1883\nuser: bob\n"
+        );
+    }
+
+    #[test]
+    fn substitutions_are_placed_in_the_expanded_text() {
+        let text = "a: ${A} ${B}\nlisten: ${L:-127.0.0.1:1883}\nq: \"${Q}\"\nurl: mqtt://${B}:1\n";
+        let out = expand(text, vars(&[("A", "é1"), ("B", "h"), ("Q", "v")])).unwrap();
+        let at = |line, column| Position { line, column };
+        let placed: Vec<(&str, Position, usize)> = out
+            .substitutions
+            .iter()
+            .map(|s| (s.name.as_str(), s.start, s.chars))
+            .collect();
+        assert_eq!(
+            placed,
+            [
+                ("A", at(1, 4), 2),
+                ("B", at(1, 7), 1),
+                ("L", at(2, 9), 14),
+                ("Q", at(3, 5), 1),
+                ("B", at(4, 13), 1),
+            ]
+        );
+        // A whole scalar written as a variable, bare or quoted; not part of one.
+        assert_eq!(out.variable_of(at(2, 9), "127.0.0.1:1883"), Some("L"));
+        assert_eq!(out.variable_of(at(3, 4), "v"), Some("Q"));
+        assert_eq!(out.variable_of(at(4, 6), "mqtt://h:1"), None);
+        assert_eq!(out.variable_of(at(2, 9), "127.0.0.1:18830"), None);
     }
 
     #[test]
     fn text_without_references_is_unchanged() {
         let text = "a: 1\r\nb: [x, y]\n  c: 'q'";
-        assert_eq!(expand(text, vars(&[])).unwrap(), text);
+        assert_eq!(expand(text, vars(&[])).unwrap().text, text);
     }
 
     #[test]
     fn default_used_when_unset() {
         let out = expand("port: ${PORT:-1883}", vars(&[]));
-        assert_eq!(out.unwrap(), "port: 1883");
+        assert_eq!(out.unwrap().text, "port: 1883");
     }
 
     #[test]
     fn default_used_when_empty() {
         let out = expand("port: ${PORT:-1883}", vars(&[("PORT", "")]));
-        assert_eq!(out.unwrap(), "port: 1883");
+        assert_eq!(out.unwrap().text, "port: 1883");
     }
 
     #[test]
     fn set_value_wins_over_default() {
         let out = expand("port: ${PORT:-1883}", vars(&[("PORT", "8883")]));
-        assert_eq!(out.unwrap(), "port: 8883");
+        assert_eq!(out.unwrap().text, "port: 8883");
     }
 
     #[test]
     fn empty_value_without_default_is_empty() {
         let out = expand("a: '${EMPTY}'", vars(&[("EMPTY", "")]));
-        assert_eq!(out.unwrap(), "a: ''");
+        assert_eq!(out.unwrap().text, "a: ''");
     }
 
     #[test]
     fn empty_default() {
-        assert_eq!(expand("a: '${X:-}'", vars(&[])).unwrap(), "a: ''");
+        assert_eq!(expand("a: '${X:-}'", vars(&[])).unwrap().text, "a: ''");
     }
 
     #[test]
     fn default_is_literal() {
         let out = expand("a: ${X:-${Y:-z} $HOME :-", vars(&[("Y", "no")]));
         // The default ends at the first `}`; the rest is ordinary text.
-        assert_eq!(out.unwrap(), "a: ${Y:-z $HOME :-");
+        assert_eq!(out.unwrap().text, "a: ${Y:-z $HOME :-");
     }
 
     #[test]
     fn values_are_not_re_expanded() {
         let out = expand("p: ${P}", vars(&[("P", "a$${B}c${D}")]));
-        assert_eq!(out.unwrap(), "p: a$${B}c${D}");
+        assert_eq!(out.unwrap().text, "p: a$${B}c${D}");
     }
 
     #[test]
@@ -223,13 +321,13 @@ mod tests {
             "a: $$\nb: $${X}\nc: $$$${X}\nd: $$${X}\n",
             vars(&[("X", "v")]),
         );
-        assert_eq!(out.unwrap(), "a: $\nb: ${X}\nc: $${X}\nd: $v\n");
+        assert_eq!(out.unwrap().text, "a: $\nb: ${X}\nc: $${X}\nd: $v\n");
     }
 
     #[test]
     fn lone_dollar_is_kept() {
         let out = expand("a: $HOME costs 5$ and $", vars(&[("HOME", "/root")]));
-        assert_eq!(out.unwrap(), "a: $HOME costs 5$ and $");
+        assert_eq!(out.unwrap().text, "a: $HOME costs 5$ and $");
     }
 
     #[test]
@@ -332,7 +430,7 @@ mod tests {
         let text = "# uses ${UNSET} and $$\n  \t# ${ALSO_UNSET}\na: ${X} # ${X}\n";
         let out = expand(text, vars(&[("X", "v")]));
         assert_eq!(
-            out.unwrap(),
+            out.unwrap().text,
             "# uses ${UNSET} and $$\n  \t# ${ALSO_UNSET}\na: v # v\n"
         );
     }

@@ -1,16 +1,21 @@
 //! Configuration: the YAML rules file in two phases.
 //!
-//! 1. [`env`] expands `${VAR}` in the raw text; yaml_serde parses it into the [`raw`]
-//!    types (shape errors stop here, with their location).
+//! 1. [`env`] expands `${VAR}` in the raw text; yaml_serde parses it, then reads it into
+//!    the [`raw`] types (a syntax error, or else a shape error, stops here, with its
+//!    location and the path being read).
 //! 2. [`plan`] validates everything else (topic filters, jq programs, templates, sink
-//!    references, identifiers) and reports *every* problem at once, each located in the
+//!    references, identifiers, addresses) and, for `run` and `check`, [`preflight`]
+//!    checks what the config needs from this machine (files readable, environment
+//!    variables set). *Every* problem of both is reported at once, each located in the
 //!    file through [`locate`], as `FILE:LINE:COL: field.path: message`.
 //!
-//! No I/O happens beyond reading the file; sinks and connections are built by `app`.
+//! No I/O happens beyond reading the file and opening the files it names; sinks and
+//! connections are built by `app`.
 
 pub mod env;
 pub mod locate;
 pub mod plan;
+pub mod preflight;
 pub mod raw;
 pub mod units;
 
@@ -63,8 +68,17 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// What [`load`] verifies beyond the file itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checks {
+    /// Only the file: enough to run its rules (`try`).
+    FileOnly,
+    /// Also what `run` needs from this machine (see [`preflight`]): for `run` and `check`.
+    ForRun,
+}
+
 /// Reads, expands, parses and validates a rules file.
-pub fn load(path: &Path) -> Result<Plan, ConfigErrors> {
+pub fn load(path: &Path, checks: Checks) -> Result<Plan, ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
@@ -74,14 +88,24 @@ pub fn load(path: &Path) -> Result<Plan, ConfigErrors> {
             message: format!("cannot read: {e}"),
         }])
     })?;
-    parse(&text, &file, |name| std::env::var(name).ok())
+    parse_checked(&text, &file, |name| std::env::var(name).ok(), checks)
 }
 
-/// Like [`load`], for text already in memory; `lookup` resolves environment variables.
+/// Like [`load`] with [`Checks::FileOnly`], for text already in memory; `lookup` resolves
+/// environment variables.
 pub fn parse(
     text: &str,
     file: &str,
     lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Plan, ConfigErrors> {
+    parse_checked(text, file, lookup, Checks::FileOnly)
+}
+
+fn parse_checked(
+    text: &str,
+    file: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+    checks: Checks,
 ) -> Result<Plan, ConfigErrors> {
     let error = |position, path: &str, message: String| ConfigError {
         file: file.to_string(),
@@ -89,7 +113,7 @@ pub fn parse(
         path: path.to_string(),
         message,
     };
-    let expanded = env::expand(text, lookup).map_err(|errs| {
+    let expanded = env::expand(text, &lookup).map_err(|errs| {
         ConfigErrors(
             errs.into_iter()
                 .map(|e| {
@@ -105,17 +129,42 @@ pub fn parse(
                 .collect(),
         )
     })?;
-    let locations = Locations::index(&expanded);
-    let raw = parse_raw(&expanded, &locations)
+    let locations = Locations::index(&expanded.text);
+    let raw = parse_raw(&expanded.text, &locations)
         .map_err(|(pos, path, msg)| ConfigErrors(vec![error(pos, &path, msg)]))?;
-    plan::validate(raw).map_err(|errs| {
-        let mut errs: Vec<ConfigError> = errs
-            .into_iter()
-            .map(|(path, msg)| error(locations.locate(&path), &path, msg))
-            .collect();
-        errs.sort_by_key(|e| e.position);
-        ConfigErrors(errs)
-    })
+    let listen_var = raw.embedded.as_ref().and_then(|e| match &e.listen {
+        raw::OneOrMany::One(address) => expanded
+            .variable_of(locations.locate("embedded.listen")?, address)
+            .map(str::to_owned),
+        raw::OneOrMany::Many(_) => None,
+    });
+    let mut errs = match checks {
+        Checks::FileOnly => Vec::new(),
+        Checks::ForRun => preflight::check(&raw, &lookup),
+    };
+    let plan = match plan::validate(raw) {
+        Ok(plan) => Some(plan),
+        Err(invalid) => {
+            errs.extend(invalid);
+            None
+        }
+    };
+    match plan {
+        Some(mut plan) if errs.is_empty() => {
+            if let Some(embedded) = &mut plan.embedded {
+                embedded.listen_var = listen_var;
+            }
+            Ok(plan)
+        }
+        _ => {
+            let mut errs: Vec<ConfigError> = errs
+                .into_iter()
+                .map(|(path, msg)| error(locations.locate(&path), &path, msg))
+                .collect();
+            errs.sort_by_key(|e| e.position);
+            Err(ConfigErrors(errs))
+        }
+    }
 }
 
 /// Parses YAML into [`RawConfig`]; on error returns (position, field path, message).
@@ -126,23 +175,17 @@ fn parse_raw(
     if text.trim().is_empty() {
         return Ok(serde_json::from_str("{}").expect("empty config"));
     }
+    // The YAML itself first: a syntax error is then reported as one, rather than as a
+    // problem of whichever field serde was reading when the parser gave up.
+    let de = yaml_serde::Deserializer::from_str(text);
+    if let Err(e) = serde_path_to_error::deserialize::<_, yaml_serde::Value>(de) {
+        return Err(syntax_error(e));
+    }
     let de = yaml_serde::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
+        let path = known_path(e.path());
         let inner = e.into_inner();
-        let mut message = inner.to_string();
-        // yaml_serde appends " at line L column C"; we print positions up front instead.
-        if let Some(i) = message.find(" at line ") {
-            message.truncate(i);
-        }
-        // It also prefixes its own (partial) field path, e.g. "sinks: "; ours is better.
-        if let Some((prefix, rest)) = message.split_once(": ")
-            && !prefix.contains(' ')
-            && !prefix.contains('`')
-        {
-            message = rest.to_string();
-        }
+        let message = plain_message(&inner.to_string());
         // An unknown key is best reported at the key itself.
         let unknown_key = message
             .strip_prefix("unknown field `")
@@ -166,6 +209,82 @@ fn parse_raw(
             .or_else(|| locations.locate(&path));
         (position, path, message)
     })
+}
+
+/// A YAML syntax error: where the parser stopped, the path of the value or collection it
+/// was reading, and what it was doing, e.g. `did not find expected ',' or '}' (while
+/// parsing a flow mapping that starts at 2:10)`.
+fn syntax_error(
+    e: serde_path_to_error::Error<yaml_serde::Error>,
+) -> (Option<Position>, String, String) {
+    let path = known_path(e.path());
+    let inner = e.into_inner();
+    let position = inner.location().map(|l| Position {
+        line: l.line(),
+        column: l.column(),
+    });
+    // libyaml's text: "PROBLEM at line L column C, while CONTEXT at line L column C".
+    let text = inner.to_string();
+    let (problem, context) = match text.split_once(", while ") {
+        Some((problem, context)) => (problem, Some(context)),
+        None => (text.as_str(), None),
+    };
+    let mut message = plain_message(problem);
+    if let Some(context) = context {
+        match without_mark(context) {
+            (context, Some(start)) => {
+                message = format!("{message} (while {context} that starts at {start})")
+            }
+            (context, None) => message = format!("{message} (while {context})"),
+        }
+    }
+    (position, path, message)
+}
+
+/// A yaml_serde message without the position it appends (we print positions up front)
+/// and without the partial field path it may prefix, e.g. "sinks: " (ours is better).
+fn plain_message(text: &str) -> String {
+    let message = without_mark(text).0;
+    match message.split_once(": ") {
+        Some((prefix, rest)) if !prefix.contains(' ') && !prefix.contains('`') => rest.to_string(),
+        _ => message.to_string(),
+    }
+}
+
+/// Splits yaml_serde's trailing " at line L column C" off a message.
+fn without_mark(message: &str) -> (&str, Option<Position>) {
+    let mark = message.rsplit_once(" at line ").and_then(|(head, mark)| {
+        let (line, column) = mark.split_once(" column ")?;
+        let position = Position {
+            line: line.parse().ok()?,
+            column: column.parse().ok()?,
+        };
+        Some((head, position))
+    });
+    match mark {
+        Some((head, position)) => (head, Some(position)),
+        None => (message, None),
+    }
+}
+
+/// The field path, `serde_path_to_error` style, up to the first key it could not name
+/// (its `?`: a key not read yet, or not a string).
+fn known_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => break,
+        }
+    }
+    out
 }
 
 #[cfg(test)]

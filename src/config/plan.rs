@@ -73,6 +73,10 @@ pub struct BrokerPlan {
 #[derive(Debug, Clone)]
 pub struct EmbeddedPlan {
     pub listen: Vec<std::net::SocketAddr>,
+    /// The environment variable `listen` was written as (`${MQBRIDGE_LISTEN:-…}` in the
+    /// default config), so that "address in use" can say how to move it. Set by
+    /// [`super::parse`], which knows the text before expansion.
+    pub listen_var: Option<String>,
     pub allow_anonymous: bool,
     /// (username, argon2 PHC hash).
     pub users: Vec<(String, String)>,
@@ -541,6 +545,7 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
     }
     (errs.len() == before).then(|| EmbeddedPlan {
         listen,
+        listen_var: None,
         allow_anonymous: e.allow_anonymous,
         users,
         acl,

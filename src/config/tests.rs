@@ -287,3 +287,134 @@ embedded:
     let errs = errors("embedded: {}\n");
     assert!(errs[0].contains("no client could connect"), "{errs:?}");
 }
+
+#[test]
+fn the_variable_behind_the_listen_address_is_kept_for_hints() {
+    let listen_var = |listen: &str| {
+        let text = format!("embedded:\n  listen: {listen}\n  allow_anonymous: true\n");
+        parse(&text, "rules.yaml", env)
+            .unwrap()
+            .embedded
+            .unwrap()
+            .listen_var
+    };
+    assert_eq!(
+        listen_var("${MQBRIDGE_LISTEN:-127.0.0.1:1883}").as_deref(),
+        Some("MQBRIDGE_LISTEN")
+    );
+    assert_eq!(listen_var("\"${L:-[::1]:1883}\"").as_deref(), Some("L"));
+    assert_eq!(listen_var("127.0.0.1:1883"), None);
+    assert_eq!(listen_var("127.0.0.1:${PORT:-1883}"), None);
+    assert_eq!(listen_var("[\"${L:-127.0.0.1:1883}\"]"), None);
+}
+
+#[test]
+fn yaml_syntax_errors_give_the_place_and_the_path_being_read() {
+    for (text, want) in [
+        // An unclosed flow mapping (was reported under `sinks.local.?`).
+        (
+            "sinks:\n  local: { type: sqlite, path: x.db, table: t\nrules: []\n",
+            "rules.yaml:3:6: sinks.local: did not find expected ',' or '}' \
+             (while parsing a flow mapping that starts at 2:10)",
+        ),
+        // An unclosed quote.
+        (
+            "sinks:\n  local:\n    type: sqlite\n    path: \"data/x.db\n    table: t\nrules: []\n",
+            "rules.yaml:7:1: sinks.local.path: found unexpected end of stream \
+             (while scanning a quoted scalar that starts at 4:11)",
+        ),
+        // Bad indentation (was an unknown sink type "sqlite path").
+        (
+            "sinks:\n  local:\n    type: sqlite\n     path: x.db\n",
+            "rules.yaml:4:10: sinks.local: mapping values are not allowed in this context",
+        ),
+        // A syntax error wins over a shape error above it.
+        (
+            "broker:\n  url: mqtt://h\n  client_id: x\n  qos: high\nrules:\n  - from: [a\n",
+            "rules.yaml:7:1: rules[0].from: did not find expected ',' or ']' \
+             (while parsing a flow sequence that starts at 6:11)",
+        ),
+        // A key that is not a string: the path stops before it.
+        (
+            "sinks: { [x]: 1 }\n",
+            "rules.yaml:1:10: sinks: invalid type: sequence, expected a string",
+        ),
+        (
+            "sinks:\n  a: { type: file, path: x }\n  a: { type: file, path: y }\n",
+            "rules.yaml:2:3: sinks: duplicate entry with key \"a\"",
+        ),
+    ] {
+        assert_eq!(errors(text), [want], "{text}");
+    }
+}
+
+#[test]
+fn for_run_the_files_and_variables_it_needs_are_checked_with_every_other_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let text = format!(
+        r#"broker:
+  url: mqtts://h
+  client_id: c
+  password_file: {missing}
+  ca_file: {dir}
+  qos: 7
+sinks:
+  unset: {{ type: webhook, url: "http://h/x", hmac: {{ secret_env: UNSET_SECRET }} }}
+  empty: {{ type: webhook, url: "http://h/y", hmac: {{ secret_env: EMPTY_SECRET }} }}
+  set: {{ type: webhook, url: "http://h/z", hmac: {{ secret_env: SET_SECRET }} }}
+"#,
+        missing = missing.display(),
+        dir = dir.path().display()
+    );
+    let lookup = |name: &str| match name {
+        "EMPTY_SECRET" => Some(String::new()),
+        "SET_SECRET" => Some("k".into()),
+        _ => env(name),
+    };
+    let errs: Vec<String> = parse_checked(&text, "rules.yaml", lookup, Checks::ForRun)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        errs,
+        [
+            format!(
+                "rules.yaml:4:18: broker.password_file: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+            format!(
+                "rules.yaml:5:12: broker.ca_file: {} is a directory, not a file",
+                dir.path().display()
+            ),
+            "rules.yaml:6:8: broker.qos: must be 0, 1 or 2".into(),
+            "rules.yaml:8:66: sinks.unset.hmac.secret_env: environment variable UNSET_SECRET is not set or empty".into(),
+            "rules.yaml:9:66: sinks.empty.hmac.secret_env: environment variable EMPTY_SECRET is not set or empty".into(),
+        ]
+    );
+    // `try` and `parse` look at the file alone.
+    assert_eq!(
+        errors(&text),
+        ["rules.yaml:6:8: broker.qos: must be 0, 1 or 2"]
+    );
+}
+
+#[test]
+fn for_run_the_embedded_certificate_and_key_must_be_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("server.pem");
+    std::fs::write(&cert, "not checked beyond being readable").unwrap();
+    let text = format!(
+        "embedded:\n  allow_anonymous: true\n  tls: {{ listen: 127.0.0.1:8883, cert_file: {}, key_file: {} }}\n",
+        cert.display(),
+        dir.path().join("server.key").display()
+    );
+    let errs = parse_checked(&text, "rules.yaml", env, Checks::ForRun).unwrap_err();
+    assert_eq!(errs.0.len(), 1, "{errs}");
+    assert_eq!(errs.0[0].path, "embedded.tls.key_file");
+    assert!(errs.0[0].message.starts_with("cannot read "), "{errs}");
+    std::fs::write(dir.path().join("server.key"), "").unwrap();
+    assert!(parse_checked(&text, "rules.yaml", env, Checks::ForRun).is_ok());
+}

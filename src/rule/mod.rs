@@ -32,6 +32,17 @@ pub enum Decode {
     Bytes,
 }
 
+/// As written in the config: `json`, `text` or `bytes`.
+impl std::fmt::Display for Decode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decode::Json => "json",
+            Decode::Text => "text",
+            Decode::Bytes => "bytes",
+        })
+    }
+}
+
 /// One compiled rule.
 #[derive(Debug)]
 pub struct Rule {

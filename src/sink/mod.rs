@@ -394,6 +394,11 @@ pub trait SinkSpec: HasCommon + Send + Sync {
     fn validate_entries(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+    /// Environment variables the sink reads when it opens, as (field, variable name), so
+    /// that loading the config can tell a missing one; most sinks read none.
+    fn env_vars(&self) -> Vec<(&'static str, &str)> {
+        Vec::new()
+    }
     /// One line for `mqbridge check`.
     fn describe(&self) -> String;
     /// What writing `record` would do, for `mqbridge try` (no side effects).

@@ -149,7 +149,13 @@ impl SinkSpec for Config {
                 .unwrap_or_default(),
         };
         let conflict = match &self.on_conflict {
-            Some(c) => format!(" on conflict ({}) {:?}", c.key.join(", "), c.action).to_lowercase(),
+            Some(c) => {
+                let action = match c.action {
+                    ConflictAction::Ignore => "ignore",
+                    ConflictAction::Update => "update",
+                };
+                format!(" on conflict ({}) {action}", c.key.join(", "))
+            }
             None => String::new(),
         };
         format!(
@@ -581,6 +587,22 @@ mod tests {
         assert_eq!(
             t(json!("2026-01-01T00:00:00Z"), None),
             "2026-01-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn try_names_columns_and_the_conflict_action_as_written() {
+        let cfg: Config = serde_json::from_value(json!({
+            "url": "postgres://h/db",
+            "table": "readings",
+            "on_conflict": {"key": ["deviceId", "ts"], "action": "update"}
+        }))
+        .unwrap();
+        let record = json!({"deviceId": "d1", "ts": 1});
+        let delivery = Delivery::detached("t", record.clone());
+        assert_eq!(
+            cfg.would(&delivery.origin, &record),
+            "postgres: insert into readings the columns among (deviceId, ts) on conflict (deviceId, ts) update"
         );
     }
 

@@ -229,6 +229,13 @@ impl SinkSpec for Config {
         errs
     }
 
+    fn env_vars(&self) -> Vec<(&'static str, &str)> {
+        self.hmac
+            .iter()
+            .map(|h| ("hmac.secret_env", h.secret_env.as_str()))
+            .collect()
+    }
+
     fn describe(&self) -> String {
         let mut out = format!("webhook {} {}", self.method, shown(&self.url));
         if self.batch_body {

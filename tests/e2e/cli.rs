@@ -1,10 +1,18 @@
-//! The command line as a user runs it: `check`, `try` and `schema`.
+//! The command line as a user runs it: `check`, `try` and `schema`, and what `run` prints
+//! when it cannot start.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn mqbridge(args: &[&str]) -> (i32, String, String) {
+    mqbridge_with_env(args, &[])
+}
+
+fn mqbridge_with_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -29,6 +37,10 @@ fn check_prints_the_plan_or_every_error_with_its_location() {
         out.contains("local: sqlite data/mqbridge.db table mqbridge_messages"),
         "{out}"
     );
+    assert!(
+        out.contains("everything: from [#] decode text -> [local]"),
+        "{out}"
+    );
     let (code, out, _) = mqbridge(&[
         "check",
         concat!(
@@ -37,6 +49,7 @@ fn check_prints_the_plan_or_every_error_with_its_location() {
         ),
     ]);
     assert_eq!(code, 0);
+    assert!(out.contains("(MQTT 3.1.1, persistent session)"), "{out}");
     assert!(out.contains("subscribe # qos 1"), "{out}");
     assert!(
         out.contains("local: sqlite data/mqbridge.db table mqbridge_messages"),
@@ -68,6 +81,27 @@ fn check_prints_the_plan_or_every_error_with_its_location() {
         lines[2].starts_with(&format!("{file}:10:13: rules[0].to[1]: unknown sink \"g\"")),
         "{err}"
     );
+}
+
+#[test]
+fn check_prints_settings_as_they_are_written_in_the_file() {
+    let example = |name: &str| format!("{}/config/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let (code, out, err) = mqbridge(&["check", &example("postgres.yaml")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(MQTT 5, persistent session)"), "{out}");
+    assert!(
+        out.contains(
+            "readings: from [sensors/{device}/telemetry] decode json transform -> [warehouse]"
+        ),
+        "{out}"
+    );
+    let (code, out, err) = mqbridge(&["check", &example("embedded.yaml")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("persistence: data/broker-state.db every 100ms"),
+        "{out}"
+    );
+    assert!(out.contains("decode text"), "{out}");
 }
 
 #[test]
@@ -116,7 +150,7 @@ fn try_shows_records_and_what_each_sink_would_do() {
 #[test]
 fn check_and_try_describe_webhooks_without_their_secrets() {
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/webhook.yaml");
-    let (code, out, err) = mqbridge(&["check", cfg]);
+    let (code, out, err) = mqbridge_with_env(&["check", cfg], &[("HOOK_SECRET", "k3y")]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("events_hook: webhook POST http://127.0.0.1:8080/devices/{{ vars.device | urlencode }}/events timeout 5s, HMAC in X-Signature (key from $HOOK_SECRET)"),
@@ -159,6 +193,69 @@ fn check_and_try_describe_webhooks_without_their_secrets() {
 }
 
 #[test]
+fn check_fails_on_what_run_would_miss_on_this_machine() {
+    // The HMAC key of the shipped webhook example, unset (or empty): `run` would refuse
+    // to start; `try` needs no key.
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/webhook.yaml");
+    let (code, out, err) = mqbridge_with_env(&["check", cfg], &[("HOOK_SECRET", "")]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{cfg}:26:25: sinks.events_hook.hmac.secret_env: environment variable HOOK_SECRET is not set or empty"
+        )
+    );
+    let (code, _, err) = mqbridge_with_env(
+        &[
+            "try",
+            cfg,
+            "--topic",
+            "devices/d1/events",
+            "--payload",
+            "{}",
+        ],
+        &[("HOOK_SECRET", "")],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // A password file that is not there, with a mistake of the file itself: both.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    let missing = dir.path().join("mqtt-password");
+    std::fs::write(
+        &bad,
+        format!(
+            "broker:\n  url: mqtt://h\n  client_id: c\n  password_file: {}\n  qos: 3\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = mqbridge(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    let file = bad.display();
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "{file}:4:18: broker.password_file: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+            format!("{file}:5:8: broker.qos: must be 0, 1 or 2"),
+        ]
+    );
+    std::fs::write(&missing, "s3cret\n").unwrap();
+    let (code, _, err) = mqbridge(&["check", bad.to_str().unwrap()]);
+    assert_eq!(
+        (code, err.trim_end()),
+        (
+            1,
+            format!("{file}:5:8: broker.qos: must be 0, 1 or 2").as_str()
+        )
+    );
+}
+
+#[test]
 fn schema_is_json_schema_of_the_rules_file() {
     let (code, out, _) = mqbridge(&["schema"]);
     assert_eq!(code, 0);
@@ -168,4 +265,90 @@ fn schema_is_json_schema_of_the_rules_file() {
         assert!(schema["properties"].get(key).is_some(), "{key} missing");
     }
     assert_eq!(schema["additionalProperties"], false);
+}
+
+/// A config whose `run` fails at once, and the listener that makes it fail (its embedded
+/// broker's address is taken while the listener lives).
+/// The address is written as in the default config: `${MQBRIDGE_LISTEN:-ADDRESS}`.
+fn taken_address_config(dir: &Path) -> (TcpListener, PathBuf) {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = dir.join("taken.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "embedded:\n  listen: ${{MQBRIDGE_LISTEN:-{}}}\n  allow_anonymous: true\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    (taken, cfg)
+}
+
+#[test]
+fn run_reports_a_taken_address_once_with_the_variable_that_moves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (taken, cfg) = taken_address_config(dir.path());
+    let addr = taken.local_addr().unwrap();
+    let message = format!(
+        "embedded broker: cannot listen on {addr}: Address already in use (os error 98) \
+         (another broker running? set MQBRIDGE_LISTEN=127.0.0.1:{}, or stop it)",
+        addr.port() + 1
+    );
+    // Also when RUST_LOG hides every other log line.
+    for rust_log in ["info", "off"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .env("RUST_LOG", rust_log)
+            .output()
+            .unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.matches(&message).count(), 1, "{err}");
+        assert_eq!(err.matches("cannot listen").count(), 1, "{err}");
+    }
+}
+
+#[test]
+fn run_logs_in_colour_only_on_a_terminal_without_no_color() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_taken, cfg) = taken_address_config(dir.path());
+    let bin = env!("CARGO_BIN_EXE_mqbridge");
+    let cfg = cfg.to_str().unwrap();
+
+    // stderr to a pipe: plain text.
+    let out = Command::new(bin)
+        .args(["run", "--config", cfg])
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("ERROR") && err.contains("cannot listen on"),
+        "{err}"
+    );
+    assert!(!err.contains("\x1b["), "escape codes in a pipe: {err:?}");
+
+    // stderr on a terminal (script(1) runs it on a pseudo-terminal and copies what it
+    // prints to its stdout): colour, unless NO_COLOR is set and not empty.
+    let on_terminal = |no_color: Option<&str>| {
+        let mut cmd = Command::new("script");
+        cmd.args([
+            "-qec",
+            &format!("'{bin}' run --config '{cfg}'"),
+            "/dev/null",
+        ])
+        .env_remove("RUST_LOG");
+        match no_color {
+            Some(v) => cmd.env("NO_COLOR", v),
+            None => cmd.env_remove("NO_COLOR"),
+        };
+        let out = cmd.output().expect("script (util-linux)");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("cannot listen on"), "{text}");
+        text.contains("\x1b[")
+    };
+    assert!(on_terminal(None), "colour on a terminal");
+    assert!(on_terminal(Some("")), "an empty NO_COLOR keeps colour");
+    assert!(!on_terminal(Some("1")), "NO_COLOR=1 turns colour off");
 }
