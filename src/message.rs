@@ -51,3 +51,17 @@ impl Message {
         }
     }
 }
+
+/// A message's stable id: hex of the first 16 bytes of SHA-256 over topic and payload.
+/// A redelivered message gets the same id, so sinks can use it to drop duplicates
+/// (webhook `Idempotency-Key`, a database conflict key). Two identical payloads on the
+/// same topic share an id: put a sequence number or timestamp in the payload if they are
+/// distinct events.
+pub fn message_id(topic: &str, payload: &[u8]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(topic.as_bytes());
+    h.update([0u8]);
+    h.update(payload);
+    hex::encode(&h.finalize()[..16])
+}

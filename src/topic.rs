@@ -279,6 +279,32 @@ fn is_identifier(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// True when every topic that `f` matches is also matched by `g`.
+pub fn covers(g: &str, f: &str) -> bool {
+    let mut gl = g.split('/');
+    let mut fl = f.split('/');
+    let mut first = true;
+    loop {
+        match (gl.next(), fl.next()) {
+            (Some("#"), Some(fl_level)) => return !(first && fl_level.starts_with('$')),
+            (Some("#"), None) => return true,
+            (Some("+"), Some(x)) => {
+                if x == "#" || (first && x.starts_with('$')) {
+                    return false;
+                }
+            }
+            (Some(a), Some(b)) => {
+                if a != b {
+                    return false;
+                }
+            }
+            (None, None) => return true,
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,5 +596,37 @@ mod tests {
             prop_assert_eq!(filter_matches(&filter, &topic), expected, "{} ~ {}", filter, topic);
             prop_assert_eq!(TopicFilter::parse(&filter).unwrap().matches(&topic), expected);
         }
+    }
+
+    #[test]
+    fn covering_filters() {
+        assert!(covers("a/#", "a/b/c"));
+        assert!(covers("a/#", "a"));
+        assert!(covers("a/+", "a/b"));
+        assert!(covers("#", "a/+/#"));
+        assert!(!covers("#", "$SYS/x"));
+        assert!(!covers("+/x", "$SYS/x"));
+        assert!(!covers("a/+", "a/#"));
+        assert!(!covers("a/b", "a/+"));
+    }
+
+    #[test]
+    fn covers_agrees_with_matching() {
+        use proptest::prelude::*;
+        let level = prop::sample::select(vec!["a", "b", "+", "$s"]);
+        let filter =
+            (prop::collection::vec(level, 1..4), any::<bool>()).prop_map(|(mut v, hash)| {
+                if hash {
+                    v.push("#");
+                }
+                v.join("/")
+            });
+        let topic = prop::collection::vec(prop::sample::select(vec!["a", "b", "$s", ""]), 1..5)
+            .prop_map(|v| v.join("/"));
+        proptest!(|(g in filter.clone(), f in filter, t in topic)| {
+            if covers(&g, &f) && filter_matches(&f, &t) {
+                prop_assert!(filter_matches(&g, &t), "{g} covers {f} but misses {t}");
+            }
+        });
     }
 }

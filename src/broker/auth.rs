@@ -17,18 +17,8 @@ use std::collections::HashMap;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
-use crate::config::plan::covers;
-use crate::topic::filter_matches;
-
-/// One ACL entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AclRule {
-    /// None = `*`.
-    pub username: Option<String>,
-    pub allow: bool,
-    pub publish: Vec<String>,
-    pub subscribe: Vec<String>,
-}
+use crate::config::AclRule;
+use crate::topic::{covers, filter_matches};
 
 /// Users and ACL.
 #[derive(Debug, Clone, Default)]
@@ -122,18 +112,6 @@ pub fn hash_password(password: &str) -> String {
         .to_string()
 }
 
-/// Checks that `hash` is a PHC string argon2 can verify against.
-pub fn validate_hash(hash: &str) -> Result<(), String> {
-    let parsed = PasswordHash::new(hash).map_err(|e| format!("not a PHC hash string: {e}"))?;
-    if !parsed.algorithm.as_str().starts_with("argon2") {
-        return Err(format!(
-            "unsupported algorithm {:?}: use an argon2 hash from `mqbridge passwd`",
-            parsed.algorithm.as_str()
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +128,7 @@ mod tests {
     #[test]
     fn passwords() {
         let hash = hash_password("s3cret");
+        use crate::config::plan::validate_hash;
         assert!(validate_hash(&hash).is_ok());
         assert!(validate_hash("plain").is_err());
         let auth = Auth::new(vec![("sensor".into(), hash)], false, vec![]);

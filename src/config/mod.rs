@@ -22,7 +22,7 @@ pub mod units;
 use std::fmt;
 use std::path::Path;
 
-pub use plan::{BrokerPlan, EmbeddedPlan, Plan, SinkPlan, SpoolPlan};
+pub use plan::{AclRule, BrokerPlan, EmbeddedPlan, Plan, SinkPlan, SpoolPlan};
 pub use raw::{Fsync, RawConfig};
 
 use locate::{Locations, Position};

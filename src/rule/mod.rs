@@ -204,7 +204,7 @@ fn default_record(msg: &Message, ctx: &Val) -> serde_json::Value {
         _ => serde_json::Value::Null,
     };
     serde_json::json!({
-        "message_id": crate::sink::message_id(&msg.topic, &msg.payload),
+        "message_id": crate::message::message_id(&msg.topic, &msg.payload),
         "topic": msg.topic,
         "payload": payload,
         "qos": msg.qos,

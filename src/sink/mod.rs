@@ -29,7 +29,8 @@ use crate::delivery::Ack;
 /// Where one record came from: kept for templates and dead letters.
 #[derive(Debug)]
 pub struct Origin {
-    /// Stable id of the message: the same when the broker redelivers it (see [`message_id`]).
+    /// Stable id of the message: the same when the broker redelivers it (see
+    /// [`message_id`](crate::message::message_id)).
     pub id: String,
     pub topic: String,
     pub payload: Bytes,
@@ -41,20 +42,6 @@ pub struct Origin {
     pub source: Arc<str>,
 }
 
-/// A message's stable id: hex of the first 16 bytes of SHA-256 over topic and payload.
-/// A redelivered message gets the same id, so sinks can use it to drop duplicates
-/// (webhook `Idempotency-Key`, a database conflict key). Two identical payloads on the
-/// same topic share an id: put a sequence number or timestamp in the payload if they are
-/// distinct events.
-pub fn message_id(topic: &str, payload: &[u8]) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(topic.as_bytes());
-    h.update([0u8]);
-    h.update(payload);
-    hex::encode(&h.finalize()[..16])
-}
-
 impl Origin {
     /// The origin of records a rule made from `msg`, with the rule's topic captures.
     pub fn from_message(
@@ -63,7 +50,7 @@ impl Origin {
         vars: Vec<(String, String)>,
     ) -> Origin {
         Origin {
-            id: message_id(&msg.topic, &msg.payload),
+            id: crate::message::message_id(&msg.topic, &msg.payload),
             topic: msg.topic.clone(),
             payload: msg.payload.clone(),
             qos: msg.qos,

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use mqbridge::sink::message_id;
+use mqbridge::message::message_id;
 
 use crate::hook_server::{Fault, HookServer, Seen};
 use crate::util::*;
