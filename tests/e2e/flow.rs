@@ -258,7 +258,13 @@ async fn records_the_sink_rejects_are_isolated_and_dead_lettered() {
         .await,
         vec![300]
     );
-    assert_eq!(letters.len(), 3);
+    // Only the stream's letters: the probes that proved the subscription all carry seq
+    // -1, so on a slow run a second probe is itself a duplicate and is dead-lettered too.
+    let letters: Vec<_> = letters
+        .into_iter()
+        .filter(|l| l["topic"] != "sensors/probe/telemetry")
+        .collect();
+    assert_eq!(letters.len(), 3, "{letters:#?}");
     for l in &letters {
         assert_eq!(l["sink"], "db");
         assert!(l["error"].as_str().unwrap().contains("UNIQUE"), "{l}");
