@@ -165,8 +165,10 @@ async fn broker_restarted_mid_stream_loses_nothing(protocol: &str) {
         )
         .await;
         broker.restart_gracefully().await;
-        // When this never happens (messages were lost), the tally below says how many.
-        let back = within(Duration::from_secs(20), async || {
+        // When this never happens (messages were lost), the tally below says how many. The
+        // deadline is for that case only: a busy machine took more than 20 s to get here
+        // (no loss), and the second restart must not be skipped for that.
+        let back = within(Duration::from_secs(120), async || {
             (connects().len() == 2
                 && pg_count(&db, "SELECT count(*)::text FROM keyed").await? >= 2 * N / 3)
                 .then_some(())
