@@ -79,17 +79,20 @@ impl fmt::Debug for Ack {
     }
 }
 
+/// For tests: counts the messages that settled.
+#[cfg(test)]
+pub(crate) struct Count(pub Arc<AtomicUsize>);
+
+#[cfg(test)]
+impl Settled for Count {
+    fn settled(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    struct Count(Arc<AtomicUsize>);
-    impl Settled for Count {
-        fn settled(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     #[test]
     fn fires_once_after_the_last_part() {

@@ -5,6 +5,8 @@ mod ack;
 mod sequencer;
 mod watch;
 
+#[cfg(test)]
+pub(crate) use ack::Count;
 pub use ack::{Ack, Settled};
 pub use sequencer::AckSequencer;
 pub use watch::Watch;

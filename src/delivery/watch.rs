@@ -126,13 +126,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-
-    struct Count(Arc<AtomicUsize>);
-    impl Settled for Count {
-        fn settled(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::delivery::Count;
 
     #[test]
     fn reports_each_overdue_message_once_and_passes_settlement_on() {

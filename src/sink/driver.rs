@@ -430,7 +430,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::delivery::Settled;
+    use crate::delivery::Count;
     use crate::sink::{RateLimit, retry::RetryConfig};
 
     /// Records what was written; fails per a script, record by record where a real sink
@@ -525,13 +525,6 @@ mod tests {
             .or(d.record.pointer("/record/seq"))
             .and_then(|v| v.as_i64())
             .unwrap()
-    }
-
-    struct Count(Arc<AtomicUsize>);
-    impl Settled for Count {
-        fn settled(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
     }
 
     fn delivery(topic: &str, seq: i64, settled: &Arc<AtomicUsize>) -> Delivery {

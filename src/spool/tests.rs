@@ -2,14 +2,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::delivery::{Ack, Settled};
-
-struct Count(Arc<AtomicUsize>);
-impl Settled for Count {
-    fn settled(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
+use crate::delivery::{Ack, Count};
 
 fn plan(dir: &Path, max_bytes: u64) -> SpoolPlan {
     SpoolPlan {
