@@ -49,15 +49,7 @@ async fn main() {
     let cfg: SinkConfig =
         serde_json::from_value(json!({"type": "postgres", "url": url, "table": "bench_rows"}))
             .unwrap();
-    let sink = cfg
-        .spec()
-        .open(OpenContext {
-            name: "bench",
-            broker: None,
-            embedded: None,
-        })
-        .await
-        .unwrap();
+    let sink = cfg.spec().open(OpenContext::default()).await.unwrap();
 
     let (mut unnest, mut copy) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {

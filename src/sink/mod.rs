@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BrokerPlan, units};
+use crate::config::units;
 use crate::delivery::Ack;
 
 /// Where one record came from: kept for templates and dead letters.
@@ -363,13 +363,13 @@ pub trait HasCommon {
     fn common(&self) -> Common;
 }
 
-/// What is needed to open a sink.
+/// What opening a sink may need from the app.
+#[derive(Clone, Copy, Default)]
 pub struct OpenContext<'a> {
-    pub name: &'a str,
-    /// The external broker, for sinks that publish to it.
-    pub broker: Option<&'a BrokerPlan>,
-    /// The embedded broker, for sinks that publish into it in-process.
-    pub embedded: Option<&'a crate::broker::Broker>,
+    /// Makes the publisher a republish sink publishes through, one per sink (the app
+    /// wires it to the embedded broker, or to a connection to the external broker); None
+    /// when there is no broker to publish to.
+    pub publisher: Option<&'a (dyn Fn() -> Arc<dyn republish::Publish> + Sync)>,
 }
 
 /// A sink type's config: validation, descriptions for `check`/`try`, and opening.

@@ -11,14 +11,7 @@ use crate::util::*;
 
 async fn open(cfg: serde_json::Value) -> Arc<dyn Sink> {
     let cfg: SinkConfig = serde_json::from_value(cfg).unwrap();
-    cfg.spec()
-        .open(OpenContext {
-            name: "pg",
-            broker: None,
-            embedded: None,
-        })
-        .await
-        .unwrap()
+    cfg.spec().open(OpenContext::default()).await.unwrap()
 }
 
 fn delivery(record: serde_json::Value) -> Delivery {
