@@ -154,17 +154,16 @@ async fn start(
     dead_letter: DeadLetter,
     tracker: &TaskTracker,
 ) -> anyhow::Result<SinkQueue> {
-    let spec = sp.config.spec();
-    let sink = spec
-        .open(OpenContext {
-            publisher: Some(&|| upstream.publisher()),
-        })
+    let ctx = OpenContext {
+        publisher: Some(&|| upstream.publisher()),
+    };
+    let sink = crate::sink::open(&sp.config, ctx)
         .await
         .with_context(|| format!("sink {}", sp.name))?;
     Ok(driver::spawn(
         Arc::clone(&sp.name),
         sink,
-        spec.common(),
+        sp.config.spec().common(),
         dead_letter,
         tracker,
     ))

@@ -9,56 +9,17 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use super::{Delivery, OpenContext, Origin, Outcome, Sink, SinkError, SinkSpec};
+use super::{Delivery, Origin, Outcome, Sink, SinkError};
+use crate::config::sinks::republish::Config;
 use crate::rule::template::Template;
 use crate::topic::validate_topic_name;
 
-super::sink_config! {
-    /// `type: republish`.
-    pub struct Config {
-        /// Topic template, e.g. `processed/{{ topic }}` or `alerts/{{ vars.device }}`.
-        pub topic: String,
-        #[serde(default = "default_qos")]
-        pub qos: u8,
-        #[serde(default)]
-        pub retain: bool,
+/// What writing `record` would do, for `mqbridge try`.
+pub fn would(cfg: &Config, origin: &Origin, record: &serde_json::Value) -> String {
+    match Template::compile(&cfg.topic).and_then(|t| t.render(&origin.template_context(record))) {
+        Ok(t) => format!("publish to {t:?} qos {} retain {}", cfg.qos, cfg.retain),
+        Err(e) => format!("topic template fails: {e}"),
     }
-}
-
-impl SinkSpec for Config {
-    fn validate(&self) -> Vec<(&'static str, String)> {
-        let mut errs = Vec::new();
-        if let Err(e) = Template::compile(&self.topic) {
-            errs.push(("topic", format!("template: {e}")));
-        }
-        if self.qos > 2 {
-            errs.push(("qos", "must be 0, 1 or 2".into()));
-        }
-        errs
-    }
-    fn describe(&self) -> String {
-        format!("republish {} qos {}", self.topic, self.qos)
-    }
-    fn would(&self, origin: &Origin, record: &serde_json::Value) -> String {
-        match Template::compile(&self.topic)
-            .and_then(|t| t.render(&origin.template_context(record)))
-        {
-            Ok(t) => format!("publish to {t:?} qos {} retain {}", self.qos, self.retain),
-            Err(e) => format!("topic template fails: {e}"),
-        }
-    }
-    fn open<'a>(&'a self, ctx: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
-        Box::pin(async move {
-            let publisher = ctx
-                .publisher
-                .ok_or_else(|| anyhow::anyhow!("republish needs `broker:` or `embedded:`"))?;
-            Ok(Arc::new(RepublishSink::new(self, publisher())?) as Arc<dyn Sink>)
-        })
-    }
-}
-
-fn default_qos() -> u8 {
-    1
 }
 
 /// Where the republish sink's messages go: the broker mqbridge reads from, as the app
