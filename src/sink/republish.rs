@@ -81,3 +81,89 @@ impl Sink for RepublishSink {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::sink::ErrorKind;
+
+    /// (topic, payload, qos, retain).
+    type Published = (String, Vec<u8>, u8, bool);
+
+    /// Remembers what it was asked to publish; fails when told to.
+    #[derive(Default)]
+    struct Recorder {
+        published: Mutex<Vec<Published>>,
+        fail: bool,
+    }
+
+    impl Publish for Recorder {
+        fn publish_all(
+            &self,
+            messages: Vec<(String, Vec<u8>)>,
+            qos: u8,
+            retain: bool,
+        ) -> BoxFuture<'_, Result<(), SinkError>> {
+            let mut published = self.published.lock().unwrap();
+            for (topic, payload) in messages {
+                published.push((topic, payload, qos, retain));
+            }
+            let result = match self.fail {
+                true => Err(SinkError::transient("broker gone")),
+                false => Ok(()),
+            };
+            Box::pin(std::future::ready(result))
+        }
+    }
+
+    fn sink(publisher: &Arc<Recorder>) -> RepublishSink {
+        let cfg: Config = serde_json::from_value(
+            json!({"topic": "out/{{ record.to }}", "qos": 2, "retain": true}),
+        )
+        .unwrap();
+        RepublishSink::new(&cfg, Arc::clone(publisher) as Arc<dyn Publish>).unwrap()
+    }
+
+    #[tokio::test]
+    async fn records_are_published_as_rendered_and_a_bad_topic_fails_alone() {
+        let publisher = Arc::new(Recorder::default());
+        let batch = [
+            Delivery::detached("in", json!({"to": "a"})),
+            Delivery::detached("in", json!({"to": "+"})),
+        ];
+        let outcomes = sink(&publisher).write(&batch).await;
+        assert!(matches!(outcomes[0], Outcome::Delivered), "{outcomes:?}");
+        assert!(
+            matches!(&outcomes[1], Outcome::Failed(e) if e.kind == ErrorKind::Permanent),
+            "{outcomes:?}"
+        );
+        assert_eq!(
+            *publisher.published.lock().unwrap(),
+            [("out/a".to_string(), br#"{"to":"a"}"#.to_vec(), 2, true)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_publish_fails_every_record_of_it() {
+        let publisher = Arc::new(Recorder {
+            fail: true,
+            ..Recorder::default()
+        });
+        let batch = [
+            Delivery::detached("in", json!({"to": "a"})),
+            Delivery::detached("in", json!({"to": "b"})),
+        ];
+        let outcomes = sink(&publisher).write(&batch).await;
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Failed(e) if e.kind == ErrorKind::Transient)),
+            "{outcomes:?}"
+        );
+        assert_eq!(publisher.published.lock().unwrap().len(), 2);
+    }
+}
