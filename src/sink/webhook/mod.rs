@@ -28,8 +28,8 @@
 //!   message can never direct mqbridge to another host. Secrets (the HMAC key, header
 //!   values, the URL's query) never appear in logs or errors.
 //!
-//! Here the sink and its two ways of writing; [`request`] renders and signs a request,
-//! [`send`] sends it and classifies what came back.
+//! Here the sink and its two ways of writing; `request` renders and signs a request,
+//! `send` sends it and classifies what came back.
 
 mod request;
 mod send;
