@@ -8,7 +8,8 @@
 
 use std::time::Instant;
 
-use mqbridge::sink::{Delivery, OpenContext, Outcome, SinkConfig};
+use mqbridge::config::sinks::SinkConfig;
+use mqbridge::sink::{self, Delivery, OpenContext, Outcome};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -49,15 +50,7 @@ async fn main() {
     let cfg: SinkConfig =
         serde_json::from_value(json!({"type": "postgres", "url": url, "table": "bench_rows"}))
             .unwrap();
-    let sink = cfg
-        .spec()
-        .open(OpenContext {
-            name: "bench",
-            broker: None,
-            embedded: None,
-        })
-        .await
-        .unwrap();
+    let sink = sink::open(&cfg, OpenContext::default()).await.unwrap();
 
     let (mut unnest, mut copy) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {

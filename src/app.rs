@@ -13,6 +13,8 @@
 //! settled by `shutdown_timeout` stays unacknowledged (or in the spool) and is delivered
 //! again after a restart.
 
+mod publish;
+
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -20,11 +22,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{BrokerPlan, Plan, SinkPlan};
+use crate::config::{Plan, SinkPlan};
 use crate::delivery::Watch;
 use crate::pipeline::Pipeline;
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter, SinkQueue};
+use publish::Upstream;
 
 /// Messages buffered between the source and the router.
 const SOURCE_BUFFER: usize = 4096;
@@ -44,6 +47,11 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         Some(p) => Some(crate::broker::Broker::open(p).await?),
         None => None,
     };
+    let upstream = match (&embedded, &broker) {
+        (Some(embedded), _) => Upstream::Embedded(embedded),
+        (None, Some(broker)) => Upstream::External(broker),
+        (None, None) => unreachable!("checked above"),
+    };
     let drivers = TaskTracker::new();
 
     // The dead-letter sink first: every other sink's driver holds its queue.
@@ -52,8 +60,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     if let Some(i) = plan.dead_letter {
         let queue = start(
             &plan.sinks[i],
-            broker.as_ref(),
-            embedded.as_ref(),
+            upstream,
             DeadLetter { queue: None },
             &drivers,
         )
@@ -63,16 +70,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     for (i, sp) in plan.sinks.iter().enumerate() {
         if queues[i].is_none() {
-            queues[i] = Some(
-                start(
-                    sp,
-                    broker.as_ref(),
-                    embedded.as_ref(),
-                    dead_letter.clone(),
-                    &drivers,
-                )
-                .await?,
-            );
+            queues[i] = Some(start(sp, upstream, dead_letter.clone(), &drivers).await?);
         }
     }
     let watch = Arc::new(Watch::default());
@@ -152,24 +150,20 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
 /// Opens a sink and starts its driver; returns its queue.
 async fn start(
     sp: &SinkPlan,
-    broker: Option<&BrokerPlan>,
-    embedded: Option<&crate::broker::Broker>,
+    upstream: Upstream<'_>,
     dead_letter: DeadLetter,
     tracker: &TaskTracker,
 ) -> anyhow::Result<SinkQueue> {
-    let spec = sp.config.spec();
-    let sink = spec
-        .open(OpenContext {
-            name: &sp.name,
-            broker,
-            embedded,
-        })
+    let ctx = OpenContext {
+        publisher: Some(&|| upstream.publisher()),
+    };
+    let sink = crate::sink::open(&sp.config, ctx)
         .await
         .with_context(|| format!("sink {}", sp.name))?;
     Ok(driver::spawn(
         Arc::clone(&sp.name),
         sink,
-        spec.common(),
+        sp.config.spec().common(),
         dead_letter,
         tracker,
     ))

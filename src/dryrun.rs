@@ -57,7 +57,7 @@ pub fn explain(plan: &Plan, msg: &Message) -> String {
                             out,
                             "    -> {}: {}",
                             sink.name,
-                            sink.config.spec().would(&origin, &record)
+                            crate::sink::would(&sink.config, &origin, &record)
                         );
                     }
                 }

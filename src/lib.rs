@@ -13,7 +13,9 @@
 //! ```
 //!
 //! Modules, in the order data flows through them:
-//! - [`config`]: the YAML rules file → a validated [`config::Plan`] (errors with file:line:col).
+//! - [`config`]: the YAML rules file → a validated [`config::Plan`] (errors with
+//!   file:line:col), each sink's settings included ([`config::sinks`]). It imports no
+//!   component: components take their settings from it as values.
 //! - [`topic`]: MQTT topic filters, matching and `{name}` captures.
 //! - [`mqtt`]: rumqttc connection options.
 //! - [`source`]: where messages come from (an external broker), or [`broker`]: the
@@ -21,9 +23,18 @@
 //! - [`message`]: the [`message::Message`] passed along.
 //! - [`spool`]: the durable local log between the source and the rules (optional).
 //! - [`rule`]: decode, jq filter/transform, templates; [`pipeline`] routes messages through them.
-//! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type.
+//! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type,
+//!   opened from its settings. Sinks know nothing of sources or the broker: the republish
+//!   sink publishes through [`sink::republish::Publish`].
 //! - [`delivery`]: settlement shares and in-order acknowledgements.
-//! - [`app`]: wires it all from a plan and orders shutdown; [`shutdown`]: signals.
+//! - [`app`]: wires it all from a plan (the republish sink's publisher too: the embedded
+//!   broker, or a connection to the external one) and orders shutdown; [`shutdown`]: signals.
+//! - [`dryrun`]: `mqbridge try`, one message through the rules and what each sink would do.
+//!
+//! Dependencies point one way (no cycles): `app` imports the components (`source`,
+//! `broker`, `spool`, `pipeline`, `sink`); they import `config`, which hands them their
+//! settings as values; and any of them may import the pure pieces: `rule`, `topic`,
+//! `message`, `delivery`.
 
 pub mod app;
 pub mod broker;

@@ -196,9 +196,10 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::sinks::{BatchConfig, Common};
     use crate::rule::jq::JqProgram;
     use crate::sink::driver::spawn;
-    use crate::sink::{BatchConfig, Common, Outcome, Sink};
+    use crate::sink::{Outcome, Sink};
     use crate::topic::TopicFilter;
     use futures::future::BoxFuture;
     use std::sync::Mutex;

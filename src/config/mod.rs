@@ -4,10 +4,11 @@
 //!    the [`raw`] types (a syntax error, or else a shape error, stops here, with its
 //!    location and the path being read).
 //! 2. [`plan`] validates everything else (topic filters, jq programs, templates, sink
-//!    references, identifiers, addresses) and, for `run` and `check`, [`preflight`]
-//!    checks what the config needs from this machine (files readable, environment
-//!    variables set). *Every* problem of both is reported at once, each located in the
-//!    file through [`locate`], as `FILE:LINE:COL: field.path: message`.
+//!    references, identifiers, addresses; each sink's settings through [`sinks`]) and,
+//!    for `run` and `check`, [`preflight`] checks what the config needs from this
+//!    machine (files readable, environment variables set). *Every* problem of both is
+//!    reported at once, each located in the file through [`locate`], as
+//!    `FILE:LINE:COL: field.path: message`.
 //!
 //! No I/O happens beyond reading the file and opening the files it names; sinks and
 //! connections are built by `app`.
@@ -17,6 +18,7 @@ pub mod locate;
 pub mod plan;
 pub mod preflight;
 pub mod raw;
+pub mod sinks;
 pub mod units;
 
 use std::fmt;

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::raw::{AclAction, BrokerConfig, EmbeddedConfig, Protocol, RawConfig, SinkConfig};
+use super::raw::{AclAction, BrokerConfig, EmbeddedConfig, Protocol, RawConfig};
+use super::sinks::{SinkConfig, sql};
 use crate::rule::Rule;
 use crate::rule::jq::JqProgram;
-use crate::sink::sqlite;
 use crate::topic::{TopicFilter, covers};
 
 use super::units::ByteSize;
@@ -261,7 +261,7 @@ fn unknown_sink(name: &str, known: &[&String]) -> String {
 }
 
 fn validate_sink(name: &str, sink: &SinkConfig, errs: &mut Errors) {
-    if sqlite::quote_ident(name).is_none() {
+    if sql::quote_ident(name).is_none() {
         errs.push((
             format!("sinks.{name}"),
             "sink names use letters, digits and '_'".into(),

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::sinks::SinkConfig;
 use super::units::{ByteSize, Duration};
 use crate::rule::Decode;
-pub use crate::sink::SinkConfig;
 
 /// The whole rules file.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

@@ -30,8 +30,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::retry::{Backoff, RetryConfig};
-use super::{BatchConfig, Common, Delivery, ErrorKind, Origin, Outcome, Sink, SinkError};
+use super::retry::{self, Backoff};
+use super::{Delivery, ErrorKind, Origin, Outcome, Sink, SinkError};
+use crate::config::sinks::{BatchConfig, Common, RetryConfig};
 use crate::delivery::Ack;
 
 /// Attempts in all for a record whose write panics, whatever `retry:` says (a panic is a
@@ -213,7 +214,7 @@ impl Driver {
                 let retry = match e.kind {
                     ErrorKind::Permanent => false,
                     ErrorKind::Transient => {
-                        self.retry.allows(budget.attempts, first.elapsed(), wait)
+                        retry::allows(&self.retry, budget.attempts, first.elapsed(), wait)
                     }
                     ErrorKind::Panic => budget.attempts < PANIC_ATTEMPTS,
                 };
@@ -430,8 +431,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::config::sinks::RateLimit;
     use crate::delivery::Count;
-    use crate::sink::{RateLimit, retry::RetryConfig};
 
     /// Records what was written; fails per a script, record by record where a real sink
     /// can tell records apart.

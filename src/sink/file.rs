@@ -7,35 +7,12 @@ use futures::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use std::sync::Arc;
+use super::{Delivery, Origin, Outcome, Sink, SinkError};
+use crate::config::sinks::file::Config;
 
-use super::{Delivery, OpenContext, Origin, Outcome, Sink, SinkError, SinkSpec};
-
-super::sink_config! {
-    /// `type: file`.
-    pub struct Config {
-        /// File to append to; created (with its folder) when missing.
-        pub path: PathBuf,
-    }
-}
-
-impl SinkSpec for Config {
-    fn validate(&self) -> Vec<(&'static str, String)> {
-        if self.path.as_os_str().is_empty() {
-            vec![("path", "must not be empty".into())]
-        } else {
-            vec![]
-        }
-    }
-    fn describe(&self) -> String {
-        format!("file {}", self.path.display())
-    }
-    fn would(&self, _: &Origin, _: &serde_json::Value) -> String {
-        format!("append one JSON line to {}", self.path.display())
-    }
-    fn open<'a>(&'a self, _: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
-        Box::pin(async move { Ok(Arc::new(FileSink::open(self).await?) as Arc<dyn Sink>) })
-    }
+/// What writing a record would do, for `mqbridge try`.
+pub fn would(cfg: &Config, _: &Origin, _: &serde_json::Value) -> String {
+    format!("append one JSON line to {}", cfg.path.display())
 }
 
 pub struct FileSink {

@@ -3,9 +3,10 @@
 //! queue, batching, per-record retries, rate limiting, panics and dead-lettering, so
 //! every sink gets the same delivery behaviour.
 //!
-//! Adding a sink type: a module with a `Config` declared through [`sink_config!`] (which
-//! adds the settings every sink shares), an implementation of [`SinkSpec`] for it, and a
-//! variant in [`SinkConfig`].
+//! A sink takes its settings as values from [`config::sinks`](crate::config::sinks)
+//! (which also validates and describes them); here is how each one opens ([`open`]) and
+//! what `mqbridge try` shows it would do ([`would`]). Adding a sink type: its settings
+//! there, a module here with the sink, and an arm in [`open`] and [`would`].
 
 pub mod driver;
 pub mod file;
@@ -21,9 +22,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::config::{BrokerPlan, units};
+use crate::config::sinks::SinkConfig;
 use crate::delivery::Ack;
 
 /// Where one record came from: kept for templates and dead letters.
@@ -262,157 +263,41 @@ where
         .collect()
 }
 
-/// How records are grouped into writes.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BatchConfig {
-    /// Most records in one write.
-    #[serde(default = "default_max_rows")]
-    pub max_rows: usize,
-    /// How long a batch may wait for more records once it has one. Whatever is already
-    /// queued is always taken at once, so under load batches fill without waiting.
-    #[serde(default = "default_max_wait")]
-    pub max_wait: units::Duration,
-}
-
-fn default_max_rows() -> usize {
-    1000
-}
-fn default_max_wait() -> units::Duration {
-    units::Duration(Duration::from_millis(5))
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig {
-            max_rows: default_max_rows(),
-            max_wait: default_max_wait(),
-        }
-    }
-}
-
-/// Settings every sink has, whatever its type (added to each `Config` by [`sink_config!`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Common {
-    pub batch: BatchConfig,
-    pub retry: retry::RetryConfig,
-    pub queue: usize,
-    pub concurrency: usize,
-    pub rate_limit: Option<RateLimit>,
-}
-
-/// `rate_limit:` of a sink: records per second, with bursts up to one second's worth.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimit {
-    pub per_second: u32,
-}
-
-pub(crate) fn default_queue() -> usize {
-    10_000
-}
-
-pub(crate) fn default_concurrency() -> usize {
-    1
-}
-
-/// Declares a sink's `Config` struct with the fields every sink shares appended:
-/// `batch`, `retry`, `queue`, `concurrency` and `rate_limit`.
-macro_rules! sink_config {
-    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty),* $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
-        #[serde(deny_unknown_fields)]
-        pub struct $name {
-            $($(#[$fmeta])* pub $field: $ty,)*
-            /// How records are grouped into writes.
-            #[serde(default)]
-            pub batch: $crate::sink::BatchConfig,
-            /// Retries of transient failures.
-            #[serde(default)]
-            pub retry: $crate::sink::retry::RetryConfig,
-            /// Records waiting for this sink before the source is held back.
-            #[serde(default = "crate::sink::default_queue")]
-            pub queue: usize,
-            /// Batches written at the same time. Records are split into this many lanes by
-            /// topic, so the messages of one topic still arrive in order.
-            #[serde(default = "crate::sink::default_concurrency")]
-            pub concurrency: usize,
-            /// Upper bound on records written per second.
-            #[serde(default)]
-            pub rate_limit: Option<$crate::sink::RateLimit>,
-        }
-
-        impl $crate::sink::HasCommon for $name {
-            fn common(&self) -> $crate::sink::Common {
-                $crate::sink::Common {
-                    batch: self.batch,
-                    retry: self.retry,
-                    queue: self.queue,
-                    concurrency: self.concurrency,
-                    rate_limit: self.rate_limit,
-                }
-            }
-        }
-    };
-}
-pub(crate) use sink_config;
-
-/// Access to the shared settings (implemented by [`sink_config!`]).
-pub trait HasCommon {
-    fn common(&self) -> Common;
-}
-
-/// What is needed to open a sink.
+/// What opening a sink may need from the app.
+#[derive(Clone, Copy, Default)]
 pub struct OpenContext<'a> {
-    pub name: &'a str,
-    /// The external broker, for sinks that publish to it.
-    pub broker: Option<&'a BrokerPlan>,
-    /// The embedded broker, for sinks that publish into it in-process.
-    pub embedded: Option<&'a crate::broker::Broker>,
+    /// Makes the publisher a republish sink publishes through, one per sink (the app
+    /// wires it to the embedded broker, or to a connection to the external broker); None
+    /// when there is no broker to publish to.
+    pub publisher: Option<&'a (dyn Fn() -> Arc<dyn republish::Publish> + Sync)>,
 }
 
-/// A sink type's config: validation, descriptions for `check`/`try`, and opening.
-pub trait SinkSpec: HasCommon + Send + Sync {
-    /// Problems as (field, message); pure, no I/O.
-    fn validate(&self) -> Vec<(&'static str, String)>;
-    /// Problems in fields whose path is only known at run time, such as a map entry
-    /// (`headers.Authorization`), as (field, message); most sinks have none.
-    fn validate_entries(&self) -> Vec<(String, String)> {
-        Vec::new()
-    }
-    /// Environment variables the sink reads when it opens, as (field, variable name), so
-    /// that loading the config can tell a missing one; most sinks read none.
-    fn env_vars(&self) -> Vec<(&'static str, &str)> {
-        Vec::new()
-    }
-    /// One line for `mqbridge check`.
-    fn describe(&self) -> String;
-    /// What writing `record` would do, for `mqbridge try` (no side effects).
-    fn would(&self, origin: &Origin, record: &serde_json::Value) -> String;
-    /// Connects / opens files and returns the sink.
-    fn open<'a>(&'a self, ctx: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>>;
-}
-
-/// One entry of `sinks:`, by `type`.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum SinkConfig {
-    Postgres(postgres::Config),
-    Sqlite(sqlite::Config),
-    Republish(republish::Config),
-    File(file::Config),
-    Webhook(webhook::Config),
-}
-
-impl SinkConfig {
-    pub fn spec(&self) -> &dyn SinkSpec {
-        match self {
-            SinkConfig::Postgres(c) => c,
-            SinkConfig::Sqlite(c) => c,
-            SinkConfig::Republish(c) => c,
-            SinkConfig::File(c) => c,
-            SinkConfig::Webhook(c) => c,
+/// Opens the sink `config` describes: connects, opens files.
+pub async fn open(config: &SinkConfig, ctx: OpenContext<'_>) -> anyhow::Result<Arc<dyn Sink>> {
+    Ok(match config {
+        SinkConfig::Postgres(c) => Arc::new(postgres::PostgresSink::open(c).await?),
+        SinkConfig::Sqlite(c) => Arc::new(sqlite::SqliteSink::open(c).await?),
+        SinkConfig::Republish(c) => {
+            let publisher = ctx
+                .publisher
+                .ok_or_else(|| anyhow::anyhow!("republish needs `broker:` or `embedded:`"))?;
+            Arc::new(republish::RepublishSink::new(c, publisher())?)
         }
+        SinkConfig::File(c) => Arc::new(file::FileSink::open(c).await?),
+        SinkConfig::Webhook(c) => Arc::new(webhook::WebhookSink::new(c, |name| {
+            std::env::var(name).ok()
+        })?),
+    })
+}
+
+/// What writing `record` to the sink `config` describes would do, for `mqbridge try` (no
+/// side effects).
+pub fn would(config: &SinkConfig, origin: &Origin, record: &serde_json::Value) -> String {
+    match config {
+        SinkConfig::Postgres(c) => postgres::would(c, origin, record),
+        SinkConfig::Sqlite(c) => sqlite::would(c, origin, record),
+        SinkConfig::Republish(c) => republish::would(c, origin, record),
+        SinkConfig::File(c) => file::would(c, origin, record),
+        SinkConfig::Webhook(c) => webhook::would(c, origin, record),
     }
 }

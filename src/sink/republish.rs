@@ -1,203 +1,55 @@
-//! `republish` sink: publishes each record to the broker mqbridge reads from, on a
-//! connection of its own (client id `<client_id>-republish`), so publishing never waits
-//! on the source's event loop and the source's flow control never blocks publishing.
-//! With the embedded broker there is no connection: records are handed to its
-//! subscribers in-process (and to its retained store), which settles them at once; they
-//! do not go through the rules again.
-//!
-//! A batch is written when the broker confirmed every message in it (PUBACK at QoS 1,
-//! PUBCOMP at QoS 2, sent at QoS 0). If the connection drops or confirmation times out,
-//! the connection is discarded and the batch fails as transient: the driver retries it on
-//! a fresh connection, so no stale confirmation can be counted for a later batch.
+//! `republish` sink: publishes each record to the broker mqbridge reads from, through the
+//! [`Publish`]er the app hands it (into the embedded broker, or over a connection of the
+//! sink's own: see `app::publish`). The topic is rendered from the `topic` template; the
+//! payload is the record, a string as it is and anything else as JSON. A record whose
+//! topic cannot be rendered fails on its own (permanently); the others are published and
+//! succeed or fail as a whole.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::{Mutex, mpsc};
 
-use super::{Delivery, OpenContext, Origin, Outcome, Sink, SinkError, SinkSpec};
-use crate::config::BrokerPlan;
-use crate::mqtt::{self, Client, Incoming};
+use super::{Delivery, Origin, Outcome, Sink, SinkError};
+use crate::config::sinks::republish::Config;
 use crate::rule::template::Template;
 use crate::topic::validate_topic_name;
 
-/// How long a batch waits for the broker's confirmations.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
-
-super::sink_config! {
-    /// `type: republish`.
-    pub struct Config {
-        /// Topic template, e.g. `processed/{{ topic }}` or `alerts/{{ vars.device }}`.
-        pub topic: String,
-        #[serde(default = "default_qos")]
-        pub qos: u8,
-        #[serde(default)]
-        pub retain: bool,
+/// What writing `record` would do, for `mqbridge try`.
+pub fn would(cfg: &Config, origin: &Origin, record: &serde_json::Value) -> String {
+    match Template::compile(&cfg.topic).and_then(|t| t.render(&origin.template_context(record))) {
+        Ok(t) => format!("publish to {t:?} qos {} retain {}", cfg.qos, cfg.retain),
+        Err(e) => format!("topic template fails: {e}"),
     }
 }
 
-impl SinkSpec for Config {
-    fn validate(&self) -> Vec<(&'static str, String)> {
-        let mut errs = Vec::new();
-        if let Err(e) = Template::compile(&self.topic) {
-            errs.push(("topic", format!("template: {e}")));
-        }
-        if self.qos > 2 {
-            errs.push(("qos", "must be 0, 1 or 2".into()));
-        }
-        errs
-    }
-    fn describe(&self) -> String {
-        format!("republish {} qos {}", self.topic, self.qos)
-    }
-    fn would(&self, origin: &Origin, record: &serde_json::Value) -> String {
-        match Template::compile(&self.topic)
-            .and_then(|t| t.render(&origin.template_context(record)))
-        {
-            Ok(t) => format!("publish to {t:?} qos {} retain {}", self.qos, self.retain),
-            Err(e) => format!("topic template fails: {e}"),
-        }
-    }
-    fn open<'a>(&'a self, ctx: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
-        Box::pin(async move {
-            if let Some(embedded) = ctx.embedded {
-                return Ok(Arc::new(EmbeddedRepublish {
-                    broker: embedded.clone(),
-                    topic: Template::compile(&self.topic).map_err(anyhow::Error::msg)?,
-                    qos: self.qos,
-                    retain: self.retain,
-                }) as Arc<dyn Sink>);
-            }
-            let broker = ctx
-                .broker
-                .ok_or_else(|| anyhow::anyhow!("republish needs `broker:` or `embedded:`"))?;
-            Ok(Arc::new(RepublishSink::new(self, broker)?) as Arc<dyn Sink>)
-        })
-    }
-}
-
-fn default_qos() -> u8 {
-    1
-}
-
-/// One live connection.
-struct Conn {
-    client: Client,
-    /// Confirmations (Ok) and the connection's end (Err) from its poll task.
-    events: mpsc::UnboundedReceiver<Result<(), String>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// Where the republish sink's messages go: the broker mqbridge reads from, as the app
+/// wires it.
+pub trait Publish: Send + Sync + 'static {
+    /// Publishes `messages` (topic, payload) in order. They succeed or fail as a whole:
+    /// Ok once the broker has every one of them (confirmed, at QoS 1 and 2).
+    fn publish_all(
+        &self,
+        messages: Vec<(String, Vec<u8>)>,
+        qos: u8,
+        retain: bool,
+    ) -> BoxFuture<'_, Result<(), SinkError>>;
 }
 
 pub struct RepublishSink {
-    broker: BrokerPlan,
-    client_id: String,
+    publisher: Arc<dyn Publish>,
     topic: Template,
     qos: u8,
     retain: bool,
-    conn: Mutex<Option<Conn>>,
 }
 
 impl RepublishSink {
-    pub fn new(cfg: &Config, broker: &BrokerPlan) -> anyhow::Result<Self> {
+    pub fn new(cfg: &Config, publisher: Arc<dyn Publish>) -> anyhow::Result<Self> {
         Ok(RepublishSink {
-            broker: broker.clone(),
-            client_id: format!("{}-republish", broker.client_id),
+            publisher,
             topic: Template::compile(&cfg.topic).map_err(anyhow::Error::msg)?,
             qos: cfg.qos,
             retain: cfg.retain,
-            conn: Mutex::new(None),
         })
-    }
-
-    async fn connect(&self) -> Result<Conn, SinkError> {
-        let (client, mut eventloop) = mqtt::connect(&self.broker, &self.client_id, false, false)
-            .map_err(|e| SinkError::transient(e.to_string()))?;
-        let (tx, mut events) = mpsc::unbounded_channel();
-        let qos0 = self.qos == 0;
-        let task = tokio::spawn(async move {
-            loop {
-                let ev = match eventloop.poll().await {
-                    Ok(Incoming::Connected { .. } | Incoming::Confirmed) => Ok(()),
-                    Ok(Incoming::Sent) if qos0 => Ok(()),
-                    Ok(_) => continue,
-                    Err(e) => Err(e),
-                };
-                let end = ev.is_err();
-                if tx.send(ev).is_err() || end {
-                    break;
-                }
-            }
-        });
-        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
-            Ok(Some(Ok(()))) => Ok(Conn {
-                client,
-                events,
-                task,
-            }),
-            Ok(Some(Err(e))) => Err(SinkError::transient(format!(
-                "republish: cannot connect: {e}"
-            ))),
-            _ => Err(SinkError::transient("republish: cannot connect: timed out")),
-        }
-    }
-
-    /// Publishes the rendered records over the connection (made on first use, and again
-    /// after a failure); they succeed or fail as a whole.
-    async fn publish_all(&self, out: Vec<(String, Vec<u8>)>) -> Result<(), SinkError> {
-        let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.connect().await?);
-        }
-        let conn = guard.as_mut().expect("connected above");
-        let result = Self::send_and_confirm(conn, out, self.qos, self.retain).await;
-        if result.is_err() {
-            *guard = None;
-        }
-        result
-    }
-
-    async fn send_and_confirm(
-        conn: &mut Conn,
-        out: Vec<(String, Vec<u8>)>,
-        qos: u8,
-        retain: bool,
-    ) -> Result<(), SinkError> {
-        let expected = out.len();
-        for (topic, payload) in out {
-            conn.client
-                .publish(topic, qos, retain, payload)
-                .await
-                .map_err(|e| SinkError::transient(format!("republish: {e}")))?;
-        }
-        let mut confirmed = 0;
-        let wait = async {
-            while confirmed < expected {
-                match conn.events.recv().await {
-                    Some(Ok(())) => confirmed += 1,
-                    Some(Err(e)) => {
-                        return Err(SinkError::transient(format!(
-                            "republish: connection lost: {e}"
-                        )));
-                    }
-                    None => return Err(SinkError::transient("republish: connection closed")),
-                }
-            }
-            Ok(())
-        };
-        tokio::time::timeout(CONFIRM_TIMEOUT, wait)
-            .await
-            .unwrap_or_else(|_| {
-                Err(SinkError::transient(
-                    "republish: broker did not confirm in time",
-                ))
-            })
     }
 }
 
@@ -216,31 +68,6 @@ fn render(topic: &Template, d: &Delivery) -> Result<(String, Vec<u8>), SinkError
     Ok((topic, payload))
 }
 
-/// Republishing into the embedded broker, in-process.
-struct EmbeddedRepublish {
-    broker: crate::broker::Broker,
-    topic: Template,
-    qos: u8,
-    retain: bool,
-}
-
-impl Sink for EmbeddedRepublish {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(super::prepared(
-            batch,
-            |d| render(&self.topic, d),
-            move |out| async move {
-                let n = out.len();
-                for (topic, payload) in out {
-                    self.broker
-                        .publish(&topic, payload.into(), self.qos, self.retain);
-                }
-                vec![Outcome::Delivered; n]
-            },
-        ))
-    }
-}
-
 impl Sink for RepublishSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(super::prepared(
@@ -248,8 +75,95 @@ impl Sink for RepublishSink {
             |d| render(&self.topic, d),
             move |out| async move {
                 let n = out.len();
-                super::all(n, self.publish_all(out).await)
+                let published = self.publisher.publish_all(out, self.qos, self.retain);
+                super::all(n, published.await)
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::sink::ErrorKind;
+
+    /// (topic, payload, qos, retain).
+    type Published = (String, Vec<u8>, u8, bool);
+
+    /// Remembers what it was asked to publish; fails when told to.
+    #[derive(Default)]
+    struct Recorder {
+        published: Mutex<Vec<Published>>,
+        fail: bool,
+    }
+
+    impl Publish for Recorder {
+        fn publish_all(
+            &self,
+            messages: Vec<(String, Vec<u8>)>,
+            qos: u8,
+            retain: bool,
+        ) -> BoxFuture<'_, Result<(), SinkError>> {
+            let mut published = self.published.lock().unwrap();
+            for (topic, payload) in messages {
+                published.push((topic, payload, qos, retain));
+            }
+            let result = match self.fail {
+                true => Err(SinkError::transient("broker gone")),
+                false => Ok(()),
+            };
+            Box::pin(std::future::ready(result))
+        }
+    }
+
+    fn sink(publisher: &Arc<Recorder>) -> RepublishSink {
+        let cfg: Config = serde_json::from_value(
+            json!({"topic": "out/{{ record.to }}", "qos": 2, "retain": true}),
+        )
+        .unwrap();
+        RepublishSink::new(&cfg, Arc::clone(publisher) as Arc<dyn Publish>).unwrap()
+    }
+
+    #[tokio::test]
+    async fn records_are_published_as_rendered_and_a_bad_topic_fails_alone() {
+        let publisher = Arc::new(Recorder::default());
+        let batch = [
+            Delivery::detached("in", json!({"to": "a"})),
+            Delivery::detached("in", json!({"to": "+"})),
+        ];
+        let outcomes = sink(&publisher).write(&batch).await;
+        assert!(matches!(outcomes[0], Outcome::Delivered), "{outcomes:?}");
+        assert!(
+            matches!(&outcomes[1], Outcome::Failed(e) if e.kind == ErrorKind::Permanent),
+            "{outcomes:?}"
+        );
+        assert_eq!(
+            *publisher.published.lock().unwrap(),
+            [("out/a".to_string(), br#"{"to":"a"}"#.to_vec(), 2, true)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_publish_fails_every_record_of_it() {
+        let publisher = Arc::new(Recorder {
+            fail: true,
+            ..Recorder::default()
+        });
+        let batch = [
+            Delivery::detached("in", json!({"to": "a"})),
+            Delivery::detached("in", json!({"to": "b"})),
+        ];
+        let outcomes = sink(&publisher).write(&batch).await;
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Failed(e) if e.kind == ErrorKind::Transient)),
+            "{outcomes:?}"
+        );
+        assert_eq!(publisher.published.lock().unwrap().len(), 2);
     }
 }

@@ -4,56 +4,17 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use serde::{Deserialize, Serialize};
 
-use crate::config::units;
+use crate::config::sinks::RetryConfig;
 
-/// `retry:` of a sink. By default transient errors are retried without limit (the queue
-/// holds and the source is held back): nothing is dead-lettered just because a database
-/// was down for a while. Set `max_attempts` or `max_elapsed` to give up into the dead letter.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfig {
-    /// Attempts in all, the first included; 0 = no limit.
-    #[serde(default)]
-    pub max_attempts: u32,
-    #[serde(default = "default_initial")]
-    pub initial_delay: units::Duration,
-    #[serde(default = "default_max")]
-    pub max_delay: units::Duration,
-    /// Give up once this long has passed since the first attempt.
-    #[serde(default)]
-    pub max_elapsed: Option<units::Duration>,
-}
-
-fn default_initial() -> units::Duration {
-    units::Duration(Duration::from_millis(100))
-}
-fn default_max() -> units::Duration {
-    units::Duration(Duration::from_secs(30))
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            max_attempts: 0,
-            initial_delay: default_initial(),
-            max_delay: default_max(),
-            max_elapsed: None,
-        }
-    }
-}
-
-impl RetryConfig {
-    /// Whether a record may be tried again after `delay`: it has been attempted
-    /// `attempts` times, the first `elapsed` ago. Each record has its own budget, so a
-    /// record that keeps failing is given up on however well its batch does.
-    pub fn allows(&self, attempts: u32, elapsed: Duration, delay: Duration) -> bool {
-        (self.max_attempts == 0 || attempts < self.max_attempts)
-            && self
-                .max_elapsed
-                .is_none_or(|limit| elapsed + delay <= limit.0)
-    }
+/// Whether a record may be tried again after `delay` under `config`: it has been
+/// attempted `attempts` times, the first `elapsed` ago. Each record has its own budget, so
+/// a record that keeps failing is given up on however well its batch does.
+pub fn allows(config: &RetryConfig, attempts: u32, elapsed: Duration, delay: Duration) -> bool {
+    (config.max_attempts == 0 || attempts < config.max_attempts)
+        && config
+            .max_elapsed
+            .is_none_or(|limit| elapsed + delay <= limit.0)
 }
 
 /// The waits between rounds of retries: exponential with jitter from `initial_delay` to
@@ -102,6 +63,7 @@ fn delays(config: RetryConfig) -> backon::ExponentialBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::units;
 
     fn cfg(max_attempts: u32, elapsed: Option<u64>) -> RetryConfig {
         RetryConfig {
@@ -116,11 +78,11 @@ mod tests {
     fn each_record_gives_up_after_max_attempts() {
         let c = cfg(3, None);
         let no_time = Duration::ZERO;
-        assert!(c.allows(1, no_time, no_time));
-        assert!(c.allows(2, no_time, no_time));
-        assert!(!c.allows(3, no_time, no_time));
+        assert!(allows(&c, 1, no_time, no_time));
+        assert!(allows(&c, 2, no_time, no_time));
+        assert!(!allows(&c, 3, no_time, no_time));
         assert!(
-            cfg(0, None).allows(1_000_000, no_time, no_time),
+            allows(&cfg(0, None), 1_000_000, no_time, no_time),
             "0 = no limit"
         );
     }
@@ -128,8 +90,18 @@ mod tests {
     #[test]
     fn elapsed_limit_counts_the_next_wait() {
         let c = cfg(0, Some(10));
-        assert!(c.allows(5, Duration::from_secs(8), Duration::from_secs(2)));
-        assert!(!c.allows(5, Duration::from_secs(8), Duration::from_secs(3)));
+        assert!(allows(
+            &c,
+            5,
+            Duration::from_secs(8),
+            Duration::from_secs(2)
+        ));
+        assert!(!allows(
+            &c,
+            5,
+            Duration::from_secs(8),
+            Duration::from_secs(3)
+        ));
     }
 
     #[test]

@@ -6,9 +6,7 @@
 //! Values are always bound parameters; the table name is validated and quoted.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,75 +16,22 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Delivery, OpenContext, Origin, Outcome, Sink, SinkError, SinkSpec};
+use super::{Delivery, Origin, Outcome, Sink, SinkError};
+use crate::config::sinks::sql::{quote_ident, quote_table};
+use crate::config::sinks::sqlite::Config;
 
-super::sink_config! {
-    /// `type: sqlite`.
-    pub struct Config {
-        /// Database file; created when missing.
-        pub path: PathBuf,
-        /// Table to insert into (`name` or `schema.name`, letters, digits and `_`).
-        pub table: String,
-        /// Apply mqbridge's own migrations (`migrations/sqlite`, the `mqbridge_messages` table) at start.
-        #[serde(default)]
-        pub migrate: bool,
-    }
-}
-
-impl SinkSpec for Config {
-    fn validate(&self) -> Vec<(&'static str, String)> {
-        let mut errs = Vec::new();
-        if let Err(e) = quote_table(&self.table) {
-            errs.push(("table", e));
-        }
-        if self.path.as_os_str().is_empty() {
-            errs.push(("path", "must not be empty".into()));
-        }
-        errs
-    }
-    fn describe(&self) -> String {
-        format!("sqlite {} table {}", self.path.display(), self.table)
-    }
-    fn would(&self, _: &Origin, record: &serde_json::Value) -> String {
-        let keys: Vec<&str> = record
-            .as_object()
-            .map(|o| o.keys().map(String::as_str).collect())
-            .unwrap_or_default();
-        format!(
-            "sqlite {}: insert into {} the columns among ({})",
-            self.path.display(),
-            self.table,
-            keys.join(", ")
-        )
-    }
-    fn open<'a>(&'a self, _: OpenContext<'a>) -> BoxFuture<'a, anyhow::Result<Arc<dyn Sink>>> {
-        Box::pin(async move { Ok(Arc::new(SqliteSink::open(self).await?) as Arc<dyn Sink>) })
-    }
-}
-
-/// Checks that `name` (or `schema.name`) is a plain SQL identifier and returns it quoted.
-pub fn quote_table(name: &str) -> Result<String, String> {
-    let parts: Vec<&str> = name.split('.').collect();
-    if parts.is_empty() || parts.len() > 2 {
-        return Err(format!("invalid table name {name:?}"));
-    }
-    let mut quoted = Vec::new();
-    for p in parts {
-        quoted.push(quote_ident(p).ok_or_else(|| {
-            format!("invalid table name {name:?}: use letters, digits and '_' (not starting with a digit)")
-        })?);
-    }
-    Ok(quoted.join("."))
-}
-
-/// Quotes a validated identifier: `[A-Za-z_][A-Za-z0-9_]*`, at most 63 bytes.
-pub fn quote_ident(name: &str) -> Option<String> {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    let ok = first_ok && name.len() <= 63 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    ok.then(|| format!("\"{name}\""))
+/// What writing `record` would do, for `mqbridge try`.
+pub fn would(cfg: &Config, _: &Origin, record: &serde_json::Value) -> String {
+    let keys: Vec<&str> = record
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    format!(
+        "sqlite {}: insert into {} the columns among ({})",
+        cfg.path.display(),
+        cfg.table,
+        keys.join(", ")
+    )
 }
 
 pub struct SqliteSink {
@@ -251,22 +196,5 @@ fn classify(e: sqlx::Error) -> SinkError {
             }
         }
         _ => SinkError::transient(format!("sqlite: {e}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn identifiers() {
-        assert_eq!(quote_table("readings").unwrap(), "\"readings\"");
-        assert_eq!(
-            quote_table("main.readings").unwrap(),
-            "\"main\".\"readings\""
-        );
-        for bad in ["", "a b", "x;drop", "1abc", "a.b.c", "r\"x"] {
-            assert!(quote_table(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -4,21 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqbridge::sink::{Delivery, OpenContext, Outcome, Sink, SinkConfig};
+use mqbridge::config::sinks::SinkConfig;
+use mqbridge::sink::{self, Delivery, OpenContext, Outcome, Sink};
 use serde_json::json;
 
 use crate::util::*;
 
 async fn open(cfg: serde_json::Value) -> Arc<dyn Sink> {
     let cfg: SinkConfig = serde_json::from_value(cfg).unwrap();
-    cfg.spec()
-        .open(OpenContext {
-            name: "pg",
-            broker: None,
-            embedded: None,
-        })
-        .await
-        .unwrap()
+    sink::open(&cfg, OpenContext::default()).await.unwrap()
 }
 
 fn delivery(record: serde_json::Value) -> Delivery {
