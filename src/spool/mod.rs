@@ -344,12 +344,15 @@ fn thread(
 
 /// Saves the cursor when it moved past `saved` and deletes the segments whose records
 /// have all settled; returns the cursor.
+///
+/// Deleting is checked every round, even when the cursor has not moved: a segment is done
+/// only once the next one exists, and the writer may seal and start the next one just
+/// after the cursor passed the end (a full spool then waits for exactly this deletion).
 fn reclaim(shared: &Shared, saved: u64) -> io::Result<u64> {
     let base = shared.window.base();
-    if base == saved {
-        return Ok(base);
+    if base != saved {
+        write_cursor(&shared.dir, base)?;
     }
-    write_cursor(&shared.dir, base)?;
     let doomed: Vec<u64> = {
         let mut st = shared.state();
         let mut doomed = Vec::new();

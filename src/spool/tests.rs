@@ -295,3 +295,28 @@ async fn a_closed_spool_reopens_at_once_while_its_janitor_was_busy() {
     assert_eq!(h.recv().await.topic, format!("t/{sent}"));
     h.stop().await;
 }
+
+/// The janitor's round when the cursor passed a segment's end before the writer started
+/// the next segment: the segment can only go once the next exists, so a later round with
+/// the cursor unchanged must still delete it. (It did not: a full spool then waited for
+/// room for ever; seen as a 10 s timeout in `a_message_larger_than_the_spool_…`.)
+#[test]
+fn a_segment_done_before_the_next_one_started_is_still_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&plan(dir.path(), 1 << 20)).unwrap();
+    let shared = &spool.shared;
+    // Record 0 is in segment 0 and settled, but segment 1 does not exist yet.
+    shared.state().committed = 1;
+    shared.window.dispatched(0);
+    shared.window.settle(0);
+    assert_eq!(reclaim(shared, 0).unwrap(), 1);
+    assert_eq!(shared.state().segments.len(), 1, "nothing to delete yet");
+    // The writer seals segment 0 and starts segment 1.
+    drop(create_segment(dir.path(), 1).unwrap());
+    shared.state().segments.push_back((1, 0));
+    // The cursor has not moved since the last round; segment 0 must go all the same.
+    assert_eq!(reclaim(shared, 1).unwrap(), 1);
+    let segments: Vec<u64> = shared.state().segments.iter().map(|&(f, _)| f).collect();
+    assert_eq!(segments, [1]);
+    assert!(!segment::path(dir.path(), 0).exists());
+}
