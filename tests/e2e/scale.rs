@@ -249,13 +249,18 @@ rules:
 
     /// Starts the database again and waits until the seqs 0..n are all stored; returns
     /// the row count sampled along the way, with the time since the database was back.
-    async fn recover(&self, n: i64, timeout: Duration) -> Vec<(Duration, i64)> {
+    async fn recover(&self, n: i64, timeout: Duration) -> Vec<Sample> {
         self.pg.start_again();
         let back = Instant::now();
         let mut samples = Vec::new();
         eventually(timeout, "the backlog stored", async || {
+            let before = back.elapsed();
             let rows = pg_count(&self.db, "SELECT count(*)::text FROM readings").await?;
-            samples.push((back.elapsed(), rows));
+            samples.push(Sample {
+                before,
+                after: back.elapsed(),
+                rows,
+            });
             (rows >= n && self.tally(n).await.stored >= n).then_some(())
         })
         .await;
@@ -272,12 +277,20 @@ rules:
     }
 }
 
-/// Messages per second from a list of (time, rows) samples, between the first with at
-/// least `from` rows and the last.
-fn rate(samples: &[(Duration, i64)], from: i64) -> f64 {
-    let (t0, r0) = *samples.iter().find(|(_, r)| *r >= from).unwrap();
-    let (t1, r1) = *samples.last().unwrap();
-    (r1 - r0) as f64 / (t1 - t0).as_secs_f64()
+/// A row count and when it was taken: somewhere between `before` and `after` (a count
+/// takes a connection and a query, which on a busy machine take a while).
+struct Sample {
+    before: Duration,
+    after: Duration,
+    rows: i64,
+}
+
+/// Messages per second between the first sample with at least `from` rows and the last,
+/// over the longest interval the two counts can span: never more than the true rate.
+fn rate(samples: &[Sample], from: i64) -> f64 {
+    let first = samples.iter().find(|s| s.rows >= from).unwrap();
+    let last = samples.last().unwrap();
+    (last.rows - first.rows) as f64 / (last.after - first.before).as_secs_f64()
 }
 
 /// A database outage under steady load: mqbridge's memory stays flat (its queues fill,
@@ -331,7 +344,7 @@ async fn memory_stays_flat_while_the_sink_is_down() {
     let drain = o
         .recover(n, short_or_long(120, 900) * Duration::from_secs(1))
         .await;
-    let took = drain.last().unwrap().0;
+    let took = drain.last().unwrap().after;
     let tally = o.tally(n).await;
     println!("{tally}");
     println!(
@@ -360,7 +373,7 @@ async fn the_rate_limit_caps_the_drain_after_an_outage() {
     })
     .await;
     let drain = o.recover(N, Duration::from_secs(60)).await;
-    let took = drain.last().unwrap().0;
+    let took = drain.last().unwrap().after;
     let sustained = rate(&drain, 2 * LIMIT);
     let tally = o.tally(N).await;
     println!("{tally}");
