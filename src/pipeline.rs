@@ -38,7 +38,7 @@ pub fn evaluate(rules: &[Rule], msg: &Message) -> Vec<Verdict> {
         .enumerate()
         .filter_map(|(i, rule)| {
             let vars = rule.matches(&msg.topic)?;
-            let evaluation = rule.evaluate(msg, &vars);
+            let evaluation = rule.evaluate(msg, &vars, EVAL_TIMEOUT);
             Some(Verdict {
                 rule: i,
                 vars: vars
@@ -293,7 +293,7 @@ mod tests {
             dead[0]["error"]
                 .as_str()
                 .unwrap()
-                .contains("took longer than"),
+                .contains("longer than 2s"),
             "{}",
             dead[0]
         );

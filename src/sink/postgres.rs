@@ -21,7 +21,7 @@ use tokio::sync::RwLock;
 
 use super::sqlite::{quote_ident, quote_table};
 use super::{Delivery, OpenContext, Origin, Outcome, Sink, SinkError, SinkSpec};
-use crate::rule::jq::{self, JqProgram};
+use crate::rule::jq::{self, Deadline, JqProgram};
 
 super::sink_config! {
     /// `type: postgres`.
@@ -310,7 +310,10 @@ impl PostgresSink {
                     )));
                 }
                 let v = prog
-                    .run(input.clone())
+                    .run(
+                        input.clone(),
+                        Deadline::after(crate::pipeline::EVAL_TIMEOUT),
+                    )
                     .map_err(|e| SinkError::permanent(format!("columns.{col}: {e}")))?
                     .first()
                     .map(jq::to_json)
