@@ -30,6 +30,7 @@ pub mod broker;
 pub mod config;
 pub mod delivery;
 pub mod dryrun;
+pub mod eval_pool;
 pub mod message;
 pub mod mqtt;
 pub mod pipeline;
