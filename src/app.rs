@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{BrokerPlan, Plan, SinkPlan};
+use crate::eval_pool::{EVAL_TIMEOUT, EvalPool};
 use crate::pipeline::Pipeline;
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter, SinkQueue};
@@ -44,6 +45,9 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         None => None,
     };
     let drivers = TaskTracker::new();
+    // The rules run here, on threads of their own.
+    let eval = EvalPool::start("mqb-eval", EvalPool::default_threads(), EVAL_TIMEOUT)
+        .context("starting the evaluation threads")?;
 
     // The dead-letter sink first: every other sink's driver holds its queue.
     let mut queues: Vec<Option<SinkQueue>> = vec![None; plan.sinks.len()];
@@ -81,6 +85,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
             .map(|q| q.expect("every sink started"))
             .collect(),
         dead_letter,
+        eval,
     };
     let (tx, rx) = mpsc::channel(SOURCE_BUFFER);
     drivers.spawn(pipeline.run(rx));

@@ -20,7 +20,8 @@
 //!   embedded MQTT broker devices connect to, which feeds the same pipeline in-process.
 //! - [`message`]: the [`message::Message`] passed along.
 //! - [`spool`]: the durable local log between the source and the rules (optional).
-//! - [`rule`]: decode, jq filter/transform, templates; [`pipeline`] routes messages through them.
+//! - [`rule`]: decode, jq filter/transform, templates; [`pipeline`] routes messages through them,
+//!   evaluating them on the [`eval_pool`]'s threads, each run under a deadline.
 //! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type.
 //! - [`delivery`]: settlement shares and in-order acknowledgements.
 //! - [`app`]: wires it all from a plan and orders shutdown; [`shutdown`]: signals.

@@ -312,7 +312,7 @@ impl PostgresSink {
                 let v = prog
                     .run(
                         input.clone(),
-                        Deadline::after(crate::pipeline::EVAL_TIMEOUT),
+                        Deadline::after(crate::eval_pool::EVAL_TIMEOUT),
                     )
                     .map_err(|e| SinkError::permanent(format!("columns.{col}: {e}")))?
                     .first()
