@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use mqbridge::eval_pool::{EVAL_TIMEOUT, EvalPool};
 use mqbridge::sink::{Delivery, OpenContext, Outcome, SinkConfig};
 use serde_json::json;
 use sqlx::Connection;
@@ -55,6 +56,7 @@ async fn main() {
             name: "bench",
             broker: None,
             embedded: None,
+            eval: &EvalPool::start("eval", 1, EVAL_TIMEOUT).unwrap(),
         })
         .await
         .unwrap();

@@ -45,7 +45,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         None => None,
     };
     let drivers = TaskTracker::new();
-    // The rules run here, on threads of their own.
+    // Rules and `columns:` programs run here, on threads of their own.
     let eval = EvalPool::start("mqb-eval", EvalPool::default_threads(), EVAL_TIMEOUT)
         .context("starting the evaluation threads")?;
 
@@ -57,6 +57,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
             &plan.sinks[i],
             broker.as_ref(),
             embedded.as_ref(),
+            &eval,
             DeadLetter { queue: None },
             &drivers,
         )
@@ -71,6 +72,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
                     sp,
                     broker.as_ref(),
                     embedded.as_ref(),
+                    &eval,
                     dead_letter.clone(),
                     &drivers,
                 )
@@ -155,6 +157,7 @@ async fn start(
     sp: &SinkPlan,
     broker: Option<&BrokerPlan>,
     embedded: Option<&crate::broker::Broker>,
+    eval: &EvalPool,
     dead_letter: DeadLetter,
     tracker: &TaskTracker,
 ) -> anyhow::Result<SinkQueue> {
@@ -164,6 +167,7 @@ async fn start(
             name: &sp.name,
             broker,
             embedded,
+            eval,
         })
         .await
         .with_context(|| format!("sink {}", sp.name))?;

@@ -383,6 +383,8 @@ pub struct OpenContext<'a> {
     pub broker: Option<&'a BrokerPlan>,
     /// The embedded broker, for sinks that publish into it in-process.
     pub embedded: Option<&'a crate::broker::Broker>,
+    /// Where sinks run jq programs (the postgres sink's `columns:`).
+    pub eval: &'a crate::eval_pool::EvalPool,
 }
 
 /// A sink type's config: validation, descriptions for `check`/`try`, and opening.

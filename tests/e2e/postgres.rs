@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mqbridge::eval_pool::{EVAL_TIMEOUT, EvalPool};
 use mqbridge::sink::{Delivery, OpenContext, Outcome, Sink, SinkConfig};
 use serde_json::json;
 
@@ -16,6 +17,7 @@ async fn open(cfg: serde_json::Value) -> Arc<dyn Sink> {
             name: "pg",
             broker: None,
             embedded: None,
+            eval: &EvalPool::start("eval", 1, EVAL_TIMEOUT).unwrap(),
         })
         .await
         .unwrap()
