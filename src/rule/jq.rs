@@ -21,8 +21,8 @@
 //! mutated.
 //!
 //! What the deadline cannot stop is a single native operation on a huge value (`"x" *
-//! 1e9`, sorting a million-element array): it ends on its own, and the next step stops
-//! the run.
+//! 1000000000`, sorting a million-element array): it ends on its own, and the next step
+//! stops the run.
 
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
