@@ -9,6 +9,7 @@
 use std::time::Instant;
 
 use mqbridge::config::sinks::SinkConfig;
+use mqbridge::eval_pool::{EVAL_TIMEOUT, EvalPool};
 use mqbridge::sink::{self, Delivery, OpenContext, Outcome};
 use serde_json::json;
 use sqlx::Connection;
@@ -50,7 +51,12 @@ async fn main() {
     let cfg: SinkConfig =
         serde_json::from_value(json!({"type": "postgres", "url": url, "table": "bench_rows"}))
             .unwrap();
-    let sink = sink::open(&cfg, OpenContext::default()).await.unwrap();
+    let eval = EvalPool::start("eval", 1, EVAL_TIMEOUT).unwrap();
+    let ctx = OpenContext {
+        publisher: None,
+        eval: &eval,
+    };
+    let sink = sink::open(&cfg, ctx).await.unwrap();
 
     let (mut unnest, mut copy) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Plan, SinkPlan};
 use crate::delivery::Watch;
+use crate::eval_pool::{EVAL_TIMEOUT, EvalPool};
 use crate::pipeline::Pipeline;
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter, SinkQueue};
@@ -53,6 +54,9 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         (None, None) => unreachable!("checked above"),
     };
     let drivers = TaskTracker::new();
+    // Rules and `columns:` programs run here, on threads of their own.
+    let eval = EvalPool::start("mqb-eval", EvalPool::default_threads(), EVAL_TIMEOUT)
+        .context("starting the evaluation threads")?;
 
     // The dead-letter sink first: every other sink's driver holds its queue.
     let mut queues: Vec<Option<SinkQueue>> = vec![None; plan.sinks.len()];
@@ -61,6 +65,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         let queue = start(
             &plan.sinks[i],
             upstream,
+            &eval,
             DeadLetter { queue: None },
             &drivers,
         )
@@ -70,7 +75,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     for (i, sp) in plan.sinks.iter().enumerate() {
         if queues[i].is_none() {
-            queues[i] = Some(start(sp, upstream, dead_letter.clone(), &drivers).await?);
+            queues[i] = Some(start(sp, upstream, &eval, dead_letter.clone(), &drivers).await?);
         }
     }
     let watch = Arc::new(Watch::default());
@@ -83,6 +88,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
             .map(|q| q.expect("every sink started"))
             .collect(),
         dead_letter,
+        eval,
     };
     let (tx, rx) = mpsc::channel(SOURCE_BUFFER);
     drivers.spawn(pipeline.run(rx));
@@ -151,11 +157,13 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
 async fn start(
     sp: &SinkPlan,
     upstream: Upstream<'_>,
+    eval: &EvalPool,
     dead_letter: DeadLetter,
     tracker: &TaskTracker,
 ) -> anyhow::Result<SinkQueue> {
     let ctx = OpenContext {
         publisher: Some(&|| upstream.publisher()),
+        eval,
     };
     let sink = crate::sink::open(&sp.config, ctx)
         .await

@@ -1,18 +1,28 @@
 //! `mqbridge try`: one message through the rules, printing each record and what each sink
-//! would do with it, without connecting to anything or writing anywhere.
+//! would do with it, without connecting to anything or writing anywhere. The rules run as
+//! in the pipeline: under [`EVAL_TIMEOUT`], on a thread with the evaluation pool's stack.
 
 use std::fmt::Write as _;
 
 use crate::config::Plan;
+use crate::eval_pool::EVAL_TIMEOUT;
 use crate::message::Message;
 use crate::pipeline::evaluate;
 use crate::rule::Evaluation;
+use crate::rule::jq::THREAD_STACK;
 use crate::sink::Origin;
 
 /// Renders the outcome of `msg` under `plan` as text.
 pub fn explain(plan: &Plan, msg: &Message) -> String {
     let mut out = String::new();
-    let verdicts = evaluate(&plan.rules, msg);
+    let verdicts = std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .stack_size(THREAD_STACK)
+            .spawn_scoped(s, || evaluate(&plan.rules, msg, EVAL_TIMEOUT))
+            .expect("a thread to evaluate the rules")
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    });
     if verdicts.is_empty() {
         let _ = writeln!(out, "no rule matches topic {:?}", msg.topic);
     }

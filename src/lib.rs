@@ -22,7 +22,8 @@
 //!   embedded MQTT broker devices connect to, which feeds the same pipeline in-process.
 //! - [`message`]: the [`message::Message`] passed along.
 //! - [`spool`]: the durable local log between the source and the rules (optional).
-//! - [`rule`]: decode, jq filter/transform, templates; [`pipeline`] routes messages through them.
+//! - [`rule`]: decode, jq filter/transform, templates; [`pipeline`] routes messages through them,
+//!   evaluating them on the [`eval_pool`]'s threads, each run under a deadline.
 //! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type,
 //!   opened from its settings. Sinks know nothing of sources or the broker: the republish
 //!   sink publishes through [`sink::republish::Publish`].
@@ -41,6 +42,7 @@ pub mod broker;
 pub mod config;
 pub mod delivery;
 pub mod dryrun;
+pub mod eval_pool;
 pub mod message;
 pub mod mqtt;
 pub mod pipeline;

@@ -4,25 +4,30 @@
 //! message's [`Ack`](crate::delivery::Ack); the router's own share is settled once
 //! everything was handed on, so a message with no records settles at once.
 //!
-//! Rule evaluation runs on a blocking thread with a deadline: a runaway jq program costs
-//! that one message (dead-lettered) instead of stalling the stream.
+//! Rules are evaluated on the [`EvalPool`]'s threads, in batches of up to [`EVAL_BATCH`]
+//! messages per hand-off, with up to one batch per pool thread in flight; the verdicts
+//! are dispatched in arrival order. Each rule may take [`EvalPool::limit`] per message: a
+//! runaway jq program is stopped there and costs that one message (dead-lettered), and
+//! its thread goes on with the next one.
 
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 
 use crate::delivery::{Ack, Watch};
+use crate::eval_pool::{EvalError, EvalPool, panic_message};
 use crate::message::Message;
 use crate::rule::{Evaluation, Rule};
 use crate::sink::driver::{DeadLetter, Failure, SinkQueue};
 use crate::sink::{Delivery, ErrorKind, Origin};
 
-/// Longest one message may spend in rule evaluation.
-pub const EVAL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Most messages evaluated per hand-off to a blocking thread.
-const EVAL_BATCH: usize = 256;
+/// Most messages evaluated per hand-off to the pool.
+pub const EVAL_BATCH: usize = 256;
 
 /// A matching rule's verdict on one message.
 pub struct Verdict {
@@ -31,14 +36,15 @@ pub struct Verdict {
     pub evaluation: Evaluation,
 }
 
-/// Evaluates every rule against a message (pure; also used by `mqbridge try`).
-pub fn evaluate(rules: &[Rule], msg: &Message) -> Vec<Verdict> {
+/// Evaluates every rule against a message, each for at most `limit` (pure; also used by
+/// `mqbridge try`).
+pub fn evaluate(rules: &[Rule], msg: &Message, limit: Duration) -> Vec<Verdict> {
     rules
         .iter()
         .enumerate()
         .filter_map(|(i, rule)| {
             let vars = rule.matches(&msg.topic)?;
-            let evaluation = rule.evaluate(msg, &vars);
+            let evaluation = rule.evaluate(msg, &vars, limit);
             Some(Verdict {
                 rule: i,
                 vars: vars
@@ -58,73 +64,97 @@ pub struct Pipeline {
     /// Queue of each sink, by index.
     pub sinks: Vec<SinkQueue>,
     pub dead_letter: DeadLetter,
+    /// Where the rules run, and for how long each may run per message.
+    pub eval: EvalPool,
 }
+
+/// Messages evaluated in one hand-off; their acks stay here, with the router.
+struct Batch {
+    msgs: Arc<[Message]>,
+    acks: Vec<Ack>,
+}
+
+/// Each message's verdicts, or why evaluating it broke down.
+type Verdicts = Result<Vec<Verdict>, String>;
 
 impl Pipeline {
     /// Processes messages until the source closes its channel.
     pub async fn run(self, mut rx: mpsc::Receiver<Message>) {
-        let mut batch = Vec::with_capacity(EVAL_BATCH);
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
-            while batch.len() < EVAL_BATCH {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
+        let mut evaluating = FuturesOrdered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                Some((batch, verdicts)) = evaluating.next() => self.dispatch_batch(batch, verdicts).await,
+                first = rx.recv(), if open && evaluating.len() < self.eval.threads() => match first {
+                    Some(first) => {
+                        let mut batch = vec![first];
+                        while batch.len() < EVAL_BATCH {
+                            match rx.try_recv() {
+                                Ok(m) => batch.push(m),
+                                Err(_) => break,
+                            }
+                        }
+                        evaluating.push_back(self.evaluate(batch).await);
+                    }
+                    None => open = false,
+                },
+                else => break,
             }
-            self.process(std::mem::take(&mut batch)).await;
         }
         tracing::debug!("source closed, router done");
     }
 
-    /// Evaluates a run of messages on a blocking thread (one hand-off for many messages)
-    /// and dispatches each message's records as its verdicts arrive, in order.
-    async fn process(&self, batch: Vec<Message>) {
+    /// Hands a batch of messages to the pool; the future resolves to their verdicts.
+    async fn evaluate(
+        &self,
+        batch: Vec<Message>,
+    ) -> impl Future<Output = (Batch, Result<Vec<Verdicts>, EvalError>)> + use<> {
         let mut acks = Vec::with_capacity(batch.len());
         let mut msgs = Vec::with_capacity(batch.len());
         for mut m in batch {
             let ack = std::mem::replace(&mut m.ack, Ack::detached());
             acks.push(self.watch.track(&m.topic, ack));
-            msgs.push(Arc::new(m));
+            msgs.push(m);
         }
-        let msgs: Arc<[Arc<Message>]> = msgs.into();
-        let mut acks = acks.into_iter();
-        let mut next = 0;
-        while next < msgs.len() {
-            let (tx, mut results) = mpsc::unbounded_channel();
-            let job = {
-                let (rules, msgs) = (Arc::clone(&self.rules), Arc::clone(&msgs));
-                tokio::task::spawn_blocking(move || {
-                    for m in &msgs[next..] {
-                        if tx.send(evaluate(&rules, m)).is_err() {
-                            return;
-                        }
-                    }
-                })
+        let msgs: Arc<[Message]> = msgs.into();
+        let job = {
+            let (rules, msgs, limit) = (
+                Arc::clone(&self.rules),
+                Arc::clone(&msgs),
+                self.eval.limit(),
+            );
+            move || {
+                msgs.iter()
+                    .map(|m| {
+                        // A panic costs its message, not the batch.
+                        catch_unwind(AssertUnwindSafe(|| evaluate(&rules, m, limit))).map_err(|p| {
+                            format!("rule evaluation panicked: {}", panic_message(p.as_ref()))
+                        })
+                    })
+                    .collect::<Vec<Verdicts>>()
+            }
+        };
+        let pending = self.eval.submit(job).await;
+        async move {
+            let verdicts = match pending {
+                Ok(pending) => pending.await,
+                Err(e) => Err(e),
             };
-            // Results come one per message, in order; a message that takes too long is
-            // dead-lettered and the rest are evaluated again on a fresh thread.
-            while next < msgs.len() {
-                let msg = &msgs[next];
-                let ack = acks.next().expect("one ack per message");
-                next += 1;
-                match tokio::time::timeout(EVAL_TIMEOUT, results.recv()).await {
-                    Ok(Some(verdicts)) => self.dispatch(msg, verdicts, ack).await,
-                    Ok(None) => {
-                        let error = match job.await {
-                            Err(e) if e.is_panic() => format!("rule evaluation panicked: {e}"),
-                            _ => "rule evaluation stopped".to_string(),
-                        };
-                        self.fail_all(msg, &error, ack).await;
-                        break;
-                    }
-                    Err(_) => {
-                        let error = format!("rule evaluation took longer than {EVAL_TIMEOUT:?}");
-                        tracing::error!(topic = %msg.topic, "{error}; a blocking thread stays busy until the program ends");
-                        self.fail_all(msg, &error, ack).await;
-                        break;
-                    }
-                }
+            (Batch { msgs, acks }, verdicts)
+        }
+    }
+
+    /// Dispatches a batch's verdicts, message by message in order.
+    async fn dispatch_batch(&self, batch: Batch, verdicts: Result<Vec<Verdicts>, EvalError>) {
+        let verdicts = verdicts.unwrap_or_else(|e| {
+            let error = e.to_string();
+            batch.msgs.iter().map(|_| Err(error.clone())).collect()
+        });
+        for ((msg, ack), verdicts) in batch.msgs.iter().zip(batch.acks).zip(verdicts) {
+            match verdicts {
+                Ok(verdicts) => self.dispatch(msg, verdicts, ack).await,
+                Err(error) => self.fail_all(msg, &error, ack).await,
             }
         }
     }
@@ -197,12 +227,16 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::config::sinks::{BatchConfig, Common};
+    use crate::eval_pool::EVAL_TIMEOUT;
     use crate::rule::jq::JqProgram;
     use crate::sink::driver::spawn;
     use crate::sink::{Outcome, Sink};
     use crate::topic::TopicFilter;
     use futures::future::BoxFuture;
+    use serde_json::json;
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
     use tokio_util::task::TaskTracker;
 
     /// Collects what it is given.
@@ -229,78 +263,191 @@ mod tests {
         }
     }
 
+    /// Runs `msgs` through `rules` (whose sink 0 collects) on `eval`; returns what was
+    /// stored and what was dead-lettered once everything settled.
+    async fn run_pipeline(
+        rules: Vec<Rule>,
+        eval: EvalPool,
+        msgs: Vec<Message>,
+    ) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+        let tracker = TaskTracker::new();
+        let common = Common {
+            batch: BatchConfig::default(),
+            retry: Default::default(),
+            queue: 100,
+            concurrency: 1,
+            rate_limit: None,
+        };
+        let out = Arc::new(Collect::default());
+        let dead = Arc::new(Collect::default());
+        let dlq = spawn(
+            Arc::from("dlq"),
+            dead.clone(),
+            common,
+            DeadLetter { queue: None },
+            &tracker,
+        );
+        let sink = spawn(
+            Arc::from("out"),
+            out.clone(),
+            common,
+            DeadLetter {
+                queue: Some(dlq.clone()),
+            },
+            &tracker,
+        );
+        let pipeline = Pipeline {
+            rules: Arc::new(rules),
+            watch: Arc::default(),
+            sinks: vec![sink],
+            dead_letter: DeadLetter { queue: Some(dlq) },
+            eval,
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let feed = tokio::spawn(async move {
+            for m in msgs {
+                tx.send(m).await.unwrap();
+            }
+        });
+        pipeline.run(rx).await;
+        feed.await.unwrap();
+        tracker.close();
+        tracker.wait().await;
+        let out = std::mem::take(&mut *out.0.lock().unwrap());
+        let dead = std::mem::take(&mut *dead.0.lock().unwrap());
+        (out, dead)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runaway_program_costs_one_message_not_the_stream() {
+        let rules = vec![
+            rule("fast", "ok/+", "{v: .payload.v}", 0),
+            rule("slow", "slow", "last(range(1e15))", 0),
+        ];
+        let eval = EvalPool::start("pipeline-t", 2, EVAL_TIMEOUT).unwrap();
+        let msgs = [("ok/a", 1), ("slow", 2), ("ok/b", 3)]
+            .map(|(topic, v)| Message::detached(topic, format!(r#"{{"v": {v}}}"#), 1));
+        let (out, dead) = run_pipeline(rules, eval, msgs.into()).await;
+        assert_eq!(out, vec![json!({"v": 1}), json!({"v": 3})]);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0]["topic"], "slow");
+        let error = dead[0]["error"].as_str().unwrap();
+        assert_eq!(
+            error,
+            "transform: program ran longer than 2s and was stopped"
+        );
+    }
+
+    /// Threads of this process whose name starts with `prefix`, with their CPU time so
+    /// far (utime + stime, in clock ticks).
+    fn threads(prefix: &str) -> Vec<u64> {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return Vec::new();
+        };
+        tasks
+            .filter_map(|t| {
+                let path = t.ok()?.path();
+                let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+                if !comm.starts_with(prefix) {
+                    return None;
+                }
+                // After the `(comm)` field: state is field 3, utime 14 and stime 15.
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+                Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
+            })
+            .collect()
+    }
+
+    /// Issue 10's runaway test: 50 messages whose transform would loop ~forever (`n` =
+    /// 1e12) among 500 good ones. The good ones are stored in order, the runaways
+    /// dead-lettered; the threads the bridge runs on (its runtime's, blocking ones
+    /// included, and the evaluation pool's) never exceed their fixed number, and once the
+    /// stream is done they take no CPU: nothing is left running.
     #[test]
-    fn a_runaway_program_costs_one_message_not_the_stream() {
+    fn runaway_messages_are_dead_lettered_and_leave_nothing_running() {
+        const WORKERS: usize = 2;
+        const POOL: usize = 2;
+        const LIMIT: Duration = Duration::from_millis(100);
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(WORKERS)
+            .thread_name("runaway-rt")
             .enable_all()
             .build()
             .unwrap();
-        let (out, dead) = rt.block_on(async {
-            let tracker = TaskTracker::new();
-            let common = Common {
-                batch: BatchConfig::default(),
-                retry: Default::default(),
-                queue: 100,
-                concurrency: 1,
-                rate_limit: None,
+        let eval = EvalPool::start("runaway-eval", POOL, LIMIT).unwrap();
+        let transform = "{device: .vars.device, seq: .payload.seq, \
+                          steps: (reduce range(.payload.n) as $i (0; . + 1))}";
+        let rules = vec![rule("r", "sensors/{device}/telemetry", transform, 0)];
+        let mut msgs = Vec::new();
+        let mut seq = 0;
+        for i in 0..550 {
+            let topic = format!("sensors/d{}/telemetry", i % 7);
+            let payload = if i % 11 == 5 {
+                json!({"seq": -1, "n": 1e12})
+            } else {
+                seq += 1;
+                json!({"seq": seq - 1, "n": 10})
             };
-            let out = Arc::new(Collect::default());
-            let dead = Arc::new(Collect::default());
-            let dlq = spawn(
-                Arc::from("dlq"),
-                dead.clone(),
-                common,
-                DeadLetter { queue: None },
-                &tracker,
-            );
-            let sink = spawn(
-                Arc::from("out"),
-                out.clone(),
-                common,
-                DeadLetter {
-                    queue: Some(dlq.clone()),
-                },
-                &tracker,
-            );
-            let pipeline = Pipeline {
-                rules: Arc::new(vec![
-                    rule("fast", "ok/+", "{v: .payload.v}", 0),
-                    rule("slow", "slow", "last(range(1e15))", 0),
-                ]),
-                watch: Arc::default(),
-                sinks: vec![sink],
-                dead_letter: DeadLetter { queue: Some(dlq) },
-            };
-            let (tx, rx) = mpsc::channel(16);
-            for (topic, v) in [("ok/a", 1), ("slow", 2), ("ok/b", 3)] {
-                tx.send(Message::detached(topic, format!(r#"{{"v": {v}}}"#), 1))
-                    .await
-                    .unwrap();
+            msgs.push(Message::detached(topic, payload.to_string(), 1));
+        }
+
+        // Count the threads while the stream runs.
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = std::thread::spawn({
+            let sampling = Arc::clone(&sampling);
+            move || {
+                let mut most = 0;
+                while sampling.load(Ordering::Relaxed) {
+                    most = most.max(threads("runaway-").len());
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                most
             }
-            drop(tx);
-            pipeline.run(rx).await;
-            tracker.close();
-            tracker.wait().await;
-            (out, dead)
         });
-        // The stuck evaluation thread is abandoned, not waited for.
-        rt.shutdown_timeout(Duration::from_millis(10));
-        let out = out.0.lock().unwrap().clone();
-        assert_eq!(
-            out,
-            vec![serde_json::json!({"v": 1}), serde_json::json!({"v": 3})]
-        );
-        let dead = dead.0.lock().unwrap().clone();
-        assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0]["topic"], "slow");
+        let started = Instant::now();
+        let run = run_pipeline(rules, eval.clone(), msgs);
+        let (out, dead) = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), run).await })
+            .expect("the stream ends");
+        let took = started.elapsed();
+        sampling.store(false, Ordering::Relaxed);
+        let most_threads = sampler.join().unwrap();
+
+        let seqs: Vec<i64> = out.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+        assert_eq!(seqs, (0..500).collect::<Vec<_>>(), "stored in order");
+        assert!(out.iter().all(|r| r["steps"] == 10));
+        assert_eq!(dead.len(), 50);
+        for d in &dead {
+            let error = d["error"].as_str().unwrap();
+            assert!(error.contains("ran longer than 100ms"), "{d}");
+        }
         assert!(
-            dead[0]["error"]
-                .as_str()
-                .unwrap()
-                .contains("took longer than"),
-            "{}",
-            dead[0]
+            most_threads <= WORKERS + POOL,
+            "{most_threads} threads (runtime + pool) while the stream ran"
         );
+        // Each runaway held a pool thread for about its deadline: 50 × 100 ms over two
+        // threads is 2.5 s (the bound leaves room for a loaded machine).
+        assert!(took < LIMIT * 50 * 2, "the stream took {took:?}");
+
+        // Idle afterwards: the bridge's threads stop accumulating CPU time. (With threads
+        // left running their programs, this would never hold.)
+        let busy = || threads("runaway-").iter().sum::<u64>();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = busy();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = busy();
+            if now - last <= 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still busy: {} ticks in 300ms",
+                now - last
+            );
+            last = now;
+        }
+        drop(eval);
     }
 }

@@ -2,12 +2,15 @@
 //! (filter), what to make of them (transform), and where the records go (sinks).
 //!
 //! A [`Rule`] is compiled from config once; [`Rule::evaluate`] is pure and synchronous,
-//! so `mqbridge try` and the live pipeline run exactly the same code.
+//! so `mqbridge try` and the live pipeline run exactly the same code. It stops a jq
+//! program that runs past its time limit (see [`jq`]): a runaway program is a failed
+//! evaluation, not a stuck thread.
 
 pub mod jq;
 pub mod template;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use jaq_json::Val;
@@ -15,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::message::Message;
 use crate::topic::TopicFilter;
-use jq::JqProgram;
+use jq::{Deadline, JqProgram};
 
 /// How a payload is turned into the `payload` value that filters and transforms see.
 #[derive(
@@ -72,8 +75,10 @@ impl Rule {
         self.from.iter().find_map(|f| f.captures(topic))
     }
 
-    /// Runs decode, filter and transform for a message that matched with `vars`.
-    pub fn evaluate(&self, msg: &Message, vars: &[(&str, &str)]) -> Evaluation {
+    /// Runs decode, filter and transform for a message that matched with `vars`; filter
+    /// and transform together may run for `limit`.
+    pub fn evaluate(&self, msg: &Message, vars: &[(&str, &str)], limit: Duration) -> Evaluation {
+        let deadline = Deadline::after(limit);
         let payload = match decode(self.decode, &msg.payload) {
             Ok(p) => p,
             Err(error) => {
@@ -85,23 +90,23 @@ impl Rule {
         };
         let ctx = context(msg, vars, payload);
         if let Some(filter) = &self.filter {
-            match filter.test(ctx.clone()) {
+            match filter.test(ctx.clone(), deadline) {
                 Ok(true) => {}
                 Ok(false) => return Evaluation::Filtered,
                 Err(error) => {
                     return Evaluation::Failed {
                         stage: "filter",
-                        error,
+                        error: error.to_string(),
                     };
                 }
             }
         }
         match &self.transform {
-            Some(t) => match t.run(ctx) {
+            Some(t) => match t.run(ctx, deadline) {
                 Ok(out) => Evaluation::Records(out.iter().map(jq::to_json).collect()),
                 Err(error) => Evaluation::Failed {
                     stage: "transform",
-                    error,
+                    error: error.to_string(),
                 },
             },
             None => Evaluation::Records(vec![default_record(msg, &ctx)]),
@@ -244,7 +249,7 @@ mod tests {
         let msg = Message::detached(topic, payload.to_vec(), 1);
         let vars = r.matches(topic).expect("matches");
         let vars: Vec<_> = vars.into_iter().collect();
-        let ev = r.evaluate(&msg, &vars);
+        let ev = r.evaluate(&msg, &vars, Duration::from_secs(2));
         msg.ack.settle();
         ev
     }

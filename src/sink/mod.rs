@@ -264,18 +264,22 @@ where
 }
 
 /// What opening a sink may need from the app.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub struct OpenContext<'a> {
     /// Makes the publisher a republish sink publishes through, one per sink (the app
     /// wires it to the embedded broker, or to a connection to the external broker); None
     /// when there is no broker to publish to.
     pub publisher: Option<&'a (dyn Fn() -> Arc<dyn republish::Publish> + Sync)>,
+    /// Where sinks run jq programs (the postgres sink's `columns:`).
+    pub eval: &'a crate::eval_pool::EvalPool,
 }
 
 /// Opens the sink `config` describes: connects, opens files.
 pub async fn open(config: &SinkConfig, ctx: OpenContext<'_>) -> anyhow::Result<Arc<dyn Sink>> {
     Ok(match config {
-        SinkConfig::Postgres(c) => Arc::new(postgres::PostgresSink::open(c).await?),
+        SinkConfig::Postgres(c) => {
+            Arc::new(postgres::PostgresSink::open(c, ctx.eval.clone()).await?)
+        }
         SinkConfig::Sqlite(c) => Arc::new(sqlite::SqliteSink::open(c).await?),
         SinkConfig::Republish(c) => {
             let publisher = ctx

@@ -2,7 +2,9 @@
 //!
 //! Columns are discovered from the catalog (at start, and again after a transient
 //! failure, so a migrated table is picked up). Record keys map to columns, or an explicit
-//! `columns:` map computes each column with a jq expression over the record. A batch is
+//! `columns:` map computes each column with a jq expression over the record; those
+//! programs run on the [evaluation pool](crate::eval_pool), each record's under the same
+//! deadline as a rule's (a runaway record is dead-lettered). A batch is
 //! one transaction of `INSERT … SELECT … FROM UNNEST($1::text[], …)`: one array parameter
 //! per column, each value sent as text and cast by PostgreSQL to the column's type, so the
 //! database does the type checking and a bad value fails with its SQLSTATE. Values are
@@ -23,7 +25,8 @@ use crate::config::sinks::postgres::{
     Config, ConflictAction, OnConflict, TimeUnit, UnknownKeys, redacted,
 };
 use crate::config::sinks::sql::quote_table;
-use crate::rule::jq::{self, JqProgram};
+use crate::eval_pool::{EvalError, EvalPool};
+use crate::rule::jq::{self, Deadline, JqProgram};
 
 /// What writing `record` would do, for `mqbridge try`.
 pub fn would(cfg: &Config, _: &Origin, record: &serde_json::Value) -> String {
@@ -76,44 +79,20 @@ pub struct PostgresSink {
     quoted_table: String,
     /// Discovered columns; None until discovered, reset after a transient failure.
     columns: RwLock<Option<Arc<HashMap<String, Column>>>>,
-    mapping: Option<Vec<(String, JqProgram)>>,
+    /// `columns:`: each column's program.
+    mapping: Option<Arc<Mapping>>,
+    /// Where the `columns:` programs run.
+    eval: EvalPool,
     unknown_keys: UnknownKeys,
     time_unit: Option<TimeUnit>,
     on_conflict: Option<OnConflict>,
 }
 
 impl PostgresSink {
-    pub async fn open(cfg: &Config) -> anyhow::Result<Self> {
-        let opts = PgConnectOptions::from_str(&cfg.url)
-            .map_err(|e| anyhow::anyhow!("url {}: {e}", redacted(&cfg.url)))?
-            .application_name("mqbridge");
-        let pool = PgPoolOptions::new()
-            .max_connections(cfg.concurrency.max(1) as u32 + 1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy_with(opts);
-        let mapping = match &cfg.columns {
-            Some(map) => Some(
-                map.iter()
-                    .map(|(c, e)| {
-                        Ok((
-                            c.clone(),
-                            JqProgram::compile(e).map_err(anyhow::Error::msg)?,
-                        ))
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?,
-            ),
-            None => None,
-        };
-        let sink = PostgresSink {
-            pool,
-            table: cfg.table.clone(),
-            quoted_table: quote_table(&cfg.table).map_err(anyhow::Error::msg)?,
-            columns: RwLock::new(None),
-            mapping,
-            unknown_keys: cfg.unknown_keys,
-            time_unit: cfg.time_unit,
-            on_conflict: cfg.on_conflict.clone(),
-        };
+    /// Opens the sink: applies the migrations when asked, and checks the table when the
+    /// database is reachable.
+    pub async fn open(cfg: &Config, eval: EvalPool) -> anyhow::Result<Self> {
+        let sink = Self::new(cfg, eval)?;
         if cfg.migrate {
             super::migrate::apply(super::migrate::POSTGRES, &sink.pool)
                 .await
@@ -132,6 +111,41 @@ impl PostgresSink {
             }
         }
         Ok(sink)
+    }
+
+    /// The sink with a connection pool that connects on first use.
+    fn new(cfg: &Config, eval: EvalPool) -> anyhow::Result<Self> {
+        let opts = PgConnectOptions::from_str(&cfg.url)
+            .map_err(|e| anyhow::anyhow!("url {}: {e}", redacted(&cfg.url)))?
+            .application_name("mqbridge");
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.concurrency.max(1) as u32 + 1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(opts);
+        let mapping = match &cfg.columns {
+            Some(map) => Some(Arc::new(
+                map.iter()
+                    .map(|(c, e)| {
+                        Ok((
+                            c.clone(),
+                            JqProgram::compile(e).map_err(anyhow::Error::msg)?,
+                        ))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+            )),
+            None => None,
+        };
+        Ok(PostgresSink {
+            pool,
+            table: cfg.table.clone(),
+            quoted_table: quote_table(&cfg.table).map_err(anyhow::Error::msg)?,
+            columns: RwLock::new(None),
+            mapping,
+            eval,
+            unknown_keys: cfg.unknown_keys,
+            time_unit: cfg.time_unit,
+            on_conflict: cfg.on_conflict.clone(),
+        })
     }
 
     /// The table's columns, discovered once (again after a transient failure).
@@ -180,32 +194,46 @@ impl PostgresSink {
         Ok(map)
     }
 
-    /// The (column, value) pairs of one record.
-    fn fields(
+    /// The (column, value) pairs of each record of a batch: computed by the `columns:`
+    /// programs on the evaluation pool, or else the record's keys that are columns.
+    async fn fields(
+        &self,
+        batch: &[Delivery],
+        columns: &HashMap<String, Column>,
+    ) -> Vec<Result<Fields, SinkError>> {
+        let Some(mapping) = &self.mapping else {
+            return batch
+                .iter()
+                .map(|d| self.keyed(&d.record, columns))
+                .collect();
+        };
+        if let Some((col, _)) = mapping.iter().find(|(c, _)| !columns.contains_key(c)) {
+            let e = SinkError::permanent(format!("column {col} does not exist in {}", self.table));
+            return vec![Err(e); batch.len()];
+        }
+        let records: Vec<serde_json::Value> = batch.iter().map(|d| d.record.clone()).collect();
+        let (mapping, limit) = (Arc::clone(mapping), self.eval.limit());
+        let job = move || {
+            let run = |r: &serde_json::Value| map_record(&mapping, r, Deadline::after(limit));
+            records.iter().map(run).collect()
+        };
+        match self.eval.run(job).await {
+            Ok(fields) => fields,
+            // The driver isolates a panic and dead-letters its record.
+            Err(EvalError::Panicked(payload)) => std::panic::resume_unwind(payload),
+            Err(e @ EvalError::Stopped) => {
+                vec![Err(SinkError::transient(e.to_string())); batch.len()]
+            }
+        }
+    }
+
+    /// The record's keys that are columns of the table, with their values.
+    fn keyed(
         &self,
         record: &serde_json::Value,
         columns: &HashMap<String, Column>,
-    ) -> Result<Vec<(String, serde_json::Value)>, SinkError> {
+    ) -> Result<Fields, SinkError> {
         let mut out = Vec::new();
-        if let Some(mapping) = &self.mapping {
-            let input = jq::from_json(record);
-            for (col, prog) in mapping {
-                if !columns.contains_key(col) {
-                    return Err(SinkError::permanent(format!(
-                        "column {col} does not exist in {}",
-                        self.table
-                    )));
-                }
-                let v = prog
-                    .run(input.clone())
-                    .map_err(|e| SinkError::permanent(format!("columns.{col}: {e}")))?
-                    .first()
-                    .map(jq::to_json)
-                    .unwrap_or(serde_json::Value::Null);
-                out.push((col.clone(), v));
-            }
-            return Ok(out);
-        }
         let obj = record
             .as_object()
             .ok_or_else(|| SinkError::permanent("record is not a JSON object"))?;
@@ -231,10 +259,9 @@ impl PostgresSink {
     /// One record as a row: its column names and each value as text for PostgreSQL to cast.
     fn row(
         &self,
-        record: &serde_json::Value,
+        fields: Fields,
         columns: &HashMap<String, Column>,
     ) -> Result<Prepared, SinkError> {
-        let fields = self.fields(record, columns)?;
         let mut names = Vec::with_capacity(fields.len());
         let mut values = Vec::with_capacity(fields.len());
         for (c, v) in fields {
@@ -281,9 +308,10 @@ impl PostgresSink {
             Err(e) => return super::all(batch.len(), Err(e)),
         };
         let columns = &*columns;
+        let mut fields = self.fields(batch, columns).await.into_iter();
         super::prepared(
             batch,
-            |d| self.row(&d.record, columns),
+            |_| self.row(fields.next().expect("fields for each record")?, columns),
             move |rows| async move { super::isolate(&rows, |part| self.insert(part, columns)).await },
         )
         .await
@@ -341,6 +369,34 @@ impl Sink for PostgresSink {
             outcomes
         })
     }
+}
+
+/// `columns:`: each column and the program that computes it from the record.
+type Mapping = Vec<(String, JqProgram)>;
+
+/// A record's (column, value) pairs.
+type Fields = Vec<(String, serde_json::Value)>;
+
+/// A record's fields under `columns:`: each program's first output (none is NULL). One
+/// deadline covers all of the record's programs.
+fn map_record(
+    mapping: &Mapping,
+    record: &serde_json::Value,
+    deadline: Deadline,
+) -> Result<Fields, SinkError> {
+    let input = jq::from_json(record);
+    mapping
+        .iter()
+        .map(|(col, prog)| {
+            let v = prog
+                .run(input.clone(), deadline)
+                .map_err(|e| SinkError::permanent(format!("columns.{col}: {e}")))?
+                .first()
+                .map(jq::to_json)
+                .unwrap_or(serde_json::Value::Null);
+            Ok((col.clone(), v))
+        })
+        .collect()
 }
 
 /// A record prepared for insertion.
@@ -468,6 +524,46 @@ mod tests {
         assert_eq!(
             t(json!("2026-01-01T00:00:00Z"), None),
             "2026-01-01T00:00:00Z"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_runaway_columns_program_costs_its_record_only() {
+        const LIMIT: Duration = Duration::from_millis(100);
+        let cfg: Config = serde_json::from_value(json!({
+            "url": "postgres://u@127.0.0.1:1/db",
+            "table": "t",
+            "columns": {"seq": ".seq", "steps": "reduce range(.n) as $i (0; . + 1)"},
+        }))
+        .unwrap();
+        let eval = EvalPool::start("pg-columns-t", 1, LIMIT).unwrap();
+        let sink = PostgresSink::new(&cfg, eval).unwrap();
+        let plain = Column {
+            sql_type: "bigint".into(),
+            class: Class::Plain,
+        };
+        let columns = HashMap::from([("seq".into(), plain.clone()), ("steps".into(), plain)]);
+        let batch = [
+            json!({"seq": 1, "n": 3}),
+            json!({"seq": 2, "n": 1e12}),
+            json!({"seq": 3, "n": 4}),
+        ]
+        .map(|r| Delivery::detached("t", r));
+        let started = std::time::Instant::now();
+        let fields = sink.fields(&batch, &columns).await;
+        assert!(
+            started.elapsed() < LIMIT * 5,
+            "took {:?}",
+            started.elapsed()
+        );
+        let row = |seq, steps| vec![("seq".into(), json!(seq)), ("steps".into(), json!(steps))];
+        assert_eq!(fields[0].as_ref().unwrap(), &row(1, 3));
+        assert_eq!(fields[2].as_ref().unwrap(), &row(3, 4));
+        let err = fields[1].as_ref().unwrap_err();
+        assert_eq!(err.kind, super::super::ErrorKind::Permanent);
+        assert_eq!(
+            err.message,
+            "columns.steps: program ran longer than 100ms and was stopped"
         );
     }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mqbridge::config::sinks::SinkConfig;
+use mqbridge::eval_pool::{EVAL_TIMEOUT, EvalPool};
 use mqbridge::sink::{self, Delivery, OpenContext, Outcome, Sink};
 use serde_json::json;
 
@@ -12,7 +13,12 @@ use crate::util::*;
 
 async fn open(cfg: serde_json::Value) -> Arc<dyn Sink> {
     let cfg: SinkConfig = serde_json::from_value(cfg).unwrap();
-    sink::open(&cfg, OpenContext::default()).await.unwrap()
+    let eval = EvalPool::start("eval", 1, EVAL_TIMEOUT).unwrap();
+    let ctx = OpenContext {
+        publisher: None,
+        eval: &eval,
+    };
+    sink::open(&cfg, ctx).await.unwrap()
 }
 
 fn delivery(record: serde_json::Value) -> Delivery {
