@@ -28,6 +28,7 @@ use crate::eval_pool::{EVAL_TIMEOUT, EvalPool};
 use crate::pipeline::Pipeline;
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter, SinkQueue};
+use crate::source::intake::Handoff;
 use publish::Upstream;
 
 /// Messages buffered between the source and the router.
@@ -106,7 +107,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     let mut source = match (broker, embedded) {
         (Some(broker), _) => tokio::spawn(crate::source::mqtt::run(
             broker,
-            tx,
+            Handoff::new(tx),
             stop.clone(),
             done.clone(),
         )),

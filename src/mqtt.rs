@@ -231,6 +231,14 @@ impl Client {
         }
     }
 
+    /// Queues a DISCONNECT, waiting while the request channel is full.
+    pub async fn disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        }
+    }
+
     pub fn try_disconnect(&self) -> Result<(), String> {
         match self {
             Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),

@@ -61,6 +61,8 @@ pub struct BrokerPlan {
     pub keep_alive: Duration,
     pub max_packet_size: usize,
     pub receive_maximum: u16,
+    /// Bytes of messages held while the pipeline is full.
+    pub max_buffered: usize,
     pub session_expiry: Duration,
     pub ca_file: Option<PathBuf>,
     /// What to SUBSCRIBE to: the rules' filters, minus those another one covers, with the
@@ -397,6 +399,7 @@ fn validate_broker(b: &BrokerConfig, rules: &[Rule], errs: &mut Errors) -> Optio
         keep_alive,
         max_packet_size: b.max_packet_size.0 as usize,
         receive_maximum: b.receive_maximum,
+        max_buffered: b.max_buffered.0 as usize,
         session_expiry: b.session_expiry.0,
         ca_file: b.ca_file.clone(),
         subscriptions,

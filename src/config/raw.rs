@@ -88,6 +88,11 @@ pub struct BrokerConfig {
     /// MQTT 5: how many QoS 1/2 messages the broker may have in flight to mqbridge.
     #[serde(default = "default_receive_maximum")]
     pub receive_maximum: u16,
+    /// Messages read while the pipeline is full (a broker sending past the window, as
+    /// Mosquitto 2.0 does after a session resumes) are held in memory up to this size;
+    /// past it mqbridge reconnects, and the broker sends them again.
+    #[serde(default = "default_max_buffered")]
+    pub max_buffered: ByteSize,
     /// MQTT 5: how long the broker keeps the session (and queued messages) while mqbridge is away.
     #[serde(default = "default_session_expiry")]
     pub session_expiry: Duration,
@@ -110,6 +115,9 @@ fn default_session_expiry() -> Duration {
 }
 fn default_max_packet() -> ByteSize {
     ByteSize(16 << 20)
+}
+fn default_max_buffered() -> ByteSize {
+    ByteSize(32 << 20)
 }
 
 /// `embedded:`.

@@ -60,6 +60,12 @@ impl<T> AckSequencer<T> {
         self.entries.clear();
     }
 
+    /// Forgets the `n` latest arrivals (messages dropped before anyone could settle them);
+    /// their numbers are given out again.
+    pub fn forget_latest(&mut self, n: usize) {
+        self.entries.truncate(self.entries.len().saturating_sub(n));
+    }
+
     /// Arrivals waiting for settlement or for an earlier one.
     pub fn pending(&self) -> usize {
         self.entries.len()

@@ -1,81 +1,84 @@
 //! The external-broker source: an MQTT client (3.1.1 or 5) with a persistent session and
 //! manual acknowledgements.
 //!
-//! Three parts, so that the task polling the connection never waits on anything but the
+//! Two tasks, so that the task polling the connection never waits on anything but the
 //! network (rumqttc#1025):
 //! - the **poll loop** reads events, (re)subscribes after a ConnAck without a session
-//!   (rumqttc#250), backs off between failed connects, turns PUBLISHes into [`Message`]s
-//!   and hands them to the pipeline with `try_send`;
-//! - the **ack task** owns the [`AckSequencer`]: it learns of arrivals and settlements and
-//!   queues PUBACK/PUBREC for the settled prefix, in arrival order (rumqttc#846), waiting
-//!   for room in rumqttc's request channel (acks must not be lost);
-//! - each message's [`Ack`] reports its settlement to the ack task.
+//!   (rumqttc#250), backs off between failed connects, and hands PUBLISHes to its
+//!   [`Intake`], which also tells it which messages to acknowledge, in arrival order
+//!   (rumqttc#846);
+//! - the **ack task** queues those PUBACK/PUBRECs, waiting for room in rumqttc's request
+//!   channel when it must (acks must not be lost, and the poll loop must not wait).
 //!
-//! QoS 1/2 messages in flight are bounded by the broker's window (its inflight limit, or
-//! our MQTT 5 receive maximum), so the pipeline's buffer only fills when a broker sends
-//! without limit; then the poll loop waits (QoS 1/2) or drops and counts QoS 0 messages,
-//! as QoS 0 allows.
+//! QoS 1/2 messages in flight are bounded by the broker's window (our MQTT 5 receive
+//! maximum, or the broker's inflight limit with 3.1.1). While the pipeline is full they
+//! wait in the intake and the connection stays alive. A broker that sends past the window
+//! meanwhile is held up to `max_buffered` bytes. Past that, mqbridge drops what waits and
+//! takes nothing more from this connection (it keeps reading it, so it stays alive),
+//! acknowledges what it had handed over as that settles, then reconnects: the broker
+//! sends the rest again, as none of it was acknowledged. Each round thus moves the
+//! pipeline's worth of messages on.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::intake::{Handoff, Intake};
 use crate::config::BrokerPlan;
-use crate::delivery::{Ack, AckSequencer, Settled};
+use crate::delivery::Ack;
 use crate::message::Message;
 use crate::mqtt::{self, AckToken, Client, Incoming, ReconnectBackoff};
-
-/// What the ack task hears about.
-enum AckEvent {
-    /// A QoS 1/2 PUBLISH arrived.
-    Arrived(AckToken),
-    /// Message number `n` (counting QoS 1/2 arrivals since start) settled.
-    Settled(u64),
-    /// The connection ended, or a new one began: forget pending arrivals (the broker
-    /// redelivers them) so that none is acknowledged on a later connection.
-    Reset,
-}
-
-struct ReportSettled {
-    seq: u64,
-    tx: mpsc::UnboundedSender<AckEvent>,
-}
-
-impl Settled for ReportSettled {
-    fn settled(&self) {
-        // The ack task ends only after the source stops; a failed send means shutdown.
-        let _ = self.tx.send(AckEvent::Settled(self.seq));
-    }
-}
 
 /// Runs the source until `done` is cancelled. After `stop` is cancelled it takes no new
 /// messages (they stay unacknowledged and the broker redelivers them) but keeps the
 /// connection so acknowledgements of settling messages still go out.
 pub async fn run(
     plan: BrokerPlan,
-    out: mpsc::Sender<Message>,
+    handoff: Handoff,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> anyhow::Result<()> {
     let (client, mut eventloop) = mqtt::connect(&plan, &plan.client_id, true, true)?;
     let source: Arc<str> = Arc::from("broker");
+    let mut intake = Intake::new(&handoff, plan.max_buffered);
 
-    // Ack events are bounded by the messages in flight, which the broker's window bounds.
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-    let acker = tokio::spawn(ack_task(client.clone(), ack_rx));
+    // Acks are bounded by the messages in flight, which the broker's window bounds. Each
+    // batch carries the connection it belongs to: acks of a lost connection must not go
+    // out on the next one, where the same packet ids may name other messages.
+    let connection = Arc::new(AtomicU64::new(0));
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<AckJob>();
+    let acker = tokio::spawn(ack_task(client.clone(), ack_rx, Arc::clone(&connection)));
+    let lost = |intake: &mut Intake<AckToken>| {
+        intake.reset();
+        connection.fetch_add(1, Ordering::AcqRel);
+    };
 
     let mut backoff = ReconnectBackoff::default();
     let mut arrivals: u64 = 0;
-    let mut dropped_qos0: u64 = 0;
-    // Dropped on `stop`, which lets the pipeline drain and finish.
-    let mut out = Some(out);
+    let mut stopped = false;
+    // After the broker sent past the window and `max_buffered`: nothing more is taken from
+    // this connection, which ends once what was taken is acknowledged.
+    let mut leaving = Leaving::No;
     loop {
         let event = tokio::select! {
             _ = done.cancelled() => break,
-            _ = stop.cancelled(), if out.is_some() => {
-                out = None;
+            _ = stop.cancelled(), if !stopped => {
+                // Lets the pipeline drain and finish.
+                stopped = true;
+                intake.close();
+                continue;
+            }
+            tokens = intake.released() => {
+                let of = connection.load(Ordering::Acquire);
+                let _ = ack_tx.send(AckJob::Ack(of, tokens));
+                if leaving == Leaving::Draining && intake.unacknowledged() == 0 {
+                    // After the acks, in the same queue, so they go out first.
+                    let _ = ack_tx.send(AckJob::Disconnect(of));
+                    leaving = Leaving::Disconnecting;
+                }
                 continue;
             }
             ev = eventloop.poll() => ev,
@@ -83,7 +86,8 @@ pub async fn run(
         match event {
             Ok(Incoming::Connected { session_present }) => {
                 backoff.reset();
-                let _ = ack_tx.send(AckEvent::Reset);
+                leaving = Leaving::No;
+                lost(&mut intake);
                 tracing::info!(host = %plan.host, port = plan.port, client_id = %plan.client_id, session_present, "connected to broker");
                 if !session_present && !plan.subscriptions.is_empty() {
                     // try_: never await the client from the poll loop.
@@ -102,10 +106,9 @@ pub async fn run(
                     }
                 }
             }
+            // Not acknowledged: the broker sends it again after the reconnect.
+            Ok(Incoming::Publish(_)) if leaving != Leaving::No => {}
             Ok(Incoming::Publish(received)) => {
-                let Some(out) = &out else {
-                    continue; // draining: unacknowledged, so the broker redelivers it
-                };
                 let mqtt::Received {
                     topic,
                     payload,
@@ -114,18 +117,7 @@ pub async fn run(
                     properties,
                     ack,
                 } = *received;
-                let ack = match ack {
-                    None => Ack::detached(),
-                    Some(token) => {
-                        let seq = arrivals;
-                        arrivals += 1;
-                        let _ = ack_tx.send(AckEvent::Arrived(token));
-                        Ack::new(ReportSettled {
-                            seq,
-                            tx: ack_tx.clone(),
-                        })
-                    }
-                };
+                arrivals += 1;
                 let msg = Message {
                     topic,
                     payload,
@@ -135,35 +127,21 @@ pub async fn run(
                     client_id: None,
                     received_at: jiff::Timestamp::now(),
                     source: Arc::clone(&source),
-                    ack,
+                    ack: Ack::detached(),
                 };
-                match out.try_send(msg) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(msg)) if msg.qos == 0 => {
-                        dropped_qos0 += 1;
-                        if dropped_qos0.is_power_of_two() {
-                            tracing::warn!(
-                                dropped = dropped_qos0,
-                                "pipeline full: dropping QoS 0 messages"
-                            );
-                        }
-                        msg.ack.settle();
+                if let Err(e) = intake.offer(msg, ack) {
+                    tracing::warn!(error = %e, max_buffered = plan.max_buffered, "broker sent past the window while the pipeline was full; taking nothing more until what was taken is acknowledged, then reconnecting");
+                    intake.shed();
+                    leaving = Leaving::Draining;
+                    if intake.unacknowledged() == 0 {
+                        let _ = ack_tx.send(AckJob::Disconnect(connection.load(Ordering::Acquire)));
+                        leaving = Leaving::Disconnecting;
                     }
-                    Err(mpsc::error::TrySendError::Full(msg)) => {
-                        // The broker sends beyond any window; wait (the connection idles meanwhile).
-                        tokio::select! {
-                            r = out.send(msg) => if r.is_err() { break },
-                            _ = done.cancelled() => break,
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => break,
                 }
             }
             Ok(_) => {}
             Err(e) => {
-                // Acks of this connection's messages must not go out on the next one,
-                // where the same packet ids may name other messages (a lost session).
-                let _ = ack_tx.send(AckEvent::Reset);
+                lost(&mut intake);
                 let delay = backoff.failed();
                 tracing::warn!(error = %e, retry_in = ?delay, "broker connection failed");
                 tokio::select! {
@@ -177,9 +155,12 @@ pub async fn run(
     // being polled meanwhile: it is what drains rumqttc's request channel, which the ack
     // task may be waiting on. New PUBLISHes are not taken any more (not acknowledged).
     drop(ack_tx);
-    tracing::debug!(arrivals, dropped_qos0, "source stopped taking messages");
+    tracing::debug!(
+        arrivals,
+        unacknowledged = intake.unacknowledged(),
+        "source stopped taking messages"
+    );
     let _ = tokio::time::timeout(FAREWELL, async {
-        // Ends when every message's Ack is gone; unsettled ones may still be held elsewhere.
         let mut acker = acker;
         loop {
             tokio::select! {
@@ -206,17 +187,36 @@ pub async fn run(
 /// acknowledgements and disconnect.
 const FAREWELL: Duration = Duration::from_secs(5);
 
-async fn ack_task(client: Client, mut rx: mpsc::UnboundedReceiver<AckEvent>) {
-    let mut seq = AckSequencer::default();
+/// Where a connection is after the broker sent past the window and `max_buffered`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    No,
+    /// Waiting for what was taken to be acknowledged.
+    Draining,
+    /// DISCONNECT queued; the next connection starts afresh.
+    Disconnecting,
+}
+
+/// What the ack task does, in order, for connection number `.0`.
+enum AckJob {
+    Ack(u64, Vec<AckToken>),
+    Disconnect(u64),
+}
+
+async fn ack_task(
+    client: Client,
+    mut rx: mpsc::UnboundedReceiver<AckJob>,
+    connection: Arc<AtomicU64>,
+) {
     let mut sent: u64 = 0;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            AckEvent::Arrived(token) => {
-                seq.arrive(token);
-            }
-            AckEvent::Reset => seq.reset(),
-            AckEvent::Settled(n) => {
-                for token in seq.settle(n) {
+    while let Some(job) = rx.recv().await {
+        let current = |of: u64| connection.load(Ordering::Acquire) == of;
+        match job {
+            AckJob::Ack(of, tokens) => {
+                for token in tokens {
+                    if !current(of) {
+                        break; // the connection they belong to is gone
+                    }
                     // Waits while rumqttc's request channel is full: the poll loop never
                     // waits on this task, so the channel drains. A lost ack would hold a
                     // slot of the broker's window until the next reconnect.
@@ -228,7 +228,13 @@ async fn ack_task(client: Client, mut rx: mpsc::UnboundedReceiver<AckEvent>) {
                     }
                 }
             }
+            AckJob::Disconnect(of) if current(of) => {
+                if let Err(e) = client.disconnect().await {
+                    tracing::warn!(error = %e, "cannot queue DISCONNECT");
+                }
+            }
+            AckJob::Disconnect(_) => {}
         }
     }
-    tracing::debug!(sent, pending = seq.pending(), "ack task done");
+    tracing::debug!(sent, "ack task done");
 }

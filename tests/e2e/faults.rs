@@ -16,13 +16,10 @@ use crate::util::*;
 /// described by `hook` (YAML under `sinks:`, at its indentation), records
 /// `{stream, seq}`, a file dead letter at `dlq`, and a spool, as in the shipped configs.
 ///
-/// With the spool, mqbridge acknowledges what it is handed as soon as it is on disk, so it
-/// keeps reading its broker connection however slow the receiver is. (Without one it
-/// stops reading when its buffers are full; Mosquitto 2.0.11 ignores the receive maximum
-/// after the first acknowledgements and floods the connection, its ping answer waits
-/// behind the flood, and after two keep-alive periods the client drops the connection and
-/// gets the unacknowledged messages again: duplicates and, across the reconnect, order
-/// lost. See docs/guarantees.md §5.)
+/// With the spool, mqbridge acknowledges what it is handed as soon as it is on disk, so a
+/// backlog leaves the broker as fast as mqbridge reads it. (Without one, what Mosquitto
+/// 2.0.11 floods past the receive maximum waits in memory up to `max_buffered`: see
+/// [`a_flooding_broker`] and docs/guarantees.md §5.)
 fn bridge_config(dir: &Path, broker: u16, client_id: &str, hook: &str) -> std::path::PathBuf {
     let path = dir.join("bridge.yaml");
     let dlq = dir.join("dead.jsonl");
@@ -316,6 +313,7 @@ sinks:
     type: webhook
     url: {url}/ingest
     batch_body: {batch_body}
+    batch: {{ max_rows: {max_rows} }}
     retry: {{ max_attempts: 30, initial_delay: 20ms, max_delay: 500ms }}
   pg: {{ type: postgres, url: "{db}", table: flaky }}
   dlq: {{ type: file, path: {dlq} }}
@@ -330,6 +328,9 @@ dead_letter: {{ sink: dlq }}
             url = hook.url(),
             spool = dir.path().join("spool").display(),
             dlq = dir.path().join("dead.jsonl").display(),
+            // Batch bodies: at least 20 requests, so that both faults come up however
+            // the records happen to be grouped (a busy machine makes bigger batches).
+            max_rows = if batch_body { 50 } else { 1000 },
         ),
     )
     .unwrap();
@@ -388,4 +389,96 @@ async fn a_flaky_endpoint_gets_every_record_one_request_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_endpoint_gets_every_record_in_batch_bodies() {
     a_flaky_endpoint_gets_every_record(true).await;
+}
+
+/// A broker that floods the connection past the window (no limit on messages in flight,
+/// as Mosquitto 2.0 does towards a resumed session) while the webhook sink is held to
+/// 1,000 records a second, so 8,000 messages arrive much faster than the pipeline takes
+/// them. Without a spool. Returns the tally of what the webhook accepted, and the
+/// bridge's log.
+///
+/// keep_alive is 1 s. A source that stops reading its connection while the pipeline is
+/// full (as it did) leaves the broker's PINGRESP behind thousands of PUBLISHes that it
+/// can only read as the sink drains; rumqttc gives up after two keep-alive periods
+/// ("Last pingreq isn't acked"), reconnects, and the broker sends every unacknowledged
+/// message again.
+async fn a_flooding_broker(name: &str, max_buffered: &str) -> (Tally, Vec<String>) {
+    const N: i64 = 8_000;
+    let broker = Mosquitto::start_flooding().await;
+    let dir = tempfile::tempdir().unwrap();
+    let hook = HookServer::start().await;
+    let config = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: {name}, keep_alive: 1s, max_buffered: {max_buffered} }}
+sinks:
+  hook:
+    type: webhook
+    url: {url}/ingest
+    queue: 10
+    batch_body: true
+    batch: {{ max_rows: 100 }}
+    rate_limit: {{ per_second: 1000 }}
+  dlq: {{ type: file, path: {dlq} }}
+rules:
+  - name: flood
+    from: ["flood/{{stream}}"]
+    transform: '{{stream: .vars.stream, seq: .payload.seq}}'
+    to: [hook]
+dead_letter: {{ sink: dlq }}
+"#,
+            port = broker.port,
+            url = hook.url(),
+            dlq = dir.path().join("dead.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    let bridge = ChildBridge::start_subscribed(&config).await;
+    publish_numbered(
+        broker.port,
+        &format!("{name}-pub"),
+        4,
+        N,
+        Duration::ZERO,
+        |p, _| format!("flood/d{p}"),
+    )
+    .await;
+    all_accepted(&hook, N, Duration::from_secs(120)).await;
+    let log = std::sync::Arc::clone(&bridge.log);
+    stop_for_the_tally(bridge).await;
+    let tally =
+        hook.with_seen(|seen| Tally::of_seqs(N, accepted(seen).into_iter().map(|(_, s)| s)));
+    println!("flooding broker, max_buffered {max_buffered}: {tally}");
+    assert!(json_lines(&dir.path().join("dead.jsonl")).is_empty());
+    let log = log.lock().unwrap().clone();
+    (tally, log)
+}
+
+/// The flood fits in `max_buffered`: the source keeps reading its connection while the
+/// pipeline is full, so it keeps it (before, it stopped reading, lost the connection to
+/// the keep-alive and got every unacknowledged message again), and every record arrives
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_broker_keeps_its_connection_while_the_pipeline_is_full() {
+    let (tally, log) = a_flooding_broker("flood-held", "32MiB").await;
+    let lost: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("broker connection failed") || l.contains("reconnecting"))
+        .collect();
+    assert!(lost.is_empty(), "the connection was lost: {lost:?}");
+    assert_eq!((tally.lost, tally.duplicates), (0, 0), "{tally}");
+}
+
+/// The flood does not fit in `max_buffered`: mqbridge reconnects rather than hold more
+/// (or stall the connection), and the broker sends the unacknowledged messages again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_past_max_buffered_reconnects_and_loses_nothing() {
+    let (tally, log) = a_flooding_broker("flood-over", "16KiB").await;
+    assert!(
+        log.iter().any(|l| l.contains("sent past the window")),
+        "no reconnect for the flood"
+    );
+    assert_eq!(tally.lost, 0, "{tally}");
 }

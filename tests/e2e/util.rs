@@ -153,6 +153,21 @@ impl Mosquitto {
         Self::start_configured(|_| "persistence false\n".to_string(), loopback_listener).await
     }
 
+    /// A broker that ignores flow control: no limit on the QoS 1/2 messages in flight to a
+    /// client (`max_inflight_messages 0`), as Mosquitto 2.0 behaves towards a resumed
+    /// session whatever its receive maximum; a backlog floods the connection.
+    pub async fn start_flooding() -> Mosquitto {
+        Self::start_configured(
+            |_| {
+                format!(
+                    "persistence false\nmax_queued_messages {MAX_QUEUED}\nmax_inflight_messages 0\n"
+                )
+            },
+            loopback_listener,
+        )
+        .await
+    }
+
     /// `settings(dir)` gives the broker-wide lines (persistence, queue limits).
     async fn start_configured(
         settings: impl FnOnce(&Path) -> String,
