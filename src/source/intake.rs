@@ -94,12 +94,13 @@ impl Settled for ReportSettled {
 }
 
 impl<T> Intake<T> {
-    /// An intake for one connection, holding at most `max_bytes` of messages back.
-    pub fn new(handoff: &Handoff, max_bytes: usize) -> Self {
+    /// An intake for one connection, holding at most `max_bytes` of messages back. It
+    /// takes the hand-off, so that closing it is what closes the pipeline's input.
+    pub fn new(handoff: Handoff, max_bytes: usize) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Intake {
-            out: Some(handoff.out.clone()),
-            stats: Arc::clone(&handoff.stats),
+            out: Some(handoff.out),
+            stats: handoff.stats,
             waiting: VecDeque::new(),
             waiting_bytes: 0,
             max_bytes,
@@ -264,7 +265,7 @@ mod tests {
     #[tokio::test]
     async fn acks_are_released_in_arrival_order_whatever_order_messages_settle_in() {
         let (tx, mut rx) = mpsc::channel(10);
-        let mut intake = Intake::new(&Handoff::new(tx), 1000);
+        let mut intake = Intake::new(Handoff::new(tx), 1000);
         for i in 0..3 {
             intake.offer(msg("t", 1), Some(i)).unwrap();
         }
@@ -286,7 +287,7 @@ mod tests {
     async fn a_full_pipeline_holds_qos1_back_in_order_and_drops_qos0() {
         let (tx, mut rx) = mpsc::channel(1);
         let handoff = Handoff::new(tx);
-        let mut intake = Intake::new(&handoff, 1000);
+        let mut intake = Intake::new(handoff.clone(), 1000);
         intake.offer(msg("a", 1), Some(0)).unwrap(); // fills the channel
         intake.offer(msg("b", 1), Some(1)).unwrap(); // waits
         intake.offer(msg("c", 0), None).unwrap(); // dropped: the pipeline is full
@@ -315,7 +316,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let handoff = Handoff::new(tx);
         // Each message is 3 bytes (topic "t", payload "{}").
-        let mut intake = Intake::new(&handoff, 7);
+        let mut intake = Intake::new(handoff.clone(), 7);
         for i in 0..3 {
             intake.offer(msg("t", 1), Some(i)).unwrap(); // 1 handed over, 2 waiting
         }
@@ -334,7 +335,7 @@ mod tests {
     #[tokio::test]
     async fn after_close_nothing_is_taken_but_what_was_taken_is_still_released() {
         let (tx, mut rx) = mpsc::channel(1);
-        let mut intake = Intake::new(&Handoff::new(tx), 1000);
+        let mut intake = Intake::new(Handoff::new(tx), 1000);
         intake.offer(msg("a", 1), Some("a")).unwrap();
         intake.offer(msg("b", 1), Some("b")).unwrap(); // waits
         intake.close();
@@ -346,12 +347,14 @@ mod tests {
         assert_eq!(released(&mut intake).await, vec!["a"]);
         // b was dropped and c never taken: neither is ever acknowledged.
         assert_eq!(intake.unacknowledged(), 0);
+        // The pipeline's input is closed, so it can drain and finish.
+        assert!(rx.recv().await.is_none());
     }
 
     #[tokio::test]
     async fn shedding_drops_what_waits_and_still_releases_what_was_handed_over() {
         let (tx, mut rx) = mpsc::channel(1);
-        let mut intake = Intake::new(&Handoff::new(tx), 1000);
+        let mut intake = Intake::new(Handoff::new(tx), 1000);
         for i in 0..3 {
             intake.offer(msg("t", 1), Some(i)).unwrap(); // 1 handed over, 2 waiting
         }
@@ -369,7 +372,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_reset_settlements_of_the_old_connection_release_nothing() {
         let (tx, mut rx) = mpsc::channel(10);
-        let mut intake = Intake::new(&Handoff::new(tx), 1000);
+        let mut intake = Intake::new(Handoff::new(tx), 1000);
         intake.offer(msg("old", 1), Some("old")).unwrap();
         let old = taken(&mut rx).pop().unwrap();
         intake.reset();
@@ -382,7 +385,7 @@ mod tests {
     #[tokio::test]
     async fn a_passed_token_is_acknowledged_in_its_turn() {
         let (tx, mut rx) = mpsc::channel(10);
-        let mut intake = Intake::new(&Handoff::new(tx), 1000);
+        let mut intake = Intake::new(Handoff::new(tx), 1000);
         intake.offer(msg("a", 1), Some("a")).unwrap();
         intake.pass("refused");
         let early =

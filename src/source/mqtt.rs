@@ -43,7 +43,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (client, mut eventloop) = mqtt::connect(&plan, &plan.client_id, true, true)?;
     let source: Arc<str> = Arc::from("broker");
-    let mut intake = Intake::new(&handoff, plan.max_buffered);
+    let mut intake = Intake::new(handoff, plan.max_buffered);
 
     // Acks are bounded by the messages in flight, which the broker's window bounds. Each
     // batch carries the connection it belongs to: acks of a lost connection must not go
