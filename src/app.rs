@@ -165,13 +165,13 @@ async fn start(
         publisher: Some(&|| upstream.publisher()),
         eval,
     };
-    let sink = crate::sink::open(&sp.config, ctx)
+    let sink = crate::sink::open(&sp.settings, ctx)
         .await
         .with_context(|| format!("sink {}", sp.name))?;
     Ok(driver::spawn(
         Arc::clone(&sp.name),
         sink,
-        sp.config.spec().common(),
+        sp.settings.spec().common(),
         dead_letter,
         tracker,
     ))

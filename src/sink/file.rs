@@ -8,10 +8,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
-use crate::config::sinks::file::Config;
+use crate::config::sinks::file::Settings;
 
 /// What writing a record would do, for `mqbridge try`.
-pub fn would(cfg: &Config, _: &Origin, _: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, _: &Origin, _: &serde_json::Value) -> String {
     format!("append one JSON line to {}", cfg.path.display())
 }
 
@@ -21,7 +21,7 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    pub async fn open(cfg: &Config) -> anyhow::Result<Self> {
+    pub async fn open(cfg: &Settings) -> anyhow::Result<Self> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(dir).await?;
         }

@@ -17,11 +17,11 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
-use crate::config::sinks::sql::{quote_ident, quote_table};
-use crate::config::sinks::sqlite::Config;
+use crate::config::sinks::sql::Table;
+use crate::config::sinks::sqlite::Settings;
 
 /// What writing `record` would do, for `mqbridge try`.
-pub fn would(cfg: &Config, _: &Origin, record: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
     let keys: Vec<&str> = record
         .as_object()
         .map(|o| o.keys().map(String::as_str).collect())
@@ -36,7 +36,7 @@ pub fn would(cfg: &Config, _: &Origin, record: &serde_json::Value) -> String {
 
 pub struct SqliteSink {
     pool: SqlitePool,
-    table: String,
+    table: Table,
     columns: HashSet<String>,
 }
 
@@ -47,7 +47,7 @@ impl SqliteSink {
     /// Opens the database and reads the table's columns. A database that is busy or
     /// locked (another process in a long transaction) is waited for, up to
     /// [`OPEN_PATIENCE`]; other errors (no such table, unreadable file) fail at once.
-    pub async fn open(cfg: &Config) -> anyhow::Result<Self> {
+    pub async fn open(cfg: &Settings) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(200);
         loop {
@@ -66,8 +66,7 @@ impl SqliteSink {
         }
     }
 
-    async fn try_open(cfg: &Config) -> anyhow::Result<Self> {
-        let table = quote_table(&cfg.table).map_err(anyhow::Error::msg)?;
+    async fn try_open(cfg: &Settings) -> anyhow::Result<Self> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -85,11 +84,7 @@ impl SqliteSink {
         if cfg.migrate {
             super::migrate::apply(super::migrate::SQLITE, &pool).await?;
         }
-        let table_only = cfg.table.rsplit('.').next().unwrap_or(&cfg.table);
-        let pragma = format!(
-            "PRAGMA table_info({})",
-            quote_ident(table_only).unwrap_or_default()
-        );
+        let pragma = format!("PRAGMA table_info({})", cfg.table.quoted_base());
         let rows = sqlx::query(AssertSqlSafe(pragma)).fetch_all(&pool).await?;
         let columns: HashSet<String> = rows.iter().map(|r| r.get::<String, _>("name")).collect();
         if columns.is_empty() {
@@ -101,7 +96,7 @@ impl SqliteSink {
         }
         Ok(SqliteSink {
             pool,
-            table,
+            table: cfg.table.clone(),
             columns,
         })
     }
@@ -125,14 +120,14 @@ impl SqliteSink {
         if cols.is_empty() {
             return Err(SinkError::permanent(format!(
                 "record has no key matching a column of {}",
-                self.table
+                self.table.quoted()
             )));
         }
         let marks = vec!["?"; cols.len()].join(",");
         Ok((
             format!(
                 "INSERT INTO {} ({}) VALUES ({marks})",
-                self.table,
+                self.table.quoted(),
                 cols.join(",")
             ),
             vals,

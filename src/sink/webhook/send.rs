@@ -10,7 +10,7 @@ use reqwest::header;
 use reqwest::{StatusCode, Url};
 
 use super::request::Request;
-use crate::config::sinks::webhook::{Config, Method};
+use crate::config::sinks::webhook::{Method, Settings};
 use crate::config::units;
 use crate::sink::{ErrorKind, SinkError};
 
@@ -29,10 +29,10 @@ pub(super) struct Sender {
 }
 
 impl Sender {
-    pub(super) fn new(cfg: &Config) -> anyhow::Result<Sender> {
+    pub(super) fn new(cfg: &Settings) -> anyhow::Result<Sender> {
         crate::install_crypto();
         let client = reqwest::Client::builder()
-            .timeout(cfg.timeout.0)
+            .timeout(cfg.timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("mqbridge/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -40,8 +40,8 @@ impl Sender {
         Ok(Sender {
             client,
             method: cfg.method,
-            timeout: cfg.timeout.0,
-            max_retry_after: cfg.retry.max_delay.0,
+            timeout: cfg.timeout,
+            max_retry_after: cfg.common.retry.max_delay.0,
         })
     }
 
