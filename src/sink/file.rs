@@ -1,6 +1,7 @@
 //! `file` sink: appends each record as one JSON line; fsync once per batch. Meant for
 //! dead letters and debugging.
 
+use std::io;
 use std::path::PathBuf;
 
 use futures::future::BoxFuture;
@@ -15,22 +16,39 @@ pub fn would(cfg: &Settings, _: &Origin, _: &serde_json::Value) -> String {
     format!("append one JSON line to {}", cfg.path.display())
 }
 
+/// Why the file sink could not open its file.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create {}: {error}", dir.display())]
+    Folder { dir: PathBuf, error: io::Error },
+    #[error("cannot open {}: {error}", path.display())]
+    File { path: PathBuf, error: io::Error },
+}
+
 pub struct FileSink {
     path: PathBuf,
     file: Mutex<tokio::fs::File>,
 }
 
 impl FileSink {
-    pub async fn open(cfg: &Settings) -> anyhow::Result<Self> {
+    pub async fn open(cfg: &Settings) -> Result<Self, OpenError> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await?;
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|error| OpenError::Folder {
+                    dir: dir.to_path_buf(),
+                    error,
+                })?;
         }
         let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&cfg.path)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", cfg.path.display()))?;
+            .map_err(|error| OpenError::File {
+                path: cfg.path.clone(),
+                error,
+            })?;
         Ok(FileSink {
             path: cfg.path.clone(),
             file: Mutex::new(file),

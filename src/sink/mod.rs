@@ -275,17 +275,38 @@ pub struct OpenContext<'a> {
     pub eval: &'a crate::eval_pool::EvalPool,
 }
 
-/// Opens the sink `config` describes: connects, opens files.
-pub async fn open(settings: &SinkSettings, ctx: OpenContext<'_>) -> anyhow::Result<Arc<dyn Sink>> {
+/// Why a sink could not be opened: each sink type's own reasons, or a republish sink
+/// with no broker to publish to.
+///
+/// Sinks' errors quote their cause in their message, and so do not also report it as
+/// their [`source`](std::error::Error::source): the causes (sqlx's errors above all)
+/// quote their own sources, and a chain would print them twice.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Postgres(#[from] postgres::OpenError),
+    #[error(transparent)]
+    Sqlite(#[from] sqlite::OpenError),
+    #[error(transparent)]
+    File(#[from] file::OpenError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::OpenError),
+    #[error("republish needs `broker:` or `embedded:`")]
+    NoBroker,
+}
+
+/// Opens the sink of `settings`: connects, opens files.
+pub async fn open(
+    settings: &SinkSettings,
+    ctx: OpenContext<'_>,
+) -> Result<Arc<dyn Sink>, OpenError> {
     Ok(match settings {
         SinkSettings::Postgres(s) => {
             Arc::new(postgres::PostgresSink::open(s, ctx.eval.clone()).await?)
         }
         SinkSettings::Sqlite(s) => Arc::new(sqlite::SqliteSink::open(s).await?),
         SinkSettings::Republish(s) => {
-            let publisher = ctx
-                .publisher
-                .ok_or_else(|| anyhow::anyhow!("republish needs `broker:` or `embedded:`"))?;
+            let publisher = ctx.publisher.ok_or(OpenError::NoBroker)?;
             Arc::new(republish::RepublishSink::new(s, publisher()))
         }
         SinkSettings::File(s) => Arc::new(file::FileSink::open(s).await?),

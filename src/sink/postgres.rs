@@ -87,21 +87,44 @@ pub struct PostgresSink {
     on_conflict: Option<OnConflict>,
 }
 
+/// Why the postgres sink could not open. A URL in a message has no password.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The URL is not one sqlx can connect with.
+    #[error("url {url}: {error}")]
+    Url { url: String, error: sqlx::Error },
+    /// `migrate: true`, and the migrations failed.
+    #[error("migrations on {url}: {error}")]
+    Migrate {
+        url: String,
+        error: sqlx::migrate::MigrateError,
+    },
+    /// The table cannot be written to: it does not exist, or the database refused it for
+    /// good (waiting would not help).
+    #[error("{0}")]
+    Table(SinkError),
+}
+
 impl PostgresSink {
     /// Opens the sink: applies the migrations when asked, and checks the table when the
     /// database is reachable.
-    pub async fn open(cfg: &Settings, eval: EvalPool) -> anyhow::Result<Self> {
+    pub async fn open(cfg: &Settings, eval: EvalPool) -> Result<Self, OpenError> {
         let sink = Self::new(cfg, eval)?;
         if cfg.migrate {
             super::migrate::apply(super::migrate::POSTGRES, &sink.pool)
                 .await
-                .map_err(|e| anyhow::anyhow!("migrations on {}: {e}", redacted(&cfg.url)))?;
+                .map_err(|error| OpenError::Migrate {
+                    url: redacted(&cfg.url),
+                    error,
+                })?;
         }
         // Check the table now when the database is up; if it is down, start anyway:
         // writes wait and retry until it is back.
         match tokio::time::timeout(Duration::from_secs(5), sink.columns()).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) if e.kind == super::ErrorKind::Permanent => anyhow::bail!("{e}"),
+            Ok(Err(e)) if e.kind == super::ErrorKind::Permanent => {
+                return Err(OpenError::Table(e));
+            }
             Ok(Err(e)) => {
                 tracing::warn!(table = %cfg.table, error = %e, "postgres not reachable yet; will retry on write")
             }
@@ -113,9 +136,12 @@ impl PostgresSink {
     }
 
     /// The sink with a connection pool that connects on first use.
-    fn new(cfg: &Settings, eval: EvalPool) -> anyhow::Result<Self> {
+    fn new(cfg: &Settings, eval: EvalPool) -> Result<Self, OpenError> {
         let opts = PgConnectOptions::from_str(&cfg.url)
-            .map_err(|e| anyhow::anyhow!("url {}: {e}", redacted(&cfg.url)))?
+            .map_err(|error| OpenError::Url {
+                url: redacted(&cfg.url),
+                error,
+            })?
             .application_name("mqbridge");
         let pool = PgPoolOptions::new()
             .max_connections(cfg.common.concurrency.max(1) as u32 + 1)

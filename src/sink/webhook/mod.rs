@@ -93,6 +93,16 @@ pub fn would(cfg: &Settings, origin: &Origin, record: &serde_json::Value) -> Str
     out
 }
 
+/// Why the webhook sink could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// `hmac.secret_env` names a variable that is not set (or is empty).
+    #[error("hmac.secret_env: environment variable {0} is not set or empty")]
+    NoSecret(String),
+    #[error("cannot build the HTTP client: {}", send::error_chain(.0))]
+    Client(reqwest::Error),
+}
+
 pub struct WebhookSink {
     requests: Requests,
     sender: Sender,
@@ -101,7 +111,7 @@ pub struct WebhookSink {
 
 impl WebhookSink {
     /// Builds the sink; `env` looks up the HMAC key's variable.
-    pub fn new(cfg: &Settings, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+    pub fn new(cfg: &Settings, env: impl Fn(&str) -> Option<String>) -> Result<Self, OpenError> {
         let mut requests = Requests::new(cfg);
         if let Some(hmac) = &cfg.hmac {
             requests = requests.signed(hmac, env)?;

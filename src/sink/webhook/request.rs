@@ -7,6 +7,7 @@ use reqwest::Url;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
+use super::OpenError;
 use crate::config::sinks::webhook::{Header, IDEMPOTENCY_KEY, Method, Settings, Signature};
 use crate::rule::template::Template;
 use crate::sink::{Delivery, SinkError};
@@ -47,15 +48,10 @@ impl Requests {
         self,
         hmac: &Signature,
         env: impl Fn(&str) -> Option<String>,
-    ) -> anyhow::Result<Requests> {
+    ) -> Result<Requests, OpenError> {
         let secret = env(&hmac.secret_env)
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "hmac.secret_env: environment variable {} is not set or empty",
-                    hmac.secret_env
-                )
-            })?;
+            .ok_or_else(|| OpenError::NoSecret(hmac.secret_env.clone()))?;
         let mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
             .expect("HMAC takes a key of any length");
         Ok(Requests {
