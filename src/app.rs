@@ -127,7 +127,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
                 Some(spool) => spool.failed().await,
                 None => std::future::pending().await,
             }
-        } => return Err(e),
+        } => return Err(e.into()),
     }
     stop.cancel();
     let deadline = tokio::time::Instant::now() + plan.shutdown_timeout;
