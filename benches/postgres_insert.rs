@@ -56,7 +56,7 @@ async fn main() {
         publisher: None,
         eval: &eval,
     };
-    let sink = sink::open(&cfg, ctx).await.unwrap();
+    let sink = sink::open(&cfg.compile().unwrap(), ctx).await.unwrap();
 
     let (mut unnest, mut copy) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {

@@ -128,7 +128,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
                 Some(spool) => spool.failed().await,
                 None => std::future::pending().await,
             }
-        } => return Err(e),
+        } => return Err(e.into()),
     }
     stop.cancel();
     let deadline = tokio::time::Instant::now() + plan.shutdown_timeout;
@@ -166,13 +166,13 @@ async fn start(
         publisher: Some(&|| upstream.publisher()),
         eval,
     };
-    let sink = crate::sink::open(&sp.config, ctx)
+    let sink = crate::sink::open(&sp.settings, ctx)
         .await
         .with_context(|| format!("sink {}", sp.name))?;
     Ok(driver::spawn(
         Arc::clone(&sp.name),
         sink,
-        sp.config.spec().common(),
+        sp.settings.spec().common(),
         dead_letter,
         tracker,
     ))

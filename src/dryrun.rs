@@ -67,7 +67,7 @@ pub fn explain(plan: &Plan, msg: &Message) -> String {
                             out,
                             "    -> {}: {}",
                             sink.name,
-                            crate::sink::would(&sink.config, &origin, &record)
+                            crate::sink::would(&sink.settings, &origin, &record)
                         );
                     }
                 }

@@ -14,7 +14,8 @@
 //!
 //! Modules, in the order data flows through them:
 //! - [`config`]: the YAML rules file → a validated [`config::Plan`] (errors with
-//!   file:line:col), each sink's settings included ([`config::sinks`]). It imports no
+//!   file:line:col), each sink's settings included ([`config::sinks`]), its templates and
+//!   jq programs compiled once for `run`, `check` and `try` alike. It imports no
 //!   component: components take their settings from it as values.
 //! - [`topic`]: MQTT topic filters, matching and `{name}` captures.
 //! - [`mqtt`]: rumqttc connection options.

@@ -238,7 +238,7 @@ fn describe(plan: &config::Plan) -> String {
     }
     let _ = writeln!(out, "sinks:");
     for s in &plan.sinks {
-        let _ = writeln!(out, "  {}: {}", s.name, s.config.spec().describe());
+        let _ = writeln!(out, "  {}: {}", s.name, s.settings.spec().describe());
     }
     let _ = writeln!(out, "rules:");
     for r in &plan.rules {

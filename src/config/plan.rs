@@ -1,12 +1,14 @@
 //! Validation: turns [`RawConfig`] into a [`Plan`] the app can run, or reports every
 //! problem with its field path. Pure: compiles jq programs and templates, reads nothing.
+//! The plan holds what was compiled (the rules' programs, each sink's [`SinkSettings`]),
+//! so nothing is compiled again: `run`, `check` and `try` all use these.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::raw::{AclAction, BrokerConfig, EmbeddedConfig, Protocol, RawConfig};
-use super::sinks::{SinkConfig, sql};
+use super::sinks::{SinkConfig, SinkSettings, sql};
 use crate::rule::Rule;
 use crate::rule::jq::JqProgram;
 use crate::topic::{TopicFilter, covers};
@@ -43,7 +45,7 @@ pub struct SpoolPlan {
 #[derive(Debug)]
 pub struct SinkPlan {
     pub name: Arc<str>,
-    pub config: SinkConfig,
+    pub settings: SinkSettings,
 }
 
 /// Where and how to connect to the external broker.
@@ -131,10 +133,12 @@ type Errors = Vec<(String, String)>;
 /// Validates everything; on failure returns every (field path, message).
 pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
     let mut errs = Errors::new();
-    let sink_names: Vec<&String> = raw.sinks.keys().collect();
-    for (name, sink) in &raw.sinks {
-        validate_sink(name, sink, &mut errs);
-    }
+    let sink_names: Vec<String> = raw.sinks.keys().cloned().collect();
+    let sinks: Vec<Option<SinkPlan>> = raw
+        .sinks
+        .into_iter()
+        .map(|(name, sink)| validate_sink(name, sink, &mut errs))
+        .collect();
     let sink_index = |name: &str| sink_names.iter().position(|n| n.as_str() == name);
 
     let mut rules = Vec::new();
@@ -237,14 +241,7 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
     Ok(Plan {
         broker,
         embedded,
-        sinks: raw
-            .sinks
-            .into_iter()
-            .map(|(name, config)| SinkPlan {
-                name: Arc::from(name.as_str()),
-                config,
-            })
-            .collect(),
+        sinks: sinks.into_iter().flatten().collect(),
         rules,
         dead_letter,
         spool,
@@ -253,29 +250,28 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
     })
 }
 
-fn unknown_sink(name: &str, known: &[&String]) -> String {
+fn unknown_sink(name: &str, known: &[String]) -> String {
     if known.is_empty() {
         format!("unknown sink {name:?}: no sinks are defined")
     } else {
-        let list: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
-        format!("unknown sink {name:?} (defined: {})", list.join(", "))
+        format!("unknown sink {name:?} (defined: {})", known.join(", "))
     }
 }
 
-fn validate_sink(name: &str, sink: &SinkConfig, errs: &mut Errors) {
-    if sql::quote_ident(name).is_none() {
+/// Validates and compiles one sink; None when it has problems.
+fn validate_sink(name: String, sink: SinkConfig, errs: &mut Errors) -> Option<SinkPlan> {
+    if sql::quote_ident(&name).is_none() {
         errs.push((
             format!("sinks.{name}"),
             "sink names use letters, digits and '_'".into(),
         ));
     }
-    for (field, msg) in sink.spec().validate() {
-        errs.push((format!("sinks.{name}.{field}"), msg));
-    }
-    for (field, msg) in sink.spec().validate_entries() {
-        errs.push((format!("sinks.{name}.{field}"), msg));
-    }
-    let common = sink.spec().common();
+    let common = sink.common();
+    let settings = sink.compile().map_err(|problems| {
+        for (field, msg) in problems {
+            errs.push((format!("sinks.{name}.{field}"), msg));
+        }
+    });
     if common.concurrency == 0 || common.concurrency > 64 {
         errs.push((
             format!("sinks.{name}.concurrency"),
@@ -291,6 +287,10 @@ fn validate_sink(name: &str, sink: &SinkConfig, errs: &mut Errors) {
             "must be at least 1".into(),
         ));
     }
+    Some(SinkPlan {
+        name: Arc::from(name),
+        settings: settings.ok()?,
+    })
 }
 
 fn validate_broker(b: &BrokerConfig, rules: &[Rule], errs: &mut Errors) -> Option<BrokerPlan> {

@@ -30,7 +30,7 @@ pub fn check(raw: &RawConfig, lookup: impl Fn(&str) -> Option<String>) -> Vec<(S
         .filter_map(|(field, path)| readable(path).err().map(|e| (field.to_string(), e)))
         .collect();
     for (name, sink) in &raw.sinks {
-        for (field, var) in sink.spec().env_vars() {
+        for (field, var) in sink.env_vars() {
             // An invalid name is already reported by validation.
             if super::env::is_valid_name(var) && lookup(var).is_none_or(|v| v.is_empty()) {
                 errs.push((

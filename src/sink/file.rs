@@ -1,6 +1,7 @@
 //! `file` sink: appends each record as one JSON line; fsync once per batch. Meant for
 //! dead letters and debugging.
 
+use std::io;
 use std::path::PathBuf;
 
 use futures::future::BoxFuture;
@@ -8,11 +9,20 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
-use crate::config::sinks::file::Config;
+use crate::config::sinks::file::Settings;
 
 /// What writing a record would do, for `mqbridge try`.
-pub fn would(cfg: &Config, _: &Origin, _: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, _: &Origin, _: &serde_json::Value) -> String {
     format!("append one JSON line to {}", cfg.path.display())
+}
+
+/// Why the file sink could not open its file.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create {}: {error}", dir.display())]
+    Folder { dir: PathBuf, error: io::Error },
+    #[error("cannot open {}: {error}", path.display())]
+    File { path: PathBuf, error: io::Error },
 }
 
 pub struct FileSink {
@@ -21,16 +31,24 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    pub async fn open(cfg: &Config) -> anyhow::Result<Self> {
+    pub async fn open(cfg: &Settings) -> Result<Self, OpenError> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await?;
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|error| OpenError::Folder {
+                    dir: dir.to_path_buf(),
+                    error,
+                })?;
         }
         let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&cfg.path)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", cfg.path.display()))?;
+            .map_err(|error| OpenError::File {
+                path: cfg.path.clone(),
+                error,
+            })?;
         Ok(FileSink {
             path: cfg.path.clone(),
             file: Mutex::new(file),

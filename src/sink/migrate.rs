@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use sqlx::migrate::{Migrate, Migration, MigrationType, Migrator};
+use sqlx::migrate::{Migrate, MigrateError, Migration, MigrationType, Migrator};
 
 /// One embedded migration: version, description, SQL.
 pub type Embedded = (i64, &'static str, &'static str);
@@ -29,7 +29,7 @@ pub const POSTGRES: &[Embedded] = &[
 ];
 
 /// Applies `list` through `conn` (a pool or connection), skipping what was applied before.
-pub async fn apply<'a, A>(list: &[Embedded], conn: A) -> anyhow::Result<()>
+pub async fn apply<'a, A>(list: &[Embedded], conn: A) -> Result<(), MigrateError>
 where
     A: sqlx::Acquire<'a>,
     <A::Connection as std::ops::Deref>::Target: Migrate,
@@ -48,6 +48,5 @@ where
         .collect();
     let mut migrator = Migrator::with_migrations(migrations);
     migrator.dangerous_set_table_name("_mqbridge_migrations");
-    migrator.run(conn).await?;
-    Ok(())
+    migrator.run(conn).await
 }

@@ -4,8 +4,9 @@
 //! every sink gets the same delivery behaviour.
 //!
 //! A sink takes its settings as values from [`config::sinks`](crate::config::sinks)
-//! (which also validates and describes them); here is how each one opens ([`open`]) and
-//! what `mqbridge try` shows it would do ([`would`]). Adding a sink type: its settings
+//! (which validates and describes them, and compiles their templates and programs); here
+//! is how each one opens ([`open`]) and what `mqbridge try` shows it would do
+//! ([`would`]), both from the same compiled settings. Adding a sink type: its settings
 //! there, a module here with the sink, and an arm in [`open`] and [`would`].
 
 pub mod driver;
@@ -24,7 +25,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
-use crate::config::sinks::SinkConfig;
+use crate::config::sinks::SinkSettings;
 use crate::delivery::Ack;
 
 /// Where one record came from: kept for templates and dead letters.
@@ -274,34 +275,55 @@ pub struct OpenContext<'a> {
     pub eval: &'a crate::eval_pool::EvalPool,
 }
 
-/// Opens the sink `config` describes: connects, opens files.
-pub async fn open(config: &SinkConfig, ctx: OpenContext<'_>) -> anyhow::Result<Arc<dyn Sink>> {
-    Ok(match config {
-        SinkConfig::Postgres(c) => {
-            Arc::new(postgres::PostgresSink::open(c, ctx.eval.clone()).await?)
+/// Why a sink could not be opened: each sink type's own reasons, or a republish sink
+/// with no broker to publish to.
+///
+/// Sinks' errors quote their cause in their message, and so do not also report it as
+/// their [`source`](std::error::Error::source): the causes (sqlx's errors above all)
+/// quote their own sources, and a chain would print them twice.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Postgres(#[from] postgres::OpenError),
+    #[error(transparent)]
+    Sqlite(#[from] sqlite::OpenError),
+    #[error(transparent)]
+    File(#[from] file::OpenError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::OpenError),
+    #[error("republish needs `broker:` or `embedded:`")]
+    NoBroker,
+}
+
+/// Opens the sink of `settings`: connects, opens files.
+pub async fn open(
+    settings: &SinkSettings,
+    ctx: OpenContext<'_>,
+) -> Result<Arc<dyn Sink>, OpenError> {
+    Ok(match settings {
+        SinkSettings::Postgres(s) => {
+            Arc::new(postgres::PostgresSink::open(s, ctx.eval.clone()).await?)
         }
-        SinkConfig::Sqlite(c) => Arc::new(sqlite::SqliteSink::open(c).await?),
-        SinkConfig::Republish(c) => {
-            let publisher = ctx
-                .publisher
-                .ok_or_else(|| anyhow::anyhow!("republish needs `broker:` or `embedded:`"))?;
-            Arc::new(republish::RepublishSink::new(c, publisher())?)
+        SinkSettings::Sqlite(s) => Arc::new(sqlite::SqliteSink::open(s).await?),
+        SinkSettings::Republish(s) => {
+            let publisher = ctx.publisher.ok_or(OpenError::NoBroker)?;
+            Arc::new(republish::RepublishSink::new(s, publisher()))
         }
-        SinkConfig::File(c) => Arc::new(file::FileSink::open(c).await?),
-        SinkConfig::Webhook(c) => Arc::new(webhook::WebhookSink::new(c, |name| {
+        SinkSettings::File(s) => Arc::new(file::FileSink::open(s).await?),
+        SinkSettings::Webhook(s) => Arc::new(webhook::WebhookSink::new(s, |name| {
             std::env::var(name).ok()
         })?),
     })
 }
 
-/// What writing `record` to the sink `config` describes would do, for `mqbridge try` (no
-/// side effects).
-pub fn would(config: &SinkConfig, origin: &Origin, record: &serde_json::Value) -> String {
-    match config {
-        SinkConfig::Postgres(c) => postgres::would(c, origin, record),
-        SinkConfig::Sqlite(c) => sqlite::would(c, origin, record),
-        SinkConfig::Republish(c) => republish::would(c, origin, record),
-        SinkConfig::File(c) => file::would(c, origin, record),
-        SinkConfig::Webhook(c) => webhook::would(c, origin, record),
+/// What writing `record` to the sink of `settings` would do, for `mqbridge try` (no side
+/// effects).
+pub fn would(settings: &SinkSettings, origin: &Origin, record: &serde_json::Value) -> String {
+    match settings {
+        SinkSettings::Postgres(s) => postgres::would(s, origin, record),
+        SinkSettings::Sqlite(s) => sqlite::would(s, origin, record),
+        SinkSettings::Republish(s) => republish::would(s, origin, record),
+        SinkSettings::File(s) => file::would(s, origin, record),
+        SinkSettings::Webhook(s) => webhook::would(s, origin, record),
     }
 }

@@ -22,16 +22,16 @@ use tokio::sync::RwLock;
 
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::postgres::{
-    Config, ConflictAction, OnConflict, TimeUnit, UnknownKeys, redacted,
+    ConflictAction, Mapping, OnConflict, Settings, TimeUnit, UnknownKeys, redacted,
 };
-use crate::config::sinks::sql::quote_table;
+use crate::config::sinks::sql::Table;
 use crate::eval_pool::{EvalError, EvalPool};
-use crate::rule::jq::{self, Deadline, JqProgram};
+use crate::rule::jq::{self, Deadline};
 
 /// What writing `record` would do, for `mqbridge try`.
-pub fn would(cfg: &Config, _: &Origin, record: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
     let cols: Vec<String> = match &cfg.columns {
-        Some(map) => map.keys().cloned().collect(),
+        Some(mapping) => mapping.iter().map(|(c, _)| c.clone()).collect(),
         None => record
             .as_object()
             .map(|o| o.keys().cloned().collect())
@@ -75,11 +75,10 @@ struct Column {
 
 pub struct PostgresSink {
     pool: PgPool,
-    table: String,
-    quoted_table: String,
+    table: Table,
     /// Discovered columns; None until discovered, reset after a transient failure.
     columns: RwLock<Option<Arc<HashMap<String, Column>>>>,
-    /// `columns:`: each column's program.
+    /// `columns:`: each column's program (compiled with the config).
     mapping: Option<Arc<Mapping>>,
     /// Where the `columns:` programs run.
     eval: EvalPool,
@@ -88,21 +87,44 @@ pub struct PostgresSink {
     on_conflict: Option<OnConflict>,
 }
 
+/// Why the postgres sink could not open. A URL in a message has no password.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The URL is not one sqlx can connect with.
+    #[error("url {url}: {error}")]
+    Url { url: String, error: sqlx::Error },
+    /// `migrate: true`, and the migrations failed.
+    #[error("migrations on {url}: {error}")]
+    Migrate {
+        url: String,
+        error: sqlx::migrate::MigrateError,
+    },
+    /// The table cannot be written to: it does not exist, or the database refused it for
+    /// good (waiting would not help).
+    #[error("{0}")]
+    Table(SinkError),
+}
+
 impl PostgresSink {
     /// Opens the sink: applies the migrations when asked, and checks the table when the
     /// database is reachable.
-    pub async fn open(cfg: &Config, eval: EvalPool) -> anyhow::Result<Self> {
+    pub async fn open(cfg: &Settings, eval: EvalPool) -> Result<Self, OpenError> {
         let sink = Self::new(cfg, eval)?;
         if cfg.migrate {
             super::migrate::apply(super::migrate::POSTGRES, &sink.pool)
                 .await
-                .map_err(|e| anyhow::anyhow!("migrations on {}: {e}", redacted(&cfg.url)))?;
+                .map_err(|error| OpenError::Migrate {
+                    url: redacted(&cfg.url),
+                    error,
+                })?;
         }
         // Check the table now when the database is up; if it is down, start anyway:
         // writes wait and retry until it is back.
         match tokio::time::timeout(Duration::from_secs(5), sink.columns()).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) if e.kind == super::ErrorKind::Permanent => anyhow::bail!("{e}"),
+            Ok(Err(e)) if e.kind == super::ErrorKind::Permanent => {
+                return Err(OpenError::Table(e));
+            }
             Ok(Err(e)) => {
                 tracing::warn!(table = %cfg.table, error = %e, "postgres not reachable yet; will retry on write")
             }
@@ -114,33 +136,22 @@ impl PostgresSink {
     }
 
     /// The sink with a connection pool that connects on first use.
-    fn new(cfg: &Config, eval: EvalPool) -> anyhow::Result<Self> {
+    fn new(cfg: &Settings, eval: EvalPool) -> Result<Self, OpenError> {
         let opts = PgConnectOptions::from_str(&cfg.url)
-            .map_err(|e| anyhow::anyhow!("url {}: {e}", redacted(&cfg.url)))?
+            .map_err(|error| OpenError::Url {
+                url: redacted(&cfg.url),
+                error,
+            })?
             .application_name("mqbridge");
         let pool = PgPoolOptions::new()
-            .max_connections(cfg.concurrency.max(1) as u32 + 1)
+            .max_connections(cfg.common.concurrency.max(1) as u32 + 1)
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(opts);
-        let mapping = match &cfg.columns {
-            Some(map) => Some(Arc::new(
-                map.iter()
-                    .map(|(c, e)| {
-                        Ok((
-                            c.clone(),
-                            JqProgram::compile(e).map_err(anyhow::Error::msg)?,
-                        ))
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?,
-            )),
-            None => None,
-        };
         Ok(PostgresSink {
             pool,
             table: cfg.table.clone(),
-            quoted_table: quote_table(&cfg.table).map_err(anyhow::Error::msg)?,
             columns: RwLock::new(None),
-            mapping,
+            mapping: cfg.columns.clone(),
             eval,
             unknown_keys: cfg.unknown_keys,
             time_unit: cfg.time_unit,
@@ -159,7 +170,7 @@ impl PostgresSink {
              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
         )
-        .bind(&self.quoted_table)
+        .bind(self.table.quoted())
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
@@ -328,7 +339,7 @@ impl PostgresSink {
             .collect();
         let mut sql = format!(
             "INSERT INTO {} ({}) SELECT {} FROM UNNEST({}) AS u({})",
-            self.quoted_table,
+            self.table.quoted(),
             quoted.join(", "),
             casts.join(", "),
             params.join(", "),
@@ -370,9 +381,6 @@ impl Sink for PostgresSink {
         })
     }
 }
-
-/// `columns:`: each column and the program that computes it from the record.
-type Mapping = Vec<(String, JqProgram)>;
 
 /// A record's (column, value) pairs.
 type Fields = Vec<(String, serde_json::Value)>;
@@ -483,6 +491,7 @@ fn classify(e: sqlx::Error) -> SinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::sinks::postgres::Config;
     use serde_json::json;
 
     #[test]
@@ -537,7 +546,7 @@ mod tests {
         }))
         .unwrap();
         let eval = EvalPool::start("pg-columns-t", 1, LIMIT).unwrap();
-        let sink = PostgresSink::new(&cfg, eval).unwrap();
+        let sink = PostgresSink::new(&cfg.compile().unwrap(), eval).unwrap();
         let plain = Column {
             sql_type: "bigint".into(),
             class: Class::Plain,
@@ -578,7 +587,7 @@ mod tests {
         let record = json!({"deviceId": "d1", "ts": 1});
         let delivery = Delivery::detached("t", record.clone());
         assert_eq!(
-            would(&cfg, &delivery.origin, &record),
+            would(&cfg.compile().unwrap(), &delivery.origin, &record),
             "postgres: insert into readings the columns among (deviceId, ts) on conflict (deviceId, ts) update"
         );
     }

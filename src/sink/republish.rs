@@ -10,14 +10,17 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
-use crate::config::sinks::republish::Config;
+use crate::config::sinks::republish::Settings;
 use crate::rule::template::Template;
 use crate::topic::validate_topic_name;
 
 /// What writing `record` would do, for `mqbridge try`.
-pub fn would(cfg: &Config, origin: &Origin, record: &serde_json::Value) -> String {
-    match Template::compile(&cfg.topic).and_then(|t| t.render(&origin.template_context(record))) {
-        Ok(t) => format!("publish to {t:?} qos {} retain {}", cfg.qos, cfg.retain),
+pub fn would(settings: &Settings, origin: &Origin, record: &serde_json::Value) -> String {
+    match settings.topic.render(&origin.template_context(record)) {
+        Ok(t) => format!(
+            "publish to {t:?} qos {} retain {}",
+            settings.qos, settings.retain
+        ),
         Err(e) => format!("topic template fails: {e}"),
     }
 }
@@ -43,13 +46,13 @@ pub struct RepublishSink {
 }
 
 impl RepublishSink {
-    pub fn new(cfg: &Config, publisher: Arc<dyn Publish>) -> anyhow::Result<Self> {
-        Ok(RepublishSink {
+    pub fn new(settings: &Settings, publisher: Arc<dyn Publish>) -> Self {
+        RepublishSink {
             publisher,
-            topic: Template::compile(&cfg.topic).map_err(anyhow::Error::msg)?,
-            qos: cfg.qos,
-            retain: cfg.retain,
-        })
+            topic: settings.topic.clone(),
+            qos: settings.qos,
+            retain: settings.retain,
+        }
     }
 }
 
@@ -89,6 +92,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::config::sinks::republish::Config;
     use crate::sink::ErrorKind;
 
     /// (topic, payload, qos, retain).
@@ -125,7 +129,10 @@ mod tests {
             json!({"topic": "out/{{ record.to }}", "qos": 2, "retain": true}),
         )
         .unwrap();
-        RepublishSink::new(&cfg, Arc::clone(publisher) as Arc<dyn Publish>).unwrap()
+        RepublishSink::new(
+            &cfg.compile().unwrap(),
+            Arc::clone(publisher) as Arc<dyn Publish>,
+        )
     }
 
     #[tokio::test]

@@ -6,22 +6,24 @@
 //! Values are always bound parameters; the table name is validated and quoted.
 
 use std::collections::HashSet;
+use std::io;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use futures::future::BoxFuture;
+use sqlx::migrate::MigrateError;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
-use crate::config::sinks::sql::{quote_ident, quote_table};
-use crate::config::sinks::sqlite::Config;
+use crate::config::sinks::sql::Table;
+use crate::config::sinks::sqlite::Settings;
 
 /// What writing `record` would do, for `mqbridge try`.
-pub fn would(cfg: &Config, _: &Origin, record: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
     let keys: Vec<&str> = record
         .as_object()
         .map(|o| o.keys().map(String::as_str).collect())
@@ -34,9 +36,46 @@ pub fn would(cfg: &Config, _: &Origin, record: &serde_json::Value) -> String {
     )
 }
 
+/// Why the sqlite sink could not open its database.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open SQLite database {}: {reason}", path.display())]
+pub struct OpenError {
+    pub path: PathBuf,
+    pub reason: Reason,
+}
+
+/// What went wrong opening an SQLite database.
+#[derive(Debug, thiserror::Error)]
+pub enum Reason {
+    #[error("cannot create {}: {error}", dir.display())]
+    Folder { dir: PathBuf, error: io::Error },
+    #[error("{0}")]
+    Database(sqlx::Error),
+    /// `migrate: true`, and the migrations failed.
+    #[error("{0}")]
+    Migrate(MigrateError),
+    #[error(
+        "table {0} does not exist (create it, or set `migrate: true` and use table mqbridge_messages)"
+    )]
+    NoTable(String),
+}
+
+impl Reason {
+    /// Whether it is SQLite's "busy" or "locked": another connection holds a lock.
+    fn is_busy(&self) -> bool {
+        let error = match self {
+            Reason::Database(e)
+            | Reason::Migrate(MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _)) => e,
+            _ => return false,
+        };
+        matches!(error, sqlx::Error::Database(db)
+            if matches!(db.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff), Some(5 | 6)))
+    }
+}
+
 pub struct SqliteSink {
     pool: SqlitePool,
-    table: String,
+    table: Table,
     columns: HashSet<String>,
 }
 
@@ -47,31 +86,35 @@ impl SqliteSink {
     /// Opens the database and reads the table's columns. A database that is busy or
     /// locked (another process in a long transaction) is waited for, up to
     /// [`OPEN_PATIENCE`]; other errors (no such table, unreadable file) fail at once.
-    pub async fn open(cfg: &Config) -> anyhow::Result<Self> {
+    pub async fn open(cfg: &Settings) -> Result<Self, OpenError> {
         let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(200);
         loop {
             match Self::try_open(cfg).await {
-                Err(e) if is_busy(&e) && started.elapsed() < OPEN_PATIENCE => {
+                Err(e) if e.is_busy() && started.elapsed() < OPEN_PATIENCE => {
                     tracing::warn!(path = %cfg.path.display(), error = %e, retry_in = ?delay, "SQLite database is locked; waiting to open it");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 r => {
-                    return r.with_context(|| {
-                        format!("cannot open SQLite database {}", cfg.path.display())
+                    return r.map_err(|reason| OpenError {
+                        path: cfg.path.clone(),
+                        reason,
                     });
                 }
             }
         }
     }
 
-    async fn try_open(cfg: &Config) -> anyhow::Result<Self> {
-        let table = quote_table(&cfg.table).map_err(anyhow::Error::msg)?;
+    async fn try_open(cfg: &Settings) -> Result<Self, Reason> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).map_err(|error| Reason::Folder {
+                dir: dir.to_path_buf(),
+                error,
+            })?;
         }
-        let opts = SqliteConnectOptions::from_str("sqlite://")?
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(Reason::Database)?
             .filename(&cfg.path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -81,27 +124,25 @@ impl SqliteSink {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(opts)
-            .await?;
+            .await
+            .map_err(Reason::Database)?;
         if cfg.migrate {
-            super::migrate::apply(super::migrate::SQLITE, &pool).await?;
+            super::migrate::apply(super::migrate::SQLITE, &pool)
+                .await
+                .map_err(Reason::Migrate)?;
         }
-        let table_only = cfg.table.rsplit('.').next().unwrap_or(&cfg.table);
-        let pragma = format!(
-            "PRAGMA table_info({})",
-            quote_ident(table_only).unwrap_or_default()
-        );
-        let rows = sqlx::query(AssertSqlSafe(pragma)).fetch_all(&pool).await?;
+        let pragma = format!("PRAGMA table_info({})", cfg.table.quoted_base());
+        let rows = sqlx::query(AssertSqlSafe(pragma))
+            .fetch_all(&pool)
+            .await
+            .map_err(Reason::Database)?;
         let columns: HashSet<String> = rows.iter().map(|r| r.get::<String, _>("name")).collect();
         if columns.is_empty() {
-            anyhow::bail!(
-                "table {} does not exist in {} (create it, or set `migrate: true` and use table mqbridge_messages)",
-                cfg.table,
-                cfg.path.display()
-            );
+            return Err(Reason::NoTable(cfg.table.name().to_string()));
         }
         Ok(SqliteSink {
             pool,
-            table,
+            table: cfg.table.clone(),
             columns,
         })
     }
@@ -125,14 +166,14 @@ impl SqliteSink {
         if cols.is_empty() {
             return Err(SinkError::permanent(format!(
                 "record has no key matching a column of {}",
-                self.table
+                self.table.quoted()
             )));
         }
         let marks = vec!["?"; cols.len()].join(",");
         Ok((
             format!(
                 "INSERT INTO {} ({}) VALUES ({marks})",
-                self.table,
+                self.table.quoted(),
                 cols.join(",")
             ),
             vals,
@@ -172,16 +213,6 @@ impl Sink for SqliteSink {
             move |rows| async move { super::isolate(&rows, |part| self.insert(part)).await },
         ))
     }
-}
-
-/// Whether an error is SQLite's "busy" or "locked" (another connection holds a lock).
-fn is_busy(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<sqlx::Error>().is_some_and(|e| {
-            matches!(e, sqlx::Error::Database(db)
-                if matches!(db.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff), Some(5 | 6)))
-        })
-    })
 }
 
 /// SQLite result codes: busy, locked, I/O, full and can't-open are worth retrying;

@@ -40,7 +40,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +53,47 @@ const RECLAIM_EVERY: Duration = Duration::from_millis(100);
 
 /// How long a waiting writer or reader sleeps before looking at the stop signal again.
 const RECHECK: Duration = Duration::from_millis(100);
+
+/// What went wrong with the spool: each message names the file or the part that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Another process holds the directory's lock.
+    #[error("spool {} is in use by another mqbridge process (one process per spool directory)", .0.display())]
+    InUse(PathBuf),
+    /// A file of the spool could not be created, read or written.
+    #[error("spool: cannot {action} {}: {error}", path.display())]
+    Io {
+        /// What was being done, e.g. `create`, `lock`, `save the cursor in`.
+        action: &'static str,
+        path: PathBuf,
+        error: io::Error,
+    },
+    /// The writer or the reader failed (a disk error): mqbridge can neither acknowledge
+    /// nor deliver.
+    #[error("spool {part} failed: {error}")]
+    Failed {
+        part: &'static str,
+        error: io::Error,
+    },
+    /// The writer or the reader ended without saying how (it panicked).
+    #[error("spool {part} ended abnormally")]
+    Ended { part: &'static str },
+    #[error("cannot start the {name} thread: {error}")]
+    Thread {
+        name: &'static str,
+        error: io::Error,
+    },
+}
+
+/// Makes an I/O error on `path` a [`SpoolError::Io`].
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
+    let path = path.to_path_buf();
+    move |error| SpoolError::Io {
+        action,
+        path,
+        error,
+    }
+}
 
 /// An opened (and recovered) spool, not yet running.
 pub struct Spool {
@@ -103,47 +143,42 @@ impl Shared {
 impl Spool {
     /// Opens the spool directory (creating it), takes its lock, cuts off a torn tail and
     /// finds where to resume.
-    pub fn open(plan: &SpoolPlan) -> anyhow::Result<Spool> {
+    pub fn open(plan: &SpoolPlan) -> Result<Spool, SpoolError> {
         let dir = plan.path.clone();
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("spool: cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+        let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join("lock"))
-            .with_context(|| format!("spool: cannot open {}", dir.join("lock").display()))?;
+            .open(&lock_path)
+            .map_err(io_error("open", &lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-                "spool {} is in use by another mqbridge process (one process per spool directory)",
-                dir.display()
-            ),
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("spool: cannot lock {}", dir.join("lock").display())));
-            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(SpoolError::InUse(dir)),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_error("lock", &lock_path)(e)),
         }
         let cursor = read_cursor(&dir);
-        let mut segments: VecDeque<(u64, u64)> = segment::list(&dir)
-            .with_context(|| format!("spool: cannot list {}", dir.display()))?
-            .into();
+        let mut segments: VecDeque<(u64, u64)> =
+            segment::list(&dir).map_err(io_error("list", &dir))?.into();
 
         // Only the newest segment can end in a torn write; find its last whole record.
         let mut committed = cursor;
         if let Some(&(first, bytes)) = segments.back() {
-            let (next, valid) = recover(&dir, first, bytes)?;
+            let path = segment::path(&dir, first);
+            let (next, valid) = recover(&dir, first, bytes).map_err(io_error("read", &path))?;
             if valid < bytes {
                 tracing::warn!(
-                    segment = %segment::path(&dir, first).display(),
+                    segment = %path.display(),
                     cut = bytes - valid,
                     "spool: cut off a torn write (never acknowledged, so the broker still has it)"
                 );
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(segment::path(&dir, first))?;
-                f.set_len(valid)?;
-                f.sync_all()?;
+                let cut = || {
+                    let f = OpenOptions::new().write(true).open(&path)?;
+                    f.set_len(valid)?;
+                    f.sync_all()
+                };
+                cut().map_err(io_error("cut off the torn write in", &path))?;
                 segments.back_mut().expect("a segment").1 = valid;
             }
             committed = committed.max(next);
@@ -161,7 +196,8 @@ impl Spool {
         {
             segments.pop_back(); // an empty segment, made again below
         }
-        let active = create_segment(&dir, committed)?;
+        let active = create_segment(&dir, committed)
+            .map_err(io_error("create", &segment::path(&dir, committed)))?;
         segments.push_back((committed, 0));
         let used = segments.iter().map(|&(_, b)| b).sum();
         if committed > start {
@@ -196,7 +232,7 @@ impl Spool {
         input: mpsc::Receiver<Message>,
         output: mpsc::Sender<Message>,
         stop: CancellationToken,
-    ) -> anyhow::Result<Running> {
+    ) -> Result<Running, SpoolError> {
         let Spool {
             shared,
             active,
@@ -259,7 +295,7 @@ pub struct Running {
 impl Running {
     /// Resolves only if the writer or the reader fails (a disk error): mqbridge must then
     /// stop, since it can neither acknowledge nor deliver.
-    pub async fn failed(&mut self) -> anyhow::Error {
+    pub async fn failed(&mut self) -> SpoolError {
         /// The thread's result once it ends; pending while it runs or once taken.
         async fn end(
             slot: &mut Option<oneshot::Receiver<io::Result<()>>>,
@@ -278,17 +314,15 @@ impl Running {
             };
             match result {
                 Some(Ok(())) => {} // ended normally (the source or the pipeline stopped)
-                Some(Err(e)) => {
-                    return anyhow::Error::new(e).context(format!("spool {part} failed"));
-                }
-                None => return anyhow::anyhow!("spool {part} ended abnormally"),
+                Some(Err(error)) => return SpoolError::Failed { part, error },
+                None => return SpoolError::Ended { part },
             }
         }
     }
 
     /// Waits for the writer to commit (and acknowledge) what the source handed over; call
     /// once the source has stopped taking messages.
-    pub async fn writer_done(&mut self) -> anyhow::Result<()> {
+    pub async fn writer_done(&mut self) -> Result<(), SpoolError> {
         finished("writer", self.writer.take()).await
     }
 
@@ -296,7 +330,7 @@ impl Running {
     /// flushed, so every settlement is in it. When this returns, nothing of this spool
     /// touches its directory any more and its lock is released, so the directory can be
     /// opened again at once (by this process or another).
-    pub async fn close(mut self) -> anyhow::Result<()> {
+    pub async fn close(mut self) -> Result<(), SpoolError> {
         let reader = finished("reader", self.reader.take()).await;
         // Wait for the janitor rather than abort it: an aborted janitor could leave a
         // round running on a blocking thread that writes an older cursor after ours.
@@ -306,8 +340,9 @@ impl Running {
         }
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || reclaim(&shared, u64::MAX))
-            .await?
-            .context("spool: cannot save the cursor")?;
+            .await
+            .unwrap_or_else(|panicked| Err(io::Error::other(panicked)))
+            .map_err(io_error("save the cursor in", &self.shared.dir))?;
         // Acks of records still held downstream keep `Shared` (and its lock file) alive;
         // the lock must not outlive the spool.
         self.shared.unlock();
@@ -316,29 +351,29 @@ impl Running {
 }
 
 async fn finished(
-    part: &str,
+    part: &'static str,
     done: Option<oneshot::Receiver<io::Result<()>>>,
-) -> anyhow::Result<()> {
+) -> Result<(), SpoolError> {
     match done {
         Some(rx) => match rx.await {
-            Ok(r) => r.with_context(|| format!("spool {part} failed")),
-            Err(_) => Err(anyhow::anyhow!("spool {part} ended abnormally")),
+            Ok(r) => r.map_err(|error| SpoolError::Failed { part, error }),
+            Err(_) => Err(SpoolError::Ended { part }),
         },
         None => Ok(()),
     }
 }
 
 fn thread(
-    name: &str,
+    name: &'static str,
     f: impl FnOnce() -> io::Result<()> + Send + 'static,
-) -> anyhow::Result<oneshot::Receiver<io::Result<()>>> {
+) -> Result<oneshot::Receiver<io::Result<()>>, SpoolError> {
     let (tx, rx) = oneshot::channel();
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
             let _ = tx.send(f());
         })
-        .with_context(|| format!("cannot start the {name} thread"))?;
+        .map_err(|error| SpoolError::Thread { name, error })?;
     Ok(rx)
 }
 

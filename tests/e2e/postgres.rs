@@ -18,7 +18,7 @@ async fn open(cfg: serde_json::Value) -> Arc<dyn Sink> {
         publisher: None,
         eval: &eval,
     };
-    sink::open(&cfg, ctx).await.unwrap()
+    sink::open(&cfg.compile().unwrap(), ctx).await.unwrap()
 }
 
 fn delivery(record: serde_json::Value) -> Delivery {

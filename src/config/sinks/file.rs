@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::SinkSpec;
+use super::{Problems, SinkSpec};
 
 super::sink_config! {
     /// `type: file`.
@@ -12,14 +12,21 @@ super::sink_config! {
     }
 }
 
-impl SinkSpec for Config {
-    fn validate(&self) -> Vec<(&'static str, String)> {
+/// The `file` sink's settings: as written, once validated (nothing to compile).
+pub type Settings = Config;
+
+impl Config {
+    /// Validates the settings.
+    pub fn compile(self) -> Result<Settings, Problems> {
         if self.path.as_os_str().is_empty() {
-            vec![("path", "must not be empty".into())]
+            Err(vec![("path".into(), "must not be empty".into())])
         } else {
-            vec![]
+            Ok(self)
         }
     }
+}
+
+impl SinkSpec for Settings {
     fn describe(&self) -> String {
         format!("file {}", self.path.display())
     }

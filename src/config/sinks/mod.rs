@@ -1,11 +1,13 @@
 //! Sinks' settings: each entry of `sinks:` as written (serde types, which also make the
-//! JSON schema), its pure validation, and the line `mqbridge check` prints for it.
-//! Opening a sink from its settings, and what `mqbridge try` shows it would do, is
-//! [`crate::sink`]'s.
+//! JSON schema), and its compilation into the [`SinkSettings`] the plan holds: validated,
+//! with its templates and jq programs compiled (once: `run`, `check` and `try` all use
+//! these), and the line `mqbridge check` prints for it. Opening a sink from its settings,
+//! and what `mqbridge try` shows it would do, is [`crate::sink`]'s.
 //!
 //! Adding a sink type: here, a module with a `Config` declared through [`sink_config!`]
-//! (which adds the settings every sink shares), an implementation of [`SinkSpec`] for it,
-//! and a variant in [`SinkConfig`]; in [`crate::sink`], the sink and how it opens.
+//! (which adds the settings every sink shares), its `compile` into the `Settings` the
+//! sink opens with (an implementation of [`SinkSpec`]), and a variant in [`SinkConfig`]
+//! and in [`SinkSettings`]; in [`crate::sink`], the sink and how it opens.
 
 pub mod file;
 pub mod postgres;
@@ -20,7 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use super::units;
 
-/// One entry of `sinks:`, by `type`.
+/// Problems as (field, message), the field relative to the sink (`url`, `headers.X-Key`).
+pub type Problems = Vec<(String, String)>;
+
+/// One entry of `sinks:`, by `type`, as written.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SinkConfig {
@@ -32,31 +37,66 @@ pub enum SinkConfig {
 }
 
 impl SinkConfig {
-    pub fn spec(&self) -> &dyn SinkSpec {
+    /// Validates the settings and compiles their templates and programs; pure, no I/O.
+    /// On failure, every problem.
+    pub fn compile(self) -> Result<SinkSettings, Problems> {
+        Ok(match self {
+            SinkConfig::Postgres(c) => SinkSettings::Postgres(c.compile()?),
+            SinkConfig::Sqlite(c) => SinkSettings::Sqlite(c.compile()?),
+            SinkConfig::Republish(c) => SinkSettings::Republish(c.compile()?),
+            SinkConfig::File(c) => SinkSettings::File(c.compile()?),
+            SinkConfig::Webhook(c) => SinkSettings::Webhook(c.compile()?),
+        })
+    }
+
+    /// The settings every sink has.
+    pub fn common(&self) -> Common {
         match self {
-            SinkConfig::Postgres(c) => c,
-            SinkConfig::Sqlite(c) => c,
-            SinkConfig::Republish(c) => c,
-            SinkConfig::File(c) => c,
-            SinkConfig::Webhook(c) => c,
+            SinkConfig::Postgres(c) => c.common(),
+            SinkConfig::Sqlite(c) => c.common(),
+            SinkConfig::Republish(c) => c.common(),
+            SinkConfig::File(c) => c.common(),
+            SinkConfig::Webhook(c) => c.common(),
+        }
+    }
+
+    /// Environment variables the sink reads when it opens, as (field, variable name), so
+    /// that loading the config can tell a missing one.
+    pub fn env_vars(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            SinkConfig::Webhook(c) => c.env_vars(),
+            _ => Vec::new(),
         }
     }
 }
 
-/// A sink type's settings: validation and the description `check` prints.
+/// One sink's settings as the plan holds them: validated, templates and jq programs
+/// compiled. The sink opens with them, and `mqbridge try` uses them as they are.
+#[derive(Debug)]
+pub enum SinkSettings {
+    Postgres(postgres::Settings),
+    Sqlite(sqlite::Settings),
+    Republish(republish::Settings),
+    File(file::Settings),
+    Webhook(webhook::Settings),
+}
+
+impl SinkSettings {
+    /// What every sink type's settings have: the shared settings and a description.
+    pub fn spec(&self) -> &dyn SinkSpec {
+        match self {
+            SinkSettings::Postgres(s) => s,
+            SinkSettings::Sqlite(s) => s,
+            SinkSettings::Republish(s) => s,
+            SinkSettings::File(s) => s,
+            SinkSettings::Webhook(s) => s,
+        }
+    }
+}
+
+/// A sink type's compiled settings: the settings every sink shares, and the description
+/// `check` prints.
 pub trait SinkSpec: HasCommon + Send + Sync {
-    /// Problems as (field, message); pure, no I/O.
-    fn validate(&self) -> Vec<(&'static str, String)>;
-    /// Problems in fields whose path is only known at run time, such as a map entry
-    /// (`headers.Authorization`), as (field, message); most sinks have none.
-    fn validate_entries(&self) -> Vec<(String, String)> {
-        Vec::new()
-    }
-    /// Environment variables the sink reads when it opens, as (field, variable name), so
-    /// that loading the config can tell a missing one; most sinks read none.
-    fn env_vars(&self) -> Vec<(&'static str, &str)> {
-        Vec::new()
-    }
     /// One line for `mqbridge check`.
     fn describe(&self) -> String;
 }

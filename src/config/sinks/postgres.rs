@@ -1,11 +1,13 @@
-//! Settings of the `postgres` sink ([`crate::sink::postgres`]).
+//! Settings of the `postgres` sink ([`crate::sink::postgres`]): the `columns:` programs
+//! are compiled here.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::SinkSpec;
-use super::sql::{quote_ident, quote_table};
+use super::sql::{Table, quote_ident};
+use super::{Common, HasCommon, Problems, SinkSpec};
 use crate::rule::jq::JqProgram;
 
 super::sink_config! {
@@ -86,43 +88,99 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-impl SinkSpec for Config {
-    fn validate(&self) -> Vec<(&'static str, String)> {
-        let mut errs = Vec::new();
+/// The `postgres` sink's settings, compiled. `Debug` shows the URL without its password.
+pub struct Settings {
+    /// Holds the password: show it [`redacted`].
+    pub url: String,
+    pub table: Table,
+    /// `columns:`: each column and the program that computes it from the record.
+    pub columns: Option<Arc<Mapping>>,
+    pub unknown_keys: UnknownKeys,
+    pub time_unit: Option<TimeUnit>,
+    pub on_conflict: Option<OnConflict>,
+    pub migrate: bool,
+    pub common: Common,
+}
+
+/// `columns:` compiled: each column and its program, in the order written.
+pub type Mapping = [(String, JqProgram)];
+
+impl Config {
+    /// Validates the settings and compiles the `columns:` programs.
+    pub fn compile(self) -> Result<Settings, Problems> {
+        let mut errs = Problems::new();
+        let mut problem = |field: &str, message: String| errs.push((field.to_string(), message));
         match url::Url::parse(&self.url) {
             Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => {}
-            Ok(u) => errs.push((
+            Ok(u) => problem(
                 "url",
                 format!("scheme must be postgres://, not {}://", u.scheme()),
-            )),
-            Err(e) => errs.push(("url", format!("invalid URL: {e}"))),
+            ),
+            Err(e) => problem("url", format!("invalid URL: {e}")),
         }
-        if let Err(e) = quote_table(&self.table) {
-            errs.push(("table", e));
-        }
+        let table = Table::parse(&self.table)
+            .map_err(|e| problem("table", e))
+            .ok();
+        let mut columns = Vec::new();
         for (col, expr) in self.columns.iter().flatten() {
             if quote_ident(col).is_none() {
-                errs.push(("columns", format!("invalid column name {col:?}")));
+                problem("columns", format!("invalid column name {col:?}"));
             }
-            if let Err(e) = JqProgram::compile(expr) {
-                errs.push(("columns", format!("{col}: jq: {e}")));
+            match JqProgram::compile(expr) {
+                Ok(program) => columns.push((col.clone(), program)),
+                Err(e) => problem("columns", format!("{col}: jq: {e}")),
             }
         }
         if let Some(c) = &self.on_conflict {
             if c.key.is_empty() {
-                errs.push(("on_conflict", "key needs at least one column".into()));
+                problem("on_conflict", "key needs at least one column".into());
             }
             for k in &c.key {
                 if quote_ident(k).is_none() {
-                    errs.push(("on_conflict", format!("invalid column name {k:?}")));
+                    problem("on_conflict", format!("invalid column name {k:?}"));
                 }
             }
         }
-        errs
+        match table {
+            Some(table) if errs.is_empty() => Ok(Settings {
+                common: self.common(),
+                columns: self.columns.map(|_| Arc::from(columns)),
+                url: self.url,
+                table,
+                unknown_keys: self.unknown_keys,
+                time_unit: self.time_unit,
+                on_conflict: self.on_conflict,
+                migrate: self.migrate,
+            }),
+            _ => Err(errs),
+        }
     }
+}
 
+impl HasCommon for Settings {
+    fn common(&self) -> Common {
+        self.common
+    }
+}
+
+impl SinkSpec for Settings {
     fn describe(&self) -> String {
         format!("postgres {} table {}", redacted(&self.url), self.table)
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("url", &redacted(&self.url))
+            .field("table", &self.table.name())
+            .field("columns", &self.columns)
+            .field("unknown_keys", &self.unknown_keys)
+            .field("time_unit", &self.time_unit)
+            .field("on_conflict", &self.on_conflict)
+            .field("migrate", &self.migrate)
+            .field("common", &self.common)
+            .finish()
     }
 }
 
@@ -137,12 +195,10 @@ mod tests {
             redacted("postgres://u:secret@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
-        assert!(
-            !Config::describe(
-                &serde_json::from_value(json!({"url": "postgres://u:pw@h/db", "table": "t"}))
-                    .unwrap()
-            )
-            .contains("pw")
-        );
+        let cfg: Config =
+            serde_json::from_value(json!({"url": "postgres://u:pw@h/db", "table": "t"})).unwrap();
+        let settings = cfg.compile().unwrap();
+        assert!(!settings.describe().contains("pw"));
+        assert!(!format!("{settings:?}").contains("pw"));
     }
 }

@@ -1,6 +1,7 @@
-//! Settings of the `republish` sink ([`crate::sink::republish`]).
+//! Settings of the `republish` sink ([`crate::sink::republish`]): the topic template is
+//! compiled here.
 
-use super::SinkSpec;
+use super::{Common, HasCommon, Problems, SinkSpec};
 use crate::rule::template::Template;
 
 super::sink_config! {
@@ -19,18 +20,46 @@ fn default_qos() -> u8 {
     1
 }
 
-impl SinkSpec for Config {
-    fn validate(&self) -> Vec<(&'static str, String)> {
-        let mut errs = Vec::new();
-        if let Err(e) = Template::compile(&self.topic) {
-            errs.push(("topic", format!("template: {e}")));
+/// The `republish` sink's settings, compiled.
+#[derive(Debug)]
+pub struct Settings {
+    pub topic: Template,
+    pub qos: u8,
+    pub retain: bool,
+    pub common: Common,
+}
+
+impl Config {
+    /// Validates the settings and compiles the topic template.
+    pub fn compile(self) -> Result<Settings, Problems> {
+        let mut errs = Problems::new();
+        let topic = Template::compile(&self.topic);
+        if let Err(e) = &topic {
+            errs.push(("topic".into(), format!("template: {e}")));
         }
         if self.qos > 2 {
-            errs.push(("qos", "must be 0, 1 or 2".into()));
+            errs.push(("qos".into(), "must be 0, 1 or 2".into()));
         }
-        errs
+        match topic {
+            Ok(topic) if errs.is_empty() => Ok(Settings {
+                topic,
+                qos: self.qos,
+                retain: self.retain,
+                common: self.common(),
+            }),
+            _ => Err(errs),
+        }
     }
+}
+
+impl HasCommon for Settings {
+    fn common(&self) -> Common {
+        self.common
+    }
+}
+
+impl SinkSpec for Settings {
     fn describe(&self) -> String {
-        format!("republish {} qos {}", self.topic, self.qos)
+        format!("republish {} qos {}", self.topic.source(), self.qos)
     }
 }

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use super::SinkSpec;
-use super::sql::quote_table;
+use super::sql::Table;
+use super::{Common, HasCommon, Problems, SinkSpec};
 
 super::sink_config! {
     /// `type: sqlite`.
@@ -18,17 +18,45 @@ super::sink_config! {
     }
 }
 
-impl SinkSpec for Config {
-    fn validate(&self) -> Vec<(&'static str, String)> {
-        let mut errs = Vec::new();
-        if let Err(e) = quote_table(&self.table) {
-            errs.push(("table", e));
+/// The `sqlite` sink's settings, validated.
+#[derive(Debug)]
+pub struct Settings {
+    pub path: PathBuf,
+    pub table: Table,
+    pub migrate: bool,
+    pub common: Common,
+}
+
+impl Config {
+    /// Validates the settings.
+    pub fn compile(self) -> Result<Settings, Problems> {
+        let mut errs = Problems::new();
+        let table = Table::parse(&self.table);
+        if let Err(e) = &table {
+            errs.push(("table".into(), e.clone()));
         }
         if self.path.as_os_str().is_empty() {
-            errs.push(("path", "must not be empty".into()));
+            errs.push(("path".into(), "must not be empty".into()));
         }
-        errs
+        match table {
+            Ok(table) if errs.is_empty() => Ok(Settings {
+                common: self.common(),
+                path: self.path,
+                table,
+                migrate: self.migrate,
+            }),
+            _ => Err(errs),
+        }
     }
+}
+
+impl HasCommon for Settings {
+    fn common(&self) -> Common {
+        self.common
+    }
+}
+
+impl SinkSpec for Settings {
     fn describe(&self) -> String {
         format!("sqlite {} table {}", self.path.display(), self.table)
     }

@@ -1,7 +1,7 @@
-//! Settings of the `webhook` sink ([`crate::sink::webhook`]). The scheme, host and port
-//! of the URL must be written literally, so that a message can never direct mqbridge to
-//! another host; header values and the HMAC key are secrets, kept out of `Debug` and of
-//! the line `check` prints.
+//! Settings of the `webhook` sink ([`crate::sink::webhook`]): the URL, header and body
+//! templates are compiled here. The scheme, host and port of the URL must be written
+//! literally, so that a message can never direct mqbridge to another host; header values
+//! and the HMAC key are secrets, kept out of `Debug` and of the line `check` prints.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,7 +11,7 @@ use reqwest::Url;
 use reqwest::header::{self, HeaderName};
 use serde::{Deserialize, Serialize};
 
-use super::SinkSpec;
+use super::{Common, HasCommon, Problems, SinkSpec};
 use crate::config::units;
 use crate::rule::template::Template;
 
@@ -121,92 +121,106 @@ fn default_signature_header() -> String {
 /// Headers mqbridge manages itself (or that would break the request if templated).
 const RESERVED_HEADERS: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
 
-impl SinkSpec for Config {
-    fn validate(&self) -> Vec<(&'static str, String)> {
-        let mut errs = Vec::new();
-        if let Err(e) = check_url(&self.url) {
-            errs.push(("url", e));
-        }
-        if let Some(body) = &self.body
-            && let Err(e) = Template::compile(body)
-        {
-            errs.push(("body", format!("template: {e}")));
-        }
+/// The `webhook` sink's settings, compiled. `Debug` shows no header value.
+#[derive(Debug)]
+pub struct Settings {
+    pub method: Method,
+    pub url: Template,
+    pub headers: Vec<Header>,
+    /// None: the record as JSON (no body for GET).
+    pub body: Option<Template>,
+    pub timeout: Duration,
+    pub batch_body: bool,
+    pub hmac: Option<Signature>,
+    pub common: Common,
+}
+
+/// One entry of `headers:`, compiled.
+#[derive(Clone)]
+pub struct Header {
+    /// As configured, for messages (`headers.{name}`).
+    pub name: String,
+    pub header: HeaderName,
+    pub value: Template,
+}
+
+impl std::fmt::Debug for Header {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: ***", self.name)
+    }
+}
+
+/// `hmac:`, validated.
+#[derive(Debug)]
+pub struct Signature {
+    /// Environment variable holding the key, read when the sink opens.
+    pub secret_env: String,
+    /// The header as configured, for messages.
+    pub header: String,
+    pub name: HeaderName,
+}
+
+impl Config {
+    /// Validates the settings and compiles the URL, header and body templates.
+    pub fn compile(self) -> Result<Settings, Problems> {
+        let mut errs = Problems::new();
+        let mut problem = |field: &str, message: String| errs.push((field.to_string(), message));
+        let url = url(&self.url).map_err(|e| problem("url", e)).ok();
+        let body = match self.body.as_deref().map(Template::compile).transpose() {
+            Ok(body) => Some(body),
+            Err(e) => {
+                problem("body", format!("template: {e}"));
+                None
+            }
+        };
         if self.timeout.0.is_zero() {
-            errs.push(("timeout", "must be more than 0".into()));
+            problem("timeout", "must be more than 0".into());
         }
         if self.batch_body && self.method == Method::Get {
-            errs.push(("batch_body", "GET requests have no body".into()));
+            problem("batch_body", "GET requests have no body".into());
         }
-        if let Some(h) = &self.hmac {
-            if !crate::config::env::is_valid_name(&h.secret_env) {
-                errs.push((
-                    "hmac.secret_env",
-                    "must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)".into(),
-                ));
-            }
-            match HeaderName::from_bytes(h.header.as_bytes()) {
-                Err(_) => errs.push(("hmac.header", "invalid header name".into())),
-                Ok(name)
-                    if RESERVED_HEADERS.contains(&name.as_str())
-                        || name == header::CONTENT_TYPE
-                        || name.as_str() == IDEMPOTENCY_KEY =>
-                {
-                    errs.push(("hmac.header", format!("cannot be {}", h.header)));
-                }
-                Ok(name) => {
-                    if self
-                        .headers
-                        .0
-                        .keys()
-                        .any(|k| k.eq_ignore_ascii_case(name.as_str()))
-                    {
-                        errs.push((
-                            "hmac.header",
-                            format!("{} is also set in headers", h.header),
-                        ));
-                    }
-                }
-            }
+        let hmac = self
+            .hmac
+            .as_ref()
+            .and_then(|h| signature(h, &self.headers, &mut problem));
+        let headers = headers(&self.headers, &mut problem);
+        match (url, body) {
+            (Some(url), Some(body)) if errs.is_empty() => Ok(Settings {
+                common: self.common(),
+                method: self.method,
+                url,
+                headers,
+                body,
+                timeout: self.timeout.0,
+                batch_body: self.batch_body,
+                hmac,
+            }),
+            _ => Err(errs),
         }
-        errs
     }
 
-    fn validate_entries(&self) -> Vec<(String, String)> {
-        let mut errs = Vec::new();
-        let mut seen: Vec<HeaderName> = Vec::new();
-        for (name, value) in &self.headers.0 {
-            let field = format!("headers.{name}");
-            match HeaderName::from_bytes(name.as_bytes()) {
-                Err(_) => errs.push((field.clone(), "invalid header name".into())),
-                Ok(h) if RESERVED_HEADERS.contains(&h.as_str()) => {
-                    errs.push((field.clone(), "is set by the HTTP client".into()))
-                }
-                Ok(h) if seen.contains(&h) => {
-                    errs.push((field.clone(), "set twice (header names ignore case)".into()))
-                }
-                Ok(h) => seen.push(h),
-            }
-            if let Err(e) = Template::compile(value) {
-                errs.push((field, format!("template: {e}")));
-            }
-        }
-        errs
-    }
-
-    fn env_vars(&self) -> Vec<(&'static str, &str)> {
+    /// Environment variables the sink reads when it opens, as (field, variable name).
+    pub fn env_vars(&self) -> Vec<(&'static str, &str)> {
         self.hmac
             .iter()
             .map(|h| ("hmac.secret_env", h.secret_env.as_str()))
             .collect()
     }
+}
 
+impl HasCommon for Settings {
+    fn common(&self) -> Common {
+        self.common
+    }
+}
+
+impl SinkSpec for Settings {
     fn describe(&self) -> String {
-        let mut out = format!("webhook {} {}", self.method, shown(&self.url));
+        let mut out = format!("webhook {} {}", self.method, shown(self.url.source()));
         if self.batch_body {
             out.push_str(" (batch body)");
         }
-        let _ = write!(out, " timeout {}", self.timeout);
+        let _ = write!(out, " timeout {}", units::Duration(self.timeout));
         if let Some(h) = &self.hmac {
             let _ = write!(out, ", HMAC in {} (key from ${})", h.header, h.secret_env);
         }
@@ -214,9 +228,89 @@ impl SinkSpec for Config {
     }
 }
 
-/// Checks the URL template: it compiles, and the scheme, host and port are literal.
-fn check_url(src: &str) -> Result<(), String> {
-    Template::compile(src).map_err(|e| format!("template: {e}"))?;
+/// Compiles `hmac:`; None when it has problems.
+fn signature(
+    h: &HmacConfig,
+    headers: &Headers,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Signature> {
+    if !crate::config::env::is_valid_name(&h.secret_env) {
+        problem(
+            "hmac.secret_env",
+            "must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)".into(),
+        );
+    }
+    match HeaderName::from_bytes(h.header.as_bytes()) {
+        Err(_) => problem("hmac.header", "invalid header name".into()),
+        Ok(name)
+            if RESERVED_HEADERS.contains(&name.as_str())
+                || name == header::CONTENT_TYPE
+                || name.as_str() == IDEMPOTENCY_KEY =>
+        {
+            problem("hmac.header", format!("cannot be {}", h.header));
+        }
+        Ok(name)
+            if headers
+                .0
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case(name.as_str())) =>
+        {
+            problem(
+                "hmac.header",
+                format!("{} is also set in headers", h.header),
+            );
+        }
+        Ok(name) => {
+            return Some(Signature {
+                secret_env: h.secret_env.clone(),
+                header: h.header.clone(),
+                name,
+            });
+        }
+    }
+    None
+}
+
+/// Compiles `headers:`: those without problems.
+fn headers(headers: &Headers, problem: &mut impl FnMut(&str, String)) -> Vec<Header> {
+    let mut out = Vec::new();
+    let mut seen: Vec<HeaderName> = Vec::new();
+    for (name, value) in &headers.0 {
+        let field = format!("headers.{name}");
+        let header = match HeaderName::from_bytes(name.as_bytes()) {
+            Err(_) => {
+                problem(&field, "invalid header name".into());
+                None
+            }
+            Ok(h) if RESERVED_HEADERS.contains(&h.as_str()) => {
+                problem(&field, "is set by the HTTP client".into());
+                None
+            }
+            Ok(h) if seen.contains(&h) => {
+                problem(&field, "set twice (header names ignore case)".into());
+                None
+            }
+            Ok(h) => {
+                seen.push(h.clone());
+                Some(h)
+            }
+        };
+        match (header, Template::compile(value)) {
+            (Some(header), Ok(value)) => out.push(Header {
+                name: name.clone(),
+                header,
+                value,
+            }),
+            (_, Ok(_)) => {}
+            (_, Err(e)) => problem(&field, format!("template: {e}")),
+        }
+    }
+    out
+}
+
+/// Compiles the URL template and checks that the scheme, host and port are literal.
+fn url(src: &str) -> Result<Template, String> {
+    let template = Template::compile(src).map_err(|e| format!("template: {e}"))?;
     let literal_end = ["{{", "{%", "{#"]
         .iter()
         .filter_map(|t| src.find(t))
@@ -247,7 +341,7 @@ fn check_url(src: &str) -> Result<(), String> {
     if literal_end == src.len() {
         Url::parse(src).map_err(|e| format!("invalid URL: {e}"))?;
     }
-    Ok(())
+    Ok(template)
 }
 
 /// The URL template without credentials and query, for `check`.
@@ -287,7 +381,8 @@ headers: { "Bad Name": x, X-Ok: "{{ oops ", Content-Length: "1", x-ok: y, X-Sig:
 hmac: { secret_env: "1NOT-A-NAME", header: x-sig }
 "#,
         );
-        let fields: Vec<&str> = cfg.validate().into_iter().map(|(f, _)| f).collect();
+        let errs = cfg.compile().unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(
             fields,
             [
@@ -296,32 +391,28 @@ hmac: { secret_env: "1NOT-A-NAME", header: x-sig }
                 "timeout",
                 "batch_body",
                 "hmac.secret_env",
-                "hmac.header"
-            ]
-        );
-        let entries: Vec<(String, String)> = cfg.validate_entries();
-        let fields: Vec<&str> = entries.iter().map(|(f, _)| f.as_str()).collect();
-        assert_eq!(
-            fields,
-            [
+                "hmac.header",
                 "headers.Bad Name",
                 "headers.Content-Length",
                 "headers.X-Ok",
                 "headers.x-ok"
             ],
-            "{entries:?}"
+            "{errs:?}"
         );
-        assert!(entries[2].1.starts_with("template:"), "{entries:?}");
-        assert!(entries[3].1.contains("twice"), "{entries:?}");
+        assert!(errs[8].1.starts_with("template:"), "{errs:?}");
+        assert!(errs[9].1.contains("twice"), "{errs:?}");
 
         let clash = config("url: http://h/x\nhmac: { secret_env: K, header: Content-Type }\n");
         assert_eq!(
-            clash.validate(),
-            [("hmac.header", "cannot be Content-Type".to_string())]
+            clash.compile().unwrap_err(),
+            [(
+                "hmac.header".to_string(),
+                "cannot be Content-Type".to_string()
+            )]
         );
 
         let ok = config("url: https://hooks.example.com:8443/a/{{ vars.device }}?x={{ id }}\n");
-        assert!(ok.validate().is_empty() && ok.validate_entries().is_empty());
+        assert!(ok.compile().is_ok());
     }
 
     #[test]
@@ -333,7 +424,7 @@ hmac: { secret_env: "1NOT-A-NAME", header: x-sig }
             "http://h?x={{ id }}",
             "http://[::1]:80/{{ id }}",
         ] {
-            assert_eq!(check_url(good), Ok(()), "{good}");
+            assert_eq!(url(good).map(|t| t.source().to_string()), Ok(good.into()));
         }
         for bad in [
             "{{ record.url }}",
@@ -344,7 +435,7 @@ hmac: { secret_env: "1NOT-A-NAME", header: x-sig }
             "http:///x",
             "h/x",
         ] {
-            assert!(check_url(bad).is_err(), "{bad}");
+            assert!(url(bad).is_err(), "{bad}");
         }
     }
 
@@ -358,11 +449,21 @@ hmac: { secret_env: "1NOT-A-NAME", header: x-sig }
             !debug.contains("s3cr3t") && debug.contains("Authorization"),
             "{debug}"
         );
-        let d = cfg.describe();
-        assert_eq!(d, "webhook POST https://h/x?… timeout 10s");
-        let cfg = config("url: \"https://u:s3cr3t@h:1/{{ id }}\"\n");
+        let settings = cfg.compile().unwrap();
+        let debug = format!("{:?}", settings.headers);
+        assert!(
+            !debug.contains("s3cr3t") && debug.contains("Authorization"),
+            "{debug}"
+        );
         assert_eq!(
-            cfg.describe(),
+            settings.describe(),
+            "webhook POST https://h/x?… timeout 10s"
+        );
+        let settings = config("url: \"https://u:s3cr3t@h:1/{{ id }}\"\n")
+            .compile()
+            .unwrap();
+        assert_eq!(
+            settings.describe(),
             "webhook POST https://…@h:1/{{ id }} timeout 10s"
         );
     }

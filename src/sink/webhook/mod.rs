@@ -41,7 +41,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::{Delivery, ErrorKind, Origin, Outcome, Sink};
-use crate::config::sinks::webhook::{Config, Method};
+use crate::config::sinks::webhook::{Method, Settings};
 use request::{Request, Requests};
 use send::Sender;
 
@@ -49,11 +49,8 @@ use send::Sender;
 const MAX_PARALLEL: usize = 16;
 
 /// What writing `record` would do, for `mqbridge try`.
-pub fn would(cfg: &Config, origin: &Origin, record: &serde_json::Value) -> String {
-    let requests = match Requests::compile(cfg) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
+pub fn would(cfg: &Settings, origin: &Origin, record: &serde_json::Value) -> String {
+    let requests = Requests::new(cfg);
     let ctx = origin.template_context(record);
     let url = match requests.url(&ctx) {
         Ok(u) => u,
@@ -62,7 +59,7 @@ pub fn would(cfg: &Config, origin: &Origin, record: &serde_json::Value) -> Strin
     if let Err(e) = requests.headers(&ctx, &origin.id) {
         return e.message;
     }
-    let body = match &requests.body {
+    let body = match &cfg.body {
         Some(t) => match t.render(&ctx) {
             Ok(b) => format!("body {b:?}"),
             Err(e) => return format!("body template fails: {e}"),
@@ -86,14 +83,24 @@ pub fn would(cfg: &Config, origin: &Origin, record: &serde_json::Value) -> Strin
     if cfg.batch_body {
         out.push_str(" (when the batch holds only this message)");
     }
-    if !cfg.headers.0.is_empty() {
-        let names: Vec<&str> = cfg.headers.0.keys().map(String::as_str).collect();
+    if !cfg.headers.is_empty() {
+        let names: Vec<&str> = cfg.headers.iter().map(|h| h.name.as_str()).collect();
         let _ = write!(out, ", headers {}", names.join(", "));
     }
     if let Some(h) = &cfg.hmac {
         let _ = write!(out, ", HMAC in {}", h.header);
     }
     out
+}
+
+/// Why the webhook sink could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// `hmac.secret_env` names a variable that is not set (or is empty).
+    #[error("hmac.secret_env: environment variable {0} is not set or empty")]
+    NoSecret(String),
+    #[error("cannot build the HTTP client: {}", send::error_chain(.0))]
+    Client(reqwest::Error),
 }
 
 pub struct WebhookSink {
@@ -104,8 +111,8 @@ pub struct WebhookSink {
 
 impl WebhookSink {
     /// Builds the sink; `env` looks up the HMAC key's variable.
-    pub fn new(cfg: &Config, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
-        let mut requests = Requests::compile(cfg).map_err(anyhow::Error::msg)?;
+    pub fn new(cfg: &Settings, env: impl Fn(&str) -> Option<String>) -> Result<Self, OpenError> {
+        let mut requests = Requests::new(cfg);
         if let Some(hmac) = &cfg.hmac {
             requests = requests.signed(hmac, env)?;
         }
@@ -204,8 +211,10 @@ mod tests {
 
     use super::*;
 
-    pub(super) fn config(yaml: &str) -> Config {
-        yaml_serde::from_str(yaml).unwrap()
+    /// The settings of a webhook written as YAML.
+    pub(super) fn config(yaml: &str) -> Settings {
+        let cfg: crate::config::sinks::webhook::Config = yaml_serde::from_str(yaml).unwrap();
+        cfg.compile().unwrap()
     }
 
     pub(super) fn origin(id: &str, topic: &str) -> Arc<Origin> {

@@ -1,4 +1,4 @@
-//! A record's request: the config's templates compiled once ([`Requests`]), rendered
+//! A record's request: the templates compiled with the config ([`Requests`]), rendered
 //! against the record's context, its body signed; and the Idempotency-Key of a batch.
 
 use bytes::Bytes;
@@ -7,19 +7,19 @@ use reqwest::Url;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
-use crate::config::sinks::webhook::{Config, HmacConfig, IDEMPOTENCY_KEY, Method};
+use super::OpenError;
+use crate::config::sinks::webhook::{Header, IDEMPOTENCY_KEY, Method, Settings, Signature};
 use crate::rule::template::Template;
 use crate::sink::{Delivery, SinkError};
 
-/// The config's templates, compiled, and the key bodies are signed with: renders the
+/// The settings' compiled templates, and the key bodies are signed with: renders the
 /// request of one record, or of a batch.
 pub(super) struct Requests {
     method: Method,
     url: Template,
-    /// (name as configured, header name, value template).
-    headers: Vec<(String, HeaderName, Template)>,
+    headers: Vec<Header>,
     /// None: the record as JSON (no body for GET).
-    pub(super) body: Option<Template>,
+    body: Option<Template>,
     /// Whether `headers` sets these (else mqbridge does).
     own_content_type: bool,
     own_key: bool,
@@ -28,57 +28,34 @@ pub(super) struct Requests {
 }
 
 impl Requests {
-    /// The templates of `cfg`, compiled; the requests are not signed.
-    pub(super) fn compile(cfg: &Config) -> Result<Requests, String> {
-        let url = Template::compile(&cfg.url).map_err(|e| format!("url template: {e}"))?;
-        let mut headers = Vec::new();
-        for (name, value) in &cfg.headers.0 {
-            let n = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("headers.{name}: invalid header name"))?;
-            let t =
-                Template::compile(value).map_err(|e| format!("headers.{name} template: {e}"))?;
-            headers.push((name.clone(), n, t));
-        }
-        let body = cfg
-            .body
-            .as_deref()
-            .map(Template::compile)
-            .transpose()
-            .map_err(|e| format!("body template: {e}"))?;
-        Ok(Requests {
-            method: cfg.method,
-            own_content_type: headers.iter().any(|(_, n, _)| n == header::CONTENT_TYPE),
-            own_key: headers
-                .iter()
-                .any(|(_, n, _)| n.as_str() == IDEMPOTENCY_KEY),
-            url,
+    /// The requests of `settings`, not signed.
+    pub(super) fn new(settings: &Settings) -> Requests {
+        let headers = settings.headers.clone();
+        Requests {
+            method: settings.method,
+            own_content_type: headers.iter().any(|h| h.header == header::CONTENT_TYPE),
+            own_key: headers.iter().any(|h| h.header.as_str() == IDEMPOTENCY_KEY),
+            url: settings.url.clone(),
             headers,
-            body,
+            body: settings.body.clone(),
             signer: None,
-        })
+        }
     }
 
     /// Signs each body with the key of `hmac`, read from the environment variable it names
     /// (`env` looks it up).
     pub(super) fn signed(
         self,
-        hmac: &HmacConfig,
+        hmac: &Signature,
         env: impl Fn(&str) -> Option<String>,
-    ) -> anyhow::Result<Requests> {
+    ) -> Result<Requests, OpenError> {
         let secret = env(&hmac.secret_env)
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "hmac.secret_env: environment variable {} is not set or empty",
-                    hmac.secret_env
-                )
-            })?;
+            .ok_or_else(|| OpenError::NoSecret(hmac.secret_env.clone()))?;
         let mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
-            .map_err(|_| anyhow::anyhow!("hmac: invalid key"))?;
-        let name = HeaderName::from_bytes(hmac.header.as_bytes())
-            .map_err(|_| anyhow::anyhow!("hmac.header: invalid header name"))?;
+            .expect("HMAC takes a key of any length");
         Ok(Requests {
-            signer: Some((name, mac)),
+            signer: Some((hmac.name.clone(), mac)),
             ..self
         })
     }
@@ -114,8 +91,13 @@ impl Requests {
                 .map_err(|_| SinkError::permanent("Idempotency-Key is not a valid header value"))?;
             map.insert(HeaderName::from_static(IDEMPOTENCY_KEY), v);
         }
-        for (name, header, t) in &self.headers {
-            let text = t
+        for Header {
+            name,
+            header,
+            value,
+        } in &self.headers
+        {
+            let text = value
                 .render(ctx)
                 .map_err(|e| SinkError::permanent(format!("headers.{name} template: {e}")))?;
             // The value may be a secret: say what is wrong, never what it is.

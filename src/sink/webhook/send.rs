@@ -9,8 +9,9 @@ use std::time::{Duration, SystemTime};
 use reqwest::header;
 use reqwest::{StatusCode, Url};
 
+use super::OpenError;
 use super::request::Request;
-use crate::config::sinks::webhook::{Config, Method};
+use crate::config::sinks::webhook::{Method, Settings};
 use crate::config::units;
 use crate::sink::{ErrorKind, SinkError};
 
@@ -29,19 +30,19 @@ pub(super) struct Sender {
 }
 
 impl Sender {
-    pub(super) fn new(cfg: &Config) -> anyhow::Result<Sender> {
+    pub(super) fn new(cfg: &Settings) -> Result<Sender, OpenError> {
         crate::install_crypto();
         let client = reqwest::Client::builder()
-            .timeout(cfg.timeout.0)
+            .timeout(cfg.timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("mqbridge/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {}", error_chain(&e)))?;
+            .map_err(OpenError::Client)?;
         Ok(Sender {
             client,
             method: cfg.method,
-            timeout: cfg.timeout.0,
-            max_retry_after: cfg.retry.max_delay.0,
+            timeout: cfg.timeout,
+            max_retry_after: cfg.common.retry.max_delay.0,
         })
     }
 
@@ -166,7 +167,7 @@ fn excerpt(body: &[u8]) -> String {
 
 /// An error and its causes, e.g. `error sending request: client error (Connect): tcp
 /// connect error: Connection refused (os error 111)`.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
