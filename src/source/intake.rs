@@ -189,6 +189,16 @@ impl<T> Intake<T> {
         }
     }
 
+    /// The tokens that settlements already reported release, without waiting: the last
+    /// acknowledgements to send when the connection is about to end.
+    pub fn released_now(&mut self) -> Vec<T> {
+        let mut ready = Vec::new();
+        while let Ok(seq) = self.settled_rx.try_recv() {
+            ready.extend(self.acks.settle(seq));
+        }
+        ready
+    }
+
     /// QoS 1/2 messages taken (handed over or waiting) and not yet released.
     pub fn unacknowledged(&self) -> usize {
         self.acks.pending()
@@ -367,6 +377,21 @@ mod tests {
         taken(&mut rx).pop().unwrap().ack.settle();
         assert_eq!(released(&mut intake).await, vec![7]);
         assert_eq!(intake.unacknowledged(), 0);
+    }
+
+    #[tokio::test]
+    async fn settlements_already_reported_are_released_without_waiting() {
+        let (tx, mut rx) = mpsc::channel(10);
+        let mut intake = Intake::new(Handoff::new(tx), 1000);
+        for i in 0..3 {
+            intake.offer(msg("t", 1), Some(i)).unwrap();
+        }
+        let mut got = taken(&mut rx);
+        got.remove(0).ack.settle();
+        got.remove(0).ack.settle();
+        assert_eq!(intake.released_now(), vec![0, 1]);
+        assert_eq!(intake.released_now(), Vec::<i32>::new());
+        assert_eq!(intake.unacknowledged(), 1);
     }
 
     #[tokio::test]

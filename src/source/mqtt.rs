@@ -151,9 +151,15 @@ pub async fn run(
             }
         }
     }
-    // Let the queued acknowledgements out, then say goodbye. The event loop must keep
-    // being polled meanwhile: it is what drains rumqttc's request channel, which the ack
-    // task may be waiting on. New PUBLISHes are not taken any more (not acknowledged).
+    // Let the queued acknowledgements out, then say goodbye: first those of messages
+    // that settled since the loop last looked (everything settled before `done`). The
+    // event loop must keep being polled meanwhile: it is what drains rumqttc's request
+    // channel, which the ack task may be waiting on. New PUBLISHes are not taken any more
+    // (not acknowledged).
+    let last = intake.released_now();
+    if !last.is_empty() {
+        let _ = ack_tx.send(AckJob::Ack(connection.load(Ordering::Acquire), last));
+    }
     drop(ack_tx);
     tracing::debug!(
         arrivals,
