@@ -105,12 +105,11 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         None => (tx, None),
     };
     let mut source = match (broker, embedded) {
-        (Some(broker), _) => tokio::spawn(crate::source::mqtt::run(
-            broker,
-            Handoff::new(tx),
-            stop.clone(),
-            done.clone(),
-        )),
+        (Some(broker), _) => {
+            let run =
+                crate::source::mqtt::run(broker, Handoff::new(tx), stop.clone(), done.clone());
+            tokio::spawn(async move { Ok(run.await?) })
+        }
         (None, Some(embedded)) => tokio::spawn(embedded.run(tx, stop.clone(), done.clone())),
         (None, None) => unreachable!("checked above"),
     };

@@ -30,6 +30,23 @@ pub enum EventLoop {
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
+/// Why a connection could not be set up (before any network I/O).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("client id must not be empty")]
+    EmptyClientId,
+    #[error("broker.ca_file {}: {source}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("broker.password_file {}: {source}", path.display())]
+    PasswordFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// What an acknowledgement needs to know of a received PUBLISH.
 #[derive(Debug, Clone, Copy)]
 pub struct AckToken {
@@ -94,8 +111,10 @@ pub fn connect(
     client_id: &str,
     persistent: bool,
     manual_acks: bool,
-) -> anyhow::Result<(Client, EventLoop)> {
-    anyhow::ensure!(!client_id.is_empty(), "client id must not be empty");
+) -> Result<(Client, EventLoop), ConnectError> {
+    if client_id.is_empty() {
+        return Err(ConnectError::EmptyClientId);
+    }
     let credentials = match &plan.username {
         Some(user) => Some((user.clone(), password(plan)?.unwrap_or_default())),
         None => None,
@@ -141,14 +160,16 @@ pub fn connect(
     })
 }
 
-fn transport(plan: &BrokerPlan) -> anyhow::Result<Option<Transport>> {
+fn transport(plan: &BrokerPlan) -> Result<Option<Transport>, ConnectError> {
     if !plan.tls {
         return Ok(None);
     }
     Ok(Some(match &plan.ca_file {
         Some(path) => Transport::tls_with_config(TlsConfiguration::Simple {
-            ca: std::fs::read(path)
-                .map_err(|e| anyhow::anyhow!("broker.ca_file {}: {e}", path.display()))?,
+            ca: std::fs::read(path).map_err(|source| ConnectError::CaFile {
+                path: path.clone(),
+                source,
+            })?,
             alpn: None,
             client_auth: None,
         }),
@@ -157,14 +178,17 @@ fn transport(plan: &BrokerPlan) -> anyhow::Result<Option<Transport>> {
 }
 
 /// The password from the plan or its `password_file`.
-fn password(plan: &BrokerPlan) -> anyhow::Result<Option<String>> {
+fn password(plan: &BrokerPlan) -> Result<Option<String>, ConnectError> {
     if let Some(p) = &plan.password {
         return Ok(Some(p.0.clone()));
     }
     match &plan.password_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("broker.password_file {}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConnectError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                })?;
             Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
         }
         None => Ok(None),

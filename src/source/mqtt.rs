@@ -40,7 +40,7 @@ pub async fn run(
     handoff: Handoff,
     stop: CancellationToken,
     done: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), mqtt::ConnectError> {
     let (client, mut eventloop) = mqtt::connect(&plan, &plan.client_id, true, true)?;
     let source: Arc<str> = Arc::from("broker");
     let mut intake = Intake::new(handoff, plan.max_buffered);
