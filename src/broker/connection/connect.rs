@@ -1,0 +1,276 @@
+//! The CONNECT handshake: reading the first packet (bounded by [`CONNECT_TIMEOUT`]),
+//! refusing what cannot be served with the CONNACK code that says why, authenticating
+//! (argon2, off the async threads), attaching the session (taking it over from another
+//! connection) and answering the CONNACK with what was negotiated.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::inbound::TOPIC_ALIAS_MAX;
+use super::{Conn, read_more};
+use crate::broker::Shared;
+use crate::broker::auth::Login;
+use crate::broker::codec::{
+    self, CodecError, ConnAckProperties, Connect, Outgoing, Packet, Version,
+};
+use crate::broker::listener::{StreamReader, StreamWriter};
+use crate::broker::session::{Link, Session};
+use crate::delivery::AckSequencer;
+use crate::message::Message;
+use crate::topic::validate_topic_name;
+
+/// How long a new connection may take to send its CONNECT.
+pub(in crate::broker) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Writes a refusing CONNACK with `code` (v5 reason code; mapped for 3.1.1).
+/// Reads the CONNECT (a client that never sends one must not hold up a shutdown).
+/// An unsupported protocol, or a v5 CONNECT that does not decode, is refused on `wr`.
+pub(super) async fn read_connect(
+    rd: &mut StreamReader,
+    wr: &mut StreamWriter,
+    buf: &mut BytesMut,
+    max_packet: usize,
+    stop: &CancellationToken,
+) -> anyhow::Result<Box<Connect>> {
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            if buf.first().is_some_and(|&b| b != 0x10) {
+                anyhow::bail!("first packet is not CONNECT");
+            }
+            if let Some(frame) = codec::take_frame(buf, max_packet)? {
+                return Ok::<_, anyhow::Error>(frame);
+            }
+            if read_more(rd, buf).await? == 0 {
+                anyhow::bail!("closed before CONNECT");
+            }
+        }
+    });
+    let frame = tokio::select! {
+        r = connecting => r.map_err(|_| anyhow::anyhow!("no CONNECT within {CONNECT_TIMEOUT:?}"))??,
+        _ = stop.cancelled() => anyhow::bail!("shutting down"),
+    };
+    let version = match codec::detect_version(&frame) {
+        Ok(v) => v,
+        Err(e @ CodecError::UnsupportedProtocol { .. }) => {
+            // 3.1.1's "unacceptable protocol version"; understood by 3.1 clients too.
+            let _ = wr.write_all(&[0x20, 2, 0, 1]).await;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match codec::decode(frame, version) {
+        Ok(Packet::Connect(c)) => Ok(c),
+        Ok(_) => anyhow::bail!("first packet is not CONNECT"),
+        Err(e) => {
+            if version == Version::V5 {
+                let mut b = BytesMut::new();
+                refuse(&mut b, version, e.reason_code());
+                let _ = wr.write_all(&b).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn refuse(buf: &mut BytesMut, version: Version, code: u8) {
+    let code = match version {
+        Version::V5 => code,
+        Version::V311 => match code {
+            0x84 => 0x01,
+            0x85 => 0x02,
+            0x88 | 0x89 | 0x97 => 0x03,
+            0x86 => 0x04,
+            _ => 0x05,
+        },
+    };
+    let _ = codec::encode(
+        &Outgoing::ConnAck {
+            session_present: false,
+            code,
+            properties: None,
+        },
+        version,
+        buf,
+    );
+}
+
+impl Conn {
+    /// Authenticates, attaches the session (taking it over from another connection) and
+    /// answers the CONNACK.
+    pub(super) async fn accept(
+        shared: &Arc<Shared>,
+        c: Connect,
+        count: usize,
+        wtx: mpsc::Sender<Bytes>,
+        notify: Arc<Notify>,
+        out: mpsc::Sender<Message>,
+    ) -> anyhow::Result<Conn> {
+        let version = c.version;
+        let plan = &shared.plan;
+        let send_refusal = async |code: u8| {
+            let mut b = BytesMut::new();
+            refuse(&mut b, version, code);
+            let _ = wtx.send(b.freeze()).await;
+        };
+        if count > plan.max_connections {
+            shared
+                .counters
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            send_refusal(0x97).await;
+            anyhow::bail!("too many connections");
+        }
+        if c.auth_method.is_some() {
+            send_refusal(0x8C).await;
+            anyhow::bail!("enhanced authentication is not supported");
+        }
+        let mut assigned = None;
+        let client_id = if c.client_id.is_empty() {
+            if version == Version::V311 && !c.clean_start {
+                send_refusal(0x85).await;
+                anyhow::bail!("empty client id without clean session");
+            }
+            let id = format!("mqb-{:016x}", rand::random::<u64>());
+            if version == Version::V5 {
+                assigned = Some(id.clone());
+            }
+            id
+        } else {
+            c.client_id.clone()
+        };
+        let auth = shared.auth.clone();
+        let (user, pass) = (c.username.clone(), c.password.clone());
+        let login =
+            tokio::task::spawn_blocking(move || auth.login(user.as_deref(), pass.as_deref()))
+                .await?;
+        match login {
+            Login::Ok => {}
+            Login::BadCredentials => {
+                send_refusal(0x86).await;
+                anyhow::bail!("bad username or password");
+            }
+            Login::NotAuthorized => {
+                send_refusal(0x87).await;
+                anyhow::bail!("anonymous clients are not allowed");
+            }
+        }
+        if let Some(w) = &c.will
+            && let Err(e) = validate_topic_name(&w.topic)
+        {
+            send_refusal(0x90).await;
+            anyhow::bail!("invalid will topic: {e}");
+        }
+
+        // Keepalive: MQTT 5 clients are told the server's maximum.
+        let mut server_keep_alive = None;
+        let mut keep_alive = c.keep_alive;
+        if version == Version::V5
+            && plan.max_keepalive > 0
+            && (keep_alive == 0 || keep_alive > plan.max_keepalive)
+        {
+            keep_alive = plan.max_keepalive;
+            server_keep_alive = Some(keep_alive);
+        }
+
+        // Session expiry: 3.1.1 persistent sessions get the configured one; MQTT 5 clients
+        // at most that, and are told when they get less than they asked for.
+        let (expiry, granted_expiry) = match (version, c.session_expiry) {
+            (Version::V311, u32::MAX) => (plan.session_expiry, None),
+            (Version::V5, e) if e > plan.session_expiry => {
+                (plan.session_expiry, Some(plan.session_expiry))
+            }
+            (_, e) => (e, None),
+        };
+
+        let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let kick = CancellationToken::new();
+        let link = Link {
+            conn_id,
+            notify: Arc::clone(&notify),
+            kick: kick.clone(),
+        };
+        let (session_present, resend) = {
+            let mut state = shared.lock();
+            let existing = state.sessions.remove(&client_id);
+            if let Some(link) = existing.as_ref().and_then(|s| s.link.as_ref()) {
+                link.kick.cancel();
+            }
+            let (mut session, present) = match existing {
+                Some(s) if !c.clean_start => (s, true),
+                _ => (Session::new(c.session_expiry), false),
+            };
+            session.expiry = expiry;
+            session.touch();
+            // Unique across sessions, so a timer of an earlier session never matches.
+            session.generation = conn_id;
+            session.link = Some(link);
+            session.username = c.username.clone();
+            let resend = session.resend();
+            state.sessions.insert(client_id.clone(), session);
+            (present, resend)
+        };
+
+        let properties = (version == Version::V5).then(|| ConnAckProperties {
+            session_expiry_interval: granted_expiry,
+            receive_max: Some(plan.max_inflight),
+            max_qos: None,
+            retain_available: Some(1),
+            max_packet_size: Some(plan.max_packet_size as u32),
+            assigned_client_identifier: assigned,
+            topic_alias_max: Some(TOPIC_ALIAS_MAX),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(1),
+            shared_subscription_available: Some(1),
+            server_keep_alive,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+        let conn = Conn {
+            shared: Arc::clone(shared),
+            version,
+            client_id,
+            username: c.username,
+            conn_id,
+            keep_alive: Duration::from_secs(keep_alive as u64) * 3 / 2,
+            will: c.will,
+            window: (c.receive_maximum as usize).min(plan.max_inflight as usize),
+            client_max_packet: c.max_packet_size,
+            wtx,
+            notify,
+            kick,
+            out: Some(out),
+            acks: AckSequencer::default(),
+            settled_tx,
+            settled_rx,
+            qos2_pending_here: HashSet::new(),
+            aliases: HashMap::new(),
+            aliases_out: HashMap::new(),
+            client_alias_max: c.topic_alias_max,
+            source: Arc::from("embedded"),
+        };
+        conn.send(Outgoing::ConnAck {
+            session_present,
+            code: 0,
+            properties,
+        })
+        .await?;
+        for packet in resend {
+            conn.send(packet).await?;
+        }
+        conn.notify.notify_one();
+        tracing::debug!(client_id = %conn.client_id, ?version, session_present, "embedded broker: client connected");
+        Ok(conn)
+    }
+}

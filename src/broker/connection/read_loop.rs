@@ -1,0 +1,125 @@
+//! The read loop of a connected client: reads and decodes packets, dispatches each to
+//! its phase, and in between releases settled acknowledgements, pumps the session's
+//! queue, enforces the keepalive, and ends on takeover or shutdown.
+
+use bytes::BytesMut;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Conn, End, read_more};
+use crate::broker::codec::{self, Outgoing, Packet, Version};
+use crate::broker::listener::StreamReader;
+
+impl Conn {
+    pub(super) async fn run(
+        &mut self,
+        rd: &mut StreamReader,
+        mut buf: BytesMut,
+        stop: &CancellationToken,
+        done: &CancellationToken,
+        writer_gone: &CancellationToken,
+    ) -> End {
+        let mut deadline = Instant::now() + self.keep_alive;
+        let max_packet = self.shared.plan.max_packet_size;
+        let max_inflight = self.shared.plan.max_inflight as usize;
+        loop {
+            // 3.1.1 clients have no receive maximum: stop reading while too many of their
+            // messages wait for settlement (TCP pushes back on them).
+            let paused = self.version == Version::V311 && self.acks.pending() >= max_inflight;
+            if paused {
+                deadline = Instant::now() + self.keep_alive;
+            }
+            tokio::select! {
+                biased;
+                _ = done.cancelled() => {
+                    self.disconnect(0x8B).await;
+                    return End::Shutdown;
+                }
+                _ = self.kick.cancelled() => {
+                    self.disconnect(0x8E).await;
+                    return End::TakenOver;
+                }
+                _ = writer_gone.cancelled() => return End::Lost,
+                _ = stop.cancelled(), if self.out.is_some() => {
+                    self.out = None;
+                }
+                Some(seq) = self.settled_rx.recv() => {
+                    if self.release_acks(seq).await.is_err() {
+                        return End::Lost;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if !self.keep_alive.is_zero() => {
+                    tracing::debug!(client_id = %self.client_id, "embedded broker: keepalive expired");
+                    self.disconnect(0x8D).await;
+                    return End::Lost;
+                }
+                r = read_more(rd, &mut buf), if !paused => {
+                    match r {
+                        Ok(0) | Err(_) => return End::Lost,
+                        Ok(_) => {}
+                    }
+                    loop {
+                        let frame = match codec::take_frame(&mut buf, max_packet) {
+                            Ok(Some(f)) => f,
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!(client_id = %self.client_id, error = %e, "embedded broker: bad input");
+                                self.disconnect(e.reason_code()).await;
+                                return End::Lost;
+                            }
+                        };
+                        deadline = Instant::now() + self.keep_alive;
+                        let packet = match codec::decode(frame, self.version) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                tracing::debug!(client_id = %self.client_id, error = %e, "embedded broker: bad packet");
+                                self.disconnect(e.reason_code()).await;
+                                return End::Lost;
+                            }
+                        };
+                        match self.handle(packet, done).await {
+                            Ok(None) => {}
+                            Ok(Some(end)) => return end,
+                            Err(reason) => {
+                                self.disconnect(reason).await;
+                                return End::Lost;
+                            }
+                        }
+                    }
+                }
+                // After reading: a subscriber with a full queue must not starve its input.
+                _ = self.notify.notified() => self.pump(),
+            }
+        }
+    }
+
+    /// Handles one packet; Ok(Some) ends the connection normally, Err(reason) with a
+    /// protocol error.
+    async fn handle(
+        &mut self,
+        packet: Packet,
+        done: &CancellationToken,
+    ) -> Result<Option<End>, u8> {
+        match packet {
+            Packet::Connect(_) => return Err(0x82),
+            Packet::ServerOnly(what) => {
+                tracing::debug!(client_id = %self.client_id, what, "embedded broker: client sent a server packet");
+                return Err(0x82);
+            }
+            Packet::Auth => return Err(0x8C),
+            Packet::PingReq => self.send(Outgoing::PingResp).await.map_err(|_| 0x80)?,
+            Packet::Disconnect {
+                reason,
+                session_expiry,
+            } => return self.client_disconnected(reason, session_expiry).map(Some),
+            Packet::Publish(p) => self.publish(p, done).await?,
+            Packet::PubRel(pkid) => self.released(pkid).await?,
+            Packet::Subscribe { pkid, filters, id } => self.subscribe(pkid, filters, id).await?,
+            Packet::Unsubscribe { pkid, filters } => self.unsubscribe(pkid, filters).await?,
+            Packet::PubAck(pkid) => self.acked(pkid),
+            Packet::PubRec(pkid, reason) => self.received(pkid, reason).await?,
+            Packet::PubComp(pkid) => self.completed(pkid),
+        }
+        Ok(None)
+    }
+}
