@@ -14,7 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::inbound::TOPIC_ALIAS_MAX;
-use super::{Conn, read_more};
+use super::{Conn, ProtocolError, read_more};
 use crate::broker::Shared;
 use crate::broker::auth::Login;
 use crate::broker::codec::{
@@ -29,7 +29,6 @@ use crate::topic::validate_topic_name;
 /// How long a new connection may take to send its CONNECT.
 pub(in crate::broker) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Writes a refusing CONNACK with `code` (v5 reason code; mapped for 3.1.1).
 /// Reads the CONNECT (a client that never sends one must not hold up a shutdown).
 /// An unsupported protocol, or a v5 CONNECT that does not decode, is refused on `wr`.
 pub(super) async fn read_connect(
@@ -38,72 +37,95 @@ pub(super) async fn read_connect(
     buf: &mut BytesMut,
     max_packet: usize,
     stop: &CancellationToken,
-) -> anyhow::Result<Box<Connect>> {
+) -> Result<Box<Connect>, ProtocolError> {
     let connecting = tokio::time::timeout(CONNECT_TIMEOUT, async {
         loop {
             if buf.first().is_some_and(|&b| b != 0x10) {
-                anyhow::bail!("first packet is not CONNECT");
+                return Err(ProtocolError::NotConnect);
             }
             if let Some(frame) = codec::take_frame(buf, max_packet)? {
-                return Ok::<_, anyhow::Error>(frame);
+                return Ok(frame);
             }
             if read_more(rd, buf).await? == 0 {
-                anyhow::bail!("closed before CONNECT");
+                return Err(ProtocolError::ClosedBeforeConnect);
             }
         }
     });
     let frame = tokio::select! {
-        r = connecting => r.map_err(|_| anyhow::anyhow!("no CONNECT within {CONNECT_TIMEOUT:?}"))??,
-        _ = stop.cancelled() => anyhow::bail!("shutting down"),
+        r = connecting => r.map_err(|_| ProtocolError::ConnectTimeout(CONNECT_TIMEOUT))??,
+        _ = stop.cancelled() => return Err(ProtocolError::ServerShuttingDown),
     };
     let version = match codec::detect_version(&frame) {
         Ok(v) => v,
         Err(e @ CodecError::UnsupportedProtocol { .. }) => {
             // 3.1.1's "unacceptable protocol version"; understood by 3.1 clients too.
-            let _ = wr.write_all(&[0x20, 2, 0, 1]).await;
-            return Err(e.into());
+            let e = ProtocolError::Codec(e);
+            let _ = wr.write_all(&refusal(Version::V311, &e)).await;
+            return Err(e);
         }
         Err(e) => return Err(e.into()),
     };
     match codec::decode(frame, version) {
         Ok(Packet::Connect(c)) => Ok(c),
-        Ok(_) => anyhow::bail!("first packet is not CONNECT"),
+        Ok(_) => Err(ProtocolError::NotConnect),
         Err(e) => {
+            let e = ProtocolError::Codec(e);
             if version == Version::V5 {
-                let mut b = BytesMut::new();
-                refuse(&mut b, version, e.reason_code());
-                let _ = wr.write_all(&b).await;
+                let _ = wr.write_all(&refusal(version, &e)).await;
             }
-            Err(e.into())
+            Err(e)
         }
     }
 }
 
-fn refuse(buf: &mut BytesMut, version: Version, code: u8) {
-    let code = match version {
-        Version::V5 => code,
-        Version::V311 => match code {
-            0x84 => 0x01,
-            0x85 => 0x02,
-            0x88 | 0x89 | 0x97 => 0x03,
-            0x86 => 0x04,
-            _ => 0x05,
-        },
+/// A CONNACK refusing the CONNECT because of `e`.
+fn refusal(version: Version, e: &ProtocolError) -> Bytes {
+    let mut buf = BytesMut::new();
+    let refuse = Outgoing::ConnAck {
+        session_present: false,
+        code: e.connack_code(version),
+        properties: None,
     };
-    let _ = codec::encode(
-        &Outgoing::ConnAck {
-            session_present: false,
-            code,
-            properties: None,
-        },
-        version,
-        buf,
-    );
+    let _ = codec::encode(&refuse, version, &mut buf);
+    buf.freeze()
+}
+
+/// The checks before the password's: the number of connections, enhanced
+/// authentication, the client id.
+fn check_connect(shared: &Shared, c: &Connect, count: usize) -> Result<(), ProtocolError> {
+    if count > shared.plan.max_connections {
+        shared
+            .counters
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return Err(ProtocolError::ServerBusy);
+    }
+    if c.auth_method.is_some() {
+        return Err(ProtocolError::EnhancedAuthUnsupported);
+    }
+    if c.client_id.is_empty() && c.version == Version::V311 && !c.clean_start {
+        return Err(ProtocolError::ClientIdRejected);
+    }
+    Ok(())
+}
+
+/// The checks after the password's: the login's outcome, the will's topic.
+fn check_login(login: Login, c: &Connect) -> Result<(), ProtocolError> {
+    match login {
+        Login::Ok => {}
+        Login::BadCredentials => return Err(ProtocolError::BadCredentials),
+        Login::NotAuthorized => return Err(ProtocolError::NotAuthorized),
+    }
+    match &c.will {
+        Some(w) => validate_topic_name(&w.topic).map_err(ProtocolError::WillTopicInvalid),
+        None => Ok(()),
+    }
 }
 
 impl Conn {
     /// Authenticates, attaches the session (taking it over from another connection) and
-    /// answers the CONNACK.
+    /// answers the CONNACK; a CONNECT that cannot be served is refused with a CONNACK
+    /// that says why.
     pub(super) async fn accept(
         shared: &Arc<Shared>,
         c: Connect,
@@ -111,32 +133,18 @@ impl Conn {
         wtx: mpsc::Sender<Bytes>,
         notify: Arc<Notify>,
         out: mpsc::Sender<Message>,
-    ) -> anyhow::Result<Conn> {
+    ) -> Result<Conn, ProtocolError> {
         let version = c.version;
         let plan = &shared.plan;
-        let send_refusal = async |code: u8| {
-            let mut b = BytesMut::new();
-            refuse(&mut b, version, code);
-            let _ = wtx.send(b.freeze()).await;
+        let refused = async |e: ProtocolError| {
+            let _ = wtx.send(refusal(version, &e)).await;
+            e
         };
-        if count > plan.max_connections {
-            shared
-                .counters
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            send_refusal(0x97).await;
-            anyhow::bail!("too many connections");
-        }
-        if c.auth_method.is_some() {
-            send_refusal(0x8C).await;
-            anyhow::bail!("enhanced authentication is not supported");
+        if let Err(e) = check_connect(shared, &c, count) {
+            return Err(refused(e).await);
         }
         let mut assigned = None;
         let client_id = if c.client_id.is_empty() {
-            if version == Version::V311 && !c.clean_start {
-                send_refusal(0x85).await;
-                anyhow::bail!("empty client id without clean session");
-            }
             let id = format!("mqb-{:016x}", rand::random::<u64>());
             if version == Version::V5 {
                 assigned = Some(id.clone());
@@ -149,23 +157,10 @@ impl Conn {
         let (user, pass) = (c.username.clone(), c.password.clone());
         let login =
             tokio::task::spawn_blocking(move || auth.login(user.as_deref(), pass.as_deref()))
-                .await?;
-        match login {
-            Login::Ok => {}
-            Login::BadCredentials => {
-                send_refusal(0x86).await;
-                anyhow::bail!("bad username or password");
-            }
-            Login::NotAuthorized => {
-                send_refusal(0x87).await;
-                anyhow::bail!("anonymous clients are not allowed");
-            }
-        }
-        if let Some(w) = &c.will
-            && let Err(e) = validate_topic_name(&w.topic)
-        {
-            send_refusal(0x90).await;
-            anyhow::bail!("invalid will topic: {e}");
+                .await
+                .map_err(ProtocolError::LoginFailed)?;
+        if let Err(e) = check_login(login, &c) {
+            return Err(refused(e).await);
         }
 
         // Keepalive: MQTT 5 clients are told the server's maximum.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{Conn, End};
+use super::{Conn, End, ProtocolError};
 use crate::broker::Shared;
 use crate::broker::codec::Will;
 use crate::broker::session::Stored;
@@ -20,13 +20,13 @@ impl Conn {
         &mut self,
         reason: u8,
         session_expiry: Option<u32>,
-    ) -> Result<End, u8> {
+    ) -> Result<End, ProtocolError> {
         if let Some(expiry) = session_expiry {
             let mut state = self.shared.lock();
             if let Some(s) = state.sessions.get_mut(&self.client_id) {
                 if s.expiry == 0 && expiry != 0 {
                     drop(state);
-                    return Err(0x82);
+                    return Err(ProtocolError::SessionExpiryRaised);
                 }
                 s.expiry = expiry.min(self.shared.plan.session_expiry);
                 s.touch();

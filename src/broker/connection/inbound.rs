@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::Conn;
+use super::{Conn, ProtocolError};
 use crate::broker::Counters;
 use crate::broker::codec::{Outgoing, Publish, Version};
 use crate::broker::session::{Qos2, Stored};
@@ -59,15 +59,13 @@ impl Conn {
     }
 
     /// PUBREL: the QoS 2 exchange is complete.
-    pub(super) async fn released(&mut self, pkid: u16) -> Result<(), u8> {
+    pub(super) async fn released(&mut self, pkid: u16) -> Result<(), ProtocolError> {
         self.with_session(|s| s.incoming_qos2.remove(&pkid));
-        self.send(Outgoing::PubComp { pkid })
-            .await
-            .map_err(|_| 0x80)
+        self.send(Outgoing::PubComp { pkid }).await
     }
 
     /// Sends the acknowledgements `seq` released.
-    pub(super) async fn release_acks(&mut self, seq: u64) -> anyhow::Result<()> {
+    pub(super) async fn release_acks(&mut self, seq: u64) -> Result<(), ProtocolError> {
         for a in self.acks.settle(seq) {
             if a.qos == 1 {
                 self.send(Outgoing::PubAck {
@@ -96,29 +94,28 @@ impl Conn {
         &mut self,
         mut p: Publish,
         done: &CancellationToken,
-    ) -> Result<(), u8> {
+    ) -> Result<(), ProtocolError> {
         let v5 = self.version == Version::V5;
         // Topic alias (client → server).
         if let Some(props) = p.properties.as_mut()
             && let Some(alias) = props.topic_alias.take()
         {
             if alias == 0 || alias > TOPIC_ALIAS_MAX {
-                return Err(0x94);
+                return Err(ProtocolError::TopicAliasInvalid(alias));
             }
             if p.topic.is_empty() {
                 match self.aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
-                    None => return Err(0x82),
+                    None => return Err(ProtocolError::TopicAliasUnknown(alias)),
                 }
             } else {
                 self.aliases.insert(alias, p.topic.clone());
             }
         }
-        if validate_topic_name(&p.topic).is_err() {
-            return Err(if v5 { 0x90 } else { 0x82 });
-        }
-        if p.qos > 0 && v5 && self.inbound_inflight() >= self.shared.plan.max_inflight as usize {
-            return Err(0x93);
+        validate_topic_name(&p.topic).map_err(ProtocolError::TopicNameInvalid)?;
+        let max_inflight = self.shared.plan.max_inflight;
+        if p.qos > 0 && v5 && self.inbound_inflight() >= max_inflight as usize {
+            return Err(ProtocolError::ReceiveMaximumExceeded(max_inflight));
         }
         let Some(out) = self.out.clone() else {
             // Shutting down: not acknowledged, so the client sends it again later.
@@ -136,8 +133,7 @@ impl Conn {
                             pkid: p.pkid,
                             reason: 0,
                         })
-                        .await
-                        .map_err(|_| 0x80);
+                        .await;
                 }
                 Some(Qos2::Received) if self.qos2_pending_here.contains(&p.pkid) => return Ok(()),
                 // Received on an earlier connection that ended before settlement: the
@@ -247,7 +243,7 @@ async fn hand_off(
     msg: Message,
     counters: &Counters,
     done: &CancellationToken,
-) -> Result<(), u8> {
+) -> Result<(), ProtocolError> {
     match out.try_send(msg) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(msg)) if msg.qos == 0 => {
@@ -266,11 +262,11 @@ async fn hand_off(
         Err(mpsc::error::TrySendError::Full(msg)) => {
             // Backpressure: this client waits (its socket is not read meanwhile).
             tokio::select! {
-                r = out.send(msg) => if r.is_err() { return Err(0x8B) },
-                _ = done.cancelled() => return Err(0x8B),
+                r = out.send(msg) => if r.is_err() { return Err(ProtocolError::ServerShuttingDown) },
+                _ = done.cancelled() => return Err(ProtocolError::ServerShuttingDown),
             }
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => return Err(0x8B),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(ProtocolError::ServerShuttingDown),
     }
     Ok(())
 }

@@ -19,9 +19,12 @@
 //! - `outbound`: the session's queue into the socket, server → client topic aliases, the
 //!   writer task.
 //! - `end`: the will, detaching the session, and its expiry.
+//! - `error`: [`ProtocolError`], why a connection is refused or closed, with the reason
+//!   code that tells the client.
 
 mod connect;
 mod end;
+mod error;
 mod inbound;
 mod outbound;
 mod read_loop;
@@ -46,6 +49,7 @@ use crate::delivery::AckSequencer;
 use crate::message::Message;
 pub(super) use connect::CONNECT_TIMEOUT;
 pub(super) use end::schedule_expiry;
+use error::ProtocolError;
 use inbound::PendingAck;
 use outbound::write_loop;
 
@@ -98,7 +102,7 @@ async fn lifecycle(
     out: mpsc::Sender<Message>,
     stop: CancellationToken,
     done: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), ProtocolError> {
     let (mut rd, mut wr) = socket.split();
     let max_packet = shared.plan.max_packet_size;
     let mut buf = BytesMut::with_capacity(4096);
@@ -181,21 +185,25 @@ struct Conn {
 }
 
 impl Conn {
-    async fn send(&self, packet: Outgoing) -> anyhow::Result<()> {
+    /// Queues `packet` for the writer task (waiting while its queue is full).
+    async fn send(&self, packet: Outgoing) -> Result<(), ProtocolError> {
         let mut buf = BytesMut::new();
-        codec::encode(&packet, self.version, &mut buf)?;
+        codec::encode(&packet, self.version, &mut buf).map_err(ProtocolError::Encode)?;
         if !buf.is_empty() {
             self.wtx
                 .send(buf.freeze())
                 .await
-                .map_err(|_| anyhow::anyhow!("connection closed"))?;
+                .map_err(|_| ProtocolError::ConnectionClosed)?;
         }
         Ok(())
     }
 
-    /// Ends the connection with a v5 DISCONNECT `reason` (nothing for 3.1.1).
-    async fn disconnect(&self, reason: u8) {
+    /// Ends the connection because of `e`: logged, and told to an MQTT 5 client in a
+    /// DISCONNECT with its reason code (3.1.1 has no DISCONNECT from the server).
+    async fn disconnect(&self, e: &ProtocolError) {
+        tracing::debug!(client_id = %self.client_id, error = %e, "embedded broker: closing the connection");
         if self.version == Version::V5 {
+            let reason = e.reason_code(self.version);
             let _ = self.send(Outgoing::Disconnect { reason }).await;
         }
     }

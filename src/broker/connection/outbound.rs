@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::Conn;
+use super::{Conn, ProtocolError};
 use crate::broker::codec::{self, Outgoing, Publish};
 use crate::broker::listener::StreamWriter;
 
@@ -38,12 +38,10 @@ impl Conn {
     }
 
     /// PUBREC of a QoS 2 message sent to the client: PUBREL, unless the client refused it.
-    pub(super) async fn received(&mut self, pkid: u16, reason: u8) -> Result<(), u8> {
+    pub(super) async fn received(&mut self, pkid: u16, reason: u8) -> Result<(), ProtocolError> {
         let release = self.with_session(|s| s.received(pkid, reason >= 0x80));
         if release == Some(true) {
-            self.send(Outgoing::PubRel { pkid })
-                .await
-                .map_err(|_| 0x80)?;
+            self.send(Outgoing::PubRel { pkid }).await?;
         }
         self.pump();
         Ok(())

@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Conn, End, read_more};
+use super::{Conn, End, ProtocolError, read_more};
 use crate::broker::codec::{self, Outgoing, Packet, Version};
 use crate::broker::listener::StreamReader;
 
@@ -32,11 +32,11 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = done.cancelled() => {
-                    self.disconnect(0x8B).await;
+                    self.disconnect(&ProtocolError::ServerShuttingDown).await;
                     return End::Shutdown;
                 }
                 _ = self.kick.cancelled() => {
-                    self.disconnect(0x8E).await;
+                    self.disconnect(&ProtocolError::SessionTakenOver).await;
                     return End::TakenOver;
                 }
                 _ = writer_gone.cancelled() => return End::Lost,
@@ -49,8 +49,7 @@ impl Conn {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline), if !self.keep_alive.is_zero() => {
-                    tracing::debug!(client_id = %self.client_id, "embedded broker: keepalive expired");
-                    self.disconnect(0x8D).await;
+                    self.disconnect(&ProtocolError::KeepAliveTimeout(self.keep_alive)).await;
                     return End::Lost;
                 }
                 r = read_more(rd, &mut buf), if !paused => {
@@ -63,25 +62,20 @@ impl Conn {
                             Ok(Some(f)) => f,
                             Ok(None) => break,
                             Err(e) => {
-                                tracing::debug!(client_id = %self.client_id, error = %e, "embedded broker: bad input");
-                                self.disconnect(e.reason_code()).await;
+                                self.disconnect(&e.into()).await;
                                 return End::Lost;
                             }
                         };
                         deadline = Instant::now() + self.keep_alive;
-                        let packet = match codec::decode(frame, self.version) {
-                            Ok(p) => p,
-                            Err(e) => {
-                                tracing::debug!(client_id = %self.client_id, error = %e, "embedded broker: bad packet");
-                                self.disconnect(e.reason_code()).await;
-                                return End::Lost;
-                            }
+                        let handled = match codec::decode(frame, self.version) {
+                            Ok(packet) => self.handle(packet, done).await,
+                            Err(e) => Err(e.into()),
                         };
-                        match self.handle(packet, done).await {
+                        match handled {
                             Ok(None) => {}
                             Ok(Some(end)) => return end,
-                            Err(reason) => {
-                                self.disconnect(reason).await;
+                            Err(e) => {
+                                self.disconnect(&e).await;
                                 return End::Lost;
                             }
                         }
@@ -93,21 +87,18 @@ impl Conn {
         }
     }
 
-    /// Handles one packet; Ok(Some) ends the connection normally, Err(reason) with a
-    /// protocol error.
+    /// Handles one packet; Ok(Some) ends the connection normally, Err with a protocol
+    /// error.
     async fn handle(
         &mut self,
         packet: Packet,
         done: &CancellationToken,
-    ) -> Result<Option<End>, u8> {
+    ) -> Result<Option<End>, ProtocolError> {
         match packet {
-            Packet::Connect(_) => return Err(0x82),
-            Packet::ServerOnly(what) => {
-                tracing::debug!(client_id = %self.client_id, what, "embedded broker: client sent a server packet");
-                return Err(0x82);
-            }
-            Packet::Auth => return Err(0x8C),
-            Packet::PingReq => self.send(Outgoing::PingResp).await.map_err(|_| 0x80)?,
+            Packet::Connect(_) => return Err(ProtocolError::SecondConnect),
+            Packet::ServerOnly(what) => return Err(ProtocolError::ServerPacket(what)),
+            Packet::Auth => return Err(ProtocolError::EnhancedAuthUnsupported),
+            Packet::PingReq => self.send(Outgoing::PingResp).await?,
             Packet::Disconnect {
                 reason,
                 session_expiry,

@@ -2,7 +2,7 @@
 //! filter gets its own failure code, the others are granted), shared subscriptions
 //! (`$share/GROUP/filter`), and the retained messages a new subscription receives.
 
-use super::Conn;
+use super::{Conn, ProtocolError};
 use crate::broker::codec::{Outgoing, SubscribeFilter, Version};
 use crate::broker::session::{Outbound, Subscription};
 use crate::topic::validate_filter;
@@ -13,7 +13,7 @@ impl Conn {
         pkid: u16,
         filters: Vec<SubscribeFilter>,
         id: Option<usize>,
-    ) -> Result<(), u8> {
+    ) -> Result<(), ProtocolError> {
         let v5 = self.version == Version::V5;
         let mut codes = Vec::with_capacity(filters.len());
         let mut retained = Vec::new();
@@ -31,7 +31,7 @@ impl Conn {
                 None => (None, f.filter.clone()),
             };
             if share.is_some() && f.no_local {
-                return Err(0x82);
+                return Err(ProtocolError::SharedNoLocal);
             }
             if validate_filter(&filter).is_err() {
                 codes.push(if v5 { 0x8F } else { 0x80 });
@@ -57,7 +57,7 @@ impl Conn {
             let mut state = self.shared.lock();
             let router = &mut *state;
             let Some(session) = router.sessions.get_mut(&self.client_id) else {
-                return Err(0x80);
+                return Err(ProtocolError::SessionGone);
             };
             let existed = session
                 .subscriptions
@@ -82,9 +82,7 @@ impl Conn {
             }
             codes.push(f.qos);
         }
-        self.send(Outgoing::SubAck { pkid, codes })
-            .await
-            .map_err(|_| 0x80)?;
+        self.send(Outgoing::SubAck { pkid, codes }).await?;
         if !retained.is_empty() {
             let max = self.shared.plan.max_queued_messages;
             self.with_session(|s| {
@@ -97,7 +95,12 @@ impl Conn {
         Ok(())
     }
 
-    pub(super) async fn unsubscribe(&mut self, pkid: u16, filters: Vec<String>) -> Result<(), u8> {
+    /// UNSUBSCRIBE: 0x11 (no subscription existed) for a filter not subscribed.
+    pub(super) async fn unsubscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<String>,
+    ) -> Result<(), ProtocolError> {
         let codes = self
             .with_session(|s| {
                 s.touch();
@@ -113,8 +116,6 @@ impl Conn {
                     .collect()
             })
             .unwrap_or_default();
-        self.send(Outgoing::UnsubAck { pkid, codes })
-            .await
-            .map_err(|_| 0x80)
+        self.send(Outgoing::UnsubAck { pkid, codes }).await
     }
 }
