@@ -93,6 +93,17 @@ impl Shared {
         // A panic while holding the lock leaves consistent-enough state: keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Delivers a published message to every matching subscription, and keeps it as the
+    /// topic's retained message when `retain` is set.
+    fn route(&self, stored: Arc<session::Stored>, retain: bool) {
+        let max = self.plan.max_queued_messages;
+        let mut state = self.lock();
+        if retain {
+            state.retained.set(Arc::clone(&stored));
+        }
+        state.route(&stored, retain, max, &self.auth);
+    }
 }
 
 /// A broker ready to serve; cheap to clone. Created before the sinks so that a
@@ -220,12 +231,7 @@ impl Broker {
             expires_at: None,
             from: None,
         });
-        let max = self.shared.plan.max_queued_messages;
-        let mut state = self.shared.lock();
-        if retain {
-            state.retained.set(Arc::clone(&stored));
-        }
-        state.route(&stored, retain, max, &self.shared.auth);
+        self.shared.route(stored, retain);
     }
 }
 

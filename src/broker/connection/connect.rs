@@ -3,7 +3,6 @@
 //! (argon2, off the async threads), attaching the session (taking it over from another
 //! connection) and answering the CONNACK with what was negotiated.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -13,7 +12,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::inbound::TOPIC_ALIAS_MAX;
+use super::inbound::{FromClient, TOPIC_ALIAS_MAX};
+use super::outbound::ToClient;
 use super::{Conn, ProtocolError, read_more};
 use crate::broker::Shared;
 use crate::broker::auth::Login;
@@ -22,7 +22,6 @@ use crate::broker::codec::{
 };
 use crate::broker::listener::{StreamReader, StreamWriter};
 use crate::broker::session::{Link, Session};
-use crate::delivery::AckSequencer;
 use crate::message::Message;
 use crate::topic::validate_topic_name;
 
@@ -231,29 +230,18 @@ impl Conn {
             authentication_method: None,
             authentication_data: None,
         });
-        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         let conn = Conn {
             shared: Arc::clone(shared),
             version,
             client_id,
-            username: c.username,
+            username: c.username.clone(),
             conn_id,
             keep_alive: Duration::from_secs(keep_alive as u64) * 3 / 2,
-            will: c.will,
-            window: (c.receive_maximum as usize).min(plan.max_inflight as usize),
-            client_max_packet: c.max_packet_size,
-            wtx,
-            notify,
             kick,
-            out: Some(out),
-            acks: AckSequencer::default(),
-            settled_tx,
-            settled_rx,
-            qos2_pending_here: HashSet::new(),
-            aliases: HashMap::new(),
-            aliases_out: HashMap::new(),
-            client_alias_max: c.topic_alias_max,
-            source: Arc::from("embedded"),
+            wtx,
+            inbound: FromClient::new(out),
+            outbound: ToClient::new(notify, &c, plan.max_inflight),
+            will: c.will,
         };
         conn.send(Outgoing::ConnAck {
             session_present,
@@ -264,7 +252,7 @@ impl Conn {
         for packet in resend {
             conn.send(packet).await?;
         }
-        conn.notify.notify_one();
+        conn.outbound.notify.notify_one();
         tracing::debug!(client_id = %conn.client_id, ?version, session_present, "embedded broker: client connected");
         Ok(conn)
     }

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::inbound::{SOURCE, message, stored};
 use super::{Conn, End, ProtocolError};
 use crate::broker::Shared;
-use crate::broker::codec::Will;
-use crate::broker::session::Stored;
+use crate::broker::codec::{Publish, Will};
 use crate::delivery::Ack;
-use crate::message::{Message, Properties};
+use crate::message::Message;
 
 impl Conn {
     /// The client's DISCONNECT, which may change the session expiry (but not from 0).
@@ -82,7 +82,7 @@ impl Conn {
                     let shared = Arc::clone(&self.shared);
                     let client_id = self.client_id.clone();
                     // Weak: a pending will must not keep the pipeline open at shutdown.
-                    let out = self.out.as_ref().map(|o| o.downgrade());
+                    let out = self.inbound.out.as_ref().map(|o| o.downgrade());
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(secs as u64)).await;
                         let reconnected = shared
@@ -96,7 +96,7 @@ impl Conn {
                         }
                     });
                 }
-                None => publish_will(&self.shared, &self.client_id, w, self.out.as_ref()),
+                None => publish_will(&self.shared, &self.client_id, w, self.inbound.out.as_ref()),
             }
         }
     }
@@ -131,45 +131,18 @@ fn publish_will(
     w: Will,
     out: Option<&mpsc::Sender<Message>>,
 ) {
-    let props = w.properties.clone().unwrap_or_default();
-    let stored = Arc::new(Stored {
-        topic: w.topic.clone(),
-        payload: w.payload.clone(),
+    let p = Publish {
+        dup: false,
         qos: w.qos,
-        expires_at: props
-            .message_expiry_interval
-            .map(|s| std::time::Instant::now() + Duration::from_secs(s as u64)),
-        properties: w.properties.clone().map(|mut p| {
-            p.message_expiry_interval = None;
-            p
-        }),
-        from: Some(client_id.to_string()),
-    });
-    {
-        let max = shared.plan.max_queued_messages;
-        let mut state = shared.lock();
-        if w.retain {
-            state.retained.set(Arc::clone(&stored));
-        }
-        state.route(&stored, w.retain, max, &shared.auth);
-    }
+        retain: w.retain,
+        topic: w.topic,
+        pkid: 0,
+        payload: w.payload,
+        properties: w.properties,
+    };
+    shared.route(stored(&p, client_id), p.retain);
     if let Some(out) = out {
-        let msg = Message {
-            topic: w.topic,
-            payload: w.payload,
-            qos: w.qos,
-            retain: w.retain,
-            properties: Properties {
-                user_properties: props.user_properties,
-                content_type: props.content_type,
-                response_topic: props.response_topic,
-                correlation_data: props.correlation_data,
-            },
-            client_id: Some(client_id.to_string()),
-            received_at: jiff::Timestamp::now(),
-            source: Arc::from("embedded"),
-            ack: Ack::detached(),
-        };
+        let msg = message(p, client_id, Arc::from(SOURCE), Ack::detached());
         if let Err(e) = out.try_send(msg) {
             tracing::warn!("embedded broker: will message not handed to the rules: pipeline full");
             match e {

@@ -30,7 +30,6 @@ mod outbound;
 mod read_loop;
 mod subscribe;
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -45,13 +44,12 @@ use super::Shared;
 use super::codec::{self, Outgoing, Version, Will};
 use super::listener::{Stream, StreamReader};
 use super::session::Session;
-use crate::delivery::AckSequencer;
 use crate::message::Message;
 pub(super) use connect::CONNECT_TIMEOUT;
 pub(super) use end::schedule_expiry;
 use error::ProtocolError;
-use inbound::PendingAck;
-use outbound::write_loop;
+use inbound::FromClient;
+use outbound::{ToClient, write_loop};
 
 /// Encoded packets waiting for the writer task.
 const WRITE_QUEUE: usize = 64;
@@ -155,33 +153,25 @@ async fn lifecycle(
     Ok(())
 }
 
-/// A connected client.
+/// A connected client: who it is, what it negotiated, and the state of each direction.
 struct Conn {
     shared: Arc<Shared>,
     version: Version,
     client_id: String,
     username: Option<String>,
+    /// This connection in its session's `Link`: once another connection took the session
+    /// over, it is no longer this one's to pump or detach.
     conn_id: u64,
+    /// 1.5 × the negotiated keepalive (zero: none): silence this long ends the connection.
     keep_alive: Duration,
-    will: Option<Will>,
-    /// Outbound window: the client's receive maximum, capped by `max_inflight`.
-    window: usize,
-    client_max_packet: Option<u32>,
-    wtx: mpsc::Sender<Bytes>,
-    notify: Arc<Notify>,
+    /// Cancelled when another connection takes the session over.
     kick: CancellationToken,
-    /// The pipeline; dropped on `stop` so that it can drain.
-    out: Option<mpsc::Sender<Message>>,
-    acks: AckSequencer<PendingAck>,
-    settled_tx: mpsc::UnboundedSender<u64>,
-    settled_rx: mpsc::UnboundedReceiver<u64>,
-    /// QoS 2 packet ids of this connection waiting for settlement.
-    qos2_pending_here: HashSet<u16>,
-    aliases: HashMap<u16, String>,
-    /// Server → client topic aliases (MQTT 5, up to the client's topic alias maximum).
-    aliases_out: HashMap<String, u16>,
-    client_alias_max: u16,
-    source: Arc<str>,
+    /// Sent when the connection ends other than by a normal DISCONNECT; taken by `finish`.
+    will: Option<Will>,
+    /// Encoded packets to the writer task ([`WRITE_QUEUE`] of them at most).
+    wtx: mpsc::Sender<Bytes>,
+    inbound: FromClient,
+    outbound: ToClient,
 }
 
 impl Conn {

@@ -2,6 +2,7 @@
 //! pump that moves the session's queue into it while it has room (and the client's
 //! receive window allows), and server → client topic aliases.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -10,9 +11,68 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{Conn, ProtocolError};
-use crate::broker::codec::{self, Outgoing, Publish};
+use crate::broker::codec::{self, Connect, Outgoing, Publish};
 use crate::broker::listener::StreamWriter;
 
+/// The server → client half of a connection: what the pump may send.
+pub(super) struct ToClient {
+    /// Wakes the read loop to pull from the session's queue (its `Link` holds it too).
+    pub(super) notify: Arc<Notify>,
+    /// Outbound window: the client's receive maximum, capped by `max_inflight`.
+    window: usize,
+    /// The largest packet the client accepts.
+    max_packet: Option<u32>,
+    aliases: AliasesOut,
+}
+
+impl ToClient {
+    pub(super) fn new(notify: Arc<Notify>, c: &Connect, max_inflight: u16) -> Self {
+        ToClient {
+            notify,
+            window: (c.receive_maximum as usize).min(max_inflight as usize),
+            max_packet: c.max_packet_size,
+            aliases: AliasesOut {
+                max: c.topic_alias_max,
+                by_topic: HashMap::new(),
+            },
+        }
+    }
+}
+
+/// Server → client topic aliases (MQTT 5, up to the client's topic alias maximum).
+struct AliasesOut {
+    max: u16,
+    by_topic: HashMap<String, u16>,
+}
+
+impl AliasesOut {
+    /// Replaces a repeated topic by its alias when the client accepts aliases: the first
+    /// PUBLISH on a topic carries topic and alias, later ones the alias only.
+    fn apply(&mut self, p: &mut Publish) {
+        if self.max == 0 {
+            return;
+        }
+        let known = self.by_topic.get(&p.topic).copied();
+        let alias = match known {
+            Some(a) => a,
+            None if self.by_topic.len() < self.max as usize => {
+                let a = self.by_topic.len() as u16 + 1;
+                self.by_topic.insert(p.topic.clone(), a);
+                a
+            }
+            None => return,
+        };
+        p.properties
+            .get_or_insert_with(Default::default)
+            .topic_alias = Some(alias);
+        if known.is_some() {
+            p.topic.clear();
+        }
+    }
+}
+
+/// Writes what the connection queued until the queue closes or the socket fails; then
+/// cancels `gone`, which ends the read loop.
 pub(super) async fn write_loop(
     mut wr: StreamWriter,
     mut rx: mpsc::Receiver<Bytes>,
@@ -63,14 +123,15 @@ impl Conn {
             let mut state = self.shared.lock();
             match state.sessions.get_mut(&self.client_id) {
                 Some(s) if s.link.as_ref().is_some_and(|l| l.conn_id == self.conn_id) => {
-                    s.take_sendable(room, self.window, self.client_max_packet, self.version)
+                    let to = &self.outbound;
+                    s.take_sendable(room, to.window, to.max_packet, self.version)
                 }
                 _ => Vec::new(),
             }
         };
         for mut p in packets {
             if let Outgoing::Publish(publish) = &mut p {
-                self.alias_topic(publish);
+                self.outbound.aliases.apply(publish);
             }
             let mut buf = BytesMut::new();
             if codec::encode(&p, self.version, &mut buf).is_ok() {
@@ -78,30 +139,6 @@ impl Conn {
                 // message stays in flight to be resent after a reconnect.
                 let _ = self.wtx.try_send(buf.freeze());
             }
-        }
-    }
-
-    /// Replaces a repeated topic by its alias when the client accepts aliases: the first
-    /// PUBLISH on a topic carries topic and alias, later ones the alias only.
-    fn alias_topic(&mut self, p: &mut Publish) {
-        if self.client_alias_max == 0 {
-            return;
-        }
-        let known = self.aliases_out.get(&p.topic).copied();
-        let alias = match known {
-            Some(a) => a,
-            None if self.aliases_out.len() < self.client_alias_max as usize => {
-                let a = self.aliases_out.len() as u16 + 1;
-                self.aliases_out.insert(p.topic.clone(), a);
-                a
-            }
-            None => return,
-        };
-        p.properties
-            .get_or_insert_with(Default::default)
-            .topic_alias = Some(alias);
-        if known.is_some() {
-            p.topic.clear();
         }
     }
 }

@@ -25,7 +25,8 @@ impl Conn {
         loop {
             // 3.1.1 clients have no receive maximum: stop reading while too many of their
             // messages wait for settlement (TCP pushes back on them).
-            let paused = self.version == Version::V311 && self.acks.pending() >= max_inflight;
+            let paused =
+                self.version == Version::V311 && self.inbound.acks.pending() >= max_inflight;
             if paused {
                 deadline = Instant::now() + self.keep_alive;
             }
@@ -40,10 +41,10 @@ impl Conn {
                     return End::TakenOver;
                 }
                 _ = writer_gone.cancelled() => return End::Lost,
-                _ = stop.cancelled(), if self.out.is_some() => {
-                    self.out = None;
+                _ = stop.cancelled(), if self.inbound.out.is_some() => {
+                    self.inbound.out = None;
                 }
-                Some(seq) = self.settled_rx.recv() => {
+                Some(seq) = self.inbound.settled_rx.recv() => {
                     if self.release_acks(seq).await.is_err() {
                         return End::Lost;
                     }
@@ -82,7 +83,7 @@ impl Conn {
                     }
                 }
                 // After reading: a subscriber with a full queue must not starve its input.
-                _ = self.notify.notified() => self.pump(),
+                _ = self.outbound.notify.notified() => self.pump(),
             }
         }
     }
