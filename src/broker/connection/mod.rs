@@ -29,6 +29,8 @@ mod inbound;
 mod outbound;
 mod read_loop;
 mod subscribe;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

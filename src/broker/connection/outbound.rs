@@ -142,3 +142,44 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(topic: &str) -> Publish {
+        Publish {
+            dup: false,
+            qos: 0,
+            retain: false,
+            topic: topic.into(),
+            pkid: 0,
+            payload: Default::default(),
+            properties: None,
+        }
+    }
+
+    fn sent(aliases: &mut AliasesOut, topic: &str) -> (String, Option<u16>) {
+        let mut p = publish(topic);
+        aliases.apply(&mut p);
+        (p.topic, p.properties.and_then(|pp| pp.topic_alias))
+    }
+
+    #[test]
+    fn a_topic_goes_once_then_its_alias_alone_up_to_the_clients_maximum() {
+        let mut aliases = AliasesOut {
+            max: 1,
+            by_topic: HashMap::new(),
+        };
+        assert_eq!(sent(&mut aliases, "a"), ("a".into(), Some(1)));
+        assert_eq!(sent(&mut aliases, "a"), (String::new(), Some(1)));
+        // The client's maximum is reached: other topics go without an alias.
+        assert_eq!(sent(&mut aliases, "b"), ("b".into(), None));
+        let mut none = AliasesOut {
+            max: 0,
+            by_topic: HashMap::new(),
+        };
+        assert_eq!(sent(&mut none, "a"), ("a".into(), None));
+        assert_eq!(sent(&mut none, "a"), ("a".into(), None));
+    }
+}
