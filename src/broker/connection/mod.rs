@@ -21,6 +21,9 @@
 //! - `end`: the will, detaching the session, and its expiry.
 //! - `error`: [`ProtocolError`], why a connection is refused or closed, with the reason
 //!   code that tells the client.
+//!
+//! The unit tests (`tests`) serve connections over in-memory pipes, so that every state
+//! above can be driven packet by packet without a socket.
 
 mod connect;
 mod end;

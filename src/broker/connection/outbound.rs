@@ -1,6 +1,7 @@
 //! Messages to the client: the writer task that owns the socket's writing half, the
 //! pump that moves the session's queue into it while it has room (and the client's
-//! receive window allows), and server → client topic aliases.
+//! receive window allows), server → client topic aliases, and the client's
+//! acknowledgements of what it was sent (PUBACK; PUBREC, answered by PUBREL; PUBCOMP).
 
 use std::collections::HashMap;
 use std::sync::Arc;
