@@ -32,8 +32,6 @@ mod inbound;
 mod outbound;
 mod read_loop;
 mod subscribe;
-#[cfg(test)]
-mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -208,3 +206,6 @@ impl Conn {
         state.sessions.get_mut(&self.client_id).map(f)
     }
 }
+
+#[cfg(test)]
+mod tests;
