@@ -110,7 +110,10 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
                 crate::source::mqtt::run(broker, Handoff::new(tx), stop.clone(), done.clone());
             tokio::spawn(async move { Ok(run.await?) })
         }
-        (None, Some(embedded)) => tokio::spawn(embedded.run(tx, stop.clone(), done.clone())),
+        (None, Some(embedded)) => {
+            let serving = embedded.run(tx, stop.clone(), done.clone());
+            tokio::spawn(async move { Ok(serving.await?) })
+        }
         (None, None) => unreachable!("checked above"),
     };
     tokio::select! {

@@ -9,6 +9,7 @@
 //! (never on the accept loop), bounded by the CONNECT timeout.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,6 +27,50 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::config::EmbeddedPlan;
 use crate::config::plan::TlsPlan;
+
+/// Why the listeners cannot be set up; each error names the address or file to change.
+/// The cause is part of the message (not a `source`), followed by a hint where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("embedded broker: cannot listen on {addr}: {error}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+        /// How to move the address, when it is taken.
+        hint: String,
+    },
+    #[error("embedded.tls.cert_file {}: cannot read certificates: {error}", path.display())]
+    ReadCertificates {
+        path: PathBuf,
+        error: rustls::pki_types::pem::Error,
+    },
+    #[error("embedded.tls.cert_file {}: no certificate in the file", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("embedded.tls.key_file {}: cannot read a private key: {error}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        error: rustls::pki_types::pem::Error,
+    },
+    #[error(
+        "embedded.tls: {} and {} do not make a usable certificate: {error}",
+        cert.display(),
+        key.display()
+    )]
+    UnusableCertificate {
+        cert: PathBuf,
+        key: PathBuf,
+        error: rustls::Error,
+    },
+}
+
+/// Why a connection's TLS or WebSocket handshake failed (logged; the connection closes).
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("TLS: {0}")]
+    Tls(#[from] std::io::Error),
+    #[error("WebSocket: {0}")]
+    WebSocket(#[from] Box<tokio_tungstenite::tungstenite::Error>),
+}
 
 /// A byte stream over TLS or WebSocket.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -126,7 +171,7 @@ impl Transport {
     }
 
     /// The handshakes of this transport, then the stream MQTT flows in.
-    pub async fn open(&self, socket: TcpStream) -> anyhow::Result<Stream> {
+    pub async fn open(&self, socket: TcpStream) -> Result<Stream, HandshakeError> {
         let stream: Box<dyn Io> = match (&self.tls, self.websocket) {
             (None, false) => return Ok(Stream::Tcp(socket)),
             (Some(acceptor), false) => {
@@ -140,7 +185,8 @@ impl Transport {
             .max_frame_size(Some(self.max_message));
         let ws =
             tokio_tungstenite::accept_hdr_async_with_config(stream, check_request, Some(config))
-                .await?;
+                .await
+                .map_err(Box::new)?;
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         tokio::spawn(bridge(ws, theirs));
         Ok(Stream::Other(Box::new(ours)))
@@ -154,7 +200,7 @@ pub struct Listener {
 }
 
 /// Binds every listener of `plan`; errors name the address or the certificate file.
-pub async fn bind_all(plan: &EmbeddedPlan) -> anyhow::Result<Vec<Listener>> {
+pub async fn bind_all(plan: &EmbeddedPlan) -> Result<Vec<Listener>, ListenError> {
     let max_message = plan.max_packet_size.max(64 * 1024);
     let plain = Transport {
         tls: None,
@@ -212,9 +258,9 @@ enum Setting<'a> {
 }
 
 /// Binds one address; the error names it (and, when it is taken, how to move it).
-async fn bind(addr: SocketAddr, setting: Setting<'_>) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+async fn bind(addr: SocketAddr, setting: Setting<'_>) -> Result<TcpListener, ListenError> {
+    TcpListener::bind(addr).await.map_err(|error| {
+        let hint = if error.kind() == std::io::ErrorKind::AddrInUse {
             let change = match setting {
                 Setting::Field(field) => format!("change `{field}`"),
                 Setting::Variable(var) => {
@@ -226,41 +272,34 @@ async fn bind(addr: SocketAddr, setting: Setting<'_>) -> anyhow::Result<TcpListe
         } else {
             String::new()
         };
-        anyhow::anyhow!("embedded broker: cannot listen on {addr}: {e}{hint}")
+        ListenError::Bind { addr, error, hint }
     })
 }
 
 /// The TLS server config from the PEM files.
-fn acceptor(t: &TlsPlan) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+fn acceptor(t: &TlsPlan) -> Result<tokio_rustls::TlsAcceptor, ListenError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
         .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "embedded.tls.cert_file {}: cannot read certificates: {e}",
-                t.cert_file.display()
-            )
+        .map_err(|error| ListenError::ReadCertificates {
+            path: t.cert_file.clone(),
+            error,
         })?;
     if certs.is_empty() {
-        anyhow::bail!(
-            "embedded.tls.cert_file {}: no certificate in the file",
-            t.cert_file.display()
-        );
+        return Err(ListenError::NoCertificate {
+            path: t.cert_file.clone(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| {
-        anyhow::anyhow!(
-            "embedded.tls.key_file {}: cannot read a private key: {e}",
-            t.key_file.display()
-        )
+    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|error| ListenError::ReadKey {
+        path: t.key_file.clone(),
+        error,
     })?;
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "embedded.tls: {} and {} do not make a usable certificate: {e}",
-                t.cert_file.display(),
-                t.key_file.display()
-            )
+        .map_err(|error| ListenError::UnusableCertificate {
+            cert: t.cert_file.clone(),
+            key: t.key_file.clone(),
+            error,
         })?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

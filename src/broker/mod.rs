@@ -93,6 +93,17 @@ impl Shared {
         // A panic while holding the lock leaves consistent-enough state: keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Delivers a published message to every matching subscription, and keeps it as the
+    /// topic's retained message when `retain` is set.
+    fn route(&self, stored: Arc<session::Stored>, retain: bool) {
+        let max = self.plan.max_queued_messages;
+        let mut state = self.lock();
+        if retain {
+            state.retained.set(Arc::clone(&stored));
+        }
+        state.route(&stored, retain, max, &self.auth);
+    }
 }
 
 /// A broker ready to serve; cheap to clone. Created before the sinks so that a
@@ -105,7 +116,7 @@ pub struct Broker {
 impl Broker {
     /// A broker for `plan`; with `persistence`, opens its state file and restores the
     /// retained messages and sessions it holds.
-    pub async fn open(plan: EmbeddedPlan) -> anyhow::Result<Broker> {
+    pub async fn open(plan: EmbeddedPlan) -> Result<Broker, store::OpenError> {
         let (store, router) = match &plan.persistence {
             Some(p) => {
                 let (store, router) = store::Store::open(&p.path).await?;
@@ -156,9 +167,10 @@ impl Broker {
         out: mpsc::Sender<Message>,
         stop: CancellationToken,
         done: CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), listener::ListenError> {
         let listeners = listener::bind_all(&self.shared.plan).await?;
-        self.serve(listeners, out, stop, done).await
+        self.serve(listeners, out, stop, done).await;
+        Ok(())
     }
 
     /// Serves MQTT on `listeners` until `done`; see the module docs for `stop` and
@@ -169,7 +181,7 @@ impl Broker {
         out: mpsc::Sender<Message>,
         stop: CancellationToken,
         done: CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) {
         let tasks = TaskTracker::new();
         for listener in listeners {
             let transport = listener.transport.name();
@@ -205,7 +217,6 @@ impl Broker {
             let changes = store.take_changes(&mut self.shared.lock());
             store.write(changes).await;
         }
-        Ok(())
     }
 
     /// Publishes a message from inside mqbridge (the `republish` sink) to the broker's
@@ -220,23 +231,8 @@ impl Broker {
             expires_at: None,
             from: None,
         });
-        let max = self.shared.plan.max_queued_messages;
-        let mut state = self.shared.lock();
-        if retain {
-            state.retained.set(Arc::clone(&stored));
-        }
-        state.route(&stored, retain, max, &self.shared.auth);
+        self.shared.route(stored, retain);
     }
-}
-
-/// Runs a broker for `plan` until `done` (see [`Broker::run`]).
-pub async fn run(
-    plan: EmbeddedPlan,
-    out: mpsc::Sender<Message>,
-    stop: CancellationToken,
-    done: CancellationToken,
-) -> anyhow::Result<()> {
-    Broker::open(plan).await?.run(out, stop, done).await
 }
 
 /// Writes the broker's changes every `flush_interval` until `done`; returns the store for

@@ -73,6 +73,23 @@ CREATE TABLE IF NOT EXISTS session_messages (
 );
 ";
 
+/// The state file cannot be opened or read. The cause is part of the message.
+#[derive(Debug, thiserror::Error)]
+#[error("embedded broker: cannot open its state file {}: {error}", path.display())]
+pub struct OpenError {
+    path: PathBuf,
+    error: OpenCause,
+}
+
+/// What failed: creating the file's folder (I/O), or opening, creating or reading it.
+#[derive(Debug, thiserror::Error)]
+enum OpenCause {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Sqlite(#[from] sqlx::Error),
+}
+
 /// The broker's state file, and what it holds (to delete sessions that went away).
 pub struct Store {
     conn: SqliteConnection,
@@ -107,18 +124,16 @@ impl Changes {
 
 impl Store {
     /// Opens (creating) the file and reads the state it holds.
-    pub async fn open(path: &Path) -> anyhow::Result<(Store, Router)> {
-        let fail = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!(
-                "embedded broker: cannot open its state file {}: {e}",
-                path.display()
-            )
+    pub async fn open(path: &Path) -> Result<(Store, Router), OpenError> {
+        let fail = |error: OpenCause| OpenError {
+            path: path.to_path_buf(),
+            error,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+            std::fs::create_dir_all(dir).map_err(|e| fail(e.into()))?;
         }
         let opts = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(|e| fail(&e))?
+            .map_err(|e| fail(e.into()))?
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -127,18 +142,18 @@ impl Store {
             .busy_timeout(Duration::from_secs(5));
         let mut conn = SqliteConnection::connect_with(&opts)
             .await
-            .map_err(|e| fail(&e))?;
+            .map_err(|e| fail(e.into()))?;
         sqlx::raw_sql(SCHEMA)
             .execute(&mut conn)
             .await
-            .map_err(|e| fail(&e))?;
+            .map_err(|e| fail(e.into()))?;
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
             known: HashMap::new(),
             resync: false,
         };
-        let router = store.load().await.map_err(|e| fail(&e))?;
+        let router = store.load().await.map_err(|e| fail(e.into()))?;
         tracing::info!(
             path = %path.display(),
             sessions = router.sessions.len(),
@@ -557,6 +572,20 @@ mod tests {
             expires_at: Some(Instant::now() + Duration::from_secs(3600)),
             from: None,
         })
+    }
+
+    #[tokio::test]
+    async fn an_unusable_path_is_named_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let path = file.join("state.db");
+        let err = Store::open(&path).await.err().expect("fails").to_string();
+        let start = format!(
+            "embedded broker: cannot open its state file {}: ",
+            path.display()
+        );
+        assert!(err.starts_with(&start) && err.len() > start.len(), "{err}");
     }
 
     #[tokio::test]

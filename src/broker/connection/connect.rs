@@ -1,0 +1,259 @@
+//! The CONNECT handshake: reading the first packet (bounded by [`CONNECT_TIMEOUT`]),
+//! refusing what cannot be served with the CONNACK code that says why, authenticating
+//! (argon2, off the async threads), attaching the session (taking it over from another
+//! connection) and answering the CONNACK with what was negotiated.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::inbound::{FromClient, TOPIC_ALIAS_MAX};
+use super::outbound::ToClient;
+use super::{Conn, ProtocolError, read_more};
+use crate::broker::Shared;
+use crate::broker::auth::Login;
+use crate::broker::codec::{
+    self, CodecError, ConnAckProperties, Connect, Outgoing, Packet, Version,
+};
+use crate::broker::listener::{StreamReader, StreamWriter};
+use crate::broker::session::{Link, Session};
+use crate::message::Message;
+use crate::topic::validate_topic_name;
+
+/// How long a new connection may take to send its CONNECT.
+pub(in crate::broker) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the CONNECT (a client that never sends one must not hold up a shutdown).
+/// An unsupported protocol, or a v5 CONNECT that does not decode, is refused on `wr`.
+pub(super) async fn read_connect(
+    rd: &mut StreamReader,
+    wr: &mut StreamWriter,
+    buf: &mut BytesMut,
+    max_packet: usize,
+    stop: &CancellationToken,
+) -> Result<Box<Connect>, ProtocolError> {
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            if buf.first().is_some_and(|&b| b != 0x10) {
+                return Err(ProtocolError::NotConnect);
+            }
+            if let Some(frame) = codec::take_frame(buf, max_packet)? {
+                return Ok(frame);
+            }
+            if read_more(rd, buf).await? == 0 {
+                return Err(ProtocolError::ClosedBeforeConnect);
+            }
+        }
+    });
+    let frame = tokio::select! {
+        r = connecting => r.map_err(|_| ProtocolError::ConnectTimeout(CONNECT_TIMEOUT))??,
+        _ = stop.cancelled() => return Err(ProtocolError::ServerShuttingDown),
+    };
+    let version = match codec::detect_version(&frame) {
+        Ok(v) => v,
+        Err(e @ CodecError::UnsupportedProtocol { .. }) => {
+            // 3.1.1's "unacceptable protocol version"; understood by 3.1 clients too.
+            let e = ProtocolError::Codec(e);
+            let _ = wr.write_all(&refusal(Version::V311, &e)).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match codec::decode(frame, version) {
+        Ok(Packet::Connect(c)) => Ok(c),
+        Ok(_) => Err(ProtocolError::NotConnect),
+        Err(e) => {
+            let e = ProtocolError::Codec(e);
+            if version == Version::V5 {
+                let _ = wr.write_all(&refusal(version, &e)).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A CONNACK refusing the CONNECT because of `e`.
+fn refusal(version: Version, e: &ProtocolError) -> Bytes {
+    let mut buf = BytesMut::new();
+    let refuse = Outgoing::ConnAck {
+        session_present: false,
+        code: e.connack_code(version),
+        properties: None,
+    };
+    let _ = codec::encode(&refuse, version, &mut buf);
+    buf.freeze()
+}
+
+/// The checks before the password's: the number of connections, enhanced
+/// authentication, the client id.
+fn check_connect(shared: &Shared, c: &Connect, count: usize) -> Result<(), ProtocolError> {
+    if count > shared.plan.max_connections {
+        shared
+            .counters
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return Err(ProtocolError::ServerBusy);
+    }
+    if c.auth_method.is_some() {
+        return Err(ProtocolError::EnhancedAuthUnsupported);
+    }
+    if c.client_id.is_empty() && c.version == Version::V311 && !c.clean_start {
+        return Err(ProtocolError::ClientIdRejected);
+    }
+    Ok(())
+}
+
+/// The checks after the password's: the login's outcome, the will's topic.
+fn check_login(login: Login, c: &Connect) -> Result<(), ProtocolError> {
+    match login {
+        Login::Ok => {}
+        Login::BadCredentials => return Err(ProtocolError::BadCredentials),
+        Login::NotAuthorized => return Err(ProtocolError::NotAuthorized),
+    }
+    match &c.will {
+        Some(w) => validate_topic_name(&w.topic).map_err(ProtocolError::WillTopicInvalid),
+        None => Ok(()),
+    }
+}
+
+impl Conn {
+    /// Authenticates, attaches the session (taking it over from another connection) and
+    /// answers the CONNACK; a CONNECT that cannot be served is refused with a CONNACK
+    /// that says why.
+    pub(super) async fn accept(
+        shared: &Arc<Shared>,
+        c: Connect,
+        count: usize,
+        wtx: mpsc::Sender<Bytes>,
+        notify: Arc<Notify>,
+        out: mpsc::Sender<Message>,
+    ) -> Result<Conn, ProtocolError> {
+        let version = c.version;
+        let plan = &shared.plan;
+        let refused = async |e: ProtocolError| {
+            let _ = wtx.send(refusal(version, &e)).await;
+            e
+        };
+        if let Err(e) = check_connect(shared, &c, count) {
+            return Err(refused(e).await);
+        }
+        let mut assigned = None;
+        let client_id = if c.client_id.is_empty() {
+            let id = format!("mqb-{:016x}", rand::random::<u64>());
+            if version == Version::V5 {
+                assigned = Some(id.clone());
+            }
+            id
+        } else {
+            c.client_id.clone()
+        };
+        let auth = shared.auth.clone();
+        let (user, pass) = (c.username.clone(), c.password.clone());
+        let login =
+            tokio::task::spawn_blocking(move || auth.login(user.as_deref(), pass.as_deref()))
+                .await
+                .map_err(ProtocolError::LoginFailed)?;
+        if let Err(e) = check_login(login, &c) {
+            return Err(refused(e).await);
+        }
+
+        // Keepalive: MQTT 5 clients are told the server's maximum.
+        let mut server_keep_alive = None;
+        let mut keep_alive = c.keep_alive;
+        if version == Version::V5
+            && plan.max_keepalive > 0
+            && (keep_alive == 0 || keep_alive > plan.max_keepalive)
+        {
+            keep_alive = plan.max_keepalive;
+            server_keep_alive = Some(keep_alive);
+        }
+
+        // Session expiry: 3.1.1 persistent sessions get the configured one; MQTT 5 clients
+        // at most that, and are told when they get less than they asked for.
+        let (expiry, granted_expiry) = match (version, c.session_expiry) {
+            (Version::V311, u32::MAX) => (plan.session_expiry, None),
+            (Version::V5, e) if e > plan.session_expiry => {
+                (plan.session_expiry, Some(plan.session_expiry))
+            }
+            (_, e) => (e, None),
+        };
+
+        let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let kick = CancellationToken::new();
+        let link = Link {
+            conn_id,
+            notify: Arc::clone(&notify),
+            kick: kick.clone(),
+        };
+        let (session_present, resend) = {
+            let mut state = shared.lock();
+            let existing = state.sessions.remove(&client_id);
+            if let Some(link) = existing.as_ref().and_then(|s| s.link.as_ref()) {
+                link.kick.cancel();
+            }
+            let (mut session, present) = match existing {
+                Some(s) if !c.clean_start => (s, true),
+                _ => (Session::new(c.session_expiry), false),
+            };
+            session.expiry = expiry;
+            session.touch();
+            // Unique across sessions, so a timer of an earlier session never matches.
+            session.generation = conn_id;
+            session.link = Some(link);
+            session.username = c.username.clone();
+            let resend = session.resend();
+            state.sessions.insert(client_id.clone(), session);
+            (present, resend)
+        };
+
+        let properties = (version == Version::V5).then(|| ConnAckProperties {
+            session_expiry_interval: granted_expiry,
+            receive_max: Some(plan.max_inflight),
+            max_qos: None,
+            retain_available: Some(1),
+            max_packet_size: Some(plan.max_packet_size as u32),
+            assigned_client_identifier: assigned,
+            topic_alias_max: Some(TOPIC_ALIAS_MAX),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(1),
+            shared_subscription_available: Some(1),
+            server_keep_alive,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        let conn = Conn {
+            shared: Arc::clone(shared),
+            version,
+            client_id,
+            username: c.username.clone(),
+            conn_id,
+            keep_alive: Duration::from_secs(keep_alive as u64) * 3 / 2,
+            kick,
+            wtx,
+            inbound: FromClient::new(out),
+            outbound: ToClient::new(notify, &c, plan.max_inflight),
+            will: c.will,
+        };
+        conn.send(Outgoing::ConnAck {
+            session_present,
+            code: 0,
+            properties,
+        })
+        .await?;
+        for packet in resend {
+            conn.send(packet).await?;
+        }
+        conn.outbound.notify.notify_one();
+        tracing::debug!(client_id = %conn.client_id, ?version, session_present, "embedded broker: client connected");
+        Ok(conn)
+    }
+}

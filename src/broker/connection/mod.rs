@@ -1,0 +1,211 @@
+//! One task per client connection: the CONNECT handshake, then a loop that reads and
+//! handles packets, sends acknowledgements once messages settle, pulls the session's
+//! queue into the socket, and enforces the keepalive (1.5 × the negotiated interval).
+//!
+//! Writes go through a small bounded channel to a writer task, so a client that does not
+//! read never blocks this loop's reading; the session queue is pulled only while that
+//! channel has room, which is what bounds a slow consumer's memory.
+//!
+//! Any error (malformed, oversized or unexpected packet, invalid topic) ends this
+//! connection only, with a v5 DISCONNECT carrying the reason code where one applies.
+//!
+//! Here the task's life from socket to close, and the connection state ([`Conn`]) the
+//! phases share. The phases, in the order a connection meets them:
+//! - `connect`: reading the CONNECT, authentication, attaching the session, the CONNACK.
+//! - `read_loop`: the loop, and the dispatch of each packet to the phase it belongs to.
+//! - `inbound`: PUBLISH from the client, QoS 2 state, the hand-off to the pipeline, and
+//!   the acknowledgements released in arrival order once messages settle.
+//! - `subscribe`: SUBSCRIBE (retained messages included) and UNSUBSCRIBE.
+//! - `outbound`: the session's queue into the socket, server → client topic aliases, the
+//!   writer task.
+//! - `end`: the will, detaching the session, and its expiry.
+//! - `error`: [`ProtocolError`], why a connection is refused or closed, with the reason
+//!   code that tells the client.
+//!
+//! The unit tests (`tests`) serve connections over in-memory pipes, so that every state
+//! above can be driven packet by packet without a socket.
+
+mod connect;
+mod end;
+mod error;
+mod inbound;
+mod outbound;
+mod read_loop;
+mod subscribe;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::codec::{self, Outgoing, Version, Will};
+use super::listener::{Stream, StreamReader};
+use super::session::Session;
+use crate::message::Message;
+pub(super) use connect::CONNECT_TIMEOUT;
+pub(super) use end::schedule_expiry;
+use error::ProtocolError;
+use inbound::FromClient;
+use outbound::{ToClient, write_loop};
+
+/// Encoded packets waiting for the writer task.
+const WRITE_QUEUE: usize = 64;
+
+/// Why the read loop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// DISCONNECT from the client (reason 0x04 asks for the will anyway).
+    Disconnected { send_will: bool },
+    /// Socket closed, keepalive expired, protocol error: the will is sent.
+    Lost,
+    /// Another connection took the session over.
+    TakenOver,
+    /// mqbridge is shutting down.
+    Shutdown,
+}
+
+/// Entry point of a connection task.
+pub(super) async fn serve(
+    socket: Stream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Message>,
+    stop: CancellationToken,
+    done: CancellationToken,
+) {
+    let count = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
+    let result = lifecycle(socket, &shared, count, out, stop, done).await;
+    shared.connections.fetch_sub(1, Ordering::AcqRel);
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "embedded broker: connection closed");
+    }
+}
+
+async fn read_more(rd: &mut StreamReader, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(4096);
+    }
+    rd.read_buf(buf).await
+}
+
+/// A connection from its first byte to its close: the CONNECT, the writer task, the
+/// read loop, the end of the session, and a short linger for the last packets.
+async fn lifecycle(
+    socket: Stream,
+    shared: &Arc<Shared>,
+    count: usize,
+    out: mpsc::Sender<Message>,
+    stop: CancellationToken,
+    done: CancellationToken,
+) -> Result<(), ProtocolError> {
+    let (mut rd, mut wr) = socket.split();
+    let max_packet = shared.plan.max_packet_size;
+    let mut buf = BytesMut::with_capacity(4096);
+
+    let connect = connect::read_connect(&mut rd, &mut wr, &mut buf, max_packet, &stop).await?;
+
+    let (wtx, wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let notify = Arc::new(Notify::new());
+    let writer_gone = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        wr,
+        wrx,
+        Arc::clone(&notify),
+        writer_gone.clone(),
+    ));
+
+    let mut conn = match Conn::accept(
+        shared,
+        *connect,
+        count,
+        wtx.clone(),
+        Arc::clone(&notify),
+        out,
+    )
+    .await
+    {
+        Ok(conn) => conn,
+        Err(e) => {
+            drop(wtx);
+            let _ = writer.await;
+            return Err(e);
+        }
+    };
+    let end = conn.run(&mut rd, buf, &stop, &done, &writer_gone).await;
+    conn.finish(&end).await;
+    drop(conn);
+    drop(wtx);
+    // Let queued packets (DISCONNECT, last acks) out, briefly; then read until the
+    // client closes, so that closing with unread input does not reset the connection
+    // and destroy the DISCONNECT before the client reads it.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    if end == End::Lost {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut sink = [0u8; 4096];
+            while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+    tracing::debug!(?end, "embedded broker: connection ended");
+    Ok(())
+}
+
+/// A connected client: who it is, what it negotiated, and the state of each direction.
+struct Conn {
+    shared: Arc<Shared>,
+    version: Version,
+    client_id: String,
+    username: Option<String>,
+    /// This connection in its session's `Link`: once another connection took the session
+    /// over, it is no longer this one's to pump or detach.
+    conn_id: u64,
+    /// 1.5 × the negotiated keepalive (zero: none): silence this long ends the connection.
+    keep_alive: Duration,
+    /// Cancelled when another connection takes the session over.
+    kick: CancellationToken,
+    /// Sent when the connection ends other than by a normal DISCONNECT; taken by `finish`.
+    will: Option<Will>,
+    /// Encoded packets to the writer task ([`WRITE_QUEUE`] of them at most).
+    wtx: mpsc::Sender<Bytes>,
+    inbound: FromClient,
+    outbound: ToClient,
+}
+
+impl Conn {
+    /// Queues `packet` for the writer task (waiting while its queue is full).
+    async fn send(&self, packet: Outgoing) -> Result<(), ProtocolError> {
+        let mut buf = BytesMut::new();
+        codec::encode(&packet, self.version, &mut buf).map_err(ProtocolError::Encode)?;
+        if !buf.is_empty() {
+            self.wtx
+                .send(buf.freeze())
+                .await
+                .map_err(|_| ProtocolError::ConnectionClosed)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the connection because of `e`: logged, and told to an MQTT 5 client in a
+    /// DISCONNECT with its reason code (3.1.1 has no DISCONNECT from the server).
+    async fn disconnect(&self, e: &ProtocolError) {
+        tracing::debug!(client_id = %self.client_id, error = %e, "embedded broker: closing the connection");
+        if self.version == Version::V5 {
+            let reason = e.reason_code(self.version);
+            let _ = self.send(Outgoing::Disconnect { reason }).await;
+        }
+    }
+
+    fn with_session<T>(&self, f: impl FnOnce(&mut Session) -> T) -> Option<T> {
+        let mut state = self.shared.lock();
+        state.sessions.get_mut(&self.client_id).map(f)
+    }
+}
+
+#[cfg(test)]
+mod tests;

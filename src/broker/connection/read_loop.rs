@@ -1,0 +1,117 @@
+//! The read loop of a connected client: reads and decodes packets, dispatches each to
+//! its phase, and in between releases settled acknowledgements, pumps the session's
+//! queue, enforces the keepalive, and ends on takeover or shutdown.
+
+use bytes::BytesMut;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Conn, End, ProtocolError, read_more};
+use crate::broker::codec::{self, Outgoing, Packet, Version};
+use crate::broker::listener::StreamReader;
+
+impl Conn {
+    pub(super) async fn run(
+        &mut self,
+        rd: &mut StreamReader,
+        mut buf: BytesMut,
+        stop: &CancellationToken,
+        done: &CancellationToken,
+        writer_gone: &CancellationToken,
+    ) -> End {
+        let mut deadline = Instant::now() + self.keep_alive;
+        let max_packet = self.shared.plan.max_packet_size;
+        let max_inflight = self.shared.plan.max_inflight as usize;
+        loop {
+            // 3.1.1 clients have no receive maximum: stop reading while too many of their
+            // messages wait for settlement (TCP pushes back on them).
+            let paused =
+                self.version == Version::V311 && self.inbound.acks.pending() >= max_inflight;
+            if paused {
+                deadline = Instant::now() + self.keep_alive;
+            }
+            tokio::select! {
+                biased;
+                _ = done.cancelled() => {
+                    self.disconnect(&ProtocolError::ServerShuttingDown).await;
+                    return End::Shutdown;
+                }
+                _ = self.kick.cancelled() => {
+                    self.disconnect(&ProtocolError::SessionTakenOver).await;
+                    return End::TakenOver;
+                }
+                _ = writer_gone.cancelled() => return End::Lost,
+                _ = stop.cancelled(), if self.inbound.out.is_some() => {
+                    self.inbound.out = None;
+                }
+                Some(seq) = self.inbound.settled_rx.recv() => {
+                    if self.release_acks(seq).await.is_err() {
+                        return End::Lost;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if !self.keep_alive.is_zero() => {
+                    self.disconnect(&ProtocolError::KeepAliveTimeout(self.keep_alive)).await;
+                    return End::Lost;
+                }
+                r = read_more(rd, &mut buf), if !paused => {
+                    match r {
+                        Ok(0) | Err(_) => return End::Lost,
+                        Ok(_) => {}
+                    }
+                    loop {
+                        let frame = match codec::take_frame(&mut buf, max_packet) {
+                            Ok(Some(f)) => f,
+                            Ok(None) => break,
+                            Err(e) => {
+                                self.disconnect(&e.into()).await;
+                                return End::Lost;
+                            }
+                        };
+                        deadline = Instant::now() + self.keep_alive;
+                        let handled = match codec::decode(frame, self.version) {
+                            Ok(packet) => self.handle(packet, done).await,
+                            Err(e) => Err(e.into()),
+                        };
+                        match handled {
+                            Ok(None) => {}
+                            Ok(Some(end)) => return end,
+                            Err(e) => {
+                                self.disconnect(&e).await;
+                                return End::Lost;
+                            }
+                        }
+                    }
+                }
+                // After reading: a subscriber with a full queue must not starve its input.
+                _ = self.outbound.notify.notified() => self.pump(),
+            }
+        }
+    }
+
+    /// Handles one packet; Ok(Some) ends the connection normally, Err with a protocol
+    /// error.
+    async fn handle(
+        &mut self,
+        packet: Packet,
+        done: &CancellationToken,
+    ) -> Result<Option<End>, ProtocolError> {
+        match packet {
+            Packet::Connect(_) => return Err(ProtocolError::SecondConnect),
+            Packet::ServerOnly(what) => return Err(ProtocolError::ServerPacket(what)),
+            Packet::Auth => return Err(ProtocolError::EnhancedAuthUnsupported),
+            Packet::PingReq => self.send(Outgoing::PingResp).await?,
+            Packet::Disconnect {
+                reason,
+                session_expiry,
+            } => return self.client_disconnected(reason, session_expiry).map(Some),
+            Packet::Publish(p) => self.publish(p, done).await?,
+            Packet::PubRel(pkid) => self.released(pkid).await?,
+            Packet::Subscribe { pkid, filters, id } => self.subscribe(pkid, filters, id).await?,
+            Packet::Unsubscribe { pkid, filters } => self.unsubscribe(pkid, filters).await?,
+            Packet::PubAck(pkid) => self.acked(pkid),
+            Packet::PubRec(pkid, reason) => self.received(pkid, reason).await?,
+            Packet::PubComp(pkid) => self.completed(pkid),
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,121 @@
+//! SUBSCRIBE and UNSUBSCRIBE: filters validated and checked against the ACL (a refused
+//! filter gets its own failure code, the others are granted), shared subscriptions
+//! (`$share/GROUP/filter`), and the retained messages a new subscription receives.
+
+use super::{Conn, ProtocolError};
+use crate::broker::codec::{Outgoing, SubscribeFilter, Version};
+use crate::broker::session::{Outbound, Subscription};
+use crate::topic::validate_filter;
+
+impl Conn {
+    pub(super) async fn subscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<SubscribeFilter>,
+        id: Option<usize>,
+    ) -> Result<(), ProtocolError> {
+        let v5 = self.version == Version::V5;
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut retained = Vec::new();
+        for f in filters {
+            let (share, filter) = match f.filter.strip_prefix("$share/") {
+                Some(rest) => match rest.split_once('/') {
+                    Some((group, filter)) if !group.is_empty() && !group.contains(['+', '#']) => {
+                        (Some(group.to_string()), filter.to_string())
+                    }
+                    _ => {
+                        codes.push(if v5 { 0x8F } else { 0x80 });
+                        continue;
+                    }
+                },
+                None => (None, f.filter.clone()),
+            };
+            if share.is_some() && f.no_local {
+                return Err(ProtocolError::SharedNoLocal);
+            }
+            if validate_filter(&filter).is_err() {
+                codes.push(if v5 { 0x8F } else { 0x80 });
+                continue;
+            }
+            if !self
+                .shared
+                .auth
+                .can_subscribe(self.username.as_deref(), &filter)
+            {
+                tracing::info!(client_id = %self.client_id, %filter, "embedded broker: subscription refused by the ACL");
+                codes.push(if v5 { 0x87 } else { 0x80 });
+                continue;
+            }
+            let sub = Subscription {
+                filter: filter.clone(),
+                share: share.clone(),
+                qos: f.qos,
+                no_local: f.no_local,
+                retain_as_published: f.retain_as_published,
+                id,
+            };
+            let mut state = self.shared.lock();
+            let router = &mut *state;
+            let Some(session) = router.sessions.get_mut(&self.client_id) else {
+                return Err(ProtocolError::SessionGone);
+            };
+            let existed = session
+                .subscriptions
+                .insert(f.filter.clone(), sub)
+                .is_some();
+            session.touch();
+            let send_retained =
+                share.is_none() && (f.retain_handling == 0 || (f.retain_handling == 1 && !existed));
+            if send_retained {
+                let user = self.username.as_deref();
+                for m in router.retained.matching(&filter) {
+                    if !self.shared.auth.can_receive(user, &m.topic) {
+                        continue;
+                    }
+                    retained.push(Outbound {
+                        qos: m.qos.min(f.qos),
+                        msg: m,
+                        retain: true,
+                        subscription_ids: id.into_iter().collect(),
+                    });
+                }
+            }
+            codes.push(f.qos);
+        }
+        self.send(Outgoing::SubAck { pkid, codes }).await?;
+        if !retained.is_empty() {
+            let max = self.shared.plan.max_queued_messages;
+            self.with_session(|s| {
+                for r in retained {
+                    s.enqueue(r, max);
+                }
+            });
+            self.pump();
+        }
+        Ok(())
+    }
+
+    /// UNSUBSCRIBE: 0x11 (no subscription existed) for a filter not subscribed.
+    pub(super) async fn unsubscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<String>,
+    ) -> Result<(), ProtocolError> {
+        let codes = self
+            .with_session(|s| {
+                s.touch();
+                filters
+                    .iter()
+                    .map(|f| {
+                        if s.subscriptions.remove(f).is_some() {
+                            0x00
+                        } else {
+                            0x11
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.send(Outgoing::UnsubAck { pkid, codes }).await
+    }
+}

@@ -1,0 +1,604 @@
+//! The connection state machine driven through an in-memory pipe: each test client is
+//! one end of a `tokio::io::duplex`, the other end served by [`serve`] exactly as a TCP
+//! socket would be (as `listener::Stream::Other`), on a broker built from a config
+//! snippet. The pipeline is a channel the test reads, so a test settles each message's
+//! `Ack` itself, in any order.
+//!
+//! Waiting is bounded by [`DEADLINE`], never a sleep: "nothing was sent" is shown by a
+//! PINGREQ whose PINGRESP comes next (the broker answers packets in order), and "nothing
+//! was routed" by the pipeline or an offline subscriber's queue after that barrier.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use rumqttc::mqttbytes::{QoS as Qos4, v4};
+use rumqttc::v5::mqttbytes::{QoS as Qos5, v5};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::serve;
+use crate::broker::codec::{self, Version};
+use crate::broker::listener::Stream;
+use crate::broker::{Broker, Shared};
+use crate::message::Message;
+
+/// How long a test waits for anything it expects.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A broker whose connections are in-memory pipes.
+struct TestBroker {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Message>,
+    /// What the rules would receive.
+    pipeline: mpsc::Receiver<Message>,
+    stop: CancellationToken,
+    done: CancellationToken,
+}
+
+/// A broker with the `embedded:` settings `settings` (indented lines), anonymous clients
+/// allowed unless they say otherwise.
+async fn broker(settings: &str) -> TestBroker {
+    let anonymous = if settings.contains("allow_anonymous") {
+        ""
+    } else {
+        "  allow_anonymous: true\n"
+    };
+    let yaml = format!("embedded:\n{anonymous}{settings}\n");
+    let plan = crate::config::parse(&yaml, "t.yaml", |_| None)
+        .map_err(|e| e.to_string())
+        .expect("a valid config")
+        .embedded
+        .expect("embedded");
+    let shared = Broker::open(plan).await.unwrap().shared;
+    let (out, pipeline) = mpsc::channel(16);
+    TestBroker {
+        shared,
+        out,
+        pipeline,
+        stop: CancellationToken::new(),
+        done: CancellationToken::new(),
+    }
+}
+
+impl TestBroker {
+    /// A new connection, nothing sent on it yet.
+    fn open(&self, version: Version) -> Client {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(serve(
+            Stream::Other(Box::new(theirs)),
+            "127.0.0.1:1".parse().unwrap(),
+            Arc::clone(&self.shared),
+            self.out.clone(),
+            self.stop.clone(),
+            self.done.clone(),
+        ));
+        Client {
+            io: ours,
+            buf: BytesMut::new(),
+            version,
+            task,
+        }
+    }
+
+    /// A connection past a successful CONNACK.
+    async fn connect(&self, version: Version, hello: Hello<'_>) -> Client {
+        let mut c = self.open(version);
+        c.send(&hello.bytes(version)).await;
+        assert!(
+            matches!(c.recv().await, Got::ConnAck { code: 0, .. }),
+            "connected"
+        );
+        c
+    }
+
+    /// The next message handed to the rules.
+    async fn message(&mut self) -> Message {
+        tokio::time::timeout(DEADLINE, self.pipeline.recv())
+            .await
+            .expect("a message for the rules within the deadline")
+            .expect("pipeline open")
+    }
+
+    /// Nothing more was handed to the rules (call after a barrier).
+    fn no_message(&mut self) {
+        match self.pipeline.try_recv() {
+            Err(TryRecvError::Empty) => {}
+            other => panic!("expected no message for the rules, got {other:?}"),
+        }
+    }
+}
+
+/// A CONNECT.
+#[derive(Default, Clone, Copy)]
+struct Hello<'a> {
+    client_id: &'a str,
+    /// Seconds; 0: none.
+    keep_alive: u16,
+    login: Option<(&'a str, &'a str)>,
+    /// The will's topic (payload "gone", QoS 0).
+    will: Option<&'a str>,
+    /// 3.1.1 clean session / MQTT 5 clean start is the opposite.
+    persistent: bool,
+}
+
+impl Hello<'_> {
+    fn new(client_id: &str) -> Hello<'_> {
+        Hello {
+            client_id,
+            ..Hello::default()
+        }
+    }
+
+    fn bytes(&self, version: Version) -> BytesMut {
+        let mut buf = BytesMut::new();
+        match version {
+            Version::V311 => {
+                let mut c = v4::Connect::new(self.client_id);
+                c.keep_alive = self.keep_alive;
+                c.clean_session = !self.persistent;
+                if let Some((u, p)) = self.login {
+                    c.set_login(u, p);
+                }
+                c.last_will = self
+                    .will
+                    .map(|t| v4::LastWill::new(t, "gone", Qos4::AtMostOnce, false));
+                v4::Packet::Connect(c).write(&mut buf, usize::MAX).unwrap();
+            }
+            Version::V5 => {
+                let c = v5::Connect {
+                    keep_alive: self.keep_alive,
+                    client_id: self.client_id.into(),
+                    clean_start: !self.persistent,
+                    properties: None,
+                };
+                let will = self
+                    .will
+                    .map(|t| v5::LastWill::new(t, "gone", Qos5::AtMostOnce, false, None));
+                let login = self.login.map(|(u, p)| v5::Login::new(u, p));
+                v5::Packet::Connect(c, will, login)
+                    .write(&mut buf, None)
+                    .unwrap();
+            }
+        }
+        buf
+    }
+}
+
+/// A PUBLISH with payload "x"; `alias` is an MQTT 5 topic alias.
+fn publish(version: Version, topic: &str, qos: u8, pkid: u16, alias: Option<u16>) -> BytesMut {
+    let mut buf = BytesMut::new();
+    match version {
+        Version::V311 => {
+            let qos = rumqttc::mqttbytes::qos(qos).unwrap();
+            let mut p = v4::Publish::new(topic, qos, "x");
+            p.pkid = pkid;
+            v4::Packet::Publish(p).write(&mut buf, usize::MAX).unwrap();
+        }
+        Version::V5 => {
+            let qos = rumqttc::v5::mqttbytes::qos(qos).unwrap();
+            let props = alias.map(|a| v5::PublishProperties {
+                topic_alias: Some(a),
+                ..Default::default()
+            });
+            let mut p = v5::Publish::new(topic, qos, "x", props);
+            p.pkid = pkid;
+            v5::Packet::Publish(p).write(&mut buf, None).unwrap();
+        }
+    }
+    buf
+}
+
+fn pubrel(pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [0x62, 2, hi, lo]
+}
+
+/// A packet from the broker, as far as the tests look at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Got {
+    ConnAck { session_present: bool, code: u8 },
+    Publish { topic: String, qos: u8 },
+    PubAck { pkid: u16, reason: u8 },
+    PubRec { pkid: u16, reason: u8 },
+    PubComp { pkid: u16 },
+    SubAck { pkid: u16, codes: Vec<u8> },
+    PingResp,
+    Disconnect { reason: u8 },
+    Other(u8),
+}
+
+/// Reads a packet the broker encoded (first byte, remaining length, body).
+fn parse(frame: BytesMut, version: Version) -> Got {
+    let byte1 = frame[0];
+    let header = 1 + frame[1..].iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+    let mut body = frame.freeze().slice(header..);
+    let ack = |body: &mut bytes::Bytes| {
+        let pkid = body.get_u16();
+        (pkid, body.first().copied().unwrap_or(0))
+    };
+    match byte1 >> 4 {
+        2 => Got::ConnAck {
+            session_present: body[0] & 1 == 1,
+            code: body[1],
+        },
+        3 => {
+            let len = body.get_u16() as usize;
+            Got::Publish {
+                topic: String::from_utf8(body[..len].to_vec()).unwrap(),
+                qos: (byte1 >> 1) & 3,
+            }
+        }
+        4 => {
+            let (pkid, reason) = ack(&mut body);
+            Got::PubAck { pkid, reason }
+        }
+        5 => {
+            let (pkid, reason) = ack(&mut body);
+            Got::PubRec { pkid, reason }
+        }
+        7 => Got::PubComp {
+            pkid: body.get_u16(),
+        },
+        9 => {
+            let pkid = body.get_u16();
+            if version == Version::V5 {
+                let props = body.get_u8();
+                assert!(props < 0x80, "short properties in the tests");
+                body.advance(props as usize);
+            }
+            Got::SubAck {
+                pkid,
+                codes: body.to_vec(),
+            }
+        }
+        13 => Got::PingResp,
+        14 => Got::Disconnect {
+            reason: body.first().copied().unwrap_or(0),
+        },
+        other => Got::Other(other),
+    }
+}
+
+/// The client end of a connection.
+struct Client {
+    io: DuplexStream,
+    buf: BytesMut,
+    version: Version,
+    /// The connection's task; it ends when the connection has.
+    task: JoinHandle<()>,
+}
+
+impl Client {
+    async fn send(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.unwrap();
+    }
+
+    /// The next packet, or None when the broker closed the connection.
+    async fn next(&mut self) -> Option<Got> {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Some(frame) = codec::take_frame(&mut self.buf, 1 << 20).unwrap() {
+                    return Some(parse(frame, self.version));
+                }
+                match self.io.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("a packet or the close within the deadline")
+    }
+
+    async fn recv(&mut self) -> Got {
+        self.next().await.expect("a packet, not the close")
+    }
+
+    /// The broker closes the connection after sending nothing more.
+    async fn closed(mut self) {
+        assert_eq!(self.next().await, None, "closed");
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("the connection task ends")
+            .unwrap();
+    }
+
+    /// PINGREQ, and its PINGRESP as the very next packet: everything the broker did for
+    /// the packets before it is done, and it sent nothing else meanwhile.
+    async fn ping(&mut self) {
+        self.send(&[0xC0, 0]).await;
+        assert_eq!(self.recv().await, Got::PingResp, "nothing before PINGRESP");
+    }
+}
+
+#[tokio::test]
+async fn a_3_1_client_is_told_unacceptable_protocol_version() {
+    let b = broker("").await;
+    let mut c = b.open(Version::V311);
+    // MQTT 3.1: protocol "MQIsdp", level 3.
+    let mut connect = vec![0x10, 0, 0, 6];
+    connect.extend_from_slice(b"MQIsdp");
+    connect.extend_from_slice(&[3, 2, 0, 10, 0, 1, b'x']);
+    connect[1] = (connect.len() - 2) as u8;
+    c.send(&connect).await;
+    c.io.read_buf(&mut c.buf).await.unwrap();
+    assert_eq!(&c.buf[..], &[0x20, 2, 0, 1]);
+    c.buf.clear();
+    c.closed().await;
+}
+
+#[tokio::test]
+async fn bad_credentials_and_anonymous_clients_are_refused_with_each_versions_code() {
+    let hash = crate::broker::auth::hash_password("right");
+    let b = broker(&format!(
+        "  allow_anonymous: false\n  users: [{{ username: u, password_hash: \"{hash}\" }}]"
+    ))
+    .await;
+    let wrong = Hello {
+        login: Some(("u", "wrong")),
+        ..Hello::new("c")
+    };
+    for (version, hello, code) in [
+        (Version::V5, wrong, 0x86),
+        (Version::V311, wrong, 0x04),
+        (Version::V5, Hello::new("c"), 0x87),
+        (Version::V311, Hello::new("c"), 0x05),
+    ] {
+        let mut c = b.open(version);
+        c.send(&hello.bytes(version)).await;
+        assert_eq!(
+            c.recv().await,
+            Got::ConnAck {
+                session_present: false,
+                code
+            },
+            "{version:?}"
+        );
+        c.closed().await;
+    }
+    let right = Hello {
+        login: Some(("u", "right")),
+        ..Hello::new("c")
+    };
+    b.connect(Version::V5, right).await;
+}
+
+#[tokio::test]
+async fn an_empty_client_id_needs_a_clean_session_on_3_1_1() {
+    let b = broker("").await;
+    let mut c = b.open(Version::V311);
+    let hello = Hello {
+        persistent: true,
+        ..Hello::new("")
+    };
+    c.send(&hello.bytes(Version::V311)).await;
+    assert!(matches!(c.recv().await, Got::ConnAck { code: 0x02, .. }));
+    c.closed().await;
+}
+
+#[tokio::test]
+async fn qos1_pubacks_wait_for_settlement_and_go_out_in_arrival_order() {
+    let mut b = broker("").await;
+    let mut c = b.connect(Version::V311, Hello::new("c")).await;
+    for pkid in 1..=3 {
+        c.send(&publish(Version::V311, "t/a", 1, pkid, None)).await;
+    }
+    let mut acks = Vec::new();
+    for _ in 1..=3 {
+        acks.push(b.message().await.ack);
+    }
+    c.ping().await;
+    let first = acks.remove(0);
+    // Settled out of order: the third, then the second. Nothing may go out yet.
+    acks.pop().unwrap().settle();
+    acks.pop().unwrap().settle();
+    c.ping().await;
+    first.settle();
+    for pkid in 1..=3 {
+        assert_eq!(c.recv().await, Got::PubAck { pkid, reason: 0 });
+    }
+}
+
+/// An offline persistent subscriber to `filter` (QoS 1, so that its queue keeps what
+/// is routed to it), to count routed messages.
+async fn offline_subscriber(b: &TestBroker, filter: &str) {
+    let hello = Hello {
+        persistent: true,
+        ..Hello::new("sub")
+    };
+    let mut s = b.connect(Version::V311, hello).await;
+    let mut subscribe = v4::Subscribe::new(filter, Qos4::AtLeastOnce);
+    subscribe.pkid = 1;
+    let mut buf = BytesMut::new();
+    v4::Packet::Subscribe(subscribe)
+        .write(&mut buf, usize::MAX)
+        .unwrap();
+    s.send(&buf).await;
+    assert_eq!(
+        s.recv().await,
+        Got::SubAck {
+            pkid: 1,
+            codes: vec![1]
+        }
+    );
+    s.send(&[0xE0, 0]).await;
+    s.closed().await;
+}
+
+fn queued(b: &TestBroker, client_id: &str) -> usize {
+    b.shared.lock().sessions[client_id].queued()
+}
+
+#[tokio::test]
+async fn qos2_duplicates_get_pubrec_again_and_are_never_routed_twice() {
+    let mut b = broker("").await;
+    offline_subscriber(&b, "t/#").await;
+    let mut c = b.connect(Version::V311, Hello::new("c")).await;
+    let p = publish(Version::V311, "t/a", 2, 7, None);
+    c.send(&p).await;
+    let msg = b.message().await;
+    // Resent while the first is settling: ignored.
+    c.send(&p).await;
+    c.ping().await;
+    b.no_message();
+    msg.ack.settle();
+    assert_eq!(c.recv().await, Got::PubRec { pkid: 7, reason: 0 });
+    // Resent after the PUBREC (lost on its way): PUBREC again.
+    c.send(&p).await;
+    assert_eq!(c.recv().await, Got::PubRec { pkid: 7, reason: 0 });
+    c.ping().await;
+    b.no_message();
+    assert_eq!(queued(&b, "sub"), 1, "routed once");
+}
+
+#[tokio::test]
+async fn pubrel_gets_pubcomp_and_frees_the_packet_id() {
+    let mut b = broker("").await;
+    let mut c = b.connect(Version::V5, Hello::new("c")).await;
+    c.send(&publish(Version::V5, "t/a", 2, 7, None)).await;
+    b.message().await.ack.settle();
+    assert_eq!(c.recv().await, Got::PubRec { pkid: 7, reason: 0 });
+    c.send(&pubrel(7)).await;
+    assert_eq!(c.recv().await, Got::PubComp { pkid: 7 });
+    assert!(b.shared.lock().sessions["c"].incoming_qos2.is_empty());
+    // The id is free: the same id is a new message.
+    c.send(&publish(Version::V5, "t/b", 2, 7, None)).await;
+    assert_eq!(b.message().await.topic, "t/b");
+}
+
+#[tokio::test]
+async fn v5_topic_alias_0_or_above_the_maximum_is_disconnect_0x94() {
+    let b = broker("").await;
+    for alias in [0, 65] {
+        let mut c = b.connect(Version::V5, Hello::new("c")).await;
+        c.send(&publish(Version::V5, "t/a", 0, 0, Some(alias)))
+            .await;
+        assert_eq!(c.recv().await, Got::Disconnect { reason: 0x94 });
+        c.closed().await;
+    }
+}
+
+#[tokio::test]
+async fn v5_topic_aliases_name_their_topic_and_an_unknown_one_is_a_protocol_error() {
+    let mut b = broker("").await;
+    let mut c = b.connect(Version::V5, Hello::new("c")).await;
+    c.send(&publish(Version::V5, "t/a", 0, 0, Some(1))).await;
+    c.send(&publish(Version::V5, "", 0, 0, Some(1))).await;
+    assert_eq!(b.message().await.topic, "t/a");
+    assert_eq!(b.message().await.topic, "t/a");
+    c.send(&publish(Version::V5, "", 0, 0, Some(2))).await;
+    assert_eq!(c.recv().await, Got::Disconnect { reason: 0x82 });
+    c.closed().await;
+}
+
+#[tokio::test]
+async fn v5_publishing_beyond_the_receive_maximum_is_disconnect_0x93() {
+    let mut b = broker("  max_inflight: 2").await;
+    let mut c = b.connect(Version::V5, Hello::new("c")).await;
+    for pkid in 1..=2 {
+        c.send(&publish(Version::V5, "t/a", 1, pkid, None)).await;
+    }
+    // Both unsettled; the third is one too many.
+    let (first, second) = (b.message().await, b.message().await);
+    c.send(&publish(Version::V5, "t/a", 1, 3, None)).await;
+    assert_eq!(c.recv().await, Got::Disconnect { reason: 0x93 });
+    c.closed().await;
+    b.no_message();
+    drop((first, second));
+}
+
+#[tokio::test]
+async fn a_publish_the_acl_refuses_is_acknowledged_without_the_message() {
+    let mut b = broker("  acl: [{ username: \"*\", action: deny, publish: [\"secret/#\"] }]").await;
+    for (version, client_id, reason) in [(Version::V5, "c5", 0x87), (Version::V311, "c3", 0)] {
+        let mut c = b.connect(version, Hello::new(client_id)).await;
+        c.send(&publish(version, "secret/a", 1, 5, None)).await;
+        assert_eq!(c.recv().await, Got::PubAck { pkid: 5, reason });
+        b.no_message();
+    }
+    assert_eq!(
+        b.shared
+            .counters
+            .publish_denied
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn keepalive_expiry_is_disconnect_0x8d_after_one_and_a_half_intervals() {
+    let b = broker("").await;
+    for version in [Version::V5, Version::V311] {
+        let hello = Hello {
+            keep_alive: 2,
+            ..Hello::new("c")
+        };
+        let mut c = b.connect(version, hello).await;
+        let start = tokio::time::Instant::now();
+        match version {
+            // Time only passes here when nothing else can run: the expiry is the only
+            // timer the connection waits on.
+            Version::V5 => assert_eq!(c.recv().await, Got::Disconnect { reason: 0x8D }),
+            Version::V311 => assert_eq!(c.next().await, None, "closed without a DISCONNECT"),
+        }
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(3) && waited < Duration::from_secs(4),
+            "{version:?}: {waited:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_session_taken_over_disconnects_the_old_connection_with_0x8e() {
+    let b = broker("").await;
+    let mut old = b.connect(Version::V5, Hello::new("dev")).await;
+    let _new = b.connect(Version::V5, Hello::new("dev")).await;
+    assert_eq!(old.recv().await, Got::Disconnect { reason: 0x8E });
+    old.closed().await;
+}
+
+#[tokio::test]
+async fn shutting_down_disconnects_with_0x8b() {
+    let b = broker("").await;
+    let mut c = b.connect(Version::V5, Hello::new("c")).await;
+    b.done.cancel();
+    assert_eq!(c.recv().await, Got::Disconnect { reason: 0x8B });
+    c.closed().await;
+}
+
+#[tokio::test]
+async fn the_will_goes_out_when_the_connection_is_lost_not_after_a_normal_disconnect() {
+    let mut b = broker("").await;
+    let with_will = Hello {
+        will: Some("will/c"),
+        ..Hello::new("c")
+    };
+    for version in [Version::V311, Version::V5] {
+        let mut c = b.connect(version, with_will).await;
+        c.send(&[0xE0, 0]).await;
+        c.closed().await;
+        b.no_message();
+    }
+    // MQTT 5 DISCONNECT 0x04: disconnect with the will.
+    let mut c = b.connect(Version::V5, with_will).await;
+    c.send(&[0xE0, 1, 0x04]).await;
+    let will = b.message().await;
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..]),
+        ("will/c", &b"gone"[..])
+    );
+    c.closed().await;
+    // Lost: the client's end is gone without a DISCONNECT.
+    let c = b.connect(Version::V311, with_will).await;
+    drop(c.io);
+    assert_eq!(b.message().await.topic, "will/c");
+    tokio::time::timeout(DEADLINE, c.task)
+        .await
+        .expect("the connection task ends")
+        .unwrap();
+}
