@@ -108,11 +108,11 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         (Some(broker), _) => {
             let run =
                 crate::source::mqtt::run(broker, Handoff::new(tx), stop.clone(), done.clone());
-            tokio::spawn(async move { Ok(run.await?) })
+            tokio::spawn(async move { anyhow::Ok(run.await?) })
         }
         (None, Some(embedded)) => {
             let serving = embedded.run(tx, stop.clone(), done.clone());
-            tokio::spawn(async move { Ok(serving.await?) })
+            tokio::spawn(async move { anyhow::Ok(serving.await?) })
         }
         (None, None) => unreachable!("checked above"),
     };
