@@ -111,7 +111,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
             tokio::spawn(async move { anyhow::Ok(run.await?) })
         }
         (None, Some(embedded)) => {
-            let serving = embedded.run(tx, stop.clone(), done.clone());
+            let serving = embedded.run(Handoff::new(tx), stop.clone(), done.clone());
             tokio::spawn(async move { anyhow::Ok(serving.await?) })
         }
         (None, None) => unreachable!("checked above"),

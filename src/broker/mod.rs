@@ -43,12 +43,11 @@ pub mod store;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::EmbeddedPlan;
-use crate::message::Message;
+use crate::source::intake::Handoff;
 use auth::Auth;
 use router::Router;
 
@@ -58,8 +57,6 @@ use router::Router;
 pub struct Counters {
     /// PUBLISHes refused by the ACL.
     pub publish_denied: AtomicU64,
-    /// QoS 0 messages not handed to the rules because the pipeline was full.
-    pub pipeline_dropped_qos0: AtomicU64,
     /// CONNECTs refused because `max_connections` clients were connected.
     pub connections_refused: AtomicU64,
 }
@@ -71,7 +68,6 @@ pub struct Stats {
     /// CONNECT, as `max_connections` counts them).
     pub connections: usize,
     pub publish_denied: u64,
-    pub pipeline_dropped_qos0: u64,
     pub connections_refused: u64,
 }
 
@@ -156,7 +152,6 @@ impl Broker {
         Stats {
             connections: self.shared.connections.load(Relaxed),
             publish_denied: c.publish_denied.load(Relaxed),
-            pipeline_dropped_qos0: c.pipeline_dropped_qos0.load(Relaxed),
             connections_refused: c.connections_refused.load(Relaxed),
         }
     }
@@ -164,12 +159,12 @@ impl Broker {
     /// Binds the plan's listeners, then serves as [`Broker::serve`] does.
     pub async fn run(
         self,
-        out: mpsc::Sender<Message>,
+        handoff: Handoff,
         stop: CancellationToken,
         done: CancellationToken,
     ) -> Result<(), listener::ListenError> {
         let listeners = listener::bind_all(&self.shared.plan).await?;
-        self.serve(listeners, out, stop, done).await;
+        self.serve(listeners, handoff, stop, done).await;
         Ok(())
     }
 
@@ -178,7 +173,7 @@ impl Broker {
     pub async fn serve(
         self,
         listeners: Vec<listener::Listener>,
-        out: mpsc::Sender<Message>,
+        handoff: Handoff,
         stop: CancellationToken,
         done: CancellationToken,
     ) {
@@ -192,13 +187,13 @@ impl Broker {
             tasks.spawn(accept_loop(
                 listener,
                 Arc::clone(&self.shared),
-                out.clone(),
+                handoff.clone(),
                 stop.clone(),
                 done.clone(),
                 tasks.clone(),
             ));
         }
-        drop(out);
+        drop(handoff);
         tasks.close();
         let store = self
             .shared
@@ -262,7 +257,7 @@ async fn flush_loop(
 async fn accept_loop(
     listener: listener::Listener,
     shared: Arc<Shared>,
-    out: mpsc::Sender<Message>,
+    handoff: Handoff,
     stop: CancellationToken,
     done: CancellationToken,
     tasks: TaskTracker,
@@ -276,7 +271,7 @@ async fn accept_loop(
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
                 let transport = listener.transport.clone();
-                let (shared, out) = (Arc::clone(&shared), out.clone());
+                let (shared, handoff) = (Arc::clone(&shared), handoff.clone());
                 let (stop, done) = (stop.clone(), done.clone());
                 tasks.spawn(async move {
                     // TLS / WebSocket handshakes, bounded like the CONNECT that follows.
@@ -285,7 +280,7 @@ async fn accept_loop(
                         _ = stop.cancelled() => return,
                     };
                     match opened {
-                        Ok(Ok(io)) => connection::serve(io, peer, shared, out, stop, done).await,
+                        Ok(Ok(io)) => connection::serve(io, peer, shared, handoff, stop, done).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, transport = transport.name(), error = %e, "embedded broker: handshake failed")
                         }

@@ -38,8 +38,8 @@ pub struct Handoff {
 /// What the hand-off counted, for every connection of a source.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// QoS 0 messages dropped because the pipeline was full.
-    pub dropped_qos0: AtomicU64,
+    /// Messages no one acknowledges (QoS 0, wills) dropped because the pipeline was full.
+    pub dropped: AtomicU64,
     /// Connections ended because more than the bound waited for a full pipeline.
     pub overflows: AtomicU64,
 }
@@ -55,6 +55,49 @@ impl Handoff {
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
     }
+
+    /// Hands over a message no one acknowledges (QoS 0, a will) if the pipeline has room,
+    /// else drops and counts it, as QoS 0 allows.
+    pub fn try_hand(&self, mut msg: Message) {
+        msg.ack = Ack::detached();
+        if let Err(e) = self.out.try_send(msg) {
+            if let mpsc::error::TrySendError::Full(_) = e {
+                self.dropped();
+            }
+            e.into_inner().ack.settle();
+        }
+    }
+
+    fn dropped(&self) {
+        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(dropped = n, "pipeline full: QoS 0 messages dropped");
+        }
+    }
+
+    /// A handle that does not keep the pipeline's input open (for a will published later).
+    pub fn downgrade(&self) -> WeakHandoff {
+        WeakHandoff {
+            out: self.out.downgrade(),
+            stats: Arc::clone(&self.stats),
+        }
+    }
+}
+
+/// A [`Handoff`] that does not keep the pipeline's input open.
+pub struct WeakHandoff {
+    out: mpsc::WeakSender<Message>,
+    stats: Arc<Stats>,
+}
+
+impl WeakHandoff {
+    /// The hand-off, unless the pipeline's input has closed.
+    pub fn upgrade(&self) -> Option<Handoff> {
+        Some(Handoff {
+            out: self.out.upgrade()?,
+            stats: Arc::clone(&self.stats),
+        })
+    }
 }
 
 /// More than the bound waited for a full pipeline.
@@ -69,8 +112,7 @@ pub struct Overflow {
 /// needs to acknowledge a message (a packet id and QoS).
 pub struct Intake<T> {
     /// None once the source stopped taking messages.
-    out: Option<mpsc::Sender<Message>>,
-    stats: Arc<Stats>,
+    handoff: Option<Handoff>,
     /// QoS 1/2 messages waiting for room, in arrival order.
     waiting: VecDeque<Message>,
     /// Topic and payload bytes of the waiting messages, and their bound.
@@ -99,8 +141,7 @@ impl<T> Intake<T> {
     pub fn new(handoff: Handoff, max_bytes: usize) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Intake {
-            out: Some(handoff.out),
-            stats: handoff.stats,
+            handoff: Some(handoff),
             waiting: VecDeque::new(),
             waiting_bytes: 0,
             max_bytes,
@@ -115,18 +156,19 @@ impl<T> Intake<T> {
     /// After [`Intake::close`] a message is not taken: it stays unacknowledged, and the
     /// peer sends it again later.
     pub fn offer(&mut self, mut msg: Message, token: Option<T>) -> Result<(), Overflow> {
-        let Some(out) = &self.out else {
+        let Some(handoff) = &self.handoff else {
             return Ok(());
         };
         let Some(token) = token else {
-            msg.ack = Ack::detached();
-            if !self.waiting.is_empty() || out.try_send(msg).is_err() {
-                self.dropped_qos0();
+            if self.waiting.is_empty() {
+                handoff.try_hand(msg);
+            } else {
+                handoff.dropped(); // behind the waiting ones: there is no room
             }
             return Ok(());
         };
         if !self.waiting.is_empty() && self.waiting_bytes + size(&msg) > self.max_bytes {
-            self.stats.overflows.fetch_add(1, Ordering::Relaxed);
+            handoff.stats.overflows.fetch_add(1, Ordering::Relaxed);
             return Err(Overflow {
                 waiting: self.waiting.len(),
                 bytes: self.waiting_bytes,
@@ -138,7 +180,7 @@ impl<T> Intake<T> {
             tx: self.settled_tx.clone(),
         });
         if self.waiting.is_empty() {
-            match out.try_send(msg) {
+            match handoff.out.try_send(msg) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Full(msg)) => self.wait(msg),
                 // The pipeline is gone (shutting down): never acknowledged.
@@ -165,7 +207,9 @@ impl<T> Intake<T> {
             Room(Option<mpsc::OwnedPermit<Message>>),
         }
         loop {
-            let out = self.out.clone().filter(|_| !self.waiting.is_empty());
+            let out = (self.handoff.as_ref())
+                .filter(|_| !self.waiting.is_empty())
+                .map(|h| h.out.clone());
             let moving = out.is_some();
             let step = tokio::select! {
                 Some(seq) = self.settled_rx.recv() => Step::Settled(seq),
@@ -212,8 +256,13 @@ impl<T> Intake<T> {
     /// Stops taking messages (shutdown): the waiting ones are dropped unacknowledged, so
     /// the peer sends them again later; those handed over still settle and are released.
     pub fn close(&mut self) {
-        self.out = None;
+        self.handoff = None;
         self.shed();
+    }
+
+    /// The hand-off, until [`Intake::close`].
+    pub fn handoff(&self) -> Option<&Handoff> {
+        self.handoff.as_ref()
     }
 
     /// Drops the waiting messages unacknowledged (the peer sends them again on its next
@@ -238,13 +287,6 @@ impl<T> Intake<T> {
     fn forget_waiting(&mut self) {
         self.waiting.clear();
         self.waiting_bytes = 0;
-    }
-
-    fn dropped_qos0(&self) {
-        let n = self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.is_power_of_two() {
-            tracing::warn!(dropped = n, "pipeline full: QoS 0 messages dropped");
-        }
     }
 }
 
@@ -303,7 +345,7 @@ mod tests {
         intake.offer(msg("c", 0), None).unwrap(); // dropped: the pipeline is full
         intake.offer(msg("d", 1), Some(2)).unwrap(); // waits, behind b
         assert_eq!(intake.waiting(), 2);
-        assert_eq!(handoff.stats().dropped_qos0.load(Ordering::Relaxed), 1);
+        assert_eq!(handoff.stats().dropped.load(Ordering::Relaxed), 1);
 
         // As the pipeline makes room, released() moves the waiting messages on, in order.
         let mut order = Vec::new();

@@ -22,7 +22,7 @@ use crate::broker::codec::{
 };
 use crate::broker::listener::{StreamReader, StreamWriter};
 use crate::broker::session::{Link, Session};
-use crate::message::Message;
+use crate::source::intake::Handoff;
 use crate::topic::validate_topic_name;
 
 /// How long a new connection may take to send its CONNECT.
@@ -131,7 +131,7 @@ impl Conn {
         count: usize,
         wtx: mpsc::Sender<Bytes>,
         notify: Arc<Notify>,
-        out: mpsc::Sender<Message>,
+        handoff: Handoff,
     ) -> Result<Conn, ProtocolError> {
         let version = c.version;
         let plan = &shared.plan;
@@ -239,7 +239,10 @@ impl Conn {
             keep_alive: Duration::from_secs(keep_alive as u64) * 3 / 2,
             kick,
             wtx,
-            inbound: FromClient::new(out),
+            inbound: FromClient::new(
+                handoff,
+                (plan.max_inflight as usize).saturating_mul(plan.max_packet_size),
+            ),
             outbound: ToClient::new(notify, &c, plan.max_inflight),
             will: c.will,
         };

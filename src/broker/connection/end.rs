@@ -5,14 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
 use super::inbound::{SOURCE, message, stored};
 use super::{Conn, End, ProtocolError};
 use crate::broker::Shared;
 use crate::broker::codec::{Publish, Will};
 use crate::delivery::Ack;
-use crate::message::Message;
+use crate::source::intake::Handoff;
 
 impl Conn {
     /// The client's DISCONNECT, which may change the session expiry (but not from 0).
@@ -82,7 +80,7 @@ impl Conn {
                     let shared = Arc::clone(&self.shared);
                     let client_id = self.client_id.clone();
                     // Weak: a pending will must not keep the pipeline open at shutdown.
-                    let out = self.inbound.out.as_ref().map(|o| o.downgrade());
+                    let handoff = self.inbound.intake.handoff().map(Handoff::downgrade);
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(secs as u64)).await;
                         let reconnected = shared
@@ -91,12 +89,17 @@ impl Conn {
                             .get(&client_id)
                             .is_some_and(|s| s.generation != generation);
                         if !reconnected {
-                            let out = out.and_then(|o| o.upgrade());
-                            publish_will(&shared, &client_id, w, out.as_ref());
+                            let handoff = handoff.and_then(|h| h.upgrade());
+                            publish_will(&shared, &client_id, w, handoff.as_ref());
                         }
                     });
                 }
-                None => publish_will(&self.shared, &self.client_id, w, self.inbound.out.as_ref()),
+                None => publish_will(
+                    &self.shared,
+                    &self.client_id,
+                    w,
+                    self.inbound.intake.handoff(),
+                ),
             }
         }
     }
@@ -125,12 +128,7 @@ pub(in crate::broker) fn schedule_expiry(
 }
 
 /// Publishes a will message to subscribers and the rules (no one to acknowledge).
-fn publish_will(
-    shared: &Arc<Shared>,
-    client_id: &str,
-    w: Will,
-    out: Option<&mpsc::Sender<Message>>,
-) {
+fn publish_will(shared: &Arc<Shared>, client_id: &str, w: Will, handoff: Option<&Handoff>) {
     let p = Publish {
         dup: false,
         qos: w.qos,
@@ -141,15 +139,7 @@ fn publish_will(
         properties: w.properties,
     };
     shared.route(stored(&p, client_id), p.retain);
-    if let Some(out) = out {
-        let msg = message(p, client_id, Arc::from(SOURCE), Ack::detached());
-        if let Err(e) = out.try_send(msg) {
-            tracing::warn!("embedded broker: will message not handed to the rules: pipeline full");
-            match e {
-                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => {
-                    m.ack.settle()
-                }
-            }
-        }
+    if let Some(handoff) = handoff {
+        handoff.try_hand(message(p, client_id, Arc::from(SOURCE), Ack::detached()));
     }
 }

@@ -1,22 +1,21 @@
 //! PUBLISH from the client: topic aliases, the receive maximum, the ACL, QoS 2
 //! duplicates (acknowledged again, never routed twice), routing to subscribers, and the
-//! hand-off to the pipeline. A QoS 1/2 message is acknowledged only once its [`Ack`]
-//! settles, and acknowledgements go out in arrival order ([`AckSequencer`]).
+//! hand-off to the pipeline through the connection's [`Intake`], the one every source
+//! uses: a QoS 1/2 message is acknowledged only once it settles, acknowledgements go out
+//! in arrival order, and while the pipeline is full the read loop goes on (QoS 1/2
+//! messages wait in the intake, within the receive maximum; QoS 0 ones are dropped).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
 use super::{Conn, ProtocolError};
-use crate::broker::Counters;
 use crate::broker::codec::{Outgoing, Publish, Version};
 use crate::broker::session::{Qos2, Stored};
-use crate::delivery::{Ack, AckSequencer, Settled};
+use crate::delivery::Ack;
 use crate::message::{Message, Properties};
+use crate::source::intake::{Handoff, Intake};
 use crate::topic::validate_topic_name;
 
 /// Topic aliases a v5 client may use towards us.
@@ -27,14 +26,9 @@ pub(super) const SOURCE: &str = "embedded";
 /// The client → server half of a connection: its PUBLISHes on their way to the pipeline,
 /// and their acknowledgements waiting for settlement.
 pub(super) struct FromClient {
-    /// The pipeline; dropped on `stop` so that it can drain.
-    pub(super) out: Option<mpsc::Sender<Message>>,
-    /// QoS 1/2 acknowledgements in arrival order; each goes out once its message and
-    /// every earlier one settled.
-    pub(super) acks: AckSequencer<PendingAck>,
-    /// Settlements ([`ReportSettled`]) on their way to the read loop.
-    settled_tx: mpsc::UnboundedSender<u64>,
-    pub(super) settled_rx: mpsc::UnboundedReceiver<u64>,
+    /// The hand-off to the pipeline, and the QoS 1/2 acknowledgements in arrival order;
+    /// closed on `stop` so that the pipeline can drain.
+    pub(super) intake: Intake<PendingAck>,
     /// QoS 2 packet ids of this connection waiting for settlement.
     qos2_pending_here: HashSet<u16>,
     aliases: TopicAliases,
@@ -42,23 +36,15 @@ pub(super) struct FromClient {
 }
 
 impl FromClient {
-    pub(super) fn new(out: mpsc::Sender<Message>) -> Self {
-        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+    /// `max_bytes` bounds what waits for a full pipeline; the receive maximum keeps
+    /// well within it, so it is only a backstop.
+    pub(super) fn new(handoff: Handoff, max_bytes: usize) -> Self {
         FromClient {
-            out: Some(out),
-            acks: AckSequencer::default(),
-            settled_tx,
-            settled_rx,
+            intake: Intake::new(handoff, max_bytes),
             qos2_pending_here: HashSet::new(),
             aliases: TopicAliases::default(),
             source: Arc::from(SOURCE),
         }
-    }
-
-    /// Queues an acknowledgement in arrival order; it goes out once `seq` is reported
-    /// settled (and every earlier one was).
-    fn arrive(&mut self, pkid: u16, qos: u8, reason: u8) -> u64 {
-        self.acks.arrive(PendingAck { pkid, qos, reason })
     }
 }
 
@@ -67,19 +53,6 @@ pub(super) struct PendingAck {
     pkid: u16,
     qos: u8,
     reason: u8,
-}
-
-/// Tells the read loop that the message with acknowledgement `seq` settled.
-struct ReportSettled {
-    seq: u64,
-    tx: mpsc::UnboundedSender<u64>,
-}
-
-impl Settled for ReportSettled {
-    fn settled(&self) {
-        // A closed channel means the connection is gone: the client resends.
-        let _ = self.tx.send(self.seq);
-    }
 }
 
 /// Topic aliases a v5 client set up towards us (1 to [`TOPIC_ALIAS_MAX`]).
@@ -120,7 +93,7 @@ impl Conn {
                     .count()
             })
             .unwrap_or(0);
-        self.inbound.acks.pending() + recorded
+        self.inbound.intake.unacknowledged() + recorded
     }
 
     /// PUBREL: the QoS 2 exchange is complete.
@@ -129,9 +102,12 @@ impl Conn {
         self.send(Outgoing::PubComp { pkid }).await
     }
 
-    /// Sends the acknowledgements `seq` released.
-    pub(super) async fn release_acks(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        for a in self.inbound.acks.settle(seq) {
+    /// Sends the acknowledgements the intake released, in order.
+    pub(super) async fn release_acks(
+        &mut self,
+        acks: Vec<PendingAck>,
+    ) -> Result<(), ProtocolError> {
+        for a in acks {
             if a.qos == 1 {
                 self.send(Outgoing::PubAck {
                     pkid: a.pkid,
@@ -155,11 +131,7 @@ impl Conn {
 
     /// A PUBLISH from the client: to the subscribers at once, to the rules through the
     /// pipeline; a QoS 1/2 message is acknowledged once its [`Ack`] settled.
-    pub(super) async fn publish(
-        &mut self,
-        mut p: Publish,
-        done: &CancellationToken,
-    ) -> Result<(), ProtocolError> {
+    pub(super) async fn publish(&mut self, mut p: Publish) -> Result<(), ProtocolError> {
         self.inbound.aliases.resolve(&mut p)?;
         validate_topic_name(&p.topic).map_err(ProtocolError::TopicNameInvalid)?;
         let max_inflight = self.shared.plan.max_inflight;
@@ -169,10 +141,10 @@ impl Conn {
         {
             return Err(ProtocolError::ReceiveMaximumExceeded(max_inflight));
         }
-        let Some(out) = self.inbound.out.clone() else {
+        if self.inbound.intake.handoff().is_none() {
             // Shutting down: not acknowledged, so the client sends it again later.
             return Ok(());
-        };
+        }
 
         // QoS 2 duplicates: acknowledge again, never route twice.
         let mut route = true;
@@ -211,17 +183,19 @@ impl Conn {
         if route {
             self.shared.route(stored(&p, &self.client_id), p.retain);
         }
-        let ack = if p.qos == 0 {
-            Ack::detached()
-        } else {
-            Ack::new(ReportSettled {
-                seq: self.inbound.arrive(p.pkid, p.qos, 0),
-                tx: self.inbound.settled_tx.clone(),
-            })
-        };
+        let token = (p.qos > 0).then_some(PendingAck {
+            pkid: p.pkid,
+            qos: p.qos,
+            reason: 0,
+        });
         let source = Arc::clone(&self.inbound.source);
-        let msg = message(p, &self.client_id, source, ack);
-        hand_off(&out, msg, &self.shared.counters, done).await
+        let msg = message(p, &self.client_id, source, Ack::detached());
+        // Within the receive maximum (checked above) this never overflows; a 3.1.1
+        // client is not read while its window is full.
+        self.inbound
+            .intake
+            .offer(msg, token)
+            .map_err(|_| ProtocolError::ReceiveMaximumExceeded(max_inflight))
     }
 
     /// A PUBLISH the ACL refuses: counted, and (QoS 1/2) acknowledged in its turn
@@ -244,10 +218,11 @@ impl Conn {
         } else if p.qos == 2 {
             self.with_session(|s| s.incoming_qos2.remove(&p.pkid));
         }
-        let seq = self
-            .inbound
-            .arrive(p.pkid, p.qos, if v5 { 0x87 } else { 0 });
-        let _ = self.inbound.settled_tx.send(seq);
+        self.inbound.intake.pass(PendingAck {
+            pkid: p.pkid,
+            qos: p.qos,
+            reason: if v5 { 0x87 } else { 0 },
+        });
     }
 }
 
@@ -292,41 +267,4 @@ pub(super) fn message(p: Publish, client_id: &str, source: Arc<str>, ack: Ack) -
         source,
         ack,
     }
-}
-
-/// Hands a message to the pipeline. When the pipeline is full, a QoS 0 message is
-/// dropped (counted, and settled so that nothing waits for it); a QoS 1/2 message waits
-/// for room, and so does its client, whose socket is not read meanwhile. Fails when the
-/// pipeline is closed, or `done` ends the wait: mqbridge is shutting down.
-async fn hand_off(
-    out: &mpsc::Sender<Message>,
-    msg: Message,
-    counters: &Counters,
-    done: &CancellationToken,
-) -> Result<(), ProtocolError> {
-    match out.try_send(msg) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(msg)) if msg.qos == 0 => {
-            let n = counters
-                .pipeline_dropped_qos0
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            if n.is_power_of_two() {
-                tracing::warn!(
-                    dropped = n,
-                    "embedded broker: pipeline full, QoS 0 messages not handed to the rules"
-                );
-            }
-            msg.ack.settle();
-        }
-        Err(mpsc::error::TrySendError::Full(msg)) => {
-            // Backpressure: this client waits (its socket is not read meanwhile).
-            tokio::select! {
-                r = out.send(msg) => if r.is_err() { return Err(ProtocolError::ServerShuttingDown) },
-                _ = done.cancelled() => return Err(ProtocolError::ServerShuttingDown),
-            }
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => return Err(ProtocolError::ServerShuttingDown),
-    }
-    Ok(())
 }

@@ -13,8 +13,10 @@
 //! phases share. The phases, in the order a connection meets them:
 //! - `connect`: reading the CONNECT, authentication, attaching the session, the CONNACK.
 //! - `read_loop`: the loop, and the dispatch of each packet to the phase it belongs to.
-//! - `inbound`: PUBLISH from the client, QoS 2 state, the hand-off to the pipeline, and
-//!   the acknowledgements released in arrival order once messages settle.
+//! - `inbound`: PUBLISH from the client, QoS 2 state, and the hand-off to the pipeline
+//!   through the connection's [`Intake`](crate::source::intake::Intake), shared with the
+//!   external-broker source: acknowledgements released in arrival order once messages
+//!   settle, QoS 1/2 messages held (not the loop) while the pipeline is full.
 //! - `subscribe`: SUBSCRIBE (retained messages included) and UNSUBSCRIBE.
 //! - `outbound`: the session's queue into the socket, server → client topic aliases, the
 //!   writer task.
@@ -47,7 +49,7 @@ use super::Shared;
 use super::codec::{self, Outgoing, Version, Will};
 use super::listener::{Stream, StreamReader};
 use super::session::Session;
-use crate::message::Message;
+use crate::source::intake::Handoff;
 pub(super) use connect::CONNECT_TIMEOUT;
 pub(super) use end::schedule_expiry;
 use error::ProtocolError;
@@ -75,12 +77,12 @@ pub(super) async fn serve(
     socket: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    out: mpsc::Sender<Message>,
+    handoff: Handoff,
     stop: CancellationToken,
     done: CancellationToken,
 ) {
     let count = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
-    let result = lifecycle(socket, &shared, count, out, stop, done).await;
+    let result = lifecycle(socket, &shared, count, handoff, stop, done).await;
     shared.connections.fetch_sub(1, Ordering::AcqRel);
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "embedded broker: connection closed");
@@ -100,7 +102,7 @@ async fn lifecycle(
     socket: Stream,
     shared: &Arc<Shared>,
     count: usize,
-    out: mpsc::Sender<Message>,
+    handoff: Handoff,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> Result<(), ProtocolError> {
@@ -126,7 +128,7 @@ async fn lifecycle(
         count,
         wtx.clone(),
         Arc::clone(&notify),
-        out,
+        handoff,
     )
     .await
     {

@@ -25,14 +25,17 @@ impl Conn {
         loop {
             // 3.1.1 clients have no receive maximum: stop reading while too many of their
             // messages wait for settlement (TCP pushes back on them).
-            let paused =
-                self.version == Version::V311 && self.inbound.acks.pending() >= max_inflight;
+            let paused = self.version == Version::V311
+                && self.inbound.intake.unacknowledged() >= max_inflight;
             if paused {
                 deadline = Instant::now() + self.keep_alive;
             }
             tokio::select! {
                 biased;
                 _ = done.cancelled() => {
+                    // What settled before the end is acknowledged first.
+                    let last = self.inbound.intake.released_now();
+                    let _ = self.release_acks(last).await;
                     self.disconnect(&ProtocolError::ServerShuttingDown).await;
                     return End::Shutdown;
                 }
@@ -41,11 +44,11 @@ impl Conn {
                     return End::TakenOver;
                 }
                 _ = writer_gone.cancelled() => return End::Lost,
-                _ = stop.cancelled(), if self.inbound.out.is_some() => {
-                    self.inbound.out = None;
+                _ = stop.cancelled(), if self.inbound.intake.handoff().is_some() => {
+                    self.inbound.intake.close();
                 }
-                Some(seq) = self.inbound.settled_rx.recv() => {
-                    if self.release_acks(seq).await.is_err() {
+                acks = self.inbound.intake.released() => {
+                    if self.release_acks(acks).await.is_err() {
                         return End::Lost;
                     }
                 }
@@ -69,7 +72,7 @@ impl Conn {
                         };
                         deadline = Instant::now() + self.keep_alive;
                         let handled = match codec::decode(frame, self.version) {
-                            Ok(packet) => self.handle(packet, done).await,
+                            Ok(packet) => self.handle(packet).await,
                             Err(e) => Err(e.into()),
                         };
                         match handled {
@@ -90,11 +93,7 @@ impl Conn {
 
     /// Handles one packet; Ok(Some) ends the connection normally, Err with a protocol
     /// error.
-    async fn handle(
-        &mut self,
-        packet: Packet,
-        done: &CancellationToken,
-    ) -> Result<Option<End>, ProtocolError> {
+    async fn handle(&mut self, packet: Packet) -> Result<Option<End>, ProtocolError> {
         match packet {
             Packet::Connect(_) => return Err(ProtocolError::SecondConnect),
             Packet::ServerOnly(what) => return Err(ProtocolError::ServerPacket(what)),
@@ -104,7 +103,7 @@ impl Conn {
                 reason,
                 session_expiry,
             } => return self.client_disconnected(reason, session_expiry).map(Some),
-            Packet::Publish(p) => self.publish(p, done).await?,
+            Packet::Publish(p) => self.publish(p).await?,
             Packet::PubRel(pkid) => self.released(pkid).await?,
             Packet::Subscribe { pkid, filters, id } => self.subscribe(pkid, filters, id).await?,
             Packet::Unsubscribe { pkid, filters } => self.unsubscribe(pkid, filters).await?,

@@ -25,6 +25,7 @@ use crate::broker::codec::{self, Version};
 use crate::broker::listener::Stream;
 use crate::broker::{Broker, Shared};
 use crate::message::Message;
+use crate::source::intake::Handoff;
 
 /// How long a test waits for anything it expects.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -32,7 +33,7 @@ const DEADLINE: Duration = Duration::from_secs(10);
 /// A broker whose connections are in-memory pipes.
 struct TestBroker {
     shared: Arc<Shared>,
-    out: mpsc::Sender<Message>,
+    handoff: Handoff,
     /// What the rules would receive.
     pipeline: mpsc::Receiver<Message>,
     stop: CancellationToken,
@@ -57,7 +58,7 @@ async fn broker(settings: &str) -> TestBroker {
     let (out, pipeline) = mpsc::channel(16);
     TestBroker {
         shared,
-        out,
+        handoff: Handoff::new(out),
         pipeline,
         stop: CancellationToken::new(),
         done: CancellationToken::new(),
@@ -72,7 +73,7 @@ impl TestBroker {
             Stream::Other(Box::new(theirs)),
             "127.0.0.1:1".parse().unwrap(),
             Arc::clone(&self.shared),
-            self.out.clone(),
+            self.handoff.clone(),
             self.stop.clone(),
             self.done.clone(),
         ));
@@ -509,6 +510,34 @@ async fn v5_publishing_beyond_the_receive_maximum_is_disconnect_0x93() {
     c.closed().await;
     b.no_message();
     drop((first, second));
+}
+
+/// The pipeline full (it takes 16): the client's QoS 1 messages wait in its intake and
+/// the read loop goes on, so the client still gets its PINGRESP, and a QoS 0 message is
+/// dropped and counted. As the rules take messages they move on in order, and each is
+/// acknowledged once it settles. (The connection used to wait for room inside its read
+/// loop, deaf to pings and blind to settlements.)
+#[tokio::test]
+async fn a_full_pipeline_holds_messages_back_without_stopping_the_connection() {
+    let mut b = broker("  max_inflight: 100").await;
+    let mut c = b.connect(Version::V5, Hello::new("c")).await;
+    for pkid in 1..=40 {
+        c.send(&publish(Version::V5, &format!("t/{pkid}"), 1, pkid, None))
+            .await;
+    }
+    c.send(&publish(Version::V5, "t/qos0", 0, 0, None)).await;
+    c.ping().await;
+    let dropped = &b.handoff.stats().dropped;
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 1);
+    for pkid in 1..=40 {
+        let m = b.message().await;
+        assert_eq!(m.topic, format!("t/{pkid}"));
+        m.ack.settle();
+    }
+    for pkid in 1..=40 {
+        assert_eq!(c.recv().await, Got::PubAck { pkid, reason: 0 });
+    }
+    b.no_message();
 }
 
 #[tokio::test]
