@@ -262,6 +262,18 @@ fn describe(plan: &config::Plan) -> String {
     if let Some(i) = plan.dead_letter {
         let _ = writeln!(out, "dead letters: {}", plan.sinks[i].name);
     }
+    match &plan.admin {
+        Some(a) => {
+            let token = match &a.token {
+                Some(t) => t.describe(),
+                None => "no token: /metrics and /api open to local processes".into(),
+            };
+            let _ = writeln!(out, "admin: http://{}/ ({token})", a.listen);
+        }
+        None => {
+            let _ = writeln!(out, "admin: off");
+        }
+    }
     out
 }
 

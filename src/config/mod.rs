@@ -24,7 +24,9 @@ pub mod units;
 use std::fmt;
 use std::path::Path;
 
-pub use plan::{AclRule, BrokerPlan, EmbeddedPlan, Plan, SinkPlan, SpoolPlan};
+pub use plan::{
+    AclRule, AdminPlan, BrokerPlan, EmbeddedPlan, Plan, SinkPlan, SpoolPlan, TokenSource,
+};
 pub use raw::{Fsync, RawConfig};
 
 use locate::{Locations, Position};
