@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::raw::{AclAction, AdminConfig, BrokerConfig, EmbeddedConfig, Protocol, RawConfig};
+use super::admin::{AdminPlan, validate_admin};
+use super::raw::{AclAction, BrokerConfig, EmbeddedConfig, Protocol, RawConfig};
 use super::sinks::{SinkConfig, SinkSettings, sql};
 use crate::rule::Rule;
 use crate::rule::jq::JqProgram;
@@ -33,36 +34,6 @@ pub struct Plan {
     pub unsettled_warning: Duration,
     /// The admin HTTP server; None: off.
     pub admin: Option<AdminPlan>,
-}
-
-/// The admin HTTP server's address and token (`admin:`).
-#[derive(Debug, Clone)]
-pub struct AdminPlan {
-    pub listen: std::net::SocketAddr,
-    /// Where the token comes from; None only on a loopback address (validated).
-    pub token: Option<TokenSource>,
-}
-
-/// Where the admin token is read from; the file and the variable are read at start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    /// `token:` (shown as `***`).
-    Inline(Secret),
-    /// `token_file:`.
-    File(PathBuf),
-    /// `token_env:`, the variable's name.
-    Env(String),
-}
-
-impl TokenSource {
-    /// Where the token comes from, as `check` prints it (never the token).
-    pub fn describe(&self) -> String {
-        match self {
-            TokenSource::Inline(_) => "token set in the file".into(),
-            TokenSource::File(p) => format!("token from {}", p.display()),
-            TokenSource::Env(v) => format!("token from ${v}"),
-        }
-    }
 }
 
 /// The durable spool's place and limits (`spool:`).
@@ -160,7 +131,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-type Errors = Vec<(String, String)>;
+pub(super) type Errors = Vec<(String, String)>;
 
 /// Validates everything; on failure returns every (field path, message).
 pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
@@ -285,60 +256,6 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
         shutdown_timeout: raw.shutdown_timeout.0,
         unsettled_warning: raw.unsettled_warning.0,
         admin,
-    })
-}
-
-fn validate_admin(a: &AdminConfig, errs: &mut Errors) -> Option<AdminPlan> {
-    let before = errs.len();
-    let listen = addresses(
-        &super::raw::OneOrMany::One(a.listen.clone()),
-        "admin.listen",
-        errs,
-    )
-    .pop();
-    let mut sources = Vec::new();
-    if let Some(t) = &a.token {
-        if t.trim().is_empty() {
-            errs.push((
-                "admin.token".into(),
-                "must not be empty (without a token, remove the key)".into(),
-            ));
-        }
-        sources.push(("admin.token", TokenSource::Inline(Secret(t.clone()))));
-    }
-    if let Some(p) = &a.token_file {
-        sources.push(("admin.token_file", TokenSource::File(p.clone())));
-    }
-    if let Some(v) = &a.token_env {
-        if !super::env::is_valid_name(v) {
-            errs.push((
-                "admin.token_env".into(),
-                "must be an environment variable name".into(),
-            ));
-        }
-        sources.push(("admin.token_env", TokenSource::Env(v.clone())));
-    }
-    for (field, _) in sources.iter().skip(1) {
-        errs.push((
-            field.to_string(),
-            "set one of token, token_file or token_env".into(),
-        ));
-    }
-    let token = sources.into_iter().next().map(|(_, s)| s);
-    if let Some(addr) = listen
-        && token.is_none()
-        && !addr.ip().is_loopback()
-    {
-        errs.push((
-            "admin.listen".into(),
-            format!(
-                "{addr} is reachable from other machines: set a token (admin.token, token_file or token_env), or listen on 127.0.0.1"
-            ),
-        ));
-    }
-    (errs.len() == before).then(|| AdminPlan {
-        listen: listen.expect("validated"),
-        token,
     })
 }
 
@@ -659,7 +576,7 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
 }
 
 /// Parses `listen`-style addresses; `at` is the field path for errors.
-fn addresses(
+pub(super) fn addresses(
     list: &super::raw::OneOrMany,
     at: &str,
     errs: &mut Errors,
