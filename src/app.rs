@@ -11,7 +11,11 @@
 //! driver flushes and ends → the dead-letter driver ends → the spool saves its cursor →
 //! the source sends the remaining acknowledgements and disconnects. Whatever has not
 //! settled by `shutdown_timeout` stays unacknowledged (or in the spool) and is delivered
-//! again after a restart.
+//! again after a restart. The admin server, started first, stops last, so `/healthz`
+//! and `/metrics` answer while the rest drains.
+//!
+//! Readiness ([`crate::health`]): each component is added to the admin server's registry
+//! as it starts, behind a `startup` status that is ready once everything runs.
 
 mod publish;
 
@@ -22,9 +26,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{RuleView, SinkView};
 use crate::config::{Plan, SinkPlan};
 use crate::delivery::Watch;
 use crate::eval_pool::{EVAL_TIMEOUT, EvalPool};
+use crate::health::{Readiness, Status};
 use crate::pipeline::Pipeline;
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter, SinkQueue};
@@ -39,11 +45,31 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     if plan.broker.is_none() && plan.embedded.is_none() {
         anyhow::bail!("nothing to read from: configure `broker:` or `embedded:`");
     }
+    let admin = match &plan.admin {
+        Some(a) => {
+            let rules = plan
+                .rules
+                .iter()
+                .map(|r| RuleView::of(r, &plan.sinks))
+                .collect();
+            Some(crate::admin::start(a, rules).await?)
+        }
+        None => None,
+    };
+    // Without an admin server, nobody reads it.
+    let readiness = admin
+        .as_ref()
+        .map_or_else(Readiness::default, |a| a.state.readiness.clone());
+    let startup = Status::not_ready("starting");
+    readiness.add("startup", startup.clone());
     let spool = plan
         .spool
         .as_ref()
         .map(crate::spool::Spool::open)
         .transpose()?;
+    if let Some(spool) = &spool {
+        readiness.add("spool", spool.health());
+    }
     let broker = plan.broker.clone();
     let embedded = match plan.embedded.clone() {
         Some(p) => Some(crate::broker::Broker::open(p).await?),
@@ -62,6 +88,20 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     // The dead-letter sink first: every other sink's driver holds its queue.
     let mut queues: Vec<Option<SinkQueue>> = vec![None; plan.sinks.len()];
     let mut dead_letter = DeadLetter { queue: None };
+    // Each sink, once started, to the readiness registry and the admin API.
+    let started = |sp: &SinkPlan, queue: &SinkQueue, is_dead_letter: bool| {
+        readiness.add(format!("sink {}", sp.name), queue.health().clone());
+        if let Some(admin) = &admin {
+            admin.state.sinks().push(SinkView {
+                name: Arc::clone(&sp.name),
+                kind: sp.settings.kind(),
+                description: sp.settings.spec().describe(),
+                dead_letter: is_dead_letter,
+                queue: queue.probe(),
+                health: queue.health().clone(),
+            });
+        }
+    };
     if let Some(i) = plan.dead_letter {
         let queue = start(
             &plan.sinks[i],
@@ -71,12 +111,15 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
             &drivers,
         )
         .await?;
+        started(&plan.sinks[i], &queue, true);
         queues[i] = Some(queue.clone());
         dead_letter.queue = Some(queue);
     }
     for (i, sp) in plan.sinks.iter().enumerate() {
         if queues[i].is_none() {
-            queues[i] = Some(start(sp, upstream, &eval, dead_letter.clone(), &drivers).await?);
+            let queue = start(sp, upstream, &eval, dead_letter.clone(), &drivers).await?;
+            started(sp, &queue, false);
+            queues[i] = Some(queue);
         }
     }
     let watch = Arc::new(Watch::default());
@@ -105,15 +148,32 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         None => (tx, None),
     };
     let mut source = match (broker, embedded) {
-        (Some(broker), _) => tokio::spawn(crate::source::mqtt::run(
-            broker,
-            Handoff::new(tx),
-            stop.clone(),
-            done.clone(),
-        )),
-        (None, Some(embedded)) => tokio::spawn(embedded.run(tx, stop.clone(), done.clone())),
+        (Some(broker), _) => {
+            let connected = Status::not_ready("not connected to the broker yet");
+            readiness.add("source", connected.clone());
+            metrics::gauge!("mqbridge_source_connected").set(0.0);
+            tokio::spawn(crate::source::mqtt::run(
+                broker,
+                Handoff::new(tx),
+                connected,
+                stop.clone(),
+                done.clone(),
+            ))
+        }
+        (None, Some(embedded)) => {
+            // Bound here, so that the source is ready (listening) once this returns.
+            let plan = plan
+                .embedded
+                .as_ref()
+                .expect("an embedded broker is planned");
+            let listeners = crate::broker::listener::bind_all(plan).await?;
+            readiness.add("source", Status::ready());
+            metrics::gauge!("mqbridge_source_connected").set(1.0);
+            tokio::spawn(embedded.serve(listeners, tx, stop.clone(), done.clone()))
+        }
         (None, None) => unreachable!("checked above"),
     };
+    startup.set_ready();
     tokio::select! {
         _ = shutdown.cancelled() => {}
         r = &mut source => {
@@ -150,6 +210,9 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     done.cancel();
     source.await.context("source task")??;
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
