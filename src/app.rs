@@ -15,7 +15,8 @@
 //! and `/metrics` answer while the rest drains.
 //!
 //! Readiness ([`crate::health`]): each component is added to the admin server's registry
-//! as it starts, behind a `startup` status that is ready once everything runs.
+//! as it starts, behind a `bridge` status: not ready while starting (sinks opening) and
+//! once shutting down, so that a load balancer stops sending work while the rest drains.
 
 mod publish;
 
@@ -60,8 +61,8 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     let readiness = admin
         .as_ref()
         .map_or_else(Readiness::default, |a| a.state.readiness.clone());
-    let startup = Status::not_ready("starting");
-    readiness.add("startup", startup.clone());
+    let lifecycle = Status::not_ready("starting");
+    readiness.add("bridge", lifecycle.clone());
     let spool = plan
         .spool
         .as_ref()
@@ -173,7 +174,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         }
         (None, None) => unreachable!("checked above"),
     };
-    startup.set_ready();
+    lifecycle.set_ready();
     tokio::select! {
         _ = shutdown.cancelled() => {}
         r = &mut source => {
@@ -191,6 +192,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         } => return Err(e.into()),
     }
     stop.cancel();
+    lifecycle.set_not_ready("shutting down");
     let deadline = tokio::time::Instant::now() + plan.shutdown_timeout;
     if let Some(spool) = &mut spool {
         // Quick: the writer only commits what the source had handed over.

@@ -67,9 +67,9 @@ impl Status {
     }
 }
 
-/// Every component's status, by name (`startup`, `spool`, `sink <name>`, `source`);
+/// Every component's status, by name (`bridge`, `spool`, `sink <name>`, `source`);
 /// cheap to clone (every clone is the same registry). Components are added as they
-/// start, so a component not started yet is not listed: `app` adds a `startup` status
+/// start, so a component not started yet is not listed: `app` adds a `bridge` status
 /// first, ready once everything runs.
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {

@@ -36,7 +36,7 @@ pub use api::{RuleView, SinkView};
 pub use auth::Token;
 
 /// What the admin server reads. `app` creates it before the components start (so that
-/// `/healthz` answers and `/readyz` says `startup` while sinks open) and adds each
+/// `/healthz` answers and `/readyz` says `bridge: starting` while sinks open) and adds each
 /// component as it starts.
 pub struct State {
     pub readiness: Readiness,
