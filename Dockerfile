@@ -29,8 +29,15 @@ COPY --from=build /src/target/release/mqbridge /usr/local/bin/mqbridge
 COPY config /etc/mqbridge
 USER mqbridge
 WORKDIR /var/lib/mqbridge
-# MQTT (the embedded broker of the default config; set MQBRIDGE_LISTEN=0.0.0.0:1883).
-EXPOSE 1883
+# MQTT (the embedded broker of the default config; set MQBRIDGE_LISTEN=0.0.0.0:1883) and
+# the admin API (/healthz, /readyz, /metrics; the default config listens on 127.0.0.1:9883
+# inside the container: to publish it, give a config with a token and `admin.listen:
+# 0.0.0.0:9883`, since any address but loopback needs one).
+EXPOSE 1883 9883
+# `mqbridge health` asks the admin server's /healthz (the slim image has no curl). A
+# config of your own needs `admin:` on 127.0.0.1:9883 for it (or override HEALTHCHECK).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["mqbridge", "health", "http://127.0.0.1:9883/healthz"]
 # SIGTERM stops taking messages, flushes within shutdown_timeout and acknowledges what
 # settled; give the container a longer stop timeout than that (see the top of this file).
 STOPSIGNAL SIGTERM

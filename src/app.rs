@@ -11,7 +11,12 @@
 //! driver flushes and ends → the dead-letter driver ends → the spool saves its cursor →
 //! the source sends the remaining acknowledgements and disconnects. Whatever has not
 //! settled by `shutdown_timeout` stays unacknowledged (or in the spool) and is delivered
-//! again after a restart.
+//! again after a restart. The admin server, started first, stops last, so `/healthz`
+//! and `/metrics` answer while the rest drains.
+//!
+//! Readiness ([`crate::health`]): each component is added to the admin server's registry
+//! as it starts, behind a `bridge` status: not ready while starting (sinks opening) and
+//! once shutting down, so that a load balancer stops sending work while the rest drains.
 
 mod publish;
 
@@ -22,9 +27,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{RuleView, SinkView};
 use crate::config::{Plan, SinkPlan};
 use crate::delivery::Watch;
 use crate::eval_pool::{EVAL_TIMEOUT, EvalPool};
+use crate::health::{Readiness, Status};
 use crate::pipeline::Pipeline;
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter, SinkQueue};
@@ -39,11 +46,31 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     if plan.broker.is_none() && plan.embedded.is_none() {
         anyhow::bail!("nothing to read from: configure `broker:` or `embedded:`");
     }
+    let admin = match &plan.admin {
+        Some(a) => {
+            let rules = plan
+                .rules
+                .iter()
+                .map(|r| RuleView::of(r, &plan.sinks))
+                .collect();
+            Some(crate::admin::start(a, rules).await?)
+        }
+        None => None,
+    };
+    // Without an admin server, nobody reads it.
+    let readiness = admin
+        .as_ref()
+        .map_or_else(Readiness::default, |a| a.state.readiness.clone());
+    let lifecycle = Status::not_ready("starting");
+    readiness.add("bridge", lifecycle.clone());
     let spool = plan
         .spool
         .as_ref()
         .map(crate::spool::Spool::open)
         .transpose()?;
+    if let Some(spool) = &spool {
+        readiness.add("spool", spool.health());
+    }
     let broker = plan.broker.clone();
     let embedded = match plan.embedded.clone() {
         Some(p) => Some(crate::broker::Broker::open(p).await?),
@@ -62,6 +89,20 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     // The dead-letter sink first: every other sink's driver holds its queue.
     let mut queues: Vec<Option<SinkQueue>> = vec![None; plan.sinks.len()];
     let mut dead_letter = DeadLetter { queue: None };
+    // Each sink, once started, to the readiness registry and the admin API.
+    let started = |sp: &SinkPlan, queue: &SinkQueue, is_dead_letter: bool| {
+        readiness.add(format!("sink {}", sp.name), queue.health().clone());
+        if let Some(admin) = &admin {
+            admin.state.sinks().push(SinkView {
+                name: Arc::clone(&sp.name),
+                kind: sp.settings.kind(),
+                description: sp.settings.spec().describe(),
+                dead_letter: is_dead_letter,
+                queue: queue.probe(),
+                health: queue.health().clone(),
+            });
+        }
+    };
     if let Some(i) = plan.dead_letter {
         let queue = start(
             &plan.sinks[i],
@@ -71,12 +112,15 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
             &drivers,
         )
         .await?;
+        started(&plan.sinks[i], &queue, true);
         queues[i] = Some(queue.clone());
         dead_letter.queue = Some(queue);
     }
     for (i, sp) in plan.sinks.iter().enumerate() {
         if queues[i].is_none() {
-            queues[i] = Some(start(sp, upstream, &eval, dead_letter.clone(), &drivers).await?);
+            let queue = start(sp, upstream, &eval, dead_letter.clone(), &drivers).await?;
+            started(sp, &queue, false);
+            queues[i] = Some(queue);
         }
     }
     let watch = Arc::new(Watch::default());
@@ -106,16 +150,36 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     };
     let mut source = match (broker, embedded) {
         (Some(broker), _) => {
-            let run =
-                crate::source::mqtt::run(broker, Handoff::new(tx), stop.clone(), done.clone());
+            let connected = Status::not_ready("not connected to the broker yet");
+            readiness.add("source", connected.clone());
+            metrics::gauge!("mqbridge_source_connected").set(0.0);
+            let run = crate::source::mqtt::run(
+                broker,
+                Handoff::new(tx),
+                connected,
+                stop.clone(),
+                done.clone(),
+            );
             tokio::spawn(async move { anyhow::Ok(run.await?) })
         }
         (None, Some(embedded)) => {
-            let serving = embedded.run(Handoff::new(tx), stop.clone(), done.clone());
-            tokio::spawn(async move { anyhow::Ok(serving.await?) })
+            // Bound here, so that the source is ready (listening) once this returns.
+            let plan = plan
+                .embedded
+                .as_ref()
+                .expect("an embedded broker is planned");
+            let listeners = crate::broker::listener::bind_all(plan).await?;
+            readiness.add("source", Status::ready());
+            metrics::gauge!("mqbridge_source_connected").set(1.0);
+            let serving = embedded.serve(listeners, Handoff::new(tx), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                serving.await;
+                anyhow::Ok(())
+            })
         }
         (None, None) => unreachable!("checked above"),
     };
+    lifecycle.set_ready();
     tokio::select! {
         _ = shutdown.cancelled() => {}
         r = &mut source => {
@@ -133,6 +197,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         } => return Err(e.into()),
     }
     stop.cancel();
+    lifecycle.set_not_ready("shutting down");
     let deadline = tokio::time::Instant::now() + plan.shutdown_timeout;
     if let Some(spool) = &mut spool {
         // Quick: the writer only commits what the source had handed over.
@@ -152,6 +217,9 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     done.cancel();
     source.await.context("source task")??;
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -32,18 +32,25 @@
 //! - [`app`]: wires it all from a plan (the republish sink's publisher too: the embedded
 //!   broker, or a connection to the external one) and orders shutdown; [`shutdown`]: signals.
 //! - [`dryrun`]: `mqbridge try`, one message through the rules and what each sink would do.
+//! - [`health`]: the readiness registry the source, the spool and the sinks update;
+//!   [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`, `/api/v1/…`),
+//!   started first and stopped last by `app`. Metrics are recorded where the work happens
+//!   (`metrics::counter!` and the like in `source`, `spool`, `pipeline` and
+//!   `sink::driver`) and rendered by [`admin::exporter`].
 //!
 //! Dependencies point one way (no cycles): `app` imports the components (`source`,
-//! `broker`, `spool`, `pipeline`, `sink`); they import `config`, which hands them their
-//! settings as values; and any of them may import the pure pieces: `rule`, `topic`,
-//! `message`, `delivery`.
+//! `broker`, `spool`, `pipeline`, `sink`, `admin`); they import `config`, which hands
+//! them their settings as values; and any of them may import the pure pieces: `rule`,
+//! `topic`, `message`, `delivery`, `health`.
 
+pub mod admin;
 pub mod app;
 pub mod broker;
 pub mod config;
 pub mod delivery;
 pub mod dryrun;
 pub mod eval_pool;
+pub mod health;
 pub mod message;
 pub mod mqtt;
 pub mod pipeline;

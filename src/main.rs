@@ -53,7 +53,17 @@ enum Command {
     Schema,
     /// Read a password from stdin and print its argon2 hash for `embedded.users`.
     Passwd,
+    /// Ask a running mqbridge's admin server whether it is alive (GET /healthz); exit 0
+    /// if it answers 200, 1 otherwise. For container health checks.
+    Health {
+        /// The health URL.
+        #[arg(default_value = DEFAULT_HEALTH_URL)]
+        url: String,
+    },
 }
+
+/// `admin.listen`'s default address.
+const DEFAULT_HEALTH_URL: &str = "http://127.0.0.1:9883/healthz";
 
 /// The log target of why `run` stopped: shown whatever `RUST_LOG` filters out.
 const EXIT_LOG: &str = "mqbridge::exit";
@@ -71,6 +81,7 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| DEFAULT_CONFIG.into()),
     });
     match command {
+        Command::Health { url } => health(&url),
         Command::Passwd => {
             let mut line = String::new();
             if let Err(e) = std::io::stdin().read_line(&mut line) {
@@ -138,6 +149,31 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `mqbridge health URL`: one GET, answered within a few seconds.
+fn health(url: &str) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let answer = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()?;
+        client.get(url).send().await
+    });
+    match answer {
+        Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("{url}: {}", r.status());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -261,6 +297,18 @@ fn describe(plan: &config::Plan) -> String {
     }
     if let Some(i) = plan.dead_letter {
         let _ = writeln!(out, "dead letters: {}", plan.sinks[i].name);
+    }
+    match &plan.admin {
+        Some(a) => {
+            let token = match &a.token {
+                Some(t) => t.describe(),
+                None => "no token: /metrics and /api open to local processes".into(),
+            };
+            let _ = writeln!(out, "admin: http://{}/ ({token})", a.listen);
+        }
+        None => {
+            let _ = writeln!(out, "admin: off");
+        }
     }
     out
 }

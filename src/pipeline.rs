@@ -9,11 +9,15 @@
 //! are dispatched in arrival order. Each rule may take [`EvalPool::limit`] per message: a
 //! runaway jq program is stopped there and costs that one message (dead-lettered), and
 //! its thread goes on with the next one.
+//!
+//! The `mqbridge_rule_*` metrics are counted here, as verdicts are dispatched, labelled
+//! with the rule's name: messages matched, filtered out, records emitted, errors by
+//! stage, and the evaluation time measured on the pool's thread.
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
@@ -34,6 +38,8 @@ pub struct Verdict {
     pub rule: usize,
     pub vars: Vec<(String, String)>,
     pub evaluation: Evaluation,
+    /// How long decoding, filtering and transforming took.
+    pub took: Duration,
 }
 
 /// Evaluates every rule against a message, each for at most `limit` (pure; also used by
@@ -44,7 +50,9 @@ pub fn evaluate(rules: &[Rule], msg: &Message, limit: Duration) -> Vec<Verdict> 
         .enumerate()
         .filter_map(|(i, rule)| {
             let vars = rule.matches(&msg.topic)?;
+            let started = Instant::now();
             let evaluation = rule.evaluate(msg, &vars, limit);
+            let took = started.elapsed();
             Some(Verdict {
                 rule: i,
                 vars: vars
@@ -52,6 +60,7 @@ pub fn evaluate(rules: &[Rule], msg: &Message, limit: Duration) -> Vec<Verdict> 
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 evaluation,
+                took,
             })
         })
         .collect()
@@ -77,15 +86,44 @@ struct Batch {
 /// Each message's verdicts, or why evaluating it broke down.
 type Verdicts = Result<Vec<Verdict>, String>;
 
+/// A rule's metric handles, looked up once.
+struct RuleMetrics {
+    matched: metrics::Counter,
+    filtered: metrics::Counter,
+    records: metrics::Counter,
+    evaluation: metrics::Histogram,
+    rule: String,
+}
+
+impl RuleMetrics {
+    fn new(rule: &Rule) -> RuleMetrics {
+        let name = rule.name.to_string();
+        RuleMetrics {
+            matched: metrics::counter!("mqbridge_rule_messages_matched_total", "rule" => name.clone()),
+            filtered: metrics::counter!("mqbridge_rule_messages_filtered_total", "rule" => name.clone()),
+            records: metrics::counter!("mqbridge_rule_records_total", "rule" => name.clone()),
+            evaluation: metrics::histogram!("mqbridge_rule_evaluation_seconds", "rule" => name.clone()),
+            rule: name,
+        }
+    }
+
+    /// Errors are rare: their handle is looked up when one happens.
+    fn error(&self, stage: &'static str) {
+        metrics::counter!("mqbridge_rule_errors_total", "rule" => self.rule.clone(), "stage" => stage)
+            .increment(1);
+    }
+}
+
 impl Pipeline {
     /// Processes messages until the source closes its channel.
     pub async fn run(self, mut rx: mpsc::Receiver<Message>) {
+        let metrics: Vec<RuleMetrics> = self.rules.iter().map(RuleMetrics::new).collect();
         let mut evaluating = FuturesOrdered::new();
         let mut open = true;
         loop {
             tokio::select! {
                 biased;
-                Some((batch, verdicts)) = evaluating.next() => self.dispatch_batch(batch, verdicts).await,
+                Some((batch, verdicts)) = evaluating.next() => self.dispatch_batch(&metrics, batch, verdicts).await,
                 first = rx.recv(), if open && evaluating.len() < self.eval.threads() => match first {
                     Some(first) => {
                         let mut batch = vec![first];
@@ -146,26 +184,41 @@ impl Pipeline {
     }
 
     /// Dispatches a batch's verdicts, message by message in order.
-    async fn dispatch_batch(&self, batch: Batch, verdicts: Result<Vec<Verdicts>, EvalError>) {
+    async fn dispatch_batch(
+        &self,
+        metrics: &[RuleMetrics],
+        batch: Batch,
+        verdicts: Result<Vec<Verdicts>, EvalError>,
+    ) {
         let verdicts = verdicts.unwrap_or_else(|e| {
             let error = e.to_string();
             batch.msgs.iter().map(|_| Err(error.clone())).collect()
         });
         for ((msg, ack), verdicts) in batch.msgs.iter().zip(batch.acks).zip(verdicts) {
             match verdicts {
-                Ok(verdicts) => self.dispatch(msg, verdicts, ack).await,
-                Err(error) => self.fail_all(msg, &error, ack).await,
+                Ok(verdicts) => self.dispatch(metrics, msg, verdicts, ack).await,
+                Err(error) => self.fail_all(metrics, msg, &error, ack).await,
             }
         }
     }
 
     /// Hands one message's records to the sinks (waiting when a queue is full).
-    async fn dispatch(&self, msg: &Message, verdicts: Vec<Verdict>, ack: Ack) {
+    async fn dispatch(
+        &self,
+        metrics: &[RuleMetrics],
+        msg: &Message,
+        verdicts: Vec<Verdict>,
+        ack: Ack,
+    ) {
         for v in verdicts {
             let rule = &self.rules[v.rule];
+            let m = &metrics[v.rule];
+            m.matched.increment(1);
+            m.evaluation.record(v.took);
             let origin = Arc::new(Origin::from_message(msg, &rule.name, v.vars));
             match v.evaluation {
                 Evaluation::Records(records) => {
+                    m.records.increment(records.len() as u64);
                     for record in records {
                         for &sink in &rule.to {
                             let d = Delivery {
@@ -180,8 +233,9 @@ impl Pipeline {
                         }
                     }
                 }
-                Evaluation::Filtered => {}
+                Evaluation::Filtered => m.filtered.increment(1),
                 Evaluation::Failed { stage, error } => {
+                    m.error(stage);
                     tracing::debug!(rule = %rule.name, topic = %msg.topic, stage, %error, "rule failed");
                     let error = format!("{stage}: {error}");
                     let failure = Failure {
@@ -201,12 +255,13 @@ impl Pipeline {
     }
 
     /// Dead-letters a message once per matching rule when evaluation itself broke down.
-    async fn fail_all(&self, msg: &Message, error: &str, ack: Ack) {
-        for rule in self
-            .rules
-            .iter()
-            .filter(|r| r.matches(&msg.topic).is_some())
-        {
+    async fn fail_all(&self, metrics: &[RuleMetrics], msg: &Message, error: &str, ack: Ack) {
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.matches(&msg.topic).is_none() {
+                continue;
+            }
+            metrics[i].matched.increment(1);
+            metrics[i].error("evaluation");
             let failure = Failure {
                 sink: None,
                 kind: ErrorKind::Permanent,

@@ -4,15 +4,17 @@
 //!    the [`raw`] types (a syntax error, or else a shape error, stops here, with its
 //!    location and the path being read).
 //! 2. [`plan`] validates everything else (topic filters, jq programs, templates, sink
-//!    references, identifiers, addresses; each sink's settings through [`sinks`]) and,
-//!    for `run` and `check`, [`preflight`] checks what the config needs from this
-//!    machine (files readable, environment variables set). *Every* problem of both is
-//!    reported at once, each located in the file through [`locate`], as
+//!    references, identifiers, addresses; each sink's settings through [`sinks`],
+//!    `admin:` through [`admin`]) and, for `run` and `check`, [`preflight`] checks what
+//!    the config needs from this machine (files readable, environment variables set).
+//!    *Every* problem of both is reported at once, each located in the file through
+//!    [`locate`], as
 //!    `FILE:LINE:COL: field.path: message`.
 //!
 //! No I/O happens beyond reading the file and opening the files it names; sinks and
 //! connections are built by `app`.
 
+pub mod admin;
 pub mod env;
 pub mod locate;
 pub mod plan;
@@ -24,6 +26,7 @@ pub mod units;
 use std::fmt;
 use std::path::Path;
 
+pub use admin::{AdminPlan, TokenSource};
 pub use plan::{AclRule, BrokerPlan, EmbeddedPlan, Plan, SinkPlan, SpoolPlan};
 pub use raw::{Fsync, RawConfig};
 

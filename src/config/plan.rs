@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::admin::{AdminPlan, validate_admin};
 use super::raw::{AclAction, BrokerConfig, EmbeddedConfig, Protocol, RawConfig};
 use super::sinks::{SinkConfig, SinkSettings, sql};
 use crate::rule::Rule;
@@ -31,6 +32,8 @@ pub struct Plan {
     pub shutdown_timeout: Duration,
     /// Log a message still unsettled after this long.
     pub unsettled_warning: Duration,
+    /// The admin HTTP server; None: off.
+    pub admin: Option<AdminPlan>,
 }
 
 /// The durable spool's place and limits (`spool:`).
@@ -128,7 +131,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-type Errors = Vec<(String, String)>;
+pub(super) type Errors = Vec<(String, String)>;
 
 /// Validates everything; on failure returns every (field path, message).
 pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
@@ -217,6 +220,11 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
         ));
     }
 
+    let admin = raw
+        .admin
+        .as_ref()
+        .and_then(|a| validate_admin(a, &mut errs));
+
     let spool = raw.spool.as_ref().and_then(|s| {
         let before = errs.len();
         if s.path.as_os_str().is_empty() {
@@ -247,6 +255,7 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
         spool,
         shutdown_timeout: raw.shutdown_timeout.0,
         unsettled_warning: raw.unsettled_warning.0,
+        admin,
     })
 }
 
@@ -567,7 +576,7 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
 }
 
 /// Parses `listen`-style addresses; `at` is the field path for errors.
-fn addresses(
+pub(super) fn addresses(
     list: &super::raw::OneOrMany,
     at: &str,
     errs: &mut Errors,

@@ -1,6 +1,6 @@
 //! What running a config needs from this machine, checked without side effects: the
 //! files it names exist and can be read (nothing is created), and the environment
-//! variables read at start (a webhook's `hmac.secret_env`) are set and not empty.
+//! variables read at start (a webhook's `hmac.secret_env`, `admin.token_env`) are set and not empty.
 //! Anything that needs the network (a broker, a database) is left to `run`.
 //!
 //! `run` and `check` do these checks ([`super::Checks::ForRun`]); `try` does not, since
@@ -25,6 +25,9 @@ pub fn check(raw: &RawConfig, lookup: impl Fn(&str) -> Option<String>) -> Vec<(S
         files.push(("embedded.tls.cert_file", &t.cert_file));
         files.push(("embedded.tls.key_file", &t.key_file));
     }
+    if let Some(a) = &raw.admin {
+        files.extend(a.token_file.as_deref().map(|p| ("admin.token_file", p)));
+    }
     let mut errs: Vec<(String, String)> = files
         .into_iter()
         .filter_map(|(field, path)| readable(path).err().map(|e| (field.to_string(), e)))
@@ -39,6 +42,15 @@ pub fn check(raw: &RawConfig, lookup: impl Fn(&str) -> Option<String>) -> Vec<(S
                 ));
             }
         }
+    }
+    if let Some(var) = raw.admin.as_ref().and_then(|a| a.token_env.as_deref())
+        && super::env::is_valid_name(var)
+        && lookup(var).is_none_or(|v| v.trim().is_empty())
+    {
+        errs.push((
+            "admin.token_env".into(),
+            format!("environment variable {var} is not set or empty"),
+        ));
     }
     errs
 }

@@ -42,6 +42,34 @@ pub struct RawConfig {
     /// logged (once): it holds back the acknowledgements after it.
     #[serde(default = "default_unsettled_warning")]
     pub unsettled_warning: Duration,
+    /// The admin HTTP server: `/healthz`, `/readyz`, `/metrics` and `/api/v1/…`. Off
+    /// when omitted; `admin: {}` listens on 127.0.0.1:9883.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// `admin:`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on. Default `127.0.0.1:9883`; any address but a loopback one
+    /// needs a token.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Bearer token for `/metrics` and `/api/…`; prefer `${ENV}`, `token_file` or
+    /// `token_env`. Without one (loopback only) those are open to local processes.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// File holding the token (trailing newline ignored), read at start.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Environment variable holding the token, read at start.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9883".into()
 }
 
 fn default_unsettled_warning() -> Duration {

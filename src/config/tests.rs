@@ -418,3 +418,79 @@ fn for_run_the_embedded_certificate_and_key_must_be_readable() {
     std::fs::write(dir.path().join("server.key"), "").unwrap();
     assert!(parse_checked(&text, "rules.yaml", env, Checks::ForRun).is_ok());
 }
+
+#[test]
+fn the_admin_server_is_off_by_default_and_on_loopback_when_configured() {
+    assert!(parse(GOOD, "rules.yaml", env).unwrap().admin.is_none());
+    let plan = parse("admin: {}\n", "rules.yaml", env).unwrap();
+    let admin = plan.admin.unwrap();
+    assert_eq!(admin.listen.to_string(), "127.0.0.1:9883");
+    assert_eq!(admin.token, None);
+    let plan = parse(
+        "admin: { listen: \"[::1]:9000\", token: s3cret-token }\n",
+        "rules.yaml",
+        env,
+    )
+    .unwrap();
+    let debug = format!("{plan:?}");
+    assert!(!debug.contains("s3cret-token"), "{debug}");
+    let admin = plan.admin.unwrap();
+    assert_eq!(
+        admin.token,
+        Some(TokenSource::Inline(plan::Secret("s3cret-token".into())))
+    );
+    assert_eq!(admin.token.unwrap().describe(), "token set in the file");
+}
+
+#[test]
+fn the_admin_server_needs_a_token_beyond_loopback() {
+    assert_eq!(
+        errors("admin:\n  listen: 0.0.0.0:9883\n"),
+        [
+            "rules.yaml:2:11: admin.listen: 0.0.0.0:9883 is reachable from other machines: set a token (admin.token, token_file or token_env), or listen on 127.0.0.1"
+        ]
+    );
+    for ok in [
+        "admin: { listen: 0.0.0.0:9883, token: t }\n",
+        "admin: { listen: 0.0.0.0:9883, token_file: /run/secrets/admin }\n",
+        "admin: { listen: 0.0.0.0:9883, token_env: ADMIN_TOKEN }\n",
+    ] {
+        assert!(parse(ok, "rules.yaml", env).is_ok(), "{ok}");
+    }
+    assert_eq!(
+        errors(
+            "admin:\n  token: t\n  token_env: \"not a name\"\n  listen: nowhere\n  token_file: x\n"
+        ),
+        [
+            "rules.yaml:3:14: admin.token_env: must be an environment variable name",
+            "rules.yaml:3:14: admin.token_env: set one of token, token_file or token_env",
+            "rules.yaml:4:11: admin.listen: \"nowhere\" is not an address like 127.0.0.1:1883 or [::]:1883",
+            "rules.yaml:5:15: admin.token_file: set one of token, token_file or token_env",
+        ]
+    );
+    assert_eq!(
+        errors("admin: { token: \"\" }\n"),
+        ["rules.yaml:1:17: admin.token: must not be empty (without a token, remove the key)"]
+    );
+}
+
+#[test]
+fn for_run_the_admin_token_file_and_variable_must_be_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("token");
+    let text = format!(
+        "admin:\n  listen: 0.0.0.0:9883\n  token_file: {}\n",
+        missing.display()
+    );
+    let errs = parse_checked(&text, "rules.yaml", env, Checks::ForRun).unwrap_err();
+    assert_eq!(errs.0.len(), 1, "{errs}");
+    assert_eq!(errs.0[0].path, "admin.token_file");
+    let text = "admin:\n  token_env: ADMIN_TOKEN\n";
+    let errs = parse_checked(text, "rules.yaml", env, Checks::ForRun).unwrap_err();
+    assert_eq!(
+        errs.to_string(),
+        "rules.yaml:2:14: admin.token_env: environment variable ADMIN_TOKEN is not set or empty"
+    );
+    let lookup = |name: &str| (name == "ADMIN_TOKEN").then(|| "t".to_string());
+    assert!(parse_checked(text, "rules.yaml", lookup, Checks::ForRun).is_ok());
+}

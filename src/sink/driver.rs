@@ -17,6 +17,12 @@
 //!
 //! A sink with `concurrency: N` runs N lanes, each with its own queue and loop; a record's
 //! lane is chosen by its topic, so the records of one topic are written in order.
+//!
+//! **Health and metrics** are kept here, where the writes happen: a sink is healthy
+//! unless its last write round failed transiently (it cannot reach its destination, or
+//! the destination is failing: it is retrying); a round that wrote anything makes it
+//! healthy again, and permanent failures (bad records) leave it as it was. Its
+//! `mqbridge_sink_*` metrics are labelled with the sink's configured name.
 
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
@@ -26,6 +32,7 @@ use std::sync::Arc;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -34,6 +41,7 @@ use super::retry::{self, Backoff};
 use super::{Delivery, ErrorKind, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::{BatchConfig, Common, RetryConfig};
 use crate::delivery::Ack;
+use crate::health::Status;
 
 /// Attempts in all for a record whose write panics, whatever `retry:` says (a panic is a
 /// bug; retrying without end would stall its lane for good).
@@ -50,9 +58,49 @@ pub struct DeadLetter {
 #[derive(Clone)]
 pub struct SinkQueue {
     lanes: Arc<[mpsc::Sender<Delivery>]>,
+    health: Status,
+}
+
+/// Reads how full a sink's queues are without keeping them open (the sink's lanes end
+/// once every [`SinkQueue`] is gone, whatever probes remain).
+#[derive(Clone)]
+pub struct QueueProbe {
+    lanes: Arc<[mpsc::WeakSender<Delivery>]>,
+}
+
+impl QueueProbe {
+    /// Records waiting in the queues (0 once the sink stopped).
+    pub fn depth(&self) -> usize {
+        self.lanes
+            .iter()
+            .filter_map(|l| l.upgrade())
+            .map(|l| l.max_capacity() - l.capacity())
+            .sum()
+    }
+
+    /// Room in all, when empty.
+    pub fn capacity(&self) -> usize {
+        self.lanes
+            .iter()
+            .filter_map(|l| l.upgrade())
+            .map(|l| l.max_capacity())
+            .sum()
+    }
 }
 
 impl SinkQueue {
+    /// A probe of this sink's queue depth, for the admin API and metrics.
+    pub fn probe(&self) -> QueueProbe {
+        QueueProbe {
+            lanes: self.lanes.iter().map(|l| l.downgrade()).collect(),
+        }
+    }
+
+    /// The sink's health (see the module docs).
+    pub fn health(&self) -> &Status {
+        &self.health
+    }
+
     /// Queues a record on its topic's lane, waiting while the lane is full
     /// (backpressure). Gives the record back when the sink has stopped.
     pub async fn send(&self, d: Delivery) -> Result<(), Delivery> {
@@ -81,7 +129,10 @@ pub fn spawn(
         .rate_limit
         .and_then(|r| NonZeroU32::new(r.per_second))
         .map(|n| Arc::new(RateLimiter::direct(Quota::per_second(n))));
+    let health = Status::ready();
     let driver = Arc::new(Driver {
+        metrics: SinkMetrics::new(&name),
+        health: health.clone(),
         name,
         sink,
         batch: common.batch,
@@ -99,6 +150,33 @@ pub fn spawn(
         .collect();
     SinkQueue {
         lanes: senders.into(),
+        health,
+    }
+}
+
+/// A sink's metric handles, looked up once.
+struct SinkMetrics {
+    written: Counter,
+    retried: Counter,
+    dead_lettered: Counter,
+    batch_size: Histogram,
+    write_seconds: Histogram,
+    healthy: Gauge,
+}
+
+impl SinkMetrics {
+    fn new(sink: &Arc<str>) -> SinkMetrics {
+        let sink = sink.to_string();
+        let healthy = metrics::gauge!("mqbridge_sink_healthy", "sink" => sink.clone());
+        healthy.set(1.0);
+        SinkMetrics {
+            written: metrics::counter!("mqbridge_sink_records_written_total", "sink" => sink.clone()),
+            retried: metrics::counter!("mqbridge_sink_records_retried_total", "sink" => sink.clone()),
+            dead_lettered: metrics::counter!("mqbridge_sink_records_dead_lettered_total", "sink" => sink.clone()),
+            batch_size: metrics::histogram!("mqbridge_sink_batch_size", "sink" => sink.clone()),
+            write_seconds: metrics::histogram!("mqbridge_sink_write_seconds", "sink" => sink),
+            healthy,
+        }
     }
 }
 
@@ -110,6 +188,9 @@ struct Driver {
     retry: RetryConfig,
     dead_letter: DeadLetter,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    metrics: SinkMetrics,
+    /// Shared by the lanes: the last round of any lane decides.
+    health: Status,
 }
 
 impl Driver {
@@ -188,7 +269,15 @@ impl Driver {
 
             let started = (Instant::now(), jiff::Timestamp::now());
             let outcomes = self.write_round(&records).await;
-            if outcomes.iter().any(|o| matches!(o, Outcome::Delivered)) {
+            self.metrics.batch_size.record(records.len() as f64);
+            self.metrics.write_seconds.record(started.0.elapsed());
+            let delivered = outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Delivered))
+                .count();
+            self.metrics.written.increment(delivered as u64);
+            self.judge_health(delivered, &outcomes);
+            if delivered > 0 {
                 backoff.reset();
             }
             let delay = backoff.next_delay(None);
@@ -219,6 +308,7 @@ impl Driver {
                     ErrorKind::Panic => budget.attempts < PANIC_ATTEMPTS,
                 };
                 if retry {
+                    self.metrics.retried.increment(1);
                     budget.not_before = (wait > delay).then(|| Instant::now() + wait);
                     example.get_or_insert(e);
                     again.push((place, (d, budget)));
@@ -313,7 +403,32 @@ impl Driver {
         }
     }
 
+    /// A round that wrote anything makes the sink healthy; one that wrote nothing and
+    /// failed transiently (or panicked), unhealthy; permanent failures alone say nothing
+    /// about the destination.
+    fn judge_health(&self, delivered: usize, outcomes: &[Outcome]) {
+        if delivered > 0 {
+            if self.health.set_ready() {
+                self.metrics.healthy.set(1.0);
+                tracing::info!(sink = %self.name, "sink healthy again");
+            }
+            return;
+        }
+        let failure = outcomes.iter().find_map(|o| match o {
+            Outcome::Failed(e) if e.kind != ErrorKind::Permanent => Some(e),
+            _ => None,
+        });
+        if let Some(e) = failure
+            && self
+                .health
+                .set_not_ready(format!("last write failed: {}", e.message))
+        {
+            self.metrics.healthy.set(0.0);
+        }
+    }
+
     async fn dead_letter(&self, d: Delivery, err: &SinkError, budget: &Budget) {
+        self.metrics.dead_lettered.increment(1);
         let failure = Failure {
             sink: Some(&self.name),
             kind: err.kind,
@@ -742,6 +857,58 @@ mod tests {
             assert_eq!(seqs, sorted, "topic {topic} out of order");
         }
         assert_eq!(settled.load(Ordering::SeqCst), 400);
+    }
+
+    /// Health as `/readyz` reads it: a write that failed transiently makes the sink
+    /// unhealthy, with the error; the next write that succeeds makes it healthy again.
+    #[tokio::test]
+    async fn a_sink_is_unhealthy_after_a_transient_failure_until_a_write_succeeds() {
+        let settled = Arc::new(AtomicUsize::new(0));
+        let sink = Arc::new(Scripted {
+            transient_failures: AtomicUsize::new(usize::MAX / 2),
+            ..Scripted::default()
+        });
+        let mut c = common(1, None);
+        c.retry.max_attempts = 2;
+        let tracker = TaskTracker::new();
+        let queue = spawn(
+            Arc::from("s"),
+            Arc::clone(&sink) as Arc<dyn Sink>,
+            c,
+            DeadLetter { queue: None },
+            &tracker,
+        );
+        let health = queue.health().clone();
+        let probe = queue.probe();
+        assert!(health.is_ready(), "healthy once opened");
+        let settled_after = |n: usize| {
+            let settled = Arc::clone(&settled);
+            async move {
+                while settled.load(Ordering::SeqCst) < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
+        assert!(queue.send(delivery("a", 1, &settled)).await.is_ok());
+        settled_after(1).await; // given up on (no dead-letter sink: dropped)
+        assert_eq!(
+            health.problem().as_deref(),
+            Some("last write failed: connection refused")
+        );
+        sink.transient_failures.store(0, Ordering::SeqCst);
+        assert!(queue.send(delivery("a", 2, &settled)).await.is_ok());
+        settled_after(2).await;
+        assert!(health.is_ready());
+        assert_eq!(sink.seqs(), vec![2]);
+        assert_eq!(probe.depth(), 0);
+        drop(queue);
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(
+            probe.capacity(),
+            0,
+            "a probe does not keep the sink's queues open"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

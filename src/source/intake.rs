@@ -18,6 +18,9 @@
 //!   One that does not (Mosquitto 2.0 after a session resumes) is held up to a stated
 //!   number of bytes; a message past it is an [`Overflow`], and the connection ends (the
 //!   messages are delivered again on the next one, as none was acknowledged).
+//!
+//! The `mqbridge_source_*` metrics of what arrives are counted here (messages received
+//! by QoS, QoS 0 dropped, overflows, acknowledgements pending over every connection).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -33,6 +36,28 @@ use crate::message::Message;
 pub struct Handoff {
     out: mpsc::Sender<Message>,
     stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
+}
+
+/// The source's metric handles, looked up once.
+struct Metrics {
+    /// By QoS.
+    received: [metrics::Counter; 3],
+    dropped_qos0: metrics::Counter,
+    overflows: metrics::Counter,
+    acks_pending: metrics::Gauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let received = |qos: &'static str| metrics::counter!("mqbridge_source_messages_received_total", "qos" => qos);
+        Metrics {
+            received: [received("0"), received("1"), received("2")],
+            dropped_qos0: metrics::counter!("mqbridge_source_qos0_dropped_total"),
+            overflows: metrics::counter!("mqbridge_source_overflows_total"),
+            acks_pending: metrics::gauge!("mqbridge_source_acks_pending"),
+        }
+    }
 }
 
 /// What the hand-off counted, for every connection of a source.
@@ -49,6 +74,7 @@ impl Handoff {
         Handoff {
             out,
             stats: Arc::default(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -69,6 +95,7 @@ impl Handoff {
     }
 
     fn dropped(&self) {
+        self.metrics.dropped_qos0.increment(1);
         let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             tracing::warn!(dropped = n, "pipeline full: QoS 0 messages dropped");
@@ -80,6 +107,7 @@ impl Handoff {
         WeakHandoff {
             out: self.out.downgrade(),
             stats: Arc::clone(&self.stats),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
@@ -88,6 +116,7 @@ impl Handoff {
 pub struct WeakHandoff {
     out: mpsc::WeakSender<Message>,
     stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
 }
 
 impl WeakHandoff {
@@ -96,6 +125,7 @@ impl WeakHandoff {
         Some(Handoff {
             out: self.out.upgrade()?,
             stats: Arc::clone(&self.stats),
+            metrics: Arc::clone(&self.metrics),
         })
     }
 }
@@ -113,6 +143,9 @@ pub struct Overflow {
 pub struct Intake<T> {
     /// None once the source stopped taking messages.
     handoff: Option<Handoff>,
+    metrics: Arc<Metrics>,
+    /// What this connection last added to `mqbridge_source_acks_pending`.
+    pending_reported: usize,
     /// QoS 1/2 messages waiting for room, in arrival order.
     waiting: VecDeque<Message>,
     /// Topic and payload bytes of the waiting messages, and their bound.
@@ -141,7 +174,9 @@ impl<T> Intake<T> {
     pub fn new(handoff: Handoff, max_bytes: usize) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Intake {
+            metrics: Arc::clone(&handoff.metrics),
             handoff: Some(handoff),
+            pending_reported: 0,
             waiting: VecDeque::new(),
             waiting_bytes: 0,
             max_bytes,
@@ -159,6 +194,7 @@ impl<T> Intake<T> {
         let Some(handoff) = &self.handoff else {
             return Ok(());
         };
+        self.metrics.received[usize::from(msg.qos.min(2))].increment(1);
         let Some(token) = token else {
             if self.waiting.is_empty() {
                 handoff.try_hand(msg);
@@ -169,12 +205,19 @@ impl<T> Intake<T> {
         };
         if !self.waiting.is_empty() && self.waiting_bytes + size(&msg) > self.max_bytes {
             handoff.stats.overflows.fetch_add(1, Ordering::Relaxed);
+            handoff.metrics.overflows.increment(1);
             return Err(Overflow {
                 waiting: self.waiting.len(),
                 bytes: self.waiting_bytes,
             });
         }
         let seq = self.acks.arrive(token);
+        // Field by field: `handoff` still borrows self.
+        report_pending(
+            &self.metrics,
+            &mut self.pending_reported,
+            self.acks.pending(),
+        );
         msg.ack = Ack::new(ReportSettled {
             seq,
             tx: self.settled_tx.clone(),
@@ -196,6 +239,7 @@ impl<T> Intake<T> {
     /// by the ACL, which the peer must still get an answer for).
     pub fn pass(&mut self, token: T) {
         let seq = self.acks.arrive(token);
+        self.report_pending();
         let _ = self.settled_tx.send(seq);
     }
 
@@ -219,6 +263,7 @@ impl<T> Intake<T> {
                 Step::Settled(seq) => {
                     let ready = self.acks.settle(seq);
                     if !ready.is_empty() {
+                        self.report_pending();
                         return ready;
                     }
                 }
@@ -240,6 +285,7 @@ impl<T> Intake<T> {
         while let Ok(seq) = self.settled_rx.try_recv() {
             ready.extend(self.acks.settle(seq));
         }
+        self.report_pending();
         ready
     }
 
@@ -270,6 +316,7 @@ impl<T> Intake<T> {
     pub fn shed(&mut self) {
         self.acks.forget_latest(self.waiting.len());
         self.forget_waiting();
+        self.report_pending();
     }
 
     /// The connection was lost: forget every pending acknowledgement (an old packet id
@@ -277,6 +324,15 @@ impl<T> Intake<T> {
     pub fn reset(&mut self) {
         self.acks.reset();
         self.forget_waiting();
+        self.report_pending();
+    }
+
+    fn report_pending(&mut self) {
+        report_pending(
+            &self.metrics,
+            &mut self.pending_reported,
+            self.acks.pending(),
+        );
     }
 
     fn wait(&mut self, msg: Message) {
@@ -287,6 +343,26 @@ impl<T> Intake<T> {
     fn forget_waiting(&mut self) {
         self.waiting.clear();
         self.waiting_bytes = 0;
+    }
+}
+
+/// Brings `mqbridge_source_acks_pending` up to date with a connection's count `now`
+/// (`reported` is what it added so far).
+fn report_pending(metrics: &Metrics, reported: &mut usize, now: usize) {
+    let before = std::mem::replace(reported, now);
+    if now > before {
+        metrics.acks_pending.increment((now - before) as f64);
+    } else if now < before {
+        metrics.acks_pending.decrement((before - now) as f64);
+    }
+}
+
+impl<T> Drop for Intake<T> {
+    /// The connection is gone: its pending acknowledgements with it.
+    fn drop(&mut self) {
+        self.metrics
+            .acks_pending
+            .decrement(self.pending_reported as f64);
     }
 }
 

@@ -29,15 +29,18 @@ use tokio_util::sync::CancellationToken;
 use super::intake::{Handoff, Intake};
 use crate::config::BrokerPlan;
 use crate::delivery::Ack;
+use crate::health::Status;
 use crate::message::Message;
 use crate::mqtt::{self, AckToken, Client, Incoming, ReconnectBackoff};
 
 /// Runs the source until `done` is cancelled. After `stop` is cancelled it takes no new
 /// messages (they stay unacknowledged and the broker redelivers them) but keeps the
-/// connection so acknowledgements of settling messages still go out.
+/// connection so acknowledgements of settling messages still go out. `connected` is
+/// ready while connected (for `/readyz`; `mqbridge_source_connected` follows it).
 pub async fn run(
     plan: BrokerPlan,
     handoff: Handoff,
+    connected: Status,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> Result<(), mqtt::ConnectError> {
@@ -85,6 +88,8 @@ pub async fn run(
         };
         match event {
             Ok(Incoming::Connected { session_present }) => {
+                connected.set_ready();
+                metrics::gauge!("mqbridge_source_connected").set(1.0);
                 backoff.reset();
                 leaving = Leaving::No;
                 lost(&mut intake);
@@ -142,6 +147,8 @@ pub async fn run(
             Ok(_) => {}
             Err(e) => {
                 lost(&mut intake);
+                connected.set_not_ready(format!("broker connection failed: {e}"));
+                metrics::gauge!("mqbridge_source_connected").set(0.0);
                 let delay = backoff.failed();
                 tracing::warn!(error = %e, retry_in = ?delay, "broker connection failed");
                 tokio::select! {

@@ -26,6 +26,9 @@
 //! - **Recovery**: a crash can leave the last segment with a torn record after the last
 //!   fsync. Such records were never acknowledged (the broker still has them), so opening
 //!   the spool cuts them off.
+//!
+//! Readiness: the spool is not ready while it is full (the writer waits for room). The
+//! janitor sets the `mqbridge_spool_*` gauges each round.
 
 mod reader;
 mod record;
@@ -44,6 +47,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Fsync, SpoolPlan};
+use crate::health::Status;
 use crate::message::Message;
 use segment::{Next, SegmentReader};
 use window::Window;
@@ -116,6 +120,8 @@ struct Shared {
     window: Window,
     /// Held (`flock`) while the spool is open: one process per directory.
     lock: File,
+    /// Not ready while full.
+    health: Status,
 }
 
 struct State {
@@ -215,13 +221,20 @@ impl Spool {
             window: Window::new(start),
             dir,
             lock,
+            health: Status::ready(),
         });
+        metrics::gauge!("mqbridge_spool_max_bytes").set(plan.max_bytes as f64);
         Ok(Spool {
             shared,
             active,
             start,
             fsync: plan.fsync,
         })
+    }
+
+    /// Ready unless the spool is full.
+    pub fn health(&self) -> Status {
+        self.shared.health.clone()
     }
 
     /// Starts the writer (taking messages from `input`), the reader (handing them to
@@ -390,6 +403,8 @@ fn reclaim(shared: &Shared, saved: u64) -> io::Result<u64> {
     }
     let doomed: Vec<u64> = {
         let mut st = shared.state();
+        metrics::gauge!("mqbridge_spool_bytes").set(st.used as f64);
+        metrics::gauge!("mqbridge_spool_records").set(st.committed.saturating_sub(base) as f64);
         let mut doomed = Vec::new();
         // A segment is done when the next one starts at or before the cursor.
         while st.segments.len() > 1 && st.segments[1].0 <= base {

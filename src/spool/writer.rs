@@ -90,6 +90,7 @@ fn wait_for_room(
     loop {
         if st.used < shared.max_bytes {
             if let Some(t) = full_since {
+                shared.health.set_ready();
                 tracing::info!(waited = ?std::time::Instant::now().duration_since(t), "spool has room again; acknowledging");
             }
             return Ok(true);
@@ -105,6 +106,10 @@ fn wait_for_room(
         }
         if full_since.is_none() {
             full_since = Some(std::time::Instant::now());
+            shared.health.set_not_ready(format!(
+                "full ({} bytes, max_bytes {}): acknowledgements paused until the sinks catch up",
+                st.used, shared.max_bytes
+            ));
             tracing::warn!(
                 max_bytes = shared.max_bytes,
                 "spool full: acknowledgements paused until the sinks catch up (the broker holds new messages)"

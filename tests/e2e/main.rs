@@ -2,6 +2,7 @@
 //! mqbridge binary. Run through `scripts/test.sh` (the README's test command), which makes
 //! sure the services are installed.
 
+mod admin;
 mod broker;
 mod cli;
 mod crash;

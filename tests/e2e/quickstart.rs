@@ -23,6 +23,10 @@ fn bridge_in(dir: &std::path::Path, port: u16) -> ChildBridge {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqbridge"));
     cmd.current_dir(dir)
         .env("MQBRIDGE_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "MQBRIDGE_ADMIN_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env_remove("MQBRIDGE_CONFIG");
     ChildBridge::spawn(cmd)
 }

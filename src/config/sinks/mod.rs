@@ -82,6 +82,17 @@ pub enum SinkSettings {
 }
 
 impl SinkSettings {
+    /// The sink's `type:`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkSettings::Postgres(_) => "postgres",
+            SinkSettings::Sqlite(_) => "sqlite",
+            SinkSettings::Republish(_) => "republish",
+            SinkSettings::File(_) => "file",
+            SinkSettings::Webhook(_) => "webhook",
+        }
+    }
+
     /// What every sink type's settings have: the shared settings and a description.
     pub fn spec(&self) -> &dyn SinkSpec {
         match self {

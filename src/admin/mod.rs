@@ -1,0 +1,190 @@
+//! The admin HTTP server: health for orchestrators, metrics for Prometheus, and a
+//! read-only view of the running config.
+//!
+//! | route | token | answers |
+//! |---|---|---|
+//! | `GET /healthz` | no | 200 while the process serves HTTP at all |
+//! | `GET /readyz` | no | 200, or 503 with the components that are not ready ([`crate::health`]) |
+//! | `GET /metrics` | yes | the Prometheus text format ([`exporter`]) |
+//! | `GET /api/v1/rules`, `/api/v1/sinks` | yes | JSON ([`api`]) |
+//!
+//! "Token" means `Authorization: Bearer <admin.token>` ([`auth`]); with no token
+//! configured, which config validation allows on a loopback address only, those routes
+//! are open to every process on this machine. [`app`] builds the router from a
+//! [`State`] (tests call it directly); [`serve`] runs it on a bound listener until the
+//! shutdown token fires, then finishes the requests in progress.
+
+pub mod api;
+pub mod auth;
+pub mod exporter;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State as Extract;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AdminPlan;
+use crate::health::Readiness;
+pub use api::{RuleView, SinkView};
+pub use auth::Token;
+
+/// What the admin server reads. `app` creates it before the components start (so that
+/// `/healthz` answers and `/readyz` says `bridge: starting` while sinks open) and adds each
+/// component as it starts.
+pub struct State {
+    pub readiness: Readiness,
+    /// None: the protected routes are open (loopback only, see the module docs).
+    pub token: Option<Arc<Token>>,
+    pub metrics: PrometheusHandle,
+    pub rules: Vec<RuleView>,
+    /// Added as each sink starts (a lock taken at start and per admin request only).
+    pub sinks: Mutex<Vec<SinkView>>,
+}
+
+impl State {
+    /// The sinks started so far.
+    pub fn sinks(&self) -> std::sync::MutexGuard<'_, Vec<SinkView>> {
+        self.sinks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The admin routes over `state`.
+pub fn app(state: Arc<State>) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/v1/rules", get(api::rules))
+        .route("/api/v1/sinks", get(api::sinks))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.token.clone(),
+            auth::require,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(protected)
+        .fallback(api::not_found)
+        .with_state(state)
+}
+
+/// Binds the admin address; the error names the setting.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("admin.listen: cannot listen on {addr}: {e}"))
+}
+
+/// A running admin server; [`Running::stop`] ends it (dropping it does too, without
+/// waiting).
+pub struct Running {
+    pub state: Arc<State>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Starts the admin server for `plan`: installs the metrics recorder (first, so that
+/// every component's metric handles record to it), reads the token, binds and serves.
+pub async fn start(plan: &AdminPlan, rules: Vec<RuleView>) -> anyhow::Result<Running> {
+    let metrics = exporter::install();
+    let token = plan
+        .token
+        .as_ref()
+        .map(Token::resolve)
+        .transpose()?
+        .map(Arc::new);
+    let listener = bind(plan.listen).await?;
+    let state = Arc::new(State {
+        readiness: Readiness::default(),
+        token,
+        metrics,
+        rules,
+        sinks: Mutex::default(),
+    });
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve(listener, Arc::clone(&state), stop.clone()));
+    Ok(Running {
+        state,
+        stop,
+        task: Some(task),
+    })
+}
+
+/// How long requests in progress may take to finish at shutdown.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Running {
+    /// Stops taking requests and waits (briefly) for those in progress.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            match tokio::time::timeout(STOP_GRACE, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin server failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "admin server task failed"),
+                Err(_) => tracing::debug!("admin requests still in progress at shutdown"),
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Serves [`app`] on `listener` until `shutdown`, then lets requests in progress finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, token = state.token.is_some(), "admin server listening");
+    }
+    tokio::spawn(exporter::upkeep(state.metrics.clone(), shutdown.clone()));
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// 200 `{"ready": true}`, or 503 `{"ready": false, "not_ready": [{component, reason}]}`.
+async fn readyz(Extract(state): Extract<Arc<State>>) -> Response {
+    let problems = state.readiness.problems();
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({ "ready": problems.is_empty(), "not_ready": problems });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
+    // Gauges read from the components at scrape time.
+    for sink in state.sinks().iter() {
+        metrics::gauge!("mqbridge_sink_queue_depth", "sink" => sink.name.to_string())
+            .set(sink.queue.depth() as f64);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests;

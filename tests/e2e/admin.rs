@@ -1,0 +1,354 @@
+//! The admin server of a running bridge (issue 11): health and readiness without a token,
+//! metrics and the API only with it, metric counts that match what was published, the
+//! token kept out of the logs, readiness that names a failing sink, and `run` refusing an
+//! address beyond loopback without a token.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::*;
+
+const TOKEN: &str = "e2e-admin-s3cret-7f3a";
+
+/// GET `url` (with the bearer token when given): status and body; None when nothing
+/// answers.
+async fn get(url: &str, token: Option<&str>) -> Option<(u16, String)> {
+    mqbridge::install_crypto();
+    let mut req = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+/// The value of the series `name{labels}` in a Prometheus text exposition.
+fn series(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn config(dir: &Path, broker_port: u16, admin_port: u16) -> String {
+    format!(
+        r#"
+broker:
+  url: mqtt://127.0.0.1:{broker_port}
+  client_id: admin-e2e
+spool: {{ path: {spool}, max_bytes: 16MiB }}
+sinks:
+  db: {{ type: sqlite, path: {db}, table: readings }}
+  alerts: {{ type: file, path: {alerts} }}
+  dlq: {{ type: file, path: {dlq} }}
+rules:
+  - name: readings
+    from: ["sensors/{{device}}/telemetry"]
+    transform: '{{device: .vars.device, seq: .payload.seq, temp: .payload.temp}}'
+    to: [db]
+  - name: hot
+    from: ["sensors/+/telemetry"]
+    filter: '.payload.temp >= 30'
+    to: [alerts]
+dead_letter: {{ sink: dlq }}
+admin:
+  listen: 127.0.0.1:{admin_port}
+  token: {TOKEN}
+"#,
+        spool = dir.join("spool").display(),
+        db = dir.join("t.db").display(),
+        alerts = dir.join("alerts.jsonl").display(),
+        dlq = dir.join("dead.jsonl").display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_bridge_reports_health_readiness_and_metrics_that_match_what_was_published() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    sqlite_create(
+        &db,
+        "CREATE TABLE readings (device TEXT, seq INTEGER, temp REAL)",
+    )
+    .await;
+    let admin_port = free_port();
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(&path, config(dir.path(), broker.port, admin_port)).unwrap();
+    let bridge = ChildBridge::start_subscribed(&path).await;
+    let base = format!("http://127.0.0.1:{admin_port}");
+
+    // Health and readiness: no token needed.
+    let (code, _) = get(&format!("{base}/healthz"), None).await.unwrap();
+    assert_eq!(code, 200);
+    let ready = eventually(Duration::from_secs(10), "/readyz 200", async || {
+        get(&format!("{base}/readyz"), None)
+            .await
+            .filter(|(code, _)| *code == 200)
+    })
+    .await;
+    assert_eq!(ready.1, r#"{"not_ready":[],"ready":true}"#);
+    let health = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_mqbridge"))
+            .args(["health", url])
+            .output()
+            .unwrap()
+    };
+    assert!(health(&format!("{base}/healthz")).status.success());
+    let nobody = format!("http://127.0.0.1:{}/healthz", free_port());
+    let out = health(&nobody);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&nobody),
+        "{out:?}"
+    );
+
+    // Everything else needs the token.
+    for route in ["/metrics", "/api/v1/rules", "/api/v1/sinks"] {
+        let url = format!("{base}{route}");
+        assert_eq!(get(&url, None).await.unwrap().0, 401, "{route}");
+        assert_eq!(get(&url, Some("not-it")).await.unwrap().0, 401, "{route}");
+        assert_eq!(get(&url, Some(TOKEN)).await.unwrap().0, 200, "{route}");
+    }
+    let (_, rules) = get(&format!("{base}/api/v1/rules"), Some(TOKEN))
+        .await
+        .unwrap();
+    let rules: serde_json::Value = serde_json::from_str(&rules).unwrap();
+    let names: Vec<&str> = rules["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["readings", "hot"]);
+    assert_eq!(rules["rules"][1]["from"][0], "sensors/+/telemetry");
+    assert_eq!(rules["rules"][1]["to"][0], "alerts");
+    let (_, sinks) = get(&format!("{base}/api/v1/sinks"), Some(TOKEN))
+        .await
+        .unwrap();
+    let sinks: serde_json::Value = serde_json::from_str(&sinks).unwrap();
+    for sink in sinks["sinks"].as_array().unwrap() {
+        assert_eq!(sink["healthy"], true, "{sink}");
+        assert!(sink["queue_depth"].is_u64(), "{sink}");
+    }
+    let kinds: Vec<(&str, &str)> = sinks["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("dlq", "file"), ("alerts", "file"), ("db", "sqlite")]
+    );
+
+    // Every configured rule and sink has its series from the start.
+    let (_, metrics) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
+    for rule in ["readings", "hot"] {
+        let s = format!("mqbridge_rule_messages_matched_total{{rule=\"{rule}\"}}");
+        assert_eq!(series(&metrics, &s), Some(0.0), "{s} in {metrics}");
+    }
+    for sink in ["db", "alerts", "dlq"] {
+        let s = format!("mqbridge_sink_records_written_total{{sink=\"{sink}\"}}");
+        assert_eq!(series(&metrics, &s), Some(0.0), "{s} in {metrics}");
+    }
+
+    // N messages, a quarter of them hot.
+    const N: i64 = 40;
+    let publisher = TestClient::connect(broker.port, "admin-e2e-pub").await;
+    publisher
+        .publish_all((0..N).map(|i| {
+            (
+                format!("sensors/d{}/telemetry", i % 4),
+                format!(r#"{{"seq": {i}, "temp": {}}}"#, i % 40),
+            )
+        }))
+        .await;
+    let expected = [
+        ("mqbridge_source_messages_received_total{qos=\"1\"}", N),
+        ("mqbridge_rule_messages_matched_total{rule=\"readings\"}", N),
+        (
+            "mqbridge_rule_messages_filtered_total{rule=\"readings\"}",
+            0,
+        ),
+        ("mqbridge_rule_records_total{rule=\"readings\"}", N),
+        ("mqbridge_rule_messages_matched_total{rule=\"hot\"}", N),
+        ("mqbridge_rule_messages_filtered_total{rule=\"hot\"}", 30),
+        ("mqbridge_rule_records_total{rule=\"hot\"}", 10),
+        ("mqbridge_sink_records_written_total{sink=\"db\"}", N),
+        ("mqbridge_sink_records_written_total{sink=\"alerts\"}", 10),
+        ("mqbridge_sink_records_written_total{sink=\"dlq\"}", 0),
+        ("mqbridge_sink_records_dead_lettered_total{sink=\"db\"}", 0),
+        ("mqbridge_sink_healthy{sink=\"db\"}", 1),
+        ("mqbridge_source_connected", 1),
+        ("mqbridge_spool_records", 0),
+    ];
+    let last = within(Duration::from_secs(20), async || {
+        let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await?;
+        expected
+            .iter()
+            .all(|&(s, want)| series(&text, s) == Some(want as f64))
+            .then_some(text)
+    })
+    .await;
+    let Some(metrics) = last else {
+        let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
+        let found: Vec<String> = expected
+            .iter()
+            .map(|&(s, want)| format!("{s}: want {want}, got {:?}", series(&text, s)))
+            .collect();
+        panic!("metrics never matched:\n{}", found.join("\n"));
+    };
+    assert_eq!(sqlite_count(&db, "readings").await, N);
+    assert_eq!(
+        series(
+            &metrics,
+            "mqbridge_rule_evaluation_seconds_count{rule=\"readings\"}"
+        ),
+        Some(N as f64)
+    );
+    assert!(
+        series(&metrics, "mqbridge_sink_batch_size_count{sink=\"db\"}").is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE mqbridge_sink_write_seconds histogram"));
+    assert!(metrics.contains("mqbridge_build_info{version=\""));
+    // Labels are configured names only: no topic, no client id.
+    assert!(!metrics.contains("sensors/"), "{metrics}");
+    assert!(!metrics.contains("admin-e2e"), "{metrics}");
+    print!("{metrics}");
+
+    // `check` does not print the token either.
+    let check = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains(&format!(
+            "admin: http://127.0.0.1:{admin_port}/ (token set in the file)"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains(TOKEN), "{out}");
+
+    let log = std::sync::Arc::clone(&bridge.log);
+    let (status, _) = bridge.terminate(Duration::from_secs(15)).await;
+    assert!(status.success());
+    let log = log.lock().unwrap().join("\n");
+    assert!(log.contains("admin server listening"), "{log}");
+    assert!(!log.contains(TOKEN), "the token is in the log:\n{log}");
+}
+
+/// A sink that cannot write makes `/readyz` answer 503 naming it, with its error, and
+/// `/api/v1/sinks` shows it unhealthy; the embedded broker's source is ready once it
+/// listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_a_sink_that_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt_port, admin_port, closed) = (free_port(), free_port(), free_port());
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r##"
+embedded: {{ listen: 127.0.0.1:{mqtt_port}, allow_anonymous: true }}
+spool: {{ path: {spool}, max_bytes: 16MiB }}
+sinks:
+  hook:
+    type: webhook
+    url: http://127.0.0.1:{closed}/ingest
+    timeout: 500ms
+    retry: {{ initial_delay: 50ms, max_delay: 200ms }}
+rules:
+  - {{ name: all, from: ["#"], to: [hook] }}
+admin: {{ listen: 127.0.0.1:{admin_port} }}
+"##,
+            spool = dir.path().join("spool").display(),
+        ),
+    )
+    .unwrap();
+    let bridge = ChildBridge::start(&path);
+    let base = format!("http://127.0.0.1:{admin_port}");
+    eventually(Duration::from_secs(20), "/readyz 200", async || {
+        get(&format!("{base}/readyz"), None)
+            .await
+            .filter(|(code, _)| *code == 200)
+    })
+    .await;
+    // No token configured, on loopback: the API is open.
+    assert_eq!(
+        get(&format!("{base}/api/v1/sinks"), None).await.unwrap().0,
+        200
+    );
+
+    let publisher = TestClient::connect(mqtt_port, "admin-e2e-ready").await;
+    // Acknowledged once spooled, so this returns although the hook is down.
+    publisher
+        .publish_all([("t/1".to_string(), "{}".to_string())])
+        .await;
+    let (_, body) = eventually(Duration::from_secs(20), "/readyz 503", async || {
+        get(&format!("{base}/readyz"), None)
+            .await
+            .filter(|(code, _)| *code == 503)
+    })
+    .await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let problems = body["not_ready"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{body}");
+    assert_eq!(problems[0]["component"], "sink hook", "{body}");
+    let reason = problems[0]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("last write failed: "), "{reason}");
+    let (_, sinks) = get(&format!("{base}/api/v1/sinks"), None).await.unwrap();
+    let sinks: serde_json::Value = serde_json::from_str(&sinks).unwrap();
+    assert_eq!(sinks["sinks"][0]["healthy"], false, "{sinks}");
+    assert_eq!(sinks["sinks"][0]["problem"], reason, "{sinks}");
+    let (_, metrics) = get(&format!("{base}/metrics"), None).await.unwrap();
+    assert_eq!(
+        series(&metrics, "mqbridge_sink_healthy{sink=\"hook\"}"),
+        Some(0.0)
+    );
+    assert!(
+        series(
+            &metrics,
+            "mqbridge_sink_records_retried_total{sink=\"hook\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    drop(bridge);
+}
+
+#[test]
+fn run_refuses_an_admin_address_beyond_loopback_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("open.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "embedded: {{ listen: 127.0.0.1:{}, allow_anonymous: true }}\nadmin:\n  listen: 0.0.0.0:{}\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    for command in ["run", "check"] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqbridge"));
+        match command {
+            "run" => cmd.args(["run", "--config"]),
+            _ => cmd.arg("check"),
+        };
+        let out = cmd.arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+        let want = format!("{}:3:11: admin.listen: 0.0.0.0:", path.display());
+        assert!(err.contains(&want), "{command}: {err}");
+        assert!(
+            err.contains("is reachable from other machines: set a token (admin.token, token_file or token_env), or listen on 127.0.0.1"),
+            "{command}: {err}"
+        );
+    }
+}
