@@ -35,7 +35,9 @@ use crate::health::{Readiness, Status};
 use crate::pipeline::Pipeline;
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter, SinkQueue};
+use crate::source::Source;
 use crate::source::intake::Handoff;
+use crate::source::mqtt::External;
 use publish::Upstream;
 
 /// Messages buffered between the source and the router.
@@ -153,29 +155,18 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
             let connected = Status::not_ready("not connected to the broker yet");
             readiness.add("source", connected.clone());
             metrics::gauge!("mqbridge_source_connected").set(0.0);
-            let run = crate::source::mqtt::run(
-                broker,
-                Handoff::new(tx),
+            let external = External {
+                plan: broker,
                 connected,
-                stop.clone(),
-                done.clone(),
-            );
-            tokio::spawn(async move { anyhow::Ok(run.await?) })
+            };
+            spawn_source(external, Handoff::new(tx), stop.clone(), done.clone())
         }
         (None, Some(embedded)) => {
             // Bound here, so that the source is ready (listening) once this returns.
-            let plan = plan
-                .embedded
-                .as_ref()
-                .expect("an embedded broker is planned");
-            let listeners = crate::broker::listener::bind_all(plan).await?;
+            let listening = embedded.listen().await?;
             readiness.add("source", Status::ready());
             metrics::gauge!("mqbridge_source_connected").set(1.0);
-            let serving = embedded.serve(listeners, Handoff::new(tx), stop.clone(), done.clone());
-            tokio::spawn(async move {
-                serving.await;
-                anyhow::Ok(())
-            })
+            spawn_source(listening, Handoff::new(tx), stop.clone(), done.clone())
         }
         (None, None) => unreachable!("checked above"),
     };
@@ -222,6 +213,16 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs `source` on a task of its own.
+fn spawn_source(
+    source: impl Source,
+    handoff: Handoff,
+    stop: CancellationToken,
+    done: CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move { Ok(source.run(handoff, stop, done).await?) })
 }
 
 /// Opens a sink and starts its driver; returns its queue.

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AdminPlan;
 use crate::health::Readiness;
 pub use api::{RuleView, SinkView};
-pub use auth::Token;
+pub use auth::{Token, TokenError};
 
 /// What the admin server reads. `app` creates it before the components start (so that
 /// `/healthz` answers and `/readyz` says `bridge: starting` while sinks open) and adds each
@@ -73,11 +73,23 @@ pub fn app(state: Arc<State>) -> Router {
         .with_state(state)
 }
 
+/// Why the admin server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("admin.listen: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
 /// Binds the admin address; the error names the setting.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("admin.listen: cannot listen on {addr}: {e}"))
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
 /// A running admin server; [`Running::stop`] ends it (dropping it does too, without
@@ -90,7 +102,7 @@ pub struct Running {
 
 /// Starts the admin server for `plan`: installs the metrics recorder (first, so that
 /// every component's metric handles record to it), reads the token, binds and serves.
-pub async fn start(plan: &AdminPlan, rules: Vec<RuleView>) -> anyhow::Result<Running> {
+pub async fn start(plan: &AdminPlan, rules: Vec<RuleView>) -> Result<Running, StartError> {
     let metrics = exporter::install();
     let token = plan
         .token

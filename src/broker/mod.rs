@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::EmbeddedPlan;
+use crate::source::Source;
 use crate::source::intake::Handoff;
 use auth::Auth;
 use router::Router;
@@ -156,21 +157,18 @@ impl Broker {
         }
     }
 
-    /// Binds the plan's listeners, then serves as [`Broker::serve`] does.
-    pub async fn run(
-        self,
-        handoff: Handoff,
-        stop: CancellationToken,
-        done: CancellationToken,
-    ) -> Result<(), listener::ListenError> {
+    /// Binds the plan's listeners: then the broker is a [`Source`] to run.
+    pub async fn listen(self) -> Result<Listening, listener::ListenError> {
         let listeners = listener::bind_all(&self.shared.plan).await?;
-        self.serve(listeners, handoff, stop, done).await;
-        Ok(())
+        Ok(Listening {
+            broker: self,
+            listeners,
+        })
     }
 
     /// Serves MQTT on `listeners` until `done`; see the module docs for `stop` and
     /// `done`. Returns after every connection has ended.
-    pub async fn serve(
+    async fn serve(
         self,
         listeners: Vec<listener::Listener>,
         handoff: Handoff,
@@ -227,6 +225,26 @@ impl Broker {
             from: None,
         });
         self.shared.route(stored, retain);
+    }
+}
+
+/// The broker with its listeners bound, ready to serve.
+pub struct Listening {
+    broker: Broker,
+    listeners: Vec<listener::Listener>,
+}
+
+impl Source for Listening {
+    type Error = std::convert::Infallible;
+
+    async fn run(
+        self,
+        handoff: Handoff,
+        stop: CancellationToken,
+        done: CancellationToken,
+    ) -> Result<(), Self::Error> {
+        self.broker.serve(self.listeners, handoff, stop, done).await;
+        Ok(())
     }
 }
 

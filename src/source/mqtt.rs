@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::Source;
 use super::intake::{Handoff, Intake};
 use crate::config::BrokerPlan;
 use crate::delivery::Ack;
@@ -33,11 +34,29 @@ use crate::health::Status;
 use crate::message::Message;
 use crate::mqtt::{self, AckToken, Client, Incoming, ReconnectBackoff};
 
-/// Runs the source until `done` is cancelled. After `stop` is cancelled it takes no new
-/// messages (they stay unacknowledged and the broker redelivers them) but keeps the
-/// connection so acknowledgements of settling messages still go out. `connected` is
-/// ready while connected (for `/readyz`; `mqbridge_source_connected` follows it).
-pub async fn run(
+/// The external broker as a [`Source`]. `connected` is ready while connected (for
+/// `/readyz`; `mqbridge_source_connected` follows it).
+pub struct External {
+    pub plan: BrokerPlan,
+    pub connected: Status,
+}
+
+impl Source for External {
+    type Error = mqtt::ConnectError;
+
+    /// After `stop` the connection is kept, so that acknowledgements of settling messages
+    /// still go out.
+    async fn run(
+        self,
+        handoff: Handoff,
+        stop: CancellationToken,
+        done: CancellationToken,
+    ) -> Result<(), mqtt::ConnectError> {
+        run(self.plan, handoff, self.connected, stop, done).await
+    }
+}
+
+async fn run(
     plan: BrokerPlan,
     handoff: Handoff,
     connected: Status,

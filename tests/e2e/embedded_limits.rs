@@ -5,6 +5,7 @@
 use std::io::Read;
 use std::time::Duration;
 
+use mqbridge::source::Source;
 use mqbridge::source::intake::Handoff;
 use rumqttc::mqttbytes::v4;
 use tokio::sync::mpsc;
@@ -34,11 +35,8 @@ async fn embedded_max_connections_and_refused_publishes_are_counted() {
         }
     });
     let (stop, done) = (CancellationToken::new(), CancellationToken::new());
-    let task = tokio::spawn(
-        broker
-            .clone()
-            .run(Handoff::new(tx), stop.clone(), done.clone()),
-    );
+    let listening = broker.clone().listen().await.unwrap();
+    let task = tokio::spawn(listening.run(Handoff::new(tx), stop.clone(), done.clone()));
     eventually(
         Duration::from_secs(10),
         "the broker to listen",
