@@ -2,13 +2,13 @@
 //! each one only once it is stored.
 //!
 //! ```text
-//!  broker ──▶ source::mqtt ──Message──▶ [spool] ──▶ pipeline (rules: decode ▶ filter ▶ transform)
-//!  (or devices ──▶ broker, the embedded one ──Message──▶ the same path)
+//!  broker ──▶ source::mqtt ──▶ source::intake ──Message──▶ [spool] ──▶ pipeline (rules: decode ▶ filter ▶ transform)
+//!  (or devices ──▶ broker, the embedded one, each connection ──▶ its own intake ──▶ the same path)
 //!                 ▲                                     │ records, each holding a share of the message's Ack
 //!                 │                                     ▼
-//!                 │                sink::driver (queue ▶ batch ▶ write ▶ retry ▶ split) ──▶ postgres / sqlite / webhook / republish / file
+//!                 │                sink::driver (queue ▶ batch ▶ write ▶ per-record retry) ──▶ postgres / sqlite / webhook / republish / file
 //!                 │                                     └──▶ dead letter (another sink) with the reason
-//!                 └── PUBACK/PUBREC in arrival order (delivery::AckSequencer) once the message is
+//!                 └── PUBACK/PUBREC in arrival order (the intake's AckSequencer) once the message is
 //!                     fsynced to the spool, or, without a spool, once every share settled
 //! ```
 //!
@@ -19,8 +19,10 @@
 //!   component: components take their settings from it as values.
 //! - [`topic`]: MQTT topic filters, matching and `{name}` captures.
 //! - [`mqtt`]: rumqttc connection options.
-//! - [`source`]: where messages come from (an external broker), or [`broker`]: the
-//!   embedded MQTT broker devices connect to, which feeds the same pipeline in-process.
+//! - [`source`]: where messages come from: the [`source::Source`] trait, the external
+//!   broker's client, and [`source::intake`], the one hand-off every connection uses; or
+//!   [`broker`]: the embedded MQTT broker devices connect to, a `Source` too, whose
+//!   connections hand off through the same intake.
 //! - [`message`]: the [`message::Message`] passed along.
 //! - [`spool`]: the durable local log between the source and the rules (optional).
 //! - [`rule`]: decode, jq filter/transform, templates; [`pipeline`] routes messages through them,
