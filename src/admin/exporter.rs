@@ -39,6 +39,18 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Always 1; the version in the `version` label.",
     ),
+    (
+        "mqbridge_process_resident_memory_bytes",
+        Kind::Gauge,
+        Unit::Bytes,
+        "Resident memory of the process (refreshed every 5 s).",
+    ),
+    (
+        "mqbridge_process_open_fds",
+        Kind::Gauge,
+        Unit::Count,
+        "Open file descriptors of the process (refreshed every 5 s).",
+    ),
     // Source.
     (
         "mqbridge_source_connected",
@@ -70,6 +82,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "QoS 1/2 messages taken and not yet acknowledged upstream.",
     ),
+    (
+        "mqbridge_source_oldest_unsettled_seconds",
+        Kind::Gauge,
+        Unit::Seconds,
+        "Age of the oldest message taken and not yet settled (0 when none); it holds back the acknowledgements after it.",
+    ),
     // Spool.
     (
         "mqbridge_spool_bytes",
@@ -82,6 +100,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Gauge,
         Unit::Bytes,
         "spool.max_bytes: acknowledgements stop once the spool reaches it.",
+    ),
+    (
+        "mqbridge_spool_fsync_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "Time of each group commit's write and fdatasync.",
     ),
     (
         "mqbridge_spool_records",
@@ -216,7 +240,10 @@ pub async fn upkeep(handle: PrometheusHandle, stop: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => handle.run_upkeep(),
+            _ = tick.tick() => {
+                handle.run_upkeep();
+                super::process::record();
+            }
             _ = stop.cancelled() => return,
         }
     }

@@ -17,6 +17,7 @@
 pub mod api;
 pub mod auth;
 pub mod exporter;
+mod process;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

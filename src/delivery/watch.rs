@@ -104,16 +104,19 @@ impl Watch {
     }
 
     /// Logs each message unsettled for longer than `after`, checking every `after / 4`
-    /// (at most every 10 s), until cancelled.
+    /// (at most every second), and keeps `mqbridge_source_oldest_unsettled_seconds` up to
+    /// date, until cancelled.
     pub async fn run(self: Arc<Self>, after: Duration, stop: tokio_util::sync::CancellationToken) {
+        let oldest = metrics::gauge!("mqbridge_source_oldest_unsettled_seconds");
         let mut tick = tokio::time::interval(
-            (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(10)),
+            (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
         );
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
             }
+            oldest.set(self.oldest().unwrap_or_default());
             for (topic, age) in self.overdue(after) {
                 tracing::warn!(%topic, unsettled_for = ?age, "a message is still not settled (its records are neither written nor dead-lettered); it holds back the acknowledgements after it");
             }

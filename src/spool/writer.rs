@@ -52,8 +52,10 @@ pub fn run(
             // Stopping while full: these stay unacknowledged, so they are sent again.
             return Ok(());
         }
+        let started = std::time::Instant::now();
         file.write_all(&buf)?;
         file.sync_data()?;
+        metrics::histogram!("mqbridge_spool_fsync_seconds").record(started.elapsed());
         let seal = {
             let mut st = shared.state();
             st.committed = seq;

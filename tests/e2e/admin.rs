@@ -216,6 +216,18 @@ async fn a_running_bridge_reports_health_readiness_and_metrics_that_match_what_w
     );
     assert!(metrics.contains("# TYPE mqbridge_sink_write_seconds histogram"));
     assert!(metrics.contains("mqbridge_build_info{version=\""));
+    // Spool commits, the process's own gauges, and the age of the oldest unsettled
+    // message (nothing is left unsettled: at most a second's staleness).
+    let has = |name: &str, ok: &dyn Fn(f64) -> bool| {
+        assert!(
+            series(&metrics, name).is_some_and(ok),
+            "{name} in {metrics}"
+        )
+    };
+    has("mqbridge_spool_fsync_seconds_count", &|n| n >= 1.0);
+    has("mqbridge_process_resident_memory_bytes", &|b| b > 1e6);
+    has("mqbridge_process_open_fds", &|n| n >= 3.0);
+    has("mqbridge_source_oldest_unsettled_seconds", &|s| s < 60.0);
     // Labels are configured names only: no topic, no client id.
     assert!(!metrics.contains("sensors/"), "{metrics}");
     assert!(!metrics.contains("admin-e2e"), "{metrics}");
