@@ -255,6 +255,122 @@ fn check_fails_on_what_run_would_miss_on_this_machine() {
     );
 }
 
+/// Every config the repository ships (`config/*.yaml`, `config/examples/*.yaml`, found by
+/// listing the directories) passes `mqbridge check`, given the variables and files it names.
+#[test]
+fn check_passes_on_every_shipped_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut configs: Vec<PathBuf> = ["config", "config/examples"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(root.join(dir)).unwrap())
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    configs.sort();
+    assert!(
+        configs.iter().any(|p| p.ends_with("config/mqbridge.yaml"))
+            && configs
+                .iter()
+                .any(|p| p.starts_with(root.join("config/examples"))),
+        "{configs:?}"
+    );
+
+    let mut failures = Vec::new();
+    for cfg in &configs {
+        // A directory of its own per config: the relative paths (data/...) point into it.
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(cfg).unwrap();
+        let needs = what_check_needs(&text, dir.path());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqbridge"));
+        cmd.arg("check").arg(cfg).current_dir(dir.path());
+        for name in &needs.unset {
+            cmd.env_remove(name);
+        }
+        cmd.envs(needs.set.iter().map(|(k, v)| (k, v)));
+        let out = cmd.output().unwrap();
+        let code = out.status.code().unwrap_or(-1);
+        if code != 0 || !needs.problems.is_empty() {
+            failures.push(format!(
+                "{} (exit {code}, env {:?}):\n{}{}{}",
+                cfg.display(),
+                needs.set,
+                needs
+                    .problems
+                    .iter()
+                    .map(|p| p.clone() + "\n")
+                    .collect::<String>(),
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout),
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+}
+
+/// What `mqbridge check` needs from the machine to pass on a shipped config, provided in
+/// `dir` (its working directory) instead of on this machine: read from the file's text,
+/// comment lines aside, as a user would read it.
+#[derive(Default)]
+struct CheckNeeds {
+    /// Variables to set: each `${NAME}` without a default, and each `secret_env` and
+    /// `token_env`, to a dummy value; each `${NAME_FILE...}` to a file made in `dir`.
+    set: Vec<(String, String)>,
+    /// Variables with a default (`${NAME:-default}`), unset so the default is what is checked.
+    unset: Vec<String>,
+    /// What the test cannot provide: a `*_file:` written as an absolute path (a shipped
+    /// config makes it relative, or `${NAME_FILE:-/absolute/path}`).
+    problems: Vec<String>,
+}
+
+fn what_check_needs(text: &str, dir: &Path) -> CheckNeeds {
+    let mut needs = CheckNeeds::default();
+    let dummy_file = |name: &str| {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "dummy\n").unwrap();
+        path.display().to_string()
+    };
+    for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            let end = start + rest[start..].find('}').unwrap();
+            let (name, default) = match rest[start + 2..end].split_once(":-") {
+                Some((name, _)) => (name, true),
+                None => (&rest[start + 2..end], false),
+            };
+            if name.ends_with("_FILE") {
+                needs.set.push((name.into(), dummy_file(name)));
+            } else if default {
+                needs.unset.push(name.into());
+            } else {
+                needs.set.push((name.into(), "dummy".into()));
+            }
+            rest = &rest[end..];
+        }
+        // `key: value` pairs, in block (`key: value  # comment`) and flow (`{ k: v, k: v }`) style.
+        let line = line.split(" #").next().unwrap();
+        for (key, value) in line
+            .split(['{', '}', ','])
+            .filter_map(|p| p.split_once(':'))
+        {
+            let key = key.trim().trim_start_matches("- ");
+            let value = value.trim().trim_matches('"');
+            if key.ends_with("secret_env") || key.ends_with("token_env") {
+                needs.set.push((value.into(), "dummy".into()));
+            } else if key.ends_with("_file") && !value.starts_with('$') {
+                if Path::new(value).is_absolute() {
+                    needs.problems.push(format!(
+                        "{key}: {value} is absolute: write it relative or as ${{NAME_FILE:-{value}}}"
+                    ));
+                } else {
+                    dummy_file(value);
+                }
+            }
+        }
+    }
+    needs
+}
+
 #[test]
 fn schema_is_json_schema_of_the_rules_file() {
     let (code, out, _) = mqbridge(&["schema"]);
