@@ -78,6 +78,9 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         Some(p) => Some(crate::broker::Broker::open(p).await?),
         None => None,
     };
+    if let (Some(admin), Some(embedded)) = (&admin, &embedded) {
+        let _ = admin.state.broker.set(embedded.clone());
+    }
     let upstream = match (&embedded, &broker) {
         (Some(embedded), _) => Upstream::Embedded(embedded),
         (None, Some(broker)) => Upstream::External(broker),

@@ -37,8 +37,11 @@
 //! - [`health`]: the readiness registry the source, the spool and the sinks update;
 //!   [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`, `/api/v1/…`),
 //!   started first and stopped last by `app`. Metrics are recorded where the work happens
-//!   (`metrics::counter!` and the like in `source`, `spool`, `pipeline` and
-//!   `sink::driver`) and rendered by [`admin::exporter`].
+//!   (`metrics::counter!` and the like in `source`, `spool`, `pipeline`, `broker::stats`
+//!   and `sink::driver`) and rendered by [`admin::exporter`]; gauges the components can
+//!   answer cheaply (sink queue depths, the embedded broker's sessions) are read when
+//!   `/metrics` is scraped. `admin` also reads the embedded broker (`/api/v1/clients`),
+//!   which `app` hands it.
 //!
 //! Dependencies point one way (no cycles): `app` imports the components (`source`,
 //! `broker`, `spool`, `pipeline`, `sink`, `admin`); they import `config`, which hands

@@ -1,7 +1,7 @@
 //! `/api/v1/…`: the running config as JSON, read-only. What a route answers is built
 //! from the plan once at start (names, filters, targets, types; nothing secret: sink
 //! descriptions are the ones `mqbridge check` prints, URLs without passwords) plus the
-//! live values read per request (queue depths, health).
+//! live values read per request (queue depths, health, the embedded broker's clients).
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::State;
+use crate::broker::Client;
 use crate::config::SinkPlan;
 use crate::health::Status;
 use crate::rule::Rule;
@@ -81,13 +82,52 @@ pub async fn sinks(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Valu
     Json(serde_json::json!({ "sinks": sinks }))
 }
 
+/// The embedded broker's sessions, connected or offline (persistent sessions waiting
+/// for their client), by client id; 404 when mqbridge reads an external broker.
+pub async fn clients(Extract(state): Extract<Arc<State>>) -> Response {
+    let Some(broker) = state.broker.get() else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({
+                "error": "no embedded broker: mqbridge reads an external broker (`broker:`), whose clients it does not see",
+            })),
+        )
+            .into_response();
+    };
+    let clients: Vec<serde_json::Value> = broker.clients().iter().map(client_json).collect();
+    Json(serde_json::json!({ "clients": clients })).into_response()
+}
+
+/// One session as `/api/v1/clients` lists it: `connected`, and (while connected) the
+/// peer address, protocol version and connection time (RFC 3339); null when offline.
+fn client_json(c: &Client) -> serde_json::Value {
+    let conn = c.connection.as_ref();
+    let subscriptions: Vec<serde_json::Value> = c
+        .subscriptions
+        .iter()
+        .map(|(filter, qos)| serde_json::json!({ "filter": filter, "qos": qos }))
+        .collect();
+    serde_json::json!({
+        "client_id": c.client_id,
+        "username": c.username,
+        "connected": conn.is_some(),
+        "peer": conn.map(|c| c.peer.to_string()),
+        "protocol": conn.map(|c| c.version.name()),
+        "connected_since": conn.map(|c| c.since.to_string()),
+        "subscriptions": subscriptions,
+        "queued": c.queued,
+        "inflight": c.inflight,
+        "session_expiry": c.session_expiry,
+    })
+}
+
 /// Any other path: 404 with a JSON body that lists the routes.
 pub async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(serde_json::json!({
             "error": "no such route",
-            "routes": ["/healthz", "/readyz", "/metrics", "/api/v1/rules", "/api/v1/sinks"],
+            "routes": ["/healthz", "/readyz", "/metrics", "/api/v1/rules", "/api/v1/sinks", "/api/v1/clients"],
         })),
     )
         .into_response()

@@ -88,6 +88,61 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Seconds,
         "Age of the oldest message taken and not yet settled (0 when none); it holds back the acknowledgements after it.",
     ),
+    // Embedded broker.
+    (
+        "mqbridge_broker_connections",
+        Kind::Gauge,
+        Unit::Count,
+        "Open client connections to the embedded broker.",
+    ),
+    (
+        "mqbridge_broker_sessions",
+        Kind::Gauge,
+        Unit::Count,
+        "Embedded broker sessions, connected or offline.",
+    ),
+    (
+        "mqbridge_broker_subscriptions",
+        Kind::Gauge,
+        Unit::Count,
+        "Subscriptions over every embedded broker session.",
+    ),
+    (
+        "mqbridge_broker_queued_messages",
+        Kind::Gauge,
+        Unit::Count,
+        "Messages waiting in the embedded broker's session queues.",
+    ),
+    (
+        "mqbridge_broker_retained_messages",
+        Kind::Gauge,
+        Unit::Count,
+        "Topics with a retained message in the embedded broker.",
+    ),
+    (
+        "mqbridge_broker_messages_received_total",
+        Kind::Counter,
+        Unit::Count,
+        "PUBLISH packets the embedded broker's clients sent.",
+    ),
+    (
+        "mqbridge_broker_messages_sent_total",
+        Kind::Counter,
+        Unit::Count,
+        "PUBLISH packets the embedded broker sent to subscribers.",
+    ),
+    (
+        "mqbridge_broker_messages_dropped_total",
+        Kind::Counter,
+        Unit::Count,
+        "Messages the embedded broker dropped, by reason: queue_full, offline_qos0, expired, too_large, acl.",
+    ),
+    (
+        "mqbridge_broker_connections_refused_total",
+        Kind::Counter,
+        Unit::Count,
+        "CONNECTs refused because max_connections clients were connected.",
+    ),
     // Spool.
     (
         "mqbridge_spool_bytes",

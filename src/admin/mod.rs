@@ -7,6 +7,7 @@
 //! | `GET /readyz` | no | 200, or 503 with the components that are not ready ([`crate::health`]) |
 //! | `GET /metrics` | yes | the Prometheus text format ([`exporter`]) |
 //! | `GET /api/v1/rules`, `/api/v1/sinks` | yes | JSON ([`api`]) |
+//! | `GET /api/v1/clients` | yes | JSON: the embedded broker's sessions ([`api`]); 404 without one |
 //!
 //! "Token" means `Authorization: Bearer <admin.token>` ([`auth`]); with no token
 //! configured, which config validation allows on a loopback address only, those routes
@@ -20,7 +21,7 @@ pub mod exporter;
 mod process;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
 use axum::extract::State as Extract;
@@ -31,6 +32,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::Broker;
 use crate::config::AdminPlan;
 use crate::health::Readiness;
 pub use api::{RuleView, SinkView};
@@ -47,6 +49,9 @@ pub struct State {
     pub rules: Vec<RuleView>,
     /// Added as each sink starts (a lock taken at start and per admin request only).
     pub sinks: Mutex<Vec<SinkView>>,
+    /// The embedded broker, once opened (unset when mqbridge reads an external broker):
+    /// its gauges are read when `/metrics` is scraped, its sessions by `/api/v1/clients`.
+    pub broker: OnceLock<Broker>,
 }
 
 impl State {
@@ -62,6 +67,7 @@ pub fn app(state: Arc<State>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/rules", get(api::rules))
         .route("/api/v1/sinks", get(api::sinks))
+        .route("/api/v1/clients", get(api::clients))
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require,
@@ -118,6 +124,7 @@ pub async fn start(plan: &AdminPlan, rules: Vec<RuleView>) -> Result<Running, St
         metrics,
         rules,
         sinks: Mutex::default(),
+        broker: OnceLock::new(),
     });
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(listener, Arc::clone(&state), stop.clone()));
@@ -188,6 +195,18 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
     for sink in state.sinks().iter() {
         metrics::gauge!("mqbridge_sink_queue_depth", "sink" => sink.name.to_string())
             .set(sink.queue.depth() as f64);
+    }
+    if let Some(broker) = state.broker.get() {
+        let stats = broker.stats();
+        for (name, value) in [
+            ("mqbridge_broker_connections", stats.connections),
+            ("mqbridge_broker_sessions", stats.sessions),
+            ("mqbridge_broker_subscriptions", stats.subscriptions),
+            ("mqbridge_broker_queued_messages", stats.queued),
+            ("mqbridge_broker_retained_messages", stats.retained),
+        ] {
+            metrics::gauge!(name).set(value as f64);
+        }
     }
     (
         [(

@@ -31,6 +31,7 @@ async fn server(token: Option<&str>) -> Server {
             to: vec!["db".into()],
         }],
         sinks: Mutex::default(),
+        broker: OnceLock::new(),
     });
     let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -97,6 +98,12 @@ async fn metrics_and_the_api_need_the_token() {
         "{metrics}"
     );
     assert_eq!(get(&format!("{}/nowhere", s.base), None).await.0, 404);
+    // Without an embedded broker: 404 that says so (and still behind the token).
+    let clients = format!("{}/api/v1/clients", s.base);
+    assert_eq!(get(&clients, None).await.0, 401);
+    let (code, body) = get(&clients, Some("t0ken")).await;
+    assert_eq!(code, 404);
+    assert!(body.contains("no embedded broker"), "{body}");
 }
 
 #[tokio::test]

@@ -19,6 +19,8 @@
 //! - [`router`]: sessions by client id, fan-out to subscriptions (incl. shared ones).
 //! - [`retained`]: retained messages.
 //! - [`store`]: optional persistence of sessions and retained messages (SQLite).
+//! - [`stats`]: the counters (Prometheus, through `metrics`), and the snapshots the
+//!   admin server reads: [`Broker::stats`], [`Broker::clients`].
 //!
 //! Guarantees: a publisher's QoS 1/2 message is acknowledged only after every rule
 //! record made from it settled (written or dead-lettered); subscribers receive it at
@@ -38,6 +40,7 @@ pub mod listener;
 pub mod retained;
 pub mod router;
 pub mod session;
+pub mod stats;
 pub mod store;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -51,26 +54,8 @@ use crate::source::Source;
 use crate::source::intake::Handoff;
 use auth::Auth;
 use router::Router;
-
-/// Counters of what the broker refused or dropped (logged, read through
-/// [`Broker::stats`]; the admin API's metrics will export them).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// PUBLISHes refused by the ACL.
-    pub publish_denied: AtomicU64,
-    /// CONNECTs refused because `max_connections` clients were connected.
-    pub connections_refused: AtomicU64,
-}
-
-/// A snapshot of the broker's gauges and counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Open client connections (past the TLS/WebSocket handshake; counted before their
-    /// CONNECT, as `max_connections` counts them).
-    pub connections: usize,
-    pub publish_denied: u64,
-    pub connections_refused: u64,
-}
+use stats::Counters;
+pub use stats::{Client, Connection, Dropped, Stats};
 
 /// What every connection shares.
 pub(crate) struct Shared {
@@ -99,7 +84,7 @@ impl Shared {
         if retain {
             state.retained.set(Arc::clone(&stored));
         }
-        state.route(&stored, retain, max, &self.auth);
+        state.route(&stored, retain, max, &self.auth, &self.counters);
     }
 }
 
@@ -146,15 +131,24 @@ impl Broker {
         Ok(broker)
     }
 
-    /// The current counters (cheap: atomic loads).
+    /// The current gauges and counters (one pass over the sessions, under the lock).
     pub fn stats(&self) -> Stats {
         use std::sync::atomic::Ordering::Relaxed;
-        let c = &self.shared.counters;
-        Stats {
-            connections: self.shared.connections.load(Relaxed),
-            publish_denied: c.publish_denied.load(Relaxed),
-            connections_refused: c.connections_refused.load(Relaxed),
-        }
+        let connections = self.shared.connections.load(Relaxed);
+        Stats::read(connections, &self.shared.counters, &self.shared.lock())
+    }
+
+    /// Every session, connected or offline, by client id.
+    pub fn clients(&self) -> Vec<Client> {
+        let state = self.shared.lock();
+        let mut clients: Vec<Client> = state
+            .sessions
+            .iter()
+            .map(|(id, s)| Client::of(id, s))
+            .collect();
+        drop(state);
+        clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        clients
     }
 
     /// Binds the plan's listeners: then the broker is a [`Source`] to run.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use super::auth::Auth;
 use super::retained::Retained;
 use super::session::{Outbound, Session, Stored};
+use super::stats::Counters;
 use crate::topic::filter_matches;
 
 /// A member of a shared subscription group: (client id, qos, subscription id, online).
@@ -29,13 +30,15 @@ pub struct Router {
 
 impl Router {
     /// Delivers `msg` to every matching subscription's queue; returns how many sessions
-    /// got it. `retain` is the flag as published (kept only for retain-as-published).
+    /// got it (the others' drops are counted in `counters`). `retain` is the flag as
+    /// published (kept only for retain-as-published).
     pub fn route(
         &mut self,
         msg: &Arc<Stored>,
         retain: bool,
         max_queued: usize,
         auth: &Auth,
+        counters: &Counters,
     ) -> usize {
         let topic = msg.topic.as_str();
         let mut deliveries: Vec<(String, Outbound)> = Vec::new();
@@ -92,10 +95,13 @@ impl Router {
         }
         let mut delivered = 0;
         for (client_id, out) in deliveries {
-            if let Some(s) = self.sessions.get_mut(&client_id)
-                && s.enqueue(out, max_queued)
-            {
-                delivered += 1;
+            if let Some(s) = self.sessions.get_mut(&client_id) {
+                match s.enqueue(out, max_queued) {
+                    Ok(()) => delivered += 1,
+                    Err(why) => {
+                        counters.dropped(why);
+                    }
+                }
             }
         }
         delivered
@@ -107,8 +113,6 @@ mod tests {
     use super::super::session::{Link, Subscription};
     use super::*;
     use bytes::Bytes;
-    use tokio::sync::Notify;
-    use tokio_util::sync::CancellationToken;
 
     fn msg(topic: &str, qos: u8, from: Option<&str>) -> Arc<Stored> {
         Arc::new(Stored {
@@ -134,11 +138,7 @@ mod tests {
 
     fn session(subs: Vec<(&str, Subscription)>) -> Session {
         let mut s = Session::new(0);
-        s.link = Some(Link {
-            conn_id: 1,
-            notify: Arc::new(Notify::new()),
-            kick: CancellationToken::new(),
-        });
+        s.link = Some(Link::for_test(1));
         for (k, v) in subs {
             s.subscriptions.insert(k.into(), v);
         }
@@ -155,12 +155,24 @@ mod tests {
         r.sessions
             .insert("c".into(), session(vec![("a/#", a), ("a/+", b)]));
         assert_eq!(
-            r.route(&msg("a/x", 2, None), false, 10, &Auth::default()),
+            r.route(
+                &msg("a/x", 2, None),
+                false,
+                10,
+                &Auth::default(),
+                &Counters::default()
+            ),
             1
         );
         let s = r.sessions.get_mut("c").unwrap();
         assert_eq!(s.queued(), 1);
-        let sent = s.take_sendable(10, 10, None, super::super::codec::Version::V5);
+        let sent = s.take_sendable(
+            10,
+            10,
+            None,
+            super::super::codec::Version::V5,
+            &Counters::default(),
+        );
         let super::super::codec::Outgoing::Publish(p) = &sent[0] else {
             panic!()
         };
@@ -183,17 +195,35 @@ mod tests {
         r.sessions
             .insert("me".into(), session(vec![("#", sub("#", 1)), ("t", own)]));
         assert_eq!(
-            r.route(&msg("$SYS/x", 1, None), false, 10, &Auth::default()),
+            r.route(
+                &msg("$SYS/x", 1, None),
+                false,
+                10,
+                &Auth::default(),
+                &Counters::default()
+            ),
             0
         );
         // '#' still matches for "me": no-local applies per subscription.
         assert_eq!(
-            r.route(&msg("t", 1, Some("me")), false, 10, &Auth::default()),
+            r.route(
+                &msg("t", 1, Some("me")),
+                false,
+                10,
+                &Auth::default(),
+                &Counters::default()
+            ),
             1
         );
         r.sessions.get_mut("me").unwrap().subscriptions.remove("#");
         assert_eq!(
-            r.route(&msg("t", 1, Some("me")), false, 10, &Auth::default()),
+            r.route(
+                &msg("t", 1, Some("me")),
+                false,
+                10,
+                &Auth::default(),
+                &Counters::default()
+            ),
             0
         );
     }
@@ -209,7 +239,13 @@ mod tests {
         }
         for _ in 0..4 {
             assert_eq!(
-                r.route(&msg("work/1", 1, None), false, 10, &Auth::default()),
+                r.route(
+                    &msg("work/1", 1, None),
+                    false,
+                    10,
+                    &Auth::default(),
+                    &Counters::default()
+                ),
                 1
             );
         }

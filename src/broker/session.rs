@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{Outgoing, Publish, PublishProperties, Version};
+use super::stats::{Counters, Dropped};
 
 /// A published message as the broker keeps it (shared by every subscriber's queue).
 #[derive(Debug)]
@@ -78,6 +79,25 @@ pub struct Link {
     pub notify: Arc<Notify>,
     /// Cancelled when another connection takes the session over.
     pub kick: CancellationToken,
+    /// Where the client connects from, how, and since when (for `/api/v1/clients`).
+    pub peer: std::net::SocketAddr,
+    pub version: Version,
+    pub since: jiff::Timestamp,
+}
+
+#[cfg(test)]
+impl Link {
+    /// A connection from 127.0.0.1:1 (tests).
+    pub fn for_test(conn_id: u64) -> Link {
+        Link {
+            conn_id,
+            notify: Arc::new(Notify::new()),
+            kick: CancellationToken::new(),
+            peer: ([127, 0, 0, 1], 1).into(),
+            version: Version::V5,
+            since: jiff::Timestamp::UNIX_EPOCH,
+        }
+    }
 }
 
 /// State of an inbound QoS 2 message (by packet id).
@@ -203,10 +223,17 @@ impl Session {
         self.queue.iter().skip(from).cloned().collect()
     }
 
-    /// Queues a message; false when it was dropped (queue full, or QoS 0 while offline).
-    pub fn enqueue(&mut self, out: Outbound, max_queued: usize) -> bool {
+    /// Queues a message, or says why it was dropped (queue full, or QoS 0 while offline).
+    pub fn enqueue(&mut self, out: Outbound, max_queued: usize) -> Result<(), Dropped> {
         let offline = self.link.is_none();
-        if (out.qos == 0 && offline) || self.queue.len() >= max_queued {
+        let dropped = if out.qos == 0 && offline {
+            Some(Dropped::OfflineQos0)
+        } else if self.queue.len() >= max_queued {
+            Some(Dropped::QueueFull)
+        } else {
+            None
+        };
+        if let Some(dropped) = dropped {
             self.dropped += 1;
             if self.dropped.is_power_of_two() {
                 tracing::warn!(
@@ -214,7 +241,7 @@ impl Session {
                     "embedded broker: dropping messages for a subscriber (queue full, or QoS 0 while offline)"
                 );
             }
-            return false;
+            return Err(dropped);
         }
         if self.dirty == Dirty::Clean {
             self.dirty = Dirty::Appended {
@@ -225,7 +252,7 @@ impl Session {
         if let Some(link) = &self.link {
             link.notify.notify_one();
         }
-        true
+        Ok(())
     }
 
     pub fn queued(&self) -> usize {
@@ -248,13 +275,14 @@ impl Session {
 
     /// Takes up to `room` messages off the queue for sending, keeping at most `window`
     /// QoS 1/2 messages in flight. Messages larger than `max_packet` (the client's limit)
-    /// are dropped, as MQTT 5 requires; expired ones too.
+    /// are dropped, as MQTT 5 requires; expired ones too (each counted in `counters`).
     pub fn take_sendable(
         &mut self,
         mut room: usize,
         window: usize,
         max_packet: Option<u32>,
         version: Version,
+        counters: &Counters,
     ) -> Vec<Outgoing> {
         let now = Instant::now();
         let mut out = Vec::new();
@@ -265,6 +293,7 @@ impl Session {
             if front.msg.expired(now) {
                 self.queue.pop_front();
                 self.touch();
+                counters.dropped(Dropped::Expired);
                 continue;
             }
             if front.qos > 0 && self.inflight.len() >= window {
@@ -278,6 +307,7 @@ impl Session {
                 && super::codec::encoded_len(&Outgoing::Publish(publish.clone()), version)
                     > max as usize
             {
+                counters.dropped(Dropped::TooLarge);
                 continue;
             }
             if o.qos > 0 {
@@ -395,41 +425,45 @@ mod tests {
 
     fn online() -> Session {
         let mut s = Session::new(0);
-        s.link = Some(Link {
-            conn_id: 1,
-            notify: Arc::new(Notify::new()),
-            kick: CancellationToken::new(),
-        });
+        s.link = Some(Link::for_test(1));
         s
     }
 
     #[test]
     fn bounded_queue_drops_when_full_and_qos0_offline() {
         let mut s = online();
-        assert!(s.enqueue(out(1), 2));
-        assert!(s.enqueue(out(0), 2));
-        assert!(!s.enqueue(out(2), 2));
+        assert!(s.enqueue(out(1), 2).is_ok());
+        assert!(s.enqueue(out(0), 2).is_ok());
+        assert_eq!(s.enqueue(out(2), 2), Err(Dropped::QueueFull));
         assert_eq!(s.dropped, 1);
         s.link = None;
-        s.take_sendable(10, 10, None, Version::V311);
-        assert!(!s.enqueue(out(0), 2), "QoS 0 is not queued offline");
-        assert!(s.enqueue(out(1), 2));
+        s.take_sendable(10, 10, None, Version::V311, &Counters::default());
+        assert_eq!(
+            s.enqueue(out(0), 2),
+            Err(Dropped::OfflineQos0),
+            "QoS 0 is not queued offline"
+        );
+        assert!(s.enqueue(out(1), 2).is_ok());
     }
 
     #[test]
     fn window_limits_inflight_and_resend_sets_dup() {
         let mut s = online();
         for _ in 0..5 {
-            s.enqueue(out(1), 100);
+            s.enqueue(out(1), 100).unwrap();
         }
-        let sent = s.take_sendable(10, 2, None, Version::V5);
+        let sent = s.take_sendable(10, 2, None, Version::V5, &Counters::default());
         assert_eq!(sent.len(), 2);
         assert_eq!(s.inflight(), 2);
         let Outgoing::Publish(first) = &sent[0] else {
             panic!()
         };
         s.acked(first.pkid);
-        assert_eq!(s.take_sendable(10, 2, None, Version::V5).len(), 1);
+        assert_eq!(
+            s.take_sendable(10, 2, None, Version::V5, &Counters::default())
+                .len(),
+            1
+        );
         let again = s.resend();
         assert_eq!(again.len(), 2);
         assert!(
@@ -442,8 +476,8 @@ mod tests {
     #[test]
     fn qos2_outbound_flow() {
         let mut s = online();
-        s.enqueue(out(2), 10);
-        let sent = s.take_sendable(10, 10, None, Version::V311);
+        s.enqueue(out(2), 10).unwrap();
+        let sent = s.take_sendable(10, 10, None, Version::V311, &Counters::default());
         let Outgoing::Publish(p) = &sent[0] else {
             panic!()
         };
@@ -456,8 +490,11 @@ mod tests {
     #[test]
     fn oversized_messages_are_dropped_for_small_clients() {
         let mut s = online();
-        s.enqueue(out(1), 10);
-        assert!(s.take_sendable(10, 10, Some(5), Version::V5).is_empty());
+        s.enqueue(out(1), 10).unwrap();
+        assert!(
+            s.take_sendable(10, 10, Some(5), Version::V5, &Counters::default())
+                .is_empty()
+        );
         assert_eq!(s.inflight(), 0);
     }
 }

@@ -607,11 +607,7 @@ mod tests {
                 id: Some(4),
             },
         );
-        s.link = Some(super::super::session::Link {
-            conn_id: 1,
-            notify: Default::default(),
-            kick: Default::default(),
-        });
+        s.link = Some(super::super::session::Link::for_test(1));
         for t in ["jobs/1", "jobs/2", "jobs/3"] {
             s.enqueue(
                 Outbound {
@@ -621,10 +617,17 @@ mod tests {
                     subscription_ids: vec![4],
                 },
                 10,
-            );
+            )
+            .unwrap();
         }
         // One in flight, two queued.
-        let sent = s.take_sendable(1, 10, None, super::super::codec::Version::V5);
+        let sent = s.take_sendable(
+            1,
+            10,
+            None,
+            super::super::codec::Version::V5,
+            &Default::default(),
+        );
         assert_eq!(sent.len(), 1);
         router.sessions.insert("keeper".into(), s);
         router.sessions.insert("clean".into(), Session::new(0));
@@ -686,7 +689,7 @@ mod tests {
         };
         let (mut store, mut router) = Store::open(&path).await.unwrap();
         let mut s = Session::new(3600);
-        s.enqueue(out("q/0"), 100);
+        s.enqueue(out("q/0"), 100).unwrap();
         router.sessions.insert("off".into(), s);
         let c = store.take_changes(&mut router);
         assert_eq!((c.sessions.len(), c.appended.len()), (1, 0));
@@ -696,7 +699,8 @@ mod tests {
                 .sessions
                 .get_mut("off")
                 .unwrap()
-                .enqueue(out(&format!("q/{round}")), 100);
+                .enqueue(out(&format!("q/{round}")), 100)
+                .unwrap();
             let c = store.take_changes(&mut router);
             assert_eq!(
                 (c.sessions.len(), c.appended.len()),
@@ -713,13 +717,15 @@ mod tests {
         drop(store);
         let (_, mut router) = Store::open(&path).await.unwrap();
         let s = router.sessions.get_mut("off").unwrap();
-        s.link = Some(super::super::session::Link {
-            conn_id: 1,
-            notify: Default::default(),
-            kick: Default::default(),
-        });
+        s.link = Some(super::super::session::Link::for_test(1));
         let topics: Vec<String> = s
-            .take_sendable(10, 10, None, super::super::codec::Version::V311)
+            .take_sendable(
+                10,
+                10,
+                None,
+                super::super::codec::Version::V311,
+                &Default::default(),
+            )
             .into_iter()
             .map(|p| match p {
                 super::super::codec::Outgoing::Publish(p) => p.topic,

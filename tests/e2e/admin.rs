@@ -1,7 +1,7 @@
 //! The admin server of a running bridge (issue 11): health and readiness without a token,
 //! metrics and the API only with it, metric counts that match what was published, the
-//! token kept out of the logs, readiness that names a failing sink, and `run` refusing an
-//! address beyond loopback without a token.
+//! token kept out of the logs, readiness that names a failing sink, the embedded broker's
+//! series and clients, and `run` refusing an address beyond loopback without a token.
 
 use std::path::Path;
 use std::process::Command;
@@ -331,6 +331,146 @@ admin: {{ listen: 127.0.0.1:{admin_port} }}
         .is_some_and(|n| n >= 1.0),
         "{metrics}"
     );
+    drop(bridge);
+}
+
+/// With `embedded:`, the broker's series count what its clients did (messages in, copies
+/// out to a subscriber, an ACL refusal, a retained message), and `/api/v1/clients` lists
+/// the subscriber with its subscription; both behind the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_brokers_metrics_and_clients_match_what_its_clients_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt_port, admin_port) = (free_port(), free_port());
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r##"
+embedded:
+  listen: 127.0.0.1:{mqtt_port}
+  allow_anonymous: true
+  acl: [{{ username: "*", action: deny, publish: ["secret/#"] }}]
+sinks:
+  out: {{ type: file, path: {out} }}
+rules:
+  - {{ name: all, from: ["plant/#"], to: [out] }}
+admin: {{ listen: 127.0.0.1:{admin_port}, token: {TOKEN} }}
+"##,
+            out = dir.path().join("out.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    let bridge = ChildBridge::start(&path);
+    let base = format!("http://127.0.0.1:{admin_port}");
+    eventually(Duration::from_secs(20), "/readyz 200", async || {
+        get(&format!("{base}/readyz"), None)
+            .await
+            .filter(|(code, _)| *code == 200)
+    })
+    .await;
+    for route in ["/metrics", "/api/v1/clients"] {
+        let url = format!("{base}{route}");
+        assert_eq!(get(&url, None).await.unwrap().0, 401, "{route}");
+    }
+
+    let mut subscriber = TestClient::connect(mqtt_port, "admin-e2e-sub").await;
+    subscriber
+        .client
+        .subscribe("plant/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // The SUBACK is not surfaced: wait until the broker lists the subscription.
+    let clients = eventually(
+        Duration::from_secs(10),
+        "the subscription listed",
+        async || {
+            let (code, body) = get(&format!("{base}/api/v1/clients"), Some(TOKEN)).await?;
+            assert_eq!(code, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            (v["clients"][0]["subscriptions"][0]["filter"] == "plant/#").then_some(v)
+        },
+    )
+    .await;
+    let sub = &clients["clients"][0];
+    assert_eq!(clients["clients"].as_array().unwrap().len(), 1, "{clients}");
+    assert_eq!(sub["client_id"], "admin-e2e-sub", "{sub}");
+    assert_eq!(sub["connected"], true, "{sub}");
+    assert_eq!(sub["protocol"], "3.1.1", "{sub}");
+    assert_eq!(sub["subscriptions"][0]["qos"], 1, "{sub}");
+    assert!(sub["username"].is_null(), "{sub}");
+    assert!(
+        sub["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{sub}"
+    );
+    let since: jiff::Timestamp = sub["connected_since"].as_str().unwrap().parse().unwrap();
+    assert!(since <= jiff::Timestamp::now(), "{sub}");
+
+    // N messages to the subscriber (and the rule), one refused by the ACL, one retained.
+    const N: i64 = 25;
+    let publisher = TestClient::connect(mqtt_port, "admin-e2e-pub").await;
+    publisher
+        .publish_all((0..N).map(|i| (format!("plant/line{}/temp", i % 3), format!("{i}"))))
+        .await;
+    publisher
+        .publish_all([("secret/x".to_string(), "no".to_string())])
+        .await;
+    publisher
+        .client
+        .publish("plant/state", rumqttc::QoS::AtLeastOnce, true, "on")
+        .await
+        .unwrap();
+    let expected = [
+        ("mqbridge_broker_connections", 2),
+        ("mqbridge_broker_sessions", 2),
+        ("mqbridge_broker_subscriptions", 1),
+        ("mqbridge_broker_retained_messages", 1),
+        ("mqbridge_broker_messages_received_total", N + 2),
+        ("mqbridge_broker_messages_sent_total", N + 1),
+        ("mqbridge_broker_messages_dropped_total{reason=\"acl\"}", 1),
+        (
+            "mqbridge_broker_messages_dropped_total{reason=\"queue_full\"}",
+            0,
+        ),
+        (
+            "mqbridge_broker_messages_dropped_total{reason=\"expired\"}",
+            0,
+        ),
+        ("mqbridge_broker_connections_refused_total", 0),
+        ("mqbridge_rule_messages_matched_total{rule=\"all\"}", N + 1),
+    ];
+    let last = within(Duration::from_secs(20), async || {
+        let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await?;
+        expected
+            .iter()
+            .all(|&(s, want)| series(&text, s) == Some(want as f64))
+            .then_some(text)
+    })
+    .await;
+    let Some(metrics) = last else {
+        let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
+        let found: Vec<String> = expected
+            .iter()
+            .map(|&(s, want)| format!("{s}: want {want}, got {:?}", series(&text, s)))
+            .collect();
+        panic!("metrics never matched:\n{}", found.join("\n"));
+    };
+    let mut got = 0;
+    while got < N + 1 {
+        tokio::time::timeout(Duration::from_secs(10), subscriber.received.recv())
+            .await
+            .expect("the subscriber receives every message")
+            .unwrap();
+        got += 1;
+    }
+    // Labels are fixed values only: no topic, no client id.
+    assert!(!metrics.contains("plant/"), "{metrics}");
+    assert!(!metrics.contains("admin-e2e"), "{metrics}");
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("mqbridge_broker_"))
+    {
+        println!("{line}");
+    }
     drop(bridge);
 }
 

@@ -93,10 +93,7 @@ fn refusal(version: Version, e: &ProtocolError) -> Bytes {
 /// authentication, the client id.
 fn check_connect(shared: &Shared, c: &Connect, count: usize) -> Result<(), ProtocolError> {
     if count > shared.plan.max_connections {
-        shared
-            .counters
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
+        shared.counters.connection_refused();
         return Err(ProtocolError::ServerBusy);
     }
     if c.auth_method.is_some() {
@@ -128,6 +125,7 @@ impl Conn {
     pub(super) async fn accept(
         shared: &Arc<Shared>,
         c: Connect,
+        peer: std::net::SocketAddr,
         count: usize,
         wtx: mpsc::Sender<Bytes>,
         notify: Arc<Notify>,
@@ -189,6 +187,9 @@ impl Conn {
             conn_id,
             notify: Arc::clone(&notify),
             kick: kick.clone(),
+            peer,
+            version,
+            since: jiff::Timestamp::now(),
         };
         let (session_present, resend) = {
             let mut state = shared.lock();

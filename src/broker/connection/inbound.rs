@@ -7,12 +7,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{Conn, ProtocolError};
 use crate::broker::codec::{Outgoing, Publish, Version};
 use crate::broker::session::{Qos2, Stored};
+use crate::broker::stats::Dropped;
 use crate::delivery::Ack;
 use crate::message::{Message, Properties};
 use crate::source::intake::{Handoff, Intake};
@@ -134,6 +134,7 @@ impl Conn {
     pub(super) async fn publish(&mut self, mut p: Publish) -> Result<(), ProtocolError> {
         self.inbound.aliases.resolve(&mut p)?;
         validate_topic_name(&p.topic).map_err(ProtocolError::TopicNameInvalid)?;
+        self.shared.counters.received();
         let max_inflight = self.shared.plan.max_inflight;
         if p.qos > 0
             && self.version == Version::V5
@@ -201,12 +202,7 @@ impl Conn {
     /// A PUBLISH the ACL refuses: counted, and (QoS 1/2) acknowledged in its turn
     /// without the message; with 0x87 in MQTT 5.
     fn refuse(&mut self, p: &Publish) {
-        let n = self
-            .shared
-            .counters
-            .publish_denied
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
+        let n = self.shared.counters.dropped(Dropped::Acl);
         tracing::info!(client_id = %self.client_id, topic = %p.topic, refused_total = n, "embedded broker: publish refused by the ACL");
         if p.qos == 0 {
             return;

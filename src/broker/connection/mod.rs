@@ -82,7 +82,7 @@ pub(super) async fn serve(
     done: CancellationToken,
 ) {
     let count = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
-    let result = lifecycle(socket, &shared, count, handoff, stop, done).await;
+    let result = lifecycle(socket, peer, &shared, count, handoff, stop, done).await;
     shared.connections.fetch_sub(1, Ordering::AcqRel);
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "embedded broker: connection closed");
@@ -100,6 +100,7 @@ async fn read_more(rd: &mut StreamReader, buf: &mut BytesMut) -> std::io::Result
 /// read loop, the end of the session, and a short linger for the last packets.
 async fn lifecycle(
     socket: Stream,
+    peer: SocketAddr,
     shared: &Arc<Shared>,
     count: usize,
     handoff: Handoff,
@@ -125,6 +126,7 @@ async fn lifecycle(
     let mut conn = match Conn::accept(
         shared,
         *connect,
+        peer,
         count,
         wtx.clone(),
         Arc::clone(&notify),

@@ -125,11 +125,18 @@ impl Conn {
             match state.sessions.get_mut(&self.client_id) {
                 Some(s) if s.link.as_ref().is_some_and(|l| l.conn_id == self.conn_id) => {
                     let to = &self.outbound;
-                    s.take_sendable(room, to.window, to.max_packet, self.version)
+                    s.take_sendable(
+                        room,
+                        to.window,
+                        to.max_packet,
+                        self.version,
+                        &self.shared.counters,
+                    )
                 }
                 _ => Vec::new(),
             }
         };
+        let mut sent = 0;
         for mut p in packets {
             if let Outgoing::Publish(publish) = &mut p {
                 self.outbound.aliases.apply(publish);
@@ -138,9 +145,12 @@ impl Conn {
             if codec::encode(&p, self.version, &mut buf).is_ok() {
                 // Room was reserved above; a full queue here would mean a bug, and the
                 // message stays in flight to be resent after a reconnect.
-                let _ = self.wtx.try_send(buf.freeze());
+                if self.wtx.try_send(buf.freeze()).is_ok() {
+                    sent += 1;
+                }
             }
         }
+        self.shared.counters.sent(sent);
     }
 }
 

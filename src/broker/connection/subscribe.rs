@@ -85,9 +85,12 @@ impl Conn {
         self.send(Outgoing::SubAck { pkid, codes }).await?;
         if !retained.is_empty() {
             let max = self.shared.plan.max_queued_messages;
+            let counters = &self.shared.counters;
             self.with_session(|s| {
                 for r in retained {
-                    s.enqueue(r, max);
+                    if let Err(why) = s.enqueue(r, max) {
+                        counters.dropped(why);
+                    }
                 }
             });
             self.pump();

@@ -66,6 +66,13 @@ async fn broker(settings: &str) -> TestBroker {
 }
 
 impl TestBroker {
+    /// The broker's public face, for its snapshots.
+    fn handle(&self) -> Broker {
+        Broker {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     /// A new connection, nothing sent on it yet.
     fn open(&self, version: Version) -> Client {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
@@ -549,12 +556,33 @@ async fn a_publish_the_acl_refuses_is_acknowledged_without_the_message() {
         assert_eq!(c.recv().await, Got::PubAck { pkid: 5, reason });
         b.no_message();
     }
+    assert_eq!(b.handle().stats().publish_denied, 2);
+}
+
+#[tokio::test]
+async fn clients_lists_connected_and_offline_sessions_and_stats_count_them() {
+    let b = broker("").await;
+    offline_subscriber(&b, "t/#").await;
+    let before = jiff::Timestamp::now();
+    let mut live = b.connect(Version::V5, Hello::new("live")).await;
+    live.ping().await;
+    let clients = b.handle().clients();
+    assert_eq!(clients.len(), 2, "{clients:?}");
+    let (l, sub) = (&clients[0], &clients[1]);
+    assert_eq!(l.client_id, "live");
+    let conn = l.connection.as_ref().expect("connected");
+    assert_eq!(conn.peer, "127.0.0.1:1".parse().unwrap());
+    assert_eq!(conn.version.name(), "5.0");
+    assert!(conn.since >= before, "{conn:?}");
+    assert!(l.subscriptions.is_empty());
+    assert_eq!(sub.client_id, "sub");
+    assert_eq!(sub.connection, None, "offline");
+    assert_eq!(sub.subscriptions, vec![("t/#".to_string(), 1)]);
+    assert_eq!(sub.queued, 0);
+    let stats = b.handle().stats();
     assert_eq!(
-        b.shared
-            .counters
-            .publish_denied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
+        (stats.sessions, stats.subscriptions, stats.retained),
+        (2, 1, 0)
     );
 }
 

@@ -1,0 +1,256 @@
+//! What the broker counts, and the snapshots the admin server reads.
+//!
+//! Counters are recorded where things happen, through `metrics` handles looked up once
+//! when the broker opens (an increment is an atomic add; without an installed recorder,
+//! as without an admin server, they do nothing). Gauges (connections, sessions,
+//! subscriptions, retained messages) are not kept up to date on every change: the admin
+//! server reads [`super::Broker::stats`] when scraped. [`Client`] is one session as
+//! `/api/v1/clients` lists it. Labels are fixed values only, never client ids or topics.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use metrics::Counter;
+
+use super::codec::Version;
+
+/// Why a message did not reach a subscriber (or, [`Dropped::Acl`], was not taken from its
+/// publisher): the `reason` label of `mqbridge_broker_messages_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// The subscriber's queue held `max_queued_messages`.
+    QueueFull,
+    /// A QoS 0 message for a subscriber that is offline (never queued).
+    OfflineQos0,
+    /// Its message expiry passed while it waited in a queue.
+    Expired,
+    /// Larger than the subscriber's maximum packet size (MQTT 5).
+    TooLarge,
+    /// A PUBLISH the ACL refused.
+    Acl,
+}
+
+impl Dropped {
+    pub const ALL: [Dropped; 5] = [
+        Dropped::QueueFull,
+        Dropped::OfflineQos0,
+        Dropped::Expired,
+        Dropped::TooLarge,
+        Dropped::Acl,
+    ];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Dropped::QueueFull => "queue_full",
+            Dropped::OfflineQos0 => "offline_qos0",
+            Dropped::Expired => "expired",
+            Dropped::TooLarge => "too_large",
+            Dropped::Acl => "acl",
+        }
+    }
+}
+
+/// The broker's counters: the `metrics` series, and atomics for [`Stats`].
+#[derive(Debug)]
+pub struct Counters {
+    /// PUBLISHes refused by the ACL.
+    publish_denied: AtomicU64,
+    /// CONNECTs refused because `max_connections` clients were connected.
+    connections_refused: AtomicU64,
+    received: Counter,
+    sent: Counter,
+    refused: Counter,
+    /// By [`Dropped`] as an index.
+    dropped: [Counter; Dropped::ALL.len()],
+}
+
+impl Default for Counters {
+    /// Handles from the recorder installed now (no-ops without one): every series
+    /// exists from the start, at 0.
+    fn default() -> Self {
+        Counters {
+            publish_denied: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            received: metrics::counter!("mqbridge_broker_messages_received_total"),
+            sent: metrics::counter!("mqbridge_broker_messages_sent_total"),
+            refused: metrics::counter!("mqbridge_broker_connections_refused_total"),
+            dropped: Dropped::ALL.map(|d| {
+                metrics::counter!("mqbridge_broker_messages_dropped_total", "reason" => d.reason())
+            }),
+        }
+    }
+}
+
+impl Counters {
+    /// A PUBLISH from a client.
+    pub fn received(&self) {
+        self.received.increment(1);
+    }
+
+    /// `n` PUBLISHes written to subscribers.
+    pub fn sent(&self, n: u64) {
+        if n > 0 {
+            self.sent.increment(n);
+        }
+    }
+
+    /// A message dropped; a PUBLISH refused by the ACL returns how many were so far.
+    pub fn dropped(&self, why: Dropped) -> u64 {
+        self.dropped[why as usize].increment(1);
+        match why {
+            Dropped::Acl => self.publish_denied.fetch_add(1, Relaxed) + 1,
+            _ => 0,
+        }
+    }
+
+    /// A CONNECT refused because `max_connections` clients were connected.
+    pub fn connection_refused(&self) {
+        self.refused.increment(1);
+        self.connections_refused.fetch_add(1, Relaxed);
+    }
+}
+
+/// A snapshot of the broker's gauges and counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Open client connections (past the TLS/WebSocket handshake; counted before their
+    /// CONNECT, as `max_connections` counts them).
+    pub connections: usize,
+    /// Sessions, with a connection or offline (persistent ones waiting for their client).
+    pub sessions: usize,
+    /// Subscriptions over every session.
+    pub subscriptions: usize,
+    /// Messages waiting in sessions' queues (not yet sent).
+    pub queued: usize,
+    /// Topics with a retained message.
+    pub retained: usize,
+    pub publish_denied: u64,
+    pub connections_refused: u64,
+}
+
+impl Stats {
+    pub(super) fn read(connections: usize, counters: &Counters, router: &super::Router) -> Stats {
+        let (mut subscriptions, mut queued) = (0, 0);
+        for s in router.sessions.values() {
+            subscriptions += s.subscriptions.len();
+            queued += s.queued();
+        }
+        Stats {
+            connections,
+            sessions: router.sessions.len(),
+            subscriptions,
+            queued,
+            retained: router.retained.len(),
+            publish_denied: counters.publish_denied.load(Relaxed),
+            connections_refused: counters.connections_refused.load(Relaxed),
+        }
+    }
+}
+
+/// A session as `/api/v1/clients` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    pub client_id: String,
+    pub username: Option<String>,
+    /// None: offline (a persistent session waiting for its client).
+    pub connection: Option<Connection>,
+    /// (filter as the client wrote it, `$share/GROUP/` included; granted QoS), by filter.
+    pub subscriptions: Vec<(String, u8)>,
+    pub queued: usize,
+    /// QoS 1/2 messages sent and not yet acknowledged by the client.
+    pub inflight: usize,
+    /// Seconds the session outlives its connection (u32::MAX: forever).
+    pub session_expiry: u32,
+}
+
+/// The live connection of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    pub version: Version,
+    pub since: jiff::Timestamp,
+}
+
+impl Client {
+    pub(super) fn of(client_id: &str, s: &super::session::Session) -> Client {
+        let mut subscriptions: Vec<(String, u8)> = s
+            .subscriptions
+            .iter()
+            .map(|(filter, sub)| (filter.clone(), sub.qos))
+            .collect();
+        subscriptions.sort();
+        Client {
+            client_id: client_id.to_string(),
+            username: s.username.clone(),
+            connection: s.link.as_ref().map(|l| Connection {
+                peer: l.peer,
+                version: l.version,
+                since: l.since,
+            }),
+            subscriptions,
+            queued: s.queued(),
+            inflight: s.inflight(),
+            session_expiry: s.expiry,
+        }
+    }
+}
+
+impl Version {
+    /// As MQTT names it: `3.1.1` or `5.0`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::V311 => "3.1.1",
+            Version::V5 => "5.0",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    #[test]
+    fn every_drop_reason_has_its_series_from_the_start_and_counts_apart() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let counters = metrics::with_local_recorder(&recorder, Counters::default);
+        counters.received();
+        counters.sent(2);
+        counters.sent(0);
+        assert_eq!(counters.dropped(Dropped::Acl), 1);
+        assert_eq!(counters.dropped(Dropped::Acl), 2);
+        assert_eq!(counters.dropped(Dropped::QueueFull), 0);
+        counters.connection_refused();
+        let text = handle.render();
+        for (series, want) in [
+            ("mqbridge_broker_messages_received_total", 1),
+            ("mqbridge_broker_messages_sent_total", 2),
+            ("mqbridge_broker_connections_refused_total", 1),
+            (r#"mqbridge_broker_messages_dropped_total{reason="acl"}"#, 2),
+            (
+                r#"mqbridge_broker_messages_dropped_total{reason="queue_full"}"#,
+                1,
+            ),
+            (
+                r#"mqbridge_broker_messages_dropped_total{reason="expired"}"#,
+                0,
+            ),
+            (
+                r#"mqbridge_broker_messages_dropped_total{reason="offline_qos0"}"#,
+                0,
+            ),
+            (
+                r#"mqbridge_broker_messages_dropped_total{reason="too_large"}"#,
+                0,
+            ),
+        ] {
+            assert!(
+                text.contains(&format!("{series} {want}\n")),
+                "{series} {want} in {text}"
+            );
+        }
+        assert_eq!(counters.publish_denied.load(Relaxed), 2);
+        assert_eq!(counters.connections_refused.load(Relaxed), 1);
+    }
+}
