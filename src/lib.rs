@@ -56,6 +56,7 @@ pub mod health;
 pub mod message;
 pub mod mqtt;
 pub mod pipeline;
+pub mod replay;
 pub mod rule;
 pub mod shutdown;
 pub mod sink;
