@@ -34,6 +34,8 @@
 //! - [`app`]: wires it all from a plan (the republish sink's publisher too: the embedded
 //!   broker, or a connection to the external one) and orders shutdown; [`shutdown`]: signals.
 //! - [`dryrun`]: `mqbridge try`, one message through the rules and what each sink would do.
+//! - [`replay`]: `mqbridge replay`, dead letters sent again through their sink or rule, each
+//!   success marked in the file's `.replayed` sidecar.
 //! - [`health`]: the readiness registry the source, the spool and the sinks update;
 //!   [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`, `/api/v1/…`),
 //!   started first and stopped last by `app`. Metrics are recorded where the work happens
@@ -59,6 +61,7 @@ pub mod health;
 pub mod message;
 pub mod mqtt;
 pub mod pipeline;
+pub mod replay;
 pub mod rule;
 pub mod shutdown;
 pub mod sink;

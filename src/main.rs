@@ -49,6 +49,26 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
         qos: u8,
     },
+    /// Send dead letters (JSON lines, as the `file` sink writes them) again under the
+    /// current config: a sink's letter to that sink, a rule's through that rule. Letters
+    /// that succeed are listed in `FILE.replayed` and skipped next time. Exit 0 when
+    /// nothing failed, 1 otherwise, 2 when the config is invalid.
+    Replay {
+        /// Rules file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "MQBRIDGE_CONFIG")]
+        config: PathBuf,
+        /// Only letters of this sink.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only letters of this rule.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only letters whose last attempt was at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<jiff::Timestamp>,
+        /// The dead-letter file.
+        dead_letters: PathBuf,
+    },
     /// Print the JSON Schema of the rules file.
     Schema,
     /// Read a password from stdin and print its argon2 hash for `embedded.users`.
@@ -129,6 +149,23 @@ fn main() -> ExitCode {
                 Err(errs) => fail(&errs),
             }
         }
+        Command::Replay {
+            config: file,
+            sink,
+            rule,
+            since,
+            dead_letters,
+        } => {
+            let plan = match config::load(&file, config::Checks::ForRun) {
+                Ok(p) => p,
+                Err(errs) => {
+                    eprintln!("{errs}");
+                    return ExitCode::from(2);
+                }
+            };
+            let filter = mqbridge::replay::Filter { sink, rule, since };
+            replay(plan, &dead_letters, &filter)
+        }
         Command::Run { config: file } => {
             let plan = match config::load(&file, config::Checks::ForRun) {
                 Ok(p) => p,
@@ -175,6 +212,46 @@ fn health(url: &str) -> ExitCode {
             eprintln!("{url}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `mqbridge replay`: each failure, then the summary.
+fn replay(
+    plan: config::Plan,
+    file: &std::path::Path,
+    filter: &mqbridge::replay::Filter,
+) -> ExitCode {
+    use mqbridge::replay::{Replayer, replay_file};
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let summary = rt.block_on(async {
+        let eval = mqbridge::eval_pool::EvalPool::start(
+            "mqb-replay",
+            1,
+            mqbridge::eval_pool::EVAL_TIMEOUT,
+        )?;
+        let replayer = Replayer::new(std::sync::Arc::new(plan), eval);
+        anyhow::Ok(replay_file(&replayer, file, filter).await?)
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for f in &summary.failed {
+        let id = f.message_id.as_deref().unwrap_or("-");
+        println!("failed: line {} (message {id}): {}", f.line, f.reason);
+    }
+    if summary.incomplete_tail {
+        println!("note: the last line is incomplete (still being written); left for next time");
+    }
+    println!("{summary}");
+    if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
