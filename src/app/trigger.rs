@@ -51,27 +51,7 @@ impl Triggers {
     /// SIGHUP no longer ends the process.
     pub fn start(path: PathBuf, stop: CancellationToken) -> Triggers {
         let (tx, rx) = mpsc::channel(1);
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            match signal(SignalKind::hangup()) {
-                Ok(mut hup) => {
-                    let (tx, stop) = (tx.clone(), stop.clone());
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::select! {
-                                _ = stop.cancelled() => break,
-                                got = hup.recv() => match got {
-                                    Some(()) => { let _ = tx.try_send(Cause::Signal); }
-                                    None => break,
-                                },
-                            }
-                        }
-                    });
-                }
-                Err(e) => tracing::warn!("cannot listen for SIGHUP, reload on it is off: {e}"),
-            }
-        }
+        let mut hup = hangups();
         tokio::spawn(async move {
             let mut debounce = Debounce::new(stamp(&path).await);
             let mut tick = tokio::time::interval(POLL);
@@ -79,6 +59,12 @@ impl Triggers {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
+                    Some(()) = next_hangup(&mut hup) => {
+                        // The reload reads the file as it is now: no second reload for
+                        // the change that was signalled.
+                        debounce.applied(stamp(&path).await);
+                        let _ = tx.try_send(Cause::Signal);
+                    }
                     _ = tick.tick() => {
                         if debounce.observe(stamp(&path).await) {
                             let _ = tx.try_send(Cause::FileChanged);
@@ -97,6 +83,36 @@ impl Triggers {
             None => std::future::pending().await,
         }
     }
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<()>;
+
+/// SIGHUP, from now on (None: not available here).
+fn hangups() -> Hangups {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::hangup())
+            .map_err(|e| tracing::warn!("cannot listen for SIGHUP, reload on it is off: {e}"))
+            .ok()
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// The next SIGHUP; never resolves without them.
+async fn next_hangup(hup: &mut Hangups) -> Option<()> {
+    #[cfg(unix)]
+    if let Some(hup) = hup {
+        return hup.recv().await;
+    }
+    let _ = hup;
+    std::future::pending().await
 }
 
 /// A hash of the file's contents; None when it cannot be read.
@@ -120,6 +136,14 @@ impl Debounce {
         Debounce {
             applied: at_start,
             seen: at_start,
+        }
+    }
+
+    /// A reload (on a signal) read the file as `now`.
+    fn applied(&mut self, now: Option<u64>) {
+        if now.is_some() {
+            self.applied = now;
+            self.seen = now;
         }
     }
 
