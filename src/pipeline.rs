@@ -461,13 +461,18 @@ mod tests {
         }
     }
 
+    /// A transform slow enough (a few hundred µs) that batches are being evaluated when
+    /// the new routing comes.
+    const SLOW_OLD: &str =
+        r#"(reduce range(500) as $i (0; . + 1)) as $x | {seq: .payload.seq, by: "old"}"#;
+
     /// A reload mid-stream: each message is routed once, by the old routing or the new,
     /// the old-routed ones all before the new-routed ones (the swap is at a message
     /// boundary), and every message settles exactly once, including those the old sink,
     /// which the new routing no longer has, still held when the swap came.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_new_routing_routes_each_message_once_and_the_old_sink_drains() {
-        const N: i64 = 5_000;
+        const N: i64 = 3_000;
         let tracker = TaskTracker::new();
         let common = Common {
             batch: BatchConfig::default(),
@@ -494,7 +499,7 @@ mod tests {
         let (reload_tx, reloads) = mpsc::channel(1);
         let pipeline = Pipeline {
             routing: Routing {
-                rules: vec![rule("r", "t/+", "{seq: .payload.seq, by: \"old\"}", 0)],
+                rules: vec![rule("r", "t/+", SLOW_OLD, 0)],
                 sinks: vec![old_q],
             },
             watch: Arc::default(),
