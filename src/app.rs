@@ -19,7 +19,10 @@
 //! once shutting down, so that a load balancer stops sending work while the rest drains.
 
 mod publish;
+mod reload;
+mod trigger;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -32,22 +35,39 @@ use crate::config::{Plan, SinkPlan};
 use crate::delivery::Watch;
 use crate::eval_pool::{EVAL_TIMEOUT, EvalPool};
 use crate::health::{Readiness, Status};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Routing};
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter, SinkQueue};
 use crate::source::Source;
 use crate::source::intake::Handoff;
 use crate::source::mqtt::External;
 use publish::Upstream;
+use reload::Reloader;
+use trigger::Triggers;
 
 /// Messages buffered between the source and the router.
 const SOURCE_BUFFER: usize = 4096;
 
 /// Runs mqbridge until `shutdown` is cancelled, then shuts down in order.
 pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_from(plan, None, shutdown).await
+}
+
+/// [`run`], with the file `plan` was loaded from: it is loaded again on SIGHUP and when it
+/// changes (see [`reload`]).
+pub async fn run_from(
+    plan: Plan,
+    config_file: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     if plan.broker.is_none() && plan.embedded.is_none() {
         anyhow::bail!("nothing to read from: configure `broker:` or `embedded:`");
     }
+    // First, so that a SIGHUP while starting is a reload (taken once running), not an exit.
+    let mut triggers = match &config_file {
+        Some(path) => Triggers::start(path.clone(), shutdown.child_token()),
+        None => Triggers::none(),
+    };
     let admin = match &plan.admin {
         Some(a) => {
             let rules = plan
@@ -90,55 +110,55 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
     // Rules and `columns:` programs run here, on threads of their own.
     let eval = EvalPool::start("mqb-eval", EvalPool::default_threads(), EVAL_TIMEOUT)
         .context("starting the evaluation threads")?;
+    let wiring = Wiring {
+        upstream,
+        eval: &eval,
+        drivers: &drivers,
+        readiness: &readiness,
+        admin: admin.as_ref().map(|a| &a.state),
+    };
 
     // The dead-letter sink first: every other sink's driver holds its queue.
+    let dead_letter = DeadLetter::none();
     let mut queues: Vec<Option<SinkQueue>> = vec![None; plan.sinks.len()];
-    let mut dead_letter = DeadLetter { queue: None };
-    // Each sink, once started, to the readiness registry and the admin API.
-    let started = |sp: &SinkPlan, queue: &SinkQueue, is_dead_letter: bool| {
-        readiness.add(format!("sink {}", sp.name), queue.health().clone());
-        if let Some(admin) = &admin {
-            admin.state.sinks().push(SinkView {
-                name: Arc::clone(&sp.name),
-                kind: sp.settings.kind(),
-                description: sp.settings.spec().describe(),
-                dead_letter: is_dead_letter,
-                queue: queue.probe(),
-                health: queue.health().clone(),
-            });
-        }
-    };
-    if let Some(i) = plan.dead_letter {
-        let queue = start(
-            &plan.sinks[i],
-            upstream,
-            &eval,
-            DeadLetter { queue: None },
-            &drivers,
-        )
-        .await?;
-        started(&plan.sinks[i], &queue, true);
-        queues[i] = Some(queue.clone());
-        dead_letter.queue = Some(queue);
-    }
-    for (i, sp) in plan.sinks.iter().enumerate() {
+    for i in plan.dead_letter.into_iter().chain(0..plan.sinks.len()) {
         if queues[i].is_none() {
-            let queue = start(sp, upstream, &eval, dead_letter.clone(), &drivers).await?;
-            started(sp, &queue, false);
+            let is_dead_letter = plan.dead_letter == Some(i);
+            let queue = wiring
+                .open(&plan.sinks[i], &dead_letter, is_dead_letter)
+                .await?;
+            wiring.register(&plan.sinks[i], &queue, is_dead_letter);
+            if is_dead_letter {
+                dead_letter.set(Some(queue.clone()));
+            }
             queues[i] = Some(queue);
         }
     }
+    let queues: Vec<SinkQueue> = queues
+        .into_iter()
+        .map(|q| q.expect("every sink started"))
+        .collect();
     let watch = Arc::new(Watch::default());
     tokio::spawn(Arc::clone(&watch).run(plan.unsettled_warning, shutdown.child_token()));
+    let (reload_tx, reloads) = mpsc::channel(1);
+    let mut reloader = Reloader::new(
+        &plan,
+        &queues,
+        reload_tx,
+        dead_letter.clone(),
+        &wiring,
+        embedded.as_ref(),
+    );
+    let shutdown_timeout = plan.shutdown_timeout;
     let pipeline = Pipeline {
-        rules: Arc::new(plan.rules),
+        routing: Routing {
+            rules: plan.rules,
+            sinks: queues,
+        },
         watch,
-        sinks: queues
-            .into_iter()
-            .map(|q| q.expect("every sink started"))
-            .collect(),
         dead_letter,
-        eval,
+        eval: eval.clone(),
+        reloads: Some(reloads),
     };
     let (tx, rx) = mpsc::channel(SOURCE_BUFFER);
     drivers.spawn(pipeline.run(rx));
@@ -153,7 +173,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         }
         None => (tx, None),
     };
-    let mut source = match (broker, embedded) {
+    let mut source = match (broker.clone(), embedded.clone()) {
         (Some(broker), _) => {
             let connected = Status::not_ready("not connected to the broker yet");
             readiness.add("source", connected.clone());
@@ -174,25 +194,35 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         (None, None) => unreachable!("checked above"),
     };
     lifecycle.set_ready();
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        r = &mut source => {
-            return match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.context("source failed")),
-                Err(e) => Err(anyhow::anyhow!("source task failed: {e}")),
-            };
-        }
-        e = async {
-            match spool.as_mut() {
-                Some(spool) => spool.failed().await,
-                None => std::future::pending().await,
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = &mut source => {
+                return match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.context("source failed")),
+                    Err(e) => Err(anyhow::anyhow!("source task failed: {e}")),
+                };
             }
-        } => return Err(e.into()),
+            e = async {
+                match spool.as_mut() {
+                    Some(spool) => spool.failed().await,
+                    None => std::future::pending().await,
+                }
+            } => return Err(e.into()),
+            Some(cause) = triggers.next() => {
+                let path = config_file.as_deref().expect("triggers only with a file");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    () = reloader.reload(path, cause) => {}
+                }
+            }
+        }
     }
+    drop(reloader);
     stop.cancel();
     lifecycle.set_not_ready("shutting down");
-    let deadline = tokio::time::Instant::now() + plan.shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
     if let Some(spool) = &mut spool {
         // Quick: the writer only commits what the source had handed over.
         match tokio::time::timeout_at(deadline, spool.writer_done()).await {
@@ -204,7 +234,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> 
         .await
         .is_err()
     {
-        tracing::warn!(timeout = ?plan.shutdown_timeout, "shutdown deadline passed; unsettled messages will be delivered again after restart");
+        tracing::warn!(timeout = ?shutdown_timeout, "shutdown deadline passed; unsettled messages will be delivered again after restart");
     }
     if let Some(spool) = spool {
         spool.close().await?;
@@ -228,26 +258,70 @@ fn spawn_source(
     tokio::spawn(async move { Ok(source.run(handoff, stop, done).await?) })
 }
 
-/// Opens a sink and starts its driver; returns its queue.
-async fn start(
-    sp: &SinkPlan,
-    upstream: Upstream<'_>,
-    eval: &EvalPool,
-    dead_letter: DeadLetter,
-    tracker: &TaskTracker,
-) -> anyhow::Result<SinkQueue> {
-    let ctx = OpenContext {
-        publisher: Some(&|| upstream.publisher()),
-        eval,
-    };
-    let sink = crate::sink::open(&sp.settings, ctx)
-        .await
-        .with_context(|| format!("sink {}", sp.name))?;
-    Ok(driver::spawn(
-        Arc::clone(&sp.name),
-        sink,
-        sp.settings.spec().common(),
-        dead_letter,
-        tracker,
-    ))
+/// What starting a sink needs, and where a started sink is listed.
+pub(crate) struct Wiring<'a> {
+    upstream: Upstream<'a>,
+    eval: &'a EvalPool,
+    drivers: &'a TaskTracker,
+    readiness: &'a Readiness,
+    admin: Option<&'a Arc<crate::admin::State>>,
+}
+
+impl Wiring<'_> {
+    /// Opens a sink and starts its driver; returns its queue. The dead-letter sink's own
+    /// driver dead-letters nowhere (it gets a target of its own that is never set).
+    async fn open(
+        &self,
+        sp: &SinkPlan,
+        dead_letter: &DeadLetter,
+        is_dead_letter: bool,
+    ) -> anyhow::Result<SinkQueue> {
+        let upstream = self.upstream;
+        let ctx = OpenContext {
+            publisher: Some(&|| upstream.publisher()),
+            eval: self.eval,
+        };
+        let sink = crate::sink::open(&sp.settings, ctx)
+            .await
+            .with_context(|| format!("sink {}", sp.name))?;
+        let dead_letter = if is_dead_letter {
+            DeadLetter::none()
+        } else {
+            dead_letter.clone()
+        };
+        Ok(driver::spawn(
+            Arc::clone(&sp.name),
+            sink,
+            sp.settings.spec().common(),
+            dead_letter,
+            self.drivers,
+        ))
+    }
+
+    /// Lists a started sink in the readiness registry and the admin API (replacing one of
+    /// the same name).
+    fn register(&self, sp: &SinkPlan, queue: &SinkQueue, is_dead_letter: bool) {
+        self.readiness
+            .add(format!("sink {}", sp.name), queue.health().clone());
+        if let Some(admin) = self.admin {
+            let mut sinks = admin.sinks();
+            sinks.retain(|v| v.name != sp.name);
+            sinks.push(SinkView {
+                name: Arc::clone(&sp.name),
+                kind: sp.settings.kind(),
+                description: sp.settings.spec().describe(),
+                dead_letter: is_dead_letter,
+                queue: queue.probe(),
+                health: queue.health().clone(),
+            });
+        }
+    }
+
+    /// Takes a sink a reload removed off the lists.
+    fn unregister(&self, name: &str) {
+        self.readiness.remove(&format!("sink {name}"));
+        if let Some(admin) = self.admin {
+            admin.sinks().retain(|v| &*v.name != name);
+        }
+    }
 }

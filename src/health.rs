@@ -74,6 +74,9 @@ impl Status {
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {
     checks: Arc<Mutex<Vec<(String, Status)>>>,
+    /// Components whose problems are reported as warnings: they do not make the bridge
+    /// unready (`config`: the last reload failed, the previous config still runs).
+    warnings: Arc<Mutex<Vec<(String, Status)>>>,
 }
 
 /// A component that is not ready, and why.
@@ -84,9 +87,33 @@ pub struct Problem {
 }
 
 impl Readiness {
-    /// Adds a component; its name appears in reports.
+    /// Adds a component, or replaces the status of one of that name (a sink a config
+    /// reload started again); its name appears in reports.
     pub fn add(&self, component: impl Into<String>, status: Status) {
-        self.checks().push((component.into(), status));
+        let component = component.into();
+        let mut checks = self.checks();
+        match checks.iter_mut().find(|(name, _)| *name == component) {
+            Some(entry) => entry.1 = status,
+            None => checks.push((component, status)),
+        }
+    }
+
+    /// Removes a component (a sink a config reload removed).
+    pub fn remove(&self, component: &str) {
+        self.checks().retain(|(name, _)| name != component);
+    }
+
+    /// Adds a component whose problems are warnings (see [`Readiness::warnings`]).
+    pub fn add_warning(&self, component: impl Into<String>, status: Status) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((component.into(), status));
+    }
+
+    /// The warning components that have a problem: reported, but the bridge is ready.
+    pub fn warnings(&self) -> Vec<Problem> {
+        report(&self.warnings.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn checks(&self) -> std::sync::MutexGuard<'_, Vec<(String, Status)>> {
@@ -95,15 +122,7 @@ impl Readiness {
 
     /// The components that are not ready, in the order they were added; empty: ready.
     pub fn problems(&self) -> Vec<Problem> {
-        self.checks()
-            .iter()
-            .filter_map(|(component, status)| {
-                status.problem().map(|reason| Problem {
-                    component: component.clone(),
-                    reason,
-                })
-            })
-            .collect()
+        report(&self.checks())
     }
 
     /// The status of `component`, if it was added.
@@ -113,6 +132,19 @@ impl Readiness {
             .find(|(name, _)| name == component)
             .map(|(_, s)| s.clone())
     }
+}
+
+/// The components of `checks` that have a problem.
+fn report(checks: &[(String, Status)]) -> Vec<Problem> {
+    checks
+        .iter()
+        .filter_map(|(component, status)| {
+            status.problem().map(|reason| Problem {
+                component: component.clone(),
+                reason,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

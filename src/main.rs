@@ -174,7 +174,7 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             let result = rt.block_on(async {
                 let shutdown = mqbridge::shutdown::on_signal();
-                mqbridge::app::run(plan, shutdown).await
+                mqbridge::app::run_from(plan, Some(file), shutdown).await
             });
             // Don't wait for a blocking thread stuck in a runaway jq program.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));

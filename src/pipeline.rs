@@ -66,21 +66,56 @@ pub fn evaluate(rules: &[Rule], msg: &Message, limit: Duration) -> Vec<Verdict> 
         .collect()
 }
 
+/// What the router routes by: the rules, and the sinks' queues by index (as the rules'
+/// `to` names them). A config reload hands the router a new one.
+pub struct Routing {
+    pub rules: Vec<Rule>,
+    pub sinks: Vec<SinkQueue>,
+}
+
 pub struct Pipeline {
-    pub rules: Arc<Vec<Rule>>,
+    pub routing: Routing,
     /// Every message taken is tracked here until it settles.
     pub watch: Arc<Watch>,
-    /// Queue of each sink, by index.
-    pub sinks: Vec<SinkQueue>,
     pub dead_letter: DeadLetter,
     /// Where the rules run, and for how long each may run per message.
     pub eval: EvalPool,
+    /// New routings (config reloads); None: the routing never changes. A new routing is
+    /// taken between two batches: see [`Pipeline::run`].
+    pub reloads: Option<mpsc::Receiver<Routing>>,
+}
+
+/// A routing in use, with its rules' metric handles. Each batch holds the one it was
+/// evaluated with, so that its verdicts (rule and sink indexes) are dispatched by it.
+struct Active {
+    rules: Vec<Rule>,
+    sinks: Vec<SinkQueue>,
+    metrics: Vec<RuleMetrics>,
+}
+
+impl Active {
+    fn new(routing: Routing) -> Arc<Active> {
+        Arc::new(Active {
+            metrics: routing.rules.iter().map(RuleMetrics::new).collect(),
+            rules: routing.rules,
+            sinks: routing.sinks,
+        })
+    }
+}
+
+/// The router's parts that a reload does not replace.
+struct Router {
+    watch: Arc<Watch>,
+    dead_letter: DeadLetter,
+    eval: EvalPool,
 }
 
 /// Messages evaluated in one hand-off; their acks stay here, with the router.
 struct Batch {
     msgs: Arc<[Message]>,
     acks: Vec<Ack>,
+    /// The routing its messages were evaluated with, and are dispatched with.
+    active: Arc<Active>,
 }
 
 /// Each message's verdicts, or why evaluating it broke down.
@@ -116,15 +151,40 @@ impl RuleMetrics {
 
 impl Pipeline {
     /// Processes messages until the source closes its channel.
+    ///
+    /// **Reloads.** A new routing replaces the active one between two batches, so every
+    /// message is evaluated and dispatched by one routing, the old or the new: routed
+    /// exactly once. Batches evaluated before the swap are still dispatched, in order, by
+    /// the routing they hold; that keeps the old sinks' queues open until they are
+    /// dispatched, and a sink the new routing no longer has ends once its queue is drained.
     pub async fn run(self, mut rx: mpsc::Receiver<Message>) {
-        let metrics: Vec<RuleMetrics> = self.rules.iter().map(RuleMetrics::new).collect();
+        let Pipeline {
+            routing,
+            watch,
+            dead_letter,
+            eval,
+            mut reloads,
+        } = self;
+        let router = Router {
+            watch,
+            dead_letter,
+            eval,
+        };
+        let mut active = Active::new(routing);
         let mut evaluating = FuturesOrdered::new();
         let mut open = true;
         loop {
             tokio::select! {
                 biased;
-                Some((batch, verdicts)) = evaluating.next() => self.dispatch_batch(&metrics, batch, verdicts).await,
-                first = rx.recv(), if open && evaluating.len() < self.eval.threads() => match first {
+                Some((batch, verdicts)) = evaluating.next() => router.dispatch_batch(batch, verdicts).await,
+                routing = next_routing(&mut reloads), if reloads.is_some() => match routing {
+                    Some(routing) => {
+                        active = Active::new(routing);
+                        tracing::debug!(rules = active.rules.len(), "router: new routing");
+                    }
+                    None => reloads = None,
+                },
+                first = rx.recv(), if open && evaluating.len() < router.eval.threads() => match first {
                     Some(first) => {
                         let mut batch = vec![first];
                         while batch.len() < EVAL_BATCH {
@@ -133,7 +193,7 @@ impl Pipeline {
                                 Err(_) => break,
                             }
                         }
-                        evaluating.push_back(self.evaluate(batch).await);
+                        evaluating.push_back(router.evaluate(&active, batch).await);
                     }
                     None => open = false,
                 },
@@ -142,10 +202,21 @@ impl Pipeline {
         }
         tracing::debug!("source closed, router done");
     }
+}
 
+/// The next routing from `reloads` (None once its sender is gone).
+async fn next_routing(reloads: &mut Option<mpsc::Receiver<Routing>>) -> Option<Routing> {
+    match reloads {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Router {
     /// Hands a batch of messages to the pool; the future resolves to their verdicts.
     async fn evaluate(
         &self,
+        active: &Arc<Active>,
         batch: Vec<Message>,
     ) -> impl Future<Output = (Batch, Result<Vec<Verdicts>, EvalError>)> + use<> {
         let mut acks = Vec::with_capacity(batch.len());
@@ -157,62 +228,49 @@ impl Pipeline {
         }
         let msgs: Arc<[Message]> = msgs.into();
         let job = {
-            let (rules, msgs, limit) = (
-                Arc::clone(&self.rules),
-                Arc::clone(&msgs),
-                self.eval.limit(),
-            );
+            let (active, msgs, limit) = (Arc::clone(active), Arc::clone(&msgs), self.eval.limit());
             move || {
                 msgs.iter()
                     .map(|m| {
                         // A panic costs its message, not the batch.
-                        catch_unwind(AssertUnwindSafe(|| evaluate(&rules, m, limit))).map_err(|p| {
-                            format!("rule evaluation panicked: {}", panic_message(p.as_ref()))
-                        })
+                        catch_unwind(AssertUnwindSafe(|| evaluate(&active.rules, m, limit)))
+                            .map_err(|p| {
+                                format!("rule evaluation panicked: {}", panic_message(p.as_ref()))
+                            })
                     })
                     .collect::<Vec<Verdicts>>()
             }
         };
         let pending = self.eval.submit(job).await;
+        let active = Arc::clone(active);
         async move {
             let verdicts = match pending {
                 Ok(pending) => pending.await,
                 Err(e) => Err(e),
             };
-            (Batch { msgs, acks }, verdicts)
+            (Batch { msgs, acks, active }, verdicts)
         }
     }
 
     /// Dispatches a batch's verdicts, message by message in order.
-    async fn dispatch_batch(
-        &self,
-        metrics: &[RuleMetrics],
-        batch: Batch,
-        verdicts: Result<Vec<Verdicts>, EvalError>,
-    ) {
+    async fn dispatch_batch(&self, batch: Batch, verdicts: Result<Vec<Verdicts>, EvalError>) {
         let verdicts = verdicts.unwrap_or_else(|e| {
             let error = e.to_string();
             batch.msgs.iter().map(|_| Err(error.clone())).collect()
         });
         for ((msg, ack), verdicts) in batch.msgs.iter().zip(batch.acks).zip(verdicts) {
             match verdicts {
-                Ok(verdicts) => self.dispatch(metrics, msg, verdicts, ack).await,
-                Err(error) => self.fail_all(metrics, msg, &error, ack).await,
+                Ok(verdicts) => self.dispatch(&batch.active, msg, verdicts, ack).await,
+                Err(error) => self.fail_all(&batch.active, msg, &error, ack).await,
             }
         }
     }
 
     /// Hands one message's records to the sinks (waiting when a queue is full).
-    async fn dispatch(
-        &self,
-        metrics: &[RuleMetrics],
-        msg: &Message,
-        verdicts: Vec<Verdict>,
-        ack: Ack,
-    ) {
+    async fn dispatch(&self, active: &Active, msg: &Message, verdicts: Vec<Verdict>, ack: Ack) {
         for v in verdicts {
-            let rule = &self.rules[v.rule];
-            let m = &metrics[v.rule];
+            let rule = &active.rules[v.rule];
+            let m = &active.metrics[v.rule];
             m.matched.increment(1);
             m.evaluation.record(v.took);
             let origin = Arc::new(Origin::from_message(msg, &rule.name, v.vars));
@@ -226,7 +284,7 @@ impl Pipeline {
                                 origin: Arc::clone(&origin),
                                 ack: ack.part(),
                             };
-                            if let Err(d) = self.sinks[sink].send(d).await {
+                            if let Err(d) = active.sinks[sink].send(d).await {
                                 // Shutting down: leave the message unsettled.
                                 drop(d.ack);
                             }
@@ -255,8 +313,9 @@ impl Pipeline {
     }
 
     /// Dead-letters a message once per matching rule when evaluation itself broke down.
-    async fn fail_all(&self, metrics: &[RuleMetrics], msg: &Message, error: &str, ack: Ack) {
-        for (i, rule) in self.rules.iter().enumerate() {
+    async fn fail_all(&self, active: &Active, msg: &Message, error: &str, ack: Ack) {
+        let metrics = &active.metrics;
+        for (i, rule) in active.rules.iter().enumerate() {
             if rule.matches(&msg.topic).is_none() {
                 continue;
             }
@@ -339,24 +398,25 @@ mod tests {
             Arc::from("dlq"),
             dead.clone(),
             common,
-            DeadLetter { queue: None },
+            DeadLetter::none(),
             &tracker,
         );
         let sink = spawn(
             Arc::from("out"),
             out.clone(),
             common,
-            DeadLetter {
-                queue: Some(dlq.clone()),
-            },
+            DeadLetter::to(dlq.clone()),
             &tracker,
         );
         let pipeline = Pipeline {
-            rules: Arc::new(rules),
+            routing: Routing {
+                rules,
+                sinks: vec![sink],
+            },
             watch: Arc::default(),
-            sinks: vec![sink],
-            dead_letter: DeadLetter { queue: Some(dlq) },
+            dead_letter: DeadLetter::to(dlq),
             eval,
+            reloads: None,
         };
         let (tx, rx) = mpsc::channel(16);
         let feed = tokio::spawn(async move {
@@ -391,6 +451,119 @@ mod tests {
             error,
             "transform: program ran longer than 2s and was stopped"
         );
+    }
+
+    /// Counts settlements of one message.
+    struct CountSettled(Arc<std::sync::atomic::AtomicUsize>);
+    impl crate::delivery::Settled for CountSettled {
+        fn settled(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A transform slow enough (a few hundred µs) that batches are being evaluated when
+    /// the new routing comes.
+    const SLOW_OLD: &str =
+        r#"(reduce range(500) as $i (0; . + 1)) as $x | {seq: .payload.seq, by: "old"}"#;
+
+    /// A reload mid-stream: each message is routed once, by the old routing or the new,
+    /// the old-routed ones all before the new-routed ones (the swap is at a message
+    /// boundary), and every message settles exactly once, including those the old sink,
+    /// which the new routing no longer has, still held when the swap came.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_routing_routes_each_message_once_and_the_old_sink_drains() {
+        const N: i64 = 3_000;
+        let tracker = TaskTracker::new();
+        let common = Common {
+            batch: BatchConfig::default(),
+            retry: Default::default(),
+            queue: 64,
+            concurrency: 2,
+            rate_limit: None,
+        };
+        let (old, new) = (Arc::new(Collect::default()), Arc::new(Collect::default()));
+        let old_q = spawn(
+            Arc::from("old"),
+            old.clone(),
+            common,
+            DeadLetter::none(),
+            &tracker,
+        );
+        let new_q = spawn(
+            Arc::from("new"),
+            new.clone(),
+            common,
+            DeadLetter::none(),
+            &tracker,
+        );
+        let (reload_tx, reloads) = mpsc::channel(1);
+        let pipeline = Pipeline {
+            routing: Routing {
+                rules: vec![rule("r", "t/+", SLOW_OLD, 0)],
+                sinks: vec![old_q],
+            },
+            watch: Arc::default(),
+            dead_letter: DeadLetter::none(),
+            eval: EvalPool::start("pipeline-r", 2, EVAL_TIMEOUT).unwrap(),
+            reloads: Some(reloads),
+        };
+        let settled: Vec<Arc<std::sync::atomic::AtomicUsize>> =
+            (0..N).map(|_| Arc::default()).collect();
+        let (tx, rx) = mpsc::channel(16);
+        let counts = settled.clone();
+        let feed = tokio::spawn(async move {
+            for (i, count) in counts.into_iter().enumerate() {
+                let mut m =
+                    Message::detached(format!("t/{}", i % 7), format!(r#"{{"seq": {i}}}"#), 1);
+                m.ack = Ack::new(CountSettled(count));
+                tx.send(m).await.unwrap();
+                if i as i64 == N / 2 {
+                    // The new routing: another rule, to another sink; the old sink's
+                    // queue is dropped with the old routing.
+                    reload_tx
+                        .send(Routing {
+                            rules: vec![rule("r2", "t/+", "{seq: .payload.seq, by: \"new\"}", 0)],
+                            sinks: vec![new_q.clone()],
+                        })
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        pipeline.run(rx).await;
+        feed.await.unwrap();
+        tracker.close();
+        tracker.wait().await;
+        let seqs = |c: &Collect| -> Vec<i64> {
+            let mut v: Vec<i64> =
+                c.0.lock()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["seq"].as_i64().unwrap())
+                    .collect();
+            v.sort();
+            v
+        };
+        let (old, new) = (seqs(&old), seqs(&new));
+        assert!(
+            !old.is_empty() && !new.is_empty(),
+            "old {} new {}",
+            old.len(),
+            new.len()
+        );
+        assert!(
+            old.last() < new.first(),
+            "the swap is at a message boundary"
+        );
+        let all: Vec<i64> = old.iter().chain(&new).copied().collect();
+        assert_eq!(
+            all,
+            (0..N).collect::<Vec<_>>(),
+            "each message routed exactly once"
+        );
+        for (i, c) in settled.iter().enumerate() {
+            assert_eq!(c.load(Ordering::SeqCst), 1, "message {i} settled once");
+        }
     }
 
     /// Threads of this process whose name starts with `prefix`, with their CPU time so

@@ -58,7 +58,8 @@ impl RuleView {
 }
 
 pub async fn rules(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "rules": state.rules }))
+    let rules = state.rules().clone();
+    Json(serde_json::json!({ "rules": rules }))
 }
 
 pub async fn sinks(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Value> {

@@ -51,6 +51,19 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Open file descriptors of the process (refreshed every 5 s).",
     ),
+    // Config.
+    (
+        "mqbridge_config_reload_failures_total",
+        Kind::Counter,
+        Unit::Count,
+        "Config reloads (SIGHUP or a change of the file) that failed; the previous config kept running.",
+    ),
+    (
+        "mqbridge_config_last_reload_success",
+        Kind::Gauge,
+        Unit::Count,
+        "1 when the last config reload succeeded (or none was tried), 0 when it failed.",
+    ),
     // Source.
     (
         "mqbridge_source_connected",

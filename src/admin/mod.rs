@@ -46,7 +46,8 @@ pub struct State {
     /// None: the protected routes are open (loopback only, see the module docs).
     pub token: Option<Arc<Token>>,
     pub metrics: PrometheusHandle,
-    pub rules: Vec<RuleView>,
+    /// The rules running now (a config reload replaces them).
+    pub rules: Mutex<Vec<RuleView>>,
     /// Added as each sink starts (a lock taken at start and per admin request only).
     pub sinks: Mutex<Vec<SinkView>>,
     /// The embedded broker, once opened (unset when mqbridge reads an external broker):
@@ -55,6 +56,11 @@ pub struct State {
 }
 
 impl State {
+    /// The rules running now.
+    pub fn rules(&self) -> std::sync::MutexGuard<'_, Vec<RuleView>> {
+        self.rules.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The sinks started so far.
     pub fn sinks(&self) -> std::sync::MutexGuard<'_, Vec<SinkView>> {
         self.sinks.lock().unwrap_or_else(|e| e.into_inner())
@@ -122,7 +128,7 @@ pub async fn start(plan: &AdminPlan, rules: Vec<RuleView>) -> Result<Running, St
         readiness: Readiness::default(),
         token,
         metrics,
-        rules,
+        rules: Mutex::new(rules),
         sinks: Mutex::default(),
         broker: OnceLock::new(),
     });
@@ -186,7 +192,10 @@ async fn readyz(Extract(state): Extract<Arc<State>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({ "ready": problems.is_empty(), "not_ready": problems });
+    // Warnings (a config reload that failed) do not make the bridge unready: it still
+    // delivers with the config it had.
+    let warnings = state.readiness.warnings();
+    let body = serde_json::json!({ "ready": problems.is_empty(), "not_ready": problems, "warnings": warnings });
     (status, axum::Json(body)).into_response()
 }
 

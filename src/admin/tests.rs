@@ -22,14 +22,14 @@ async fn server(token: Option<&str>) -> Server {
         readiness: Readiness::default(),
         token: token.map(|t| Arc::new(Token::new(t))),
         metrics: exporter::install(),
-        rules: vec![RuleView {
+        rules: std::sync::Mutex::new(vec![RuleView {
             name: "readings".into(),
             from: vec!["sensors/{device}/telemetry".into()],
             decode: "json".into(),
             filter: false,
             transform: true,
             to: vec!["db".into()],
-        }],
+        }]),
         sinks: Mutex::default(),
         broker: OnceLock::new(),
     });
@@ -57,7 +57,7 @@ async fn health_and_readiness_need_no_token_and_name_what_is_not_ready() {
     let (code, body) = get(&format!("{}/readyz", s.base), None).await;
     assert_eq!(
         (code, body.as_str()),
-        (200, r#"{"not_ready":[],"ready":true}"#)
+        (200, r#"{"not_ready":[],"ready":true,"warnings":[]}"#)
     );
 
     let sink = Status::ready();
@@ -74,8 +74,31 @@ async fn health_and_readiness_need_no_token_and_name_what_is_not_ready() {
         serde_json::json!({"ready": false, "not_ready": [
             {"component": "source", "reason": "connecting"},
             {"component": "sink db", "reason": "last write failed: connection refused"},
+        ], "warnings": []})
+    );
+}
+
+/// A failed config reload is a warning: the previous config still delivers, so the
+/// bridge stays ready (an orchestrator must not take a working instance out of service
+/// for a typo in a file it has not applied).
+#[tokio::test]
+async fn a_failed_reload_is_a_warning_not_unready() {
+    let s = server(None).await;
+    let config = Status::ready();
+    s.state.readiness.add_warning("config", config.clone());
+    config.set_not_ready("reload failed: rules.yaml:3:7: rules[0].filter: jq: ...");
+    let (code, body) = get(&format!("{}/readyz", s.base), None).await;
+    assert_eq!(code, 200);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"ready": true, "not_ready": [], "warnings": [
+            {"component": "config", "reason": "reload failed: rules.yaml:3:7: rules[0].filter: jq: ..."},
         ]})
     );
+    config.set_ready();
+    let (_, body) = get(&format!("{}/readyz", s.base), None).await;
+    assert!(body.contains(r#""warnings":[]"#), "{body}");
 }
 
 #[tokio::test]

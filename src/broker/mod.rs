@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::EmbeddedPlan;
+use crate::config::{AclRule, EmbeddedPlan};
 use crate::source::Source;
 use crate::source::intake::Handoff;
 use auth::Auth;
@@ -60,7 +60,8 @@ pub use stats::{Client, Connection, Dropped, Stats};
 /// What every connection shares.
 pub(crate) struct Shared {
     plan: EmbeddedPlan,
-    auth: Auth,
+    /// Users and ACL; a config reload replaces them (see [`Broker::set_auth`]).
+    auth: std::sync::RwLock<Arc<Auth>>,
     state: Mutex<Router>,
     /// Live connections (bounded by `max_connections`).
     connections: AtomicUsize,
@@ -71,6 +72,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The users and ACL in force now.
+    fn auth(&self) -> Arc<Auth> {
+        Arc::clone(&self.auth.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Router> {
         // A panic while holding the lock leaves consistent-enough state: keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -84,7 +90,7 @@ impl Shared {
         if retain {
             state.retained.set(Arc::clone(&stored));
         }
-        state.route(&stored, retain, max, &self.auth, &self.counters);
+        state.route(&stored, retain, max, &self.auth(), &self.counters);
     }
 }
 
@@ -116,7 +122,7 @@ impl Broker {
         let broker = Broker {
             shared: Arc::new(Shared {
                 plan,
-                auth,
+                auth: std::sync::RwLock::new(Arc::new(auth)),
                 state: Mutex::new(router),
                 connections: AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
@@ -129,6 +135,16 @@ impl Broker {
             connection::schedule_expiry(&broker.shared, &id, generation, expiry);
         }
         Ok(broker)
+    }
+
+    /// Replaces the users, `allow_anonymous` and the ACL (a config reload). They apply
+    /// to logins, publishes and subscriptions from now on; connected clients stay
+    /// connected, and subscriptions made before keep what the old ACL allowed them to
+    /// subscribe to (the ACL is applied when a subscription is made), though each
+    /// message is still checked against the new ACL's `can_receive`.
+    pub fn set_auth(&self, users: Vec<(String, String)>, allow_anonymous: bool, acl: Vec<AclRule>) {
+        let auth = Arc::new(Auth::new(users, allow_anonymous, acl));
+        *self.shared.auth.write().unwrap_or_else(|e| e.into_inner()) = auth;
     }
 
     /// The current gauges and counters (one pass over the sessions, under the lock).

@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod env;
+pub mod fingerprint;
 pub mod locate;
 pub mod plan;
 pub mod preflight;

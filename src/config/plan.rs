@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::admin::{AdminPlan, validate_admin};
+use super::fingerprint::{self, Fingerprint};
 use super::raw::{AclAction, BrokerConfig, EmbeddedConfig, Protocol, RawConfig};
 use super::sinks::{SinkConfig, SinkSettings, sql};
 use crate::rule::Rule;
@@ -34,6 +35,8 @@ pub struct Plan {
     pub unsettled_warning: Duration,
     /// The admin HTTP server; None: off.
     pub admin: Option<AdminPlan>,
+    /// The settings a reload cannot apply, to tell which of them changed.
+    pub restart_only: Vec<(&'static str, Fingerprint)>,
 }
 
 /// The durable spool's place and limits (`spool:`).
@@ -49,6 +52,8 @@ pub struct SpoolPlan {
 pub struct SinkPlan {
     pub name: Arc<str>,
     pub settings: SinkSettings,
+    /// The settings as written: a reload keeps a sink running when this is unchanged.
+    pub fingerprint: Fingerprint,
 }
 
 /// Where and how to connect to the external broker.
@@ -134,11 +139,10 @@ impl std::fmt::Debug for Secret {
 pub(super) type Errors = Vec<(String, String)>;
 
 /// Validates everything; on failure returns every (field path, message).
-pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
+pub fn validate(mut raw: RawConfig) -> Result<Plan, Errors> {
     let mut errs = Errors::new();
     let sink_names: Vec<String> = raw.sinks.keys().cloned().collect();
-    let sinks: Vec<Option<SinkPlan>> = raw
-        .sinks
+    let sinks: Vec<Option<SinkPlan>> = std::mem::take(&mut raw.sinks)
         .into_iter()
         .map(|(name, sink)| validate_sink(name, sink, &mut errs))
         .collect();
@@ -246,7 +250,10 @@ pub fn validate(raw: RawConfig) -> Result<Plan, Errors> {
     if !errs.is_empty() {
         return Err(errs);
     }
+    let restart_only =
+        fingerprint::restart_only(&raw, broker.as_ref().map(|b| b.subscriptions.as_slice()));
     Ok(Plan {
+        restart_only,
         broker,
         embedded,
         sinks: sinks.into_iter().flatten().collect(),
@@ -276,6 +283,7 @@ fn validate_sink(name: String, sink: SinkConfig, errs: &mut Errors) -> Option<Si
         ));
     }
     let common = sink.common();
+    let fingerprint = fingerprint::of(&sink);
     let settings = sink.compile().map_err(|problems| {
         for (field, msg) in problems {
             errs.push((format!("sinks.{name}.{field}"), msg));
@@ -299,6 +307,7 @@ fn validate_sink(name: String, sink: SinkConfig, errs: &mut Errors) -> Option<Si
     Some(SinkPlan {
         name: Arc::from(name),
         settings: settings.ok()?,
+        fingerprint,
     })
 }
 

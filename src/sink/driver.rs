@@ -47,11 +47,14 @@ use crate::health::Status;
 /// bug; retrying without end would stall its lane for good).
 pub const PANIC_ATTEMPTS: u32 = 3;
 
-/// Where records that cannot be delivered go.
-#[derive(Clone)]
+/// Where records that cannot be delivered go. Every clone is the same target, which a
+/// config reload may [`DeadLetter::set`]: sink drivers that keep running then dead-letter
+/// to the new sink; the old one ends once its queue is drained and no sender holds it.
+#[derive(Clone, Default)]
 pub struct DeadLetter {
     /// The dead-letter sink's queue; None: log and drop (no `dead_letter:` configured).
-    pub queue: Option<SinkQueue>,
+    /// Locked only to clone or replace the queue, never across an `.await`.
+    target: Arc<std::sync::RwLock<Option<SinkQueue>>>,
 }
 
 /// The way into a running sink: its lanes' bounded queues.
@@ -475,6 +478,33 @@ pub struct Failure<'a> {
 }
 
 impl DeadLetter {
+    /// No dead-letter sink: failures are logged and dropped. Also what the dead-letter
+    /// sink's own driver gets (a separate target that is never set, so the dead-letter
+    /// queue never holds itself open).
+    pub fn none() -> DeadLetter {
+        DeadLetter::default()
+    }
+
+    /// Dead letters go to `queue`.
+    pub fn to(queue: SinkQueue) -> DeadLetter {
+        let d = DeadLetter::default();
+        d.set(Some(queue));
+        d
+    }
+
+    /// Sends later dead letters to `queue` (every clone); returns the previous queue.
+    pub fn set(&self, queue: Option<SinkQueue>) -> Option<SinkQueue> {
+        let mut target = self.target.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *target, queue)
+    }
+
+    fn queue(&self) -> Option<SinkQueue> {
+        self.target
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Sends a dead letter carrying `ack`, which settles once the letter is written.
     /// Without a dead-letter sink the failure is logged and the message settled.
     pub async fn send(
@@ -484,7 +514,7 @@ impl DeadLetter {
         failure: Failure<'_>,
         ack: Ack,
     ) {
-        let Some(queue) = &self.queue else {
+        let Some(queue) = self.queue() else {
             tracing::error!(sink = failure.sink, rule = %origin.rule, topic = %origin.topic, error = %failure.error, "message dropped: it failed and no dead_letter sink is configured");
             ack.settle();
             return;
@@ -678,16 +708,10 @@ mod tests {
                 concurrency: 1,
                 ..common
             },
-            DeadLetter { queue: None },
+            DeadLetter::none(),
             &tracker,
         );
-        let queue = spawn(
-            Arc::from("s"),
-            sink,
-            common,
-            DeadLetter { queue: Some(dlq) },
-            &tracker,
-        );
+        let queue = spawn(Arc::from("s"), sink, common, DeadLetter::to(dlq), &tracker);
         for d in records {
             assert!(queue.send(d).await.is_ok());
         }
@@ -801,14 +825,14 @@ mod tests {
                 Arc::from("dlq"),
                 dead.clone(),
                 common(1, None),
-                DeadLetter { queue: None },
+                DeadLetter::none(),
                 &tracker,
             );
             let queue = spawn(
                 Arc::from("s"),
                 Arc::clone(&sink) as Arc<dyn Sink>,
                 common(2, None),
-                DeadLetter { queue: Some(dlq) },
+                DeadLetter::to(dlq),
                 &tracker,
             );
             for i in 1..=300 {
@@ -875,7 +899,7 @@ mod tests {
             Arc::from("s"),
             Arc::clone(&sink) as Arc<dyn Sink>,
             c,
-            DeadLetter { queue: None },
+            DeadLetter::none(),
             &tracker,
         );
         let health = queue.health().clone();

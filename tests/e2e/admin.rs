@@ -90,7 +90,7 @@ async fn a_running_bridge_reports_health_readiness_and_metrics_that_match_what_w
             .filter(|(code, _)| *code == 200)
     })
     .await;
-    assert_eq!(ready.1, r#"{"not_ready":[],"ready":true}"#);
+    assert_eq!(ready.1, r#"{"not_ready":[],"ready":true,"warnings":[]}"#);
     let health = |url: &str| {
         Command::new(env!("CARGO_BIN_EXE_mqbridge"))
             .args(["health", url])

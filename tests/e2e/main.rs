@@ -15,6 +15,7 @@ mod flow;
 mod hook_server;
 mod postgres;
 mod quickstart;
+mod reload;
 mod replay;
 mod scale;
 mod spool;

@@ -150,7 +150,7 @@ impl Conn {
         } else {
             c.client_id.clone()
         };
-        let auth = shared.auth.clone();
+        let auth = shared.auth();
         let (user, pass) = (c.username.clone(), c.password.clone());
         let login =
             tokio::task::spawn_blocking(move || auth.login(user.as_deref(), pass.as_deref()))

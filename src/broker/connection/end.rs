@@ -47,7 +47,7 @@ impl Conn {
             send_will
                 && self
                     .shared
-                    .auth
+                    .auth()
                     .can_publish(self.username.as_deref(), &w.topic)
         });
         let mut delayed = None;

@@ -175,7 +175,7 @@ impl Conn {
 
         if !self
             .shared
-            .auth
+            .auth()
             .can_publish(self.username.as_deref(), &p.topic)
         {
             self.refuse(&p);

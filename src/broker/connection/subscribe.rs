@@ -39,7 +39,7 @@ impl Conn {
             }
             if !self
                 .shared
-                .auth
+                .auth()
                 .can_subscribe(self.username.as_deref(), &filter)
             {
                 tracing::info!(client_id = %self.client_id, %filter, "embedded broker: subscription refused by the ACL");
@@ -69,7 +69,7 @@ impl Conn {
             if send_retained {
                 let user = self.username.as_deref();
                 for m in router.retained.matching(&filter) {
-                    if !self.shared.auth.can_receive(user, &m.topic) {
+                    if !self.shared.auth().can_receive(user, &m.topic) {
                         continue;
                     }
                     retained.push(Outbound {

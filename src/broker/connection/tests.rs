@@ -375,6 +375,44 @@ async fn bad_credentials_and_anonymous_clients_are_refused_with_each_versions_co
     b.connect(Version::V5, right).await;
 }
 
+/// A config reload replaces the users: the next CONNECT is checked against the new ones.
+#[tokio::test]
+async fn logins_after_set_auth_use_the_new_users() {
+    let hash = crate::broker::auth::hash_password("right");
+    let b = broker(&format!(
+        "  allow_anonymous: false\n  users: [{{ username: u, password_hash: \"{hash}\" }}]"
+    ))
+    .await;
+    let u = Hello {
+        login: Some(("u", "right")),
+        ..Hello::new("c")
+    };
+    b.connect(Version::V5, u).await;
+    let broker = Broker {
+        shared: Arc::clone(&b.shared),
+    };
+    broker.set_auth(vec![("v".into(), hash.clone())], false, Vec::new());
+    let mut c = b.open(Version::V5);
+    c.send(&u.bytes(Version::V5)).await;
+    assert_eq!(
+        c.recv().await,
+        Got::ConnAck {
+            session_present: false,
+            code: 0x86
+        },
+        "u was removed"
+    );
+    c.closed().await;
+    b.connect(
+        Version::V5,
+        Hello {
+            login: Some(("v", "right")),
+            ..Hello::new("d")
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn an_empty_client_id_needs_a_clean_session_on_3_1_1() {
     let b = broker("").await;
