@@ -186,22 +186,7 @@ async fn a_running_bridge_reports_health_readiness_and_metrics_that_match_what_w
         ("mqbridge_source_connected", 1),
         ("mqbridge_spool_records", 0),
     ];
-    let last = within(Duration::from_secs(20), async || {
-        let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await?;
-        expected
-            .iter()
-            .all(|&(s, want)| series(&text, s) == Some(want as f64))
-            .then_some(text)
-    })
-    .await;
-    let Some(metrics) = last else {
-        let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
-        let found: Vec<String> = expected
-            .iter()
-            .map(|&(s, want)| format!("{s}: want {want}, got {:?}", series(&text, s)))
-            .collect();
-        panic!("metrics never matched:\n{}", found.join("\n"));
-    };
+    let metrics = metrics_matching(&base, &expected).await;
     assert_eq!(sqlite_count(&db, "readings").await, N);
     assert_eq!(
         series(
@@ -438,22 +423,7 @@ admin: {{ listen: 127.0.0.1:{admin_port}, token: {TOKEN} }}
         ("mqbridge_broker_connections_refused_total", 0),
         ("mqbridge_rule_messages_matched_total{rule=\"all\"}", N + 1),
     ];
-    let last = within(Duration::from_secs(20), async || {
-        let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await?;
-        expected
-            .iter()
-            .all(|&(s, want)| series(&text, s) == Some(want as f64))
-            .then_some(text)
-    })
-    .await;
-    let Some(metrics) = last else {
-        let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
-        let found: Vec<String> = expected
-            .iter()
-            .map(|&(s, want)| format!("{s}: want {want}, got {:?}", series(&text, s)))
-            .collect();
-        panic!("metrics never matched:\n{}", found.join("\n"));
-    };
+    let metrics = metrics_matching(&base, &expected).await;
     let mut got = 0;
     while got < N + 1 {
         tokio::time::timeout(Duration::from_secs(10), subscriber.received.recv())
@@ -503,4 +473,26 @@ fn run_refuses_an_admin_address_beyond_loopback_without_a_token() {
             "{command}: {err}"
         );
     }
+}
+
+/// `/metrics` once every series in `expected` has its value (polled for up to 20 s);
+/// otherwise fails listing what each one had.
+async fn metrics_matching(base: &str, expected: &[(&str, i64)]) -> String {
+    let last = within(Duration::from_secs(20), async || {
+        let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await?;
+        expected
+            .iter()
+            .all(|&(s, want)| series(&text, s) == Some(want as f64))
+            .then_some(text)
+    })
+    .await;
+    if let Some(metrics) = last {
+        return metrics;
+    }
+    let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
+    let found: Vec<String> = expected
+        .iter()
+        .map(|&(s, want)| format!("{s}: want {want}, got {:?}", series(&text, s)))
+        .collect();
+    panic!("metrics never matched:\n{}", found.join("\n"));
 }
