@@ -120,6 +120,9 @@ pub async fn run_from(
 
     // The dead-letter sink first: every other sink's driver holds its queue.
     let dead_letter = DeadLetter::none();
+    if let Some(admin) = &admin {
+        let _ = admin.state.dead_letters.set(dead_letter.recent());
+    }
     let mut queues: Vec<Option<SinkQueue>> = vec![None; plan.sinks.len()];
     for i in plan.dead_letter.into_iter().chain(0..plan.sinks.len()) {
         if queues[i].is_none() {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State as Extract;
+use axum::extract::{RawQuery, State as Extract};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -16,7 +16,7 @@ use crate::broker::Client;
 use crate::config::SinkPlan;
 use crate::health::Status;
 use crate::rule::Rule;
-use crate::sink::driver::QueueProbe;
+use crate::sink::driver::{QueueProbe, Recent};
 
 /// A rule as `/api/v1/rules` lists it.
 #[derive(Debug, Clone, Serialize)]
@@ -97,6 +97,28 @@ pub async fn clients(Extract(state): Extract<Arc<State>>) -> Response {
     };
     let clients: Vec<serde_json::Value> = broker.clients().iter().map(client_json).collect();
     Json(serde_json::json!({ "clients": clients })).into_response()
+}
+
+/// The latest dead letters, newest first: `?limit=N` (default 20, at most
+/// [`Recent::KEPT`]), each as the dead-letter sink got it (reason in `error_kind` and
+/// `error`), or with `"dropped": true` when no dead-letter sink is configured.
+pub async fn dead_letters(
+    Extract(state): Extract<Arc<State>>,
+    RawQuery(query): RawQuery,
+) -> Json<serde_json::Value> {
+    let limit = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("limit="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20)
+        .min(Recent::KEPT);
+    let letters = state
+        .dead_letters
+        .get()
+        .map_or_else(Vec::new, |r| r.latest(limit));
+    Json(serde_json::json!({ "dead_letters": letters, "kept": Recent::KEPT }))
 }
 
 /// One session as `/api/v1/clients` lists it: `connected`, and (while connected) the

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::AdminPlan;
 use crate::health::Readiness;
+use crate::sink::driver::Recent;
 pub use api::{RuleView, SinkView};
 pub use auth::{Token, TokenError};
 
@@ -53,6 +54,8 @@ pub struct State {
     /// The embedded broker, once opened (unset when mqbridge reads an external broker):
     /// its gauges are read when `/metrics` is scraped, its sessions by `/api/v1/clients`.
     pub broker: OnceLock<Broker>,
+    /// The latest dead letters, once the sinks are wired (`/api/v1/dead-letters`).
+    pub dead_letters: OnceLock<Arc<Recent>>,
 }
 
 impl State {
@@ -74,6 +77,7 @@ pub fn app(state: Arc<State>) -> Router {
         .route("/api/v1/rules", get(api::rules))
         .route("/api/v1/sinks", get(api::sinks))
         .route("/api/v1/clients", get(api::clients))
+        .route("/api/v1/dead-letters", get(api::dead_letters))
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require,
@@ -131,6 +135,7 @@ pub async fn start(plan: &AdminPlan, rules: Vec<RuleView>) -> Result<Running, St
         rules: Mutex::new(rules),
         sinks: Mutex::default(),
         broker: OnceLock::new(),
+        dead_letters: OnceLock::new(),
     });
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(listener, Arc::clone(&state), stop.clone()));

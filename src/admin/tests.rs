@@ -32,6 +32,7 @@ async fn server(token: Option<&str>) -> Server {
         }]),
         sinks: Mutex::default(),
         broker: OnceLock::new(),
+        dead_letters: OnceLock::new(),
     });
     let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -104,7 +105,12 @@ async fn a_failed_reload_is_a_warning_not_unready() {
 #[tokio::test]
 async fn metrics_and_the_api_need_the_token() {
     let s = server(Some("t0ken")).await;
-    for path in ["/metrics", "/api/v1/rules", "/api/v1/sinks"] {
+    for path in [
+        "/metrics",
+        "/api/v1/rules",
+        "/api/v1/sinks",
+        "/api/v1/dead-letters",
+    ] {
         let url = format!("{}{path}", s.base);
         assert_eq!(get(&url, None).await.0, 401, "{path}");
         assert_eq!(get(&url, Some("wrong")).await.0, 401, "{path}");

@@ -55,6 +55,31 @@ pub struct DeadLetter {
     /// The dead-letter sink's queue; None: log and drop (no `dead_letter:` configured).
     /// Locked only to clone or replace the queue, never across an `.await`.
     target: Arc<std::sync::RwLock<Option<SinkQueue>>>,
+    /// The latest letters, for `/api/v1/dead-letters`.
+    recent: Arc<Recent>,
+}
+
+/// The latest dead letters (at most [`Recent::KEPT`]), newest last; dropped ones (no
+/// dead-letter sink) too, since their reason is all that is left of them.
+#[derive(Default)]
+pub struct Recent(std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>);
+
+impl Recent {
+    pub const KEPT: usize = 100;
+
+    fn push(&self, letter: serde_json::Value) {
+        let mut letters = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if letters.len() == Self::KEPT {
+            letters.pop_front();
+        }
+        letters.push_back(letter);
+    }
+
+    /// Up to `n` letters, newest first.
+    pub fn latest(&self, n: usize) -> Vec<serde_json::Value> {
+        let letters = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        letters.iter().rev().take(n).cloned().collect()
+    }
 }
 
 /// The way into a running sink: its lanes' bounded queues.
@@ -485,6 +510,11 @@ impl DeadLetter {
         DeadLetter::default()
     }
 
+    /// The latest letters this target (every clone) took.
+    pub fn recent(&self) -> Arc<Recent> {
+        Arc::clone(&self.recent)
+    }
+
     /// Dead letters go to `queue`.
     pub fn to(queue: SinkQueue) -> DeadLetter {
         let d = DeadLetter::default();
@@ -514,13 +544,18 @@ impl DeadLetter {
         failure: Failure<'_>,
         ack: Ack,
     ) {
+        let record = dead_letter_record(&origin, record, &failure);
         let Some(queue) = self.queue() else {
             tracing::error!(sink = failure.sink, rule = %origin.rule, topic = %origin.topic, error = %failure.error, "message dropped: it failed and no dead_letter sink is configured");
+            let mut dropped = record;
+            dropped["dropped"] = true.into();
+            self.recent.push(dropped);
             ack.settle();
             return;
         };
+        self.recent.push(record.clone());
         let letter = Delivery {
-            record: dead_letter_record(&origin, record, &failure),
+            record,
             origin,
             ack,
         };
@@ -578,6 +613,31 @@ mod tests {
     use super::*;
     use crate::config::sinks::RateLimit;
     use crate::delivery::Count;
+
+    /// Without a dead-letter sink a failure is still listed (marked dropped), and the
+    /// list keeps the latest `Recent::KEPT`, newest first.
+    #[tokio::test]
+    async fn the_latest_dead_letters_are_kept_newest_first() {
+        let dead = DeadLetter::none();
+        for i in 0..Recent::KEPT + 5 {
+            let d = Delivery::detached(&format!("t/{i}"), json!({"i": i}));
+            let failure = Failure {
+                sink: Some("db"),
+                kind: ErrorKind::Permanent,
+                error: "no such column",
+                attempts: 1,
+                first_attempt: jiff::Timestamp::now(),
+            };
+            dead.send(d.origin, &d.record, failure, d.ack).await;
+        }
+        let latest = dead.recent().latest(usize::MAX);
+        assert_eq!(latest.len(), Recent::KEPT);
+        assert_eq!(latest[0]["topic"], format!("t/{}", Recent::KEPT + 4));
+        assert_eq!(latest[Recent::KEPT - 1]["topic"], "t/5");
+        assert_eq!(latest[0]["error"], "no such column");
+        assert_eq!(latest[0]["dropped"], true);
+        assert_eq!(dead.recent().latest(3).len(), 3);
+    }
 
     /// Records what was written; fails per a script, record by record where a real sink
     /// can tell records apart.

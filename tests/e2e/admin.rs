@@ -444,6 +444,64 @@ admin: {{ listen: 127.0.0.1:{admin_port}, token: {TOKEN} }}
     drop(bridge);
 }
 
+/// `/api/v1/dead-letters` (token) lists the latest dead letters, newest first, with their
+/// reasons: here a payload that is not JSON, which both rules fail on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latest_dead_letters_are_listed_with_their_reasons() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    sqlite_create(
+        &db,
+        "CREATE TABLE readings (device TEXT, seq INTEGER, temp REAL)",
+    )
+    .await;
+    let admin_port = free_port();
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(&path, config(dir.path(), broker.port, admin_port)).unwrap();
+    let bridge = ChildBridge::start_subscribed(&path).await;
+    let base = format!("http://127.0.0.1:{admin_port}");
+    let url = format!("{base}/api/v1/dead-letters");
+    let (code, _) = get(&url, None).await.unwrap();
+    assert_eq!(code, 401);
+
+    let publisher = TestClient::connect(broker.port, "admin-dl-pub").await;
+    publisher
+        .publish_all([("sensors/d9/telemetry".to_string(), "not json".to_string())])
+        .await;
+    let letters = eventually(Duration::from_secs(20), "two dead letters", async || {
+        let (_, body) = get(&url, Some(TOKEN)).await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let letters = v["dead_letters"].as_array()?.clone();
+        (letters.len() == 2).then_some(letters)
+    })
+    .await;
+    let mut rules: Vec<&str> = letters
+        .iter()
+        .map(|l| l["rule"].as_str().unwrap())
+        .collect();
+    rules.sort();
+    assert_eq!(rules, ["hot", "readings"]);
+    for l in &letters {
+        assert_eq!(l["topic"], "sensors/d9/telemetry", "{l}");
+        assert_eq!(l["payload"], "not json", "{l}");
+        assert!(l["error"].as_str().is_some_and(|e| !e.is_empty()), "{l}");
+        assert!(l["error_kind"].is_string(), "{l}");
+    }
+    let (_, body) = get(&format!("{url}?limit=1"), Some(TOKEN)).await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["dead_letters"][0], letters[0], "the newest first");
+    // The dead-letter sink got the same letters.
+    eventually(
+        Duration::from_secs(10),
+        "the letters in the file",
+        async || (json_lines(&dir.path().join("dead.jsonl")).len() == 2).then_some(()),
+    )
+    .await;
+    drop(bridge);
+}
+
 #[test]
 fn run_refuses_an_admin_address_beyond_loopback_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
