@@ -92,6 +92,9 @@ pub async fn run_from(
         .transpose()?;
     if let Some(spool) = &spool {
         readiness.add("spool", spool.health());
+        if let Some(admin) = &admin {
+            let _ = admin.state.spool.set(spool.probe());
+        }
     }
     let broker = plan.broker.clone();
     let embedded = match plan.embedded.clone() {

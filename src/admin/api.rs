@@ -121,6 +121,19 @@ pub async fn dead_letters(
     Json(serde_json::json!({ "dead_letters": letters, "kept": Recent::KEPT }))
 }
 
+/// The spool's figures (bytes, bound, backlog, cursor, segments, full), or 404 without
+/// a spool.
+pub async fn spool(Extract(state): Extract<Arc<State>>) -> Response {
+    match state.spool.get() {
+        Some(probe) => Json(probe.stats()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": "no spool configured (`spool:`)" })),
+        )
+            .into_response(),
+    }
+}
+
 /// One session as `/api/v1/clients` lists it: `connected`, and (while connected) the
 /// peer address, protocol version and connection time (RFC 3339); null when offline.
 fn client_json(c: &Client) -> serde_json::Value {

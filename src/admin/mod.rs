@@ -56,6 +56,8 @@ pub struct State {
     pub broker: OnceLock<Broker>,
     /// The latest dead letters, once the sinks are wired (`/api/v1/dead-letters`).
     pub dead_letters: OnceLock<Arc<Recent>>,
+    /// The spool's figures, when there is one (`/api/v1/spool`).
+    pub spool: OnceLock<crate::spool::Probe>,
 }
 
 impl State {
@@ -78,6 +80,7 @@ pub fn app(state: Arc<State>) -> Router {
         .route("/api/v1/sinks", get(api::sinks))
         .route("/api/v1/clients", get(api::clients))
         .route("/api/v1/dead-letters", get(api::dead_letters))
+        .route("/api/v1/spool", get(api::spool))
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require,
@@ -136,6 +139,7 @@ pub async fn start(plan: &AdminPlan, rules: Vec<RuleView>) -> Result<Running, St
         sinks: Mutex::default(),
         broker: OnceLock::new(),
         dead_letters: OnceLock::new(),
+        spool: OnceLock::new(),
     });
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(listener, Arc::clone(&state), stop.clone()));

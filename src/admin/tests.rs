@@ -33,6 +33,7 @@ async fn server(token: Option<&str>) -> Server {
         sinks: Mutex::default(),
         broker: OnceLock::new(),
         dead_letters: OnceLock::new(),
+        spool: OnceLock::new(),
     });
     let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -133,6 +134,12 @@ async fn metrics_and_the_api_need_the_token() {
     let (code, body) = get(&clients, Some("t0ken")).await;
     assert_eq!(code, 404);
     assert!(body.contains("no embedded broker"), "{body}");
+    // Without a spool likewise.
+    let spool = format!("{}/api/v1/spool", s.base);
+    assert_eq!(get(&spool, None).await.0, 401);
+    let (code, body) = get(&spool, Some("t0ken")).await;
+    assert_eq!(code, 404);
+    assert!(body.contains("no spool"), "{body}");
 }
 
 #[tokio::test]

@@ -237,6 +237,11 @@ impl Spool {
         self.shared.health.clone()
     }
 
+    /// A handle that reads the spool's figures while it runs (for `/api/v1/spool`).
+    pub fn probe(&self) -> Probe {
+        Probe(Arc::clone(&self.shared))
+    }
+
     /// Starts the writer (taking messages from `input`), the reader (handing them to
     /// `output`) and the janitor. After `stop` the reader hands over nothing more and the
     /// writer stops waiting for room; the writer ends when `input` closes.
@@ -292,6 +297,44 @@ impl Spool {
             janitor,
             janitor_stop,
         })
+    }
+}
+
+/// Reads a spool's figures; see [`Spool::probe`].
+pub struct Probe(Arc<Shared>);
+
+/// What [`Probe::stats`] reads.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub path: PathBuf,
+    /// Bytes in the segment files, and the bound at which acknowledgements stop.
+    pub bytes: u64,
+    pub max_bytes: u64,
+    /// Records committed (fsynced) and not yet settled by every sink: the backlog.
+    pub records: u64,
+    /// Number of the first unsettled record (the cursor), and of the next to commit.
+    pub cursor: u64,
+    pub committed: u64,
+    pub segments: usize,
+    /// Full: acknowledgements wait for room.
+    pub full: bool,
+}
+
+impl Probe {
+    pub fn stats(&self) -> Stats {
+        let shared = &self.0;
+        let cursor = shared.window.base();
+        let st = shared.state();
+        Stats {
+            path: shared.dir.clone(),
+            bytes: st.used,
+            max_bytes: shared.max_bytes,
+            records: st.committed.saturating_sub(cursor),
+            cursor,
+            committed: st.committed,
+            segments: st.segments.len(),
+            full: shared.health.problem().is_some(),
+        }
     }
 }
 

@@ -107,7 +107,12 @@ async fn a_running_bridge_reports_health_readiness_and_metrics_that_match_what_w
     );
 
     // Everything else needs the token.
-    for route in ["/metrics", "/api/v1/rules", "/api/v1/sinks"] {
+    for route in [
+        "/metrics",
+        "/api/v1/rules",
+        "/api/v1/sinks",
+        "/api/v1/spool",
+    ] {
         let url = format!("{base}{route}");
         assert_eq!(get(&url, None).await.unwrap().0, 401, "{route}");
         assert_eq!(get(&url, Some("not-it")).await.unwrap().0, 401, "{route}");
@@ -188,6 +193,16 @@ async fn a_running_bridge_reports_health_readiness_and_metrics_that_match_what_w
     ];
     let metrics = metrics_matching(&base, &expected).await;
     assert_eq!(sqlite_count(&db, "readings").await, N);
+    // The spool took every message, and all of them settled.
+    let (code, body) = get(&format!("{base}/api/v1/spool"), Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let spool: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(spool["max_bytes"], 16 << 20, "{spool}");
+    assert!(spool["committed"].as_i64().unwrap() >= N, "{spool}");
+    assert_eq!(spool["records"], 0, "{spool}");
+    assert_eq!(spool["full"], false, "{spool}");
     assert_eq!(
         series(
             &metrics,
