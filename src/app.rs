@@ -284,7 +284,7 @@ impl Wiring<'_> {
     ) -> anyhow::Result<SinkQueue> {
         let upstream = self.upstream;
         let ctx = OpenContext {
-            publisher: Some(&|| upstream.publisher()),
+            publisher: Some(&|| upstream.publisher(&sp.name)),
             eval: self.eval,
         };
         let sink = crate::sink::open(&sp.settings, ctx)

@@ -5,7 +5,8 @@
 //!   (and to its retained store), which settles them at once. They do not go through the
 //!   rules again.
 //! - **External broker**: each republish sink has a connection of its own (client id
-//!   `<client_id>-republish`), so publishing never waits on the source's event loop and
+//!   `<client_id>-republish-<sink>`: two sinks sharing one id would take each other's
+//!   connection over), so publishing never waits on the source's event loop and
 //!   the source's flow control never blocks publishing. A batch is published when the
 //!   broker confirmed every message in it (PUBACK at QoS 1, PUBCOMP at QoS 2, sent at QoS
 //!   0). If the connection drops or confirmation times out, the connection is discarded
@@ -35,11 +36,11 @@ pub enum Upstream<'a> {
 }
 
 impl Upstream<'_> {
-    /// A publisher for one sink.
-    pub fn publisher(self) -> Arc<dyn Publish> {
+    /// A publisher for the sink named `sink`.
+    pub fn publisher(self, sink: &str) -> Arc<dyn Publish> {
         match self {
             Upstream::Embedded(broker) => Arc::new(broker.clone()),
-            Upstream::External(plan) => Arc::new(Connection::new(plan)),
+            Upstream::External(plan) => Arc::new(Connection::new(plan, sink)),
         }
     }
 }
@@ -66,6 +67,12 @@ struct Connection {
     live: Mutex<Option<Live>>,
 }
 
+/// The client id of the sink `sink`'s connection: one per sink, since a broker lets only
+/// one connection hold a client id.
+fn republish_client_id(client_id: &str, sink: &str) -> String {
+    format!("{client_id}-republish-{sink}")
+}
+
 /// What a connection's poll task reports.
 enum Event {
     Connected,
@@ -90,10 +97,10 @@ impl Drop for Live {
 }
 
 impl Connection {
-    fn new(broker: &BrokerPlan) -> Self {
+    fn new(broker: &BrokerPlan, sink: &str) -> Self {
         Connection {
             broker: broker.clone(),
-            client_id: format!("{}-republish", broker.client_id),
+            client_id: republish_client_id(&broker.client_id, sink),
             live: Mutex::new(None),
         }
     }
@@ -189,5 +196,17 @@ impl Publish for Connection {
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_republish_sink_connects_with_a_client_id_of_its_own() {
+        let ids = ["alerts", "mirror"].map(|sink| super::republish_client_id("bridge-1", sink));
+        assert_eq!(
+            ids,
+            ["bridge-1-republish-alerts", "bridge-1-republish-mirror"]
+        );
     }
 }

@@ -71,18 +71,28 @@ pub async fn wait_subscribed(publisher: &TestClient, db: &std::path::Path) {
     .await;
 }
 
+/// Every message becomes a row, and is republished by two republish sinks (each on a
+/// connection of its own to the broker: with one client id they took each other's
+/// connection over).
 async fn rows_and_republished(protocol: &str) {
     let (broker, dir) = setup().await;
     let db = dir.path().join("t.db");
     let cfg = config(broker.port, dir.path(), "bridge-flow-1")
-        .replace("protocol: 3.1.1", &format!("protocol: {protocol}"));
+        .replace("protocol: 3.1.1", &format!("protocol: {protocol}"))
+        .replace(
+            "  dlq:\n",
+            "  copy:\n    type: republish\n    topic: \"copied/{{ vars.device }}\"\n  dlq:\n",
+        )
+        .replace("to: [db, mirror]", "to: [db, mirror, copy]");
     let bridge = InProcess::start(&cfg);
     let mut watcher = TestClient::connect(broker.port, "watcher").await;
-    watcher
-        .client
-        .subscribe("processed/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    for filter in ["processed/#", "copied/#"] {
+        watcher
+            .client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+    }
     let publisher = TestClient::connect(broker.port, "publisher").await;
     // The bridge subscribes asynchronously: wait until a probe message comes through.
     wait_subscribed(&publisher, &db).await;
@@ -110,26 +120,32 @@ async fn rows_and_republished(protocol: &str) {
         "each message stored exactly once"
     );
 
-    let mut mirrored = BTreeSet::new();
+    // Each sink's copies, by the first level of the topic.
+    let (mut mirrored, mut copied) = (BTreeSet::new(), BTreeSet::new());
     eventually(
         Duration::from_secs(30),
         "all republished messages",
         async || {
             while let Ok((topic, payload)) = watcher.received.try_recv() {
                 let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-                assert_eq!(
-                    topic,
-                    format!("processed/{}", v["device"].as_str().unwrap())
-                );
-                if v["seq"].as_i64().unwrap() >= 0 {
-                    mirrored.insert(v["seq"].as_i64().unwrap());
+                let device = v["device"].as_str().unwrap();
+                let seq = v["seq"].as_i64().unwrap();
+                let copies = if topic == format!("processed/{device}") {
+                    &mut mirrored
+                } else {
+                    assert_eq!(topic, format!("copied/{device}"));
+                    &mut copied
+                };
+                if seq >= 0 {
+                    copies.insert(seq);
                 }
             }
-            (mirrored.len() as i64 >= N).then_some(())
+            (mirrored.len() as i64 >= N && copied.len() as i64 >= N).then_some(())
         },
     )
     .await;
     assert_eq!(mirrored, (0..N).collect::<BTreeSet<_>>());
+    assert_eq!(copied, (0..N).collect::<BTreeSet<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
