@@ -65,21 +65,54 @@ admin:
     )
 }
 
+/// A bridge running [`config`] (readings into SQLite, a spool, admin with [`TOKEN`]),
+/// subscribed to its own Mosquitto.
+struct Running {
+    broker: Mosquitto,
+    dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    path: std::path::PathBuf,
+    bridge: ChildBridge,
+    /// `http://127.0.0.1:<admin port>`.
+    base: String,
+}
+
+impl Running {
+    async fn start() -> Running {
+        let broker = Mosquitto::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        sqlite_create(
+            &db,
+            "CREATE TABLE readings (device TEXT, seq INTEGER, temp REAL)",
+        )
+        .await;
+        let admin_port = free_port();
+        let path = dir.path().join("bridge.yaml");
+        std::fs::write(&path, config(dir.path(), broker.port, admin_port)).unwrap();
+        let bridge = ChildBridge::start_subscribed(&path).await;
+        Running {
+            broker,
+            dir,
+            db,
+            path,
+            bridge,
+            base: format!("http://127.0.0.1:{admin_port}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_bridge_reports_health_readiness_and_metrics_that_match_what_was_published() {
-    let broker = Mosquitto::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    sqlite_create(
-        &db,
-        "CREATE TABLE readings (device TEXT, seq INTEGER, temp REAL)",
-    )
-    .await;
-    let admin_port = free_port();
-    let path = dir.path().join("bridge.yaml");
-    std::fs::write(&path, config(dir.path(), broker.port, admin_port)).unwrap();
-    let bridge = ChildBridge::start_subscribed(&path).await;
-    let base = format!("http://127.0.0.1:{admin_port}");
+    // `_dir` holds the temp dir (database, spool) until the end.
+    let Running {
+        broker,
+        dir: _dir,
+        db,
+        path,
+        bridge,
+        base,
+    } = Running::start().await;
 
     // Health and readiness: no token needed.
     let (code, _) = get(&format!("{base}/healthz"), None).await.unwrap();
@@ -240,9 +273,7 @@ async fn a_running_bridge_reports_health_readiness_and_metrics_that_match_what_w
         .unwrap();
     let out = String::from_utf8_lossy(&check.stdout);
     assert!(
-        out.contains(&format!(
-            "admin: http://127.0.0.1:{admin_port}/ (token set in the file)"
-        )),
+        out.contains(&format!("admin: {base}/ (token set in the file)")),
         "{out}"
     );
     assert!(!out.contains(TOKEN), "{out}");
@@ -463,19 +494,13 @@ admin: {{ listen: 127.0.0.1:{admin_port}, token: {TOKEN} }}
 /// reasons: here a payload that is not JSON, which both rules fail on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_latest_dead_letters_are_listed_with_their_reasons() {
-    let broker = Mosquitto::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    sqlite_create(
-        &db,
-        "CREATE TABLE readings (device TEXT, seq INTEGER, temp REAL)",
-    )
-    .await;
-    let admin_port = free_port();
-    let path = dir.path().join("bridge.yaml");
-    std::fs::write(&path, config(dir.path(), broker.port, admin_port)).unwrap();
-    let bridge = ChildBridge::start_subscribed(&path).await;
-    let base = format!("http://127.0.0.1:{admin_port}");
+    let Running {
+        broker,
+        dir,
+        bridge,
+        base,
+        ..
+    } = Running::start().await;
     let url = format!("{base}/api/v1/dead-letters");
     let (code, _) = get(&url, None).await.unwrap();
     assert_eq!(code, 401);
