@@ -15,6 +15,11 @@ if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]
   missing+=(postgresql)
 fi
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# Headless Chromium for the dashboard's browser test (tests/e2e/dashboard.rs); a browser
+# elsewhere can be named with MQBRIDGE_CHROMIUM.
+if [ -z "${MQBRIDGE_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  missing+=(chromium)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: please install: ${missing[*]} (apt-get install ${missing[*]})" >&2

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{RuleView, SinkView};
+use crate::admin::SinkView;
 use crate::config::{Plan, SinkPlan};
 use crate::delivery::Watch;
 use crate::eval_pool::{EVAL_TIMEOUT, EvalPool};
@@ -63,20 +63,15 @@ pub async fn run_from(
     if plan.broker.is_none() && plan.embedded.is_none() {
         anyhow::bail!("nothing to read from: configure `broker:` or `embedded:`");
     }
+    // Shared with the admin server, which shows it and tries messages on it.
+    let plan = Arc::new(plan);
     // First, so that a SIGHUP while starting is a reload (taken once running), not an exit.
     let mut triggers = match &config_file {
         Some(path) => Triggers::start(path.clone(), shutdown.child_token()),
         None => Triggers::none(),
     };
     let admin = match &plan.admin {
-        Some(a) => {
-            let rules = plan
-                .rules
-                .iter()
-                .map(|r| RuleView::of(r, &plan.sinks))
-                .collect();
-            Some(crate::admin::start(a, rules).await?)
-        }
+        Some(a) => Some(crate::admin::start(a, Arc::clone(&plan)).await?),
         None => None,
     };
     // Without an admin server, nobody reads it.
@@ -113,6 +108,9 @@ pub async fn run_from(
     // Rules and `columns:` programs run here, on threads of their own.
     let eval = EvalPool::start("mqb-eval", EvalPool::default_threads(), EVAL_TIMEOUT)
         .context("starting the evaluation threads")?;
+    if let Some(admin) = &admin {
+        admin.state.replays.start(eval.clone());
+    }
     let wiring = Wiring {
         upstream,
         eval: &eval,
@@ -158,13 +156,16 @@ pub async fn run_from(
     let shutdown_timeout = plan.shutdown_timeout;
     let pipeline = Pipeline {
         routing: Routing {
-            rules: plan.rules,
+            rules: Arc::clone(&plan.rules),
             sinks: queues,
         },
         watch,
         dead_letter,
         eval: eval.clone(),
         reloads: Some(reloads),
+        taps: admin
+            .as_ref()
+            .map_or_else(Arc::default, |a| Arc::clone(&a.state.taps)),
     };
     let (tx, rx) = mpsc::channel(SOURCE_BUFFER);
     drivers.spawn(pipeline.run(rx));

@@ -1,8 +1,12 @@
-//! `mqbridge try`: one message through the rules, printing each record and what each sink
-//! would do with it, without connecting to anything or writing anywhere. The rules run as
-//! in the pipeline: under [`EVAL_TIMEOUT`], on a thread with the evaluation pool's stack.
+//! One message through the rules, without connecting to anything or writing anywhere:
+//! each rule that matches, each record it makes, and what each sink would do with it.
+//! [`outcomes`] is what the admin API's "try a message" answers (as JSON); [`explain`]
+//! renders the same as text for `mqbridge try`. The rules run as in the pipeline: under
+//! [`EVAL_TIMEOUT`], on a thread with the evaluation pool's stack.
 
 use std::fmt::Write as _;
+
+use serde::Serialize;
 
 use crate::config::Plan;
 use crate::eval_pool::EVAL_TIMEOUT;
@@ -12,9 +16,52 @@ use crate::rule::Evaluation;
 use crate::rule::jq::THREAD_STACK;
 use crate::sink::Origin;
 
-/// Renders the outcome of `msg` under `plan` as text.
-pub fn explain(plan: &Plan, msg: &Message) -> String {
-    let mut out = String::new();
+/// What one matching rule makes of the message.
+#[derive(Debug, Serialize)]
+pub struct RuleOutcome {
+    pub rule: String,
+    /// The topic captures (`{name}` in a `from` filter); an object in JSON.
+    #[serde(serialize_with = "as_map")]
+    pub vars: Vec<(String, String)>,
+    #[serde(flatten)]
+    pub result: RuleResult,
+}
+
+fn as_map<S: serde::Serializer>(vars: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(vars.iter().map(|(k, v)| (k, v)))
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum RuleResult {
+    /// The rule's filter leaves the message out: nothing is written.
+    Filtered,
+    /// The rule cannot process it; `then` says where it would go.
+    Failed {
+        stage: &'static str,
+        error: String,
+        then: String,
+    },
+    Records {
+        records: Vec<RecordOutcome>,
+    },
+}
+
+/// A record, and what each of the rule's sinks would do with it.
+#[derive(Debug, Serialize)]
+pub struct RecordOutcome {
+    pub record: serde_json::Value,
+    pub sinks: Vec<SinkAction>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SinkAction {
+    pub sink: String,
+    pub would: String,
+}
+
+/// What `plan`'s rules make of `msg` (empty: no rule matches its topic).
+pub fn outcomes(plan: &Plan, msg: &Message) -> Vec<RuleOutcome> {
     let verdicts = std::thread::scope(|s| {
         std::thread::Builder::new()
             .stack_size(THREAD_STACK)
@@ -23,52 +70,85 @@ pub fn explain(plan: &Plan, msg: &Message) -> String {
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
     });
-    if verdicts.is_empty() {
+    verdicts
+        .into_iter()
+        .map(|v| {
+            let rule = &plan.rules[v.rule];
+            let origin = Origin::from_message(msg, &rule.name, v.vars.clone());
+            let result = match v.evaluation {
+                Evaluation::Filtered => RuleResult::Filtered,
+                Evaluation::Failed { stage, error } => RuleResult::Failed {
+                    stage,
+                    error,
+                    then: match plan.dead_letter {
+                        Some(i) => format!("dead letter to sink {}", plan.sinks[i].name),
+                        None => "dropped (no dead_letter sink configured)".into(),
+                    },
+                },
+                Evaluation::Records(records) => RuleResult::Records {
+                    records: records
+                        .into_iter()
+                        .map(|record| RecordOutcome {
+                            sinks: rule
+                                .to
+                                .iter()
+                                .map(|&s| {
+                                    let sink = &plan.sinks[s];
+                                    SinkAction {
+                                        sink: sink.name.to_string(),
+                                        would: crate::sink::would(&sink.settings, &origin, &record),
+                                    }
+                                })
+                                .collect(),
+                            record,
+                        })
+                        .collect(),
+                },
+            };
+            RuleOutcome {
+                rule: rule.name.to_string(),
+                vars: v.vars,
+                result,
+            }
+        })
+        .collect()
+}
+
+/// Renders the outcome of `msg` under `plan` as text.
+pub fn explain(plan: &Plan, msg: &Message) -> String {
+    let mut out = String::new();
+    let outcomes = outcomes(plan, msg);
+    if outcomes.is_empty() {
         let _ = writeln!(out, "no rule matches topic {:?}", msg.topic);
     }
-    for v in verdicts {
-        let rule = &plan.rules[v.rule];
-        let vars: Vec<String> = v.vars.iter().map(|(k, x)| format!("{k}={x}")).collect();
+    for o in outcomes {
+        let vars: Vec<String> = o.vars.iter().map(|(k, x)| format!("{k}={x}")).collect();
         let _ = writeln!(
             out,
             "rule {} matched{}",
-            rule.name,
+            o.rule,
             if vars.is_empty() {
                 String::new()
             } else {
                 format!(" ({})", vars.join(", "))
             }
         );
-        let origin = Origin::from_message(msg, &rule.name, v.vars.clone());
-        match v.evaluation {
-            Evaluation::Filtered => {
+        match o.result {
+            RuleResult::Filtered => {
                 let _ = writeln!(out, "  filtered out: nothing is written");
             }
-            Evaluation::Failed { stage, error } => {
+            RuleResult::Failed { stage, error, then } => {
                 let _ = writeln!(out, "  {stage} failed: {error}");
-                match plan.dead_letter {
-                    Some(i) => {
-                        let _ = writeln!(out, "  -> dead letter to sink {}", plan.sinks[i].name);
-                    }
-                    None => {
-                        let _ = writeln!(out, "  -> dropped (no dead_letter sink configured)");
-                    }
-                }
+                let _ = writeln!(out, "  -> {then}");
             }
-            Evaluation::Records(records) => {
+            RuleResult::Records { records } => {
                 if records.is_empty() {
                     let _ = writeln!(out, "  no records");
                 }
-                for record in records {
-                    let _ = writeln!(out, "  record {record}");
-                    for &s in &rule.to {
-                        let sink = &plan.sinks[s];
-                        let _ = writeln!(
-                            out,
-                            "    -> {}: {}",
-                            sink.name,
-                            crate::sink::would(&sink.settings, &origin, &record)
-                        );
+                for r in records {
+                    let _ = writeln!(out, "  record {}", r.record);
+                    for s in r.sinks {
+                        let _ = writeln!(out, "    -> {}: {}", s.sink, s.would);
                     }
                 }
             }

@@ -67,6 +67,7 @@ pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod spool;
+pub mod tap;
 pub mod topic;
 
 /// Installs the process-wide TLS crypto provider (ring). Call first thing in `main` and

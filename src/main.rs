@@ -354,7 +354,7 @@ fn describe(plan: &config::Plan) -> String {
         let _ = writeln!(out, "  {}: {}", s.name, s.settings.spec().describe());
     }
     let _ = writeln!(out, "rules:");
-    for r in &plan.rules {
+    for r in plan.rules.iter() {
         let from: Vec<&str> = r.from.iter().map(|f| f.pattern()).collect();
         let to: Vec<&str> = r.to.iter().map(|&i| &*plan.sinks[i].name).collect();
         let _ = writeln!(

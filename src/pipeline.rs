@@ -12,7 +12,8 @@
 //!
 //! The `mqbridge_rule_*` metrics are counted here, as verdicts are dispatched, labelled
 //! with the rule's name: messages matched, filtered out, records emitted, errors by
-//! stage, and the evaluation time measured on the pool's thread.
+//! stage, and the evaluation time measured on the pool's thread. Each outcome is also
+//! offered to the rule's watchers ([`crate::tap`]; free while nobody watches).
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -29,6 +30,7 @@ use crate::message::Message;
 use crate::rule::{Evaluation, Rule};
 use crate::sink::driver::{DeadLetter, Failure, SinkQueue};
 use crate::sink::{Delivery, ErrorKind, Origin};
+use crate::tap::{Event, Taps};
 
 /// Most messages evaluated per hand-off to the pool.
 pub const EVAL_BATCH: usize = 256;
@@ -69,7 +71,7 @@ pub fn evaluate(rules: &[Rule], msg: &Message, limit: Duration) -> Vec<Verdict> 
 /// What the router routes by: the rules, and the sinks' queues by index (as the rules'
 /// `to` names them). A config reload hands the router a new one.
 pub struct Routing {
-    pub rules: Vec<Rule>,
+    pub rules: Arc<[Rule]>,
     pub sinks: Vec<SinkQueue>,
 }
 
@@ -83,12 +85,14 @@ pub struct Pipeline {
     /// New routings (config reloads); None: the routing never changes. A new routing is
     /// taken between two batches: see [`Pipeline::run`].
     pub reloads: Option<mpsc::Receiver<Routing>>,
+    /// Watchers of the rules' outcomes (the admin API's live tail).
+    pub taps: Arc<Taps>,
 }
 
 /// A routing in use, with its rules' metric handles. Each batch holds the one it was
 /// evaluated with, so that its verdicts (rule and sink indexes) are dispatched by it.
 struct Active {
-    rules: Vec<Rule>,
+    rules: Arc<[Rule]>,
     sinks: Vec<SinkQueue>,
     metrics: Vec<RuleMetrics>,
 }
@@ -108,6 +112,7 @@ struct Router {
     watch: Arc<Watch>,
     dead_letter: DeadLetter,
     eval: EvalPool,
+    taps: Arc<Taps>,
 }
 
 /// Messages evaluated in one hand-off; their acks stay here, with the router.
@@ -164,11 +169,13 @@ impl Pipeline {
             dead_letter,
             eval,
             mut reloads,
+            taps,
         } = self;
         let router = Router {
             watch,
             dead_letter,
             eval,
+            taps,
         };
         let mut active = Active::new(routing);
         let mut evaluating = FuturesOrdered::new();
@@ -278,6 +285,10 @@ impl Router {
                 Evaluation::Records(records) => {
                     m.records.increment(records.len() as u64);
                     for record in records {
+                        self.taps.offer(&rule.name, || Event::Record {
+                            topic: msg.topic.clone(),
+                            record: record.clone(),
+                        });
                         for &sink in &rule.to {
                             let d = Delivery {
                                 record: record.clone(),
@@ -291,11 +302,20 @@ impl Router {
                         }
                     }
                 }
-                Evaluation::Filtered => m.filtered.increment(1),
+                Evaluation::Filtered => {
+                    m.filtered.increment(1);
+                    self.taps.offer(&rule.name, || Event::Filtered {
+                        topic: msg.topic.clone(),
+                    });
+                }
                 Evaluation::Failed { stage, error } => {
                     m.error(stage);
                     tracing::debug!(rule = %rule.name, topic = %msg.topic, stage, %error, "rule failed");
                     let error = format!("{stage}: {error}");
+                    self.taps.offer(&rule.name, || Event::Failed {
+                        topic: msg.topic.clone(),
+                        error: error.clone(),
+                    });
                     let failure = Failure {
                         sink: None,
                         kind: ErrorKind::Permanent,
@@ -328,6 +348,10 @@ impl Router {
                 attempts: 1,
                 first_attempt: jiff::Timestamp::now(),
             };
+            self.taps.offer(&rule.name, || Event::Failed {
+                topic: msg.topic.clone(),
+                error: error.to_string(),
+            });
             let origin = Arc::new(Origin::from_message(msg, &rule.name, Vec::new()));
             self.dead_letter
                 .send(origin, &serde_json::Value::Null, failure, ack.part())
@@ -410,13 +434,14 @@ mod tests {
         );
         let pipeline = Pipeline {
             routing: Routing {
-                rules,
+                rules: rules.into(),
                 sinks: vec![sink],
             },
             watch: Arc::default(),
             dead_letter: DeadLetter::to(dlq),
             eval,
             reloads: None,
+            taps: Arc::default(),
         };
         let (tx, rx) = mpsc::channel(16);
         let feed = tokio::spawn(async move {
@@ -499,13 +524,14 @@ mod tests {
         let (reload_tx, reloads) = mpsc::channel(1);
         let pipeline = Pipeline {
             routing: Routing {
-                rules: vec![rule("r", "t/+", SLOW_OLD, 0)],
+                rules: vec![rule("r", "t/+", SLOW_OLD, 0)].into(),
                 sinks: vec![old_q],
             },
             watch: Arc::default(),
             dead_letter: DeadLetter::none(),
             eval: EvalPool::start("pipeline-r", 2, EVAL_TIMEOUT).unwrap(),
             reloads: Some(reloads),
+            taps: Arc::default(),
         };
         let settled: Vec<Arc<std::sync::atomic::AtomicUsize>> =
             (0..N).map(|_| Arc::default()).collect();
@@ -522,7 +548,8 @@ mod tests {
                     // queue is dropped with the old routing.
                     reload_tx
                         .send(Routing {
-                            rules: vec![rule("r2", "t/+", "{seq: .payload.seq, by: \"new\"}", 0)],
+                            rules: vec![rule("r2", "t/+", "{seq: .payload.seq, by: \"new\"}", 0)]
+                                .into(),
                             sinks: vec![new_q.clone()],
                         })
                         .await

@@ -58,7 +58,12 @@ impl RuleView {
 }
 
 pub async fn rules(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Value> {
-    let rules = state.rules().clone();
+    let plan = state.plan();
+    let rules: Vec<RuleView> = plan
+        .rules
+        .iter()
+        .map(|r| RuleView::of(r, &plan.sinks))
+        .collect();
     Json(serde_json::json!({ "rules": rules }))
 }
 
@@ -104,21 +109,23 @@ pub async fn clients(Extract(state): Extract<Arc<State>>) -> Response {
 /// `error`), or with `"dropped": true` when no dead-letter sink is configured.
 pub async fn dead_letters(
     Extract(state): Extract<Arc<State>>,
-    RawQuery(query): RawQuery,
+    RawQuery(q): RawQuery,
 ) -> Json<serde_json::Value> {
-    let limit = query
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("limit="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(20)
-        .min(Recent::KEPT);
+    let limit = query(q.as_deref(), "limit").unwrap_or(20).min(Recent::KEPT);
     let letters = state
         .dead_letters
         .get()
         .map_or_else(Vec::new, |r| r.latest(limit));
     Json(serde_json::json!({ "dead_letters": letters, "kept": Recent::KEPT }))
+}
+
+/// The value of `key` in a query string, parsed.
+pub(super) fn query<T: std::str::FromStr>(query: Option<&str>, key: &str) -> Option<T> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 /// The spool's figures (bytes, bound, backlog, cursor, segments, full), or 404 without
@@ -163,7 +170,12 @@ pub async fn not_found() -> Response {
         StatusCode::NOT_FOUND,
         Json(serde_json::json!({
             "error": "no such route",
-            "routes": ["/healthz", "/readyz", "/metrics", "/api/v1/rules", "/api/v1/sinks", "/api/v1/clients"],
+            "routes": [
+                "/healthz", "/readyz", "/metrics", "/dashboard/",
+                "/api/v1/rules", "/api/v1/rules/{name}/tail", "/api/v1/sinks", "/api/v1/clients",
+                "/api/v1/dead-letters", "/api/v1/dead-letters/{id}/replay", "/api/v1/spool",
+                "/api/v1/try",
+            ],
         })),
     )
         .into_response()

@@ -1,5 +1,5 @@
-//! The admin HTTP server: health for orchestrators, metrics for Prometheus, and a
-//! read-only view of the running config.
+//! The admin HTTP server: health for orchestrators, metrics for Prometheus, a view of
+//! the running config, the actions the dashboard offers, and the dashboard itself.
 //!
 //! | route | token | answers |
 //! |---|---|---|
@@ -8,6 +8,9 @@
 //! | `GET /metrics` | yes | the Prometheus text format ([`exporter`]) |
 //! | `GET /api/v1/rules`, `/api/v1/sinks` | yes | JSON ([`api`]) |
 //! | `GET /api/v1/clients` | yes | JSON: the embedded broker's sessions ([`api`]); 404 without one |
+//! | `GET /api/v1/dead-letters`, `/api/v1/spool` | yes | JSON: the latest dead letters, the spool's figures ([`api`]) |
+//! | `POST /api/v1/try`, `GET /api/v1/rules/{name}/tail`, `POST /api/v1/dead-letters/{id}/replay` | yes | try a message, watch a rule, replay a dead letter ([`actions`]) |
+//! | `GET /dashboard/` | no (the page asks for the token) | the dashboard ([`dashboard`]) |
 //!
 //! "Token" means `Authorization: Bearer <admin.token>` ([`auth`]); with no token
 //! configured, which config validation allows on a loopback address only, those routes
@@ -15,8 +18,10 @@
 //! [`State`] (tests call it directly); [`serve`] runs it on a bound listener until the
 //! shutdown token fires, then finishes the requests in progress.
 
+pub mod actions;
 pub mod api;
 pub mod auth;
+pub mod dashboard;
 pub mod exporter;
 mod process;
 
@@ -27,13 +32,13 @@ use axum::Router;
 use axum::extract::State as Extract;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::config::AdminPlan;
+use crate::config::{AdminPlan, Plan};
 use crate::health::Readiness;
 use crate::sink::driver::Recent;
 pub use api::{RuleView, SinkView};
@@ -47,8 +52,8 @@ pub struct State {
     /// None: the protected routes are open (loopback only, see the module docs).
     pub token: Option<Arc<Token>>,
     pub metrics: PrometheusHandle,
-    /// The rules running now (a config reload replaces them).
-    pub rules: Mutex<Vec<RuleView>>,
+    /// The config running now (a reload replaces it): its rules are listed, and tried.
+    pub plan: Mutex<Arc<Plan>>,
     /// Added as each sink starts (a lock taken at start and per admin request only).
     pub sinks: Mutex<Vec<SinkView>>,
     /// The embedded broker, once opened (unset when mqbridge reads an external broker):
@@ -58,12 +63,22 @@ pub struct State {
     pub dead_letters: OnceLock<Arc<Recent>>,
     /// The spool's figures, when there is one (`/api/v1/spool`).
     pub spool: OnceLock<crate::spool::Probe>,
+    /// Watchers of the rules' outcomes (`/api/v1/rules/{name}/tail`); the router offers
+    /// them every outcome.
+    pub taps: Arc<crate::tap::Taps>,
+    /// Dead-letter replay (`/api/v1/dead-letters/{id}/replay`).
+    pub replays: actions::Replays,
 }
 
 impl State {
-    /// The rules running now.
-    pub fn rules(&self) -> std::sync::MutexGuard<'_, Vec<RuleView>> {
-        self.rules.lock().unwrap_or_else(|e| e.into_inner())
+    /// The config running now.
+    pub fn plan(&self) -> Arc<Plan> {
+        Arc::clone(&self.plan.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A reload replaced the running config.
+    pub fn set_plan(&self, plan: Arc<Plan>) {
+        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = plan;
     }
 
     /// The sinks started so far.
@@ -81,6 +96,9 @@ pub fn app(state: Arc<State>) -> Router {
         .route("/api/v1/clients", get(api::clients))
         .route("/api/v1/dead-letters", get(api::dead_letters))
         .route("/api/v1/spool", get(api::spool))
+        .route("/api/v1/try", post(actions::try_message))
+        .route("/api/v1/rules/{name}/tail", get(actions::tail))
+        .route("/api/v1/dead-letters/{id}/replay", post(actions::replay))
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require,
@@ -88,6 +106,7 @@ pub fn app(state: Arc<State>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(dashboard::routes())
         .merge(protected)
         .fallback(api::not_found)
         .with_state(state)
@@ -120,9 +139,10 @@ pub struct Running {
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
-/// Starts the admin server for `plan`: installs the metrics recorder (first, so that
-/// every component's metric handles record to it), reads the token, binds and serves.
-pub async fn start(plan: &AdminPlan, rules: Vec<RuleView>) -> Result<Running, StartError> {
+/// Starts the admin server for `plan` (of the config `running`): installs the metrics
+/// recorder (first, so that every component's metric handles record to it), reads the
+/// token, binds and serves.
+pub async fn start(plan: &AdminPlan, running: Arc<Plan>) -> Result<Running, StartError> {
     let metrics = exporter::install();
     let token = plan
         .token
@@ -135,11 +155,13 @@ pub async fn start(plan: &AdminPlan, rules: Vec<RuleView>) -> Result<Running, St
         readiness: Readiness::default(),
         token,
         metrics,
-        rules: Mutex::new(rules),
+        plan: Mutex::new(running),
         sinks: Mutex::default(),
         broker: OnceLock::new(),
         dead_letters: OnceLock::new(),
         spool: OnceLock::new(),
+        taps: Arc::default(),
+        replays: actions::Replays::default(),
     });
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(listener, Arc::clone(&state), stop.clone()));

@@ -9,6 +9,8 @@ struct Server {
     base: String,
     state: Arc<State>,
     stop: CancellationToken,
+    /// Where the `db` sink (a file) writes.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Server {
@@ -17,29 +19,49 @@ impl Drop for Server {
     }
 }
 
+/// A config with one rule, `readings`, into a `file` sink `db` in `dir`.
+fn config(dir: &std::path::Path) -> Plan {
+    let yaml = format!(
+        r#"
+embedded: {{ listen: "127.0.0.1:0", allow_anonymous: true }}
+sinks:
+  db: {{ type: file, path: "{}/db.jsonl" }}
+rules:
+  - name: readings
+    from: ["sensors/{{device}}/telemetry"]
+    filter: '.payload.temp != null'
+    transform: '{{device: .vars.device, temp: .payload.temp}}'
+    to: [db]
+"#,
+        dir.display()
+    );
+    crate::config::parse(&yaml, "test.yaml", |_| None).unwrap()
+}
+
 async fn server(token: Option<&str>) -> Server {
+    let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(State {
         readiness: Readiness::default(),
         token: token.map(|t| Arc::new(Token::new(t))),
         metrics: exporter::install(),
-        rules: std::sync::Mutex::new(vec![RuleView {
-            name: "readings".into(),
-            from: vec!["sensors/{device}/telemetry".into()],
-            decode: "json".into(),
-            filter: false,
-            transform: true,
-            to: vec!["db".into()],
-        }]),
+        plan: Mutex::new(Arc::new(config(dir.path()))),
         sinks: Mutex::default(),
         broker: OnceLock::new(),
         dead_letters: OnceLock::new(),
         spool: OnceLock::new(),
+        taps: Arc::default(),
+        replays: actions::Replays::default(),
     });
     let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     tokio::spawn(serve(listener, Arc::clone(&state), stop.clone()));
-    Server { base, state, stop }
+    Server {
+        base,
+        state,
+        stop,
+        dir,
+    }
 }
 
 async fn get(url: &str, token: Option<&str>) -> (u16, String) {
@@ -147,4 +169,205 @@ async fn without_a_token_everything_is_open() {
     let s = server(None).await;
     assert_eq!(get(&format!("{}/api/v1/rules", s.base), None).await.0, 200);
     assert_eq!(get(&format!("{}/metrics", s.base), None).await.0, 200);
+}
+
+async fn post(url: &str, token: Option<&str>, body: Option<serde_json::Value>) -> (u16, String) {
+    crate::install_crypto();
+    let mut req = reqwest::Client::new().post(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn try_runs_the_running_rules_and_writes_nothing() {
+    let s = server(Some("t0ken")).await;
+    let url = format!("{}/api/v1/try", s.base);
+    let msg = serde_json::json!({"topic": "sensors/d7/telemetry", "payload": r#"{"temp": 21.5}"#});
+    assert_eq!(post(&url, None, Some(msg.clone())).await.0, 401);
+    let (code, body) = post(&url, Some("t0ken"), Some(msg)).await;
+    assert_eq!(code, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let o = &body["outcomes"][0];
+    assert_eq!(o["rule"], "readings");
+    assert_eq!(o["vars"], serde_json::json!({"device": "d7"}));
+    assert_eq!(o["result"], "records");
+    assert_eq!(
+        o["records"][0]["record"],
+        serde_json::json!({"device": "d7", "temp": 21.5})
+    );
+    assert_eq!(o["records"][0]["sinks"][0]["sink"], "db");
+    assert!(
+        o["records"][0]["sinks"][0]["would"]
+            .as_str()
+            .unwrap()
+            .starts_with("append one JSON line to"),
+        "{o}"
+    );
+    assert!(!s.dir.path().join("db.jsonl").exists(), "nothing written");
+
+    let (_, body) = post(
+        &url,
+        Some("t0ken"),
+        Some(serde_json::json!({"topic": "sensors/d7/telemetry", "payload": "{"})),
+    )
+    .await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["outcomes"][0]["result"], "failed");
+    assert_eq!(body["outcomes"][0]["stage"], "decode");
+    let (_, body) = post(
+        &url,
+        Some("t0ken"),
+        Some(serde_json::json!({"topic": "elsewhere"})),
+    )
+    .await;
+    assert_eq!(body, r#"{"outcomes":[],"topic":"elsewhere"}"#);
+    let (code, _) = post(
+        &url,
+        Some("t0ken"),
+        Some(serde_json::json!({"topic": "sensors/+/telemetry"})),
+    )
+    .await;
+    assert_eq!(code, 400);
+}
+
+#[tokio::test]
+async fn tail_streams_a_rules_next_outcomes_then_ends() {
+    let s = server(None).await;
+    assert_eq!(
+        get(&format!("{}/api/v1/rules/nope/tail", s.base), None)
+            .await
+            .0,
+        404
+    );
+    crate::install_crypto();
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/api/v1/rules/readings/tail?n=2", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut text = String::new();
+    while !text.contains('\n') {
+        text.push_str(std::str::from_utf8(&resp.chunk().await.unwrap().unwrap()).unwrap());
+    }
+    assert_eq!(
+        text,
+        "{\"kind\":\"watching\",\"n\":2,\"rule\":\"readings\"}\n"
+    );
+    // Watched from here on: what the router offers arrives, other rules' outcomes do not.
+    let taps = &s.state.taps;
+    taps.offer("other", || unreachable!("nobody watches this rule"));
+    taps.offer("readings", || crate::tap::Event::Filtered {
+        topic: "sensors/a/telemetry".into(),
+    });
+    taps.offer("readings", || crate::tap::Event::Record {
+        topic: "sensors/b/telemetry".into(),
+        record: serde_json::json!({"temp": 1}),
+    });
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    // The watch ended with the n-th outcome.
+    taps.offer("readings", || unreachable!("nobody watches any more"));
+    assert!(!taps.watched());
+    assert_eq!(lines[1]["kind"], "filtered");
+    assert_eq!(
+        lines[2],
+        serde_json::json!({"kind": "record", "topic": "sensors/b/telemetry", "record": {"temp": 1}})
+    );
+}
+
+/// A dead letter from the list replayed through its sink once; a second replay sends
+/// nothing.
+#[tokio::test]
+async fn a_dead_letter_is_replayed_once() {
+    let s = server(Some("t0ken")).await;
+    s.state.replays.start(
+        crate::eval_pool::EvalPool::start("t-replay", 1, crate::eval_pool::EVAL_TIMEOUT).unwrap(),
+    );
+    let dead = crate::sink::driver::DeadLetter::none();
+    let _ = s.state.dead_letters.set(dead.recent());
+    let d = crate::sink::Delivery::detached("sensors/d1/telemetry", serde_json::json!({"temp": 3}));
+    let failure = crate::sink::driver::Failure {
+        sink: Some("db"),
+        kind: crate::sink::ErrorKind::Transient,
+        error: "disk full",
+        attempts: 5,
+        first_attempt: jiff::Timestamp::now(),
+    };
+    dead.send(d.origin, &d.record, failure, d.ack).await;
+    let (_, list) = get(&format!("{}/api/v1/dead-letters", s.base), Some("t0ken")).await;
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let letter = &list["dead_letters"][0];
+    assert_eq!(letter["error"], "disk full");
+    assert_eq!(letter["replayed_at"], serde_json::Value::Null);
+    let url = format!(
+        "{}/api/v1/dead-letters/{}/replay",
+        s.base,
+        letter["id"].as_str().unwrap()
+    );
+    assert_eq!(post(&url, None, None).await.0, 401);
+    let (code, body) = post(&url, Some("t0ken"), None).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"records":1,"replayed":true}"#)
+    );
+    let written = std::fs::read_to_string(s.dir.path().join("db.jsonl")).unwrap();
+    assert_eq!(written, "{\"temp\":3}\n");
+    let (code, body) = post(&url, Some("t0ken"), None).await;
+    assert_eq!(code, 409, "{body}");
+    let written = std::fs::read_to_string(s.dir.path().join("db.jsonl")).unwrap();
+    assert_eq!(written.lines().count(), 1, "sent once");
+    let (_, list) = get(&format!("{}/api/v1/dead-letters", s.base), Some("t0ken")).await;
+    assert!(!list.contains(r#""replayed_at":null"#), "{list}");
+    let unknown = format!("{}/api/v1/dead-letters/abc/replay", s.base);
+    assert_eq!(post(&unknown, Some("t0ken"), None).await.0, 404);
+}
+
+#[tokio::test]
+async fn the_dashboard_loads_without_a_token_under_a_strict_policy() {
+    let s = server(Some("t0ken")).await;
+    crate::install_crypto();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = client.get(format!("{}/", s.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/dashboard/");
+    for (path, kind, needle) in [
+        ("/dashboard/", "text/html", "login-token"),
+        (
+            "/dashboard/app.js",
+            "text/javascript",
+            "/api/v1/dead-letters/",
+        ),
+        ("/dashboard/style.css", "text/css", ".tiles"),
+    ] {
+        let resp = client
+            .get(format!("{}{path}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let h = resp.headers();
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with(kind),
+            "{path}"
+        );
+        let policy = h["content-security-policy"].to_str().unwrap();
+        assert!(policy.contains("script-src 'self'") && policy.contains("frame-ancestors 'none'"));
+        assert!(resp.text().await.unwrap().contains(needle), "{path}");
+    }
 }

@@ -29,7 +29,6 @@ use tokio::sync::mpsc;
 
 use super::Wiring;
 use super::trigger::Cause;
-use crate::admin::RuleView;
 use crate::broker::Broker;
 use crate::config::fingerprint::{self, Fingerprint};
 use crate::config::{self, Plan};
@@ -156,6 +155,7 @@ impl<'a> Reloader<'a> {
 
     /// Swaps `plan` in (see the module docs).
     async fn apply(&mut self, plan: Plan) -> Result<(), String> {
+        let plan = Arc::new(plan);
         let running: Vec<SinkKey> = self
             .sinks
             .iter()
@@ -210,11 +210,7 @@ impl<'a> Reloader<'a> {
                 .register(&plan.sinks[i], &queues[i], plan.dead_letter == Some(i));
         }
         if let Some(admin) = self.wiring.admin {
-            *admin.rules() = plan
-                .rules
-                .iter()
-                .map(|r| RuleView::of(r, &plan.sinks))
-                .collect();
+            admin.set_plan(Arc::clone(&plan));
         }
         if let (Some(broker), Some(embedded)) = (self.broker, &plan.embedded) {
             broker.set_auth(
@@ -253,7 +249,7 @@ impl<'a> Reloader<'a> {
         if self
             .routing
             .send(Routing {
-                rules: plan.rules,
+                rules: Arc::clone(&plan.rules),
                 sinks: queues,
             })
             .await

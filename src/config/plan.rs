@@ -26,7 +26,8 @@ pub struct Plan {
     pub broker: Option<BrokerPlan>,
     pub embedded: Option<EmbeddedPlan>,
     pub sinks: Vec<SinkPlan>,
-    pub rules: Vec<Rule>,
+    /// Shared with the router (and the admin server) while this config runs.
+    pub rules: Arc<[Rule]>,
     /// Index into `sinks`.
     pub dead_letter: Option<usize>,
     pub spool: Option<SpoolPlan>,
@@ -257,7 +258,7 @@ pub fn validate(mut raw: RawConfig) -> Result<Plan, Errors> {
         broker,
         embedded,
         sinks: sinks.into_iter().flatten().collect(),
-        rules,
+        rules: rules.into(),
         dead_letter,
         spool,
         shutdown_timeout: raw.shutdown_timeout.0,

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
-use sha2::Digest as _;
 
 use crate::delivery::Ack;
 use crate::message::{Message, Properties};
 use crate::sink::Origin;
+use crate::sink::driver::letter_id;
 
 /// Why a line is not a dead letter that can be replayed.
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +75,6 @@ pub struct Letter {
     pub record: serde_json::Value,
 }
 
-/// The id of a letter's line: hex SHA-256 of its bytes.
-pub fn line_id(line: &str) -> String {
-    hex::encode(sha2::Sha256::digest(line.as_bytes()))
-}
-
 impl Letter {
     /// Parses one line of a dead-letter file (without its line feed).
     pub fn parse(line: &str) -> Result<Letter, LetterError> {
@@ -92,7 +87,7 @@ impl Letter {
             return Err(LetterError::Qos(f.qos));
         }
         Ok(Letter {
-            id: line_id(line),
+            id: letter_id(line),
             payload: decode_payload(&f.payload, &f.payload_encoding)?,
             last_attempt_at: time("last_attempt_at", &f.last_attempt_at)?,
             received_at: time("received_at", &f.received_at)?,
@@ -187,7 +182,7 @@ pub(crate) mod tests {
     fn a_letter_gives_back_the_message_and_its_id() {
         let line = letter_line("a/b", b"{\"t\": 1}", Some("db"), json!({"t": 1}));
         let l = Letter::parse(&line).unwrap();
-        assert_eq!(l.id, line_id(&line));
+        assert_eq!(l.id, letter_id(&line));
         assert_eq!(l.id.len(), 64);
         assert_eq!(&l.payload[..], b"{\"t\": 1}");
         assert_eq!(l.sink.as_deref(), Some("db"));

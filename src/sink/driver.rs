@@ -60,26 +60,78 @@ pub struct DeadLetter {
 }
 
 /// The latest dead letters (at most [`Recent::KEPT`]), newest last; dropped ones (no
-/// dead-letter sink) too, since their reason is all that is left of them.
+/// dead-letter sink) too, since their reason is all that is left of them. Each has the
+/// id a dead-letter file's line of it has ([`letter_id`]), and remembers being replayed.
 #[derive(Default)]
-pub struct Recent(std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>);
+pub struct Recent(std::sync::Mutex<std::collections::VecDeque<Kept>>);
+
+struct Kept {
+    id: String,
+    letter: serde_json::Value,
+    replayed_at: Option<jiff::Timestamp>,
+}
 
 impl Recent {
     pub const KEPT: usize = 100;
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Kept>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn push(&self, letter: serde_json::Value) {
-        let mut letters = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = Kept {
+            id: letter_id(&letter.to_string()),
+            letter,
+            replayed_at: None,
+        };
+        let mut letters = self.lock();
         if letters.len() == Self::KEPT {
             letters.pop_front();
         }
-        letters.push_back(letter);
+        letters.push_back(kept);
     }
 
-    /// Up to `n` letters, newest first.
+    /// Up to `n` letters, newest first, each with its `id` and `replayed_at` (null until
+    /// [`Recent::mark_replayed`]).
     pub fn latest(&self, n: usize) -> Vec<serde_json::Value> {
-        let letters = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        letters.iter().rev().take(n).cloned().collect()
+        let letters = self.lock();
+        letters
+            .iter()
+            .rev()
+            .take(n)
+            .map(|k| {
+                let mut v = k.letter.clone();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("id".into(), k.id.clone().into());
+                    let at = k.replayed_at.map(crate::rule::rfc3339);
+                    o.insert("replayed_at".into(), at.into());
+                }
+                v
+            })
+            .collect()
     }
+
+    /// The letter of this id as it was written (without `id` and `replayed_at`), and
+    /// whether it was replayed.
+    pub fn get(&self, id: &str) -> Option<(serde_json::Value, bool)> {
+        let letters = self.lock();
+        let k = letters.iter().find(|k| k.id == id)?;
+        Some((k.letter.clone(), k.replayed_at.is_some()))
+    }
+
+    /// Notes that the letter of this id was replayed.
+    pub fn mark_replayed(&self, id: &str) {
+        if let Some(k) = self.lock().iter_mut().find(|k| k.id == id) {
+            k.replayed_at = Some(jiff::Timestamp::now());
+        }
+    }
+}
+
+/// The id of a dead letter: hex SHA-256 of its line in a dead-letter file (its JSON,
+/// without the line feed), so that the admin API and `mqbridge replay` name it alike.
+pub fn letter_id(line: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(line.as_bytes()))
 }
 
 /// The way into a running sink: its lanes' bounded queues.
@@ -636,7 +688,19 @@ mod tests {
         assert_eq!(latest[Recent::KEPT - 1]["topic"], "t/5");
         assert_eq!(latest[0]["error"], "no such column");
         assert_eq!(latest[0]["dropped"], true);
+        assert_eq!(latest[0]["replayed_at"], serde_json::Value::Null);
         assert_eq!(dead.recent().latest(3).len(), 3);
+        // The id is the one a dead-letter file's line of the letter has.
+        let id = latest[0]["id"].as_str().unwrap();
+        let (letter, replayed) = dead.recent().get(id).unwrap();
+        assert!(!replayed);
+        assert_eq!(letter_id(&letter.to_string()), id);
+        dead.recent().mark_replayed(id);
+        assert!(dead.recent().get(id).unwrap().1);
+        assert_ne!(
+            dead.recent().latest(1)[0]["replayed_at"],
+            serde_json::Value::Null
+        );
     }
 
     /// Records what was written; fails per a script, record by record where a real sink

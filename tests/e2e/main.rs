@@ -6,6 +6,7 @@ mod admin;
 mod broker;
 mod cli;
 mod crash;
+mod dashboard;
 mod embedded;
 mod embedded_limits;
 mod embedded_listeners;

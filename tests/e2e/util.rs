@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
+mod browser;
 mod numbered;
+pub use browser::Browser;
 pub use numbered::*;
 
 /// Polls `check` until it returns Some or `timeout` passes.
