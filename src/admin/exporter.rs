@@ -181,6 +181,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Records in the spool not yet settled (written or dead-lettered by every sink).",
     ),
+    (
+        "mqbridge_spool_oldest_record_seconds",
+        Kind::Gauge,
+        Unit::Seconds,
+        "Age of the oldest unsettled record in the spool, from when its message was received.",
+    ),
     // Rules.
     (
         "mqbridge_rule_messages_matched_total",

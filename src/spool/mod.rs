@@ -318,6 +318,15 @@ pub struct Stats {
     pub segments: usize,
     /// Full: acknowledgements wait for room.
     pub full: bool,
+    /// Seconds since the oldest unsettled record's message was received (null: none).
+    pub oldest_record_age_seconds: Option<f64>,
+}
+
+/// Seconds since the window's oldest unsettled message was received.
+fn oldest_age(window: &Window) -> Option<f64> {
+    let oldest = window.oldest()?;
+    let age = jiff::Timestamp::now().duration_since(oldest);
+    Some(age.as_secs_f64().max(0.0))
 }
 
 impl Probe {
@@ -334,6 +343,7 @@ impl Probe {
             committed: st.committed,
             segments: st.segments.len(),
             full: shared.health.problem().is_some(),
+            oldest_record_age_seconds: oldest_age(&shared.window),
         }
     }
 }
@@ -448,6 +458,8 @@ fn reclaim(shared: &Shared, saved: u64) -> io::Result<u64> {
         let mut st = shared.state();
         metrics::gauge!("mqbridge_spool_bytes").set(st.used as f64);
         metrics::gauge!("mqbridge_spool_records").set(st.committed.saturating_sub(base) as f64);
+        metrics::gauge!("mqbridge_spool_oldest_record_seconds")
+            .set(oldest_age(&shared.window).unwrap_or(0.0));
         let mut doomed = Vec::new();
         // A segment is done when the next one starts at or before the cursor.
         while st.segments.len() > 1 && st.segments[1].0 <= base {

@@ -68,7 +68,7 @@ pub fn run(
                             "spool: records missing (unreadable segment); they are lost"
                         );
                     }
-                    shared.window.dispatched(d.seq);
+                    shared.window.dispatched(d.seq, d.message.received_at);
                     next = d.seq + 1;
                     let mut msg = d.message;
                     msg.ack = Ack::new(Settle {

@@ -17,6 +17,7 @@ struct Harness {
     input: mpsc::Sender<Message>,
     output: mpsc::Receiver<Message>,
     running: Running,
+    probe: Probe,
     stop: CancellationToken,
     /// Upstream acknowledgements so far.
     acked: Arc<AtomicUsize>,
@@ -27,14 +28,14 @@ impl Harness {
         let (input, rx) = mpsc::channel(64);
         let (tx, output) = mpsc::channel(64);
         let stop = CancellationToken::new();
-        let running = Spool::open(plan)
-            .unwrap()
-            .start(rx, tx, stop.clone())
-            .unwrap();
+        let spool = Spool::open(plan).unwrap();
+        let probe = spool.probe();
+        let running = spool.start(rx, tx, stop.clone()).unwrap();
         Harness {
             input,
             output,
             running,
+            probe,
             stop,
             acked: Arc::new(AtomicUsize::new(0)),
         }
@@ -95,6 +96,28 @@ async fn messages_are_acknowledged_once_spooled_and_come_out_in_order() {
     let mut h = Harness::start(&plan(dir.path(), 64 << 20));
     h.send(500, 10).await;
     assert_eq!(h.recv().await.topic, "t/500");
+    h.stop().await;
+}
+
+/// The spool's age is its oldest unsettled message's, counted from when it was received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_unsettled_record_has_an_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::start(&plan(dir.path(), 64 << 20));
+    assert_eq!(h.probe.stats().oldest_record_age_seconds, None);
+    let mut old = Message::detached("t/old", "x", 1);
+    old.received_at = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(90);
+    h.input.send(old).await.unwrap();
+    h.send(1, 10).await;
+    let first = h.recv().await;
+    let second = h.recv().await;
+    let age = h.probe.stats().oldest_record_age_seconds.unwrap();
+    assert!((90.0..600.0).contains(&age), "{age}");
+    first.ack.settle();
+    let age = h.probe.stats().oldest_record_age_seconds.unwrap();
+    assert!(age < 60.0, "the next one is young: {age}");
+    second.ack.settle();
+    assert_eq!(h.probe.stats().oldest_record_age_seconds, None);
     h.stop().await;
 }
 
@@ -307,7 +330,7 @@ fn a_segment_done_before_the_next_one_started_is_still_deleted() {
     let shared = &spool.shared;
     // Record 0 is in segment 0 and settled, but segment 1 does not exist yet.
     shared.state().committed = 1;
-    shared.window.dispatched(0);
+    shared.window.dispatched(0, jiff::Timestamp::now());
     shared.window.settle(0);
     assert_eq!(reclaim(shared, 0).unwrap(), 1);
     assert_eq!(shared.state().segments.len(), 1, "nothing to delete yet");

@@ -1,8 +1,8 @@
 //! The dashboard in a real browser (headless Chromium): sign in with the admin token,
-//! watch the numbers move as devices publish into the embedded broker, see a record
-//! PostgreSQL refused appear as a dead letter, fix the cause and replay it with the
-//! button, try a message, and tail a rule. A screenshot is saved in the test's temp dir
-//! (and copied to `$MQBRIDGE_DASHBOARD_SCREENSHOT` when that is set).
+//! watch the numbers move as devices publish into the embedded broker (through the
+//! spool), see a record PostgreSQL refused appear as a dead letter, fix the cause and
+//! replay it with the button, try a message, and tail a rule. A screenshot is saved in
+//! the test's temp dir (and copied to `$MQBRIDGE_DASHBOARD_SCREENSHOT` when set).
 
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ async fn the_dashboard_shows_the_bridge_and_replays_a_dead_letter() {
 embedded:
   listen: 127.0.0.1:{mqtt_port}
   allow_anonymous: true
+spool: {{ path: "{spool}", max_bytes: 16MiB }}
 sinks:
   db: {{ type: postgres, url: "{db}", table: readings }}
   dlq: {{ type: file, path: "{dead}" }}
@@ -47,7 +48,8 @@ admin:
   listen: 127.0.0.1:{admin_port}
   token: {TOKEN}
 "#,
-            dead = dir.path().join("dead.jsonl").display()
+            dead = dir.path().join("dead.jsonl").display(),
+            spool = dir.path().join("spool").display(),
         ),
     )
     .unwrap();
@@ -225,6 +227,15 @@ admin:
     );
     browser
         .wait_for(&format!("{written} === '22'"), "the counts to move on")
+        .await;
+    browser
+        .wait_for(
+            &format!(
+                "{}.startsWith('Spool: 0 records waiting, ')",
+                text("#spool")
+            ),
+            "the spool, all settled",
+        )
         .await;
 
     let shot = dir.path().join("dashboard.png");

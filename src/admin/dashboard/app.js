@@ -132,7 +132,7 @@ function drawTiles(m, spool, clients) {
   $("tile-in").textContent = fmt(rate(null, "in"));
   $("tile-written").textContent = fmt(rate(null, "written"));
   $("tile-dead").textContent = fmt(metric(m, "mqbridge_sink_records_dead_lettered_total") + metric(m, "mqbridge_rule_errors_total"));
-  $("tile-spool").textContent = spool ? fmt(spool.backlog) : "no spool";
+  $("tile-spool").textContent = spool ? fmt(spool.records) : "no spool";
   $("tile-clients").textContent = clients ? fmt(clients.clients.filter((c) => c.connected).length) : "external broker";
   $("tile-rss").textContent = bytes(metric(m, "mqbridge_process_resident_memory_bytes"));
 }
@@ -170,7 +170,7 @@ function drawSinks(m, sinks, spool) {
       el("td", { class: "num retried" }, fmt(metric(m, "mqbridge_sink_records_retried_total", "sink", s.name))),
       el("td", { class: "num dead" }, fmt(metric(m, "mqbridge_sink_records_dead_lettered_total", "sink", s.name))))));
   $("spool").textContent = spool
-    ? `Spool: ${fmt(spool.backlog)} records waiting, ${bytes(spool.bytes)} of ${bytes(spool.max_bytes)}${spool.full ? " (full: acknowledgements paused)" : ""}.`
+    ? `Spool: ${fmt(spool.records)} records waiting${spool.oldest_record_age_seconds === null ? "" : ", the oldest for " + fmt(spool.oldest_record_age_seconds) + " s"}, ${bytes(spool.bytes)} of ${bytes(spool.max_bytes)}${spool.full ? " (full: acknowledgements paused)" : ""}.`
     : "";
 }
 
