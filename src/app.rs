@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -145,6 +145,11 @@ pub async fn run_from(
     let watch = Arc::new(Watch::default());
     tokio::spawn(Arc::clone(&watch).run(plan.unsettled_warning, shutdown.child_token()));
     let (reload_tx, reloads) = mpsc::channel(1);
+    // The external broker's subscriptions: the rules' filters, which a reload may change.
+    let filters = broker
+        .as_ref()
+        .map(|b| watch::channel(b.subscriptions.clone()));
+    let (filters_tx, filters_rx) = filters.unzip();
     let mut reloader = Reloader::new(
         &plan,
         &queues,
@@ -152,12 +157,14 @@ pub async fn run_from(
         dead_letter.clone(),
         &wiring,
         embedded.as_ref(),
+        filters_tx,
     );
     let shutdown_timeout = plan.shutdown_timeout;
     let pipeline = Pipeline {
         routing: Routing {
             rules: Arc::clone(&plan.rules),
             sinks: queues,
+            applied: None,
         },
         watch,
         dead_letter,
@@ -182,12 +189,14 @@ pub async fn run_from(
     };
     let mut source = match (broker.clone(), embedded.clone()) {
         (Some(broker), _) => {
+            let filters = filters_rx.expect("made with `broker`");
             let connected = Status::not_ready("not connected to the broker yet");
             readiness.add("source", connected.clone());
             metrics::gauge!("mqbridge_source_connected").set(0.0);
             let external = External {
                 plan: broker,
                 connected,
+                filters,
             };
             spawn_source(external, Handoff::new(tx), stop.clone(), done.clone())
         }

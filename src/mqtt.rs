@@ -206,15 +206,25 @@ impl Client {
             ),
             Client::V5(c) => {
                 return c
-                    .try_subscribe_many(
-                        filters
-                            .iter()
-                            .map(|f| p5::Filter::new(f.clone(), qos5(qos))),
-                    )
+                    .try_subscribe_many(filters.iter().map(|f| {
+                        let mut filter = p5::Filter::new(f.clone(), qos5(qos));
+                        // A filter the session already has is not sent its retained
+                        // messages again.
+                        filter.retain_forward_rule = p5::RetainForwardRule::OnNewSubscribe;
+                        filter
+                    }))
                     .map_err(|e| e.to_string());
             }
         }
         .map_err(|e| e.to_string())
+    }
+
+    /// Queues an UNSUBSCRIBE without waiting (safe from the polling task).
+    pub fn try_unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+        }
     }
 
     /// Queues the acknowledgement of a received PUBLISH, waiting while the request

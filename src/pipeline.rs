@@ -73,6 +73,8 @@ pub fn evaluate(rules: &[Rule], msg: &Message, limit: Duration) -> Vec<Verdict> 
 pub struct Routing {
     pub rules: Arc<[Rule]>,
     pub sinks: Vec<SinkQueue>,
+    /// Told once the router routes by this routing (every message it takes from then on).
+    pub applied: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub struct Pipeline {
@@ -185,8 +187,12 @@ impl Pipeline {
                 biased;
                 Some((batch, verdicts)) = evaluating.next() => router.dispatch_batch(batch, verdicts).await,
                 routing = next_routing(&mut reloads), if reloads.is_some() => match routing {
-                    Some(routing) => {
+                    Some(mut routing) => {
+                        let applied = routing.applied.take();
                         active = Active::new(routing);
+                        if let Some(applied) = applied {
+                            let _ = applied.send(());
+                        }
                         tracing::debug!(rules = active.rules.len(), "router: new routing");
                     }
                     None => reloads = None,
@@ -436,6 +442,7 @@ mod tests {
             routing: Routing {
                 rules: rules.into(),
                 sinks: vec![sink],
+                applied: None,
             },
             watch: Arc::default(),
             dead_letter: DeadLetter::to(dlq),
@@ -526,6 +533,7 @@ mod tests {
             routing: Routing {
                 rules: vec![rule("r", "t/+", SLOW_OLD, 0)].into(),
                 sinks: vec![old_q],
+                applied: None,
             },
             watch: Arc::default(),
             dead_letter: DeadLetter::none(),
@@ -551,6 +559,7 @@ mod tests {
                             rules: vec![rule("r2", "t/+", "{seq: .payload.seq, by: \"new\"}", 0)]
                                 .into(),
                             sinks: vec![new_q.clone()],
+                            applied: None,
                         })
                         .await
                         .unwrap();

@@ -19,13 +19,18 @@
 //!    delivers what is queued and ends. Its records settle as before, so acknowledgements
 //!    keep their order (they follow settlement, whichever driver settles).
 //!
-//! What a reload does not apply (listeners, the broker connection and its subscriptions,
-//! the spool, `admin`, the timeouts) is logged as a warning naming each changed setting.
+//! 6. The external broker's subscriptions follow the rules' topic filters: new ones are
+//!    subscribed to, those no rule reads any more unsubscribed, on the running
+//!    connection (see [`crate::source::mqtt`]).
+//!
+//! What a reload does not apply (listeners, the broker connection, the spool, `admin`,
+//! the timeouts) is logged as a warning naming each changed setting. While `broker:`
+//! itself waits for a restart, so do the subscriptions (a `share_group` is part of them).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Wiring;
 use super::trigger::Cause;
@@ -84,6 +89,8 @@ pub(super) struct Reloader<'a> {
     broker: Option<&'a Broker>,
     /// The `config` warning of `/readyz`: the last reload failed.
     status: Status,
+    /// The external broker's topic filters, which its source subscribes to.
+    filters: Option<watch::Sender<Vec<String>>>,
 }
 
 impl<'a> Reloader<'a> {
@@ -94,6 +101,7 @@ impl<'a> Reloader<'a> {
         dead_letter: DeadLetter,
         wiring: &'a Wiring<'a>,
         broker: Option<&'a Broker>,
+        filters: Option<watch::Sender<Vec<String>>>,
     ) -> Reloader<'a> {
         let status = Status::ready();
         wiring.readiness.add_warning("config", status.clone());
@@ -116,6 +124,7 @@ impl<'a> Reloader<'a> {
             wiring,
             broker,
             status,
+            filters,
         }
     }
 
@@ -219,7 +228,8 @@ impl<'a> Reloader<'a> {
                 embedded.acl.clone(),
             );
         }
-        for setting in fingerprint::changed(&self.restart_only, &plan.restart_only) {
+        let needs_restart = fingerprint::changed(&self.restart_only, &plan.restart_only);
+        for setting in &needs_restart {
             tracing::warn!(
                 setting,
                 "config reload: this setting changed but needs a restart; the running value stays"
@@ -246,16 +256,32 @@ impl<'a> Reloader<'a> {
             sinks_stopping = ?stopped,
             "config reloaded"
         );
-        if self
-            .routing
-            .send(Routing {
-                rules: Arc::clone(&plan.rules),
-                sinks: queues,
-            })
-            .await
-            .is_err()
-        {
+        let (applied, routed) = oneshot::channel();
+        let routing = Routing {
+            rules: Arc::clone(&plan.rules),
+            sinks: queues,
+            applied: Some(applied),
+        };
+        if self.routing.send(routing).await.is_err() || routed.await.is_err() {
             tracing::debug!("config reload: the router has ended");
+            return Ok(());
+        }
+        // Only now that the router has the new rules: a message on a new filter must not
+        // meet the old ones.
+        if let (Some(filters), Some(b)) = (&self.filters, &plan.broker) {
+            if needs_restart.contains(&"broker") {
+                tracing::warn!(
+                    "config reload: the broker's subscriptions change with `broker:` at the next restart"
+                );
+            } else {
+                filters.send_if_modified(|running| {
+                    let changed = *running != b.subscriptions;
+                    if changed {
+                        running.clone_from(&b.subscriptions);
+                    }
+                    changed
+                });
+            }
         }
         Ok(())
     }

@@ -26,18 +26,10 @@ pub fn of(value: &impl Serialize) -> Fingerprint {
 /// The settings a reload cannot apply (they need a restart), by the name a warning gives
 /// them. The embedded broker's users, ACL and `allow_anonymous` are not among them: a
 /// reload applies those.
-pub fn restart_only(
-    raw: &RawConfig,
-    subscriptions: Option<&[String]>,
-) -> Vec<(&'static str, Fingerprint)> {
+pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
     let embedded = raw.embedded.as_ref();
     vec![
         ("broker", of(&raw.broker)),
-        // The external broker is subscribed to the rules' filters once, when it connects.
-        (
-            "broker subscriptions (the rules' topic filters)",
-            of(&subscriptions),
-        ),
         ("embedded.listen", of(&embedded.map(|e| &e.listen))),
         ("embedded.tls", of(&embedded.map(|e| &e.tls))),
         ("embedded.websocket", of(&embedded.map(|e| &e.websocket))),

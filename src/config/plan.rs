@@ -251,8 +251,7 @@ pub fn validate(mut raw: RawConfig) -> Result<Plan, Errors> {
     if !errs.is_empty() {
         return Err(errs);
     }
-    let restart_only =
-        fingerprint::restart_only(&raw, broker.as_ref().map(|b| b.subscriptions.as_slice()));
+    let restart_only = fingerprint::restart_only(&raw);
     Ok(Plan {
         restart_only,
         broker,

@@ -3,8 +3,10 @@
 //!
 //! Two tasks, so that the task polling the connection never waits on anything but the
 //! network (rumqttc#1025):
-//! - the **poll loop** reads events, (re)subscribes after a ConnAck without a session
-//!   (rumqttc#250), backs off between failed connects, and hands PUBLISHes to its
+//! - the **poll loop** reads events, keeps the subscriptions in line with the rules
+//!   ([`Subscriptions`]: after each ConnAck, since rumqttc does not (#250), and when a
+//!   reload changes the rules' filters), backs off between failed connects, and hands
+//!   PUBLISHes to its
 //!   [`Intake`], which also tells it which messages to acknowledge, in arrival order
 //!   (rumqttc#846);
 //! - the **ack task** queues those PUBACK/PUBRECs, waiting for room in rumqttc's request
@@ -19,11 +21,12 @@
 //! sends the rest again, as none of it was acknowledged. Each round thus moves the
 //! pipeline's worth of messages on.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Source;
@@ -35,10 +38,12 @@ use crate::message::Message;
 use crate::mqtt::{self, AckToken, Client, Incoming, ReconnectBackoff};
 
 /// The external broker as a [`Source`]. `connected` is ready while connected (for
-/// `/readyz`; `mqbridge_source_connected` follows it).
+/// `/readyz`; `mqbridge_source_connected` follows it). `filters` are the topic filters
+/// to subscribe to (`plan.subscriptions` at first; a config reload sends new ones).
 pub struct External {
     pub plan: BrokerPlan,
     pub connected: Status,
+    pub filters: watch::Receiver<Vec<String>>,
 }
 
 impl Source for External {
@@ -52,7 +57,111 @@ impl Source for External {
         stop: CancellationToken,
         done: CancellationToken,
     ) -> Result<(), mqtt::ConnectError> {
-        run(self.plan, handoff, self.connected, stop, done).await
+        let subscriptions = Subscriptions::new(self.filters, self.plan.qos);
+        run(
+            self.plan,
+            handoff,
+            self.connected,
+            subscriptions,
+            stop,
+            done,
+        )
+        .await
+    }
+}
+
+/// What the broker is asked to send us: the rules' topic filters, kept in line as they
+/// change. Subscribing again to a filter the session has is harmless (with MQTT 5 its
+/// retained messages are not sent again), so whenever it is unknown what the session
+/// holds (this process has not subscribed on it yet) every filter is subscribed to; a
+/// filter the rules no longer have is unsubscribed once it is known to be there.
+struct Subscriptions {
+    wanted: watch::Receiver<Vec<String>>,
+    /// False once the sender is gone (shutdown): nothing changes any more.
+    open: bool,
+    /// What this process asked for on the broker's session; None: not known.
+    asked: Option<Vec<String>>,
+    /// The filters of each SUBSCRIBE not answered yet, in order.
+    awaiting: VecDeque<Vec<String>>,
+    qos: u8,
+}
+
+/// The filters to subscribe to and to unsubscribe from to get from `asked` (None: not
+/// known) to `wanted`.
+fn changes(asked: Option<&[String]>, wanted: &[String]) -> (Vec<String>, Vec<String>) {
+    let asked = asked.unwrap_or_default();
+    let add = wanted.iter().filter(|f| !asked.contains(f)).cloned();
+    let remove = asked.iter().filter(|f| !wanted.contains(f)).cloned();
+    (add.collect(), remove.collect())
+}
+
+impl Subscriptions {
+    fn new(wanted: watch::Receiver<Vec<String>>, qos: u8) -> Subscriptions {
+        Subscriptions {
+            wanted,
+            open: true,
+            asked: None,
+            awaiting: VecDeque::new(),
+            qos,
+        }
+    }
+
+    /// At a ConnAck. A new session has nothing; a kept one has what this process asked
+    /// for on it, if it asked (at the first ConnAck it is not known).
+    fn connected(&mut self, client: &Client, session_present: bool) {
+        if !session_present {
+            self.asked = Some(Vec::new());
+        }
+        self.awaiting.clear();
+        self.sync(client);
+    }
+
+    /// Asks the broker for what is wanted now (never awaits: called from the poll loop).
+    fn sync(&mut self, client: &Client) {
+        let wanted = self.wanted.borrow_and_update().clone();
+        let (add, remove) = changes(self.asked.as_deref(), &wanted);
+        let mut asked = wanted;
+        if !add.is_empty() {
+            match client.try_subscribe_many(&add, self.qos) {
+                Ok(()) => self.awaiting.push_back(add),
+                Err(e) => {
+                    // Not asked: the next ConnAck or change tries again.
+                    tracing::error!(error = %e, "cannot queue SUBSCRIBE");
+                    asked.retain(|f| !add.contains(f));
+                }
+            }
+        }
+        for filter in remove {
+            match client.try_unsubscribe(&filter) {
+                Ok(()) => tracing::info!(%filter, "unsubscribed: no rule reads it any more"),
+                Err(e) => {
+                    tracing::error!(%filter, error = %e, "cannot queue UNSUBSCRIBE");
+                    asked.push(filter);
+                }
+            }
+        }
+        self.asked = Some(asked);
+    }
+
+    /// A SUBACK: the answer to the oldest SUBSCRIBE not answered yet.
+    fn acknowledged(&mut self, codes: &[Result<u8, String>]) {
+        let filters = self.awaiting.pop_front().unwrap_or_default();
+        for (code, filter) in codes.iter().zip(&filters) {
+            match code {
+                Ok(granted) => tracing::info!(%filter, granted, "subscribed"),
+                Err(why) => {
+                    tracing::error!(%filter, reason = %why, "broker refused the subscription")
+                }
+            }
+        }
+    }
+
+    /// Resolves when the wanted filters change (never, once the sender is gone).
+    async fn changed(&mut self) {
+        if !self.open || self.wanted.changed().await.is_err() {
+            self.open = false;
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -60,6 +169,7 @@ async fn run(
     plan: BrokerPlan,
     handoff: Handoff,
     connected: Status,
+    mut subscriptions: Subscriptions,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> Result<(), mqtt::ConnectError> {
@@ -84,9 +194,14 @@ async fn run(
     // After the broker sent past the window and `max_buffered`: nothing more is taken from
     // this connection, which ends once what was taken is acknowledged.
     let mut leaving = Leaving::No;
+    let mut online = false;
     loop {
         let event = tokio::select! {
             _ = done.cancelled() => break,
+            () = subscriptions.changed(), if online => {
+                subscriptions.sync(&client);
+                continue;
+            }
             _ = stop.cancelled(), if !stopped => {
                 // Lets the pipeline drain and finish.
                 stopped = true;
@@ -113,23 +228,10 @@ async fn run(
                 leaving = Leaving::No;
                 lost(&mut intake);
                 tracing::info!(host = %plan.host, port = plan.port, client_id = %plan.client_id, session_present, "connected to broker");
-                if !session_present && !plan.subscriptions.is_empty() {
-                    // try_: never await the client from the poll loop.
-                    if let Err(e) = client.try_subscribe_many(&plan.subscriptions, plan.qos) {
-                        tracing::error!(error = %e, "cannot queue SUBSCRIBE");
-                    }
-                }
+                online = true;
+                subscriptions.connected(&client, session_present);
             }
-            Ok(Incoming::SubAck(codes)) => {
-                for (code, filter) in codes.iter().zip(&plan.subscriptions) {
-                    match code {
-                        Ok(granted) => tracing::info!(%filter, granted, "subscribed"),
-                        Err(why) => {
-                            tracing::error!(%filter, reason = %why, "broker refused the subscription")
-                        }
-                    }
-                }
-            }
+            Ok(Incoming::SubAck(codes)) => subscriptions.acknowledged(&codes),
             // Not acknowledged: the broker sends it again after the reconnect.
             Ok(Incoming::Publish(_)) if leaving != Leaving::No => {}
             Ok(Incoming::Publish(received)) => {
@@ -166,6 +268,7 @@ async fn run(
             Ok(_) => {}
             Err(e) => {
                 lost(&mut intake);
+                online = false;
                 connected.set_not_ready(format!("broker connection failed: {e}"));
                 metrics::gauge!("mqbridge_source_connected").set(0.0);
                 let delay = backoff.failed();
@@ -269,4 +372,28 @@ async fn ack_task(
         }
     }
     tracing::debug!(sent, "ack task done");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changes;
+
+    fn v(filters: &[&str]) -> Vec<String> {
+        filters.iter().map(|f| f.to_string()).collect()
+    }
+
+    #[test]
+    fn unknown_session_state_subscribes_to_everything_and_unsubscribes_nothing() {
+        let (add, remove) = changes(None, &v(&["a/#", "b/+"]));
+        assert_eq!((add, remove), (v(&["a/#", "b/+"]), v(&[])));
+    }
+
+    #[test]
+    fn a_change_subscribes_to_the_new_filters_and_drops_the_old_ones() {
+        let asked = v(&["a/#", "b/+"]);
+        let (add, remove) = changes(Some(&asked), &v(&["b/+", "c"]));
+        assert_eq!((add, remove), (v(&["c"]), v(&["a/#"])));
+        let (add, remove) = changes(Some(&asked), &asked);
+        assert!(add.is_empty() && remove.is_empty());
+    }
 }

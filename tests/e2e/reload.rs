@@ -317,3 +317,106 @@ async fn sighup_adds_a_rule_and_an_invalid_edit_keeps_the_running_rules() {
     assert_eq!(names, ["first", "second"]);
     drop(bridge);
 }
+
+const RULE_NEW: &str =
+    "  - { name: n, from: \"new/+\", transform: '{seq: .payload.seq}', to: [second] }\n";
+
+/// Whether some log line of `bridge` contains every one of `needles`.
+fn logged(bridge: &ChildBridge, needles: &[&str]) -> bool {
+    let log = bridge.log.lock().unwrap();
+    log.iter().any(|l| needles.iter().all(|n| l.contains(n)))
+}
+
+/// With an external broker a reload also changes what mqbridge subscribes to: a new
+/// rule's topic filter is subscribed to on the running connection (only once the router
+/// has the new rule, so the first message on it is not routed by the old rules), and a
+/// filter no rule reads any more is unsubscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_subscribes_to_a_new_rules_filter_and_drops_an_unused_one() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bridge.yaml");
+    let write = |rules: &str| {
+        let config = rules_config(dir.path(), broker.port, free_port(), rules);
+        std::fs::write(&path, config).unwrap()
+    };
+    write(RULE_A);
+    let bridge = ChildBridge::start_subscribed(&path).await;
+    let client = TestClient::connect(broker.port, "reload-subs-pub").await;
+    let (first, second) = (
+        dir.path().join("first.jsonl"),
+        dir.path().join("second.jsonl"),
+    );
+
+    write(&format!("{RULE_A}{RULE_NEW}"));
+    bridge.signal("HUP");
+    eventually(Duration::from_secs(20), "new/+ subscribed", async || {
+        logged(&bridge, &["new/+", "subscribed"]).then_some(())
+    })
+    .await;
+    client
+        .publish_all([("new/x".to_string(), r#"{"seq": 1}"#.to_string())])
+        .await;
+    eventually(
+        Duration::from_secs(10),
+        "seq 1 by the new rule",
+        async || (json_lines(&second).len() == 1).then_some(()),
+    )
+    .await;
+
+    write(RULE_A);
+    bridge.signal("HUP");
+    eventually(Duration::from_secs(20), "new/+ unsubscribed", async || {
+        logged(&bridge, &["new/+", "unsubscribed"]).then_some(())
+    })
+    .await;
+    client
+        .publish_all([("in/z".to_string(), r#"{"seq": 2}"#.to_string())])
+        .await;
+    eventually(Duration::from_secs(10), "in/z by rule a", async || {
+        (json_lines(&first).len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(json_lines(&second).len(), 1);
+    drop(bridge);
+}
+
+/// A restart with a new rule: the broker kept the session (and its old subscriptions),
+/// and the new rule's filter is subscribed to all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_kept_session_subscribes_to_a_new_rules_filter() {
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bridge.yaml");
+    let write = |rules: &str| {
+        let config = rules_config(dir.path(), broker.port, free_port(), rules);
+        std::fs::write(&path, config).unwrap()
+    };
+    write(RULE_A);
+    let bridge = ChildBridge::start_subscribed(&path).await;
+    let (status, _) = bridge.terminate(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+
+    write(&format!("{RULE_A}{RULE_NEW}"));
+    let bridge = ChildBridge::start(&path);
+    eventually(Duration::from_secs(20), "new/+ subscribed", async || {
+        logged(&bridge, &["new/+", "subscribed"]).then_some(())
+    })
+    .await;
+    assert!(
+        logged(&bridge, &["connected to broker", "session_present=true"]),
+        "the broker kept the session"
+    );
+    let client = TestClient::connect(broker.port, "reload-restart-pub").await;
+    client
+        .publish_all([("new/x".to_string(), r#"{"seq": 1}"#.to_string())])
+        .await;
+    let second = dir.path().join("second.jsonl");
+    eventually(
+        Duration::from_secs(10),
+        "seq 1 by the new rule",
+        async || (json_lines(&second).len() == 1).then_some(()),
+    )
+    .await;
+    drop(bridge);
+}
