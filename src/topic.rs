@@ -305,6 +305,35 @@ pub fn covers(g: &str, f: &str) -> bool {
     }
 }
 
+/// True when some topic name matches both filters (both valid): the subscriptions they
+/// make may receive a common message.
+pub fn overlaps(a: &str, b: &str) -> bool {
+    let mut al = a.split('/');
+    let mut bl = b.split('/');
+    let mut first = true;
+    loop {
+        match (al.next(), bl.next()) {
+            // '#' matches the rest (its parent level too), but no first level with '$'.
+            (Some("#"), other) | (other, Some("#")) => {
+                return !(first && other.is_some_and(|l| l.starts_with('$')));
+            }
+            (Some("+"), Some(x)) | (Some(x), Some("+")) => {
+                if first && x.starts_with('$') {
+                    return false;
+                }
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return false;
+                }
+            }
+            (None, None) => return true,
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,8 +640,22 @@ mod tests {
     }
 
     #[test]
-    fn covers_agrees_with_matching() {
-        use proptest::prelude::*;
+    fn overlapping_filters() {
+        assert!(overlaps("a/#", "a"));
+        assert!(overlaps("a/+", "+/b"));
+        assert!(overlaps("#", "secret/#"));
+        assert!(overlaps("a/b", "a/b"));
+        assert!(overlaps("$SYS/#", "$SYS/+"));
+        assert!(!overlaps("#", "$SYS/x"));
+        assert!(!overlaps("+/#", "$SYS/#"));
+        assert!(!overlaps("a/+", "a/b/c"));
+        assert!(!overlaps("a/b", "a/c"));
+        assert!(!overlaps("a", "a/+"));
+    }
+
+    /// Small filters and topics over a few levels, `$` included, for the relations
+    /// between filters (`covers`, `overlaps`) to be checked against matching.
+    fn small_filters_and_topics() -> (BoxedStrategy<String>, BoxedStrategy<String>) {
         let level = prop::sample::select(vec!["a", "b", "+", "$s"]);
         let filter =
             (prop::collection::vec(level, 1..4), any::<bool>()).prop_map(|(mut v, hash)| {
@@ -623,10 +666,27 @@ mod tests {
             });
         let topic = prop::collection::vec(prop::sample::select(vec!["a", "b", "$s", ""]), 1..5)
             .prop_map(|v| v.join("/"));
+        (filter.boxed(), topic.boxed())
+    }
+
+    #[test]
+    fn covers_agrees_with_matching() {
+        let (filter, topic) = small_filters_and_topics();
         proptest!(|(g in filter.clone(), f in filter, t in topic)| {
             if covers(&g, &f) && filter_matches(&f, &t) {
                 prop_assert!(filter_matches(&g, &t), "{g} covers {f} but misses {t}");
             }
+        });
+    }
+
+    #[test]
+    fn overlaps_agrees_with_matching() {
+        let (filter, topic) = small_filters_and_topics();
+        proptest!(|(a in filter.clone(), b in filter, t in topic)| {
+            if filter_matches(&a, &t) && filter_matches(&b, &t) {
+                prop_assert!(overlaps(&a, &b), "{a} and {b} both match {t}");
+            }
+            prop_assert_eq!(overlaps(&a, &b), overlaps(&b, &a));
         });
     }
 }

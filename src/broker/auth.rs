@@ -12,13 +12,19 @@
 //! and to every message delivered when one of its filters matches the message's topic:
 //! with `deny subscribe secret/#`, a subscription to `#` is granted but never carries
 //! messages on `secret/…`.
+//!
+//! That last check is made when the subscription is made, not for every message:
+//! [`Auth::receive`] keeps, for one user's filter, only the rules that can decide
+//! something for the topics it matches. Most subscriptions overlap no deny rule and
+//! are checked for nothing ([`Receive::All`]); one to `#` beside `deny secret/#` keeps
+//! that one exclusion to test each message against.
 
 use std::collections::HashMap;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
 use crate::config::AclRule;
-use crate::topic::{covers, filter_matches};
+use crate::topic::{covers, filter_matches, overlaps};
 
 /// Users and ACL.
 #[derive(Debug, Clone, Default)]
@@ -27,6 +33,38 @@ pub struct Auth {
     users: HashMap<String, String>,
     pub allow_anonymous: bool,
     acl: Vec<AclRule>,
+}
+
+/// What a subscription may receive, as the ACL decided when it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Receive {
+    /// Every message its filter matches: no deny rule applies to any of them.
+    All,
+    /// None of them: a deny rule covers the whole filter.
+    Nothing,
+    /// Decided per message by these rules, in order: the ACL's rules whose `subscribe`
+    /// filters overlap the subscription's (only those filters kept), up to the first
+    /// that covers it. As in [`Auth::can_receive`], the first whose filters match the
+    /// topic decides; none: allowed.
+    Checked(Box<[AclRule]>),
+}
+
+impl Receive {
+    /// May the subscription carry a message on `topic`?
+    pub fn allows(&self, topic: &str) -> bool {
+        match self {
+            Receive::All => true,
+            Receive::Nothing => false,
+            Receive::Checked(rules) => decide(rules.iter(), topic),
+        }
+    }
+}
+
+/// The first of `rules` with a `subscribe` filter matching `topic` decides; none: allowed.
+fn decide<'a>(mut rules: impl Iterator<Item = &'a AclRule>, topic: &str) -> bool {
+    rules
+        .find(|r| r.subscribe.iter().any(|f| filter_matches(f, topic)))
+        .is_none_or(|r| r.allow)
 }
 
 /// Outcome of a login attempt.
@@ -94,11 +132,42 @@ impl Auth {
 
     /// May a subscription of `user` carry a message on `topic`?
     pub fn can_receive(&self, user: Option<&str>, topic: &str) -> bool {
-        self.acl.is_empty()
-            || self
-                .rules_for(user)
-                .find(|r| r.subscribe.iter().any(|f| filter_matches(f, topic)))
-                .is_none_or(|r| r.allow)
+        self.acl.is_empty() || decide(self.rules_for(user), topic)
+    }
+
+    /// What a subscription of `user` to `filter` may receive: [`Auth::can_receive`]
+    /// for each topic `filter` matches, worked out once.
+    pub fn receive(&self, user: Option<&str>, filter: &str) -> Receive {
+        let mut rules = Vec::new();
+        let mut covered = false;
+        for r in self.rules_for(user) {
+            let subscribe: Vec<String> = r
+                .subscribe
+                .iter()
+                .filter(|f| overlaps(f, filter))
+                .cloned()
+                .collect();
+            if subscribe.is_empty() {
+                continue;
+            }
+            covered = subscribe.iter().any(|f| covers(f, filter));
+            rules.push(AclRule {
+                username: None,
+                allow: r.allow,
+                publish: Vec::new(),
+                subscribe,
+            });
+            if covered {
+                break;
+            }
+        }
+        if rules.iter().all(|r| r.allow) {
+            Receive::All
+        } else if covered && rules.iter().all(|r| !r.allow) {
+            Receive::Nothing
+        } else {
+            Receive::Checked(rules.into())
+        }
     }
 }
 
@@ -165,5 +234,63 @@ mod tests {
         );
         assert!(auth.can_receive(None, "public/x"));
         assert!(auth.can_subscribe(None, "public/x"), "no rule applies");
+    }
+
+    #[test]
+    fn receive_is_decided_per_subscription() {
+        let auth = Auth::new(
+            vec![],
+            true,
+            vec![
+                rule("sensor", true, &[], &["secret/sensor/#"]),
+                rule("*", false, &[], &["secret/#"]),
+            ],
+        );
+        assert_eq!(auth.receive(None, "public/#"), Receive::All);
+        assert_eq!(auth.receive(None, "secret/+"), Receive::Nothing);
+        assert_eq!(
+            auth.receive(Some("sensor"), "secret/sensor/+"),
+            Receive::All
+        );
+        let broad = auth.receive(Some("sensor"), "#");
+        assert!(matches!(&broad, Receive::Checked(rules) if rules.len() == 2));
+        assert!(broad.allows("secret/sensor/t"));
+        assert!(!broad.allows("secret/other"));
+        assert!(broad.allows("public/x"));
+        assert_eq!(Auth::default().receive(None, "#"), Receive::All);
+    }
+
+    #[test]
+    fn receive_agrees_with_can_receive() {
+        use proptest::prelude::*;
+        let level = || prop::sample::select(vec!["a", "b", "+", "$s"]);
+        let filter = |max| {
+            (prop::collection::vec(level(), 1..max), any::<bool>()).prop_map(|(mut v, hash)| {
+                if hash {
+                    v.push("#");
+                }
+                v.join("/")
+            })
+        };
+        let acl_rule = (
+            prop::sample::select(vec!["*", "u"]),
+            any::<bool>(),
+            prop::collection::vec(filter(3), 0..3),
+        )
+            .prop_map(|(user, allow, subscribe)| AclRule {
+                username: (user != "*").then(|| user.to_string()),
+                allow,
+                publish: Vec::new(),
+                subscribe,
+            });
+        let topic = prop::collection::vec(prop::sample::select(vec!["a", "b", "$s", ""]), 1..5)
+            .prop_map(|v| v.join("/"));
+        let user = prop::sample::select(vec![None, Some("u"), Some("v")]);
+        proptest!(|(acl in prop::collection::vec(acl_rule, 0..4), f in filter(4), t in topic, user in user)| {
+            let auth = Auth::new(vec![], true, acl);
+            if filter_matches(&f, &t) {
+                prop_assert_eq!(auth.receive(user, &f).allows(&t), auth.can_receive(user, &t));
+            }
+        });
     }
 }

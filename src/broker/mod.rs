@@ -16,7 +16,9 @@
 //! - [`listener`]: TCP, TLS and WebSocket listeners, each giving a byte stream.
 //! - `connection`: the per-client task.
 //! - [`session`]: subscriptions, queue, in-flight windows, persistent sessions.
-//! - [`router`]: sessions by client id, fan-out to subscriptions (incl. shared ones).
+//! - [`router`]: sessions by client id, fan-out to subscriptions (incl. shared ones),
+//!   and the locks of the broker's state.
+//! - [`index`]: the subscriptions in a topic trie, with their ACL decisions.
 //! - [`retained`]: retained messages.
 //! - [`store`]: optional persistence of sessions and retained messages (SQLite).
 //! - [`stats`]: the counters (Prometheus, through `metrics`), and the snapshots the
@@ -36,6 +38,7 @@
 pub mod auth;
 pub mod codec;
 mod connection;
+pub mod index;
 pub mod listener;
 pub mod retained;
 pub mod router;
@@ -53,16 +56,15 @@ use crate::config::{AclRule, EmbeddedPlan};
 use crate::source::Source;
 use crate::source::intake::Handoff;
 use auth::Auth;
-use router::Router;
+use router::{Change, Router, State};
 use stats::Counters;
 pub use stats::{Client, Connection, Dropped, Stats};
 
 /// What every connection shares.
 pub(crate) struct Shared {
     plan: EmbeddedPlan,
-    /// Users and ACL; a config reload replaces them (see [`Broker::set_auth`]).
-    auth: std::sync::RwLock<Arc<Auth>>,
-    state: Mutex<Router>,
+    /// Sessions, subscriptions, retained messages, users and ACL.
+    state: State,
     /// Live connections (bounded by `max_connections`).
     connections: AtomicUsize,
     next_conn_id: AtomicU64,
@@ -74,23 +76,24 @@ pub(crate) struct Shared {
 impl Shared {
     /// The users and ACL in force now.
     fn auth(&self) -> Arc<Auth> {
-        Arc::clone(&self.auth.read().unwrap_or_else(|e| e.into_inner()))
+        self.state.auth()
     }
 
+    /// Sessions and retained messages (see [`State::lock`]).
     fn lock(&self) -> std::sync::MutexGuard<'_, Router> {
-        // A panic while holding the lock leaves consistent-enough state: keep serving.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
+    }
+
+    /// To change subscriptions, or add and remove sessions (see [`State::change`]).
+    fn change(&self) -> Change<'_> {
+        self.state.change()
     }
 
     /// Delivers a published message to every matching subscription, and keeps it as the
     /// topic's retained message when `retain` is set.
     fn route(&self, stored: Arc<session::Stored>, retain: bool) {
         let max = self.plan.max_queued_messages;
-        let mut state = self.lock();
-        if retain {
-            state.retained.set(Arc::clone(&stored));
-        }
-        state.route(&stored, retain, max, &self.auth(), &self.counters);
+        self.state.route(&stored, retain, max, &self.counters);
     }
 }
 
@@ -122,8 +125,7 @@ impl Broker {
         let broker = Broker {
             shared: Arc::new(Shared {
                 plan,
-                auth: std::sync::RwLock::new(Arc::new(auth)),
-                state: Mutex::new(router),
+                state: State::new(router, auth),
                 connections: AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
                 counters: Counters::default(),
@@ -140,11 +142,12 @@ impl Broker {
     /// Replaces the users, `allow_anonymous` and the ACL (a config reload). They apply
     /// to logins, publishes and subscriptions from now on; connected clients stay
     /// connected, and subscriptions made before keep what the old ACL allowed them to
-    /// subscribe to (the ACL is applied when a subscription is made), though each
-    /// message is still checked against the new ACL's `can_receive`.
+    /// subscribe to (the ACL's `can_subscribe` applies when a subscription is made),
+    /// though what each carries from now on follows the new ACL's `can_receive`
+    /// (decided again here for every subscription), queued messages excepted.
     pub fn set_auth(&self, users: Vec<(String, String)>, allow_anonymous: bool, acl: Vec<AclRule>) {
-        let auth = Arc::new(Auth::new(users, allow_anonymous, acl));
-        *self.shared.auth.write().unwrap_or_else(|e| e.into_inner()) = auth;
+        let auth = Auth::new(users, allow_anonymous, acl);
+        self.shared.state.set_auth(auth);
     }
 
     /// The current gauges and counters (one pass over the sessions, under the lock).

@@ -192,8 +192,8 @@ impl Conn {
             since: jiff::Timestamp::now(),
         };
         let (session_present, resend) = {
-            let mut state = shared.lock();
-            let existing = state.sessions.remove(&client_id);
+            let mut state = shared.change();
+            let existing = state.remove_session(&client_id);
             if let Some(link) = existing.as_ref().and_then(|s| s.link.as_ref()) {
                 link.kick.cancel();
             }
@@ -208,7 +208,7 @@ impl Conn {
             session.link = Some(link);
             session.username = c.username.clone();
             let resend = session.resend();
-            state.sessions.insert(client_id.clone(), session);
+            state.insert_session(client_id.clone(), session);
             (present, resend)
         };
 

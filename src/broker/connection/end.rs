@@ -52,7 +52,7 @@ impl Conn {
         });
         let mut delayed = None;
         {
-            let mut state = self.shared.lock();
+            let mut state = self.shared.change();
             let mine = state
                 .sessions
                 .get(&self.client_id)
@@ -62,7 +62,7 @@ impl Conn {
                 s.link = None;
                 let (expiry, generation) = (s.expiry, s.generation);
                 if expiry == 0 {
-                    state.sessions.remove(&self.client_id);
+                    state.remove_session(&self.client_id);
                 } else if expiry != u32::MAX {
                     schedule_expiry(&self.shared, &self.client_id, generation, expiry);
                 }
@@ -116,13 +116,13 @@ pub(in crate::broker) fn schedule_expiry(
     let client_id = client_id.to_string();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(expiry as u64)).await;
-        let mut state = shared.lock();
+        let mut state = shared.change();
         if state
             .sessions
             .get(&client_id)
             .is_some_and(|s| s.generation == generation && s.link.is_none())
         {
-            state.sessions.remove(&client_id);
+            state.remove_session(&client_id);
         }
     });
 }

@@ -54,21 +54,15 @@ impl Conn {
                 retain_as_published: f.retain_as_published,
                 id,
             };
-            let mut state = self.shared.lock();
-            let router = &mut *state;
-            let Some(session) = router.sessions.get_mut(&self.client_id) else {
+            let mut state = self.shared.change();
+            let Some(existed) = state.subscribe(&self.client_id, f.filter.clone(), sub) else {
                 return Err(ProtocolError::SessionGone);
             };
-            let existed = session
-                .subscriptions
-                .insert(f.filter.clone(), sub)
-                .is_some();
-            session.touch();
             let send_retained =
                 share.is_none() && (f.retain_handling == 0 || (f.retain_handling == 1 && !existed));
             if send_retained {
                 let user = self.username.as_deref();
-                for m in router.retained.matching(&filter) {
+                for m in state.retained.matching(&filter) {
                     if !self.shared.auth().can_receive(user, &m.topic) {
                         continue;
                     }
@@ -104,21 +98,14 @@ impl Conn {
         pkid: u16,
         filters: Vec<String>,
     ) -> Result<(), ProtocolError> {
-        let codes = self
-            .with_session(|s| {
-                s.touch();
-                filters
-                    .iter()
-                    .map(|f| {
-                        if s.subscriptions.remove(f).is_some() {
-                            0x00
-                        } else {
-                            0x11
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let codes = {
+            let mut state = self.shared.change();
+            filters
+                .iter()
+                .map_while(|f| state.unsubscribe(&self.client_id, f))
+                .map(|existed| if existed { 0x00 } else { 0x11 })
+                .collect()
+        };
         self.send(Outgoing::UnsubAck { pkid, codes }).await
     }
 }
