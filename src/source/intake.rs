@@ -152,8 +152,31 @@ pub struct Intake<T> {
     waiting_bytes: usize,
     max_bytes: usize,
     acks: AckSequencer<T>,
-    settled_tx: mpsc::UnboundedSender<u64>,
-    settled_rx: mpsc::UnboundedReceiver<u64>,
+    settled: Settlements,
+}
+
+/// Where settlements are reported back to their connection: a channel made for the first
+/// QoS 1/2 message, so that a connection that never has one (idle, or QoS 0 only) holds
+/// none.
+#[derive(Default)]
+struct Settlements(Option<(mpsc::UnboundedSender<u64>, mpsc::UnboundedReceiver<u64>)>);
+
+impl Settlements {
+    fn sender(&mut self) -> &mpsc::UnboundedSender<u64> {
+        &self.0.get_or_insert_with(mpsc::unbounded_channel).0
+    }
+
+    /// The next settlement reported; pending until there is one. Cancel-safe.
+    async fn recv(&mut self) -> Option<u64> {
+        match &mut self.0 {
+            Some((_, rx)) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<u64> {
+        self.0.as_mut()?.1.try_recv().ok()
+    }
 }
 
 struct ReportSettled {
@@ -172,7 +195,6 @@ impl<T> Intake<T> {
     /// An intake for one connection, holding at most `max_bytes` of messages back. It
     /// takes the hand-off, so that closing it is what closes the pipeline's input.
     pub fn new(handoff: Handoff, max_bytes: usize) -> Self {
-        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Intake {
             metrics: Arc::clone(&handoff.metrics),
             handoff: Some(handoff),
@@ -181,8 +203,7 @@ impl<T> Intake<T> {
             waiting_bytes: 0,
             max_bytes,
             acks: AckSequencer::default(),
-            settled_tx,
-            settled_rx,
+            settled: Settlements::default(),
         }
     }
 
@@ -220,7 +241,7 @@ impl<T> Intake<T> {
         );
         msg.ack = Ack::new(ReportSettled {
             seq,
-            tx: self.settled_tx.clone(),
+            tx: self.settled.sender().clone(),
         });
         if self.waiting.is_empty() {
             match handoff.out.try_send(msg) {
@@ -240,7 +261,7 @@ impl<T> Intake<T> {
     pub fn pass(&mut self, token: T) {
         let seq = self.acks.arrive(token);
         self.report_pending();
-        let _ = self.settled_tx.send(seq);
+        let _ = self.settled.sender().send(seq);
     }
 
     /// The next tokens to acknowledge, in arrival order. Meanwhile moves waiting messages
@@ -256,7 +277,7 @@ impl<T> Intake<T> {
                 .map(|h| h.out.clone());
             let moving = out.is_some();
             let step = tokio::select! {
-                Some(seq) = self.settled_rx.recv() => Step::Settled(seq),
+                Some(seq) = self.settled.recv() => Step::Settled(seq),
                 permit = async { out?.reserve_owned().await.ok() }, if moving => Step::Room(permit),
             };
             match step {
@@ -282,7 +303,7 @@ impl<T> Intake<T> {
     /// acknowledgements to send when the connection is about to end.
     pub fn released_now(&mut self) -> Vec<T> {
         let mut ready = Vec::new();
-        while let Ok(seq) = self.settled_rx.try_recv() {
+        while let Some(seq) = self.settled.try_recv() {
             ready.extend(self.acks.settle(seq));
         }
         self.report_pending();

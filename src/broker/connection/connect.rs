@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::inbound::{FromClient, TOPIC_ALIAS_MAX};
 use super::outbound::ToClient;
-use super::{Conn, ProtocolError, read_more};
+use super::{Conn, ProtocolError, read_more, write_queue};
 use crate::broker::Shared;
 use crate::broker::auth::Login;
 use crate::broker::codec::{
@@ -127,7 +127,7 @@ impl Conn {
         c: Connect,
         peer: std::net::SocketAddr,
         count: usize,
-        wtx: mpsc::Sender<Bytes>,
+        wtx: write_queue::Sender,
         notify: Arc<Notify>,
         handoff: Handoff,
     ) -> Result<Conn, ProtocolError> {

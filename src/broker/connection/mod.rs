@@ -2,9 +2,13 @@
 //! handles packets, sends acknowledgements once messages settle, pulls the session's
 //! queue into the socket, and enforces the keepalive (1.5 × the negotiated interval).
 //!
-//! Writes go through a small bounded channel to a writer task, so a client that does not
+//! Writes go through a small bounded queue to a writer task, so a client that does not
 //! read never blocks this loop's reading; the session queue is pulled only while that
-//! channel has room, which is what bounds a slow consumer's memory.
+//! queue has room, which is what bounds a slow consumer's memory.
+//!
+//! An idle connection costs little memory: its read buffer and its write queue hold
+//! memory only while bytes pass, and what a connection needs once (the CONNECT, the
+//! login) is not kept in its task.
 //!
 //! Any error (malformed, oversized or unexpected packet, invalid topic) ends this
 //! connection only, with a v5 DISCONNECT carrying the reason code where one applies.
@@ -21,6 +25,7 @@
 //! - `outbound`: the session's queue into the socket, server → client topic aliases, the
 //!   writer task.
 //! - `end`: the will, detaching the session, and its expiry.
+//! - `write_queue`: the bounded queue of encoded packets to the writer task.
 //! - `error`: [`ProtocolError`], why a connection is refused or closed, with the reason
 //!   code that tells the client.
 //!
@@ -34,15 +39,16 @@ mod inbound;
 mod outbound;
 mod read_loop;
 mod subscribe;
+mod write_queue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -89,11 +95,42 @@ pub(super) async fn serve(
     }
 }
 
+/// What a read reserves when the buffer has less than a quarter of it left.
+const READ_CHUNK: usize = 4096;
+
+/// Reads more of the client's input into `buf`, which holds memory only while input
+/// comes: when the socket has nothing to read and `buf` is empty, the buffer is released
+/// before waiting, and taken again once input arrives. An idle connection thus holds no
+/// read buffer; a busy one keeps its buffer from read to read. (Over TLS and WebSocket
+/// the transport keeps buffers of its own; those read as plain reads do.)
 async fn read_more(rd: &mut StreamReader, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(4096);
+    let StreamReader::Tcp(tcp) = rd else {
+        reserve_read(buf);
+        return rd.read_buf(buf).await;
+    };
+    // With a buffer at hand, read before waiting: a busy connection keeps its buffer.
+    let mut try_now = buf.capacity() > 0;
+    loop {
+        if !try_now {
+            tcp.readable().await?;
+        }
+        reserve_read(buf);
+        match tcp.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if buf.is_empty() {
+                    *buf = BytesMut::new();
+                }
+                try_now = false;
+            }
+            r => return r,
+        }
     }
-    rd.read_buf(buf).await
+}
+
+fn reserve_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
 }
 
 /// A connection from its first byte to its close: the CONNECT, the writer task, the
@@ -109,11 +146,12 @@ async fn lifecycle(
 ) -> Result<(), ProtocolError> {
     let (mut rd, mut wr) = socket.split();
     let max_packet = shared.plan.max_packet_size;
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::new();
 
-    let connect = connect::read_connect(&mut rd, &mut wr, &mut buf, max_packet, &stop).await?;
+    // Out of its box at once: the box would otherwise live as long as the connection.
+    let connect = *connect::read_connect(&mut rd, &mut wr, &mut buf, max_packet, &stop).await?;
 
-    let (wtx, wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let (wtx, wrx) = write_queue::write_queue(WRITE_QUEUE);
     let notify = Arc::new(Notify::new());
     let writer_gone = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
@@ -123,15 +161,17 @@ async fn lifecycle(
         writer_gone.clone(),
     ));
 
-    let mut conn = match Conn::accept(
+    // Boxed, and freed once it is done: its state (the CONNECT, the login) would
+    // otherwise be part of the task, and of its memory, for the connection's whole life.
+    let mut conn = match Box::pin(Conn::accept(
         shared,
-        *connect,
+        connect,
         peer,
         count,
         wtx.clone(),
         Arc::clone(&notify),
         handoff,
-    )
+    ))
     .await
     {
         Ok(conn) => conn,
@@ -151,7 +191,8 @@ async fn lifecycle(
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     if end == End::Lost {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let mut sink = [0u8; 4096];
+            // On the heap: an array here would make every connection's task this much larger.
+            let mut sink = vec![0u8; 4096];
             while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
         })
         .await;
@@ -176,23 +217,28 @@ struct Conn {
     /// Sent when the connection ends other than by a normal DISCONNECT; taken by `finish`.
     will: Option<Will>,
     /// Encoded packets to the writer task ([`WRITE_QUEUE`] of them at most).
-    wtx: mpsc::Sender<Bytes>,
+    wtx: write_queue::Sender,
     inbound: FromClient,
     outbound: ToClient,
 }
 
 impl Conn {
-    /// Queues `packet` for the writer task (waiting while its queue is full).
-    async fn send(&self, packet: Outgoing) -> Result<(), ProtocolError> {
+    /// Queues `packet` for the writer task (waiting while its queue is full). Encoded
+    /// before the wait, so that only its bytes, not the packet, are held meanwhile (this
+    /// future is part of every connection's task).
+    fn send(&self, packet: Outgoing) -> impl Future<Output = Result<(), ProtocolError>> + '_ {
         let mut buf = BytesMut::new();
-        codec::encode(&packet, self.version, &mut buf).map_err(ProtocolError::Encode)?;
-        if !buf.is_empty() {
-            self.wtx
-                .send(buf.freeze())
-                .await
-                .map_err(|_| ProtocolError::ConnectionClosed)?;
+        let encoded = codec::encode(&packet, self.version, &mut buf);
+        async move {
+            encoded.map_err(ProtocolError::Encode)?;
+            if !buf.is_empty() {
+                self.wtx
+                    .send(buf.freeze())
+                    .await
+                    .map_err(|_| ProtocolError::ConnectionClosed)?;
+            }
+            Ok(())
         }
-        Ok(())
     }
 
     /// Ends the connection because of `e`: logged, and told to an MQTT 5 client in a

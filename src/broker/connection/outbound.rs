@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::write_queue::Receiver;
 use super::{Conn, ProtocolError};
 use crate::broker::codec::{self, Connect, Outgoing, Publish};
 use crate::broker::listener::StreamWriter;
@@ -76,7 +77,7 @@ impl AliasesOut {
 /// cancels `gone`, which ends the read loop.
 pub(super) async fn write_loop(
     mut wr: StreamWriter,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: Receiver,
     notify: Arc<Notify>,
     gone: CancellationToken,
 ) {

@@ -1,16 +1,14 @@
-//! End-to-end load tool: publishes numbered QoS 1 messages to a broker as fast as the
-//! broker acknowledges them, then waits until a PostgreSQL or SQLite count reaches the
-//! number sent, and prints the rates. It drives a real mqbridge, broker and database;
-//! BENCHMARKS.md records the commands and figures.
-//!
-//! ```text
-//! cargo bench --bench load -- --port 1883 --messages 100000 --publishers 4 \
-//!     --postgres postgres://postgres@127.0.0.1:5432/bench --count "select count(*) from readings"
-//! ```
+//! Database mode: publishes numbered QoS 1 messages to a broker as fast as it
+//! acknowledges them, then waits until a PostgreSQL or SQLite count reaches the number
+//! sent, and prints the rates. It drives a real mqbridge (bridging an external broker or
+//! as the broker itself), the broker and the database, all started beforehand.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+use crate::flags::Flags;
 
 struct Args {
     host: String,
@@ -25,7 +23,7 @@ struct Args {
     timeout: Duration,
 }
 
-fn parse_args() -> Args {
+fn parse_args(mut flags: Flags) -> Args {
     let mut a = Args {
         host: "127.0.0.1".into(),
         port: 1883,
@@ -38,21 +36,18 @@ fn parse_args() -> Args {
         count: "SELECT count(*) FROM readings".into(),
         timeout: Duration::from_secs(600),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--host" => a.host = val(),
-            "--port" => a.port = val().parse().unwrap(),
-            "--messages" => a.messages = val().parse().unwrap(),
-            "--publishers" => a.publishers = val().parse().unwrap(),
-            "--topic-prefix" => a.topic_prefix = val(),
-            "--payload-bytes" => a.payload_bytes = val().parse().unwrap(),
-            "--postgres" => a.postgres = Some(val()),
-            "--sqlite" => a.sqlite = Some(val()),
-            "--count" => a.count = val(),
-            "--timeout" => a.timeout = Duration::from_secs(val().parse().unwrap()),
-            "--bench" => {}
+            "--host" => a.host = flags.value(&flag),
+            "--port" => a.port = flags.value(&flag),
+            "--messages" => a.messages = flags.value(&flag),
+            "--publishers" => a.publishers = flags.value(&flag),
+            "--topic-prefix" => a.topic_prefix = flags.value(&flag),
+            "--payload-bytes" => a.payload_bytes = flags.value(&flag),
+            "--postgres" => a.postgres = Some(flags.value(&flag)),
+            "--sqlite" => a.sqlite = Some(flags.value(&flag)),
+            "--count" => a.count = flags.value(&flag),
+            "--timeout" => a.timeout = Duration::from_secs(flags.value(&flag)),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -114,14 +109,8 @@ async fn count(args: &Args) -> Option<i64> {
     None
 }
 
-#[tokio::main]
-async fn main() {
-    // `cargo test --all-targets` runs benches without `--bench`: nothing to load then.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("load: run with `cargo bench --bench load -- [flags]`");
-        return;
-    }
-    let args = std::sync::Arc::new(parse_args());
+pub async fn run(flags: Flags) {
+    let args = Arc::new(parse_args(flags));
     let before = count(&args).await.unwrap_or(0);
     let started = Instant::now();
     let per = args.messages / args.publishers;

@@ -1,0 +1,110 @@
+//! End-to-end load tool, in three modes (BENCHMARKS.md records the commands and figures):
+//!
+//! - **db** (the default): numbered QoS 1 messages through a running mqbridge into
+//!   PostgreSQL or SQLite; the publish rate and the rate until every row is stored.
+//! - **fanin**: the embedded broker beside its ceiling, Mosquitto, in the same run:
+//!   4 publishers → 1 subscriber, QoS 0 and 1, 100-byte payloads, with 0 or thousands
+//!   of idle connections open; lost and duplicated messages, msg/s, latency p50/p99/max,
+//!   and the broker's RSS per idle connection. The tool starts both brokers itself.
+//! - **hold-idle**: internal, a child process holding idle connections for `fanin`.
+//!
+//! ```text
+//! cargo bench --bench load -- --port 1883 --messages 100000 --publishers 4 \
+//!     --postgres postgres://postgres@127.0.0.1:5432/bench --count "select count(*) from readings"
+//! cargo bench --bench load -- fanin --qos 0,1 --idle 0,5000,18000 --runs 3 --messages 200000
+//! ```
+//!
+//! Under `cargo test --all-targets` (no `--bench` argument) it runs a smoke pass instead:
+//! a few hundred messages per broker and QoS with a few idle connections, failing on any
+//! message lost or duplicated, and asserting nothing about time.
+//!
+//! The modules, in the order a fan-in run uses them: `brokers` (start the broker under
+//! test), `idle` (the idle connections, held by child processes), `fanin` (publishers,
+//! subscriber and their tally) over `mqtt` (a minimal raw MQTT 3.1.1 client), and
+//! `matrix` (every scenario on every broker, interleaved, and the summary table).
+
+mod brokers;
+mod db;
+mod fanin;
+mod flags;
+mod idle;
+mod matrix;
+mod mqtt;
+
+use std::time::Duration;
+
+use brokers::{Kind, Programs};
+use fanin::Scenario;
+use flags::Flags;
+use matrix::Matrix;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let bench = args.iter().any(|a| a == "--bench");
+    args.retain(|a| a != "--bench");
+    let mode = args.first().map(String::as_str);
+    match mode {
+        Some("hold-idle") => idle::hold(Flags::new(args.split_off(1))).await,
+        _ if !bench => smoke().await,
+        Some("fanin") => {
+            let matrix = Matrix::parse(Flags::new(args.split_off(1)));
+            let all = matrix.run().await?;
+            println!("\n{}", matrix::summary(&all));
+            Ok(())
+        }
+        Some("db") => {
+            db::run(Flags::new(args.split_off(1))).await;
+            Ok(())
+        }
+        _ => {
+            db::run(Flags::new(args)).await;
+            Ok(())
+        }
+    }
+}
+
+/// The test command's pass: the fan-in tool end to end on a tiny scale, against the
+/// embedded broker (the debug build cargo made for the tests) and Mosquitto when it is
+/// installed. Fails on any message lost or duplicated; no timing is checked.
+async fn smoke() -> anyhow::Result<()> {
+    let programs = Programs::default();
+    let mut brokers = vec![Kind::Embedded];
+    if std::process::Command::new(&programs.mosquitto)
+        .arg("-h")
+        .output()
+        .is_ok()
+    {
+        brokers.push(Kind::Mosquitto);
+    } else {
+        println!("load smoke: no mosquitto, the embedded broker only");
+    }
+    let matrix = Matrix {
+        brokers,
+        qos: vec![0, 1],
+        idle: vec![20],
+        runs: 1,
+        scenario: Scenario {
+            qos: 0,
+            publishers: 4,
+            messages_per_publisher: 100,
+            payload_bytes: 100,
+            window: 10,
+            stall: Duration::from_secs(30),
+        },
+        idle_per_process: 10,
+        programs,
+    };
+    let all = matrix.run().await?;
+    for m in &all {
+        anyhow::ensure!(
+            m.outcome.lost == 0 && m.outcome.duplicated == 0,
+            "{} QoS {}: {} lost, {} duplicated",
+            m.broker.name(),
+            m.qos,
+            m.outcome.lost,
+            m.outcome.duplicated
+        );
+    }
+    Ok(())
+}
