@@ -157,6 +157,39 @@ rules:
     )
 }
 
+/// A Mosquitto, and a rules file for it ([`rules_config`]) that a test rewrites.
+struct RulesFile {
+    broker: Mosquitto,
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    admin_port: u16,
+}
+
+impl RulesFile {
+    /// Starts the broker and writes the file with `rules`.
+    async fn new(rules: &str) -> RulesFile {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RulesFile {
+            broker: Mosquitto::start().await,
+            path: dir.path().join("bridge.yaml"),
+            dir,
+            admin_port: free_port(),
+        };
+        file.write(rules);
+        file
+    }
+
+    fn write(&self, rules: &str) {
+        let config = rules_config(self.dir.path(), self.broker.port, self.admin_port, rules);
+        std::fs::write(&self.path, config).unwrap()
+    }
+
+    /// `http://127.0.0.1:<admin port>`.
+    fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+}
+
 const RULE_A: &str =
     "  - { name: a, from: \"in/#\", transform: '{seq: .payload.seq}', to: [first] }\n";
 const RULE_B: &str =
@@ -210,20 +243,10 @@ async fn metric(admin: &str, name: &str) -> Option<f64> {
 /// failure, and the rules that ran keep running. Fixing the file (no signal) clears it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_a_rule_and_an_invalid_edit_keeps_the_running_rules() {
-    let broker = Mosquitto::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin_port = free_port();
-    let admin = format!("http://127.0.0.1:{admin_port}");
-    let path = dir.path().join("bridge.yaml");
-    let write = |rules: &str| {
-        std::fs::write(
-            &path,
-            rules_config(dir.path(), broker.port, admin_port, rules),
-        )
-        .unwrap()
-    };
-    write(RULE_A);
-    let bridge = ChildBridge::start_subscribed(&path).await;
+    let file = RulesFile::new(RULE_A).await;
+    let (broker, dir, path, admin) = (&file.broker, &file.dir, &file.path, file.admin());
+    let write = |rules: &str| file.write(rules);
+    let bridge = ChildBridge::start_subscribed(path).await;
     assert_eq!(rule_names(&admin).await, ["a"]);
     let client = TestClient::connect(broker.port, "reload-rules-pub").await;
     let first = dir.path().join("first.jsonl");
@@ -333,15 +356,10 @@ fn logged(bridge: &ChildBridge, needles: &[&str]) -> bool {
 /// filter no rule reads any more is unsubscribed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_subscribes_to_a_new_rules_filter_and_drops_an_unused_one() {
-    let broker = Mosquitto::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bridge.yaml");
-    let write = |rules: &str| {
-        let config = rules_config(dir.path(), broker.port, free_port(), rules);
-        std::fs::write(&path, config).unwrap()
-    };
-    write(RULE_A);
-    let bridge = ChildBridge::start_subscribed(&path).await;
+    let file = RulesFile::new(RULE_A).await;
+    let (broker, dir, path) = (&file.broker, &file.dir, &file.path);
+    let write = |rules: &str| file.write(rules);
+    let bridge = ChildBridge::start_subscribed(path).await;
     let client = TestClient::connect(broker.port, "reload-subs-pub").await;
     let (first, second) = (
         dir.path().join("first.jsonl"),
@@ -385,20 +403,15 @@ async fn a_reload_subscribes_to_a_new_rules_filter_and_drops_an_unused_one() {
 /// and the new rule's filter is subscribed to all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_a_kept_session_subscribes_to_a_new_rules_filter() {
-    let broker = Mosquitto::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bridge.yaml");
-    let write = |rules: &str| {
-        let config = rules_config(dir.path(), broker.port, free_port(), rules);
-        std::fs::write(&path, config).unwrap()
-    };
-    write(RULE_A);
-    let bridge = ChildBridge::start_subscribed(&path).await;
+    let file = RulesFile::new(RULE_A).await;
+    let (broker, dir, path) = (&file.broker, &file.dir, &file.path);
+    let write = |rules: &str| file.write(rules);
+    let bridge = ChildBridge::start_subscribed(path).await;
     let (status, _) = bridge.terminate(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
 
     write(&format!("{RULE_A}{RULE_NEW}"));
-    let bridge = ChildBridge::start(&path);
+    let bridge = ChildBridge::start(path);
     eventually(Duration::from_secs(20), "new/+ subscribed", async || {
         logged(&bridge, &["new/+", "subscribed"]).then_some(())
     })
