@@ -71,6 +71,22 @@ pub struct State {
 }
 
 impl State {
+    /// The state of an admin server for the config `plan`, before any component started.
+    pub fn new(token: Option<Arc<Token>>, metrics: PrometheusHandle, plan: Arc<Plan>) -> State {
+        State {
+            readiness: Readiness::default(),
+            token,
+            metrics,
+            plan: Mutex::new(plan),
+            sinks: Mutex::default(),
+            broker: OnceLock::new(),
+            dead_letters: OnceLock::new(),
+            spool: OnceLock::new(),
+            taps: Arc::default(),
+            replays: actions::Replays::default(),
+        }
+    }
+
     /// The config running now.
     pub fn plan(&self) -> Arc<Plan> {
         Arc::clone(&self.plan.lock().unwrap_or_else(|e| e.into_inner()))
@@ -151,18 +167,7 @@ pub async fn start(plan: &AdminPlan, running: Arc<Plan>) -> Result<Running, Star
         .transpose()?
         .map(Arc::new);
     let listener = bind(plan.listen).await?;
-    let state = Arc::new(State {
-        readiness: Readiness::default(),
-        token,
-        metrics,
-        plan: Mutex::new(running),
-        sinks: Mutex::default(),
-        broker: OnceLock::new(),
-        dead_letters: OnceLock::new(),
-        spool: OnceLock::new(),
-        taps: Arc::default(),
-        replays: actions::Replays::default(),
-    });
+    let state = Arc::new(State::new(token, metrics, running));
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(listener, Arc::clone(&state), stop.clone()));
     Ok(Running {

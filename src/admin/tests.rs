@@ -40,18 +40,11 @@ rules:
 
 async fn server(token: Option<&str>) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let state = Arc::new(State {
-        readiness: Readiness::default(),
-        token: token.map(|t| Arc::new(Token::new(t))),
-        metrics: exporter::install(),
-        plan: Mutex::new(Arc::new(config(dir.path()))),
-        sinks: Mutex::default(),
-        broker: OnceLock::new(),
-        dead_letters: OnceLock::new(),
-        spool: OnceLock::new(),
-        taps: Arc::default(),
-        replays: actions::Replays::default(),
-    });
+    let state = Arc::new(State::new(
+        token.map(|t| Arc::new(Token::new(t))),
+        exporter::install(),
+        Arc::new(config(dir.path())),
+    ));
     let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
