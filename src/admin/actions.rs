@@ -130,10 +130,13 @@ pub async fn tail(
 }
 
 /// Replays dead letters for the admin API: one [`Replayer`] for the running config (a
-/// new one after a reload), one letter at a time.
+/// new one after a reload), one letter at a time (so that two clicks on one letter
+/// cannot both find it unreplayed and send it twice).
 #[derive(Default)]
 pub struct Replays {
     eval: OnceLock<EvalPool>,
+    /// Held from a letter's checks to its marks.
+    one_at_a_time: tokio::sync::Mutex<()>,
     current: tokio::sync::Mutex<Option<(Arc<Plan>, Arc<Replayer>)>>,
 }
 
@@ -198,6 +201,7 @@ pub async fn replay(Extract(state): Extract<Arc<State>>, Path(id): Path<String>)
 }
 
 async fn replay_letter(state: &State, id: &str) -> Result<serde_json::Value, Response> {
+    let _one_at_a_time = state.replays.one_at_a_time.lock().await;
     let recent = state
         .dead_letters
         .get()
