@@ -33,12 +33,15 @@
 //! - [`delivery`]: settlement shares and in-order acknowledgements.
 //! - [`app`]: wires it all from a plan (the republish sink's publisher too: the embedded
 //!   broker, or a connection to the external one) and orders shutdown; [`shutdown`]: signals.
-//! - [`dryrun`]: `mqbridge try`, one message through the rules and what each sink would do.
+//! - [`dryrun`]: `mqbridge try` (and the admin API's "try a message"), one message through
+//!   the rules and what each sink would do.
+//! - [`tap`]: a rule's live tail: the router offers each outcome to whoever watches (the
+//!   admin API's `/api/v1/rules/{name}/tail`).
 //! - [`replay`]: `mqbridge replay`, dead letters sent again through their sink or rule, each
 //!   success marked in the file's `.replayed` sidecar.
 //! - [`health`]: the readiness registry the source, the spool and the sinks update;
-//!   [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`, `/api/v1/…`),
-//!   started first and stopped last by `app`. Metrics are recorded where the work happens
+//!   [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`, `/api/v1/…`,
+//!   the dashboard), started first and stopped last by `app`. Metrics are recorded where the work happens
 //!   (`metrics::counter!` and the like in `source`, `spool`, `pipeline`, `broker::stats`
 //!   and `sink::driver`) and rendered by [`admin::exporter`]; gauges the components can
 //!   answer cheaply (sink queue depths, the embedded broker's sessions) are read when
