@@ -128,12 +128,12 @@ pub async fn run(flags: Flags) {
     for t in tasks {
         t.await.unwrap();
     }
-    let published = started.elapsed();
-    println!(
-        "published {} QoS 1 messages in {:.2}s: {:.0} msg/s (broker PUBACKs)",
+    report(
+        "published",
+        "QoS 1 messages",
         args.messages,
-        published.as_secs_f64(),
-        args.messages as f64 / published.as_secs_f64()
+        started.elapsed(),
+        "broker PUBACKs",
     );
     if args.postgres.is_none() && args.sqlite.is_none() {
         return;
@@ -151,11 +151,20 @@ pub async fn run(flags: Flags) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let stored = started.elapsed();
-    println!(
-        "stored {} rows in {:.2}s: {:.0} msg/s end to end",
+    report(
+        "stored",
+        "rows",
         args.messages,
-        stored.as_secs_f64(),
-        args.messages as f64 / stored.as_secs_f64()
+        started.elapsed(),
+        "end to end",
+    );
+}
+
+/// Prints how many `what` were `done` in `took`, and the rate (`per`: what it measures).
+fn report(done: &str, what: &str, n: u64, took: Duration, per: &str) {
+    let secs = took.as_secs_f64();
+    println!(
+        "{done} {n} {what} in {secs:.2}s: {:.0} msg/s ({per})",
+        n as f64 / secs
     );
 }

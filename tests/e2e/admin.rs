@@ -117,13 +117,8 @@ async fn a_running_bridge_reports_health_readiness_and_metrics_that_match_what_w
     // Health and readiness: no token needed.
     let (code, _) = get(&format!("{base}/healthz"), None).await.unwrap();
     assert_eq!(code, 200);
-    let ready = eventually(Duration::from_secs(10), "/readyz 200", async || {
-        get(&format!("{base}/readyz"), None)
-            .await
-            .filter(|(code, _)| *code == 200)
-    })
-    .await;
-    assert_eq!(ready.1, r#"{"not_ready":[],"ready":true,"warnings":[]}"#);
+    let ready = admin_ready(&base).await;
+    assert_eq!(ready, r#"{"not_ready":[],"ready":true,"warnings":[]}"#);
     let health = |url: &str| {
         Command::new(env!("CARGO_BIN_EXE_mqbridge"))
             .args(["health", url])
@@ -316,12 +311,7 @@ admin: {{ listen: 127.0.0.1:{admin_port} }}
     .unwrap();
     let bridge = ChildBridge::start(&path);
     let base = format!("http://127.0.0.1:{admin_port}");
-    eventually(Duration::from_secs(20), "/readyz 200", async || {
-        get(&format!("{base}/readyz"), None)
-            .await
-            .filter(|(code, _)| *code == 200)
-    })
-    .await;
+    admin_ready(&base).await;
     // No token configured, on loopback: the API is open.
     assert_eq!(
         get(&format!("{base}/api/v1/sinks"), None).await.unwrap().0,
@@ -393,12 +383,7 @@ admin: {{ listen: 127.0.0.1:{admin_port}, token: {TOKEN} }}
     .unwrap();
     let bridge = ChildBridge::start(&path);
     let base = format!("http://127.0.0.1:{admin_port}");
-    eventually(Duration::from_secs(20), "/readyz 200", async || {
-        get(&format!("{base}/readyz"), None)
-            .await
-            .filter(|(code, _)| *code == 200)
-    })
-    .await;
+    admin_ready(&base).await;
     for route in ["/metrics", "/api/v1/clients"] {
         let url = format!("{base}{route}");
         assert_eq!(get(&url, None).await.unwrap().0, 401, "{route}");

@@ -58,11 +58,7 @@ admin:
         .wait_for_log("admin server listening", Duration::from_secs(20))
         .await;
     let base = format!("http://127.0.0.1:{admin_port}");
-    eventually(Duration::from_secs(20), "/readyz 200", async || {
-        let r = reqwest::get(format!("{base}/readyz")).await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    admin_ready(&base).await;
 
     let mut browser = Browser::start(dir.path()).await;
     browser.open(&format!("{base}/")).await;

@@ -43,6 +43,20 @@ pub async fn within<T>(timeout: Duration, mut check: impl AsyncFnMut() -> Option
     }
 }
 
+/// Waits until the admin server at `base` (`http://host:port`) answers `/readyz` with
+/// 200; returns that answer's body.
+pub async fn admin_ready(base: &str) -> String {
+    mqbridge::install_crypto();
+    eventually(Duration::from_secs(20), "/readyz 200", async || {
+        let resp = reqwest::get(format!("{base}/readyz")).await.ok()?;
+        if resp.status() != 200 {
+            return None;
+        }
+        resp.text().await.ok()
+    })
+    .await
+}
+
 /// Publishes a probe message until `stored` says it arrived: the bridge has connected
 /// and subscribed (its subscription is made asynchronously after start).
 pub async fn probe_until(
