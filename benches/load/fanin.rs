@@ -35,6 +35,21 @@ pub struct Scenario {
     pub window: u32,
     /// No message for this long ends the run; what did not arrive is lost.
     pub stall: Duration,
+    pub payload: Payload,
+    /// Messages per second per publisher; None: as fast as the broker takes them.
+    pub rate: Option<f64>,
+}
+
+/// What a payload says about its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// Binary: publisher, sequence number, send time in nanoseconds since the run's epoch
+    /// (read back by this tool's subscriber).
+    Stamp,
+    /// A JSON object `{"seq":…,"sent_us":…,"temp":…}`, the send time in microseconds since
+    /// the Unix epoch (so a database can compare it with its own clock), padded with
+    /// spaces to the payload size.
+    Json,
 }
 
 #[derive(Clone, Debug)]
@@ -56,30 +71,50 @@ pub async fn run(broker: SocketAddr, s: &Scenario) -> anyhow::Result<Outcome> {
         s.payload_bytes >= STAMP,
         "payloads need at least {STAMP} bytes"
     );
-    ensure!(s.qos <= 1, "QoS 0 or 1");
-    let tag = std::process::id();
-    let mut subscriber = Client::connect(broker, &format!("fanin-sub-{tag}"), 0).await?;
+    let mut subscriber =
+        Client::connect(broker, &format!("fanin-sub-{}", std::process::id()), 0).await?;
     subscriber.subscribe("fanin/#", s.qos).await?;
-    let mut publishers = Vec::new();
-    for p in 0..s.publishers {
-        publishers.push(Client::connect(broker, &format!("fanin-pub-{tag}-{p}"), 0).await?);
-    }
     let epoch = Instant::now();
-    let tasks: Vec<_> = publishers
-        .into_iter()
-        .enumerate()
-        .map(|(p, c)| tokio::spawn(publish(c, p as u32, s.clone(), epoch)))
-        .collect();
+    let publishers = Publishers::start(broker, s, epoch).await?;
     let tally = subscribe(subscriber, s, epoch).await?;
-    let mut published = Duration::ZERO;
-    for t in tasks {
-        let done = tokio::time::timeout(s.stall, t)
-            .await
-            .context("a publisher did not finish")???;
-        published = published.max(done);
-    }
+    let published = publishers.finish(s.stall).await?;
     let sent = s.messages_per_publisher * s.publishers as u64;
     Ok(tally.outcome(sent, published))
+}
+
+/// The scenario's publishers, each on `fanin/{its number}`, publishing.
+pub struct Publishers(Vec<tokio::task::JoinHandle<anyhow::Result<Duration>>>);
+
+impl Publishers {
+    /// Connects them all, then starts them together.
+    pub async fn start(broker: SocketAddr, s: &Scenario, epoch: Instant) -> anyhow::Result<Self> {
+        ensure!(s.qos <= 1, "QoS 0 or 1");
+        let tag = std::process::id();
+        let mut clients = Vec::new();
+        for p in 0..s.publishers {
+            clients.push(Client::connect(broker, &format!("fanin-pub-{tag}-{p}"), 0).await?);
+        }
+        Ok(Publishers(
+            clients
+                .into_iter()
+                .enumerate()
+                .map(|(p, c)| tokio::spawn(publish(c, p as u32, s.clone(), epoch)))
+                .collect(),
+        ))
+    }
+
+    /// Waits for every publisher (at most `stall` each once asked); returns when the last
+    /// one was done, as time since the epoch.
+    pub async fn finish(self, stall: Duration) -> anyhow::Result<Duration> {
+        let mut published = Duration::ZERO;
+        for t in self.0 {
+            let done = tokio::time::timeout(stall, t)
+                .await
+                .context("a publisher did not finish")???;
+            published = published.max(done);
+        }
+        Ok(published)
+    }
 }
 
 /// Publishes the scenario's messages; returns when the last was written (QoS 0) or
@@ -93,30 +128,63 @@ async fn publish(c: Client, id: u32, s: Scenario, epoch: Instant) -> anyhow::Res
         tokio::spawn(count_acks(rd, c.buf, s.messages_per_publisher, window))
     });
     let mut out = BytesMut::with_capacity(WRITE_BATCH + s.payload_bytes + 64);
+    let started = Instant::now();
     let mut seq = 0;
     while seq < s.messages_per_publisher {
-        let mut room = u64::MAX;
+        let left = s.messages_per_publisher - seq;
+        // At a fixed rate: only what is due by now, else wait until the next one is.
+        let due = match s.rate {
+            Some(rate) => {
+                let due = (started.elapsed().as_secs_f64() * rate) as u64 + 1;
+                if due <= seq {
+                    let next = started + Duration::from_secs_f64(seq as f64 / rate);
+                    tokio::time::sleep_until(next.into()).await;
+                    continue;
+                }
+                (due - seq).min(left)
+            }
+            None => left,
+        };
+        let mut room = due;
         if s.qos == 1 {
             // Only this task takes permits: what is available now stays available.
-            let k = window.available_permits().max(1) as u64;
-            let k = k.min(s.messages_per_publisher - seq);
+            let k = (window.available_permits().max(1) as u64).min(due);
             window.acquire_many(k as u32).await?.forget();
             room = k;
         }
         let now = epoch.elapsed().as_nanos() as u64;
-        while seq < s.messages_per_publisher && room > 0 && out.len() < WRITE_BATCH {
+        let wall_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros();
+        let mut used = 0;
+        while used < room && out.len() < WRITE_BATCH {
             let pkid = (seq % 65_535) as u16 + 1;
-            mqtt::put_publish(&mut out, &topic, s.qos, pkid, s.payload_bytes, |p| {
-                p[..4].copy_from_slice(&id.to_be_bytes());
-                p[4..12].copy_from_slice(&seq.to_be_bytes());
-                p[12..20].copy_from_slice(&now.to_be_bytes());
-            });
+            mqtt::put_publish(
+                &mut out,
+                &topic,
+                s.qos,
+                pkid,
+                s.payload_bytes,
+                |p| match s.payload {
+                    Payload::Stamp => {
+                        p[..4].copy_from_slice(&id.to_be_bytes());
+                        p[4..12].copy_from_slice(&seq.to_be_bytes());
+                        p[12..20].copy_from_slice(&now.to_be_bytes());
+                    }
+                    Payload::Json => {
+                        let temp = (seq % 400) as f64 / 10.0;
+                        let json = format!(r#"{{"seq":{seq},"sent_us":{wall_us},"temp":{temp}}}"#);
+                        p[..json.len()].copy_from_slice(json.as_bytes());
+                        p[json.len()..].fill(b' ');
+                    }
+                },
+            );
             seq += 1;
-            room -= 1;
+            used += 1;
         }
-        if s.qos == 1 && room > 0 {
+        if s.qos == 1 && used < room {
             // The batch filled before the permits ran out: give the rest back.
-            window.add_permits(room as usize);
+            window.add_permits((room - used) as usize);
         }
         wr.write_all(&out).await?;
         out.clear();

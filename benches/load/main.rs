@@ -6,12 +6,17 @@
 //!   4 publishers → 1 subscriber, QoS 0 and 1, 100-byte payloads, with 0 or thousands
 //!   of idle connections open; lost and duplicated messages, msg/s, latency p50/p99/max,
 //!   and the broker's RSS per idle connection. The tool starts both brokers itself.
+//! - **pg** and **pg-latency**: mqbridge as the broker, with or without the spool, into
+//!   a PostgreSQL the tool starts: rows/s beside `COPY` of the same rows, and publish →
+//!   row latency at fixed rates (see `pg`).
 //! - **hold-idle**: internal, a child process holding idle connections for `fanin`.
 //!
 //! ```text
 //! cargo bench --bench load -- --port 1883 --messages 100000 --publishers 4 \
 //!     --postgres postgres://postgres@127.0.0.1:5432/bench --count "select count(*) from readings"
 //! cargo bench --bench load -- fanin --qos 0,1 --idle 0,5000,18000 --runs 3 --messages 200000
+//! cargo bench --bench load -- pg --spool on,off --runs 3 --messages 200000
+//! cargo bench --bench load -- pg-latency --rates 1000,10000 --seconds 20 --csv target/bench
 //! ```
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a smoke pass instead:
@@ -30,11 +35,12 @@ mod flags;
 mod idle;
 mod matrix;
 mod mqtt;
+mod pg;
 
 use std::time::Duration;
 
 use brokers::{Kind, Programs};
-use fanin::Scenario;
+use fanin::{Payload, Scenario};
 use flags::Flags;
 use matrix::Matrix;
 
@@ -53,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
             println!("\n{}", matrix::summary(&all));
             Ok(())
         }
+        Some("pg") => pg::throughput(Flags::new(args.split_off(1))).await,
+        Some("pg-latency") => pg::latency(Flags::new(args.split_off(1))).await,
         Some("db") => {
             db::run(Flags::new(args.split_off(1))).await;
             Ok(())
@@ -66,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
 
 /// The test command's pass: the fan-in tool end to end on a tiny scale, against the
 /// embedded broker (the debug build cargo made for the tests) and Mosquitto when it is
-/// installed. Fails on any message lost or duplicated; no timing is checked.
+/// installed, then the `pg` scenario into the tests' PostgreSQL when there is one. Fails
+/// on any message lost or duplicated; no timing is checked.
 async fn smoke() -> anyhow::Result<()> {
     let programs = Programs::default();
     let mut brokers = vec![Kind::Embedded];
@@ -91,6 +100,8 @@ async fn smoke() -> anyhow::Result<()> {
             payload_bytes: 100,
             window: 10,
             stall: Duration::from_secs(30),
+            payload: Payload::Stamp,
+            rate: None,
         },
         idle_per_process: 10,
         programs,
@@ -106,5 +117,11 @@ async fn smoke() -> anyhow::Result<()> {
             m.outcome.duplicated
         );
     }
-    Ok(())
+    match std::env::var("MQBRIDGE_TEST_DATABASE_URL") {
+        Ok(url) => pg::smoke(&url).await,
+        Err(_) => {
+            println!("load smoke: no MQBRIDGE_TEST_DATABASE_URL, no PostgreSQL pass");
+            Ok(())
+        }
+    }
 }

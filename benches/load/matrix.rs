@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::brokers::{Broker, Kind, Programs};
-use crate::fanin::{self, Outcome, Scenario};
+use crate::fanin::{self, Outcome, Payload, Scenario};
 use crate::flags::Flags;
 use crate::idle::IdleConnections;
 
@@ -40,6 +40,8 @@ impl Matrix {
                 payload_bytes: 100,
                 window: 100,
                 stall: Duration::from_secs(10),
+                payload: Payload::Stamp,
+                rate: None,
             },
             idle_per_process: 6_000,
             programs: Programs::default(),
