@@ -3,10 +3,10 @@
 //! receive window allows), server → client topic aliases, and the client's
 //! acknowledgements of what it was sent (PUBACK; PUBREC, answered by PUBREL; PUBCOMP).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -74,15 +74,17 @@ impl AliasesOut {
 }
 
 /// Writes what the connection queued until the queue closes or the socket fails; then
-/// cancels `gone`, which ends the read loop.
+/// cancels `gone`, which ends the read loop. Whatever is queued when the writer gets to
+/// it goes out in one write (a group commit's PUBACKs, a burst of messages): one system
+/// call, not one per packet.
 pub(super) async fn write_loop(
     mut wr: StreamWriter,
     mut rx: Receiver,
     notify: Arc<Notify>,
     gone: CancellationToken,
 ) {
-    while let Some(bytes) = rx.recv().await {
-        if wr.write_all(&bytes).await.is_err() {
+    while let Some(packets) = rx.recv_all().await {
+        if write_batched(&mut wr, packets).await.is_err() {
             break;
         }
         // Room in the queue again: let the connection pull more messages.
@@ -90,6 +92,33 @@ pub(super) async fn write_loop(
     }
     let _ = wr.shutdown().await;
     gone.cancel();
+}
+
+/// Bytes of small packets gathered into one write.
+const WRITE_BATCH: usize = 64 << 10;
+
+/// Writes `packets` in order: small ones gathered into writes of up to [`WRITE_BATCH`]
+/// bytes, a larger one on its own (not copied).
+async fn write_batched(wr: &mut StreamWriter, packets: VecDeque<Bytes>) -> std::io::Result<()> {
+    if packets.len() == 1 {
+        return wr.write_all(&packets[0]).await;
+    }
+    let mut batch = Vec::new();
+    for p in packets {
+        if batch.len() + p.len() > WRITE_BATCH && !batch.is_empty() {
+            wr.write_all(&batch).await?;
+            batch.clear();
+        }
+        if p.len() >= WRITE_BATCH {
+            wr.write_all(&p).await?;
+        } else {
+            batch.extend_from_slice(&p);
+        }
+    }
+    if !batch.is_empty() {
+        wr.write_all(&batch).await?;
+    }
+    Ok(())
 }
 
 impl Conn {

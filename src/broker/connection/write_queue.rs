@@ -135,19 +135,21 @@ pub(super) struct Receiver {
 }
 
 impl Receiver {
-    /// The next packet; None once the queue is empty and every sender is gone. Once it
-    /// emptied the queue, its storage is released.
-    pub(super) async fn recv(&mut self) -> Option<Bytes> {
+    /// Every packet queued, in order, waiting for one; None once the queue is empty and
+    /// every sender is gone. The queue's storage leaves with them, and every waiting
+    /// sender may go on (so while the writer writes a batch, up to `bound` more packets
+    /// can queue behind it).
+    pub(super) async fn recv_all(&mut self) -> Option<VecDeque<Bytes>> {
         loop {
             {
                 let mut state = self.shared.state();
-                if let Some(packet) = state.packets.pop_front() {
-                    if state.packets.is_empty() {
-                        state.packets = VecDeque::new();
-                    }
+                if !state.packets.is_empty() {
+                    let packets = std::mem::take(&mut state.packets);
                     drop(state);
+                    self.shared.room.notify_waiters();
+                    // And a permit for a sender between its check and its wait.
                     self.shared.room.notify_one();
-                    return Some(packet);
+                    return Some(packets);
                 }
                 if state.senders == 0 {
                     return None;
@@ -188,14 +190,15 @@ mod tests {
         tx.send(packet(1)).await.unwrap();
         tx2.send(packet(2)).await.unwrap();
         drop(tx);
-        assert_eq!(rx.recv().await, Some(packet(1)));
-        assert_eq!(rx.recv().await, Some(packet(2)));
+        assert_eq!(rx.recv_all().await, Some([packet(1), packet(2)].into()));
+        tx2.send(packet(3)).await.unwrap();
         drop(tx2);
-        assert_eq!(rx.recv().await, None);
+        assert_eq!(rx.recv_all().await, Some([packet(3)].into()));
+        assert_eq!(rx.recv_all().await, None);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_full_queue_makes_the_sender_wait_until_the_writer_takes_a_packet() {
+    async fn a_full_queue_makes_the_sender_wait_until_the_writer_takes_its_packets() {
         let (tx, mut rx) = write_queue(2);
         tx.send(packet(1)).await.unwrap();
         tx.try_send(packet(2)).unwrap();
@@ -207,11 +210,10 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!blocked.is_finished(), "the sender waits for room");
-        assert_eq!(rx.recv().await, Some(packet(1)));
+        assert_eq!(rx.recv_all().await, Some([packet(1), packet(2)].into()));
         let tx = blocked.await.unwrap();
-        assert_eq!(tx.capacity(), 0);
-        assert_eq!(rx.recv().await, Some(packet(2)));
-        assert_eq!(rx.recv().await, Some(packet(3)));
+        assert_eq!(tx.capacity(), 1);
+        assert_eq!(rx.recv_all().await, Some([packet(3)].into()));
         assert_eq!(tx.capacity(), 2);
     }
 
@@ -220,14 +222,14 @@ mod tests {
         let (tx, mut rx) = write_queue(1);
         let tx2 = tx.clone();
         let reader = tokio::spawn(async move {
-            let first = rx.recv().await;
+            let first = rx.recv_all().await;
             (first, rx)
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!reader.is_finished(), "the writer waits for a packet");
         tx.send(packet(7)).await.unwrap();
         let (first, rx) = reader.await.unwrap();
-        assert_eq!(first, Some(packet(7)));
+        assert_eq!(first, Some([packet(7)].into()));
         tx.send(packet(8)).await.unwrap();
         let blocked = tokio::spawn(async move { tx2.send(packet(9)).await });
         tokio::time::sleep(Duration::from_secs(1)).await;
