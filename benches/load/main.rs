@@ -30,6 +30,8 @@ mod flags;
 mod idle;
 mod matrix;
 mod mqtt;
+mod publisher;
+mod tally;
 
 use std::time::Duration;
 
