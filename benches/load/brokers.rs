@@ -78,6 +78,16 @@ pub struct Broker {
 
 impl Broker {
     pub async fn start(kind: Kind, programs: &Programs) -> anyhow::Result<Broker> {
+        Broker::start_with(kind, programs, "").await
+    }
+
+    /// mqbridge's embedded broker with `extra` appended to its config (top-level
+    /// sections: `spool:`, `sinks:`, `rules:`), so that messages also go through rules.
+    pub async fn start_embedded(programs: &Programs, extra: &str) -> anyhow::Result<Broker> {
+        Broker::start_with(Kind::Embedded, programs, extra).await
+    }
+
+    async fn start_with(kind: Kind, programs: &Programs, extra: &str) -> anyhow::Result<Broker> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let mut cmd = match kind {
@@ -88,7 +98,7 @@ impl Broker {
                     format!(
                         "embedded:\n  listen: 127.0.0.1:{port}\n  allow_anonymous: true\n  \
                          max_connections: {MAX_CONNECTIONS}\n  max_inflight: {MAX_INFLIGHT}\n  \
-                         max_queued_messages: {MAX_QUEUED}\nshutdown_timeout: 1s\n"
+                         max_queued_messages: {MAX_QUEUED}\nshutdown_timeout: 1s\n{extra}"
                     ),
                 )?;
                 let mut cmd = Command::new(&programs.mqbridge);
@@ -148,7 +158,8 @@ impl Broker {
         }
     }
 
-    fn log(&self) -> String {
+    /// What the broker logged so far (mqbridge: its stderr), for errors.
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
 
