@@ -1,4 +1,4 @@
-//! End-to-end load tool, in four modes (BENCHMARKS.md records the commands and figures):
+//! End-to-end load tool, in five modes (BENCHMARKS.md records the commands and figures):
 //!
 //! - **db** (the default): numbered QoS 1 messages through a running mqbridge into
 //!   PostgreSQL or SQLite; the publish rate and the rate until every row is stored.
@@ -9,6 +9,9 @@
 //! - **webhook**: mqbridge (embedded broker, spool, one rule) → its webhook sink → a
 //!   receiver in this process, unbatched and batched, beside wrk against the same
 //!   receiver; records/s, lost and duplicated records, latency p50/p99.
+//! - **outage**: the same bridge publishing at a fixed rate while the receiver is down
+//!   (503), then the drain: mqbridge's RSS and the spool's size every second into a CSV,
+//!   drain time, lost and duplicated records.
 //! - **hold-idle**: internal, a child process holding idle connections for `fanin`.
 //!
 //! ```text
@@ -16,6 +19,7 @@
 //!     --postgres postgres://postgres@127.0.0.1:5432/bench --count "select count(*) from readings"
 //! cargo bench --bench load -- fanin --qos 0,1 --idle 0,5000,18000 --runs 3 --messages 200000
 //! cargo bench --bench load -- webhook --runs 3 --messages 40000
+//! cargo bench --bench load -- outage --rate 2000 --minutes 10 --csv target/load/outage.csv
 //! ```
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a smoke pass instead:
@@ -28,7 +32,7 @@
 //! subscriber) over `publisher`, `tally` and `mqtt` (a minimal raw MQTT 3.1.1 client),
 //! and `matrix` (every scenario on every broker, interleaved, and the summary table).
 //! The webhook mode: `webhook` (the scenario, its variants and their table) with
-//! `receiver` (the HTTP receiver) and `wrk` (its ceiling).
+//! `receiver` (the HTTP receiver) and `wrk` (its ceiling); `outage` uses the first two.
 
 mod brokers;
 mod db;
@@ -37,6 +41,7 @@ mod flags;
 mod idle;
 mod matrix;
 mod mqtt;
+mod outage;
 mod publisher;
 mod receiver;
 mod tally;
@@ -70,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
             println!("\n{}", webhook::summary(&all));
             Ok(())
         }
+        Some("outage") => outage::run(&outage::Args::parse(Flags::new(args.split_off(1)))).await,
         Some("db") => {
             db::run(Flags::new(args.split_off(1))).await;
             Ok(())

@@ -2,11 +2,12 @@
 //! tool's process. A request's body is one record or a JSON array of records; each
 //! record's `p` (publisher), `seq` (sequence number) and `t` (send time, ns since the
 //! run's start) go into a [`Tally`], so lost and duplicated records are counted the same
-//! way as in the other modes. It answers 200 with an empty body.
+//! way as in the other modes. It answers 200 with an empty body, or 503 while set down
+//! (an endpoint in an outage: the sink retries).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,8 @@ struct Shared {
     epoch: Instant,
     /// Requests answered 200.
     requests: AtomicU64,
+    /// Answer 503 to everything.
+    down: AtomicBool,
 }
 
 /// A running receiver; it stops listening when dropped.
@@ -61,6 +64,7 @@ impl Receiver {
             tally: Mutex::new(Tally::new(publishers, per_publisher)),
             epoch,
             requests: AtomicU64::new(0),
+            down: AtomicBool::new(false),
         });
         let serving = Arc::clone(&shared);
         let task = tokio::spawn(async move {
@@ -81,6 +85,11 @@ impl Receiver {
 
     pub fn url(&self) -> String {
         format!("http://{}/ingest", self.addr)
+    }
+
+    /// Answer 503 to every request (`true`) or take them again (`false`).
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, Ordering::Relaxed);
     }
 
     /// Records received at least once so far.
@@ -119,6 +128,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Empty<Bytes>>, Infallible> {
     let status = match req.into_body().collect().await {
+        _ if shared.down.load(Ordering::Relaxed) => StatusCode::SERVICE_UNAVAILABLE,
         Err(_) => StatusCode::BAD_REQUEST,
         Ok(body) => match record(&shared, &body.to_bytes()) {
             Ok(()) => {
