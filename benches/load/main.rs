@@ -117,6 +117,7 @@ async fn smoke() -> anyhow::Result<()> {
         },
         idle_per_process: 10,
         programs,
+        csv: None,
     };
     let all = matrix.run().await?;
     webhook_smoke().await?;
