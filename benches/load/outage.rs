@@ -180,16 +180,22 @@ pub async fn run(a: &Args) -> anyhow::Result<()> {
     let (outage, samples) = futures::future::join(outage, sampling).await;
     let (published, up, backlog) = outage?;
     let samples = samples?;
-    let (distinct, duplicated, last) = receiver.tally(|t| (t.distinct, t.duplicated, t.last));
+    let (distinct, duplicated, first, last) =
+        receiver.tally(|t| (t.distinct, t.duplicated, t.first, t.last));
     let drain = last.saturating_sub(up);
+    // The sink's first retry after the receiver came back waits out its backoff (up to
+    // `retry.max_delay`): the rate from the first record received is the sink's own.
+    let flowing = last.saturating_sub(first.unwrap_or(up).max(up));
     println!(
         "published {sent} messages in {:.1} s ({:.0} msg/s acknowledged); backlog {backlog} \
-         records when the receiver came back; drained in {:.1} s ({:.0} records/s); \
-         lost {} of {sent}, duplicated {duplicated}",
+         records when the receiver came back; drained in {:.1} s ({:.0} records/s; \
+         {:.0} records/s from the first record received); lost {} of {sent}, \
+         duplicated {duplicated}",
         published.as_secs_f64(),
         sent as f64 / published.as_secs_f64(),
         drain.as_secs_f64(),
         backlog as f64 / drain.as_secs_f64(),
+        backlog as f64 / flowing.as_secs_f64(),
         sent.saturating_sub(distinct),
     );
     for (i, name) in PHASES.iter().enumerate() {

@@ -1,6 +1,6 @@
 //! The receiving end's count, for every mode: per publisher and sequence number, how many
 //! copies arrived (lost: none; duplicated: more than one), the latency of each arrival
-//! (send time → arrival, on the tool's one clock) and when the last one came.
+//! (send time → arrival, on the tool's one clock) and when the first and the last came.
 
 use std::time::Duration;
 
@@ -14,6 +14,8 @@ pub struct Tally {
     pub distinct: u64,
     /// Arrivals after the first of a message.
     pub duplicated: u64,
+    /// The first arrival, as time since the run's start.
+    pub first: Option<Duration>,
     /// The latest arrival, as time since the run's start.
     pub last: Duration,
 }
@@ -33,6 +35,7 @@ impl Tally {
             latencies_ns: Vec::with_capacity(publishers * per_publisher),
             distinct: 0,
             duplicated: 0,
+            first: None,
             last: Duration::ZERO,
         }
     }
@@ -58,7 +61,9 @@ impl Tally {
         }
         *copies = copies.saturating_add(1);
         self.latencies_ns.push(now_ns.saturating_sub(sent_ns));
-        self.last = self.last.max(Duration::from_nanos(now_ns));
+        let now = Duration::from_nanos(now_ns);
+        self.first = Some(self.first.map_or(now, |f| f.min(now)));
+        self.last = self.last.max(now);
         Ok(())
     }
 
