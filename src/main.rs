@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mqbridge::config;
 use mqbridge::message::Message;
 
+/// mimalloc instead of glibc's allocator: the message path allocates and frees small
+/// values at a high rate across threads, where glibc spent about a third of the cycles
+/// (BENCHMARKS.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "mqbridge",

@@ -295,16 +295,12 @@ impl Router {
                             topic: msg.topic.clone(),
                             record: record.clone(),
                         });
-                        for &sink in &rule.to {
-                            let d = Delivery {
-                                record: record.clone(),
-                                origin: Arc::clone(&origin),
-                                ack: ack.part(),
-                            };
-                            if let Err(d) = active.sinks[sink].send(d).await {
-                                // Shutting down: leave the message unsettled.
-                                drop(d.ack);
+                        // Each sink but the last gets a copy; the last takes the record.
+                        if let Some((&last, others)) = rule.to.split_last() {
+                            for &sink in others {
+                                hand_on(&active.sinks[sink], record.clone(), &origin, &ack).await;
                             }
+                            hand_on(&active.sinks[last], record, &origin, &ack).await;
                         }
                     }
                 }
@@ -364,6 +360,20 @@ impl Router {
                 .await;
         }
         ack.settle();
+    }
+}
+
+/// Queues a record for a sink with a share of its message's ack (waiting while the queue
+/// is full).
+async fn hand_on(queue: &SinkQueue, record: serde_json::Value, origin: &Arc<Origin>, ack: &Ack) {
+    let d = Delivery {
+        record,
+        origin: Arc::clone(origin),
+        ack: ack.part(),
+    };
+    if let Err(d) = queue.send(d).await {
+        // Shutting down: leave the message unsettled.
+        drop(d.ack);
     }
 }
 

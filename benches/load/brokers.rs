@@ -74,82 +74,97 @@ pub struct Broker {
     pub addr: SocketAddr,
     /// Holds the config and the log until the broker is gone.
     dir: tempfile::TempDir,
+    name: &'static str,
 }
 
 impl Broker {
     pub async fn start(kind: Kind, programs: &Programs) -> anyhow::Result<Broker> {
-        Broker::start_with(kind, programs, "").await
+        match kind {
+            Kind::Embedded => Broker::bridge(programs, |_| String::new()).await,
+            Kind::Mosquitto => {
+                Broker::spawn(kind.name(), |dir, port| {
+                    let config = dir.join("mosquitto.conf");
+                    std::fs::write(
+                        &config,
+                        format!(
+                            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                             max_connections {MAX_CONNECTIONS}\nmax_inflight_messages {MAX_INFLIGHT}\n\
+                             max_queued_messages {MAX_QUEUED}\nset_tcp_nodelay true\n\
+                             log_dest stderr\nlog_type error\nlog_type warning\n"
+                        ),
+                    )?;
+                    let mut cmd = Command::new(&programs.mosquitto);
+                    cmd.arg("-c").arg(config);
+                    Ok(cmd)
+                })
+                .await
+            }
+        }
     }
 
-    /// mqbridge's embedded broker with `extra` appended to its config (top-level
-    /// sections: `spool:`, `sinks:`, `rules:`), so that messages also go through rules.
-    pub async fn start_embedded(programs: &Programs, extra: &str) -> anyhow::Result<Broker> {
-        Broker::start_with(Kind::Embedded, programs, extra).await
+    /// mqbridge as the broker (the embedded broker's block on a free port), with `more`
+    /// config after it: sinks, rules, a spool (given the run's directory, for files).
+    pub async fn bridge(
+        programs: &Programs,
+        more: impl FnOnce(&Path) -> String,
+    ) -> anyhow::Result<Broker> {
+        Broker::spawn(Kind::Embedded.name(), |dir, port| {
+            let config = dir.join("mqbridge.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "embedded:\n  listen: 127.0.0.1:{port}\n  allow_anonymous: true\n  \
+                     max_connections: {MAX_CONNECTIONS}\n  max_inflight: {MAX_INFLIGHT}\n  \
+                     max_queued_messages: {MAX_QUEUED}\nshutdown_timeout: 1s\n{}",
+                    more(dir)
+                ),
+            )?;
+            let mut cmd = Command::new(&programs.mqbridge);
+            cmd.arg("run").arg("--config").arg(config);
+            Ok(cmd)
+        })
+        .await
     }
 
-    async fn start_with(kind: Kind, programs: &Programs, extra: &str) -> anyhow::Result<Broker> {
+    /// Starts the command `make` builds (given a directory of the broker's own and its
+    /// port), logging to that directory, and waits until the port takes connections.
+    async fn spawn(
+        name: &'static str,
+        make: impl FnOnce(&Path, u16) -> anyhow::Result<Command>,
+    ) -> anyhow::Result<Broker> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
-        let mut cmd = match kind {
-            Kind::Embedded => {
-                let config = dir.path().join("mqbridge.yaml");
-                std::fs::write(
-                    &config,
-                    format!(
-                        "embedded:\n  listen: 127.0.0.1:{port}\n  allow_anonymous: true\n  \
-                         max_connections: {MAX_CONNECTIONS}\n  max_inflight: {MAX_INFLIGHT}\n  \
-                         max_queued_messages: {MAX_QUEUED}\nshutdown_timeout: 1s\n{extra}"
-                    ),
-                )?;
-                let mut cmd = Command::new(&programs.mqbridge);
-                cmd.arg("run").arg("--config").arg(config);
-                cmd
-            }
-            Kind::Mosquitto => {
-                let config = dir.path().join("mosquitto.conf");
-                std::fs::write(
-                    &config,
-                    format!(
-                        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                         max_connections {MAX_CONNECTIONS}\nmax_inflight_messages {MAX_INFLIGHT}\n\
-                         max_queued_messages {MAX_QUEUED}\nset_tcp_nodelay true\n\
-                         log_dest stderr\nlog_type error\nlog_type warning\n"
-                    ),
-                )?;
-                let mut cmd = Command::new(&programs.mosquitto);
-                cmd.arg("-c").arg(config);
-                cmd
-            }
-        };
+        let mut cmd = make(dir.path(), port)?;
         let log = std::fs::File::create(dir.path().join("broker.log"))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", kind.name()))?;
+            .with_context(|| format!("starting {name}"))?;
         let mut broker = Broker {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir,
+            name,
         };
-        broker.wait_listening(kind).await?;
+        broker.wait_listening().await?;
         Ok(broker)
     }
 
-    async fn wait_listening(&mut self, kind: Kind) -> anyhow::Result<()> {
+    async fn wait_listening(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                bail!("{} exited ({status}): {}", kind.name(), self.log());
+                bail!("{} exited ({status}): {}", self.name, self.log());
             }
             if Instant::now() > deadline {
                 bail!(
                     "{} did not listen on {} in 30 s: {}",
-                    kind.name(),
+                    self.name,
                     self.addr,
                     self.log()
                 );
@@ -158,7 +173,6 @@ impl Broker {
         }
     }
 
-    /// What the broker logged so far (mqbridge: its stderr), for errors.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
@@ -181,7 +195,7 @@ impl Drop for Broker {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
+pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

@@ -9,7 +9,7 @@
 //! delivered over the time from the first publish to the last delivery.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail, ensure};
 use bytes::{Buf, BytesMut};
@@ -31,6 +31,21 @@ pub struct Scenario {
     pub window: u32,
     /// No message for this long ends the run; what did not arrive is lost.
     pub stall: Duration,
+    pub payload: Payload,
+    /// Messages per second per publisher; None: as fast as the broker takes them.
+    pub rate: Option<f64>,
+}
+
+/// What a payload says about its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// Binary: publisher, sequence number, send time in nanoseconds since the run's epoch
+    /// (read back by this tool's subscriber).
+    Stamp,
+    /// A JSON object `{"seq":…,"sent_us":…,"temp":…}`, the send time in microseconds since
+    /// the Unix epoch (so a database can compare it with its own clock), padded with
+    /// spaces to the payload size.
+    Json,
 }
 
 #[derive(Clone, Debug)]
@@ -52,28 +67,13 @@ pub async fn run(broker: SocketAddr, s: &Scenario) -> anyhow::Result<Outcome> {
         s.payload_bytes >= STAMP,
         "payloads need at least {STAMP} bytes"
     );
-    ensure!(s.qos <= 1, "QoS 0 or 1");
-    let tag = std::process::id();
-    let mut subscriber = Client::connect(broker, &format!("fanin-sub-{tag}"), 0).await?;
+    let mut subscriber =
+        Client::connect(broker, &format!("fanin-sub-{}", std::process::id()), 0).await?;
     subscriber.subscribe("fanin/#", s.qos).await?;
-    let mut publishers = Vec::new();
-    for p in 0..s.publishers {
-        publishers.push(Client::connect(broker, &format!("fanin-pub-{tag}-{p}"), 0).await?);
-    }
     let epoch = Instant::now();
-    let tasks: Vec<_> = publishers
-        .into_iter()
-        .enumerate()
-        .map(|(p, c)| tokio::spawn(publish(c, p as u32, s.clone(), epoch)))
-        .collect();
+    let publishers = Publishers::start(broker, s, epoch).await?;
     let mut tally = subscribe(subscriber, s, epoch).await?;
-    let mut published = Duration::ZERO;
-    for t in tasks {
-        let done = tokio::time::timeout(s.stall, t)
-            .await
-            .context("a publisher did not finish")???;
-        published = published.max(done);
-    }
+    let published = publishers.finish(s.stall).await?;
     let sent = s.messages_per_publisher * s.publishers as u64;
     let latency = tally.latency();
     Ok(Outcome {
@@ -88,21 +88,69 @@ pub async fn run(broker: SocketAddr, s: &Scenario) -> anyhow::Result<Outcome> {
     })
 }
 
-/// Publishes the scenario's messages on `fanin/<id>`, each stamped with `id`, its
-/// sequence number and its send time.
+/// The scenario's publishers, each on `fanin/{its number}`, publishing.
+pub struct Publishers(Vec<tokio::task::JoinHandle<anyhow::Result<Duration>>>);
+
+impl Publishers {
+    /// Connects them all, then starts them together.
+    pub async fn start(broker: SocketAddr, s: &Scenario, epoch: Instant) -> anyhow::Result<Self> {
+        ensure!(s.qos <= 1, "QoS 0 or 1");
+        let tag = std::process::id();
+        let mut clients = Vec::new();
+        for p in 0..s.publishers {
+            clients.push(Client::connect(broker, &format!("fanin-pub-{tag}-{p}"), 0).await?);
+        }
+        Ok(Publishers(
+            clients
+                .into_iter()
+                .enumerate()
+                .map(|(p, c)| tokio::spawn(publish(c, p as u32, s.clone(), epoch)))
+                .collect(),
+        ))
+    }
+
+    /// Waits for every publisher (at most `stall` each once asked); returns when the last
+    /// one was done, as time since the epoch.
+    pub async fn finish(self, stall: Duration) -> anyhow::Result<Duration> {
+        let mut published = Duration::ZERO;
+        for t in self.0 {
+            let done = tokio::time::timeout(stall, t)
+                .await
+                .context("a publisher did not finish")???;
+            published = published.max(done);
+        }
+        Ok(published)
+    }
+}
+
+/// Publishes the scenario's messages on `fanin/<id>`; returns when the last was written
+/// (QoS 0) or acknowledged (QoS 1), as time since `epoch`.
 async fn publish(c: Client, id: u32, s: Scenario, epoch: Instant) -> anyhow::Result<Duration> {
     let topic = format!("fanin/{id}");
     let plan = Plan {
         qos: s.qos,
         messages: s.messages_per_publisher,
         window: s.window,
-        per_second: None,
+        per_second: s.rate,
     };
+    // The wall clock at `epoch`, for the JSON payloads' `sent_us`.
+    let epoch_us = (SystemTime::now().duration_since(UNIX_EPOCH)? - epoch.elapsed()).as_micros();
     publisher::publish(c, plan, epoch, move |out, seq, pkid, now| {
         mqtt::put_publish(out, &topic, s.qos, pkid, s.payload_bytes, |p| {
-            p[..4].copy_from_slice(&id.to_be_bytes());
-            p[4..12].copy_from_slice(&seq.to_be_bytes());
-            p[12..20].copy_from_slice(&now.to_be_bytes());
+            match s.payload {
+                Payload::Stamp => {
+                    p[..4].copy_from_slice(&id.to_be_bytes());
+                    p[4..12].copy_from_slice(&seq.to_be_bytes());
+                    p[12..20].copy_from_slice(&now.to_be_bytes());
+                }
+                Payload::Json => {
+                    let temp = (seq % 400) as f64 / 10.0;
+                    let sent_us = epoch_us + (now / 1000) as u128;
+                    let json = format!(r#"{{"seq":{seq},"sent_us":{sent_us},"temp":{temp}}}"#);
+                    p[..json.len()].copy_from_slice(json.as_bytes());
+                    p[json.len()..].fill(b' ');
+                }
+            }
         });
     })
     .await

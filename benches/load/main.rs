@@ -1,4 +1,4 @@
-//! End-to-end load tool, in five modes (BENCHMARKS.md records the commands and figures):
+//! End-to-end load tool, in seven modes (BENCHMARKS.md records the commands and figures):
 //!
 //! - **db** (the default): numbered QoS 1 messages through a running mqbridge into
 //!   PostgreSQL or SQLite; the publish rate and the rate until every row is stored.
@@ -12,6 +12,9 @@
 //! - **outage**: the same bridge publishing at a fixed rate while the receiver is down
 //!   (503), then the drain: mqbridge's RSS and the spool's size every second into a CSV,
 //!   drain time, lost and duplicated records.
+//! - **pg** and **pg-latency**: mqbridge as the broker, with or without the spool, into
+//!   a PostgreSQL the tool starts: rows/s beside `COPY` of the same rows, and publish →
+//!   row latency at fixed rates (see `pg`).
 //! - **hold-idle**: internal, a child process holding idle connections for `fanin`.
 //!
 //! ```text
@@ -20,6 +23,8 @@
 //! cargo bench --bench load -- fanin --qos 0,1 --idle 0,5000,18000 --runs 3 --messages 200000
 //! cargo bench --bench load -- webhook --runs 3 --messages 40000
 //! cargo bench --bench load -- outage --rate 2000 --minutes 10 --csv target/load/outage.csv
+//! cargo bench --bench load -- pg --spool on,off --runs 3 --messages 200000
+//! cargo bench --bench load -- pg-latency --rates 1000,10000 --seconds 20 --csv target/bench
 //! ```
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a smoke pass instead:
@@ -42,6 +47,7 @@ mod idle;
 mod matrix;
 mod mqtt;
 mod outage;
+mod pg;
 mod publisher;
 mod receiver;
 mod tally;
@@ -51,7 +57,7 @@ mod wrk;
 use std::time::Duration;
 
 use brokers::{Kind, Programs};
-use fanin::Scenario;
+use fanin::{Payload, Scenario};
 use flags::Flags;
 use matrix::Matrix;
 
@@ -76,6 +82,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("outage") => outage::run(&outage::Args::parse(Flags::new(args.split_off(1)))).await,
+        Some("pg") => pg::throughput(Flags::new(args.split_off(1))).await,
+        Some("pg-latency") => pg::latency(Flags::new(args.split_off(1))).await,
         Some("db") => {
             db::run(Flags::new(args.split_off(1))).await;
             Ok(())
@@ -89,7 +97,9 @@ async fn main() -> anyhow::Result<()> {
 
 /// The test command's pass: the fan-in tool end to end on a tiny scale, against the
 /// embedded broker (the debug build cargo made for the tests) and Mosquitto when it is
-/// installed. Fails on any message lost or duplicated; no timing is checked.
+/// installed, then a few hundred records through the webhook sink, then the `pg`
+/// scenario into the tests' PostgreSQL when there is one. Fails on any message lost or
+/// duplicated; no timing is checked.
 async fn smoke() -> anyhow::Result<()> {
     let programs = Programs::default();
     let mut brokers = vec![Kind::Embedded];
@@ -114,6 +124,8 @@ async fn smoke() -> anyhow::Result<()> {
             payload_bytes: 100,
             window: 10,
             stall: Duration::from_secs(30),
+            payload: Payload::Stamp,
+            rate: None,
         },
         idle_per_process: 10,
         programs,
@@ -131,7 +143,13 @@ async fn smoke() -> anyhow::Result<()> {
             m.outcome.duplicated
         );
     }
-    Ok(())
+    match std::env::var("MQBRIDGE_TEST_DATABASE_URL") {
+        Ok(url) => pg::smoke(&url).await,
+        Err(_) => {
+            println!("load smoke: no MQBRIDGE_TEST_DATABASE_URL, no PostgreSQL pass");
+            Ok(())
+        }
+    }
 }
 
 /// The webhook mode on a tiny scale: 400 records through the sink unbatched and batched,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::brokers::{Broker, Kind, Programs};
-use crate::fanin::{self, Outcome, Scenario};
+use crate::fanin::{self, Outcome, Payload, Scenario};
 use crate::flags::Flags;
 use crate::idle::IdleConnections;
 
@@ -46,6 +46,8 @@ impl Matrix {
                 payload_bytes: 100,
                 window: 100,
                 stall: Duration::from_secs(10),
+                payload: Payload::Stamp,
+                rate: None,
             },
             idle_per_process: 6_000,
             programs: Programs::default(),

@@ -106,7 +106,7 @@ pub async fn run(a: &Args) -> anyhow::Result<()> {
         },
     };
     let config = webhook::bridge_config(&receiver.url(), spool.path(), &sink, &a.max_delay);
-    let bridge = Broker::start_embedded(&a.programs, &config).await?;
+    let bridge = Broker::bridge(&a.programs, |_| config).await?;
     if let Some(dir) = a.csv.parent() {
         std::fs::create_dir_all(dir)?;
     }

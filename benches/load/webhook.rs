@@ -209,7 +209,7 @@ pub async fn measure(a: &Args, variant: Variant) -> anyhow::Result<Measurement> 
     let receiver = Receiver::start(a.publishers as usize, per as usize, epoch).await?;
     let spool = tempfile::tempdir()?;
     let config = bridge_config(&receiver.url(), spool.path(), &sink, "1s");
-    let bridge = Broker::start_embedded(&a.programs, &config).await?;
+    let bridge = Broker::bridge(&a.programs, |_| config).await?;
     let publishers = connect(bridge.addr, a.publishers).await?;
     let plan = Plan {
         qos: 1,

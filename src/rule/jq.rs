@@ -213,6 +213,8 @@ fn range<'a>(mut cv: Cv<'a, Metered>) -> ValXs<'a, <Metered as DataT>::V<'a>> {
 /// A compiled jq program.
 pub struct JqProgram {
     filter: jaq_core::Filter<Metered>,
+    /// The program, when it only picks values out of its input (see [`super::picks`]).
+    picks: Option<super::picks::Picks>,
 }
 
 impl std::fmt::Debug for JqProgram {
@@ -269,7 +271,16 @@ impl JqProgram {
                     .collect::<Vec<_>>()
                     .join("; ")
             })?;
-        Ok(JqProgram { filter })
+        Ok(JqProgram {
+            filter,
+            picks: super::picks::Picks::parse(code),
+        })
+    }
+
+    /// The program as [`Picks`](super::picks::Picks), when it only picks values out of
+    /// its input: a rule's transform then runs without jaq.
+    pub fn picks(&self) -> Option<&super::picks::Picks> {
+        self.picks.as_ref()
     }
 
     /// Runs the program on `input` and collects its outputs; the first error stops it.

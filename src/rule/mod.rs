@@ -7,12 +7,14 @@
 //! evaluation, not a stuck thread.
 
 pub mod jq;
+pub mod picks;
 pub mod template;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use bytes::Bytes;
 use jaq_json::Val;
 use serde::{Deserialize, Serialize};
 
@@ -88,8 +90,10 @@ impl Rule {
                 };
             }
         };
-        let ctx = context(msg, vars, payload);
+        // The context jq programs run on, made when one needs it.
+        let mut ctx = None;
         if let Some(filter) = &self.filter {
+            let ctx = ctx.insert(context(msg, vars, payload.clone()));
             match filter.test(ctx.clone(), deadline) {
                 Ok(true) => {}
                 Ok(false) => return Evaluation::Filtered,
@@ -101,52 +105,58 @@ impl Rule {
                 }
             }
         }
-        match &self.transform {
-            Some(t) => match t.run(ctx, deadline) {
-                Ok(out) => Evaluation::Records(out.iter().map(jq::to_json).collect()),
-                Err(error) => Evaluation::Failed {
-                    stage: "transform",
-                    error: error.to_string(),
-                },
+        let Some(t) = &self.transform else {
+            return Evaluation::Records(vec![default_record(msg, &payload)]);
+        };
+        if let Some(record) = t.picks().and_then(|p| p.record(msg, vars, &payload)) {
+            return Evaluation::Records(vec![record]);
+        }
+        let ctx = ctx.unwrap_or_else(|| context(msg, vars, payload));
+        match t.run(ctx, deadline) {
+            Ok(out) => Evaluation::Records(out.iter().map(jq::to_json).collect()),
+            Err(error) => Evaluation::Failed {
+                stage: "transform",
+                error: error.to_string(),
             },
-            None => Evaluation::Records(vec![default_record(msg, &ctx)]),
         }
     }
 }
 
-/// Decodes a payload per the rule's `decode`.
-pub fn decode(how: Decode, payload: &[u8]) -> Result<Val, String> {
+/// Decodes a payload per the rule's `decode`: JSON straight into a jq value (no
+/// intermediate `serde_json::Value`), text and bytes sharing the payload's buffer.
+pub fn decode(how: Decode, payload: &Bytes) -> Result<Val, String> {
     match how {
-        Decode::Json => serde_json::from_slice::<serde_json::Value>(payload)
-            .map(|v| jq::from_json(&v))
+        Decode::Json => serde_json::from_slice::<Val>(payload)
             .map_err(|e| format!("payload is not valid JSON: {e}")),
         Decode::Text => std::str::from_utf8(payload)
-            .map(|s| Val::from(s.to_string()))
+            .map(|_| Val::utf8_str(payload.clone()))
             .map_err(|e| format!("payload is not valid UTF-8: {e}")),
-        Decode::Bytes => Ok(Val::byte_str(payload.to_vec())),
+        Decode::Bytes => Ok(Val::byte_str(payload.clone())),
     }
 }
 
-fn key(k: &str) -> Val {
-    Val::from(k.to_string())
+/// A context key: static text, so making one copies nothing.
+fn key(k: &'static str) -> Val {
+    Val::utf8_str(Bytes::from_static(k.as_bytes()))
+}
+
+/// A string from borrowed text (a topic segment, a variable, a property).
+fn text(s: &str) -> Val {
+    Val::utf8_str(Bytes::copy_from_slice(s.as_bytes()))
 }
 
 /// The value filters and transforms run on (DESIGN.md §2): `topic`, `segments`, `vars`,
 /// `payload`, `raw`, `qos`, `retain`, `properties`, `client_id`, `received_at`,
 /// `timestamp_ms`.
 pub fn context(msg: &Message, vars: &[(&str, &str)], payload: Val) -> Val {
-    let segments: Val = msg
-        .topic
-        .split('/')
-        .map(|s| Val::from(s.to_string()))
-        .collect();
-    let vars = Val::obj(vars.iter().map(|(k, v)| (key(k), key(v))).collect());
+    let segments: Val = msg.topic.split('/').map(text).collect();
+    let vars = Val::obj(vars.iter().map(|(k, v)| (text(k), text(v))).collect());
     let raw = match std::str::from_utf8(&msg.payload) {
-        Ok(s) => Val::from(s.to_string()),
+        Ok(_) => Val::utf8_str(msg.payload.clone()),
         Err(_) => Val::Null,
     };
     let p = &msg.properties;
-    let opt = |s: &Option<String>| s.clone().map(Val::from).unwrap_or(Val::Null);
+    let opt = |s: &Option<String>| s.as_deref().map(text).unwrap_or(Val::Null);
     let properties = Val::obj(
         [
             (
@@ -154,7 +164,7 @@ pub fn context(msg: &Message, vars: &[(&str, &str)], payload: Val) -> Val {
                 Val::obj(
                     p.user_properties
                         .iter()
-                        .map(|(k, v)| (key(k), key(v)))
+                        .map(|(k, v)| (text(k), text(v)))
                         .collect(),
                 ),
             ),
@@ -164,7 +174,7 @@ pub fn context(msg: &Message, vars: &[(&str, &str)], payload: Val) -> Val {
                 key("correlation_data"),
                 p.correlation_data
                     .as_ref()
-                    .map(|b| Val::byte_str(b.to_vec()))
+                    .map(|b| Val::byte_str(b.clone()))
                     .unwrap_or(Val::Null),
             ),
         ]
@@ -173,7 +183,7 @@ pub fn context(msg: &Message, vars: &[(&str, &str)], payload: Val) -> Val {
     );
     Val::obj(
         [
-            (key("topic"), key(&msg.topic)),
+            (key("topic"), text(&msg.topic)),
             (key("segments"), segments),
             (key("vars"), vars),
             (key("payload"), payload),
@@ -200,14 +210,8 @@ pub fn rfc3339(t: jiff::Timestamp) -> String {
 
 /// The record of a rule without `transform`: the columns of the default
 /// `mqbridge_messages` table (`message_id` is stable across redeliveries).
-fn default_record(msg: &Message, ctx: &Val) -> serde_json::Value {
-    let payload = match ctx {
-        Val::Obj(o) => o
-            .get(&key("payload"))
-            .map(jq::to_json)
-            .unwrap_or(serde_json::Value::Null),
-        _ => serde_json::Value::Null,
-    };
+fn default_record(msg: &Message, payload: &Val) -> serde_json::Value {
+    let payload = jq::to_json(payload);
     serde_json::json!({
         "message_id": crate::message::message_id(&msg.topic, &msg.payload),
         "topic": msg.topic,

@@ -10,6 +10,7 @@
 //! database does the type checking and a bad value fails with its SQLSTATE. Values are
 //! always bound; identifiers are validated and quoted.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -207,11 +208,11 @@ impl PostgresSink {
 
     /// The (column, value) pairs of each record of a batch: computed by the `columns:`
     /// programs on the evaluation pool, or else the record's keys that are columns.
-    async fn fields(
+    async fn fields<'b>(
         &self,
-        batch: &[Delivery],
+        batch: &'b [Delivery],
         columns: &HashMap<String, Column>,
-    ) -> Vec<Result<Fields, SinkError>> {
+    ) -> Vec<Result<Fields<'b>, SinkError>> {
         let Some(mapping) = &self.mapping else {
             return batch
                 .iter()
@@ -238,19 +239,19 @@ impl PostgresSink {
         }
     }
 
-    /// The record's keys that are columns of the table, with their values.
-    fn keyed(
+    /// The record's keys that are columns of the table, with their values (borrowed).
+    fn keyed<'b>(
         &self,
-        record: &serde_json::Value,
+        record: &'b serde_json::Value,
         columns: &HashMap<String, Column>,
-    ) -> Result<Fields, SinkError> {
+    ) -> Result<Fields<'b>, SinkError> {
         let mut out = Vec::new();
         let obj = record
             .as_object()
             .ok_or_else(|| SinkError::permanent("record is not a JSON object"))?;
         for (k, v) in obj {
             if columns.contains_key(k) {
-                out.push((k.clone(), v.clone()));
+                out.push((Cow::Borrowed(k.as_str()), Cow::Borrowed(v)));
             } else if self.unknown_keys == UnknownKeys::Error {
                 return Err(SinkError::permanent(format!(
                     "record key {k:?} has no column in {}",
@@ -268,15 +269,15 @@ impl PostgresSink {
     }
 
     /// One record as a row: its column names and each value as text for PostgreSQL to cast.
-    fn row(
+    fn row<'b>(
         &self,
-        fields: Fields,
+        fields: Fields<'b>,
         columns: &HashMap<String, Column>,
-    ) -> Result<Prepared, SinkError> {
+    ) -> Result<Prepared<'b>, SinkError> {
         let mut names = Vec::with_capacity(fields.len());
         let mut values = Vec::with_capacity(fields.len());
         for (c, v) in fields {
-            let text = to_text(&v, columns[&c].class, self.time_unit)
+            let text = to_text(&v, columns[c.as_ref()].class, self.time_unit)
                 .map_err(|e| SinkError::permanent(format!("column {c}: {e}")))?;
             names.push(c);
             values.push(text);
@@ -287,7 +288,7 @@ impl PostgresSink {
     /// Inserts rows in one transaction: one statement per set of columns, in order.
     async fn insert(
         &self,
-        rows: &[Prepared],
+        rows: &[Prepared<'_>],
         columns: &HashMap<String, Column>,
     ) -> Result<(), SinkError> {
         // Group rows by their column set, keeping order inside each group.
@@ -328,14 +329,14 @@ impl PostgresSink {
         .await
     }
 
-    fn insert_sql(&self, names: &[String], columns: &HashMap<String, Column>) -> String {
+    fn insert_sql(&self, names: &[Cow<'_, str>], columns: &HashMap<String, Column>) -> String {
         let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
         let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}::text[]")).collect();
         let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
         let casts: Vec<String> = names
             .iter()
             .enumerate()
-            .map(|(i, n)| format!("u.c{i}::{}", columns[n].sql_type))
+            .map(|(i, n)| format!("u.c{i}::{}", columns[n.as_ref()].sql_type))
             .collect();
         let mut sql = format!(
             "INSERT INTO {} ({}) SELECT {} FROM UNNEST({}) AS u({})",
@@ -349,7 +350,7 @@ impl PostgresSink {
             let key: Vec<String> = c.key.iter().map(|k| format!("\"{k}\"")).collect();
             let updates: Vec<String> = names
                 .iter()
-                .filter(|n| !c.key.contains(n))
+                .filter(|n| !c.key.iter().any(|k| k == n.as_ref()))
                 .map(|n| format!("\"{n}\" = EXCLUDED.\"{n}\""))
                 .collect();
             if c.action == ConflictAction::Update && !updates.is_empty() {
@@ -382,8 +383,8 @@ impl Sink for PostgresSink {
     }
 }
 
-/// A record's (column, value) pairs.
-type Fields = Vec<(String, serde_json::Value)>;
+/// A record's (column, value) pairs: borrowed from the record, or computed by `columns:`.
+type Fields<'b> = Vec<(Cow<'b, str>, Cow<'b, serde_json::Value>)>;
 
 /// A record's fields under `columns:`: each program's first output (none is NULL). One
 /// deadline covers all of the record's programs.
@@ -391,7 +392,7 @@ fn map_record(
     mapping: &Mapping,
     record: &serde_json::Value,
     deadline: Deadline,
-) -> Result<Fields, SinkError> {
+) -> Result<Fields<'static>, SinkError> {
     let input = jq::from_json(record);
     mapping
         .iter()
@@ -402,14 +403,14 @@ fn map_record(
                 .first()
                 .map(jq::to_json)
                 .unwrap_or(serde_json::Value::Null);
-            Ok((col.clone(), v))
+            Ok((Cow::Owned(col.clone()), Cow::Owned(v)))
         })
         .collect()
 }
 
 /// A record prepared for insertion.
-struct Prepared {
-    names: Vec<String>,
+struct Prepared<'b> {
+    names: Vec<Cow<'b, str>>,
     /// Each column's value as text (None: NULL), in the order of `names`.
     values: Vec<Option<String>>,
 }
@@ -566,7 +567,12 @@ mod tests {
             "took {:?}",
             started.elapsed()
         );
-        let row = |seq, steps| vec![("seq".into(), json!(seq)), ("steps".into(), json!(steps))];
+        let row = |seq, steps| -> Fields {
+            vec![
+                ("seq".into(), Cow::Owned(json!(seq))),
+                ("steps".into(), Cow::Owned(json!(steps))),
+            ]
+        };
         assert_eq!(fields[0].as_ref().unwrap(), &row(1, 3));
         assert_eq!(fields[2].as_ref().unwrap(), &row(3, 4));
         let err = fields[1].as_ref().unwrap_err();

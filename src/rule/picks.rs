@@ -1,0 +1,375 @@
+//! The common transform without the interpreter: a program that only picks values out of
+//! the message, `.payload` or `{device: .vars.device, temp: .payload.temp, body: .payload}`,
+//! is recognized when it compiles and evaluated here, by walking the decoded payload, and
+//! without building the whole context object that jq programs see (DESIGN.md §2). That
+//! is most telemetry rules, and where jaq spent most of a message's time (BENCHMARKS.md,
+//! "The database path").
+//!
+//! **The subset.** A path (`.a.b`, `.a["b"]`, `."b"`, `.a[2]`, `.a[-1]`, starting at a
+//! context key), or an object literal whose keys are names or plain strings and whose
+//! values are such paths. Anything else (`?`, pipes, functions, variables, `.` alone, a
+//! key that is a jq keyword) is left to jaq, and so is any message on which walking a
+//! path meets a value it cannot index (a number where an object was expected): jq
+//! reports that error, in its own words. On everything else the result is jq's: a
+//! missing key or index is null, null indexed is null, a negative index counts from the
+//! end. The tests compare both on the same messages.
+
+use bytes::Bytes;
+use jaq_json::Val;
+
+use crate::message::Message;
+
+/// A transform in the subset.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Picks {
+    /// One path: the record is what it points at.
+    Path(Path),
+    /// `{key: path, …}`: the record is an object of what each path points at.
+    Object(Vec<(String, Path)>),
+}
+
+/// `.root` then steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Path {
+    root: String,
+    steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// `.name` or `["name"]` (the key made once, as a jq value).
+    Key(Val),
+    /// `[n]`.
+    Index(isize),
+}
+
+/// jq's keywords, which this parser does not take as names (jq reads them otherwise).
+const KEYWORDS: &[&str] = &[
+    "and", "or", "not", "if", "then", "elif", "else", "end", "as", "def", "reduce", "foreach",
+    "try", "catch", "label", "import", "include", "__loc__",
+];
+
+impl Picks {
+    /// The program `code` as picks, or None when it is not in the subset.
+    pub fn parse(code: &str) -> Option<Picks> {
+        let mut p = Parser {
+            s: code.as_bytes(),
+            at: 0,
+        };
+        p.blank();
+        let picks = if p.eat(b'{') {
+            let mut fields = Vec::new();
+            loop {
+                p.blank();
+                let key = match p.peek()? {
+                    b'"' => p.string()?,
+                    _ => p.name()?,
+                };
+                p.blank();
+                if !p.eat(b':') {
+                    return None;
+                }
+                p.blank();
+                fields.push((key, p.path()?));
+                p.blank();
+                if p.eat(b'}') {
+                    break;
+                }
+                if !p.eat(b',') {
+                    return None;
+                }
+            }
+            Picks::Object(fields)
+        } else {
+            Picks::Path(p.path()?)
+        };
+        p.blank();
+        (p.at == p.s.len()).then_some(picks)
+    }
+
+    /// The record for `msg` (whose payload decoded to `payload`, and whose topic matched
+    /// with `vars`), or None when a path cannot be walked (jq would fail: let it say how).
+    pub fn record(
+        &self,
+        msg: &Message,
+        vars: &[(&str, &str)],
+        payload: &Val,
+    ) -> Option<serde_json::Value> {
+        let pick = |path: &Path| {
+            path.walk(msg, vars, payload)
+                .map(|v| super::jq::to_json(&v))
+        };
+        match self {
+            Picks::Path(path) => pick(path),
+            Picks::Object(fields) => fields
+                .iter()
+                .map(|(k, path)| Some((k.clone(), pick(path)?)))
+                .collect::<Option<serde_json::Map<_, _>>>()
+                .map(serde_json::Value::Object),
+        }
+    }
+}
+
+impl Path {
+    /// What the path points at; None where jq would fail.
+    fn walk(&self, msg: &Message, vars: &[(&str, &str)], payload: &Val) -> Option<Val> {
+        let mut steps = self.steps.iter();
+        let mut at = match self.root.as_str() {
+            "payload" => payload.clone(),
+            "vars" => match steps.next() {
+                // `.vars.name`: look it up without making the object.
+                Some(Step::Key(Val::TStr(name))) => vars
+                    .iter()
+                    .find(|(k, _)| k.as_bytes() == &***name)
+                    .map_or(Val::Null, |(_, v)| text(v)),
+                Some(_) => return None,
+                None => Val::obj(vars.iter().map(|(k, v)| (text(k), text(v))).collect()),
+            },
+            "topic" => text(&msg.topic),
+            "segments" => match steps.next() {
+                Some(Step::Index(i)) => {
+                    let segments: Vec<&str> = msg.topic.split('/').collect();
+                    index(segments.len(), *i).map_or(Val::Null, |i| text(segments[i]))
+                }
+                Some(_) => return None,
+                None => msg.topic.split('/').map(text).collect(),
+            },
+            "raw" => match std::str::from_utf8(&msg.payload) {
+                Ok(_) => Val::utf8_str(msg.payload.clone()),
+                Err(_) => Val::Null,
+            },
+            "qos" => Val::from(msg.qos as isize),
+            "retain" => Val::Bool(msg.retain),
+            "client_id" => msg.client_id.as_deref().map_or(Val::Null, text),
+            "received_at" => Val::from(super::rfc3339(msg.received_at)),
+            "timestamp_ms" => Val::from(msg.received_at.as_millisecond() as isize),
+            // Nested and rare: jq builds them.
+            "properties" => return None,
+            // Not in the context: null, and null indexed is null.
+            _ => Val::Null,
+        };
+        for step in steps {
+            at = match (&at, step) {
+                (Val::Null, _) => Val::Null,
+                (Val::Obj(o), Step::Key(k)) => o.get(k).cloned().unwrap_or(Val::Null),
+                (Val::Arr(a), Step::Index(i)) => {
+                    index(a.len(), *i).map_or(Val::Null, |i| a[i].clone())
+                }
+                _ => return None,
+            };
+        }
+        Some(at)
+    }
+}
+
+/// Index `i` (negative: from the end) of `len` items, if there is one.
+fn index(len: usize, i: isize) -> Option<usize> {
+    let i = if i < 0 { len as isize + i } else { i };
+    (0..len as isize).contains(&i).then_some(i as usize)
+}
+
+fn text(s: &str) -> Val {
+    Val::utf8_str(Bytes::copy_from_slice(s.as_bytes()))
+}
+
+/// A hand parser for the subset: it accepts what jq reads the same way, and gives up
+/// (None) on anything else.
+struct Parser<'s> {
+    s: &'s [u8],
+    at: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.at).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        let hit = self.peek() == Some(c);
+        self.at += hit as usize;
+        hit
+    }
+
+    /// Spaces and newlines; a comment is left to jaq.
+    fn blank(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    /// A name: `[A-Za-z_][A-Za-z0-9_]*`, not a keyword.
+    fn name(&mut self) -> Option<String> {
+        let start = self.at;
+        while matches!(self.peek(), Some(c) if c == b'_' || c.is_ascii_alphanumeric()) {
+            self.at += 1;
+        }
+        let name = std::str::from_utf8(&self.s[start..self.at]).ok()?;
+        let first = name.bytes().next()?;
+        (!first.is_ascii_digit() && !KEYWORDS.contains(&name)).then(|| name.to_string())
+    }
+
+    /// A string literal without escapes or interpolation.
+    fn string(&mut self) -> Option<String> {
+        if !self.eat(b'"') {
+            return None;
+        }
+        let start = self.at;
+        loop {
+            match self.peek()? {
+                b'"' => break,
+                b'\\' => return None,
+                _ => self.at += 1,
+            }
+        }
+        let s = std::str::from_utf8(&self.s[start..self.at])
+            .ok()?
+            .to_string();
+        self.at += 1;
+        Some(s)
+    }
+
+    /// `.root` then `.name`, `."name"`, `["name"]` or `[n]` steps (no spaces inside).
+    fn path(&mut self) -> Option<Path> {
+        if !self.eat(b'.') {
+            return None;
+        }
+        let root = self.key()?;
+        let mut steps = Vec::new();
+        loop {
+            if self.eat(b'.') {
+                steps.push(Step::Key(Val::from(self.key()?)));
+            } else if self.eat(b'[') {
+                steps.push(match self.peek()? {
+                    b'"' => Step::Key(Val::from(self.string()?)),
+                    _ => Step::Index(self.integer()?),
+                });
+                if !self.eat(b']') {
+                    return None;
+                }
+            } else {
+                return Some(Path { root, steps });
+            }
+        }
+    }
+
+    /// After a `.`: a name or a string.
+    fn key(&mut self) -> Option<String> {
+        match self.peek()? {
+            b'"' => self.string(),
+            _ => self.name(),
+        }
+    }
+
+    fn integer(&mut self) -> Option<isize> {
+        let start = self.at;
+        self.eat(b'-');
+        while matches!(self.peek(), Some(c) if c.is_ascii_digit()) {
+            self.at += 1;
+        }
+        std::str::from_utf8(&self.s[start..self.at])
+            .ok()?
+            .parse()
+            .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::jq::{Deadline, JqProgram};
+    use std::time::Duration;
+
+    #[test]
+    fn the_subset_is_recognized_and_the_rest_left_to_jq() {
+        for code in [
+            ".payload",
+            " .payload.temp ",
+            "{device: .vars.device, temp: .payload.temp, body: .payload}",
+            "{\"a b\": .payload[\"x y\"][0], c: .segments[-1]}",
+            "{a: .\"payload\".b}",
+            "{\n  a: .payload.a,\n  b: .topic\n}",
+        ] {
+            assert!(Picks::parse(code).is_some(), "{code}");
+        }
+        for code in [
+            ".",
+            ".payload?",
+            ".payload | .a",
+            "{a: .payload.a + 1}",
+            "{(.topic): 1}",
+            "{a}",
+            "{if: .payload}",
+            ".payload.\"a\\nb\"",
+            "{a: .payload.a,}",
+            "{a: .payload[1:2]}",
+            ".payload # comment",
+            "{a: $__loc__}",
+            ".payload .a",
+        ] {
+            assert_eq!(Picks::parse(code), None, "{code}");
+        }
+    }
+
+    /// Picks and jq give the same records on the same messages, or picks leaves the
+    /// message to jq.
+    #[test]
+    fn picks_agree_with_jq() {
+        let mut gave_up = Vec::new();
+        let programs = [
+            ".payload",
+            ".payload.a",
+            ".payload.a.b",
+            ".payload.list[0]",
+            ".payload.list[-1]",
+            ".payload.list[7]",
+            ".payload[\"a\"]",
+            ".missing.x",
+            ".vars",
+            ".segments",
+            "{device: .vars.device, nothing: .vars.nope, temp: .payload.temp, body: .payload}",
+            "{t: .topic, s: .segments[1], last: .segments[-1], far: .segments[9], q: .qos, r: .retain}",
+            "{c: .client_id, at: .received_at, ms: .timestamp_ms, raw: .raw}",
+            "{a: .payload.a, a: .payload.temp}",
+        ];
+        let payloads: [&[u8]; 7] = [
+            br#"{"a": {"b": 1}, "temp": 21.5, "list": [1, "two", null]}"#,
+            br#"{"a": 3, "temp": -1e300, "big": 123456789012345678901}"#,
+            br#"{"a": null, "list": []}"#,
+            br#"[1, 2]"#,
+            br#""text""#,
+            br#"null"#,
+            br#"{"a": "s", "list": {"0": 1}}"#,
+        ];
+        for code in programs {
+            let picks = Picks::parse(code).unwrap_or_else(|| panic!("{code}"));
+            let jq = JqProgram::compile(code).unwrap();
+            for payload in payloads {
+                let msg = Message::detached("sensors/d7/telemetry", payload.to_vec(), 1);
+                let vars = [("device", "d7")];
+                let decoded =
+                    super::super::decode(super::super::Decode::Json, &msg.payload).unwrap();
+                let ctx = super::super::context(&msg, &vars, decoded.clone());
+                let by_jq = jq.run(ctx, Deadline::after(Duration::from_secs(2)));
+                match picks.record(&msg, &vars, &decoded) {
+                    Some(record) => {
+                        let by_jq = by_jq
+                            .unwrap_or_else(|e| panic!("{code} on {payload:?}: jq failed: {e}"));
+                        assert_eq!(by_jq.len(), 1);
+                        assert_eq!(
+                            record,
+                            super::super::jq::to_json(&by_jq[0]),
+                            "{code} on {:?}",
+                            String::from_utf8_lossy(payload)
+                        );
+                    }
+                    // Left to jq, which decides (it fails, or jaq reads it its own way).
+                    None => gave_up.push(format!("{code} on {}", String::from_utf8_lossy(payload))),
+                }
+                msg.ack.settle();
+            }
+        }
+        // Only where a path meets a value it cannot index: a key of the array or the
+        // string payload, `.a.b` where `a` is 3 or "s", `[i]` of an object.
+        assert_eq!(gave_up.len(), 21, "{gave_up:#?}");
+    }
+}
