@@ -1,5 +1,6 @@
 //! What one record costs on its way through mqbridge, stage by stage, through the
-//! crate's own API: a rule's typical jq transform (decode, context, jq, back to JSON),
+//! crate's own API: a rule's typical transform (decode, transform, back to JSON), once
+//! picking paths only (which mqbridge runs without jaq) and once with arithmetic (jq),
 //! the minijinja templates of the webhook and republish sinks (the context built from
 //! the record, then rendered), and the postgres sink's row encoding (each value as the
 //! text PostgreSQL casts to its column's type).
@@ -26,8 +27,12 @@ use serde_json::Value;
 
 const TOPIC: &str = "sensors/d0042/telemetry";
 const PAYLOAD: &str = r#"{"seq":42,"temp":21.5,"humidity":48.2,"battery":87,"site":"north-01","ts":"2026-11-26T03:00:00.123Z"}"#;
+/// Only picks paths: mqbridge runs it without jaq.
 const TRANSFORM: &str =
     "{device: .vars.device, seq: .payload.seq, temp: .payload.temp, body: .payload}";
+/// The same with arithmetic, which takes jq.
+const COMPUTED: &str =
+    "{device: .vars.device, seq: .payload.seq, temp_f: (.payload.temp * 1.8 + 32), body: .payload}";
 /// The webhook's URL and body and the republish topic of config/examples.
 const URL: &str = "https://hooks.example.com/devices/{{ vars.device | urlencode }}/events";
 const BODY: &str =
@@ -43,13 +48,13 @@ const COLUMNS: [(&str, Class); 5] = [
     ("received_at", Class::Timestamp),
 ];
 
-fn rule() -> Rule {
+fn rule(transform: &str) -> Rule {
     Rule {
         name: Arc::from("readings"),
         from: Vec::new(),
         decode: Decode::Json,
         filter: None,
-        transform: Some(JqProgram::compile(TRANSFORM).unwrap()),
+        transform: Some(JqProgram::compile(transform).unwrap()),
         to: Vec::new(),
     }
 }
@@ -82,7 +87,8 @@ fn encode(record: &Value) -> Vec<Option<String>> {
 
 fn main() {
     let msg = Message::detached(TOPIC, PAYLOAD, 1);
-    let rule = rule();
+    let (rule, computed) = (rule(TRANSFORM), rule(COMPUTED));
+    assert_eq!(transform(&computed, &msg)[0]["temp_f"], 70.7);
     let records = transform(&rule, &msg);
     assert_eq!(records.len(), 1);
     let mut record = records[0].clone();
@@ -110,8 +116,11 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
     let mut group = c.benchmark_group("per record");
-    group.bench_function("jq transform (decode, context, jq, to JSON)", |b| {
+    group.bench_function("rule picking paths (decode, transform, to JSON)", |b| {
         b.iter(|| transform(&rule, black_box(&msg)))
+    });
+    group.bench_function("rule with arithmetic (decode, context, jq, to JSON)", |b| {
+        b.iter(|| transform(&computed, black_box(&msg)))
     });
     group.bench_function("webhook templates (context, URL, body)", |b| {
         b.iter(|| render(&origin, black_box(&record), &webhook))
