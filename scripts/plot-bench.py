@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Turns the load tool's CSVs into the PNGs BENCHMARKS.md shows (docs/bench/).
 
-    scripts/plot-bench.py [--in target/load] [--out docs/bench]
+    scripts/plot-bench.py [--in DIR]... [--out docs/bench]
 
-Reads, from the input directory, whichever of these exist:
+Reads, from each input directory (default: target/load and target/bench), whichever of
+these exist:
   fanin.csv      `cargo bench --bench load -- fanin ... --csv target/load/fanin.csv`:
                  one row per measurement -> fanin.png, msg/s (median of the runs, bars
                  from min to max) against idle connections, embedded vs Mosquitto, QoS 0 and 1
   outage.csv     `cargo bench --bench load -- outage ...`: one row per second
                  -> outage.png, mqbridge's RSS and the spool's size over time
-  latency-*.csv  columns rate,p50_ms,p99_ms,max_ms -> latency-*.png, latency against rate
+  latency*.csv   `pg-latency ... --csv target/bench`: latency.csv (rate,spool,run,p50_ms,
+                 p99_ms,max_ms) -> latency.png, p50/p99/max (median of the runs) against
+                 the rate, spool and no spool; latency-timeline-*.csv (second,p50_ms,...)
+                 -> the same name .png, against the time of sending
 
 Needs python3 (standard library only) and gnuplot (Debian: apt-get install gnuplot-nox).
 """
@@ -104,54 +108,72 @@ set key top left
 
 
 def latency(path, out):
-    pts = sorted(
-        (float(r["rate"]), float(r["p50_ms"]), float(r["p99_ms"]), float(r["max_ms"]))
-        for r in rows(path)
-    )
+    """A `pg-latency` CSV: `latency.csv` (rate,spool,run,p50_ms,p99_ms,max_ms: medians of
+    the runs against the rate, per spool setting) or a `latency-timeline-*.csv`
+    (second,p50_ms,p99_ms,max_ms: against the send time)."""
+    data = rows(path)
     name = os.path.basename(path)[: -len(".csv")]
+    if data and "second" in data[0]:
+        x, xlabel, title = "second", "seconds since the first publish", "latency over the run"
+        series = {"": [(float(r["second"]), float(r["p50_ms"]), float(r["p99_ms"]), float(r["max_ms"])) for r in data]}
+    else:
+        x, xlabel, title = "rate", "messages/s offered", "latency against offered rate (median of the runs)"
+        cells = {}
+        for r in data:
+            spool = {"true": "spool", "false": "no spool"}.get(r.get("spool", ""), r.get("spool", ""))
+            key = (spool, float(r["rate"]))
+            cells.setdefault(key, []).append((float(r["p50_ms"]), float(r["p99_ms"]), float(r["max_ms"])))
+        series = {}
+        for (spool, rate), v in sorted(cells.items()):
+            series.setdefault(spool, []).append(
+                (rate,) + tuple(statistics.median(c[i] for c in v) for i in range(3))
+            )
+    plots = []
+    for i, label in enumerate(series):
+        prefix = f"{label}, " if label else ""
+        for col, q in ((2, "p50"), (3, "p99"), (4, "max")):
+            plots.append(f"'s{i}.dat' using 1:{col} with linespoints title '{prefix}{q}'")
     gnuplot(
         f"""set terminal pngcairo size 900,560 font ',11'
 set output '{os.path.abspath(out)}'
-set title '{name}: latency against offered rate'
-set xlabel 'messages/s offered'
-set ylabel 'latency (ms)'
+set title '{name}: {title}'
+set xlabel '{xlabel}'
+set ylabel 'publish -> stored (ms)'
 set logscale y
 set grid
-set key top left
-plot 'l.dat' using 1:2 with linespoints title 'p50', \\
-     'l.dat' using 1:3 with linespoints title 'p99', \\
-     'l.dat' using 1:4 with linespoints title 'max'
+set key outside right
+plot {", ".join(plots)}
 """,
-        {"l.dat": pts},
+        {f"s{i}.dat": pts for i, pts in enumerate(series.values())},
     )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--in", dest="src", default="target/load", help="directory of the CSVs")
+    ap.add_argument(
+        "--in", dest="src", action="append",
+        help="a directory of CSVs (repeatable; default: target/load and target/bench)",
+    )
     ap.add_argument("--out", default="docs/bench", help="directory for the PNGs")
     args = ap.parse_args()
     if shutil.which("gnuplot") is None:
         sys.exit("plot-bench: gnuplot is not installed; on Debian: apt-get install gnuplot-nox")
     os.makedirs(args.out, exist_ok=True)
-    jobs = [("fanin.csv", fanin, "fanin.png"), ("outage.csv", outage, "outage.png")]
-    listing = sorted(os.listdir(args.src)) if os.path.isdir(args.src) else []
-    jobs += [
-        (f, latency, f[: -len(".csv")] + ".png")
-        for f in listing
-        if f.startswith("latency-") and f.endswith(".csv")
-    ]
     made = 0
-    for src, plot, png in jobs:
-        path = os.path.join(args.src, src)
-        if not os.path.exists(path):
-            print(f"plot-bench: no {path}, skipped")
-            continue
-        plot(path, os.path.join(args.out, png))
-        print(f"plot-bench: {path} -> {os.path.join(args.out, png)}")
-        made += 1
+    for src in args.src or ["target/load", "target/bench"]:
+        listing = sorted(os.listdir(src)) if os.path.isdir(src) else []
+        jobs = [("fanin.csv", fanin), ("outage.csv", outage)]
+        jobs += [(f, latency) for f in listing if f.startswith("latency") and f.endswith(".csv")]
+        for name, plot in jobs:
+            path = os.path.join(src, name)
+            if not os.path.exists(path):
+                continue
+            png = os.path.join(args.out, name[: -len(".csv")] + ".png")
+            plot(path, png)
+            print(f"plot-bench: {path} -> {png}")
+            made += 1
     if made == 0:
-        sys.exit(f"plot-bench: no CSV in {args.src}")
+        sys.exit("plot-bench: no fanin.csv, outage.csv or latency*.csv found")
 
 
 if __name__ == "__main__":
