@@ -1,4 +1,4 @@
-//! End-to-end load tool, in three modes (BENCHMARKS.md records the commands and figures):
+//! End-to-end load tool, in seven modes (BENCHMARKS.md records the commands and figures):
 //!
 //! - **db** (the default): numbered QoS 1 messages through a running mqbridge into
 //!   PostgreSQL or SQLite; the publish rate and the rate until every row is stored.
@@ -6,6 +6,12 @@
 //!   4 publishers → 1 subscriber, QoS 0 and 1, 100-byte payloads, with 0 or thousands
 //!   of idle connections open; lost and duplicated messages, msg/s, latency p50/p99/max,
 //!   and the broker's RSS per idle connection. The tool starts both brokers itself.
+//! - **webhook**: mqbridge (embedded broker, spool, one rule) → its webhook sink → a
+//!   receiver in this process, unbatched and batched, beside wrk against the same
+//!   receiver; records/s, lost and duplicated records, latency p50/p99.
+//! - **outage**: the same bridge publishing at a fixed rate while the receiver is down
+//!   (503), then the drain: mqbridge's RSS and the spool's size every second into a CSV,
+//!   drain time, lost and duplicated records.
 //! - **pg** and **pg-latency**: mqbridge as the broker, with or without the spool, into
 //!   a PostgreSQL the tool starts: rows/s beside `COPY` of the same rows, and publish →
 //!   row latency at fixed rates (see `pg`).
@@ -15,18 +21,23 @@
 //! cargo bench --bench load -- --port 1883 --messages 100000 --publishers 4 \
 //!     --postgres postgres://postgres@127.0.0.1:5432/bench --count "select count(*) from readings"
 //! cargo bench --bench load -- fanin --qos 0,1 --idle 0,5000,18000 --runs 3 --messages 200000
+//! cargo bench --bench load -- webhook --runs 3 --messages 40000
+//! cargo bench --bench load -- outage --rate 2000 --minutes 10 --csv target/load/outage.csv
 //! cargo bench --bench load -- pg --spool on,off --runs 3 --messages 200000
 //! cargo bench --bench load -- pg-latency --rates 1000,10000 --seconds 20 --csv target/bench
 //! ```
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a smoke pass instead:
-//! a few hundred messages per broker and QoS with a few idle connections, failing on any
-//! message lost or duplicated, and asserting nothing about time.
+//! a few hundred messages per broker and QoS with a few idle connections, and a few
+//! hundred records through the webhook sink, failing on any message lost or duplicated,
+//! and asserting nothing about time.
 //!
 //! The modules, in the order a fan-in run uses them: `brokers` (start the broker under
 //! test), `idle` (the idle connections, held by child processes), `fanin` (publishers,
-//! subscriber and their tally) over `mqtt` (a minimal raw MQTT 3.1.1 client), and
-//! `matrix` (every scenario on every broker, interleaved, and the summary table).
+//! subscriber) over `publisher`, `tally` and `mqtt` (a minimal raw MQTT 3.1.1 client),
+//! and `matrix` (every scenario on every broker, interleaved, and the summary table).
+//! The webhook mode: `webhook` (the scenario, its variants and their table) with
+//! `receiver` (the HTTP receiver) and `wrk` (its ceiling); `outage` uses the first two.
 
 mod brokers;
 mod db;
@@ -35,7 +46,13 @@ mod flags;
 mod idle;
 mod matrix;
 mod mqtt;
+mod outage;
 mod pg;
+mod publisher;
+mod receiver;
+mod tally;
+mod webhook;
+mod wrk;
 
 use std::time::Duration;
 
@@ -59,6 +76,12 @@ async fn main() -> anyhow::Result<()> {
             println!("\n{}", matrix::summary(&all));
             Ok(())
         }
+        Some("webhook") => {
+            let all = webhook::run(&webhook::Args::parse(Flags::new(args.split_off(1)))).await?;
+            println!("\n{}", webhook::summary(&all));
+            Ok(())
+        }
+        Some("outage") => outage::run(&outage::Args::parse(Flags::new(args.split_off(1)))).await,
         Some("pg") => pg::throughput(Flags::new(args.split_off(1))).await,
         Some("pg-latency") => pg::latency(Flags::new(args.split_off(1))).await,
         Some("db") => {
@@ -74,8 +97,9 @@ async fn main() -> anyhow::Result<()> {
 
 /// The test command's pass: the fan-in tool end to end on a tiny scale, against the
 /// embedded broker (the debug build cargo made for the tests) and Mosquitto when it is
-/// installed, then the `pg` scenario into the tests' PostgreSQL when there is one. Fails
-/// on any message lost or duplicated; no timing is checked.
+/// installed, then a few hundred records through the webhook sink, then the `pg`
+/// scenario into the tests' PostgreSQL when there is one. Fails on any message lost or
+/// duplicated; no timing is checked.
 async fn smoke() -> anyhow::Result<()> {
     let programs = Programs::default();
     let mut brokers = vec![Kind::Embedded];
@@ -105,8 +129,10 @@ async fn smoke() -> anyhow::Result<()> {
         },
         idle_per_process: 10,
         programs,
+        csv: None,
     };
     let all = matrix.run().await?;
+    webhook_smoke().await?;
     for m in &all {
         anyhow::ensure!(
             m.outcome.lost == 0 && m.outcome.duplicated == 0,
@@ -124,4 +150,24 @@ async fn smoke() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The webhook mode on a tiny scale: 400 records through the sink unbatched and batched,
+/// failing on any record lost or duplicated; no timing is checked.
+async fn webhook_smoke() -> anyhow::Result<()> {
+    let args = webhook::Args {
+        messages: 400,
+        ..webhook::Args::default()
+    };
+    for variant in [webhook::Variant::Unbatched, webhook::Variant::Batched(100)] {
+        let m = webhook::measure(&args, variant).await?;
+        println!("webhook smoke: {}", m.line());
+        anyhow::ensure!(
+            m.lost == 0 && m.duplicated == 0,
+            "webhook {variant:?}: {} lost, {} duplicated",
+            m.lost,
+            m.duplicated
+        );
+    }
+    Ok(())
 }

@@ -3,10 +3,14 @@
 //! machine busy with something else slows every cell alike. Each measurement gets a
 //! freshly started broker; with idle connections, its RSS is read before and after they
 //! connect. Prints each measurement as it ends, then a table of medians [min–max] with
-//! the embedded broker's ratio to Mosquitto.
+//! the embedded broker's ratio to Mosquitto; with `--csv PATH`, every measurement as a
+//! CSV line too.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use anyhow::Context;
 
 use crate::brokers::{Broker, Kind, Programs};
 use crate::fanin::{self, Outcome, Payload, Scenario};
@@ -22,6 +26,8 @@ pub struct Matrix {
     pub scenario: Scenario,
     pub idle_per_process: usize,
     pub programs: Programs,
+    /// Where to write every measurement as CSV (`--csv`), for `scripts/plot-bench.py`.
+    pub csv: Option<PathBuf>,
 }
 
 impl Matrix {
@@ -45,6 +51,7 @@ impl Matrix {
             },
             idle_per_process: 6_000,
             programs: Programs::default(),
+            csv: None,
         };
         let mut messages = 200_000;
         while let Some(flag) = flags.next_flag() {
@@ -61,6 +68,7 @@ impl Matrix {
                 "--idle-per-process" => m.idle_per_process = flags.value(&flag),
                 "--mqbridge" => m.programs.mqbridge = flags.value::<String>(&flag).into(),
                 "--mosquitto" => m.programs.mosquitto = flags.value::<String>(&flag).into(),
+                "--csv" => m.csv = Some(flags.value::<String>(&flag).into()),
                 other => panic!("unknown flag {other}"),
             }
         }
@@ -77,12 +85,15 @@ impl Matrix {
                     for &broker in &self.brokers {
                         let m = self.measure(broker, qos, idle).await?;
                         println!("run {run}: {}", m.line());
-                        all.push(m);
+                        all.push((run, m));
                     }
                 }
             }
         }
-        Ok(all)
+        if let Some(path) = &self.csv {
+            write_csv(path, &all)?;
+        }
+        Ok(all.into_iter().map(|(_, m)| m).collect())
     }
 
     async fn measure(&self, kind: Kind, qos: u8, idle: usize) -> anyhow::Result<Measurement> {
@@ -151,12 +162,43 @@ impl Measurement {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+/// One line per measurement (run number, cell, and what `line` prints).
+fn write_csv(path: &Path, all: &[(usize, Measurement)]) -> anyhow::Result<()> {
+    let mut out = String::from(
+        "broker,qos,idle,run,msg_per_s,published_per_s,lost,duplicated,p50_ms,p99_ms,max_ms,rss_per_idle_kib\n",
+    );
+    for (run, m) in all {
+        let o = &m.outcome;
+        let _ = writeln!(
+            out,
+            "{},{},{},{run},{:.0},{:.0},{},{},{:.3},{:.3},{:.3},{}",
+            m.broker.name(),
+            m.qos,
+            m.idle,
+            o.delivered_per_s,
+            o.published_per_s,
+            o.lost,
+            o.duplicated,
+            ms(o.p50),
+            ms(o.p99),
+            ms(o.max),
+            m.rss_per_idle_kib()
+                .map(|k| format!("{k:.2}"))
+                .unwrap_or_default(),
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// Median, min and max.
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+pub fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }

@@ -55,9 +55,9 @@ pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
     )
 }
 
-/// How a value is turned into text for a column.
+/// How a value is turned into text for a column (public for `benches/pipeline.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Class {
+pub enum Class {
     Bool,
     Timestamp,
     Date,
@@ -415,8 +415,9 @@ struct Prepared<'b> {
     values: Vec<Option<String>>,
 }
 
-/// A JSON value as the text PostgreSQL will cast to the column's type.
-fn to_text(
+/// A JSON value as the text PostgreSQL will cast to the column's type (public for
+/// `benches/pipeline.rs`).
+pub fn to_text(
     v: &serde_json::Value,
     class: Class,
     unit: Option<TimeUnit>,
