@@ -126,6 +126,31 @@ impl Broker {
         .await
     }
 
+    /// mqbridge as a client of the broker at `broker` (its `broker:` block, a fixed client
+    /// id), with `more` config after it; the port it is started on is its admin API's
+    /// (what `spawn` waits for: the process is up, not yet subscribed).
+    pub async fn client_of(
+        programs: &Programs,
+        broker: SocketAddr,
+        more: impl FnOnce(&Path) -> String,
+    ) -> anyhow::Result<Broker> {
+        Broker::spawn("mqbridge", |dir, port| {
+            let config = dir.join("mqbridge.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "broker:\n  url: mqtt://{broker}\n  client_id: load-bridge-{port}\n\
+                     admin:\n  listen: 127.0.0.1:{port}\nshutdown_timeout: 1s\n{}",
+                    more(dir)
+                ),
+            )?;
+            let mut cmd = Command::new(&programs.mqbridge);
+            cmd.arg("run").arg("--config").arg(config);
+            Ok(cmd)
+        })
+        .await
+    }
+
     /// Starts the command `make` builds (given a directory of the broker's own and its
     /// port), logging to that directory, and waits until the port takes connections.
     async fn spawn(

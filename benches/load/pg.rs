@@ -31,9 +31,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, ensure};
 use sqlx::{Connection, PgConnection};
 
-use crate::brokers::{Broker, Programs, free_port};
-use crate::fanin::{Payload, Publishers, Scenario};
+use crate::brokers::{Broker, Kind, Programs, free_port};
+use crate::fanin::{self, Payload, Publishers, Scenario};
 use crate::flags::Flags;
+use crate::mqtt::{self, Client};
 
 const TABLE: &str = "CREATE TABLE load_readings (device text, seq bigint, temp double precision, \
     body jsonb, sent_us bigint, stored_at timestamptz NOT NULL DEFAULT clock_timestamp())";
@@ -91,6 +92,8 @@ struct Args {
     postgres: Option<String>,
     programs: Programs,
     csv: Option<PathBuf>,
+    /// Publish through Mosquitto, mqbridge its client (else mqbridge is the broker).
+    external: bool,
 }
 
 fn parse(mut flags: Flags) -> Args {
@@ -108,6 +111,7 @@ fn parse(mut flags: Flags) -> Args {
         postgres: None,
         programs: Programs::default(),
         csv: None,
+        external: false,
     };
     while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
@@ -130,6 +134,7 @@ fn parse(mut flags: Flags) -> Args {
             "--postgres" => a.postgres = Some(flags.value(&flag)),
             "--mqbridge" => a.programs.mqbridge = flags.value::<String>(&flag).into(),
             "--csv" => a.csv = Some(flags.value::<String>(&flag).into()),
+            "--via" => a.external = flags.value::<Kind>(&flag) == Kind::Mosquitto,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -198,16 +203,30 @@ async fn publish_and_store(
     sqlx::raw_sql("TRUNCATE load_readings")
         .execute(&mut *db)
         .await?;
-    let bridge = Broker::bridge(&a.programs, |dir| a.bridge_config(url, spool, dir)).await?;
+    // Publishers connect to `to`: mqbridge, or the Mosquitto it reads from.
+    let (bridge, to, _mosquitto) = if a.external {
+        let mosquitto = Broker::start(Kind::Mosquitto, &a.programs).await?;
+        let bridge = Broker::client_of(&a.programs, mosquitto.addr, |dir| {
+            a.bridge_config(url, spool, dir)
+        })
+        .await?;
+        subscribed(db, mosquitto.addr).await?;
+        (bridge, mosquitto.addr, Some(mosquitto))
+    } else {
+        let bridge = Broker::bridge(&a.programs, |dir| a.bridge_config(url, spool, dir)).await?;
+        let addr = bridge.addr;
+        (bridge, addr, None)
+    };
     let start_us = now_us()?;
-    let publishers = Publishers::start(bridge.addr, s, Instant::now()).await?;
+    let publishers = Publishers::start(to, s, Instant::now()).await?;
     publishers.finish(s.stall).await?;
     let sent = s.messages_per_publisher * s.publishers as u64;
     let (mut last, mut since) = (0, Instant::now());
     loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM load_readings")
-            .fetch_one(&mut *db)
-            .await?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM load_readings WHERE device <> 'probe'")
+                .fetch_one(&mut *db)
+                .await?;
         if n as u64 >= sent {
             break;
         }
@@ -222,7 +241,8 @@ async fn publish_and_store(
     drop(bridge);
     let (rows, distinct, end_us): (i64, i64, f64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT (device, seq)), \
-         coalesce(extract(epoch FROM max(stored_at))::float8 * 1e6, 0) FROM load_readings",
+         coalesce(extract(epoch FROM max(stored_at))::float8 * 1e6, 0) FROM load_readings \
+         WHERE device <> 'probe'",
     )
     .fetch_one(&mut *db)
     .await?;
@@ -233,6 +253,35 @@ async fn publish_and_store(
         rows_per_s: distinct as f64 / ((end_us - start_us as f64) / 1e6),
     };
     Ok((stored, start_us))
+}
+
+/// Waits until mqbridge, a client of the broker at `broker`, has subscribed: publishes a
+/// probe (`fanin/probe`, QoS 0: lost while nobody subscribes) every 100 ms until its row
+/// is in the table. Probe rows are left out of every count.
+async fn subscribed(db: &mut PgConnection, broker: std::net::SocketAddr) -> anyhow::Result<()> {
+    let mut c = Client::connect(broker, &format!("load-probe-{}", std::process::id()), 0).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut out = bytes::BytesMut::new();
+        mqtt::put_publish(&mut out, "fanin/probe", 0, 0, 64, |p| {
+            let json = br#"{"seq":0,"sent_us":0,"temp":0}"#;
+            p[..json.len()].copy_from_slice(json);
+            p[json.len()..].fill(b' ');
+        });
+        tokio::io::AsyncWriteExt::write_all(&mut c.socket, &out).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM load_readings WHERE device = 'probe'")
+                .fetch_one(&mut *db)
+                .await?;
+        if n > 0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "mqbridge did not subscribe in 30 s"
+        );
+    }
 }
 
 /// The ceiling: the same rows by one `COPY … FROM STDIN`; rows per second.
@@ -297,6 +346,9 @@ pub async fn throughput(flags: Flags) -> anyhow::Result<()> {
         .map(|&on| (format!("mqbridge, {}", spool_name(on)), Vec::new()))
         .collect();
     results.push(("COPY".into(), Vec::new()));
+    if a.external {
+        results.push(("Mosquitto fan-in to one subscriber".into(), Vec::new()));
+    }
     for run in 1..=a.runs {
         for (i, &on) in a.spool.iter().enumerate() {
             let (st, _) = publish_and_store(&a, &mut db, &url, on, &s).await?;
@@ -312,17 +364,36 @@ pub async fn throughput(flags: Flags) -> anyhow::Result<()> {
         }
         let c = copy(&mut db, &s).await?;
         println!("run {run}: COPY:               {c:>9.0} rows/s");
-        results.last_mut().expect("COPY's row").1.push(c);
+        results[a.spool.len()].1.push(c);
+        if a.external {
+            // The same publishers, Mosquitto alone, a plain QoS 1 subscriber.
+            let mosquitto = Broker::start(Kind::Mosquitto, &a.programs).await?;
+            let plain = Scenario {
+                payload: Payload::Stamp,
+                ..s.clone()
+            };
+            let f = fanin::run(mosquitto.addr, &plain).await?;
+            println!(
+                "run {run}: Mosquitto fan-in:   {:>9.0} msg/s, lost {}, duplicated {}",
+                f.delivered_per_s, f.lost, f.duplicated
+            );
+            results[a.spool.len() + 1].1.push(f.delivered_per_s);
+        }
     }
-    let copy_median = median(&results.last().expect("COPY's row").1);
-    println!("\n| what | rows/s, median [min–max] | × COPY |\n|---|---|---|");
+    let ceilings: Vec<(&str, f64)> = results[a.spool.len()..]
+        .iter()
+        .map(|(name, v)| (name.as_str(), median(v)))
+        .collect();
+    let header: String = ceilings.iter().map(|(n, _)| format!(" × {n} |")).collect();
+    println!("\n| what | rows/s, median [min–max] |{header}");
+    println!("|---|---|{}", "---|".repeat(ceilings.len()));
     for (name, v) in &results {
         let (lo, hi) = min_max(v);
-        println!(
-            "| {name} | {:.0} [{lo:.0}–{hi:.0}] | {:.2} |",
-            median(v),
-            median(v) / copy_median
-        );
+        let ratios: String = ceilings
+            .iter()
+            .map(|(_, c)| format!(" {:.2} |", median(v) / c))
+            .collect();
+        println!("| {name} | {:.0} [{lo:.0}–{hi:.0}] |{ratios}", median(v));
     }
     Ok(())
 }
