@@ -12,9 +12,10 @@
 //! - **outage**: the same bridge publishing at a fixed rate while the receiver is down
 //!   (503), then the drain: mqbridge's RSS and the spool's size every second into a CSV,
 //!   drain time, lost and duplicated records.
-//! - **pg** and **pg-latency**: mqbridge as the broker, with or without the spool, into
-//!   a PostgreSQL the tool starts: rows/s beside `COPY` of the same rows, and publish →
-//!   row latency at fixed rates (see `pg`).
+//! - **pg** and **pg-latency**: mqbridge as the broker (or, `--via mosquitto`, as the
+//!   client of a Mosquitto the tool starts), with or without the spool, into a PostgreSQL
+//!   the tool starts: rows/s beside `COPY` of the same rows (and beside Mosquitto's own
+//!   fan-in), and publish → row latency at fixed rates (see `pg`).
 //! - **hold-idle**: internal, a child process holding idle connections for `fanin`.
 //!
 //! ```text

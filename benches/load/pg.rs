@@ -1,7 +1,8 @@
 //! Into PostgreSQL, each scenario beside its ceiling in the same run. The tool starts a
 //! throwaway PostgreSQL itself (`scripts/postgres.sh`: a temp directory, a free loopback
 //! port, `fsync=off` as for the tests) unless given `--postgres URL`, and a fresh mqbridge
-//! for every measurement: the embedded broker, a rule, and a `postgres` sink into
+//! for every measurement: the embedded broker (or a client of Mosquitto), a rule, and a
+//! `postgres` sink into
 //!
 //! ```sql
 //! load_readings (device text, seq bigint, temp float8, body jsonb, sent_us bigint,
@@ -17,7 +18,10 @@
 //! - **throughput** (`pg`): `--messages` as fast as the broker takes them; rows/s from the
 //!   first publish to the last row inserted. Beside it, `COPY … FROM STDIN` of the same
 //!   rows into the same table (one COPY, on one connection; the rows' text made before
-//!   the clock starts): what the server takes at most.
+//!   the clock starts): what the server takes at most. With `--via mosquitto` the
+//!   publishers send to a Mosquitto the tool starts and mqbridge is its client; then
+//!   Mosquitto's own fan-in of the same publishers to one plain subscriber is measured
+//!   beside it too.
 //! - **latency** (`pg-latency`): at fixed rates (`--rates 1000,10000` msg/s in all, from
 //!   `--publishers`), for `--seconds`; p50/p99/max of publish → row inserted over the
 //!   messages sent after the first second, and the same per 100 ms of send time into a
