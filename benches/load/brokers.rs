@@ -108,21 +108,17 @@ impl Broker {
         programs: &Programs,
         more: impl FnOnce(&Path) -> String,
     ) -> anyhow::Result<Broker> {
-        Broker::spawn(Kind::Embedded.name(), |dir, port| {
-            let config = dir.join("mqbridge.yaml");
-            std::fs::write(
-                &config,
+        Broker::mqbridge(
+            programs,
+            |port| {
                 format!(
                     "embedded:\n  listen: 127.0.0.1:{port}\n  allow_anonymous: true\n  \
-                     max_connections: {MAX_CONNECTIONS}\n  max_inflight: {MAX_INFLIGHT}\n  \
-                     max_queued_messages: {MAX_QUEUED}\nshutdown_timeout: 1s\n{}",
-                    more(dir)
-                ),
-            )?;
-            let mut cmd = Command::new(&programs.mqbridge);
-            cmd.arg("run").arg("--config").arg(config);
-            Ok(cmd)
-        })
+                 max_connections: {MAX_CONNECTIONS}\n  max_inflight: {MAX_INFLIGHT}\n  \
+                 max_queued_messages: {MAX_QUEUED}\n"
+                )
+            },
+            more,
+        )
         .await
     }
 
@@ -134,16 +130,29 @@ impl Broker {
         broker: SocketAddr,
         more: impl FnOnce(&Path) -> String,
     ) -> anyhow::Result<Broker> {
-        Broker::spawn("mqbridge", |dir, port| {
-            let config = dir.join("mqbridge.yaml");
-            std::fs::write(
-                &config,
+        Broker::mqbridge(
+            programs,
+            |port| {
                 format!(
                     "broker:\n  url: mqtt://{broker}\n  client_id: load-bridge-{port}\n\
-                     admin:\n  listen: 127.0.0.1:{port}\nshutdown_timeout: 1s\n{}",
-                    more(dir)
-                ),
-            )?;
+                 admin:\n  listen: 127.0.0.1:{port}\n"
+                )
+            },
+            more,
+        )
+        .await
+    }
+
+    /// mqbridge with the config `head` writes for the port it listens on, then `more`.
+    async fn mqbridge(
+        programs: &Programs,
+        head: impl FnOnce(u16) -> String,
+        more: impl FnOnce(&Path) -> String,
+    ) -> anyhow::Result<Broker> {
+        Broker::spawn("mqbridge", |dir, port| {
+            let config = dir.join("mqbridge.yaml");
+            let text = format!("{}shutdown_timeout: 1s\n{}", head(port), more(dir));
+            std::fs::write(&config, text)?;
             let mut cmd = Command::new(&programs.mqbridge);
             cmd.arg("run").arg("--config").arg(config);
             Ok(cmd)
