@@ -141,66 +141,75 @@ fn key(k: &'static str) -> Val {
 }
 
 /// A string from borrowed text (a topic segment, a variable, a property).
-fn text(s: &str) -> Val {
+pub fn text(s: &str) -> Val {
     Val::utf8_str(Bytes::copy_from_slice(s.as_bytes()))
 }
+
+/// The keys of the value filters and transforms run on (DESIGN.md §2), in its order.
+const CONTEXT: [&str; 11] = [
+    "topic",
+    "segments",
+    "vars",
+    "payload",
+    "raw",
+    "qos",
+    "retain",
+    "properties",
+    "client_id",
+    "received_at",
+    "timestamp_ms",
+];
 
 /// The value filters and transforms run on (DESIGN.md §2): `topic`, `segments`, `vars`,
 /// `payload`, `raw`, `qos`, `retain`, `properties`, `client_id`, `received_at`,
 /// `timestamp_ms`.
 pub fn context(msg: &Message, vars: &[(&str, &str)], payload: Val) -> Val {
-    let segments: Val = msg.topic.split('/').map(text).collect();
-    let vars = Val::obj(vars.iter().map(|(k, v)| (text(k), text(v))).collect());
-    let raw = match std::str::from_utf8(&msg.payload) {
-        Ok(_) => Val::utf8_str(msg.payload.clone()),
-        Err(_) => Val::Null,
-    };
-    let p = &msg.properties;
-    let opt = |s: &Option<String>| s.as_deref().map(text).unwrap_or(Val::Null);
-    let properties = Val::obj(
-        [
-            (
-                key("user_properties"),
-                Val::obj(
-                    p.user_properties
-                        .iter()
-                        .map(|(k, v)| (text(k), text(v)))
-                        .collect(),
-                ),
-            ),
-            (key("content_type"), opt(&p.content_type)),
-            (key("response_topic"), opt(&p.response_topic)),
-            (
-                key("correlation_data"),
-                p.correlation_data
-                    .as_ref()
-                    .map(|b| Val::byte_str(b.clone()))
-                    .unwrap_or(Val::Null),
-            ),
-        ]
-        .into_iter()
-        .collect(),
-    );
     Val::obj(
-        [
-            (key("topic"), text(&msg.topic)),
-            (key("segments"), segments),
-            (key("vars"), vars),
-            (key("payload"), payload),
-            (key("raw"), raw),
-            (key("qos"), Val::from(msg.qos as isize)),
-            (key("retain"), Val::Bool(msg.retain)),
-            (key("properties"), properties),
-            (key("client_id"), opt(&msg.client_id)),
-            (key("received_at"), Val::from(rfc3339(msg.received_at))),
-            (
-                key("timestamp_ms"),
-                Val::from(msg.received_at.as_millisecond() as isize),
-            ),
-        ]
-        .into_iter()
-        .collect(),
+        CONTEXT
+            .iter()
+            .map(|&name| (key(name), context_field(msg, vars, &payload, name)))
+            .collect(),
     )
+}
+
+/// One key of the [`context`], made on its own (null for a key it does not have, as jq
+/// reads a missing key): what a path-picking transform takes ([`picks`]).
+pub fn context_field(msg: &Message, vars: &[(&str, &str)], payload: &Val, name: &str) -> Val {
+    let opt = |s: &Option<String>| s.as_deref().map(text).unwrap_or(Val::Null);
+    match name {
+        "topic" => text(&msg.topic),
+        "segments" => msg.topic.split('/').map(text).collect(),
+        "vars" => Val::obj(vars.iter().map(|(k, v)| (text(k), text(v))).collect()),
+        "payload" => payload.clone(),
+        "raw" => match std::str::from_utf8(&msg.payload) {
+            Ok(_) => Val::utf8_str(msg.payload.clone()),
+            Err(_) => Val::Null,
+        },
+        "qos" => Val::from(msg.qos as isize),
+        "retain" => Val::Bool(msg.retain),
+        "properties" => {
+            let p = &msg.properties;
+            let user = p.user_properties.iter().map(|(k, v)| (text(k), text(v)));
+            let correlation = p
+                .correlation_data
+                .as_ref()
+                .map(|b| Val::byte_str(b.clone()));
+            Val::obj(
+                [
+                    (key("user_properties"), Val::obj(user.collect())),
+                    (key("content_type"), opt(&p.content_type)),
+                    (key("response_topic"), opt(&p.response_topic)),
+                    (key("correlation_data"), correlation.unwrap_or(Val::Null)),
+                ]
+                .into_iter()
+                .collect(),
+            )
+        }
+        "client_id" => opt(&msg.client_id),
+        "received_at" => Val::from(rfc3339(msg.received_at)),
+        "timestamp_ms" => Val::from(msg.received_at.as_millisecond() as isize),
+        _ => Val::Null,
+    }
 }
 
 /// RFC 3339 UTC with millisecond precision, e.g. `2026-11-26T03:00:00.123Z`.

@@ -1,9 +1,10 @@
 //! The common transform without the interpreter: a program that only picks values out of
 //! the message, `.payload` or `{device: .vars.device, temp: .payload.temp, body: .payload}`,
-//! is recognized when it compiles and evaluated here, by walking the decoded payload, and
-//! without building the whole context object that jq programs see (DESIGN.md §2). That
-//! is most telemetry rules, and where jaq spent most of a message's time (BENCHMARKS.md,
-//! "The database path").
+//! is recognized when it compiles and evaluated here, by walking the decoded payload,
+//! without building the whole context object that jq programs see (DESIGN.md §2): each
+//! path's first key is made on its own, by the code that makes it for the context
+//! ([`super::context_field`]). That is most telemetry rules, and where jaq spent most of
+//! a message's time (BENCHMARKS.md, "The database path").
 //!
 //! **The subset.** A path (`.a.b`, `.a["b"]`, `."b"`, `.a[2]`, `.a[-1]`, starting at a
 //! context key), or an object literal whose keys are names or plain strings and whose
@@ -14,9 +15,9 @@
 //! missing key or index is null, null indexed is null, a negative index counts from the
 //! end. The tests compare both on the same messages.
 
-use bytes::Bytes;
 use jaq_json::Val;
 
+use super::text;
 use crate::message::Message;
 
 /// A transform in the subset.
@@ -114,39 +115,20 @@ impl Path {
     /// What the path points at; None where jq would fail.
     fn walk(&self, msg: &Message, vars: &[(&str, &str)], payload: &Val) -> Option<Val> {
         let mut steps = self.steps.iter();
-        let mut at = match self.root.as_str() {
-            "payload" => payload.clone(),
-            "vars" => match steps.next() {
-                // `.vars.name`: look it up without making the object.
-                Some(Step::Key(Val::TStr(name))) => vars
-                    .iter()
+        let mut at = match (self.root.as_str(), steps.clone().next()) {
+            // `.vars.name` and `.segments[i]`: one value, without making the whole.
+            ("vars", Some(Step::Key(Val::TStr(name)))) => {
+                steps.next();
+                vars.iter()
                     .find(|(k, _)| k.as_bytes() == &***name)
-                    .map_or(Val::Null, |(_, v)| text(v)),
-                Some(_) => return None,
-                None => Val::obj(vars.iter().map(|(k, v)| (text(k), text(v))).collect()),
-            },
-            "topic" => text(&msg.topic),
-            "segments" => match steps.next() {
-                Some(Step::Index(i)) => {
-                    let segments: Vec<&str> = msg.topic.split('/').collect();
-                    index(segments.len(), *i).map_or(Val::Null, |i| text(segments[i]))
-                }
-                Some(_) => return None,
-                None => msg.topic.split('/').map(text).collect(),
-            },
-            "raw" => match std::str::from_utf8(&msg.payload) {
-                Ok(_) => Val::utf8_str(msg.payload.clone()),
-                Err(_) => Val::Null,
-            },
-            "qos" => Val::from(msg.qos as isize),
-            "retain" => Val::Bool(msg.retain),
-            "client_id" => msg.client_id.as_deref().map_or(Val::Null, text),
-            "received_at" => Val::from(super::rfc3339(msg.received_at)),
-            "timestamp_ms" => Val::from(msg.received_at.as_millisecond() as isize),
-            // Nested and rare: jq builds them.
-            "properties" => return None,
-            // Not in the context: null, and null indexed is null.
-            _ => Val::Null,
+                    .map_or(Val::Null, |(_, v)| text(v))
+            }
+            ("segments", Some(Step::Index(i))) => {
+                steps.next();
+                let segments: Vec<&str> = msg.topic.split('/').collect();
+                index(segments.len(), *i).map_or(Val::Null, |i| text(segments[i]))
+            }
+            (root, _) => super::context_field(msg, vars, payload, root),
         };
         for step in steps {
             at = match (&at, step) {
@@ -166,10 +148,6 @@ impl Path {
 fn index(len: usize, i: isize) -> Option<usize> {
     let i = if i < 0 { len as isize + i } else { i };
     (0..len as isize).contains(&i).then_some(i as usize)
-}
-
-fn text(s: &str) -> Val {
-    Val::utf8_str(Bytes::copy_from_slice(s.as_bytes()))
 }
 
 /// A hand parser for the subset: it accepts what jq reads the same way, and gives up
@@ -329,6 +307,7 @@ mod tests {
             "{device: .vars.device, nothing: .vars.nope, temp: .payload.temp, body: .payload}",
             "{t: .topic, s: .segments[1], last: .segments[-1], far: .segments[9], q: .qos, r: .retain}",
             "{c: .client_id, at: .received_at, ms: .timestamp_ms, raw: .raw}",
+            "{p: .properties, ct: .properties.content_type, u: .properties.user_properties}",
             "{a: .payload.a, a: .payload.temp}",
         ];
         let payloads: [&[u8]; 7] = [
