@@ -46,6 +46,11 @@ impl Template {
         &self.source
     }
 
+    /// Whether the template is plain text: it renders to its source, whatever the context.
+    pub fn is_plain(&self) -> bool {
+        self.env.is_none()
+    }
+
     /// Renders against any serializable context.
     pub fn render(&self, ctx: &impl serde::Serialize) -> Result<String, String> {
         let Some(env) = &self.env else {

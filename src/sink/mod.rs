@@ -65,25 +65,52 @@ impl Origin {
     }
 
     /// The context string templates render against: `id`, `topic`, `segments`, `vars`, `qos`,
-    /// `retain`, `received_at`, `timestamp_ms`, `rule` and the `record` itself.
-    pub fn template_context(&self, record: &serde_json::Value) -> serde_json::Value {
-        let vars: serde_json::Map<String, serde_json::Value> = self
-            .vars
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
-            .collect();
-        serde_json::json!({
-            "id": self.id,
-            "topic": self.topic,
-            "segments": self.topic.split('/').collect::<Vec<_>>(),
-            "vars": vars,
-            "qos": self.qos,
-            "retain": self.retain,
-            "received_at": crate::rule::rfc3339(self.received_at),
-            "timestamp_ms": self.received_at.as_millisecond(),
-            "rule": &*self.rule,
-            "record": record,
-        })
+    /// `retain`, `received_at`, `timestamp_ms`, `rule` and the `record` itself. It
+    /// borrows the origin and the record: a template renders without a copy of either.
+    pub fn template_context<'a>(&'a self, record: &'a serde_json::Value) -> TemplateContext<'a> {
+        TemplateContext {
+            origin: self,
+            record,
+        }
+    }
+}
+
+/// [`Origin::template_context`]: serialized as the map templates see.
+pub struct TemplateContext<'a> {
+    origin: &'a Origin,
+    record: &'a serde_json::Value,
+}
+
+impl Serialize for TemplateContext<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        /// The capture variables, as a map.
+        struct Vars<'a>(&'a [(String, String)]);
+        impl Serialize for Vars<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+            }
+        }
+        /// The topic's levels, as a sequence.
+        struct Segments<'a>(&'a str);
+        impl Serialize for Segments<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.split('/'))
+            }
+        }
+        let o = self.origin;
+        let mut map = s.serialize_map(Some(10))?;
+        map.serialize_entry("id", &o.id)?;
+        map.serialize_entry("topic", &o.topic)?;
+        map.serialize_entry("segments", &Segments(&o.topic))?;
+        map.serialize_entry("vars", &Vars(&o.vars))?;
+        map.serialize_entry("qos", &o.qos)?;
+        map.serialize_entry("retain", &o.retain)?;
+        map.serialize_entry("received_at", &crate::rule::rfc3339(o.received_at))?;
+        map.serialize_entry("timestamp_ms", &o.received_at.as_millisecond())?;
+        map.serialize_entry("rule", &*o.rule)?;
+        map.serialize_entry("record", self.record)?;
+        map.end()
     }
 }
 
@@ -325,5 +352,47 @@ pub fn would(settings: &SinkSettings, origin: &Origin, record: &serde_json::Valu
         SinkSettings::Republish(s) => republish::would(s, origin, record),
         SinkSettings::File(s) => file::would(s, origin, record),
         SinkSettings::Webhook(s) => webhook::would(s, origin, record),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn the_template_context_holds_the_origin_and_the_record() {
+        let origin = Origin {
+            id: "abc".into(),
+            topic: "sensors/d1/temp".into(),
+            payload: Bytes::from_static(b"{}"),
+            qos: 1,
+            retain: true,
+            vars: vec![
+                ("device".into(), "d1".into()),
+                ("kind".into(), "temp".into()),
+            ],
+            received_at: jiff::Timestamp::from_millisecond(1_700_000_000_123).unwrap(),
+            rule: Arc::from("r"),
+            source: Arc::from("broker"),
+        };
+        let record = json!({"t": 21.5, "tags": ["a"]});
+        let ctx = serde_json::to_value(origin.template_context(&record)).unwrap();
+        assert_eq!(
+            ctx,
+            json!({
+                "id": "abc",
+                "topic": "sensors/d1/temp",
+                "segments": ["sensors", "d1", "temp"],
+                "vars": {"device": "d1", "kind": "temp"},
+                "qos": 1,
+                "retain": true,
+                "received_at": "2023-11-14T22:13:20.123Z",
+                "timestamp_ms": 1_700_000_000_123_i64,
+                "rule": "r",
+                "record": {"t": 21.5, "tags": ["a"]},
+            })
+        );
     }
 }

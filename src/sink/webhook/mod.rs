@@ -146,17 +146,17 @@ impl WebhookSink {
     }
 
     /// One request per record: the topics in parallel, each in order.
-    async fn write_each(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        let prepare = |d: &Delivery| {
+    async fn write_each<'a>(&'a self, batch: &'a [Delivery]) -> Vec<Outcome> {
+        let prepare = |d: &'a Delivery| {
             self.requests
                 .prepare(d)
-                .map(|r| (d.origin.topic.clone(), r))
+                .map(|r| (d.origin.topic.as_str(), r))
         };
         super::prepared(batch, prepare, move |prepared| async move {
             let mut topics: Vec<Vec<usize>> = Vec::new();
             let mut by_topic: HashMap<&str, usize> = HashMap::new();
             for (i, (topic, _)) in prepared.iter().enumerate() {
-                let t = *by_topic.entry(topic.as_str()).or_insert_with(|| {
+                let t = *by_topic.entry(topic).or_insert_with(|| {
                     topics.push(Vec::new());
                     topics.len() - 1
                 });

@@ -1,6 +1,8 @@
 //! A record's request: the templates compiled with the config ([`Requests`]), rendered
 //! against the record's context, its body signed; and the Idempotency-Key of a batch.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use reqwest::Url;
@@ -10,13 +12,15 @@ use sha2::{Digest, Sha256};
 use super::OpenError;
 use crate::config::sinks::webhook::{Header, IDEMPOTENCY_KEY, Method, Settings, Signature};
 use crate::rule::template::Template;
-use crate::sink::{Delivery, SinkError};
+use crate::sink::{Delivery, SinkError, TemplateContext};
 
 /// The settings' compiled templates, and the key bodies are signed with: renders the
 /// request of one record, or of a batch.
 pub(super) struct Requests {
     method: Method,
     url: Template,
+    /// The URL when its template is plain text, parsed once (not per record).
+    plain_url: Option<Url>,
     headers: Vec<Header>,
     /// None: the record as JSON (no body for GET).
     body: Option<Template>,
@@ -36,6 +40,11 @@ impl Requests {
             own_content_type: headers.iter().any(|h| h.header == header::CONTENT_TYPE),
             own_key: headers.iter().any(|h| h.header.as_str() == IDEMPOTENCY_KEY),
             url: settings.url.clone(),
+            plain_url: settings
+                .url
+                .is_plain()
+                .then(|| checked_url(settings.url.source()).ok())
+                .flatten(),
             headers,
             body: settings.body.clone(),
             signer: None,
@@ -60,25 +69,19 @@ impl Requests {
         })
     }
 
-    pub(super) fn url(&self, ctx: &serde_json::Value) -> Result<Url, SinkError> {
+    pub(super) fn url(&self, ctx: &TemplateContext) -> Result<Url, SinkError> {
+        if let Some(url) = &self.plain_url {
+            return Ok(url.clone());
+        }
         let text = self
             .url
             .render(ctx)
             .map_err(|e| SinkError::permanent(format!("url template: {e}")))?;
-        let url = Url::parse(&text)
-            .map_err(|e| SinkError::permanent(format!("rendered url is invalid: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(SinkError::permanent("rendered url is not http(s)"));
-        }
-        Ok(url)
+        checked_url(&text)
     }
 
     /// Content-Type, Idempotency-Key and the configured headers (not the signature).
-    pub(super) fn headers(
-        &self,
-        ctx: &serde_json::Value,
-        key: &str,
-    ) -> Result<HeaderMap, SinkError> {
+    pub(super) fn headers(&self, ctx: &TemplateContext, key: &str) -> Result<HeaderMap, SinkError> {
         let mut map = HeaderMap::new();
         if !self.own_content_type {
             map.insert(
@@ -114,7 +117,7 @@ impl Requests {
     /// The body of one record's request.
     fn body(
         &self,
-        ctx: &serde_json::Value,
+        ctx: &TemplateContext,
         record: &serde_json::Value,
     ) -> Result<Option<Bytes>, SinkError> {
         match &self.body {
@@ -141,13 +144,16 @@ impl Requests {
 
     /// One record's element of a batch body (`batch_body: true`): the record, or the
     /// `body` template's rendering, which must be JSON.
-    pub(super) fn batch_item(&self, d: &Delivery) -> Result<serde_json::Value, SinkError> {
+    pub(super) fn batch_item<'d>(
+        &self,
+        d: &'d Delivery,
+    ) -> Result<Cow<'d, serde_json::Value>, SinkError> {
         if self.body.is_none() {
-            return Ok(d.record.clone());
+            return Ok(Cow::Borrowed(&d.record));
         }
         let ctx = d.origin.template_context(&d.record);
         let text = self.body(&ctx, &d.record)?.unwrap_or_default();
-        serde_json::from_slice(&text).map_err(|e| {
+        serde_json::from_slice(&text).map(Cow::Owned).map_err(|e| {
             SinkError::permanent(format!(
                 "body template: with batch_body it must render JSON: {e}"
             ))
@@ -158,7 +164,7 @@ impl Requests {
     /// rendered from the first record.
     pub(super) fn batch_request(
         &self,
-        items: &[(&Delivery, serde_json::Value)],
+        items: &[(&Delivery, Cow<'_, serde_json::Value>)],
     ) -> Result<Request, SinkError> {
         let (first, _) = items.first().expect("batches are never empty");
         let ctx = first.origin.template_context(&first.record);
@@ -184,6 +190,16 @@ impl Requests {
             );
         }
     }
+}
+
+/// `text` as a request URL: it must parse, and be http(s).
+fn checked_url(text: &str) -> Result<Url, SinkError> {
+    let url = Url::parse(text)
+        .map_err(|e| SinkError::permanent(format!("rendered url is invalid: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(SinkError::permanent("rendered url is not http(s)"));
+    }
+    Ok(url)
 }
 
 /// One request, rendered.
