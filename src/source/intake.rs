@@ -278,7 +278,9 @@ impl<T> Intake<T> {
             let moving = out.is_some();
             let step = tokio::select! {
                 Some(seq) = self.settled.recv() => Step::Settled(seq),
-                permit = async { out?.reserve_owned().await.ok() }, if moving => Step::Room(permit),
+                // Boxed: made only while messages wait, and this future is part of every
+                // embedded-broker connection's task.
+                permit = async { Box::pin(out?.reserve_owned()).await.ok() }, if moving => Step::Room(permit),
             };
             match step {
                 Step::Settled(seq) => {

@@ -245,7 +245,7 @@ impl Conn {
                 (plan.max_inflight as usize).saturating_mul(plan.max_packet_size),
             ),
             outbound: ToClient::new(notify, &c, plan.max_inflight),
-            will: c.will,
+            will: c.will.map(Box::new),
         };
         conn.send(Outgoing::ConnAck {
             session_present,

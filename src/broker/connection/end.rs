@@ -128,7 +128,7 @@ pub(in crate::broker) fn schedule_expiry(
 }
 
 /// Publishes a will message to subscribers and the rules (no one to acknowledge).
-fn publish_will(shared: &Arc<Shared>, client_id: &str, w: Will, handoff: Option<&Handoff>) {
+fn publish_will(shared: &Arc<Shared>, client_id: &str, w: Box<Will>, handoff: Option<&Handoff>) {
     let p = Publish {
         dup: false,
         qos: w.qos,

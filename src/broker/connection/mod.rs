@@ -47,8 +47,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures::future::{Fuse, FusedFuture, FutureExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -87,11 +89,39 @@ pub(super) async fn serve(
     stop: CancellationToken,
     done: CancellationToken,
 ) {
-    let count = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
-    let result = lifecycle(socket, peer, &shared, count, handoff, stop, done).await;
-    shared.connections.fetch_sub(1, Ordering::AcqRel);
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "embedded broker: connection closed");
+    let counted = Counted::new(&shared);
+    // The handshake on the heap, freed once done: its state (the CONNECT, the login)
+    // would otherwise be part of the task, and of its memory, for the connection's life.
+    // (Nothing here is held by value across the loop but `live`: every byte this
+    // function keeps while it waits is part of every connection's task.)
+    let mut live = match Box::pin(open(socket, peer, &shared, counted.0, handoff, &stop)).await {
+        Ok(live) => live,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "embedded broker: connection closed");
+            return;
+        }
+    };
+    let end = live.run(&stop, &done).await;
+    // Boxed like the handshake: it runs once, and would add its state to the task's.
+    Box::pin(live.close(end)).await;
+}
+
+/// Counts a connection in [`Shared::connections`] while it lives; holds the count
+/// including itself.
+struct Counted<'a>(usize, &'a Shared);
+
+impl Counted<'_> {
+    fn new(shared: &Shared) -> Counted<'_> {
+        Counted(
+            shared.connections.fetch_add(1, Ordering::AcqRel) + 1,
+            shared,
+        )
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.1.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -133,72 +163,87 @@ fn reserve_read(buf: &mut BytesMut) {
     }
 }
 
-/// A connection from its first byte to its close: the CONNECT, the writer task, the
-/// read loop, the end of the session, and a short linger for the last packets.
-async fn lifecycle(
+/// A connection up to its CONNACK: the CONNECT, the writer task, the login and the
+/// session.
+async fn open(
     socket: Stream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     count: usize,
     handoff: Handoff,
-    stop: CancellationToken,
-    done: CancellationToken,
-) -> Result<(), ProtocolError> {
+    stop: &CancellationToken,
+) -> Result<Live, ProtocolError> {
     let (mut rd, mut wr) = socket.split();
     let max_packet = shared.plan.max_packet_size;
     let mut buf = BytesMut::new();
-
-    // Out of its box at once: the box would otherwise live as long as the connection.
-    let connect = *connect::read_connect(&mut rd, &mut wr, &mut buf, max_packet, &stop).await?;
+    let connect = *connect::read_connect(&mut rd, &mut wr, &mut buf, max_packet, stop).await?;
 
     let (wtx, wrx) = write_queue::write_queue(WRITE_QUEUE);
     let notify = Arc::new(Notify::new());
-    let writer_gone = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        wr,
-        wrx,
-        Arc::clone(&notify),
-        writer_gone.clone(),
-    ));
-
-    // Boxed, and freed once it is done: its state (the CONNECT, the login) would
-    // otherwise be part of the task, and of its memory, for the connection's whole life.
-    let mut conn = match Box::pin(Conn::accept(
-        shared,
-        connect,
-        peer,
-        count,
-        wtx.clone(),
-        Arc::clone(&notify),
-        handoff,
-    ))
-    .await
-    {
-        Ok(conn) => conn,
+    let writer = tokio::spawn(write_loop(wr, wrx, Arc::clone(&notify)));
+    match Conn::accept(shared, connect, peer, count, wtx, notify, handoff).await {
+        Ok(conn) => Ok(Live {
+            conn,
+            rd,
+            buf,
+            writer: writer.fuse(),
+        }),
         Err(e) => {
-            drop(wtx);
+            // The refusal is queued; the queue closed with `accept`'s sender.
             let _ = writer.await;
-            return Err(e);
+            Err(e)
         }
-    };
-    let end = conn.run(&mut rd, buf, &stop, &done, &writer_gone).await;
-    conn.finish(&end).await;
-    drop(conn);
-    drop(wtx);
-    // Let queued packets (DISCONNECT, last acks) out, briefly; then read until the
-    // client closes, so that closing with unread input does not reset the connection
-    // and destroy the DISCONNECT before the client reads it.
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    if end == End::Lost {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            // On the heap: an array here would make every connection's task this much larger.
-            let mut sink = vec![0u8; 4096];
-            while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
-        })
-        .await;
     }
-    tracing::debug!(?end, "embedded broker: connection ended");
-    Ok(())
+}
+
+/// A connected client's task state, all it holds while it waits: the connection, the
+/// reading half and its buffer, and the writer task (the queue's other end).
+struct Live {
+    conn: Conn,
+    rd: StreamReader,
+    buf: BytesMut,
+    /// Done once the writer has ended (the socket failed, or the queue closed).
+    writer: Fuse<JoinHandle<()>>,
+}
+
+impl Live {
+    /// The read loop, and the end of the session.
+    async fn run(&mut self, stop: &CancellationToken, done: &CancellationToken) -> End {
+        let buf = std::mem::take(&mut self.buf);
+        let end = (self.conn)
+            .run(&mut self.rd, buf, stop, done, &mut self.writer)
+            .await;
+        self.conn.finish(&end).await;
+        end
+    }
+
+    /// Closes the writer's queue and lets what it holds out, then lingers for the last
+    /// packets.
+    async fn close(self, end: End) {
+        let Live {
+            conn,
+            mut rd,
+            writer,
+            ..
+        } = self;
+        // The queue's last sender: the writer ends once it has written what is queued.
+        drop(conn);
+        // Let queued packets (DISCONNECT, last acks) out, briefly; then read until the
+        // client closes, so that closing with unread input does not reset the connection
+        // and destroy the DISCONNECT before the client reads it.
+        if !writer.is_terminated() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        }
+        if end == End::Lost {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                // On the heap: an array here would make every connection's task this much larger.
+                let mut sink = vec![0u8; 4096];
+                while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        }
+        tracing::debug!(?end, "embedded broker: connection ended");
+    }
 }
 
 /// A connected client: who it is, what it negotiated, and the state of each direction.
@@ -215,7 +260,8 @@ struct Conn {
     /// Cancelled when another connection takes the session over.
     kick: CancellationToken,
     /// Sent when the connection ends other than by a normal DISCONNECT; taken by `finish`.
-    will: Option<Will>,
+    /// Boxed: most clients have none, and every connection's task holds this field.
+    will: Option<Box<Will>>,
     /// Encoded packets to the writer task ([`WRITE_QUEUE`] of them at most).
     wtx: write_queue::Sender,
     inbound: FromClient,

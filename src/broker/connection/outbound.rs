@@ -9,7 +9,6 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use super::write_queue::Receiver;
 use super::{Conn, ProtocolError};
@@ -73,16 +72,11 @@ impl AliasesOut {
     }
 }
 
-/// Writes what the connection queued until the queue closes or the socket fails; then
-/// cancels `gone`, which ends the read loop. Whatever is queued when the writer gets to
+/// Writes what the connection queued until the queue closes or the socket fails; its
+/// end ends the read loop. Whatever is queued when the writer gets to
 /// it goes out in one write (a group commit's PUBACKs, a burst of messages): one system
 /// call, not one per packet.
-pub(super) async fn write_loop(
-    mut wr: StreamWriter,
-    mut rx: Receiver,
-    notify: Arc<Notify>,
-    gone: CancellationToken,
-) {
+pub(super) async fn write_loop(mut wr: StreamWriter, mut rx: Receiver, notify: Arc<Notify>) {
     while let Some(packets) = rx.recv_all().await {
         if write_batched(&mut wr, packets).await.is_err() {
             break;
@@ -91,7 +85,6 @@ pub(super) async fn write_loop(
         notify.notify_one();
     }
     let _ = wr.shutdown().await;
-    gone.cancel();
 }
 
 /// Bytes of small packets gathered into one write.

@@ -3,6 +3,8 @@
 //! queue, enforces the keepalive, and ends on takeover or shutdown.
 
 use bytes::BytesMut;
+use futures::future::Fuse;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +19,7 @@ impl Conn {
         mut buf: BytesMut,
         stop: &CancellationToken,
         done: &CancellationToken,
-        writer_gone: &CancellationToken,
+        writer: &mut Fuse<JoinHandle<()>>,
     ) -> End {
         let mut deadline = Instant::now() + self.keep_alive;
         let max_packet = self.shared.plan.max_packet_size;
@@ -43,7 +45,7 @@ impl Conn {
                     self.disconnect(&ProtocolError::SessionTakenOver).await;
                     return End::TakenOver;
                 }
-                _ = writer_gone.cancelled() => return End::Lost,
+                _ = &mut *writer => return End::Lost,
                 _ = stop.cancelled(), if self.inbound.intake.handoff().is_some() => {
                     self.inbound.intake.close();
                 }
@@ -71,8 +73,11 @@ impl Conn {
                             }
                         };
                         deadline = Instant::now() + self.keep_alive;
+                        // The handler on the heap for the time it runs: its state (the
+                        // largest of all packets') would otherwise be part of every
+                        // connection's task, idle or not.
                         let handled = match codec::decode(frame, self.version) {
-                            Ok(packet) => self.handle(packet).await,
+                            Ok(packet) => Box::pin(self.handle(packet)).await,
                             Err(e) => Err(e.into()),
                         };
                         match handled {
