@@ -301,25 +301,15 @@ async fn accept_loop(
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                let transport = listener.transport.clone();
-                let (shared, handoff) = (Arc::clone(&shared), handoff.clone());
-                let (stop, done) = (stop.clone(), done.clone());
-                tasks.spawn(async move {
-                    // TLS / WebSocket handshakes, bounded like the CONNECT that follows.
-                    let opened = tokio::select! {
-                        r = tokio::time::timeout(connection::CONNECT_TIMEOUT, transport.open(socket)) => r,
-                        _ = stop.cancelled() => return,
-                    };
-                    match opened {
-                        Ok(Ok(io)) => connection::serve(io, peer, shared, handoff, stop, done).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, transport = transport.name(), error = %e, "embedded broker: handshake failed")
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, transport = transport.name(), "embedded broker: handshake timed out")
-                        }
-                    }
-                });
+                let incoming = connection::Incoming::Socket(socket, listener.transport.clone());
+                tasks.spawn(connection::serve(
+                    incoming,
+                    peer,
+                    Arc::clone(&shared),
+                    handoff.clone(),
+                    stop.clone(),
+                    done.clone(),
+                ));
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.

@@ -42,9 +42,10 @@ pub struct State {
 /// Sessions by client id and retained messages (under the [`State`]'s mutex).
 #[derive(Debug, Default)]
 pub struct Router {
-    /// Every session, connected or offline. Insert and remove sessions, and change their
+    /// Every session, connected or offline (boxed: the map's slots stay small, where
+    /// thousands of devices each hold one). Insert and remove sessions, and change their
     /// subscriptions, through [`Change`], which keeps the index in step.
-    pub sessions: HashMap<String, Session>,
+    pub sessions: HashMap<String, Box<Session>>,
     pub retained: Retained,
     /// Round-robin position per (group, filter) of shared subscriptions.
     shared_next: HashMap<(String, String), usize>,
@@ -131,7 +132,7 @@ impl State {
 
 impl Change<'_> {
     /// Adds a session (replacing any of the same client id) with its subscriptions.
-    pub fn insert_session(&mut self, client_id: String, session: Session) {
+    pub fn insert_session(&mut self, client_id: String, session: Box<Session>) {
         self.remove_session(&client_id);
         for (key, sub) in &session.subscriptions {
             let receive = self.auth.receive(session.username.as_deref(), &sub.filter);
@@ -141,7 +142,7 @@ impl Change<'_> {
     }
 
     /// Removes a session and its subscriptions.
-    pub fn remove_session(&mut self, client_id: &str) -> Option<Session> {
+    pub fn remove_session(&mut self, client_id: &str) -> Option<Box<Session>> {
         let session = self.router.sessions.remove(client_id)?;
         for (key, sub) in &session.subscriptions {
             self.index.remove(client_id, key, &sub.filter);
@@ -281,13 +282,13 @@ mod tests {
         }
     }
 
-    fn session(subs: Vec<(&str, Subscription)>) -> Session {
+    fn session(subs: Vec<(&str, Subscription)>) -> Box<Session> {
         let mut s = Session::new(0);
         s.link = Some(Link::for_test(1));
         for (k, v) in subs {
             s.subscriptions.insert(k.into(), v);
         }
-        s
+        Box::new(s)
     }
 
     /// Routes `msg` (not retained, queues of 10): how many sessions got it.

@@ -10,11 +10,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use super::codec::{Outgoing, Publish, PublishProperties, Version};
 use super::stats::{Counters, Dropped};
@@ -71,14 +71,38 @@ struct Inflight {
     released: bool,
 }
 
+/// How the broker reaches a connected client's task: a wake-up to pull from the
+/// session's queue (or, from its writer, because there is room again), and a flag set
+/// when another connection takes the session over. One allocation per connection, where
+/// a cancellation token would be another, and another future in its loop.
+#[derive(Debug, Default)]
+pub struct Signal {
+    pub notify: Notify,
+    taken_over: AtomicBool,
+}
+
+impl Signal {
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Tells the connection that another one took its session over.
+    pub fn take_over(&self) {
+        self.taken_over.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    pub fn taken_over(&self) -> bool {
+        self.taken_over.load(Ordering::Acquire)
+    }
+}
+
 /// The live connection attached to a session.
 #[derive(Debug, Clone)]
 pub struct Link {
     pub conn_id: u64,
-    /// Wakes the connection to pull from the queue.
-    pub notify: Arc<Notify>,
-    /// Cancelled when another connection takes the session over.
-    pub kick: CancellationToken,
+    /// Wakes the connection to pull from the queue, or to end (taken over).
+    pub signal: Arc<Signal>,
     /// Where the client connects from, how, and since when (for `/api/v1/clients`).
     pub peer: std::net::SocketAddr,
     pub version: Version,
@@ -91,8 +115,7 @@ impl Link {
     pub fn for_test(conn_id: u64) -> Link {
         Link {
             conn_id,
-            notify: Arc::new(Notify::new()),
-            kick: CancellationToken::new(),
+            signal: Arc::default(),
             peer: ([127, 0, 0, 1], 1).into(),
             version: Version::V5,
             since: jiff::Timestamp::UNIX_EPOCH,
@@ -250,7 +273,7 @@ impl Session {
         }
         self.queue.push_back(out);
         if let Some(link) = &self.link {
-            link.notify.notify_one();
+            link.signal.wake();
         }
         Ok(())
     }

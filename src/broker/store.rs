@@ -277,7 +277,9 @@ impl Store {
         for (client_id, img) in images {
             let next = next_seq.get(&client_id).copied().unwrap_or(1);
             self.known.insert(client_id.clone(), next);
-            router.sessions.insert(client_id, Session::restore(img));
+            router
+                .sessions
+                .insert(client_id, Box::new(Session::restore(img)));
         }
         Ok(router)
     }
@@ -629,8 +631,10 @@ mod tests {
             &Default::default(),
         );
         assert_eq!(sent.len(), 1);
-        router.sessions.insert("keeper".into(), s);
-        router.sessions.insert("clean".into(), Session::new(0));
+        router.sessions.insert("keeper".into(), Box::new(s));
+        router
+            .sessions
+            .insert("clean".into(), Box::new(Session::new(0)));
         let c = store.take_changes(&mut router);
         store.write(c).await;
         // A later change: clear one retained topic.
@@ -690,7 +694,7 @@ mod tests {
         let (mut store, mut router) = Store::open(&path).await.unwrap();
         let mut s = Session::new(3600);
         s.enqueue(out("q/0"), 100).unwrap();
-        router.sessions.insert("off".into(), s);
+        router.sessions.insert("off".into(), Box::new(s));
         let c = store.take_changes(&mut router);
         assert_eq!((c.sessions.len(), c.appended.len()), (1, 0));
         store.write(c).await;

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::inbound::{FromClient, TOPIC_ALIAS_MAX};
@@ -21,7 +20,7 @@ use crate::broker::codec::{
     self, CodecError, ConnAckProperties, Connect, Outgoing, Packet, Version,
 };
 use crate::broker::listener::{StreamReader, StreamWriter};
-use crate::broker::session::{Link, Session};
+use crate::broker::session::{Link, Session, Signal};
 use crate::source::intake::Handoff;
 use crate::topic::validate_topic_name;
 
@@ -128,7 +127,7 @@ impl Conn {
         peer: std::net::SocketAddr,
         count: usize,
         wtx: write_queue::Sender,
-        notify: Arc<Notify>,
+        signal: Arc<Signal>,
         handoff: Handoff,
     ) -> Result<Conn, ProtocolError> {
         let version = c.version;
@@ -182,11 +181,9 @@ impl Conn {
         };
 
         let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let kick = CancellationToken::new();
         let link = Link {
             conn_id,
-            notify: Arc::clone(&notify),
-            kick: kick.clone(),
+            signal: Arc::clone(&signal),
             peer,
             version,
             since: jiff::Timestamp::now(),
@@ -195,11 +192,11 @@ impl Conn {
             let mut state = shared.change();
             let existing = state.remove_session(&client_id);
             if let Some(link) = existing.as_ref().and_then(|s| s.link.as_ref()) {
-                link.kick.cancel();
+                link.signal.take_over();
             }
             let (mut session, present) = match existing {
                 Some(s) if !c.clean_start => (s, true),
-                _ => (Session::new(c.session_expiry), false),
+                _ => (Box::new(Session::new(c.session_expiry)), false),
             };
             session.expiry = expiry;
             session.touch();
@@ -238,13 +235,12 @@ impl Conn {
             username: c.username.clone(),
             conn_id,
             keep_alive: Duration::from_secs(keep_alive as u64) * 3 / 2,
-            kick,
             wtx,
             inbound: FromClient::new(
                 handoff,
                 (plan.max_inflight as usize).saturating_mul(plan.max_packet_size),
             ),
-            outbound: ToClient::new(notify, &c, plan.max_inflight),
+            outbound: ToClient::new(signal, &c, plan.max_inflight),
             will: c.will.map(Box::new),
         };
         conn.send(Outgoing::ConnAck {
@@ -256,7 +252,7 @@ impl Conn {
         for packet in resend {
             conn.send(packet).await?;
         }
-        conn.outbound.notify.notify_one();
+        conn.outbound.signal.wake();
         tracing::debug!(client_id = %conn.client_id, ?version, session_present, "embedded broker: client connected");
         Ok(conn)
     }

@@ -9,11 +9,18 @@ use tokio::task::JoinError;
 
 use super::inbound::TOPIC_ALIAS_MAX;
 use crate::broker::codec::{CodecError, Version};
+use crate::broker::listener::HandshakeError;
 use crate::topic::TopicError;
 
 /// Why a connection is refused or closed; see the module docs.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ProtocolError {
+    // Before MQTT starts.
+    #[error("{0} handshake failed: {1}")]
+    Handshake(&'static str, HandshakeError),
+    #[error("{0} handshake: not done within {1:?}")]
+    HandshakeTimeout(&'static str, Duration),
+
     // Before the CONNECT is read.
     #[error("no CONNECT within {0:?}")]
     ConnectTimeout(Duration),
@@ -89,8 +96,8 @@ impl ProtocolError {
                 Version::V5 => 0x90,
                 Version::V311 => 0x82,
             },
-            ConnectTimeout(_) | ClosedBeforeConnect | Io(_) | LoginFailed(_) | SessionGone
-            | Encode(_) | ConnectionClosed => 0x80,
+            Handshake(..) | HandshakeTimeout(..) | ConnectTimeout(_) | ClosedBeforeConnect
+            | Io(_) | LoginFailed(_) | SessionGone | Encode(_) | ConnectionClosed => 0x80,
             ClientIdRejected => 0x85,
             BadCredentials => 0x86,
             NotAuthorized => 0x87,

@@ -44,21 +44,22 @@ mod write_queue;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::future::{Fuse, FusedFuture, FutureExt};
 use tokio::io::AsyncReadExt;
-use tokio::sync::Notify;
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::codec::{self, Outgoing, Version, Will};
-use super::listener::{Stream, StreamReader};
-use super::session::Session;
+use super::listener::{StreamReader, Transport};
+use super::session::{Session, Signal};
 use crate::source::intake::Handoff;
-pub(super) use connect::CONNECT_TIMEOUT;
+use connect::CONNECT_TIMEOUT;
 pub(super) use end::schedule_expiry;
 use error::ProtocolError;
 use inbound::FromClient;
@@ -80,9 +81,18 @@ enum End {
     Shutdown,
 }
 
+/// A connection as it arrives.
+pub(super) enum Incoming {
+    /// An accepted socket, and the transport (TLS, WebSocket) whose handshakes open it.
+    Socket(TcpStream, Transport),
+    /// A stream MQTT flows in already (the unit tests' in-memory pipes).
+    #[cfg(test)]
+    Ready(super::listener::Stream),
+}
+
 /// Entry point of a connection task.
 pub(super) async fn serve(
-    socket: Stream,
+    incoming: Incoming,
     peer: SocketAddr,
     shared: Arc<Shared>,
     handoff: Handoff,
@@ -94,7 +104,8 @@ pub(super) async fn serve(
     // would otherwise be part of the task, and of its memory, for the connection's life.
     // (Nothing here is held by value across the loop but `live`: every byte this
     // function keeps while it waits is part of every connection's task.)
-    let mut live = match Box::pin(open(socket, peer, &shared, counted.0, handoff, &stop)).await {
+    let opened = open(incoming, peer, &shared, counted.0, handoff, &stop);
+    let mut live = match Box::pin(opened).await {
         Ok(live) => live,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "embedded broker: connection closed");
@@ -139,22 +150,27 @@ async fn read_more(rd: &mut StreamReader, buf: &mut BytesMut) -> std::io::Result
         return rd.read_buf(buf).await;
     };
     // With a buffer at hand, read before waiting: a busy connection keeps its buffer.
+    // Polled for readiness rather than awaiting `readable()`, whose future would be part
+    // of every connection's task.
     let mut try_now = buf.capacity() > 0;
-    loop {
-        if !try_now {
-            tcp.readable().await?;
-        }
-        reserve_read(buf);
-        match tcp.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if buf.is_empty() {
-                    *buf = BytesMut::new();
-                }
-                try_now = false;
+    std::future::poll_fn(|cx| {
+        loop {
+            if !try_now {
+                std::task::ready!(tcp.as_ref().poll_read_ready(cx))?;
             }
-            r => return r,
+            reserve_read(buf);
+            match tcp.try_read_buf(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                    try_now = false;
+                }
+                r => return Poll::Ready(r),
+            }
         }
-    }
+    })
+    .await
 }
 
 fn reserve_read(buf: &mut BytesMut) {
@@ -163,25 +179,44 @@ fn reserve_read(buf: &mut BytesMut) {
     }
 }
 
-/// A connection up to its CONNACK: the CONNECT, the writer task, the login and the
-/// session.
+/// A connection up to its CONNACK: the transport's handshakes, the CONNECT, the writer
+/// task, the login and the session.
 async fn open(
-    socket: Stream,
+    incoming: Incoming,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     count: usize,
     handoff: Handoff,
     stop: &CancellationToken,
 ) -> Result<Live, ProtocolError> {
+    let socket = match incoming {
+        Incoming::Socket(socket, transport) => {
+            // Bounded like the CONNECT that follows.
+            let opened = tokio::select! {
+                r = tokio::time::timeout(CONNECT_TIMEOUT, transport.open(socket)) => r,
+                _ = stop.cancelled() => return Err(ProtocolError::ServerShuttingDown),
+            };
+            match opened {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(ProtocolError::Handshake(transport.name(), e)),
+                Err(_) => {
+                    let name = transport.name();
+                    return Err(ProtocolError::HandshakeTimeout(name, CONNECT_TIMEOUT));
+                }
+            }
+        }
+        #[cfg(test)]
+        Incoming::Ready(stream) => stream,
+    };
     let (mut rd, mut wr) = socket.split();
     let max_packet = shared.plan.max_packet_size;
     let mut buf = BytesMut::new();
     let connect = *connect::read_connect(&mut rd, &mut wr, &mut buf, max_packet, stop).await?;
 
     let (wtx, wrx) = write_queue::write_queue(WRITE_QUEUE);
-    let notify = Arc::new(Notify::new());
-    let writer = tokio::spawn(write_loop(wr, wrx, Arc::clone(&notify)));
-    match Conn::accept(shared, connect, peer, count, wtx, notify, handoff).await {
+    let signal = Arc::new(Signal::default());
+    let writer = tokio::spawn(write_loop(wr, wrx, Arc::clone(&signal)));
+    match Conn::accept(shared, connect, peer, count, wtx, signal, handoff).await {
         Ok(conn) => Ok(Live {
             conn,
             rd,
@@ -257,8 +292,6 @@ struct Conn {
     conn_id: u64,
     /// 1.5 × the negotiated keepalive (zero: none): silence this long ends the connection.
     keep_alive: Duration,
-    /// Cancelled when another connection takes the session over.
-    kick: CancellationToken,
     /// Sent when the connection ends other than by a normal DISCONNECT; taken by `finish`.
     /// Boxed: most clients have none, and every connection's task holds this field.
     will: Option<Box<Will>>,
@@ -299,7 +332,7 @@ impl Conn {
 
     fn with_session<T>(&self, f: impl FnOnce(&mut Session) -> T) -> Option<T> {
         let mut state = self.shared.lock();
-        state.sessions.get_mut(&self.client_id).map(f)
+        state.sessions.get_mut(&self.client_id).map(|s| f(s))
     }
 }
 

@@ -8,17 +8,18 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Notify;
 
 use super::write_queue::Receiver;
 use super::{Conn, ProtocolError};
 use crate::broker::codec::{self, Connect, Outgoing, Publish};
 use crate::broker::listener::StreamWriter;
+use crate::broker::session::Signal;
 
 /// The server → client half of a connection: what the pump may send.
 pub(super) struct ToClient {
-    /// Wakes the read loop to pull from the session's queue (its `Link` holds it too).
-    pub(super) notify: Arc<Notify>,
+    /// Wakes the read loop to pull from the session's queue, or to end (its `Link`
+    /// holds it too).
+    pub(super) signal: Arc<Signal>,
     /// Outbound window: the client's receive maximum, capped by `max_inflight`.
     window: usize,
     /// The largest packet the client accepts.
@@ -27,9 +28,9 @@ pub(super) struct ToClient {
 }
 
 impl ToClient {
-    pub(super) fn new(notify: Arc<Notify>, c: &Connect, max_inflight: u16) -> Self {
+    pub(super) fn new(signal: Arc<Signal>, c: &Connect, max_inflight: u16) -> Self {
         ToClient {
-            notify,
+            signal,
             window: (c.receive_maximum as usize).min(max_inflight as usize),
             max_packet: c.max_packet_size,
             aliases: AliasesOut {
@@ -76,13 +77,15 @@ impl AliasesOut {
 /// end ends the read loop. Whatever is queued when the writer gets to
 /// it goes out in one write (a group commit's PUBACKs, a burst of messages): one system
 /// call, not one per packet.
-pub(super) async fn write_loop(mut wr: StreamWriter, mut rx: Receiver, notify: Arc<Notify>) {
+pub(super) async fn write_loop(mut wr: StreamWriter, mut rx: Receiver, signal: Arc<Signal>) {
     while let Some(packets) = rx.recv_all().await {
-        if write_batched(&mut wr, packets).await.is_err() {
+        // Boxed while it writes: its state would otherwise be part of every connection's
+        // writer task, idle or not.
+        if Box::pin(write_batched(&mut wr, packets)).await.is_err() {
             break;
         }
         // Room in the queue again: let the connection pull more messages.
-        notify.notify_one();
+        signal.wake();
     }
     let _ = wr.shutdown().await;
 }

@@ -25,6 +25,12 @@ impl Conn {
         let max_packet = self.shared.plan.max_packet_size;
         let max_inflight = self.shared.plan.max_inflight as usize;
         loop {
+            // Checked on every turn (not only when the signal wakes this loop), so that a
+            // client whose input never stops still learns at once.
+            if self.outbound.signal.taken_over() {
+                self.disconnect(&ProtocolError::SessionTakenOver).await;
+                return End::TakenOver;
+            }
             // 3.1.1 clients have no receive maximum: stop reading while too many of their
             // messages wait for settlement (TCP pushes back on them).
             let paused = self.version == Version::V311
@@ -40,10 +46,6 @@ impl Conn {
                     let _ = self.release_acks(last).await;
                     self.disconnect(&ProtocolError::ServerShuttingDown).await;
                     return End::Shutdown;
-                }
-                _ = self.kick.cancelled() => {
-                    self.disconnect(&ProtocolError::SessionTakenOver).await;
-                    return End::TakenOver;
                 }
                 _ = &mut *writer => return End::Lost,
                 _ = stop.cancelled(), if self.inbound.intake.handoff().is_some() => {
@@ -91,7 +93,8 @@ impl Conn {
                     }
                 }
                 // After reading: a subscriber with a full queue must not starve its input.
-                _ = self.outbound.notify.notified() => self.pump(),
+                // (A takeover wakes this too: the check above ends the loop.)
+                _ = self.outbound.signal.notify.notified() => self.pump(),
             }
         }
     }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::serve;
+use super::{Incoming, serve};
 use crate::broker::codec::{self, Version};
 use crate::broker::listener::Stream;
 use crate::broker::{Broker, Shared};
@@ -77,7 +77,7 @@ impl TestBroker {
     fn open(&self, version: Version) -> Client {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(serve(
-            Stream::Other(Box::new(theirs)),
+            Incoming::Ready(Stream::Other(Box::new(theirs))),
             "127.0.0.1:1".parse().unwrap(),
             Arc::clone(&self.shared),
             self.handoff.clone(),
