@@ -348,8 +348,7 @@ impl Session {
     /// PUBACK from the client.
     pub fn acked(&mut self, pkid: u16) {
         self.touch();
-        self.inflight
-            .retain(|i| i.publish.pkid != pkid || i.publish.qos != 1);
+        self.settle(|i| i.publish.pkid == pkid && i.publish.qos == 1);
     }
 
     /// PUBREC from the client: true when a PUBREL should follow (false: unknown id, or the
@@ -357,7 +356,7 @@ impl Session {
     pub fn received(&mut self, pkid: u16, refused: bool) -> bool {
         self.touch();
         if refused {
-            self.inflight.retain(|i| i.publish.pkid != pkid);
+            self.settle(|i| i.publish.pkid == pkid);
             return false;
         }
         match self
@@ -376,8 +375,16 @@ impl Session {
     /// PUBCOMP from the client.
     pub fn completed(&mut self, pkid: u16) {
         self.touch();
-        self.inflight
-            .retain(|i| i.publish.pkid != pkid || !i.released);
+        self.settle(|i| i.publish.pkid == pkid && i.released);
+    }
+
+    /// Removes the message in flight that `is` picks (packet ids in flight are unique).
+    /// Clients mostly acknowledge in order: the oldest is looked at first, and removing it
+    /// moves nothing (a `retain` moved the whole window on every acknowledgement).
+    fn settle(&mut self, is: impl Fn(&Inflight) -> bool) {
+        if let Some(i) = self.inflight.iter().position(is) {
+            self.inflight.remove(i);
+        }
     }
 
     /// What to resend on a resumed session, in the original order: PUBLISH with DUP for
@@ -494,6 +501,39 @@ mod tests {
                 .iter()
                 .all(|p| matches!(p, Outgoing::Publish(p) if p.dup))
         );
+    }
+
+    #[test]
+    fn acknowledgements_in_any_order_settle_their_own_message_only() {
+        let mut s = online();
+        for qos in [1, 1, 2, 1] {
+            s.enqueue(out(qos), 100).unwrap();
+        }
+        let sent = s.take_sendable(10, 10, None, Version::V5, &Counters::default());
+        let pkids: Vec<(u16, u8)> = sent
+            .iter()
+            .map(|p| match p {
+                Outgoing::Publish(p) => (p.pkid, p.qos),
+                _ => panic!("a publish"),
+            })
+            .collect();
+        let left =
+            |s: &Session| -> Vec<u16> { s.inflight.iter().map(|i| i.publish.pkid).collect() };
+        // Out of order: the third QoS 1 message, then the first.
+        s.acked(pkids[3].0);
+        s.acked(pkids[0].0);
+        assert_eq!(left(&s), [pkids[1].0, pkids[2].0]);
+        // A PUBACK for the QoS 2 message, or a PUBCOMP before its PUBREC, settles nothing.
+        s.acked(pkids[2].0);
+        s.completed(pkids[2].0);
+        assert_eq!(left(&s), [pkids[1].0, pkids[2].0]);
+        // An unknown packet id neither.
+        s.acked(60_000);
+        assert_eq!(s.inflight(), 2);
+        assert!(s.received(pkids[2].0, false));
+        s.completed(pkids[2].0);
+        s.acked(pkids[1].0);
+        assert_eq!(s.inflight(), 0);
     }
 
     #[test]
