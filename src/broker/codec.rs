@@ -179,17 +179,26 @@ pub enum Outgoing {
 /// Reads a fixed header: (header length, remaining length), or None when more bytes are
 /// needed.
 fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
-    let mut len = 0usize;
+    let Some((len, n)) = var_int(buf.get(1..).unwrap_or_default())? else {
+        return Ok(None);
+    };
+    Ok(Some((1 + n, len)))
+}
+
+/// The variable byte integer `bytes` start with: its value and its length in bytes;
+/// None when `bytes` end first.
+fn var_int(bytes: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
+    let mut value = 0usize;
     for i in 0..4 {
-        let Some(&b) = buf.get(1 + i) else {
+        let Some(&b) = bytes.get(i) else {
             return Ok(None);
         };
-        len |= ((b & 0x7f) as usize) << (7 * i);
+        value |= ((b & 0x7f) as usize) << (7 * i);
         if b & 0x80 == 0 {
-            return Ok(Some((2 + i, len)));
+            return Ok(Some((value, i + 1)));
         }
     }
-    Err(malformed("remaining length longer than 4 bytes"))
+    Err(malformed("variable byte integer longer than 4 bytes"))
 }
 
 /// Takes one whole frame off `buf` when it holds one. `max` bounds the whole packet.
@@ -253,10 +262,67 @@ pub fn decode(frame: BytesMut, version: Version) -> Result<Packet, CodecError> {
     if byte1 == 0x30 | 0b0110 {
         return Err(malformed("PUBLISH with QoS 3"));
     }
-    match version {
+    if kind == 8 {
+        subscription_options(&frame, version)?;
+    }
+    let packet = match version {
         Version::V311 => decode_v4(frame),
         Version::V5 => decode_v5(frame),
+    }?;
+    check(&packet)?;
+    Ok(packet)
+}
+
+/// What both specifications require of a decoded packet that rumqttc's decoders let
+/// through (each statement is in `docs/conformance.md`).
+fn check(packet: &Packet) -> Result<(), CodecError> {
+    match packet {
+        // [MQTT-3.3.1-2] in both versions.
+        Packet::Publish(p) if p.qos == 0 && p.dup => {
+            Err(malformed("DUP set on a QoS 0 PUBLISH [MQTT-3.3.1-2]"))
+        }
+        // [MQTT-2.3.1-1] (3.1.1), [MQTT-2.2.1-3] (5.0): rumqttc checks PUBLISH itself.
+        Packet::Subscribe { pkid: 0, .. } => Err(malformed("SUBSCRIBE with packet identifier 0")),
+        Packet::Unsubscribe { pkid: 0, .. } => {
+            Err(malformed("UNSUBSCRIBE with packet identifier 0"))
+        }
+        _ => Ok(()),
     }
+}
+
+/// The reserved bits of each subscription's options byte must be 0: [MQTT-3.8.3-4]
+/// (3.1.1: all but the QoS bits), [MQTT-3.8.3-5] (5.0: bits 6 and 7). rumqttc's decoders
+/// ignore them, so they are read here, on the raw SUBSCRIBE. A frame too short to walk is
+/// left to the decoder, which refuses it.
+fn subscription_options(frame: &[u8], version: Version) -> Result<(), CodecError> {
+    let reserved = match version {
+        Version::V311 => 0b1111_1100,
+        Version::V5 => 0b1100_0000,
+    };
+    let Some((header, _)) = fixed_header(frame)? else {
+        return Ok(());
+    };
+    // The packet identifier, then (5.0) the properties.
+    let mut at = header + 2;
+    if version == Version::V5 {
+        let Some((len, n)) = var_int(frame.get(at..).unwrap_or_default())? else {
+            return Ok(());
+        };
+        at += n + len;
+    }
+    while let Some(len) = frame.get(at..at + 2) {
+        let options = at + 2 + u16::from_be_bytes([len[0], len[1]]) as usize;
+        match frame.get(options) {
+            Some(o) if o & reserved != 0 => {
+                return Err(malformed(format!(
+                    "reserved bits set in subscription options {o:#010b}"
+                )));
+            }
+            Some(_) => at = options + 1,
+            None => break,
+        }
+    }
+    Ok(())
 }
 
 fn qos4(q: rumqttc::mqttbytes::QoS) -> u8 {

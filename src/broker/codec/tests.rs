@@ -355,3 +355,58 @@ fn client_publish_with_subscription_identifiers_is_refused() {
         Err(CodecError::Protocol(_))
     ));
 }
+
+/// What the decoder enforces on top of rumqttc's decoders (`docs/conformance.md`): each
+/// violation, in raw bytes, is refused as malformed (0x81), and the same packet without
+/// it decodes, so each case shows the check and not some other fault.
+#[test]
+fn violations_are_malformed_and_the_packets_without_them_decode() {
+    use Version::{V5, V311};
+    #[rustfmt::skip]
+    let cases: &[(&str, Version, &[u8], &[u8])] = &[
+        ("[MQTT-3.3.1-2] DUP on QoS 0", V311,
+            &[0x38, 3, 0, 1, b't'], &[0x30, 3, 0, 1, b't']),
+        ("[MQTT-3.3.1-2] DUP on QoS 0", V5,
+            &[0x38, 4, 0, 1, b't', 0], &[0x30, 4, 0, 1, b't', 0]),
+        ("[MQTT-2.3.1-1] SUBSCRIBE id 0", V311,
+            &[0x82, 6, 0, 0, 0, 1, b't', 0], &[0x82, 6, 0, 1, 0, 1, b't', 0]),
+        ("[MQTT-2.2.1-3] SUBSCRIBE id 0", V5,
+            &[0x82, 7, 0, 0, 0, 0, 1, b't', 0], &[0x82, 7, 0, 1, 0, 0, 1, b't', 0]),
+        ("[MQTT-2.3.1-1] UNSUBSCRIBE id 0", V311,
+            &[0xA2, 5, 0, 0, 0, 1, b't'], &[0xA2, 5, 0, 1, 0, 1, b't']),
+        ("[MQTT-2.2.1-3] UNSUBSCRIBE id 0", V5,
+            &[0xA2, 6, 0, 0, 0, 0, 1, b't'], &[0xA2, 6, 0, 1, 0, 0, 1, b't']),
+        ("[MQTT-2.3.1-1] QoS 1 PUBLISH id 0", V311,
+            &[0x32, 5, 0, 1, b't', 0, 0], &[0x32, 5, 0, 1, b't', 0, 1]),
+        ("[MQTT-2.2.1-3] QoS 1 PUBLISH id 0", V5,
+            &[0x32, 6, 0, 1, b't', 0, 0, 0], &[0x32, 6, 0, 1, b't', 0, 1, 0]),
+        ("[MQTT-3.8.3-4] reserved option bits", V311,
+            &[0x82, 6, 0, 1, 0, 1, b't', 0x05], &[0x82, 6, 0, 1, 0, 1, b't', 0x01]),
+        ("[MQTT-3.8.3-4] reserved option bits, second filter", V311,
+            &[0x82, 10, 0, 1, 0, 1, b'a', 0, 0, 1, b'b', 0x80],
+            &[0x82, 10, 0, 1, 0, 1, b'a', 0, 0, 1, b'b', 0x02]),
+        ("[MQTT-3.8.3-5] reserved option bits", V5,
+            &[0x82, 7, 0, 1, 0, 0, 1, b't', 0x40], &[0x82, 7, 0, 1, 0, 0, 1, b't', 0x2e]),
+        ("[MQTT-3.8.3-5] reserved option bits, after properties", V5,
+            &[0x82, 9, 0, 1, 2, 0x0B, 7, 0, 1, b't', 0x81],
+            &[0x82, 9, 0, 1, 2, 0x0B, 7, 0, 1, b't', 0x01]),
+        ("[MQTT-3.8.3-4] QoS 3 in options", V311,
+            &[0x82, 6, 0, 1, 0, 1, b't', 0x03], &[0x82, 6, 0, 1, 0, 1, b't', 0x02]),
+        ("[MQTT-3.8.3-3] SUBSCRIBE without filters", V311,
+            &[0x82, 2, 0, 1], &[0x82, 6, 0, 1, 0, 1, b't', 0]),
+        ("[MQTT-3.8.3-2] SUBSCRIBE without filters", V5,
+            &[0x82, 3, 0, 1, 0], &[0x82, 7, 0, 1, 0, 0, 1, b't', 0]),
+    ];
+    for (what, version, bad, good) in cases {
+        let refused = decode(frame_of(bad), *version);
+        assert!(
+            matches!(&refused, Err(e) if e.reason_code() == 0x81),
+            "{what} ({version:?}): {refused:?}"
+        );
+        let accepted = decode(frame_of(good), *version);
+        assert!(
+            accepted.is_ok(),
+            "{what} ({version:?}) without the fault: {accepted:?}"
+        );
+    }
+}

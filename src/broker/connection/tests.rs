@@ -697,3 +697,42 @@ async fn the_will_goes_out_when_the_connection_is_lost_not_after_a_normal_discon
         .expect("the connection task ends")
         .unwrap();
 }
+
+/// A packet both specifications call malformed closes its own connection (an MQTT 5
+/// client is told 0x81 first), is not routed, and leaves the other clients alone.
+#[tokio::test]
+async fn a_malformed_packet_closes_that_connection_only() {
+    let mut b = broker("").await;
+    let mut bystander = b.connect(Version::V5, Hello::new("bystander")).await;
+    #[rustfmt::skip]
+    let cases: [(Version, &[u8]); 4] = [
+        // QoS 0 PUBLISH with DUP [MQTT-3.3.1-2]: it must not reach the rules.
+        (Version::V311, &[0x38, 5, 0, 3, b't', b'/', b'd']),
+        (Version::V5, &[0x38, 6, 0, 3, b't', b'/', b'd', 0]),
+        // SUBSCRIBE with packet identifier 0 [MQTT-2.2.1-3].
+        (Version::V5, &[0x82, 7, 0, 0, 0, 0, 1, b't', 0]),
+        // Reserved subscription option bits [MQTT-3.8.3-4].
+        (Version::V311, &[0x82, 6, 0, 1, 0, 1, b't', 0x04]),
+    ];
+    for (version, bytes) in cases {
+        let mut c = b.connect(version, Hello::new("offender")).await;
+        c.send(bytes).await;
+        if version == Version::V5 {
+            assert_eq!(
+                c.recv().await,
+                Got::Disconnect { reason: 0x81 },
+                "{bytes:?}"
+            );
+        }
+        c.closed().await;
+        bystander.ping().await;
+    }
+    bystander
+        .send(&publish(Version::V5, "t/ok", 0, 0, None))
+        .await;
+    assert_eq!(
+        b.message().await.topic,
+        "t/ok",
+        "only the bystander's message"
+    );
+}
