@@ -5,7 +5,8 @@
 //! comes from the CONNECT's protocol level, read here before either codec sees it. On
 //! top of the codecs this module checks what they let through: reserved fixed-header
 //! flags, the CONNECT reserved flag, UTF-8 topics, a zero-length v5 DISCONNECT (which
-//! rumqttc rejects although it is valid). Encoding of the small server packets is done
+//! rumqttc rejects although it is valid); `strict` checks the rest of what the
+//! specifications require (`docs/conformance.md`). Encoding of the small server packets is done
 //! here by hand (a few bytes each); PUBLISH and the v5 CONNACK use rumqttc's writers.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -262,67 +263,13 @@ pub fn decode(frame: BytesMut, version: Version) -> Result<Packet, CodecError> {
     if byte1 == 0x30 | 0b0110 {
         return Err(malformed("PUBLISH with QoS 3"));
     }
-    if kind == 8 {
-        subscription_options(&frame, version)?;
-    }
+    strict::frame(&frame, kind, version)?;
     let packet = match version {
         Version::V311 => decode_v4(frame),
         Version::V5 => decode_v5(frame),
     }?;
-    check(&packet)?;
+    strict::packet(&packet)?;
     Ok(packet)
-}
-
-/// What both specifications require of a decoded packet that rumqttc's decoders let
-/// through (each statement is in `docs/conformance.md`).
-fn check(packet: &Packet) -> Result<(), CodecError> {
-    match packet {
-        // [MQTT-3.3.1-2] in both versions.
-        Packet::Publish(p) if p.qos == 0 && p.dup => {
-            Err(malformed("DUP set on a QoS 0 PUBLISH [MQTT-3.3.1-2]"))
-        }
-        // [MQTT-2.3.1-1] (3.1.1), [MQTT-2.2.1-3] (5.0): rumqttc checks PUBLISH itself.
-        Packet::Subscribe { pkid: 0, .. } => Err(malformed("SUBSCRIBE with packet identifier 0")),
-        Packet::Unsubscribe { pkid: 0, .. } => {
-            Err(malformed("UNSUBSCRIBE with packet identifier 0"))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// The reserved bits of each subscription's options byte must be 0: [MQTT-3.8.3-4]
-/// (3.1.1: all but the QoS bits), [MQTT-3.8.3-5] (5.0: bits 6 and 7). rumqttc's decoders
-/// ignore them, so they are read here, on the raw SUBSCRIBE. A frame too short to walk is
-/// left to the decoder, which refuses it.
-fn subscription_options(frame: &[u8], version: Version) -> Result<(), CodecError> {
-    let reserved = match version {
-        Version::V311 => 0b1111_1100,
-        Version::V5 => 0b1100_0000,
-    };
-    let Some((header, _)) = fixed_header(frame)? else {
-        return Ok(());
-    };
-    // The packet identifier, then (5.0) the properties.
-    let mut at = header + 2;
-    if version == Version::V5 {
-        let Some((len, n)) = var_int(frame.get(at..).unwrap_or_default())? else {
-            return Ok(());
-        };
-        at += n + len;
-    }
-    while let Some(len) = frame.get(at..at + 2) {
-        let options = at + 2 + u16::from_be_bytes([len[0], len[1]]) as usize;
-        match frame.get(options) {
-            Some(o) if o & reserved != 0 => {
-                return Err(malformed(format!(
-                    "reserved bits set in subscription options {o:#010b}"
-                )));
-            }
-            Some(_) => at = options + 1,
-            None => break,
-        }
-    }
-    Ok(())
 }
 
 fn qos4(q: rumqttc::mqttbytes::QoS) -> u8 {
@@ -679,5 +626,6 @@ pub fn encoded_len(packet: &Outgoing, version: Version) -> usize {
     }
 }
 
+mod strict;
 #[cfg(test)]
 mod tests;

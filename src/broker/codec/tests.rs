@@ -410,3 +410,97 @@ fn violations_are_malformed_and_the_packets_without_them_decode() {
         );
     }
 }
+
+/// An MQTT 5 packet: `byte1`, then `body` with its remaining length.
+fn v5_frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut b = vec![byte1, body.len() as u8];
+    b.extend_from_slice(body);
+    b
+}
+
+/// A v5 CONNECT with `props` as its properties and, when given, a will with `will_props`.
+fn v5_connect(props: &[u8], will_props: Option<&[u8]>) -> Vec<u8> {
+    let flags = if will_props.is_some() { 0b110 } else { 0b010 };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, flags, 0, 10];
+    body.extend_from_slice(props);
+    body.extend_from_slice(&[0, 1, b'x']);
+    if let Some(w) = will_props {
+        body.extend_from_slice(w);
+        body.extend_from_slice(&[0, 1, b'w', 0, 1, b'p']);
+    }
+    v5_frame(0x10, &body)
+}
+
+/// MQTT 5 property rules (`codec::strict`): a property twice (user properties excepted),
+/// or a value out of its range, is a protocol error (0x82); the same packet with the
+/// property once, in range, decodes.
+#[test]
+fn v5_properties_twice_or_out_of_range_are_protocol_errors() {
+    let publish = |props: &[u8]| {
+        let mut body = vec![0, 1, b't'];
+        body.extend_from_slice(props);
+        v5_frame(0x30, &body)
+    };
+    let publish_qos1 = |props: &[u8]| {
+        let mut body = vec![0, 1, b't', 0, 9];
+        body.extend_from_slice(props);
+        v5_frame(0x32, &body)
+    };
+    let subscribe = |props: &[u8]| {
+        let mut body = vec![0, 1];
+        body.extend_from_slice(props);
+        body.extend_from_slice(&[0, 1, b't', 1]);
+        v5_frame(0x82, &body)
+    };
+    let puback = |props: &[u8]| {
+        let mut body = vec![0, 1, 0x10];
+        body.extend_from_slice(props);
+        v5_frame(0x40, &body)
+    };
+    let disconnect = |props: &[u8]| {
+        let mut body = vec![0x00];
+        body.extend_from_slice(props);
+        v5_frame(0xE0, &body)
+    };
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        ("payload format indicator twice",
+            publish(&[4, 0x01, 0, 0x01, 0]), publish(&[2, 0x01, 0])),
+        ("payload format indicator 2",
+            publish(&[2, 0x01, 2]), publish(&[2, 0x01, 1])),
+        ("content type twice, after a packet identifier",
+            publish_qos1(&[8, 0x03, 0, 1, b'a', 0x03, 0, 1, b'b']),
+            publish_qos1(&[4, 0x03, 0, 1, b'a'])),
+        ("subscription identifier 0",
+            subscribe(&[2, 0x0B, 0]), subscribe(&[2, 0x0B, 5])),
+        ("subscription identifier twice",
+            subscribe(&[4, 0x0B, 1, 0x0B, 2]), subscribe(&[2, 0x0B, 1])),
+        ("session expiry twice",
+            v5_connect(&[10, 0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2], None),
+            v5_connect(&[5, 0x11, 0, 0, 0, 1], None)),
+        ("request problem information 2",
+            v5_connect(&[2, 0x17, 2], None), v5_connect(&[2, 0x17, 0], None)),
+        ("will delay twice, in the will's properties",
+            v5_connect(&[0], Some(&[10, 0x18, 0, 0, 0, 1, 0x18, 0, 0, 0, 1])),
+            v5_connect(&[0], Some(&[5, 0x18, 0, 0, 0, 1]))),
+        ("reason string twice on a PUBACK",
+            puback(&[8, 0x1F, 0, 1, b'a', 0x1F, 0, 1, b'b']), puback(&[4, 0x1F, 0, 1, b'a'])),
+        ("reason string twice on a DISCONNECT",
+            disconnect(&[8, 0x1F, 0, 1, b'a', 0x1F, 0, 1, b'b']),
+            disconnect(&[4, 0x1F, 0, 1, b'a'])),
+    ];
+    for (what, bad, good) in cases {
+        let refused = decode(frame_of(&bad), Version::V5);
+        assert!(
+            matches!(&refused, Err(e) if e.reason_code() == 0x82),
+            "{what}: {refused:?}"
+        );
+        let accepted = decode(frame_of(&good), Version::V5);
+        assert!(accepted.is_ok(), "{what}, once and in range: {accepted:?}");
+    }
+    // User properties may repeat, even with the same name.
+    let users = [0x26, 0, 1, b'k', 0, 1, b'v', 0x26, 0, 1, b'k', 0, 1, b'w'];
+    let mut props = vec![users.len() as u8];
+    props.extend_from_slice(&users);
+    assert!(decode(frame_of(&publish(&props)), Version::V5).is_ok());
+}
