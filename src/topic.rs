@@ -44,6 +44,32 @@ pub enum TopicError {
     SharedPattern,
     #[error("share group must be non-empty and contain no '/', '+' or '#'")]
     InvalidShareGroup,
+    #[error("topic longer than the {0} bytes allowed here")]
+    LongerThan(usize),
+    #[error("topic of more than the {0} levels allowed here")]
+    DeeperThan(usize),
+}
+
+/// Limits a server sets below MQTT's own on the topic names and filters clients send (the
+/// embedded broker's `max_topic_length` and `max_topic_levels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TopicLimits {
+    /// Bytes.
+    pub length: usize,
+    pub levels: usize,
+}
+
+impl TopicLimits {
+    /// Whether `topic` (a name or a filter) is within the limits.
+    pub fn check(&self, topic: &str) -> Result<(), TopicError> {
+        if topic.len() > self.length {
+            return Err(TopicError::LongerThan(self.length));
+        }
+        if topic.split('/').nth(self.levels).is_some() {
+            return Err(TopicError::DeeperThan(self.levels));
+        }
+        Ok(())
+    }
 }
 
 /// One pre-split level of a parsed filter (a trailing `#` is kept separately).

@@ -38,14 +38,17 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
             of(&embedded.map(|e| &e.persistence)),
         ),
         (
-            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, session_expiry)",
+            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, max_subscriptions, max_topic_levels, max_topic_length, session_expiry)",
             of(&embedded.map(|e| {
                 (
-                    e.max_keepalive,
-                    e.max_packet_size,
-                    e.max_connections,
-                    e.max_inflight,
-                    e.max_queued_messages,
+                    (
+                        e.max_keepalive,
+                        e.max_packet_size,
+                        e.max_connections,
+                        e.max_inflight,
+                        e.max_queued_messages,
+                    ),
+                    (e.max_subscriptions, e.max_topic_levels, e.max_topic_length),
                     e.session_expiry,
                 )
             })),

@@ -99,6 +99,9 @@ pub struct EmbeddedPlan {
     pub max_connections: usize,
     pub max_inflight: u16,
     pub max_queued_messages: usize,
+    pub max_subscriptions: usize,
+    /// `max_topic_length` and `max_topic_levels`.
+    pub topic_limits: crate::topic::TopicLimits,
     pub persistence: Option<PersistencePlan>,
     /// Seconds an offline persistent session is kept (3.1.1), at most (MQTT 5).
     pub session_expiry: u32,
@@ -541,6 +544,24 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             "must be at least 1".into(),
         ));
     }
+    if e.max_subscriptions == 0 {
+        errs.push((
+            "embedded.max_subscriptions".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if e.max_topic_levels == 0 {
+        errs.push((
+            "embedded.max_topic_levels".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if e.max_topic_length.0 == 0 || e.max_topic_length.0 > 65535 {
+        errs.push((
+            "embedded.max_topic_length".into(),
+            "must be between 1 byte and 65535 bytes (MQTT's own limit)".into(),
+        ));
+    }
     let session_expiry = e.session_expiry.0.as_secs();
     if session_expiry == 0 || session_expiry >= u32::MAX as u64 {
         errs.push((
@@ -574,6 +595,11 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
         max_connections: e.max_connections,
         max_inflight: e.max_inflight,
         max_queued_messages: e.max_queued_messages,
+        max_subscriptions: e.max_subscriptions,
+        topic_limits: crate::topic::TopicLimits {
+            length: e.max_topic_length.0 as usize,
+            levels: e.max_topic_levels,
+        },
         tls,
         websocket,
         session_expiry: session_expiry.clamp(1, u32::MAX as u64 - 1) as u32,

@@ -182,6 +182,17 @@ pub struct EmbeddedConfig {
     /// beyond it new messages for that subscriber are dropped and counted.
     #[serde(default = "default_max_queued")]
     pub max_queued_messages: usize,
+    /// Subscriptions one client may hold; beyond it a SUBSCRIBE's new filters are refused
+    /// (MQTT 5: quota exceeded, 0x97), while re-subscribing an existing filter still works.
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions: usize,
+    /// Levels (`/`-separated parts) of a topic name or filter; a PUBLISH or will beyond it
+    /// is an invalid topic, a SUBSCRIBE's filter beyond it is refused.
+    #[serde(default = "default_max_topic_levels")]
+    pub max_topic_levels: usize,
+    /// Bytes of a topic name or filter, treated like `max_topic_levels`.
+    #[serde(default = "default_max_topic_length")]
+    pub max_topic_length: ByteSize,
     /// Keep retained messages and persistent sessions (subscriptions, queued and unacknowledged
     /// messages) across restarts, in a SQLite file of their own. Default: in memory only.
     #[serde(default)]
@@ -325,6 +336,15 @@ fn default_max_inflight() -> u16 {
 }
 fn default_max_queued() -> usize {
     1000
+}
+fn default_max_subscriptions() -> usize {
+    1000
+}
+fn default_max_topic_levels() -> usize {
+    128
+}
+fn default_max_topic_length() -> ByteSize {
+    ByteSize(65535)
 }
 
 /// MQTT protocol version.

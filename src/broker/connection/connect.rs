@@ -22,7 +22,7 @@ use crate::broker::codec::{
 use crate::broker::listener::{StreamReader, StreamWriter};
 use crate::broker::session::{Link, Session, Signal};
 use crate::source::intake::Handoff;
-use crate::topic::validate_topic_name;
+use crate::topic::{TopicLimits, validate_topic_name};
 
 /// How long a new connection may take to send its CONNECT.
 pub(in crate::broker) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,14 +105,16 @@ fn check_connect(shared: &Shared, c: &Connect, count: usize) -> Result<(), Proto
 }
 
 /// The checks after the password's: the login's outcome, the will's topic.
-fn check_login(login: Login, c: &Connect) -> Result<(), ProtocolError> {
+fn check_login(login: Login, c: &Connect, limits: TopicLimits) -> Result<(), ProtocolError> {
     match login {
         Login::Ok => {}
         Login::BadCredentials => return Err(ProtocolError::BadCredentials),
         Login::NotAuthorized => return Err(ProtocolError::NotAuthorized),
     }
     match &c.will {
-        Some(w) => validate_topic_name(&w.topic).map_err(ProtocolError::WillTopicInvalid),
+        Some(w) => validate_topic_name(&w.topic)
+            .and_then(|()| limits.check(&w.topic))
+            .map_err(ProtocolError::WillTopicInvalid),
         None => Ok(()),
     }
 }
@@ -155,7 +157,7 @@ impl Conn {
             tokio::task::spawn_blocking(move || auth.login(user.as_deref(), pass.as_deref()))
                 .await
                 .map_err(ProtocolError::LoginFailed)?;
-        if let Err(e) = check_login(login, &c) {
+        if let Err(e) = check_login(login, &c, plan.topic_limits) {
             return Err(refused(e).await);
         }
 

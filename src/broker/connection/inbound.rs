@@ -133,7 +133,9 @@ impl Conn {
     /// pipeline; a QoS 1/2 message is acknowledged once its [`Ack`] settled.
     pub(super) async fn publish(&mut self, mut p: Publish) -> Result<(), ProtocolError> {
         self.inbound.aliases.resolve(&mut p)?;
-        validate_topic_name(&p.topic).map_err(ProtocolError::TopicNameInvalid)?;
+        validate_topic_name(&p.topic)
+            .and_then(|()| self.shared.plan.topic_limits.check(&p.topic))
+            .map_err(ProtocolError::TopicNameInvalid)?;
         self.shared.counters.received();
         let max_inflight = self.shared.plan.max_inflight;
         if p.qos > 0

@@ -33,7 +33,11 @@ impl Conn {
             if share.is_some() && f.no_local {
                 return Err(ProtocolError::SharedNoLocal);
             }
-            if validate_filter(&filter).is_err() {
+            let limits = self.shared.plan.topic_limits;
+            if validate_filter(&filter)
+                .and_then(|()| limits.check(&filter))
+                .is_err()
+            {
                 codes.push(if v5 { 0x8F } else { 0x80 });
                 continue;
             }
@@ -55,6 +59,15 @@ impl Conn {
                 id,
             };
             let mut state = self.shared.change();
+            let max = self.shared.plan.max_subscriptions;
+            let full = state.sessions.get(&self.client_id).is_some_and(|s| {
+                s.subscriptions.len() >= max && !s.subscriptions.contains_key(&f.filter)
+            });
+            if full {
+                tracing::info!(client_id = %self.client_id, max, "embedded broker: subscription refused, the client holds max_subscriptions");
+                codes.push(if v5 { 0x97 } else { 0x80 });
+                continue;
+            }
             let Some(existed) = state.subscribe(&self.client_id, f.filter.clone(), sub) else {
                 return Err(ProtocolError::SessionGone);
             };

@@ -736,3 +736,62 @@ async fn a_malformed_packet_closes_that_connection_only() {
         "only the bystander's message"
     );
 }
+
+/// A v5 SUBSCRIBE of `filters` at QoS 1.
+fn subscribe_v5(pkid: u16, filters: &[&str]) -> BytesMut {
+    let filters = filters
+        .iter()
+        .map(|f| v5::Filter::new(*f, Qos5::AtLeastOnce))
+        .collect::<Vec<_>>();
+    let mut buf = BytesMut::new();
+    v5::Packet::Subscribe(v5::Subscribe::new_many(filters, None))
+        .write(&mut buf, None)
+        .unwrap();
+    // rumqttc numbers packets itself; the id is the two bytes after the fixed header.
+    buf[2..4].copy_from_slice(&pkid.to_be_bytes());
+    buf
+}
+
+#[tokio::test]
+async fn subscriptions_and_topics_beyond_the_configured_limits_are_refused() {
+    let b = broker("  max_subscriptions: 2\n  max_topic_levels: 3\n  max_topic_length: 16").await;
+    let mut c = b.connect(Version::V5, Hello::new("c")).await;
+    // The third filter is beyond max_subscriptions (quota exceeded); a filter too deep or
+    // too long is refused as invalid; the others are granted.
+    c.send(&subscribe_v5(
+        1,
+        &["a", "b", "c", "a/b/c/d", "a-very-long-filter"],
+    ))
+    .await;
+    assert_eq!(
+        c.recv().await,
+        Got::SubAck {
+            pkid: 1,
+            codes: vec![1, 1, 0x97, 0x8F, 0x8F]
+        }
+    );
+    // Subscribing again to a filter held is not a new subscription.
+    c.send(&subscribe_v5(2, &["a", "x/y/z"])).await;
+    assert_eq!(
+        c.recv().await,
+        Got::SubAck {
+            pkid: 2,
+            codes: vec![1, 0x97]
+        }
+    );
+    // A PUBLISH to a topic too deep is an invalid topic name.
+    c.send(&publish(Version::V5, "a/b/c/d", 0, 0, None)).await;
+    assert_eq!(c.recv().await, Got::Disconnect { reason: 0x90 });
+    c.closed().await;
+    // So is a will's topic: the CONNECT is refused.
+    let mut w = b.open(Version::V5);
+    let hello = Hello {
+        will: Some("w/x/y/z"),
+        ..Hello::new("w")
+    };
+    w.send(&hello.bytes(Version::V5)).await;
+    assert!(
+        matches!(w.recv().await, Got::ConnAck { code: 0x90, .. }),
+        "will topic beyond max_topic_levels"
+    );
+}
