@@ -99,6 +99,7 @@ pub struct EmbeddedPlan {
     pub max_connections: usize,
     pub max_inflight: u16,
     pub max_queued_messages: usize,
+    pub connect_timeout: Duration,
     pub max_subscriptions: usize,
     /// `max_topic_length` and `max_topic_levels`.
     pub topic_limits: crate::topic::TopicLimits,
@@ -544,6 +545,13 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             "must be at least 1".into(),
         ));
     }
+    let connect_timeout = e.connect_timeout.0;
+    if connect_timeout < Duration::from_millis(100) || connect_timeout > Duration::from_secs(300) {
+        errs.push((
+            "embedded.connect_timeout".into(),
+            "must be between 100ms and 5m".into(),
+        ));
+    }
     if e.max_subscriptions == 0 {
         errs.push((
             "embedded.max_subscriptions".into(),
@@ -595,6 +603,7 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
         max_connections: e.max_connections,
         max_inflight: e.max_inflight,
         max_queued_messages: e.max_queued_messages,
+        connect_timeout,
         max_subscriptions: e.max_subscriptions,
         topic_limits: crate::topic::TopicLimits {
             length: e.max_topic_length.0 as usize,

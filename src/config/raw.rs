@@ -184,6 +184,10 @@ pub struct EmbeddedConfig {
     pub max_queued_messages: usize,
     /// Subscriptions one client may hold; beyond it a SUBSCRIBE's new filters are refused
     /// (MQTT 5: quota exceeded, 0x97), while re-subscribing an existing filter still works.
+    /// How long a new connection has for its CONNECT, the TLS and WebSocket handshakes
+    /// included; then it is closed.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions: usize,
     /// Levels (`/`-separated parts) of a topic name or filter; a PUBLISH or will beyond it
@@ -336,6 +340,9 @@ fn default_max_inflight() -> u16 {
 }
 fn default_max_queued() -> usize {
     1000
+}
+fn default_connect_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
 }
 fn default_max_subscriptions() -> usize {
     1000

@@ -1,4 +1,4 @@
-//! The CONNECT handshake: reading the first packet (bounded by [`CONNECT_TIMEOUT`]),
+//! The CONNECT handshake: reading the first packet (by the `connect_timeout` deadline),
 //! refusing what cannot be served with the CONNACK code that says why, authenticating
 //! (argon2, off the async threads), attaching the session (taking it over from another
 //! connection) and answering the CONNACK with what was negotiated.
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::inbound::{FromClient, TOPIC_ALIAS_MAX};
@@ -24,19 +25,19 @@ use crate::broker::session::{Link, Session, Signal};
 use crate::source::intake::Handoff;
 use crate::topic::{TopicLimits, validate_topic_name};
 
-/// How long a new connection may take to send its CONNECT.
-pub(in crate::broker) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Reads the CONNECT (a client that never sends one must not hold up a shutdown).
+/// Reads the CONNECT by `deadline` (the connection's `connect_timeout`, which its
+/// transport's handshakes took their share of); a client that never sends one must not
+/// hold up a shutdown either.
 /// An unsupported protocol, or a v5 CONNECT that does not decode, is refused on `wr`.
 pub(super) async fn read_connect(
     rd: &mut StreamReader,
     wr: &mut StreamWriter,
     buf: &mut BytesMut,
     max_packet: usize,
+    (deadline, timeout): (Instant, Duration),
     stop: &CancellationToken,
 ) -> Result<Box<Connect>, ProtocolError> {
-    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, async {
+    let connecting = tokio::time::timeout_at(deadline, async {
         loop {
             if buf.first().is_some_and(|&b| b != 0x10) {
                 return Err(ProtocolError::NotConnect);
@@ -50,7 +51,7 @@ pub(super) async fn read_connect(
         }
     });
     let frame = tokio::select! {
-        r = connecting => r.map_err(|_| ProtocolError::ConnectTimeout(CONNECT_TIMEOUT))??,
+        r = connecting => r.map_err(|_| ProtocolError::ConnectTimeout(timeout))??,
         _ = stop.cancelled() => return Err(ProtocolError::ServerShuttingDown),
     };
     let version = match codec::detect_version(&frame) {

@@ -59,7 +59,6 @@ use super::codec::{self, Outgoing, Version, Will};
 use super::listener::{StreamReader, Transport};
 use super::session::{Session, Signal};
 use crate::source::intake::Handoff;
-use connect::CONNECT_TIMEOUT;
 pub(super) use end::schedule_expiry;
 use error::ProtocolError;
 use inbound::FromClient;
@@ -189,11 +188,13 @@ async fn open(
     handoff: Handoff,
     stop: &CancellationToken,
 ) -> Result<Live, ProtocolError> {
+    // One deadline for the handshakes and the CONNECT.
+    let timeout = shared.plan.connect_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     let socket = match incoming {
         Incoming::Socket(socket, transport) => {
-            // Bounded like the CONNECT that follows.
             let opened = tokio::select! {
-                r = tokio::time::timeout(CONNECT_TIMEOUT, transport.open(socket)) => r,
+                r = tokio::time::timeout_at(deadline, transport.open(socket)) => r,
                 _ = stop.cancelled() => return Err(ProtocolError::ServerShuttingDown),
             };
             match opened {
@@ -201,7 +202,7 @@ async fn open(
                 Ok(Err(e)) => return Err(ProtocolError::Handshake(transport.name(), e)),
                 Err(_) => {
                     let name = transport.name();
-                    return Err(ProtocolError::HandshakeTimeout(name, CONNECT_TIMEOUT));
+                    return Err(ProtocolError::HandshakeTimeout(name, timeout));
                 }
             }
         }
@@ -211,7 +212,15 @@ async fn open(
     let (mut rd, mut wr) = socket.split();
     let max_packet = shared.plan.max_packet_size;
     let mut buf = BytesMut::new();
-    let connect = *connect::read_connect(&mut rd, &mut wr, &mut buf, max_packet, stop).await?;
+    let connect = *connect::read_connect(
+        &mut rd,
+        &mut wr,
+        &mut buf,
+        max_packet,
+        (deadline, timeout),
+        stop,
+    )
+    .await?;
 
     let (wtx, wrx) = write_queue::write_queue(WRITE_QUEUE);
     let signal = Arc::new(Signal::default());

@@ -795,3 +795,23 @@ async fn subscriptions_and_topics_beyond_the_configured_limits_are_refused() {
         "will topic beyond max_topic_levels"
     );
 }
+
+/// A connection that sends nothing, or only part of a CONNECT, is closed once
+/// `connect_timeout` has passed; a client connecting meanwhile is served.
+#[tokio::test]
+async fn a_connection_without_a_connect_is_closed_after_connect_timeout() {
+    let b = broker("  connect_timeout: 200ms").await;
+    let silent = b.open(Version::V311);
+    let mut partial = b.open(Version::V311);
+    let hello = Hello::new("slow").bytes(Version::V311);
+    partial.send(&hello[..hello.len() - 1]).await;
+    let mut ok = b.connect(Version::V5, Hello::new("ok")).await;
+    let started = tokio::time::Instant::now();
+    silent.closed().await;
+    partial.closed().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed by connect_timeout, not by some later limit"
+    );
+    ok.ping().await;
+}
