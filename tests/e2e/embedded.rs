@@ -861,9 +861,10 @@ pub(crate) fn raw_connack_code(s: &mut TcpStream) -> u8 {
 /// Subscribes to `filter` at QoS 1 and waits for the SUBACK.
 pub(crate) fn raw_subscribe(s: &mut TcpStream, filter: &str) {
     let mut buf = BytesMut::new();
-    v4::Subscribe::new(filter, rumqttc::QoS::AtLeastOnce)
-        .write(&mut buf)
-        .unwrap();
+    let mut subscribe = v4::Subscribe::new(filter, rumqttc::QoS::AtLeastOnce);
+    // A SUBSCRIBE's packet identifier must not be 0 (the broker closes the connection).
+    subscribe.pkid = 1;
+    subscribe.write(&mut buf).unwrap();
     s.write_all(&buf).unwrap();
     let ack = raw_read_packets(s, 1, Duration::from_secs(5));
     assert!(matches!(ack[..], [v4::Packet::SubAck(_)]), "{ack:?}");
