@@ -49,6 +49,7 @@ pub mod store;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,6 +68,8 @@ pub(crate) struct Shared {
     state: State,
     /// Live connections (bounded by `max_connections`).
     connections: AtomicUsize,
+    /// Permits for connections not yet past their CONNECT (`max_connecting`).
+    connecting: Arc<Semaphore>,
     next_conn_id: AtomicU64,
     counters: Counters,
     /// The state file, taken by the flusher when serving starts.
@@ -122,11 +125,13 @@ impl Broker {
             .filter(|(_, s)| s.expiry != u32::MAX)
             .map(|(id, s)| (id.clone(), s.generation, s.expiry))
             .collect();
+        let max_connecting = plan.max_connecting;
         let broker = Broker {
             shared: Arc::new(Shared {
                 plan,
                 state: State::new(router, auth),
                 connections: AtomicUsize::new(0),
+                connecting: Arc::new(Semaphore::new(max_connecting)),
                 next_conn_id: AtomicU64::new(1),
                 counters: Counters::default(),
                 store: Mutex::new(store),
@@ -294,14 +299,21 @@ async fn accept_loop(
     tasks: TaskTracker,
 ) {
     loop {
-        let accepted = tokio::select! {
+        // A permit first: beyond `max_connecting` handshakes in progress, new
+        // connections wait in the backlog and cost nothing here.
+        let connecting = Arc::clone(&shared.connecting);
+        let (permit, accepted) = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.tcp.accept() => r,
+            r = async {
+                let permit = connecting.acquire_owned().await.expect("never closed");
+                (permit, listener.tcp.accept().await)
+            } => r,
         };
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                let incoming = connection::Incoming::Socket(socket, listener.transport.clone());
+                let transport = listener.transport.clone();
+                let incoming = connection::Incoming::Socket(socket, transport, permit);
                 tasks.spawn(connection::serve(
                     incoming,
                     peer,

@@ -100,6 +100,7 @@ pub struct EmbeddedPlan {
     pub max_inflight: u16,
     pub max_queued_messages: usize,
     pub connect_timeout: Duration,
+    pub max_connecting: usize,
     pub max_subscriptions: usize,
     /// `max_topic_length` and `max_topic_levels`.
     pub topic_limits: crate::topic::TopicLimits,
@@ -552,6 +553,12 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             "must be between 100ms and 5m".into(),
         ));
     }
+    if e.max_connecting == 0 {
+        errs.push((
+            "embedded.max_connecting".into(),
+            "must be at least 1".into(),
+        ));
+    }
     if e.max_subscriptions == 0 {
         errs.push((
             "embedded.max_subscriptions".into(),
@@ -604,6 +611,7 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
         max_inflight: e.max_inflight,
         max_queued_messages: e.max_queued_messages,
         connect_timeout,
+        max_connecting: e.max_connecting,
         max_subscriptions: e.max_subscriptions,
         topic_limits: crate::topic::TopicLimits {
             length: e.max_topic_length.0 as usize,

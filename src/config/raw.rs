@@ -188,6 +188,11 @@ pub struct EmbeddedConfig {
     /// included; then it is closed.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Duration,
+    /// Connections not yet past their CONNECT (TLS and WebSocket handshakes included);
+    /// beyond it new connections wait in the listen backlog, not accepted, until one of
+    /// these ends.
+    #[serde(default = "default_max_connecting")]
+    pub max_connecting: usize,
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions: usize,
     /// Levels (`/`-separated parts) of a topic name or filter; a PUBLISH or will beyond it
@@ -343,6 +348,9 @@ fn default_max_queued() -> usize {
 }
 fn default_connect_timeout() -> Duration {
     Duration(std::time::Duration::from_secs(10))
+}
+fn default_max_connecting() -> usize {
+    1000
 }
 fn default_max_subscriptions() -> usize {
     1000

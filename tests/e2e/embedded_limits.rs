@@ -1,6 +1,7 @@
 //! The embedded broker's limits and counters: `max_connections`, publishes refused by the
-//! ACL (read through `Broker::stats`), and `session_expiry` (offline 3.1.1 persistent
-//! sessions expire; MQTT 5 clients get at most it).
+//! ACL (read through `Broker::stats`), `session_expiry` (offline 3.1.1 persistent
+//! sessions expire; MQTT 5 clients get at most it), and `max_connecting` (connections
+//! before their CONNECT).
 
 use std::io::Read;
 use std::time::Duration;
@@ -142,4 +143,54 @@ async fn embedded_offline_311_sessions_expire() {
     let granted = connack.properties.and_then(|p| p.session_expiry_interval);
     assert_eq!(granted, Some(1));
     bridge.stop().await.unwrap();
+}
+
+/// `max_connecting`: with two connections stuck before their CONNECT, a third is not
+/// served until `connect_timeout` has closed them; clients past their CONNECT do not
+/// count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_max_connecting_holds_new_connections_until_a_handshake_ends() {
+    let port = free_port();
+    let settings = "  max_connecting: 2\n  connect_timeout: 1s";
+    let plan = mqbridge::config::parse(&config(port, settings, ""), "t.yaml", |_| None)
+        .unwrap()
+        .embedded
+        .unwrap();
+    let broker = mqbridge::broker::Broker::open(plan).await.unwrap();
+    let (tx, mut rx) = mpsc::channel::<mqbridge::message::Message>(64);
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            m.ack.settle();
+        }
+    });
+    let (stop, done) = (CancellationToken::new(), CancellationToken::new());
+    let listening = broker.clone().listen().await.unwrap();
+    let task = tokio::spawn(listening.run(Handoff::new(tx), stop.clone(), done.clone()));
+    // A connected client holds no permit.
+    let _connected = V4::connect(port, "connected", true, None).await;
+
+    // Before the silent ones connect: their connect_timeout cannot start earlier.
+    let started = std::time::Instant::now();
+    let mut silent: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let mut third = raw_send_connect(port, v4::Connect::new("third"));
+    assert_eq!(raw_connack_code(&mut third), 0, "the third is served");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "the third waited for connect_timeout to free a permit ({:?})",
+        started.elapsed()
+    );
+    for s in &mut silent {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0) | Err(_)),
+            "a silent connection was closed"
+        );
+    }
+
+    stop.cancel();
+    done.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -51,6 +51,7 @@ use bytes::BytesMut;
 use futures::future::{Fuse, FusedFuture, FutureExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -82,8 +83,9 @@ enum End {
 
 /// A connection as it arrives.
 pub(super) enum Incoming {
-    /// An accepted socket, and the transport (TLS, WebSocket) whose handshakes open it.
-    Socket(TcpStream, Transport),
+    /// An accepted socket, the transport (TLS, WebSocket) whose handshakes open it, and
+    /// its `max_connecting` permit, held until the CONNACK.
+    Socket(TcpStream, Transport, OwnedSemaphorePermit),
     /// A stream MQTT flows in already (the unit tests' in-memory pipes).
     #[cfg(test)]
     Ready(super::listener::Stream),
@@ -191,14 +193,14 @@ async fn open(
     // One deadline for the handshakes and the CONNECT.
     let timeout = shared.plan.connect_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let socket = match incoming {
-        Incoming::Socket(socket, transport) => {
+    let (socket, _permit) = match incoming {
+        Incoming::Socket(socket, transport, permit) => {
             let opened = tokio::select! {
                 r = tokio::time::timeout_at(deadline, transport.open(socket)) => r,
                 _ = stop.cancelled() => return Err(ProtocolError::ServerShuttingDown),
             };
             match opened {
-                Ok(Ok(stream)) => stream,
+                Ok(Ok(stream)) => (stream, Some(permit)),
                 Ok(Err(e)) => return Err(ProtocolError::Handshake(transport.name(), e)),
                 Err(_) => {
                     let name = transport.name();
@@ -207,7 +209,7 @@ async fn open(
             }
         }
         #[cfg(test)]
-        Incoming::Ready(stream) => stream,
+        Incoming::Ready(stream) => (stream, None),
     };
     let (mut rd, mut wr) = socket.split();
     let max_packet = shared.plan.max_packet_size;
