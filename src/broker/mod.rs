@@ -46,9 +46,12 @@ pub mod session;
 pub mod stats;
 pub mod store;
 
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -70,6 +73,8 @@ pub(crate) struct Shared {
     connections: AtomicUsize,
     /// Permits for connections not yet past their CONNECT (`max_connecting`).
     connecting: Arc<Semaphore>,
+    /// New connections per source address (`connection_rate_per_ip`); None: no limit.
+    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
     next_conn_id: AtomicU64,
     counters: Counters,
     /// The state file, taken by the flusher when serving starts.
@@ -125,13 +130,14 @@ impl Broker {
             .filter(|(_, s)| s.expiry != u32::MAX)
             .map(|(id, s)| (id.clone(), s.generation, s.expiry))
             .collect();
-        let max_connecting = plan.max_connecting;
+        let (max_connecting, connection_rate) = (plan.max_connecting, plan.connection_rate_per_ip);
         let broker = Broker {
             shared: Arc::new(Shared {
                 plan,
                 state: State::new(router, auth),
                 connections: AtomicUsize::new(0),
                 connecting: Arc::new(Semaphore::new(max_connecting)),
+                per_ip: per_ip_limiter(connection_rate),
                 next_conn_id: AtomicU64::new(1),
                 counters: Counters::default(),
                 store: Mutex::new(store),
@@ -290,6 +296,22 @@ async fn flush_loop(
     }
 }
 
+/// The limiter of `connection_rate_per_ip` connections per second per address (None:
+/// no limit), with bursts of one second's worth, at least one.
+fn per_ip_limiter(rate: f64) -> Option<DefaultKeyedRateLimiter<IpAddr>> {
+    if rate <= 0.0 {
+        return None;
+    }
+    let burst = NonZeroU32::new(rate.ceil().clamp(1.0, u32::MAX as f64) as u32)?;
+    let quota =
+        Quota::with_period(std::time::Duration::from_secs_f64(1.0 / rate))?.allow_burst(burst);
+    Some(RateLimiter::keyed(quota))
+}
+
+/// Accepted connections between two prunings of the per-address limiter's map (which
+/// forgets addresses whose bucket is full again).
+const PRUNE_EVERY: u32 = 1024;
+
 async fn accept_loop(
     listener: listener::Listener,
     shared: Arc<Shared>,
@@ -298,6 +320,7 @@ async fn accept_loop(
     done: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let mut accepted_since_prune = 0u32;
     loop {
         // A permit first: beyond `max_connecting` handshakes in progress, new
         // connections wait in the backlog and cost nothing here.
@@ -311,6 +334,19 @@ async fn accept_loop(
         };
         match accepted {
             Ok((socket, peer)) => {
+                if let Some(limiter) = &shared.per_ip {
+                    accepted_since_prune += 1;
+                    if accepted_since_prune >= PRUNE_EVERY {
+                        limiter.retain_recent();
+                        accepted_since_prune = 0;
+                    }
+                    if limiter.check_key(&peer.ip()).is_err() {
+                        // Closed (with its permit) before a byte is read.
+                        shared.counters.rate_limited();
+                        tracing::debug!(%peer, "embedded broker: connection_rate_per_ip exceeded, closed");
+                        continue;
+                    }
+                }
                 let _ = socket.set_nodelay(true);
                 let transport = listener.transport.clone();
                 let incoming = connection::Incoming::Socket(socket, transport, permit);

@@ -60,6 +60,7 @@ pub struct Counters {
     received: Counter,
     sent: Counter,
     refused: Counter,
+    rate_limited: Counter,
     /// By [`Dropped`] as an index.
     dropped: [Counter; Dropped::ALL.len()],
 }
@@ -74,6 +75,7 @@ impl Default for Counters {
             received: metrics::counter!("mqbridge_broker_messages_received_total"),
             sent: metrics::counter!("mqbridge_broker_messages_sent_total"),
             refused: metrics::counter!("mqbridge_broker_connections_refused_total"),
+            rate_limited: metrics::counter!("mqbridge_broker_connections_rate_limited_total"),
             dropped: Dropped::ALL.map(|d| {
                 metrics::counter!("mqbridge_broker_messages_dropped_total", "reason" => d.reason())
             }),
@@ -101,6 +103,11 @@ impl Counters {
             Dropped::Acl => self.publish_denied.fetch_add(1, Relaxed) + 1,
             _ => 0,
         }
+    }
+
+    /// A connection closed at once: its address opened more than `connection_rate_per_ip`.
+    pub fn rate_limited(&self) {
+        self.rate_limited.increment(1);
     }
 
     /// A CONNECT refused because `max_connections` clients were connected.

@@ -38,7 +38,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
             of(&embedded.map(|e| &e.persistence)),
         ),
         (
-            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, connect_timeout, max_connecting, max_subscriptions, max_topic_levels, max_topic_length, session_expiry)",
+            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, connect_timeout, max_connecting, connection_rate_per_ip, max_subscriptions, max_topic_levels, max_topic_length, session_expiry)",
             of(&embedded.map(|e| {
                 (
                     (
@@ -51,6 +51,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
                     (
                         e.connect_timeout,
                         e.max_connecting,
+                        e.connection_rate_per_ip.to_bits(),
                         e.max_subscriptions,
                         e.max_topic_levels,
                         e.max_topic_length,

@@ -101,6 +101,8 @@ pub struct EmbeddedPlan {
     pub max_queued_messages: usize,
     pub connect_timeout: Duration,
     pub max_connecting: usize,
+    /// Connections per second per source address; 0: no limit.
+    pub connection_rate_per_ip: f64,
     pub max_subscriptions: usize,
     /// `max_topic_length` and `max_topic_levels`.
     pub topic_limits: crate::topic::TopicLimits,
@@ -553,6 +555,12 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             "must be between 100ms and 5m".into(),
         ));
     }
+    if !(e.connection_rate_per_ip >= 0.0 && e.connection_rate_per_ip <= 1e6) {
+        errs.push((
+            "embedded.connection_rate_per_ip".into(),
+            "must be between 0 (no limit) and 1000000 connections per second".into(),
+        ));
+    }
     if e.max_connecting == 0 {
         errs.push((
             "embedded.max_connecting".into(),
@@ -612,6 +620,7 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
         max_queued_messages: e.max_queued_messages,
         connect_timeout,
         max_connecting: e.max_connecting,
+        connection_rate_per_ip: e.connection_rate_per_ip,
         max_subscriptions: e.max_subscriptions,
         topic_limits: crate::topic::TopicLimits {
             length: e.max_topic_length.0 as usize,

@@ -193,6 +193,12 @@ pub struct EmbeddedConfig {
     /// these ends.
     #[serde(default = "default_max_connecting")]
     pub max_connecting: usize,
+    /// New connections per second from one source address (bursts up to one second's
+    /// worth, at least one); beyond it a connection is closed as soon as it is accepted.
+    /// `0` (the default): no limit, since a fleet behind one NAT address reconnects at
+    /// once after an outage.
+    #[serde(default)]
+    pub connection_rate_per_ip: f64,
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions: usize,
     /// Levels (`/`-separated parts) of a topic name or filter; a PUBLISH or will beyond it

@@ -194,3 +194,42 @@ async fn embedded_max_connecting_holds_new_connections_until_a_handshake_ends() 
     done.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// `connection_rate_per_ip`: at 0.1 per second (a burst of one), a second connection from
+/// the same address within ten seconds is closed before its CONNECT is read; the first
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_connection_rate_per_ip_closes_the_excess_at_once() {
+    let port = free_port();
+    let settings = "  connection_rate_per_ip: 0.1";
+    let plan = mqbridge::config::parse(&config(port, settings, ""), "t.yaml", |_| None)
+        .unwrap()
+        .embedded
+        .unwrap();
+    let broker = mqbridge::broker::Broker::open(plan).await.unwrap();
+    let (tx, _rx) = mpsc::channel::<mqbridge::message::Message>(64);
+    let (stop, done) = (CancellationToken::new(), CancellationToken::new());
+    let listening = broker.clone().listen().await.unwrap();
+    let task = tokio::spawn(listening.run(Handoff::new(tx), stop.clone(), done.clone()));
+
+    let mut first = raw_send_connect(port, v4::Connect::new("first"));
+    assert_eq!(raw_connack_code(&mut first), 0, "the first is served");
+    let mut second = raw_send_connect(port, v4::Connect::new("second"));
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 4];
+    assert!(
+        matches!(second.read(&mut b), Ok(0) | Err(_)),
+        "the second is closed without a CONNACK"
+    );
+    // The first connection is unaffected.
+    let mut ping = [0xC0u8, 0];
+    std::io::Write::write_all(&mut first, &ping).unwrap();
+    first.read_exact(&mut ping).unwrap();
+    assert_eq!(ping, [0xD0, 0], "PINGRESP");
+
+    stop.cancel();
+    done.cancel();
+    task.await.unwrap().unwrap();
+}
