@@ -156,6 +156,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "CONNECTs refused because max_connections clients were connected.",
     ),
+    (
+        "mqbridge_broker_connections_rate_limited_total",
+        Kind::Counter,
+        Unit::Count,
+        "Connections closed as soon as accepted: their address exceeded connection_rate_per_ip.",
+    ),
     // Spool.
     (
         "mqbridge_spool_bytes",
