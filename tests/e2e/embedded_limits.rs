@@ -15,19 +15,21 @@ use tokio_util::sync::CancellationToken;
 use crate::embedded::{V4, config, offline_subscriber, raw_connack_code, raw_send_connect};
 use crate::util::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_max_connections_and_refused_publishes_are_counted() {
-    let port = free_port();
-    let yaml = config(
-        port,
-        "  max_connections: 2\n  acl:\n    - { username: \"*\", action: deny, publish: [\"secret/#\"] }",
-        "",
-    );
-    let plan = mqbridge::config::parse(&yaml, "t.yaml", |_| None)
+/// The embedded broker on its own (no rules, its messages settled at once) on `port`
+/// with the `embedded:` `settings`, so that a test sees every connection it makes and can
+/// read the broker's stats.
+struct Alone {
+    broker: mqbridge::broker::Broker,
+    stop: CancellationToken,
+    done: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+}
+
+async fn alone(port: u16, settings: &str) -> Alone {
+    let plan = mqbridge::config::parse(&config(port, settings, ""), "t.yaml", |_| None)
         .unwrap()
         .embedded
         .unwrap();
-    // The broker on its own, its messages settled at once, so the test can read its stats.
     let broker = mqbridge::broker::Broker::open(plan).await.unwrap();
     let (tx, mut rx) = mpsc::channel::<mqbridge::message::Message>(64);
     tokio::spawn(async move {
@@ -38,6 +40,30 @@ async fn embedded_max_connections_and_refused_publishes_are_counted() {
     let (stop, done) = (CancellationToken::new(), CancellationToken::new());
     let listening = broker.clone().listen().await.unwrap();
     let task = tokio::spawn(listening.run(Handoff::new(tx), stop.clone(), done.clone()));
+    Alone {
+        broker,
+        stop,
+        done,
+        task,
+    }
+}
+
+impl Alone {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.done.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_max_connections_and_refused_publishes_are_counted() {
+    let port = free_port();
+    let running = alone(
+        port,
+        "  max_connections: 2\n  acl:\n    - { username: \"*\", action: deny, publish: [\"secret/#\"] }",
+    )
+    .await;
     eventually(
         Duration::from_secs(10),
         "the broker to listen",
@@ -48,7 +74,7 @@ async fn embedded_max_connections_and_refused_publishes_are_counted() {
         },
     )
     .await;
-    let idle = async || (broker.stats().connections == 0).then_some(());
+    let idle = async || (running.broker.stats().connections == 0).then_some(());
     eventually(Duration::from_secs(10), "the probe to go", idle).await;
 
     let a = V4::connect(port, "a", true, None).await;
@@ -57,13 +83,13 @@ async fn embedded_max_connections_and_refused_publishes_are_counted() {
     assert_eq!(raw_connack_code(&mut third), 3, "3.1.1: server unavailable");
     let mut rest = Vec::new();
     let _ = third.read_to_end(&mut rest); // closed by the broker
-    assert_eq!(broker.stats().connections_refused, 1);
+    assert_eq!(running.broker.stats().connections_refused, 1);
 
     a.client.disconnect().await.unwrap();
     eventually(
         Duration::from_secs(10),
         "a's connection to end",
-        async || (broker.stats().connections == 1).then_some(()),
+        async || (running.broker.stats().connections == 1).then_some(()),
     )
     .await;
     let _c = V4::connect(port, "c", true, None).await;
@@ -79,16 +105,14 @@ async fn embedded_max_connections_and_refused_publishes_are_counted() {
         .await
         .unwrap();
     b.expect(|p| matches!(p, rumqttc::Packet::PubAck(_))).await;
-    let stats = broker.stats();
+    let stats = running.broker.stats();
     assert_eq!(
         (stats.publish_denied, stats.connections),
         (1, 2),
         "{stats:?}"
     );
 
-    stop.cancel();
-    done.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,21 +175,7 @@ async fn embedded_offline_311_sessions_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_max_connecting_holds_new_connections_until_a_handshake_ends() {
     let port = free_port();
-    let settings = "  max_connecting: 2\n  connect_timeout: 1s";
-    let plan = mqbridge::config::parse(&config(port, settings, ""), "t.yaml", |_| None)
-        .unwrap()
-        .embedded
-        .unwrap();
-    let broker = mqbridge::broker::Broker::open(plan).await.unwrap();
-    let (tx, mut rx) = mpsc::channel::<mqbridge::message::Message>(64);
-    tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            m.ack.settle();
-        }
-    });
-    let (stop, done) = (CancellationToken::new(), CancellationToken::new());
-    let listening = broker.clone().listen().await.unwrap();
-    let task = tokio::spawn(listening.run(Handoff::new(tx), stop.clone(), done.clone()));
+    let running = alone(port, "  max_connecting: 2\n  connect_timeout: 1s").await;
     // A connected client holds no permit.
     let _connected = V4::connect(port, "connected", true, None).await;
 
@@ -190,9 +200,7 @@ async fn embedded_max_connecting_holds_new_connections_until_a_handshake_ends() 
         );
     }
 
-    stop.cancel();
-    done.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// `connection_rate_per_ip`: at 0.1 per second (a burst of one), a second connection from
@@ -201,17 +209,7 @@ async fn embedded_max_connecting_holds_new_connections_until_a_handshake_ends() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_connection_rate_per_ip_closes_the_excess_at_once() {
     let port = free_port();
-    let settings = "  connection_rate_per_ip: 0.1";
-    let plan = mqbridge::config::parse(&config(port, settings, ""), "t.yaml", |_| None)
-        .unwrap()
-        .embedded
-        .unwrap();
-    let broker = mqbridge::broker::Broker::open(plan).await.unwrap();
-    let (tx, _rx) = mpsc::channel::<mqbridge::message::Message>(64);
-    let (stop, done) = (CancellationToken::new(), CancellationToken::new());
-    let listening = broker.clone().listen().await.unwrap();
-    let task = tokio::spawn(listening.run(Handoff::new(tx), stop.clone(), done.clone()));
-
+    let running = alone(port, "  connection_rate_per_ip: 0.1").await;
     let mut first = raw_send_connect(port, v4::Connect::new("first"));
     assert_eq!(raw_connack_code(&mut first), 0, "the first is served");
     let mut second = raw_send_connect(port, v4::Connect::new("second"));
@@ -229,7 +227,5 @@ async fn embedded_connection_rate_per_ip_closes_the_excess_at_once() {
     first.read_exact(&mut ping).unwrap();
     assert_eq!(ping, [0xD0, 0], "PINGRESP");
 
-    stop.cancel();
-    done.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
