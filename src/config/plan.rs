@@ -530,23 +530,22 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             "must be between 64 bytes and 256MiB".into(),
         ));
     }
-    if e.max_connections == 0 {
-        errs.push((
-            "embedded.max_connections".into(),
-            "must be at least 1".into(),
-        ));
-    }
     if e.max_inflight == 0 {
         errs.push((
             "embedded.max_inflight".into(),
             "must be between 1 and 65535".into(),
         ));
     }
-    if e.max_queued_messages == 0 {
-        errs.push((
-            "embedded.max_queued_messages".into(),
-            "must be at least 1".into(),
-        ));
+    for (field, value) in [
+        ("max_connections", e.max_connections),
+        ("max_queued_messages", e.max_queued_messages),
+        ("max_connecting", e.max_connecting),
+        ("max_subscriptions", e.max_subscriptions),
+        ("max_topic_levels", e.max_topic_levels),
+    ] {
+        if value == 0 {
+            errs.push((format!("embedded.{field}"), "must be at least 1".into()));
+        }
     }
     let connect_timeout = e.connect_timeout.0;
     if connect_timeout < Duration::from_millis(100) || connect_timeout > Duration::from_secs(300) {
@@ -559,24 +558,6 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
         errs.push((
             "embedded.connection_rate_per_ip".into(),
             "must be between 0 (no limit) and 1000000 connections per second".into(),
-        ));
-    }
-    if e.max_connecting == 0 {
-        errs.push((
-            "embedded.max_connecting".into(),
-            "must be at least 1".into(),
-        ));
-    }
-    if e.max_subscriptions == 0 {
-        errs.push((
-            "embedded.max_subscriptions".into(),
-            "must be at least 1".into(),
-        ));
-    }
-    if e.max_topic_levels == 0 {
-        errs.push((
-            "embedded.max_topic_levels".into(),
-            "must be at least 1".into(),
         ));
     }
     if e.max_topic_length.0 == 0 || e.max_topic_length.0 > 65535 {

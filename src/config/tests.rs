@@ -295,6 +295,36 @@ embedded:
 }
 
 #[test]
+fn embedded_limits_out_of_range_name_their_line_and_field() {
+    let text = r#"embedded:
+  allow_anonymous: true
+  connect_timeout: 10ms
+  max_connecting: 0
+  connection_rate_per_ip: -1
+  max_subscriptions: 0
+  max_topic_levels: 0
+  max_topic_length: 70000
+"#;
+    let errs = errors(text);
+    let expect = [
+        "rules.yaml:3:20: embedded.connect_timeout: must be between 100ms and 5m",
+        "rules.yaml:4:19: embedded.max_connecting: must be at least 1",
+        "rules.yaml:5:27: embedded.connection_rate_per_ip: must be between 0",
+        "rules.yaml:6:22: embedded.max_subscriptions: must be at least 1",
+        "rules.yaml:7:21: embedded.max_topic_levels: must be at least 1",
+        "rules.yaml:8:21: embedded.max_topic_length: must be between 1 byte and 65535",
+    ];
+    for want in expect {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in\n{}",
+            errs.join("\n")
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+}
+
+#[test]
 fn the_variable_behind_the_listen_address_is_kept_for_hints() {
     let listen_var = |listen: &str| {
         let text = format!("embedded:\n  listen: {listen}\n  allow_anonymous: true\n");
