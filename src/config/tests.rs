@@ -18,6 +18,19 @@ fn errors(text: &str) -> Vec<String> {
     }
 }
 
+/// `text` fails with exactly these errors, each given by how it starts.
+fn expect_errors(text: &str, expect: &[&str]) {
+    let errs = errors(text);
+    for want in expect {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in\n{}",
+            errs.join("\n")
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+}
+
 const GOOD: &str = r#"
 broker:
   url: mqtt://user:p%40ss@localhost:1884
@@ -132,25 +145,19 @@ rules:
     to: [db]
 dead_letter: { sink: missing }
 "#;
-    let errs = errors(text);
-    let expect = [
-        "rules.yaml:3:14: broker.client_id: must not be empty",
-        "rules.yaml:5:42: sinks.db.table: invalid table name",
-        "rules.yaml:8:12: rules[0].from[0]: \"a/#/b\"",
-        "rules.yaml:9:13: rules[0].filter: jq: ",
-        "rules.yaml:10:10: rules[0].to[0]: unknown sink \"nope\" (defined: db)",
-        "rules.yaml:11:11: rules[1].name: duplicate rule name",
-        "rules.yaml:13:16: rules[1].transform: jq: undefined",
-        "rules.yaml:15:22: dead_letter.sink: unknown sink \"missing\"",
-    ];
-    for want in expect {
-        assert!(
-            errs.iter().any(|e| e.starts_with(want)),
-            "missing {want:?} in\n{}",
-            errs.join("\n")
-        );
-    }
-    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+    expect_errors(
+        text,
+        &[
+            "rules.yaml:3:14: broker.client_id: must not be empty",
+            "rules.yaml:5:42: sinks.db.table: invalid table name",
+            "rules.yaml:8:12: rules[0].from[0]: \"a/#/b\"",
+            "rules.yaml:9:13: rules[0].filter: jq: ",
+            "rules.yaml:10:10: rules[0].to[0]: unknown sink \"nope\" (defined: db)",
+            "rules.yaml:11:11: rules[1].name: duplicate rule name",
+            "rules.yaml:13:16: rules[1].transform: jq: undefined",
+            "rules.yaml:15:22: dead_letter.sink: unknown sink \"missing\"",
+        ],
+    );
 }
 
 #[test]
@@ -264,22 +271,16 @@ embedded:
     - { username: sensor, action: allow, publish: ["a/#/b"] }
   max_inflight: 0
 "#;
-    let errs = errors(text);
-    let expect = [
-        "rules.yaml:5:3: embedded: configure either `broker:`",
-        "rules.yaml:5:11: embedded.listen: \"nowhere\" is not an address",
-        "rules.yaml:7:42: embedded.users[0].password_hash: not a PHC hash string",
-        "rules.yaml:9:52: embedded.acl[0].publish[0]: \"a/#/b\"",
-        "rules.yaml:10:17: embedded.max_inflight: must be between 1 and 65535",
-    ];
-    for want in expect {
-        assert!(
-            errs.iter().any(|e| e.starts_with(want)),
-            "missing {want:?} in\n{}",
-            errs.join("\n")
-        );
-    }
-    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+    expect_errors(
+        text,
+        &[
+            "rules.yaml:5:3: embedded: configure either `broker:`",
+            "rules.yaml:5:11: embedded.listen: \"nowhere\" is not an address",
+            "rules.yaml:7:42: embedded.users[0].password_hash: not a PHC hash string",
+            "rules.yaml:9:52: embedded.acl[0].publish[0]: \"a/#/b\"",
+            "rules.yaml:10:17: embedded.max_inflight: must be between 1 and 65535",
+        ],
+    );
 
     assert!(
         parse(
@@ -305,23 +306,17 @@ fn embedded_limits_out_of_range_name_their_line_and_field() {
   max_topic_levels: 0
   max_topic_length: 70000
 "#;
-    let errs = errors(text);
-    let expect = [
-        "rules.yaml:3:20: embedded.connect_timeout: must be between 100ms and 5m",
-        "rules.yaml:4:19: embedded.max_connecting: must be at least 1",
-        "rules.yaml:5:27: embedded.connection_rate_per_ip: must be between 0",
-        "rules.yaml:6:22: embedded.max_subscriptions: must be at least 1",
-        "rules.yaml:7:21: embedded.max_topic_levels: must be at least 1",
-        "rules.yaml:8:21: embedded.max_topic_length: must be between 1 byte and 65535",
-    ];
-    for want in expect {
-        assert!(
-            errs.iter().any(|e| e.starts_with(want)),
-            "missing {want:?} in\n{}",
-            errs.join("\n")
-        );
-    }
-    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+    expect_errors(
+        text,
+        &[
+            "rules.yaml:3:20: embedded.connect_timeout: must be between 100ms and 5m",
+            "rules.yaml:4:19: embedded.max_connecting: must be at least 1",
+            "rules.yaml:5:27: embedded.connection_rate_per_ip: must be between 0",
+            "rules.yaml:6:22: embedded.max_subscriptions: must be at least 1",
+            "rules.yaml:7:21: embedded.max_topic_levels: must be at least 1",
+            "rules.yaml:8:21: embedded.max_topic_length: must be between 1 byte and 65535",
+        ],
+    );
 }
 
 #[test]
