@@ -296,11 +296,11 @@ fn rate(samples: &[Sample], from: i64) -> f64 {
 /// A database outage under steady load: mqbridge's memory stays flat (its queues fill,
 /// then it stops acknowledging and the broker holds the backlog), and once the database
 /// is back everything is stored; prints how fast the backlog drained. Issue 5's soak:
-/// 5 minutes with `MQBRIDGE_LONG_TESTS=1`, 16 s otherwise.
+/// 5 minutes with `MQBRIDGE_LONG_TESTS=1`, 30 s otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_flat_while_the_sink_is_down() {
     // ~2,000 msg/s of 200-byte payloads while the database is down.
-    let seconds: i64 = short_or_long(16, 300);
+    let seconds: i64 = short_or_long(30, 300);
     const RATE: i64 = 2000;
     let n = seconds * RATE;
     let o = PgOutage::start("soak", 2 * n as usize, "").await;
@@ -323,7 +323,11 @@ async fn memory_stays_flat_while_the_sink_is_down() {
         tokio::time::sleep_until(tick + Duration::from_secs(1)).await;
     }
     // Once the queues are full (a few seconds in), memory must not keep growing with the
-    // backlog, which by the end is `n` messages (~230 bytes each) held by the broker.
+    // backlog, which by the end is `n` messages (~230 bytes each) held by the broker:
+    // holding it would add ~0.45 MiB a second, 11 MiB over the 25 s after `settled`. The
+    // allocator moves RSS in steps of 1.5-2 MiB, up or down, while the sink retries (seen
+    // 10-13 s in: +4.4 MiB once in a 16 s run, which the 4 MiB bound this had failed on);
+    // 6 MiB keeps clear of those steps and well below what the backlog would take.
     let settled = samples[5];
     let last = *samples.last().unwrap();
     println!(
@@ -337,7 +341,7 @@ async fn memory_stays_flat_while_the_sink_is_down() {
             .collect::<Vec<_>>()
     );
     assert!(
-        last <= settled + 4 * 1024,
+        last <= settled + 6 * 1024,
         "RSS grew from {settled} KiB to {last} KiB while the sink was down: {samples:?}"
     );
 
