@@ -182,8 +182,6 @@ pub struct EmbeddedConfig {
     /// beyond it new messages for that subscriber are dropped and counted.
     #[serde(default = "default_max_queued")]
     pub max_queued_messages: usize,
-    /// Subscriptions one client may hold; beyond it a SUBSCRIBE's new filters are refused
-    /// (MQTT 5: quota exceeded, 0x97), while re-subscribing an existing filter still works.
     /// How long a new connection has for its CONNECT, the TLS and WebSocket handshakes
     /// included; then it is closed.
     #[serde(default = "default_connect_timeout")]
@@ -199,6 +197,8 @@ pub struct EmbeddedConfig {
     /// once after an outage.
     #[serde(default)]
     pub connection_rate_per_ip: f64,
+    /// Subscriptions one client may hold; beyond it a SUBSCRIBE's new filters are refused
+    /// (MQTT 5: quota exceeded, 0x97), while re-subscribing an existing filter still works.
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions: usize,
     /// Levels (`/`-separated parts) of a topic name or filter; a PUBLISH or will beyond it
