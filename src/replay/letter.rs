@@ -124,7 +124,7 @@ impl Letter {
     /// `vars` are the rule's topic captures, which the letter does not keep.
     pub fn origin(&self, vars: Vec<(String, String)>) -> Origin {
         Origin {
-            id: self.message_id.clone(),
+            id: self.message_id.clone().into(),
             topic: self.topic.clone(),
             payload: self.payload.clone(),
             qos: self.qos,
@@ -240,7 +240,7 @@ pub(crate) mod tests {
         let line = letter_line("dev/1", b"{}", Some("hook"), json!({}));
         let l = Letter::parse(&line).unwrap();
         let o = l.origin(vec![("device".into(), "1".into())]);
-        assert_eq!(o.id, crate::message::message_id("dev/1", b"{}"));
+        assert_eq!(o.id(), crate::message::message_id("dev/1", b"{}"));
         assert_eq!(o.received_at, l.received_at);
         assert_eq!(&*o.rule, "r");
     }

@@ -629,7 +629,7 @@ pub fn dead_letter_record(
 ) -> serde_json::Value {
     let (payload, encoding) = crate::rule::payload_text(&origin.payload);
     serde_json::json!({
-        "message_id": origin.id,
+        "message_id": origin.id(),
         "topic": origin.topic,
         "payload": payload,
         "payload_encoding": encoding,

@@ -18,7 +18,7 @@ pub mod retry;
 pub mod sqlite;
 pub mod webhook;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,8 +32,10 @@ use crate::delivery::Ack;
 #[derive(Debug)]
 pub struct Origin {
     /// Stable id of the message: the same when the broker redelivers it (see
-    /// [`message_id`](crate::message::message_id)).
-    pub id: String,
+    /// [`message_id`](crate::message::message_id)). Empty until [`Origin::id`] is first
+    /// called (most sinks never ask: it costs a SHA-256 of the payload), or set when it
+    /// is known (a replayed dead letter keeps its original message's id).
+    pub id: OnceLock<String>,
     pub topic: String,
     pub payload: Bytes,
     pub qos: u8,
@@ -52,7 +54,7 @@ impl Origin {
         vars: Vec<(String, String)>,
     ) -> Origin {
         Origin {
-            id: crate::message::message_id(&msg.topic, &msg.payload),
+            id: OnceLock::new(),
             topic: msg.topic.clone(),
             payload: msg.payload.clone(),
             qos: msg.qos,
@@ -62,6 +64,12 @@ impl Origin {
             rule: Arc::clone(rule),
             source: Arc::clone(&msg.source),
         }
+    }
+
+    /// The message's stable id.
+    pub fn id(&self) -> &str {
+        self.id
+            .get_or_init(|| crate::message::message_id(&self.topic, &self.payload))
     }
 
     /// The context string templates render against: `id`, `topic`, `segments`, `vars`, `qos`,
@@ -100,7 +108,7 @@ impl Serialize for TemplateContext<'_> {
         }
         let o = self.origin;
         let mut map = s.serialize_map(Some(10))?;
-        map.serialize_entry("id", &o.id)?;
+        map.serialize_entry("id", o.id())?;
         map.serialize_entry("topic", &o.topic)?;
         map.serialize_entry("segments", &Segments(&o.topic))?;
         map.serialize_entry("vars", &Vars(&o.vars))?;
@@ -364,7 +372,7 @@ mod tests {
     #[test]
     fn the_template_context_holds_the_origin_and_the_record() {
         let origin = Origin {
-            id: "abc".into(),
+            id: OnceLock::from("abc".to_string()),
             topic: "sensors/d1/temp".into(),
             payload: Bytes::from_static(b"{}"),
             qos: 1,

@@ -56,7 +56,7 @@ pub fn would(cfg: &Settings, origin: &Origin, record: &serde_json::Value) -> Str
         Ok(u) => u,
         Err(e) => return e.message,
     };
-    if let Err(e) = requests.headers(&ctx, &origin.id) {
+    if let Err(e) = requests.headers(&ctx, origin.id()) {
         return e.message;
     }
     let body = match &cfg.body {
@@ -78,7 +78,7 @@ pub fn would(cfg: &Settings, origin: &Origin, record: &serde_json::Value) -> Str
         } else {
             "one request per record"
         },
-        origin.id,
+        origin.id(),
     );
     if cfg.batch_body {
         out.push_str(" (when the batch holds only this message)");
@@ -219,7 +219,7 @@ mod tests {
 
     pub(super) fn origin(id: &str, topic: &str) -> Arc<Origin> {
         Arc::new(Origin {
-            id: id.into(),
+            id: id.to_string().into(),
             topic: topic.into(),
             payload: Bytes::from_static(b"{}"),
             qos: 1,

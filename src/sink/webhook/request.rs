@@ -136,7 +136,7 @@ impl Requests {
     pub(super) fn prepare(&self, d: &Delivery) -> Result<Request, SinkError> {
         let ctx = d.origin.template_context(&d.record);
         let url = self.url(&ctx)?;
-        let mut headers = self.headers(&ctx, &d.origin.id)?;
+        let mut headers = self.headers(&ctx, d.origin.id())?;
         let body = self.body(&ctx, &d.record)?;
         self.sign(&mut headers, body.as_deref().unwrap_or_default());
         Ok(Request { url, headers, body })
@@ -169,7 +169,7 @@ impl Requests {
         let (first, _) = items.first().expect("batches are never empty");
         let ctx = first.origin.template_context(&first.record);
         let url = self.url(&ctx)?;
-        let key = batch_key(items.iter().map(|(d, _)| d.origin.id.as_str()));
+        let key = batch_key(items.iter().map(|(d, _)| d.origin.id()));
         let mut headers = self.headers(&ctx, &key)?;
         let body = serde_json::to_vec(&items.iter().map(|(_, v)| v).collect::<Vec<_>>())
             .map_err(|e| SinkError::permanent(format!("cannot serialize records: {e}")))?;
