@@ -24,7 +24,9 @@ pub const HEADER: usize = 8;
 /// Largest body a reader accepts; anything longer is a corrupt length.
 pub const MAX_BODY: usize = 1 << 30;
 
-const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+/// Slice-by-16 tables (16 KiB): the checksum of every record written and read was 4% of
+/// the CPU of a spooled PostgreSQL run with the one-table default.
+const CRC: crc::Crc<u32, crc::Table<16>> = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 
 const RETAIN: u8 = 1;
 const CLIENT_ID: u8 = 1 << 1;
