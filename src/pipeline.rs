@@ -230,16 +230,12 @@ impl Router {
     async fn evaluate(
         &self,
         active: &Arc<Active>,
-        batch: Vec<Message>,
+        mut batch: Vec<Message>,
     ) -> impl Future<Output = (Batch, Result<Vec<Verdicts>, EvalError>)> + use<> {
-        let mut acks = Vec::with_capacity(batch.len());
-        let mut msgs = Vec::with_capacity(batch.len());
-        for mut m in batch {
-            let ack = std::mem::replace(&mut m.ack, Ack::detached());
-            acks.push(self.watch.track(&m.topic, ack));
-            msgs.push(m);
-        }
-        let msgs: Arc<[Message]> = msgs.into();
+        let acks = self
+            .watch
+            .track(batch.iter_mut().map(|m| (m.topic.as_str(), m.ack.take())));
+        let msgs: Arc<[Message]> = batch.into();
         let job = {
             let (active, msgs, limit) = (Arc::clone(active), Arc::clone(&msgs), self.eval.limit());
             move || {

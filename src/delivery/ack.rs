@@ -49,6 +49,14 @@ impl Ack {
         }
     }
 
+    /// Takes this share out, leaving a spent handle in its place (one that settles
+    /// nothing: as if already settled).
+    pub fn take(&mut self) -> Ack {
+        Ack {
+            shared: self.shared.take(),
+        }
+    }
+
     /// Another share of the same message, to hand to another sink or record.
     pub fn part(&self) -> Ack {
         let shared = self.shared.as_ref().expect("Ack used after settle");

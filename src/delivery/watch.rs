@@ -47,20 +47,33 @@ impl Settled for Tracked {
 }
 
 impl Watch {
-    /// Tracks a message from now until `ack` (its share, which it takes) would settle;
-    /// returns the share to use in its place.
-    pub fn track(self: &Arc<Self>, topic: &str, ack: Ack) -> Ack {
-        let seq = {
+    /// Tracks messages, given as their topic and their ack (a share, which it takes),
+    /// from now until that share would settle; returns, in order, the shares to use in
+    /// their place. One lock and one clock reading for the lot.
+    pub fn track<'a>(self: &Arc<Self>, msgs: impl IntoIterator<Item = (&'a str, Ack)>) -> Vec<Ack> {
+        let now = Instant::now();
+        let (first, upstream) = {
             let mut w = self.inner.lock().expect("watch lock");
-            w.entries
-                .push_back(Some((Instant::now(), Arc::from(topic))));
-            w.base + w.entries.len() as u64 - 1
+            let first = w.base + w.entries.len() as u64;
+            let upstream: Vec<Ack> = msgs
+                .into_iter()
+                .map(|(topic, ack)| {
+                    w.entries.push_back(Some((now, Arc::from(topic))));
+                    ack
+                })
+                .collect();
+            (first, upstream)
         };
-        Ack::new(Tracked {
-            watch: Arc::clone(self),
-            seq,
-            upstream: Mutex::new(Some(ack)),
-        })
+        (first..)
+            .zip(upstream)
+            .map(|(seq, ack)| {
+                Ack::new(Tracked {
+                    watch: Arc::clone(self),
+                    seq,
+                    upstream: Mutex::new(Some(ack)),
+                })
+            })
+            .collect()
     }
 
     fn settle(&self, seq: u64) {
@@ -135,9 +148,11 @@ mod tests {
     fn reports_each_overdue_message_once_and_passes_settlement_on() {
         let watch = Arc::new(Watch::default());
         let settled = Arc::new(AtomicUsize::new(0));
-        let a = watch.track("t/a", Ack::new(Count(Arc::clone(&settled))));
-        let b = watch.track("t/b", Ack::new(Count(Arc::clone(&settled))));
-        let c = watch.track("t/c", Ack::new(Count(Arc::clone(&settled))));
+        let ack = || Ack::new(Count(Arc::clone(&settled)));
+        let [a, b, c] = watch
+            .track([("t/a", ack()), ("t/b", ack()), ("t/c", ack())])
+            .try_into()
+            .unwrap();
         b.settle();
         assert_eq!(
             settled.load(Ordering::SeqCst),
@@ -163,7 +178,7 @@ mod tests {
         c.settle();
         assert_eq!(settled.load(Ordering::SeqCst), 3);
         assert!(watch.oldest().is_none(), "nothing in flight");
-        let d = watch.track("t/d", Ack::new(Count(Arc::clone(&settled))));
+        let [d] = watch.track([("t/d", ack())]).try_into().unwrap();
         assert_eq!(
             watch.overdue(Duration::ZERO).len(),
             1,
