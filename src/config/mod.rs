@@ -18,6 +18,7 @@ pub mod admin;
 pub mod env;
 pub mod fingerprint;
 pub mod locate;
+pub mod mosquitto;
 pub mod plan;
 pub mod preflight;
 pub mod raw;
