@@ -296,7 +296,7 @@ fn describe(plan: &config::Plan) -> String {
         }
         let _ = writeln!(
             out,
-            "embedded broker: listen {} ({} users, anonymous {}, {} ACL rules; keepalive <= {}s, packets <= {} bytes, {} connections, {} in flight, {} queued)",
+            "embedded broker: listen {} ({} users, anonymous {}, {}; keepalive <= {}s, packets <= {} bytes, {} connections, {} in flight, {} queued)",
             listen.join(", "),
             e.users.len(),
             if e.allow_anonymous {
@@ -304,7 +304,12 @@ fn describe(plan: &config::Plan) -> String {
             } else {
                 "refused"
             },
-            e.acl.len(),
+            match &e.acl {
+                config::Acl::Rules(rules) => format!("{} ACL rules", rules.len()),
+                config::Acl::Mosquitto(file) => {
+                    format!("Mosquitto ACL file of {} entries", file.entry_count())
+                }
+            },
             e.max_keepalive,
             e.max_packet_size,
             e.max_connections,

@@ -12,7 +12,8 @@
 //! Modules, in the order a packet meets them:
 //! - [`codec`]: framing, version detection on the CONNECT, decode/encode through
 //!   rumqttc's packet codecs into one normalized packet enum.
-//! - [`auth`]: users (argon2 hashes) and the ordered ACL.
+//! - [`auth`]: users (argon2 hashes, or a Mosquitto password file's) and the ACL (ordered
+//!   rules, or a Mosquitto ACL file).
 //! - [`listener`]: TCP, TLS and WebSocket listeners, each giving a byte stream.
 //! - `connection`: the per-client task.
 //! - [`session`]: subscriptions, queue, in-flight windows, persistent sessions.
@@ -56,7 +57,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AclRule, EmbeddedPlan};
+use crate::config::{Acl, Credential, EmbeddedPlan};
 use crate::source::Source;
 use crate::source::intake::Handoff;
 use auth::Auth;
@@ -156,7 +157,7 @@ impl Broker {
     /// subscribe to (the ACL's `can_subscribe` applies when a subscription is made),
     /// though what each carries from now on follows the new ACL's `can_receive`
     /// (decided again here for every subscription), queued messages excepted.
-    pub fn set_auth(&self, users: Vec<(String, String)>, allow_anonymous: bool, acl: Vec<AclRule>) {
+    pub fn set_auth(&self, users: Vec<(String, Credential)>, allow_anonymous: bool, acl: Acl) {
         let auth = Auth::new(users, allow_anonymous, acl);
         self.shared.state.set_auth(auth);
     }

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
-use super::auth::Auth;
+use super::auth::{Auth, Identity};
 use super::index::{Fanout, Index};
 use super::retained::Retained;
 use super::session::{Outbound, Session, Stored, Subscription};
@@ -135,7 +135,11 @@ impl Change<'_> {
     pub fn insert_session(&mut self, client_id: String, session: Box<Session>) {
         self.remove_session(&client_id);
         for (key, sub) in &session.subscriptions {
-            let receive = self.auth.receive(session.username.as_deref(), &sub.filter);
+            let who = Identity {
+                username: session.username.as_deref(),
+                client_id: &client_id,
+            };
+            let receive = self.auth.receive(who, &sub.filter);
             self.index.insert(&client_id, key, sub, receive);
         }
         self.router.sessions.insert(client_id, session);
@@ -155,7 +159,11 @@ impl Change<'_> {
     pub fn subscribe(&mut self, client_id: &str, key: String, sub: Subscription) -> Option<bool> {
         let session = self.router.sessions.get_mut(client_id)?;
         session.touch();
-        let receive = self.auth.receive(session.username.as_deref(), &sub.filter);
+        let who = Identity {
+            username: session.username.as_deref(),
+            client_id,
+        };
+        let receive = self.auth.receive(who, &sub.filter);
         let replaced = session.subscriptions.insert(key.clone(), sub.clone());
         if let Some(old) = &replaced {
             self.index.remove(client_id, &key, &old.filter);
@@ -257,7 +265,7 @@ impl Router {
 mod tests {
     use super::super::session::Link;
     use super::*;
-    use crate::config::AclRule;
+    use crate::config::{Acl, AclRule};
     use bytes::Bytes;
 
     fn msg(topic: &str, qos: u8, from: Option<&str>) -> Arc<Stored> {
@@ -304,7 +312,7 @@ mod tests {
             publish: vec![],
             subscribe: vec!["secret/#".into()],
         };
-        Auth::new(vec![], true, vec![deny])
+        Auth::new(vec![], true, Acl::Rules(vec![deny]))
     }
 
     #[test]

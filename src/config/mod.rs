@@ -7,17 +7,21 @@
 //!    references, identifiers, addresses; each sink's settings through [`sinks`],
 //!    `admin:` through [`admin`]) and, for `run` and `check`, [`preflight`] checks what
 //!    the config needs from this machine (files readable, environment variables set).
-//!    *Every* problem of both is reported at once, each located in the file through
+//!    The Mosquitto password and ACL files `embedded:` names are read and parsed by
+//!    [`mosquitto`] on every load (their users and rules are part of the plan).
+//!    *Every* problem is reported at once, each located in the file through
 //!    [`locate`], as
-//!    `FILE:LINE:COL: field.path: message`.
+//!    `FILE:LINE:COL: field.path: message` (a malformed line of a Mosquitto file with
+//!    that file, its line and column, and the field that names it).
 //!
-//! No I/O happens beyond reading the file and opening the files it names; sinks and
-//! connections are built by `app`.
+//! No I/O happens beyond reading the file and those two, and opening the files it
+//! names; sinks and connections are built by `app`.
 
 pub mod admin;
 pub mod env;
 pub mod fingerprint;
 pub mod locate;
+pub mod mosquitto;
 pub mod plan;
 pub mod preflight;
 pub mod raw;
@@ -28,10 +32,12 @@ use std::fmt;
 use std::path::Path;
 
 pub use admin::{AdminPlan, TokenSource};
-pub use plan::{AclRule, BrokerPlan, EmbeddedPlan, Plan, SinkPlan, SpoolPlan};
+pub use plan::{Acl, AclRule, BrokerPlan, Credential, EmbeddedPlan, Plan, SinkPlan, SpoolPlan};
 pub use raw::{Fsync, RawConfig};
 
 use locate::{Locations, Position};
+use mosquitto::FileError;
+use plan::AuthFiles;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +83,8 @@ impl std::error::Error for ConfigErrors {}
 /// What [`load`] verifies beyond the file itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checks {
-    /// Only the file: enough to run its rules (`try`).
+    /// Only the file (and the Mosquitto files it names, part of the plan): enough to run
+    /// its rules (`try`).
     FileOnly,
     /// Also what `run` needs from this machine (see [`preflight`]): for `run` and `check`.
     ForRun,
@@ -148,7 +155,9 @@ fn parse_checked(
         Checks::FileOnly => Vec::new(),
         Checks::ForRun => preflight::check(&raw, &lookup),
     };
-    let plan = match plan::validate(raw) {
+    let (files, unreadable, malformed) = read_auth_files(raw.embedded.as_ref());
+    errs.extend(unreadable);
+    let plan = match plan::validate(raw, files) {
         Ok(plan) => Some(plan),
         Err(invalid) => {
             errs.extend(invalid);
@@ -156,7 +165,7 @@ fn parse_checked(
         }
     };
     match plan {
-        Some(mut plan) if errs.is_empty() => {
+        Some(mut plan) if errs.is_empty() && malformed.is_empty() => {
             if let Some(embedded) = &mut plan.embedded {
                 embedded.listen_var = listen_var;
             }
@@ -168,9 +177,46 @@ fn parse_checked(
                 .map(|(path, msg)| error(locations.locate(&path), &path, msg))
                 .collect();
             errs.sort_by_key(|e| e.position);
+            errs.extend(malformed);
             Err(ConfigErrors(errs))
         }
     }
+}
+
+/// Reads the Mosquitto files `embedded:` names: what they hold, the files that cannot be
+/// read (field path, message: a problem located in the config), and the malformed lines
+/// (each located in its own file).
+fn read_auth_files(
+    embedded: Option<&raw::EmbeddedConfig>,
+) -> (AuthFiles, plan::Errors, Vec<ConfigError>) {
+    let mut files = AuthFiles::default();
+    let (mut unreadable, mut malformed) = (Vec::new(), Vec::new());
+    let mut report = |field: &str, path: &Path, error: FileError| match error {
+        FileError::Unreadable(e) => unreadable.push((
+            field.to_string(),
+            format!("cannot read {}: {e}", path.display()),
+        )),
+        FileError::Lines(lines) => malformed.extend(lines.into_iter().map(|l| ConfigError {
+            file: path.display().to_string(),
+            position: Some(Position {
+                line: l.line,
+                column: l.column,
+            }),
+            path: field.to_string(),
+            message: l.message,
+        })),
+    };
+    if let Some(path) = embedded.and_then(|e| e.password_file.as_deref()) {
+        files.passwd = mosquitto::read_passwd(path)
+            .map_err(|e| report("embedded.password_file", path, e))
+            .ok();
+    }
+    if let Some(path) = embedded.and_then(|e| e.acl_file.as_deref()) {
+        files.acl = mosquitto::read_acl(path)
+            .map_err(|e| report("embedded.acl_file", path, e))
+            .ok();
+    }
+    (files, unreadable, malformed)
 }
 
 /// Parses YAML into [`RawConfig`]; on error returns (position, field path, message).

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::admin::{AdminPlan, validate_admin};
 use super::fingerprint::{self, Fingerprint};
+use super::mosquitto::{MosquittoAcl, MosquittoHash, PasswdUser};
 use super::raw::{AclAction, BrokerConfig, EmbeddedConfig, Protocol, RawConfig};
 use super::sinks::{SinkConfig, SinkSettings, sql};
 use crate::rule::Rule;
@@ -90,9 +91,9 @@ pub struct EmbeddedPlan {
     /// [`super::parse`], which knows the text before expansion.
     pub listen_var: Option<String>,
     pub allow_anonymous: bool,
-    /// (username, argon2 PHC hash).
-    pub users: Vec<(String, String)>,
-    pub acl: Vec<AclRule>,
+    /// `users`, then those of `password_file`.
+    pub users: Vec<(String, Credential)>,
+    pub acl: Acl,
     /// Seconds; 0 = no limit.
     pub max_keepalive: u16,
     pub max_packet_size: usize,
@@ -144,10 +145,44 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// What a user's password is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// The PHC string of an argon2 hash (`embedded.users`).
+    Argon2(Secret),
+    /// A hash from `embedded.password_file`.
+    Mosquitto(MosquittoHash),
+}
+
+/// The embedded broker's access rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acl {
+    /// `embedded.acl`: the first rule that applies decides; none: allowed.
+    Rules(Vec<AclRule>),
+    /// `embedded.acl_file`, with Mosquitto's meaning (see [`crate::broker::auth`]).
+    Mosquitto(Arc<MosquittoAcl>),
+}
+
+impl Default for Acl {
+    fn default() -> Acl {
+        Acl::Rules(Vec::new())
+    }
+}
+
+/// The Mosquitto files `embedded:` names, as read. None: not named, or not usable (the
+/// reader reports why; [`validate`] then makes no embedded plan, rather than one without
+/// the file's users or ACL).
+#[derive(Debug, Default)]
+pub struct AuthFiles {
+    pub passwd: Option<Vec<PasswdUser>>,
+    pub acl: Option<MosquittoAcl>,
+}
+
 pub(super) type Errors = Vec<(String, String)>;
 
-/// Validates everything; on failure returns every (field path, message).
-pub fn validate(mut raw: RawConfig) -> Result<Plan, Errors> {
+/// Validates everything, with the files `embedded:` names as read; on failure returns
+/// every (field path, message).
+pub fn validate(mut raw: RawConfig, files: AuthFiles) -> Result<Plan, Errors> {
     let mut errs = Errors::new();
     let sink_names: Vec<String> = raw.sinks.keys().cloned().collect();
     let sinks: Vec<Option<SinkPlan>> = std::mem::take(&mut raw.sinks)
@@ -224,7 +259,7 @@ pub fn validate(mut raw: RawConfig) -> Result<Plan, Errors> {
     let embedded = raw
         .embedded
         .as_ref()
-        .and_then(|e| validate_embedded(e, &mut errs));
+        .and_then(|e| validate_embedded(e, files, &mut errs));
     if raw.broker.is_some() && raw.embedded.is_some() {
         errs.push((
             "embedded".into(),
@@ -431,8 +466,14 @@ fn validate_broker(b: &BrokerConfig, rules: &[Rule], errs: &mut Errors) -> Optio
     })
 }
 
-fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPlan> {
+fn validate_embedded(
+    e: &EmbeddedConfig,
+    files: AuthFiles,
+    errs: &mut Errors,
+) -> Option<EmbeddedPlan> {
     let before = errs.len();
+    let unread = (e.password_file.is_some() && files.passwd.is_none())
+        || (e.acl_file.is_some() && files.acl.is_none());
     let listen = addresses(&e.listen, "embedded.listen", errs);
     let tls = e.tls.as_ref().map(|t| TlsPlan {
         listen: addresses(&t.listen, "embedded.tls.listen", errs),
@@ -478,7 +519,41 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
         if let Err(msg) = validate_hash(&u.password_hash) {
             errs.push((format!("embedded.users[{i}].password_hash"), msg));
         }
-        users.push((u.username.clone(), u.password_hash.clone()));
+        users.push((
+            u.username.clone(),
+            Credential::Argon2(Secret(u.password_hash.clone())),
+        ));
+    }
+    if let (Some(path), Some(file_users)) = (&e.password_file, files.passwd) {
+        for u in file_users {
+            match e.users.iter().position(|o| o.username == u.username) {
+                Some(i) => errs.push((
+                    format!("embedded.users[{i}].username"),
+                    format!(
+                        "duplicate user {:?}: also in the password file {} (line {})",
+                        u.username,
+                        path.display(),
+                        u.line
+                    ),
+                )),
+                None => users.push((u.username, Credential::Mosquitto(u.hash))),
+            }
+        }
+        if users.is_empty() && !e.allow_anonymous {
+            errs.push((
+                "embedded.password_file".into(),
+                format!(
+                    "no client could connect: {} holds no users, `users:` is empty and allow_anonymous is false",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    if e.acl_file.is_some() && !e.acl.is_empty() {
+        errs.push((
+            "embedded.acl_file".into(),
+            "set `acl` or `acl_file`, not both".into(),
+        ));
     }
     let mut acl = Vec::new();
     for (i, r) in e.acl.iter().enumerate() {
@@ -511,10 +586,10 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             subscribe: r.subscribe.clone(),
         });
     }
-    if e.users.is_empty() && !e.allow_anonymous {
+    if e.users.is_empty() && e.password_file.is_none() && !e.allow_anonymous {
         errs.push((
             "embedded".into(),
-            "no client could connect: add `users:` or set `allow_anonymous: true`".into(),
+            "no client could connect: add `users:` or `password_file:`, or set `allow_anonymous: true`".into(),
         ));
     }
     let keepalive = e.max_keepalive.0.as_secs();
@@ -588,12 +663,15 @@ fn validate_embedded(e: &EmbeddedConfig, errs: &mut Errors) -> Option<EmbeddedPl
             ));
         }
     }
-    (errs.len() == before).then(|| EmbeddedPlan {
+    (errs.len() == before && !unread).then(|| EmbeddedPlan {
         listen,
         listen_var: None,
         allow_anonymous: e.allow_anonymous,
         users,
-        acl,
+        acl: match files.acl {
+            Some(file) => Acl::Mosquitto(Arc::new(file)),
+            None => Acl::Rules(acl),
+        },
         max_keepalive: keepalive.min(65535) as u16,
         max_packet_size: e.max_packet_size.0 as usize,
         max_connections: e.max_connections,

@@ -165,6 +165,17 @@ pub struct EmbeddedConfig {
     /// Ordered access rules; the first that applies decides; none applies: allowed.
     #[serde(default)]
     pub acl: Vec<AclConfig>,
+    /// A Mosquitto password file (`mosquitto_passwd`: `$7$` and `$6$` hashes), read at
+    /// start and on each reload; its users log in beside those of `users` (a name in
+    /// both is an error). A relative path is relative to the working directory.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A Mosquitto ACL file (`user`, `topic [read|write|readwrite|deny]`, `pattern` with
+    /// `%c` and `%u`), instead of `acl`, read at start and on each reload, with Mosquitto
+    /// 2.0's meaning: what it does not grant is denied, `deny` wins, and every SUBSCRIBE
+    /// is granted while each message is delivered only where `read` allows it.
+    #[serde(default)]
+    pub acl_file: Option<PathBuf>,
     /// Longest keepalive granted; MQTT 5 clients asking for more (or for none) are told
     /// this one. `0` = no limit.
     #[serde(default = "default_max_keepalive")]

@@ -525,3 +525,99 @@ fn for_run_the_admin_token_file_and_variable_must_be_there() {
     let lookup = |name: &str| (name == "ADMIN_TOKEN").then(|| "t".to_string());
     assert!(parse_checked(text, "rules.yaml", lookup, Checks::ForRun).is_ok());
 }
+
+#[test]
+fn mosquitto_files_join_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let aclfile = dir.path().join("aclfile");
+    std::fs::write(&passwd, mosquitto::tests::PASSWD).unwrap();
+    std::fs::write(&aclfile, "user alice\ntopic readwrite alice/#\n").unwrap();
+    let hash = crate::broker::auth::hash_password("x");
+    let text = format!(
+        "embedded:\n  users: [{{ username: dave, password_hash: \"{hash}\" }}]\n  password_file: {}\n  acl_file: {}\n",
+        passwd.display(),
+        aclfile.display()
+    );
+    let embedded = parse(&text, "rules.yaml", env).unwrap().embedded.unwrap();
+    let users: Vec<(&str, bool)> = embedded
+        .users
+        .iter()
+        .map(|(name, c)| (name.as_str(), matches!(c, Credential::Mosquitto(_))))
+        .collect();
+    assert_eq!(
+        users,
+        [
+            ("dave", false),
+            ("alice", true),
+            ("bob", true),
+            ("carol smith", true)
+        ]
+    );
+    assert!(matches!(&embedded.acl, Acl::Mosquitto(acl) if acl.users["alice"].len() == 1));
+}
+
+#[test]
+fn mosquitto_files_name_the_file_line_and_field_of_each_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let aclfile = dir.path().join("aclfile");
+    std::fs::write(&passwd, mosquitto::tests::PASSWD).unwrap();
+    std::fs::write(&aclfile, "user alice\ntopic sometimes a/b\n").unwrap();
+    let hash = crate::broker::auth::hash_password("x");
+    let text = format!(
+        r##"embedded:
+  users: [{{ username: bob, password_hash: "{hash}" }}]
+  password_file: {}
+  acl_file: {}
+  acl:
+    - {{ username: "*", action: deny, publish: ["#"] }}
+"##,
+        passwd.display(),
+        aclfile.display()
+    );
+    let (p, a) = (passwd.display(), aclfile.display());
+    assert_eq!(
+        errors(&text),
+        [
+            format!(
+                "rules.yaml:2:23: embedded.users[0].username: duplicate user \"bob\": also in the password file {p} (line 2)"
+            ),
+            "rules.yaml:4:13: embedded.acl_file: set `acl` or `acl_file`, not both".into(),
+            format!(
+                "{a}:2:7: embedded.acl_file: unknown access \"sometimes\": use read, write, readwrite or deny"
+            ),
+        ]
+    );
+    std::fs::write(
+        &passwd,
+        format!("{}alice:secret\n", mosquitto::tests::PASSWD),
+    )
+    .unwrap();
+    let malformed = format!(
+        "{p}:4:7: embedded.password_file: user \"alice\": not a $6$ or $7$ hash (a plain-text password? `mosquitto_passwd -U FILE` hashes a whole file)"
+    );
+    assert!(errors(&text).contains(&malformed), "{:?}", errors(&text));
+
+    // A file that cannot be read is located in the config; so is an empty password file
+    // that leaves no one able to connect.
+    let missing = dir.path().join("missing");
+    std::fs::write(&passwd, "# nobody yet\n").unwrap();
+    let text = format!(
+        "embedded:\n  password_file: {}\n  acl_file: {}\n",
+        passwd.display(),
+        missing.display()
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            format!(
+                "rules.yaml:2:18: embedded.password_file: no client could connect: {p} holds no users, `users:` is empty and allow_anonymous is false"
+            ),
+            format!(
+                "rules.yaml:3:13: embedded.acl_file: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+        ]
+    );
+}

@@ -53,6 +53,19 @@ impl V4 {
         will: Option<rumqttc::LastWill>,
         login: Option<(&str, &str)>,
     ) -> V4 {
+        Self::try_connect_as(port, id, clean, will, login)
+            .await
+            .unwrap_or_else(|code| panic!("{id}: connection refused: {code:?}"))
+    }
+
+    /// Connects, or returns the CONNACK's return code when the broker refuses.
+    pub async fn try_connect_as(
+        port: u16,
+        id: &str,
+        clean: bool,
+        will: Option<rumqttc::LastWill>,
+        login: Option<(&str, &str)>,
+    ) -> Result<V4, rumqttc::ConnectReturnCode> {
         let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         opts.set_clean_session(clean);
         opts.set_keep_alive(Duration::from_secs(30));
@@ -63,6 +76,18 @@ impl V4 {
             opts.set_credentials(u, p);
         }
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
+        // The CONNACK first: a refusal ends the event loop with its code.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
+                .await
+                .expect("a CONNACK in time")
+            {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => break,
+                Ok(_) => {}
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Err(code),
+                Err(e) => panic!("{id}: connecting failed: {e}"),
+            }
+        }
         let (tx, events) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
@@ -77,9 +102,7 @@ impl V4 {
                 }
             }
         });
-        let mut c = V4 { client, events };
-        c.expect(|p| matches!(p, rumqttc::Packet::ConnAck(_))).await;
-        c
+        Ok(V4 { client, events })
     }
 
     /// Subscribes and waits for the SUBACK.

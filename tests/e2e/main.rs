@@ -14,6 +14,7 @@ mod embedded_state;
 mod faults;
 mod flow;
 mod hook_server;
+mod migrate;
 mod postgres;
 mod quickstart;
 mod reload;

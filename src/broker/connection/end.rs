@@ -43,13 +43,10 @@ impl Conn {
             End::TakenOver => true,
             End::Shutdown => false,
         };
-        let will = self.will.take().filter(|w| {
-            send_will
-                && self
-                    .shared
-                    .auth()
-                    .can_publish(self.username.as_deref(), &w.topic)
-        });
+        let will = self
+            .will
+            .take()
+            .filter(|w| send_will && self.shared.auth().can_publish(self.identity(), &w.topic));
         let mut delayed = None;
         {
             let mut state = self.shared.change();

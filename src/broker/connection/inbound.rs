@@ -175,11 +175,7 @@ impl Conn {
             self.inbound.qos2_pending_here.insert(p.pkid);
         }
 
-        if !self
-            .shared
-            .auth()
-            .can_publish(self.username.as_deref(), &p.topic)
-        {
+        if !self.shared.auth().can_publish(self.identity(), &p.topic) {
             self.refuse(&p);
             return Ok(());
         }

@@ -56,6 +56,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::auth::Identity;
 use super::codec::{self, Outgoing, Version, Will};
 use super::listener::{StreamReader, Transport};
 use super::session::{Session, Signal};
@@ -338,6 +339,14 @@ impl Conn {
         if self.version == Version::V5 {
             let reason = e.reason_code(self.version);
             let _ = self.send(Outgoing::Disconnect { reason }).await;
+        }
+    }
+
+    /// Who this client is, for the ACL.
+    fn identity(&self) -> Identity<'_> {
+        Identity {
+            username: self.username.as_deref(),
+            client_id: &self.client_id,
         }
     }
 

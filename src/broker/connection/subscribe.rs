@@ -41,11 +41,7 @@ impl Conn {
                 codes.push(if v5 { 0x8F } else { 0x80 });
                 continue;
             }
-            if !self
-                .shared
-                .auth()
-                .can_subscribe(self.username.as_deref(), &filter)
-            {
+            if !self.shared.auth().can_subscribe(self.identity(), &filter) {
                 tracing::info!(client_id = %self.client_id, %filter, "embedded broker: subscription refused by the ACL");
                 codes.push(if v5 { 0x87 } else { 0x80 });
                 continue;
@@ -74,9 +70,9 @@ impl Conn {
             let send_retained =
                 share.is_none() && (f.retain_handling == 0 || (f.retain_handling == 1 && !existed));
             if send_retained {
-                let user = self.username.as_deref();
+                let auth = self.shared.auth();
                 for m in state.retained.matching(&filter) {
-                    if !self.shared.auth().can_receive(user, &m.topic) {
+                    if !auth.can_receive(self.identity(), &m.topic) {
                         continue;
                     }
                     retained.push(Outbound {

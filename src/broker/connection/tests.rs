@@ -391,7 +391,14 @@ async fn logins_after_set_auth_use_the_new_users() {
     let broker = Broker {
         shared: Arc::clone(&b.shared),
     };
-    broker.set_auth(vec![("v".into(), hash.clone())], false, Vec::new());
+    broker.set_auth(
+        vec![(
+            "v".into(),
+            crate::config::Credential::Argon2(crate::config::plan::Secret(hash.clone())),
+        )],
+        false,
+        crate::config::Acl::default(),
+    );
     let mut c = b.open(Version::V5);
     c.send(&u.bytes(Version::V5)).await;
     assert_eq!(
