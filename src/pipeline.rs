@@ -1,5 +1,6 @@
 //! The router: runs each message through every rule whose filters match it, sends the
-//! records to the rules' sink queues (waiting when a queue is full: backpressure), and
+//! records to the rules' sink queues (a batch's records for one sink at once, waiting
+//! when its queue is full: backpressure), and
 //! dead-letters messages a rule cannot process. Each record carries a share of the
 //! message's [`Ack`](crate::delivery::Ack); the router's own share is settled once
 //! everything was handed on, so a message with no records settles at once.
@@ -28,7 +29,8 @@ use crate::delivery::{Ack, Watch};
 use crate::eval_pool::{EvalError, EvalPool, panic_message};
 use crate::message::Message;
 use crate::rule::{Evaluation, Rule};
-use crate::sink::driver::{DeadLetter, Failure, SinkQueue};
+use crate::sink::driver::{DeadLetter, Failure};
+use crate::sink::queue::SinkQueue;
 use crate::sink::{Delivery, ErrorKind, Origin};
 use crate::tap::{Event, Taps};
 
@@ -261,22 +263,40 @@ impl Router {
         }
     }
 
-    /// Dispatches a batch's verdicts, message by message in order.
+    /// Dispatches a batch's verdicts, message by message in order, then hands each sink
+    /// the records the batch made for it, in that order, at once (waiting while its queue
+    /// is full).
     async fn dispatch_batch(&self, batch: Batch, verdicts: Result<Vec<Verdicts>, EvalError>) {
         let verdicts = verdicts.unwrap_or_else(|e| {
             let error = e.to_string();
             batch.msgs.iter().map(|_| Err(error.clone())).collect()
         });
+        let active = &batch.active;
+        let mut out: Vec<Vec<Delivery>> = active.sinks.iter().map(|_| Vec::new()).collect();
         for ((msg, ack), verdicts) in batch.msgs.iter().zip(batch.acks).zip(verdicts) {
             match verdicts {
-                Ok(verdicts) => self.dispatch(&batch.active, msg, verdicts, ack).await,
-                Err(error) => self.fail_all(&batch.active, msg, &error, ack).await,
+                Ok(verdicts) => self.dispatch(active, msg, verdicts, ack, &mut out).await,
+                Err(error) => self.fail_all(active, msg, &error, ack).await,
+            }
+        }
+        for (queue, records) in active.sinks.iter().zip(out) {
+            if !records.is_empty() {
+                // Err: shutting down; the records' shares are dropped unsettled, so
+                // their messages are delivered again.
+                let _ = queue.send_all(records).await;
             }
         }
     }
 
-    /// Hands one message's records to the sinks (waiting when a queue is full).
-    async fn dispatch(&self, active: &Active, msg: &Message, verdicts: Vec<Verdict>, ack: Ack) {
+    /// Makes one message's records for the sinks, into `out` (by sink).
+    async fn dispatch(
+        &self,
+        active: &Active,
+        msg: &Message,
+        verdicts: Vec<Verdict>,
+        ack: Ack,
+        out: &mut [Vec<Delivery>],
+    ) {
         for v in verdicts {
             let rule = &active.rules[v.rule];
             let m = &active.metrics[v.rule];
@@ -292,11 +312,16 @@ impl Router {
                             record: record.clone(),
                         });
                         // Each sink but the last gets a copy; the last takes the record.
+                        let delivery = |record| Delivery {
+                            record,
+                            origin: Arc::clone(&origin),
+                            ack: ack.part(),
+                        };
                         if let Some((&last, others)) = rule.to.split_last() {
                             for &sink in others {
-                                hand_on(&active.sinks[sink], record.clone(), &origin, &ack).await;
+                                out[sink].push(delivery(record.clone()));
                             }
-                            hand_on(&active.sinks[last], record, &origin, &ack).await;
+                            out[last].push(delivery(record));
                         }
                     }
                 }
@@ -356,20 +381,6 @@ impl Router {
                 .await;
         }
         ack.settle();
-    }
-}
-
-/// Queues a record for a sink with a share of its message's ack (waiting while the queue
-/// is full).
-async fn hand_on(queue: &SinkQueue, record: serde_json::Value, origin: &Arc<Origin>, ack: &Ack) {
-    let d = Delivery {
-        record,
-        origin: Arc::clone(origin),
-        ack: ack.part(),
-    };
-    if let Err(d) = queue.send(d).await {
-        // Shutting down: leave the message unsettled.
-        drop(d.ack);
     }
 }
 

@@ -16,7 +16,8 @@ use crate::broker::Client;
 use crate::config::SinkPlan;
 use crate::health::Status;
 use crate::rule::Rule;
-use crate::sink::driver::{QueueProbe, Recent};
+use crate::sink::driver::Recent;
+use crate::sink::queue::QueueProbe;
 
 /// A rule as `/api/v1/rules` lists it.
 #[derive(Debug, Clone, Serialize)]

@@ -39,7 +39,8 @@ use crate::config::fingerprint::{self, Fingerprint};
 use crate::config::{self, Plan};
 use crate::health::Status;
 use crate::pipeline::Routing;
-use crate::sink::driver::{DeadLetter, SinkQueue};
+use crate::sink::driver::DeadLetter;
+use crate::sink::queue::SinkQueue;
 
 /// What tells a running sink from another, for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,7 +24,6 @@
 //! healthy again, and permanent failures (bad records) leave it as it was. Its
 //! `mqbridge_sink_*` metrics are labelled with the sink's configured name.
 
-use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -33,10 +32,10 @@ use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use metrics::{Counter, Gauge, Histogram};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use super::queue::{self, LaneQueue, SinkQueue};
 use super::retry::{self, Backoff};
 use super::{Delivery, ErrorKind, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::{BatchConfig, Common, RetryConfig};
@@ -134,67 +133,6 @@ pub fn letter_id(line: &str) -> String {
     hex::encode(sha2::Sha256::digest(line.as_bytes()))
 }
 
-/// The way into a running sink: its lanes' bounded queues.
-#[derive(Clone)]
-pub struct SinkQueue {
-    lanes: Arc<[mpsc::Sender<Delivery>]>,
-    health: Status,
-}
-
-/// Reads how full a sink's queues are without keeping them open (the sink's lanes end
-/// once every [`SinkQueue`] is gone, whatever probes remain).
-#[derive(Clone)]
-pub struct QueueProbe {
-    lanes: Arc<[mpsc::WeakSender<Delivery>]>,
-}
-
-impl QueueProbe {
-    /// Records waiting in the queues (0 once the sink stopped).
-    pub fn depth(&self) -> usize {
-        self.lanes
-            .iter()
-            .filter_map(|l| l.upgrade())
-            .map(|l| l.max_capacity() - l.capacity())
-            .sum()
-    }
-
-    /// Room in all, when empty.
-    pub fn capacity(&self) -> usize {
-        self.lanes
-            .iter()
-            .filter_map(|l| l.upgrade())
-            .map(|l| l.max_capacity())
-            .sum()
-    }
-}
-
-impl SinkQueue {
-    /// A probe of this sink's queue depth, for the admin API and metrics.
-    pub fn probe(&self) -> QueueProbe {
-        QueueProbe {
-            lanes: self.lanes.iter().map(|l| l.downgrade()).collect(),
-        }
-    }
-
-    /// The sink's health (see the module docs).
-    pub fn health(&self) -> &Status {
-        &self.health
-    }
-
-    /// Queues a record on its topic's lane, waiting while the lane is full
-    /// (backpressure). Gives the record back when the sink has stopped.
-    pub async fn send(&self, d: Delivery) -> Result<(), Delivery> {
-        let lane = if self.lanes.len() == 1 {
-            0
-        } else {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            d.origin.topic.hash(&mut h);
-            (h.finish() % self.lanes.len() as u64) as usize
-        };
-        self.lanes[lane].send(d).await.map_err(|e| e.0)
-    }
-}
-
 /// Starts a sink's lanes on `tracker`; they end once every [`SinkQueue`] clone is dropped
 /// and the queues are drained.
 pub fn spawn(
@@ -220,18 +158,11 @@ pub fn spawn(
         dead_letter,
         limiter,
     });
-    let per_lane = (common.queue / lanes).max(1);
-    let senders: Vec<_> = (0..lanes)
-        .map(|_| {
-            let (tx, rx) = mpsc::channel(per_lane);
-            tracker.spawn(Arc::clone(&driver).run(rx));
-            tx
-        })
-        .collect();
-    SinkQueue {
-        lanes: senders.into(),
-        health,
+    let (queue, lane_queues) = queue::open(lanes, common.queue / lanes, health);
+    for lane in lane_queues {
+        tracker.spawn(Arc::clone(&driver).run(lane));
     }
+    queue
 }
 
 /// A sink's metric handles, looked up once.
@@ -274,33 +205,17 @@ struct Driver {
 }
 
 impl Driver {
-    /// Runs one lane until its queue is closed and drained.
-    async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<Delivery>) {
-        let mut batch = Vec::with_capacity(self.batch.max_rows.min(4096));
-        while let Some(first) = queue.recv().await {
-            batch.push(first);
-            self.fill(&mut queue, &mut batch).await;
+    /// Runs one lane until its queue is closed and drained: takes whatever is queued,
+    /// then waits up to `max_wait` for more, up to `max_rows`, and delivers that batch.
+    async fn run(self: Arc<Self>, mut queue: LaneQueue) {
+        let max = self.batch.max_rows.max(1);
+        let mut batch = Vec::with_capacity(max.min(4096));
+        while queue.wait().await {
+            let deadline = Instant::now() + self.batch.max_wait.0;
+            queue.take(&mut batch, max, deadline).await;
             self.deliver(std::mem::take(&mut batch)).await;
         }
         tracing::debug!(sink = %self.name, "sink queue closed, driver done");
-    }
-
-    /// Takes whatever is queued, then waits up to `max_wait` for more, up to `max_rows`.
-    async fn fill(&self, queue: &mut mpsc::Receiver<Delivery>, batch: &mut Vec<Delivery>) {
-        let max = self.batch.max_rows.max(1);
-        let deadline = Instant::now() + self.batch.max_wait.0;
-        while batch.len() < max {
-            match queue.try_recv() {
-                Ok(d) => batch.push(d),
-                Err(mpsc::error::TryRecvError::Disconnected) => return,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, queue.recv()).await {
-                        Ok(Some(d)) => batch.push(d),
-                        Ok(None) | Err(_) => return,
-                    }
-                }
-            }
-        }
     }
 
     /// Delivers one batch to the end: each record written, or dead-lettered once its own

@@ -13,6 +13,7 @@ pub mod driver;
 pub mod file;
 pub mod migrate;
 pub mod postgres;
+pub mod queue;
 pub mod republish;
 pub mod retry;
 pub mod sqlite;
