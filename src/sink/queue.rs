@@ -163,17 +163,18 @@ impl LaneQueue {
     }
 
     /// Moves what is queued into `batch` until it holds `max`, then, while it holds
-    /// fewer, waits until `deadline` for more.
+    /// fewer, waits until `deadline` for more. Room is given back as records are taken,
+    /// so senders are not held up while this waits.
     pub async fn take(&mut self, batch: &mut Vec<Delivery>, max: usize, deadline: Instant) {
-        let before = batch.len();
         loop {
             let want = max.saturating_sub(batch.len());
             if want == 0 {
-                break;
+                return;
             }
             if !self.carry.is_empty() {
                 let n = want.min(self.carry.len());
                 batch.extend(self.carry.drain(..n));
+                self.room.add_permits(n);
                 continue;
             }
             let received = match self.rx.try_recv() {
@@ -187,12 +188,14 @@ impl LaneQueue {
                 }
             };
             match received {
-                Some(records) if records.len() <= want => batch.extend(records),
+                Some(records) if records.len() <= want => {
+                    self.room.add_permits(records.len());
+                    batch.extend(records);
+                }
                 Some(records) => self.carry.extend(records),
-                None => break,
+                None => return,
             }
         }
-        self.room.add_permits(batch.len() - before);
     }
 }
 
@@ -309,6 +312,35 @@ mod tests {
             "the second came before the deadline"
         );
         assert!(later.await.unwrap());
+    }
+
+    /// A full lane whose driver is waiting for more to fill its batch has room again:
+    /// the records it took no longer count.
+    #[tokio::test]
+    async fn room_is_given_back_while_the_driver_waits_for_more() {
+        let (queue, mut lanes) = open(1, 2, Status::ready());
+        let mut lane = lanes.pop().unwrap();
+        queue
+            .send_all(vec![record("t", 0), record("t", 1)])
+            .await
+            .unwrap();
+        assert!(lane.wait().await);
+        let more = tokio::spawn({
+            let queue = queue.clone();
+            async move {
+                queue
+                    .send_all(vec![record("t", 2), record("t", 3)])
+                    .await
+                    .is_ok()
+            }
+        });
+        let mut batch = Vec::new();
+        let far = Instant::now() + Duration::from_secs(600);
+        tokio::time::timeout(Duration::from_secs(60), lane.take(&mut batch, 4, far))
+            .await
+            .expect("the batch filled without waiting for its deadline");
+        assert_eq!(numbers(&batch), [0, 1, 2, 3]);
+        assert!(more.await.unwrap());
     }
 
     #[tokio::test]
