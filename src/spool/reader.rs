@@ -1,5 +1,7 @@
 //! The spool's reader: hands committed records to the pipeline in order, each with an
-//! [`Ack`] that marks it settled in the spool's window.
+//! [`Ack`] that marks it settled in the spool's window. Records go in batches of up to
+//! [`HAND_OFF`], each taking its room in the pipeline's queue at once: when the pipeline
+//! is the slower side, the reader wakes once per batch, not once per record.
 
 use std::io;
 use std::sync::Arc;
@@ -12,6 +14,9 @@ use super::segment::{self, Next, SegmentReader};
 use super::{RECHECK, Shared};
 use crate::delivery::{Ack, Settled};
 use crate::message::Message;
+
+/// Most records handed to the pipeline at once (as many as the router evaluates at once).
+pub const HAND_OFF: usize = crate::pipeline::EVAL_BATCH;
 
 /// Marks a spooled record settled.
 struct Settle {
@@ -53,6 +58,9 @@ pub fn run(
                     .0;
             }
         };
+        // A batch never asks for more room than the queue has.
+        let hand_off = HAND_OFF.min(out.max_capacity());
+        let mut batch = Vec::with_capacity(hand_off);
         while next < committed {
             let (first, seg) = match &mut current {
                 Some(c) => c,
@@ -75,7 +83,8 @@ pub fn run(
                         shared: Arc::clone(shared),
                         seq: d.seq,
                     });
-                    if !send(&out, msg, stop, handle) {
+                    batch.push(msg);
+                    if batch.len() == hand_off && !send(&out, &mut batch, stop, handle) {
                         return Ok(());
                     }
                 }
@@ -87,6 +96,9 @@ pub fn run(
                     current = Some(open(shared, |f| f > after, false)?);
                 }
             }
+        }
+        if !batch.is_empty() && !send(&out, &mut batch, stop, handle) {
+            return Ok(());
         }
     }
 }
@@ -110,22 +122,34 @@ fn open(
     ))
 }
 
-/// Hands `msg` on, waiting while the pipeline is full; false when stopping or when the
-/// pipeline has gone (the message stays unsettled and is delivered again next run).
+/// Hands `batch` on (leaving it empty), waiting while the pipeline has no room for all
+/// of it; false when stopping or when the pipeline has gone (the records stay unsettled
+/// and are delivered again next run).
 fn send(
     out: &mpsc::Sender<Message>,
-    msg: Message,
+    batch: &mut Vec<Message>,
     stop: &CancellationToken,
     handle: &Handle,
 ) -> bool {
-    match out.try_send(msg) {
-        Ok(()) => true,
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
-        Err(mpsc::error::TrySendError::Full(msg)) => handle.block_on(async {
-            tokio::select! {
-                r = out.send(msg) => r.is_ok(),
-                _ = stop.cancelled() => false,
+    let n = batch.len();
+    let room = match out.try_reserve_many(n) {
+        Ok(room) => room,
+        Err(mpsc::error::TrySendError::Closed(())) => return false,
+        Err(mpsc::error::TrySendError::Full(())) => {
+            let waited = handle.block_on(async {
+                tokio::select! {
+                    r = out.reserve_many(n) => r.ok(),
+                    _ = stop.cancelled() => None,
+                }
+            });
+            match waited {
+                Some(room) => room,
+                None => return false,
             }
-        }),
+        }
+    };
+    for (place, msg) in room.zip(batch.drain(..)) {
+        place.send(msg);
     }
+    true
 }
