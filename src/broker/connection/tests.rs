@@ -473,6 +473,28 @@ async fn a_certificates_name_is_the_username_and_the_connects_login_is_not_looke
 }
 
 #[tokio::test]
+async fn an_acl_files_user_block_applies_to_a_certificates_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "user device-7\ntopic write d/7/#\n").unwrap();
+    let mut b = broker(&format!("{CERT_USERS}\n  acl_file: {}", acl.display())).await;
+    let mut c = b.open_with(Version::V5, CertUser::Name("device-7".into()));
+    c.send(&Hello::new("dev").bytes(Version::V5)).await;
+    assert!(matches!(c.recv().await, Got::ConnAck { code: 0, .. }));
+    c.send(&publish(Version::V5, "d/8/temp", 1, 1, None)).await;
+    assert_eq!(
+        c.recv().await,
+        Got::PubAck {
+            pkid: 1,
+            reason: 0x87
+        }
+    );
+    c.send(&publish(Version::V5, "d/7/temp", 1, 2, None)).await;
+    b.message().await.ack.settle();
+    assert_eq!(c.recv().await, Got::PubAck { pkid: 2, reason: 0 });
+}
+
+#[tokio::test]
 async fn a_certificate_without_the_name_is_refused_as_bad_credentials() {
     let b = broker(CERT_USERS).await;
     for (version, code) in [(Version::V5, 0x86), (Version::V311, 0x04)] {
