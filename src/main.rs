@@ -334,6 +334,23 @@ fn describe(plan: &config::Plan) -> String {
             let scheme = if w.tls { "wss" } else { "ws" };
             let _ = writeln!(out, "  {scheme}: listen {} on /mqtt", addrs(&w.listen));
         }
+        if let Some(c) = e.tls.as_ref().and_then(|t| t.client_auth.as_ref()) {
+            let _ = writeln!(
+                out,
+                "  client certificates (mqtts, wss): {} by the CAs of {}; username from {}",
+                if c.required {
+                    "required, signed"
+                } else {
+                    "optional, signed"
+                },
+                c.ca_file.display(),
+                match c.username_from {
+                    Some(config::raw::CertName::Cn) => "the certificate's CN",
+                    Some(config::raw::CertName::San) => "the certificate's DNS (else URI) SAN",
+                    None => "the CONNECT",
+                }
+            );
+        }
         if let Some(p) = &e.persistence {
             let _ = writeln!(
                 out,

@@ -7,6 +7,9 @@
 //! packets may span messages or share one (MQTT 5 §6), so the connection's own framing is
 //! all that is needed. The TLS and WebSocket handshakes run on the connection's task
 //! (never on the accept loop), bounded by the CONNECT timeout.
+//!
+//! With `tls.client_ca_file`, both TLS transports (`mqtts` and `wss`) ask for a client
+//! certificate ([`super::client_cert`]); the name it gives, if any, goes with the stream.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,8 +28,10 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use super::client_cert::{self, CertUser};
 use crate::config::EmbeddedPlan;
 use crate::config::plan::TlsPlan;
+use crate::config::raw::CertName;
 
 /// Why the listeners cannot be set up; each error names the address or file to change.
 /// The cause is part of the message (not a `source`), followed by a hint where there is one.
@@ -61,6 +66,9 @@ pub enum ListenError {
         key: PathBuf,
         error: rustls::Error,
     },
+    /// `message` names the file.
+    #[error("embedded.tls.client_ca_file: {message}")]
+    ClientCa { message: String },
 }
 
 /// Why a connection's TLS or WebSocket handshake failed (logged; the connection closes).
@@ -155,6 +163,8 @@ impl AsyncWrite for StreamWriter {
 #[derive(Clone)]
 pub struct Transport {
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// What names the user in a client certificate (`tls.username_from`).
+    username_from: Option<CertName>,
     websocket: bool,
     /// Largest WebSocket message or frame accepted.
     max_message: usize,
@@ -170,15 +180,20 @@ impl Transport {
         }
     }
 
-    /// The handshakes of this transport, then the stream MQTT flows in.
-    pub async fn open(&self, socket: TcpStream) -> Result<Stream, HandshakeError> {
-        let stream: Box<dyn Io> = match (&self.tls, self.websocket) {
-            (None, false) => return Ok(Stream::Tcp(socket)),
-            (Some(acceptor), false) => {
-                return Ok(Stream::Other(Box::new(acceptor.accept(socket).await?)));
+    /// The handshakes of this transport, then the stream MQTT flows in and who the
+    /// client's certificate says it is.
+    pub async fn open(&self, socket: TcpStream) -> Result<(Stream, CertUser), HandshakeError> {
+        let (stream, user): (Box<dyn Io>, _) = match &self.tls {
+            None if !self.websocket => return Ok((Stream::Tcp(socket), CertUser::None)),
+            None => (Box::new(socket), CertUser::None),
+            Some(acceptor) => {
+                let tls = acceptor.accept(socket).await?;
+                let user = client_cert::user(tls.get_ref().1, self.username_from);
+                if !self.websocket {
+                    return Ok((Stream::Other(Box::new(tls)), user));
+                }
+                (Box::new(tls), user)
             }
-            (Some(acceptor), true) => Box::new(acceptor.accept(socket).await?),
-            (None, true) => Box::new(socket),
         };
         let config = WebSocketConfig::default()
             .max_message_size(Some(self.max_message))
@@ -189,7 +204,7 @@ impl Transport {
                 .map_err(Box::new)?;
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         tokio::spawn(bridge(ws, theirs));
-        Ok(Stream::Other(Box::new(ours)))
+        Ok((Stream::Other(Box::new(ours)), user))
     }
 }
 
@@ -204,10 +219,16 @@ pub async fn bind_all(plan: &EmbeddedPlan) -> Result<Vec<Listener>, ListenError>
     let max_message = plan.max_packet_size.max(64 * 1024);
     let plain = Transport {
         tls: None,
+        username_from: None,
         websocket: false,
         max_message,
     };
     let tls = plan.tls.as_ref().map(acceptor).transpose()?;
+    let username_from = plan
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_auth.as_ref())
+        .and_then(|c| c.username_from);
     // Each address with its transport and what would move it elsewhere.
     let mut wanted: Vec<(SocketAddr, Transport, Setting)> = plan
         .listen
@@ -224,6 +245,7 @@ pub async fn bind_all(plan: &EmbeddedPlan) -> Result<Vec<Listener>, ListenError>
         for a in &t.listen {
             let transport = Transport {
                 tls: tls.clone(),
+                username_from,
                 ..plain.clone()
             };
             wanted.push((*a, transport, Setting::Field("embedded.tls.listen")));
@@ -233,6 +255,7 @@ pub async fn bind_all(plan: &EmbeddedPlan) -> Result<Vec<Listener>, ListenError>
         for a in &w.listen {
             let transport = Transport {
                 tls: if w.tls { tls.clone() } else { None },
+                username_from: if w.tls { username_from } else { None },
                 websocket: true,
                 max_message,
             };
@@ -276,7 +299,7 @@ async fn bind(addr: SocketAddr, setting: Setting<'_>) -> Result<TcpListener, Lis
     })
 }
 
-/// The TLS server config from the PEM files.
+/// The TLS server config from the PEM files (and the client CAs, with mutual TLS).
 fn acceptor(t: &TlsPlan) -> Result<tokio_rustls::TlsAcceptor, ListenError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
         .and_then(|it| it.collect::<Result<_, _>>())
@@ -293,14 +316,19 @@ fn acceptor(t: &TlsPlan) -> Result<tokio_rustls::TlsAcceptor, ListenError> {
         path: t.key_file.clone(),
         error,
     })?;
-    let config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|error| ListenError::UnusableCertificate {
-            cert: t.cert_file.clone(),
-            key: t.key_file.clone(),
-            error,
-        })?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = match &t.client_auth {
+        Some(c) => builder.with_client_cert_verifier(client_cert::verifier(c)?),
+        None => builder.with_no_client_auth(),
+    };
+    let config =
+        builder
+            .with_single_cert(certs, key)
+            .map_err(|error| ListenError::UnusableCertificate {
+                cert: t.cert_file.clone(),
+                key: t.key_file.clone(),
+                error,
+            })?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -14,7 +14,8 @@
 //!   rumqttc's packet codecs into one normalized packet enum.
 //! - [`auth`]: users (argon2 hashes, or a Mosquitto password file's) and the ACL (ordered
 //!   rules, or a Mosquitto ACL file).
-//! - [`listener`]: TCP, TLS and WebSocket listeners, each giving a byte stream.
+//! - [`listener`]: TCP, TLS and WebSocket listeners, each giving a byte stream;
+//!   [`client_cert`]: mutual TLS, and the username a client certificate gives.
 //! - `connection`: the per-client task.
 //! - [`session`]: subscriptions, queue, in-flight windows, persistent sessions.
 //! - [`router`]: sessions by client id, fan-out to subscriptions (incl. shared ones),
@@ -37,6 +38,7 @@
 //! (v5: 0x8B server shutting down) and closes every connection.
 
 pub mod auth;
+pub mod client_cert;
 pub mod codec;
 mod connection;
 pub mod index;

@@ -31,6 +31,8 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
     vec![
         ("broker", of(&raw.broker)),
         ("embedded.listen", of(&embedded.map(|e| &e.listen))),
+        // With the files it names (certificate, key, client CAs): read at start only. So
+        // are the client certificate settings (`require_client_cert`, `username_from`).
         ("embedded.tls", of(&embedded.map(|e| &e.tls))),
         ("embedded.websocket", of(&embedded.map(|e| &e.websocket))),
         (
@@ -122,5 +124,23 @@ rules:
             changed(&before.restart_only, &after.restart_only),
             vec!["embedded.listen", "spool"]
         );
+    }
+
+    #[test]
+    fn client_certificate_settings_need_a_restart() {
+        let tls = |extra: &str| {
+            BASE.replace(
+                "allow_anonymous: true }",
+                &format!("allow_anonymous: true, tls: {{ listen: [], cert_file: s.pem, key_file: s.key, client_ca_file: ca.pem{extra} }} }}"),
+            )
+        };
+        let before = plan(&tls(""));
+        for extra in [", username_from: cn", ", require_client_cert: false"] {
+            let after = plan(&tls(extra));
+            assert_eq!(
+                changed(&before.restart_only, &after.restart_only),
+                vec!["embedded.tls"]
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::admin::{AdminPlan, validate_admin};
 use super::fingerprint::{self, Fingerprint};
 use super::mosquitto::{MosquittoAcl, MosquittoHash, PasswdUser};
-use super::raw::{AclAction, BrokerConfig, EmbeddedConfig, Protocol, RawConfig};
+use super::raw::{AclAction, BrokerConfig, CertName, EmbeddedConfig, Protocol, RawConfig};
 use super::sinks::{SinkConfig, SinkSettings, sql};
 use crate::rule::Rule;
 use crate::rule::jq::JqProgram;
@@ -120,6 +120,21 @@ pub struct TlsPlan {
     pub listen: Vec<std::net::SocketAddr>,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// Mutual TLS: set with `client_ca_file`.
+    pub client_auth: Option<ClientAuthPlan>,
+}
+
+/// Client certificates (mutual TLS) on the TLS and secure WebSocket listeners.
+#[derive(Debug, Clone)]
+pub struct ClientAuthPlan {
+    /// The CA certificates a client's certificate must be signed by (PEM).
+    pub ca_file: PathBuf,
+    /// A client without a certificate is refused at the handshake; otherwise it logs in
+    /// with its CONNECT's username and password.
+    pub required: bool,
+    /// The username comes from the verified certificate (which is then the credential);
+    /// None: from the CONNECT.
+    pub username_from: Option<CertName>,
 }
 
 #[derive(Debug, Clone)]
@@ -479,6 +494,7 @@ fn validate_embedded(
         listen: addresses(&t.listen, "embedded.tls.listen", errs),
         cert_file: t.cert_file.clone(),
         key_file: t.key_file.clone(),
+        client_auth: client_auth(t, errs),
     });
     let websocket = e.websocket.as_ref().map(|w| WebSocketPlan {
         listen: addresses(&w.listen, "embedded.websocket.listen", errs),
@@ -503,6 +519,11 @@ fn validate_embedded(
             "needs at least one address (here, in `tls` or in `websocket`)".into(),
         ));
     }
+    // Clients whose certificate names them need no user entry.
+    let cert_users = tls
+        .as_ref()
+        .and_then(|t| t.client_auth.as_ref())
+        .is_some_and(|c| c.username_from.is_some());
     let mut users = Vec::new();
     for (i, u) in e.users.iter().enumerate() {
         if u.username.is_empty() || u.username == "*" {
@@ -539,7 +560,7 @@ fn validate_embedded(
                 None => users.push((u.username, Credential::Mosquitto(u.hash))),
             }
         }
-        if users.is_empty() && !e.allow_anonymous {
+        if users.is_empty() && !e.allow_anonymous && !cert_users {
             errs.push((
                 "embedded.password_file".into(),
                 format!(
@@ -586,10 +607,10 @@ fn validate_embedded(
             subscribe: r.subscribe.clone(),
         });
     }
-    if e.users.is_empty() && e.password_file.is_none() && !e.allow_anonymous {
+    if e.users.is_empty() && e.password_file.is_none() && !e.allow_anonymous && !cert_users {
         errs.push((
             "embedded".into(),
-            "no client could connect: add `users:` or `password_file:`, or set `allow_anonymous: true`".into(),
+            "no client could connect: add `users:` or `password_file:`, set `allow_anonymous: true`, or name clients by their certificates (`tls.username_from`)".into(),
         ));
     }
     let keepalive = e.max_keepalive.0.as_secs();
@@ -692,6 +713,31 @@ fn validate_embedded(
             path: p.path.clone(),
             flush_interval: p.flush_interval.0,
         }),
+    })
+}
+
+/// `embedded.tls`'s client certificate settings: `require_client_cert` and
+/// `username_from` mean something only with `client_ca_file`.
+fn client_auth(t: &super::raw::TlsListenerConfig, errs: &mut Errors) -> Option<ClientAuthPlan> {
+    let Some(ca_file) = &t.client_ca_file else {
+        for (field, set) in [
+            ("require_client_cert", t.require_client_cert.is_some()),
+            ("username_from", t.username_from.is_some()),
+        ] {
+            if set {
+                errs.push((
+                    format!("embedded.tls.{field}"),
+                    "needs `client_ca_file` (the CA certificates that sign client certificates)"
+                        .into(),
+                ));
+            }
+        }
+        return None;
+    };
+    Some(ClientAuthPlan {
+        ca_file: ca_file.clone(),
+        required: t.require_client_cert.unwrap_or(true),
+        username_from: t.username_from,
     })
 }
 

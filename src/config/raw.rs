@@ -247,6 +247,33 @@ pub struct TlsListenerConfig {
     pub cert_file: PathBuf,
     /// PEM file: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
+    /// PEM file of one or more CA certificates: clients are asked for a certificate
+    /// (mutual TLS) and one they present must be signed by one of these. Applies to
+    /// `websocket.tls` too.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: refuse a client without a certificate at the TLS handshake.
+    /// Default `true`; `false`: such a client logs in with a username and password as
+    /// without mutual TLS (a certificate it does present must still be valid).
+    #[serde(default)]
+    pub require_client_cert: Option<bool>,
+    /// With `client_ca_file`: the username is taken from the client's certificate, which
+    /// is then the credential (the CONNECT's username and password are ignored), and the
+    /// ACL applies to it. `cn`: the subject's common name; `san`: the first DNS name of
+    /// the subject alternative names, or without one the first URI. Default: the
+    /// CONNECT's username and password, as without a certificate.
+    #[serde(default)]
+    pub username_from: Option<CertName>,
+}
+
+/// What part of a client certificate names the user (`embedded.tls.username_from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CertName {
+    /// The subject's common name (CN), as Mosquitto's `use_identity_as_username`.
+    Cn,
+    /// The first DNS name of the subject alternative names, or without one the first URI.
+    San,
 }
 
 /// `embedded.websocket`.

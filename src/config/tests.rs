@@ -451,6 +451,110 @@ fn for_run_the_embedded_certificate_and_key_must_be_readable() {
 }
 
 #[test]
+fn client_certificate_settings_need_the_client_ca_file() {
+    expect_errors(
+        "embedded:\n  allow_anonymous: true\n  tls:\n    listen: 127.0.0.1:8883\n    cert_file: s.pem\n    key_file: s.key\n    require_client_cert: false\n    username_from: cn\n",
+        &[
+            "rules.yaml:7:26: embedded.tls.require_client_cert: needs `client_ca_file`",
+            "rules.yaml:8:20: embedded.tls.username_from: needs `client_ca_file`",
+        ],
+    );
+    expect_errors(
+        "embedded:\n  allow_anonymous: true\n  tls: { listen: [], cert_file: s.pem, key_file: s.key, client_ca_file: ca.pem, username_from: dn }\n",
+        &[
+            "rules.yaml:3:96: embedded.tls.username_from: unknown variant `dn`, expected `cn` or `san`",
+        ],
+    );
+    let tls = |settings: &str| {
+        let text = format!(
+            "embedded:\n  tls: {{ listen: 127.0.0.1:8883, cert_file: s.pem, key_file: s.key{settings} }}\n"
+        );
+        parse(&text, "rules.yaml", env).map(|p| p.embedded.unwrap().tls.unwrap().client_auth)
+    };
+    // Required unless said otherwise; no name taken unless `username_from` says which.
+    let auth = tls(", client_ca_file: ca.pem, username_from: san")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (auth.ca_file.to_str(), auth.required, auth.username_from),
+        (Some("ca.pem"), true, Some(raw::CertName::San))
+    );
+    // With `username_from`, certificates are a way in: no users needed.
+    let auth = tls(", client_ca_file: ca.pem, require_client_cert: false, username_from: cn")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (auth.required, auth.username_from),
+        (false, Some(raw::CertName::Cn))
+    );
+    let errs = tls(", client_ca_file: ca.pem").unwrap_err().to_string();
+    assert!(errs.contains("no client could connect"), "{errs}");
+    assert!(
+        tls("")
+            .unwrap_err()
+            .to_string()
+            .contains("no client could connect")
+    );
+}
+
+#[test]
+fn for_run_the_client_ca_file_must_hold_ca_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, ca) = (dir.path().join("s.pem"), dir.path().join("ca.pem"));
+    std::fs::write(&cert, "").unwrap();
+    let text = format!(
+        "embedded:\n  allow_anonymous: true\n  tls:\n    listen: 127.0.0.1:8883\n    cert_file: {c}\n    key_file: {c}\n    client_ca_file: {ca}\n",
+        c = cert.display(),
+        ca = ca.display()
+    );
+    let error = || {
+        let errs = parse_checked(&text, "rules.yaml", env, Checks::ForRun).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        errs.0[0].to_string()
+    };
+    let at = "rules.yaml:7:21: embedded.tls.client_ca_file: ";
+    assert_eq!(
+        error(),
+        format!(
+            "{at}cannot read {}: No such file or directory (os error 2)",
+            ca.display()
+        )
+    );
+    std::fs::write(
+        &ca,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    assert_eq!(
+        error(),
+        format!(
+            "{at}no certificate (-----BEGIN CERTIFICATE-----) in {}",
+            ca.display()
+        )
+    );
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let e = error();
+    assert!(
+        e.starts_with(&format!(
+            "{at}{}: certificate 1 is not usable as a CA: ",
+            ca.display()
+        )),
+        "{e}"
+    );
+    // One or more certificates, as PEM.
+    let pem = crate::broker::client_cert::tests::CN_AND_SAN;
+    std::fs::write(&ca, format!("{pem}\n{pem}\n")).unwrap();
+    assert!(parse_checked(&text, "rules.yaml", env, Checks::ForRun).is_ok());
+    // `try` and `parse` do not read it.
+    std::fs::remove_file(&ca).unwrap();
+    assert!(parse(&text, "rules.yaml", env).is_ok());
+}
+
+#[test]
 fn the_admin_server_is_off_by_default_and_on_loopback_when_configured() {
     assert!(parse(GOOD, "rules.yaml", env).unwrap().admin.is_none());
     let plan = parse("admin: {}\n", "rules.yaml", env).unwrap();

@@ -858,3 +858,57 @@ pub fn make_certs(dir: &std::path::Path) {
         "san.ext",
     ]));
 }
+
+/// Client certificates, in `dir` where [`make_certs`] made its CA: `device.pem`/`.key`
+/// (CN `device-7`, DNS name `d7.fleet.test`, signed by that CA), and `stranger.pem`/`.key`
+/// (also CN `device-7`, signed by `other-ca.pem`, a CA the broker does not know).
+pub fn make_client_certs(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run_ok(
+        Command::new("openssl")
+            .current_dir(dir)
+            .args(["req", "-x509"])
+            .args(ec)
+            .args(["-keyout", "other-ca.key", "-out", "other-ca.pem"])
+            .args(["-days", "2", "-subj", "/CN=another CA"]),
+    );
+    std::fs::write(
+        dir.join("client.ext"),
+        "subjectAltName=DNS:d7.fleet.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    for (name, ca) in [("device", "ca"), ("stranger", "other-ca")] {
+        run_ok(
+            Command::new("openssl")
+                .current_dir(dir)
+                .arg("req")
+                .args(ec)
+                .args(["-keyout", &format!("{name}.key")])
+                .args(["-out", &format!("{name}.csr")])
+                .args(["-subj", "/O=Fleet/CN=device-7"]),
+        );
+        run_ok(Command::new("openssl").current_dir(dir).args([
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+        ]));
+    }
+}

@@ -17,6 +17,7 @@ use super::outbound::ToClient;
 use super::{Conn, ProtocolError, read_more, write_queue};
 use crate::broker::Shared;
 use crate::broker::auth::Login;
+use crate::broker::client_cert::CertUser;
 use crate::broker::codec::{
     self, CodecError, ConnAckProperties, Connect, Outgoing, Packet, Version,
 };
@@ -89,6 +90,15 @@ fn refusal(version: Version, e: &ProtocolError) -> Bytes {
     buf.freeze()
 }
 
+/// Who connects, beside what its CONNECT says.
+pub(super) struct Client {
+    pub peer: std::net::SocketAddr,
+    /// The name its TLS client certificate gives, if any.
+    pub cert: CertUser,
+    /// Connections open, this one included.
+    pub count: usize,
+}
+
 /// The checks before the password's: the number of connections, enhanced
 /// authentication, the client id.
 fn check_connect(shared: &Shared, c: &Connect, count: usize) -> Result<(), ProtocolError> {
@@ -124,11 +134,14 @@ impl Conn {
     /// Authenticates, attaches the session (taking it over from another connection) and
     /// answers the CONNACK; a CONNECT that cannot be served is refused with a CONNACK
     /// that says why.
+    ///
+    /// A name from a verified client certificate is the client's username and its
+    /// credential: the CONNECT's username and password are not looked at (as Mosquitto's
+    /// `use_identity_as_username`). Without one, the CONNECT logs in as usual.
     pub(super) async fn accept(
         shared: &Arc<Shared>,
         c: Connect,
-        peer: std::net::SocketAddr,
-        count: usize,
+        Client { peer, cert, count }: Client,
         wtx: write_queue::Sender,
         signal: Arc<Signal>,
         handoff: Handoff,
@@ -152,12 +165,22 @@ impl Conn {
         } else {
             c.client_id.clone()
         };
-        let auth = shared.auth();
-        let (user, pass) = (c.username.clone(), c.password.clone());
-        let login =
-            tokio::task::spawn_blocking(move || auth.login(user.as_deref(), pass.as_deref()))
+        let (username, login) = match cert {
+            CertUser::Name(name) => (Some(name), Login::Ok),
+            CertUser::Unnamed(from) => {
+                return Err(refused(ProtocolError::CertificateUnnamed(from)).await);
+            }
+            CertUser::None => {
+                let auth = shared.auth();
+                let (user, pass) = (c.username.clone(), c.password.clone());
+                let login = tokio::task::spawn_blocking(move || {
+                    auth.login(user.as_deref(), pass.as_deref())
+                })
                 .await
                 .map_err(ProtocolError::LoginFailed)?;
+                (c.username.clone(), login)
+            }
+        };
         if let Err(e) = check_login(login, &c, plan.topic_limits) {
             return Err(refused(e).await);
         }
@@ -206,7 +229,7 @@ impl Conn {
             // Unique across sessions, so a timer of an earlier session never matches.
             session.generation = conn_id;
             session.link = Some(link);
-            session.username = c.username.clone();
+            session.username = username.clone();
             let resend = session.resend();
             state.insert_session(client_id.clone(), session);
             (present, resend)
@@ -235,7 +258,7 @@ impl Conn {
             shared: Arc::clone(shared),
             version,
             client_id,
-            username: c.username.clone(),
+            username,
             conn_id,
             keep_alive: Duration::from_secs(keep_alive as u64) * 3 / 2,
             wtx,
@@ -256,7 +279,7 @@ impl Conn {
             conn.send(packet).await?;
         }
         conn.outbound.signal.wake();
-        tracing::debug!(client_id = %conn.client_id, ?version, session_present, "embedded broker: client connected");
+        tracing::debug!(client_id = %conn.client_id, username = ?conn.username, ?version, session_present, "embedded broker: client connected");
         Ok(conn)
     }
 }

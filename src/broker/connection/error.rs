@@ -45,6 +45,11 @@ pub(super) enum ProtocolError {
     BadCredentials,
     #[error("anonymous clients are not allowed")]
     NotAuthorized,
+    #[error(
+        "the client certificate has no {} to take the username from",
+        crate::broker::client_cert::describe(*.0)
+    )]
+    CertificateUnnamed(crate::config::raw::CertName),
     #[error("the password check failed: {0}")]
     LoginFailed(JoinError),
     #[error("invalid will topic: {0}")]
@@ -99,7 +104,7 @@ impl ProtocolError {
             Handshake(..) | HandshakeTimeout(..) | ConnectTimeout(_) | ClosedBeforeConnect
             | Io(_) | LoginFailed(_) | SessionGone | Encode(_) | ConnectionClosed => 0x80,
             ClientIdRejected => 0x85,
-            BadCredentials => 0x86,
+            BadCredentials | CertificateUnnamed(_) => 0x86,
             NotAuthorized => 0x87,
             ServerShuttingDown => 0x8B,
             EnhancedAuthUnsupported => 0x8C,

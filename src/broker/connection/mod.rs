@@ -87,9 +87,10 @@ pub(super) enum Incoming {
     /// An accepted socket, the transport (TLS, WebSocket) whose handshakes open it, and
     /// its `max_connecting` permit, held until the CONNACK.
     Socket(TcpStream, Transport, OwnedSemaphorePermit),
-    /// A stream MQTT flows in already (the unit tests' in-memory pipes).
+    /// A stream MQTT flows in already (the unit tests' in-memory pipes), and who a client
+    /// certificate would say the client is.
     #[cfg(test)]
-    Ready(super::listener::Stream),
+    Ready(super::listener::Stream, super::client_cert::CertUser),
 }
 
 /// Entry point of a connection task.
@@ -194,14 +195,14 @@ async fn open(
     // One deadline for the handshakes and the CONNECT.
     let timeout = shared.plan.connect_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let (socket, _permit) = match incoming {
+    let (socket, cert, _permit) = match incoming {
         Incoming::Socket(socket, transport, permit) => {
             let opened = tokio::select! {
                 r = tokio::time::timeout_at(deadline, transport.open(socket)) => r,
                 _ = stop.cancelled() => return Err(ProtocolError::ServerShuttingDown),
             };
             match opened {
-                Ok(Ok(stream)) => (stream, Some(permit)),
+                Ok(Ok((stream, cert))) => (stream, cert, Some(permit)),
                 Ok(Err(e)) => return Err(ProtocolError::Handshake(transport.name(), e)),
                 Err(_) => {
                     let name = transport.name();
@@ -210,7 +211,7 @@ async fn open(
             }
         }
         #[cfg(test)]
-        Incoming::Ready(stream) => (stream, None),
+        Incoming::Ready(stream, cert) => (stream, cert, None),
     };
     let (mut rd, mut wr) = socket.split();
     let max_packet = shared.plan.max_packet_size;
@@ -228,7 +229,8 @@ async fn open(
     let (wtx, wrx) = write_queue::write_queue(WRITE_QUEUE);
     let signal = Arc::new(Signal::default());
     let writer = tokio::spawn(write_loop(wr, wrx, Arc::clone(&signal)));
-    match Conn::accept(shared, connect, peer, count, wtx, signal, handoff).await {
+    let client = connect::Client { peer, cert, count };
+    match Conn::accept(shared, connect, client, wtx, signal, handoff).await {
         Ok(conn) => Ok(Live {
             conn,
             rd,

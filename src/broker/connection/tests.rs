@@ -21,9 +21,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{Incoming, serve};
+use crate::broker::client_cert::CertUser;
 use crate::broker::codec::{self, Version};
 use crate::broker::listener::Stream;
 use crate::broker::{Broker, Shared};
+use crate::config::raw::CertName;
 use crate::message::Message;
 use crate::source::intake::Handoff;
 
@@ -75,9 +77,14 @@ impl TestBroker {
 
     /// A new connection, nothing sent on it yet.
     fn open(&self, version: Version) -> Client {
+        self.open_with(version, CertUser::None)
+    }
+
+    /// A new connection whose TLS client certificate gave `cert`.
+    fn open_with(&self, version: Version, cert: CertUser) -> Client {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(serve(
-            Incoming::Ready(Stream::Other(Box::new(theirs))),
+            Incoming::Ready(Stream::Other(Box::new(theirs)), cert),
             "127.0.0.1:1".parse().unwrap(),
             Arc::clone(&self.shared),
             self.handoff.clone(),
@@ -418,6 +425,99 @@ async fn logins_after_set_auth_use_the_new_users() {
         },
     )
     .await;
+}
+
+/// `tls` with client certificates naming the users; the files are not read here (the
+/// connections are pipes, their certificate's name given by the test).
+const CERT_USERS: &str = "  allow_anonymous: false\n  tls: { listen: [], cert_file: s.pem, key_file: s.key, client_ca_file: ca.pem, username_from: cn }";
+
+#[tokio::test]
+async fn a_certificates_name_is_the_username_and_the_connects_login_is_not_looked_at() {
+    let mut b = broker(&format!(
+        "{CERT_USERS}\n  acl:\n    - {{ username: device-7, action: allow, publish: [\"d/7/#\"] }}\n    - {{ username: \"*\", action: deny, publish: [\"#\"] }}"
+    ))
+    .await;
+    for (version, login) in [
+        (Version::V5, None),
+        (Version::V311, Some(("other", "wrong"))),
+    ] {
+        let mut c = b.open_with(version, CertUser::Name("device-7".into()));
+        let hello = Hello {
+            login,
+            ..Hello::new("dev")
+        };
+        c.send(&hello.bytes(version)).await;
+        assert!(
+            matches!(c.recv().await, Got::ConnAck { code: 0, .. }),
+            "{version:?}: no password, no user entry, anonymous clients refused"
+        );
+        let client = b.handle().clients();
+        assert_eq!(client[0].username.as_deref(), Some("device-7"));
+        // The ACL applies to the certificate's name: its topics are allowed, others not.
+        c.send(&publish(version, "d/7/temp", 1, 1, None)).await;
+        let m = b.message().await;
+        assert_eq!(m.topic, "d/7/temp");
+        m.ack.settle();
+        assert_eq!(c.recv().await, Got::PubAck { pkid: 1, reason: 0 });
+        c.send(&publish(version, "d/8/temp", 1, 2, None)).await;
+        let denied = if version == Version::V5 { 0x87 } else { 0 };
+        assert_eq!(
+            c.recv().await,
+            Got::PubAck {
+                pkid: 2,
+                reason: denied
+            }
+        );
+        b.no_message();
+    }
+}
+
+#[tokio::test]
+async fn an_acl_files_user_block_applies_to_a_certificates_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "user device-7\ntopic write d/7/#\n").unwrap();
+    let mut b = broker(&format!("{CERT_USERS}\n  acl_file: {}", acl.display())).await;
+    let mut c = b.open_with(Version::V5, CertUser::Name("device-7".into()));
+    c.send(&Hello::new("dev").bytes(Version::V5)).await;
+    assert!(matches!(c.recv().await, Got::ConnAck { code: 0, .. }));
+    c.send(&publish(Version::V5, "d/8/temp", 1, 1, None)).await;
+    assert_eq!(
+        c.recv().await,
+        Got::PubAck {
+            pkid: 1,
+            reason: 0x87
+        }
+    );
+    c.send(&publish(Version::V5, "d/7/temp", 1, 2, None)).await;
+    b.message().await.ack.settle();
+    assert_eq!(c.recv().await, Got::PubAck { pkid: 2, reason: 0 });
+}
+
+#[tokio::test]
+async fn a_certificate_without_the_name_is_refused_as_bad_credentials() {
+    let b = broker(CERT_USERS).await;
+    for (version, code) in [(Version::V5, 0x86), (Version::V311, 0x04)] {
+        let mut c = b.open_with(version, CertUser::Unnamed(CertName::Cn));
+        let hello = Hello {
+            login: Some(("u", "p")),
+            ..Hello::new("c")
+        };
+        c.send(&hello.bytes(version)).await;
+        assert_eq!(
+            c.recv().await,
+            Got::ConnAck {
+                session_present: false,
+                code
+            }
+        );
+        c.closed().await;
+    }
+    // Without a certificate (one not required), the CONNECT logs in as usual: here
+    // anonymous clients are refused.
+    let mut c = b.open(Version::V5);
+    c.send(&Hello::new("c").bytes(Version::V5)).await;
+    assert!(matches!(c.recv().await, Got::ConnAck { code: 0x87, .. }));
 }
 
 #[tokio::test]
