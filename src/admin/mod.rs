@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
+use crate::broker::stats::Dropped;
 use crate::config::{AdminPlan, Plan};
 use crate::health::Readiness;
 use crate::sink::driver::Recent;
@@ -251,6 +252,16 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
             ("mqbridge_broker_retained_messages", stats.retained),
         ] {
             metrics::gauge!(name).set(value as f64);
+        }
+        for (name, value) in [
+            ("mqbridge_broker_messages_received_total", stats.received),
+            ("mqbridge_broker_messages_sent_total", stats.sent),
+        ] {
+            metrics::counter!(name).absolute(value);
+        }
+        for (why, value) in Dropped::ALL.into_iter().zip(stats.dropped) {
+            metrics::counter!("mqbridge_broker_messages_dropped_total", "reason" => why.reason())
+                .absolute(value);
         }
     }
     (

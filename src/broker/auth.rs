@@ -193,8 +193,11 @@ impl Auth {
         }
     }
 
-    /// May `who` publish to `topic`?
+    /// May `who` publish to `topic`? Never to a `$SYS` topic: those are the broker's.
     pub fn can_publish(&self, who: Identity, topic: &str) -> bool {
+        if super::sys::is_sys(topic) {
+            return false;
+        }
         match &self.acl {
             Acl::Rules(acl) => first_match(rules_for(acl, who.username, publish), topic, true),
             Acl::Mosquitto(acl) => {

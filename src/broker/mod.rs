@@ -48,6 +48,7 @@ pub mod router;
 pub mod session;
 pub mod stats;
 pub mod store;
+pub mod sys;
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -228,8 +229,16 @@ impl Broker {
             .take();
         let flusher = store
             .map(|store| tokio::spawn(flush_loop(Arc::clone(&self.shared), store, done.clone())));
+        let sys = self
+            .shared
+            .plan
+            .sys_interval
+            .map(|every| tokio::spawn(sys::run(Arc::clone(&self.shared), every, done.clone())));
         done.cancelled().await;
         tasks.wait().await;
+        if let Some(sys) = sys {
+            let _ = sys.await;
+        }
         // Every connection has ended (sessions detached): the last flush.
         if let Some(flusher) = flusher
             && let Ok(mut store) = flusher.await

@@ -40,7 +40,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
             of(&embedded.map(|e| &e.persistence)),
         ),
         (
-            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, connect_timeout, max_connecting, connection_rate_per_ip, max_subscriptions, max_topic_levels, max_topic_length, session_expiry)",
+            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, connect_timeout, max_connecting, connection_rate_per_ip, max_subscriptions, max_topic_levels, max_topic_length, session_expiry, sys_interval)",
             of(&embedded.map(|e| {
                 (
                     (
@@ -59,6 +59,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
                         e.max_topic_length,
                     ),
                     e.session_expiry,
+                    e.sys_interval,
                 )
             })),
         ),

@@ -107,6 +107,8 @@ pub struct EmbeddedPlan {
     pub max_subscriptions: usize,
     /// `max_topic_length` and `max_topic_levels`.
     pub topic_limits: crate::topic::TopicLimits,
+    /// How often `$SYS/broker/…` is published; None: never.
+    pub sys_interval: Option<Duration>,
     pub persistence: Option<PersistencePlan>,
     /// Seconds an offline persistent session is kept (3.1.1), at most (MQTT 5).
     pub session_expiry: u32,
@@ -656,6 +658,15 @@ fn validate_embedded(
             "must be between 0 (no limit) and 1000000 connections per second".into(),
         ));
     }
+    let sys_interval = e.sys_interval.0;
+    if !sys_interval.is_zero()
+        && (sys_interval < Duration::from_millis(100) || sys_interval > Duration::from_secs(86400))
+    {
+        errs.push((
+            "embedded.sys_interval".into(),
+            "must be 0s (never) or between 100ms and 24h".into(),
+        ));
+    }
     if e.max_topic_length.0 == 0 || e.max_topic_length.0 > 65535 {
         errs.push((
             "embedded.max_topic_length".into(),
@@ -706,6 +717,7 @@ fn validate_embedded(
             length: e.max_topic_length.0 as usize,
             levels: e.max_topic_levels,
         },
+        sys_interval: (!sys_interval.is_zero()).then_some(sys_interval),
         tls,
         websocket,
         session_expiry: session_expiry.clamp(1, u32::MAX as u64 - 1) as u32,

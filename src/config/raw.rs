@@ -219,6 +219,11 @@ pub struct EmbeddedConfig {
     /// Bytes of a topic name or filter, treated like `max_topic_levels`.
     #[serde(default = "default_max_topic_length")]
     pub max_topic_length: ByteSize,
+    /// How often the broker publishes its figures on `$SYS/broker/…` topics, as Mosquitto
+    /// does (retained, each only when it changed). `0s`: never. Who may read them is up
+    /// to the ACL; clients may never publish there.
+    #[serde(default = "default_sys_interval")]
+    pub sys_interval: Duration,
     /// Keep retained messages and persistent sessions (subscriptions, queued and unacknowledged
     /// messages) across restarts, in a SQLite file of their own. Default: in memory only.
     #[serde(default)]
@@ -389,6 +394,9 @@ fn default_max_inflight() -> u16 {
 }
 fn default_max_queued() -> usize {
     1000
+}
+fn default_sys_interval() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
 }
 fn default_connect_timeout() -> Duration {
     Duration(std::time::Duration::from_secs(10))

@@ -1,7 +1,7 @@
 //! The embedded broker's limits and counters: `max_connections`, publishes refused by the
 //! ACL (read through `Broker::stats`), `session_expiry` (offline 3.1.1 persistent
-//! sessions expire; MQTT 5 clients get at most it), and `max_connecting` (connections
-//! before their CONNECT).
+//! sessions expire; MQTT 5 clients get at most it), `max_connecting` (connections
+//! before their CONNECT), and the figures published on `$SYS`.
 
 use std::io::Read;
 use std::time::Duration;
@@ -226,6 +226,105 @@ async fn embedded_connection_rate_per_ip_closes_the_excess_at_once() {
     std::io::Write::write_all(&mut first, &ping).unwrap();
     first.read_exact(&mut ping).unwrap();
     assert_eq!(ping, [0xD0, 0], "PINGRESP");
+
+    running.stop().await;
+}
+
+/// Matches a PUBLISH of `value` on `topic`.
+fn figure(topic: &'static str, value: &'static str) -> impl Fn(&rumqttc::Packet) -> bool {
+    move |p| matches!(p, rumqttc::Packet::Publish(m) if m.topic == topic && m.payload == value.as_bytes())
+}
+
+/// `$SYS/broker/…` on `sys_interval`: the figures reach the users the ACL lets read
+/// them, follow the broker's state, and reach no one else; a client cannot publish there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_sys_topics_reach_whom_the_acl_allows_and_no_client_can_publish_there() {
+    let port = free_port();
+    let hash = mqbridge::broker::auth::hash_password("ops-secret");
+    let running = alone(
+        port,
+        &format!(
+            "  sys_interval: 100ms\n  users:\n    - {{ username: ops, password_hash: \"{hash}\" }}\n  acl:\n    - {{ username: ops, action: allow, subscribe: [\"$SYS/#\"] }}\n    - {{ username: \"*\", action: deny, subscribe: [\"$SYS/#\"] }}"
+        ),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the broker to listen",
+        async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let mut ops = V4::try_connect_as(port, "ops", true, None, Some(("ops", "ops-secret")))
+        .await
+        .unwrap();
+    ops.subscribe_acked("probe/ops", rumqttc::QoS::AtMostOnce)
+        .await;
+    ops.subscribe_acked("$SYS/broker/#", rumqttc::QoS::AtMostOnce)
+        .await;
+    // The retained figures at once (the version among them), then the next round's.
+    let version = match ops
+        .expect(|p| matches!(p, rumqttc::Packet::Publish(m) if m.topic == "$SYS/broker/version"))
+        .await
+    {
+        rumqttc::Packet::Publish(m) => String::from_utf8(m.payload.to_vec()).unwrap(),
+        _ => unreachable!(),
+    };
+    assert!(version.starts_with("mqbridge version "), "{version}");
+    ops.expect(figure("$SYS/broker/clients/connected", "1"))
+        .await;
+
+    // Another client: the figure follows. It may not read `$SYS`, and a filter that
+    // does not start with `$` never matches there.
+    let mut dev = V4::connect(port, "dev", true, None).await;
+    ops.expect(figure("$SYS/broker/clients/connected", "2"))
+        .await;
+    match dev
+        .subscribe_acked("$SYS/#", rumqttc::QoS::AtMostOnce)
+        .await
+    {
+        rumqttc::Packet::SubAck(ack) => assert_eq!(
+            ack.return_codes,
+            [rumqttc::SubscribeReasonCode::Failure],
+            "the ACL refuses it"
+        ),
+        other => panic!("{other:?}"),
+    }
+    dev.subscribe_acked("#", rumqttc::QoS::AtMostOnce).await;
+    // dev publishes to `$SYS`: acknowledged (3.1.1 cannot refuse) and dropped.
+    dev.client
+        .publish(
+            "$SYS/broker/version",
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            "fake",
+        )
+        .await
+        .unwrap();
+    dev.expect(|p| matches!(p, rumqttc::Packet::PubAck(_)))
+        .await;
+    // A round of figures after all that (the uptime moves every second) ...
+    let uptime = |p: &rumqttc::Packet| matches!(p, rumqttc::Packet::Publish(m) if m.topic == "$SYS/broker/uptime" && &m.payload[..] != b"0 seconds");
+    ops.expect(uptime).await;
+    // ... reached ops but not dev, and the fake version reached no one.
+    let dev_got = dev.until_probe("probe/dev").await;
+    assert!(
+        !dev_got
+            .iter()
+            .any(|p| matches!(p, rumqttc::Packet::Publish(m) if m.topic.starts_with("$SYS"))),
+        "{dev_got:?}"
+    );
+    let ops_got = ops.until_probe("probe/ops").await;
+    assert!(
+        !ops_got
+            .iter()
+            .any(|p| matches!(p, rumqttc::Packet::Publish(m) if &m.payload[..] == b"fake")),
+        "{ops_got:?}"
+    );
+    assert_eq!(running.broker.stats().publish_denied, 1);
 
     running.stop().await;
 }
