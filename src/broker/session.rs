@@ -7,6 +7,10 @@
 //! fast as its socket writes and the client's receive window allow, so a slow consumer
 //! fills its queue, not memory: beyond `max_queued_messages` new messages are dropped and
 //! counted (QoS 0 first: they are never queued while the client is offline).
+//!
+//! While offline it also holds its deadlines ([`Session::detach`]): when it ends, and its
+//! will waiting for the will delay, which the broker's [`timers`] fire and a reconnect
+//! cancels ([`Session::reconnected`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

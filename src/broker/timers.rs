@@ -1,5 +1,5 @@
 //! Session expiry and delayed wills: the deadlines of offline sessions, in one ordered map
-//! the broker owns, and one task ([`run`]) that sleeps until the first of them.
+//! the broker owns, and one task (`run`) that sleeps until the first of them.
 //!
 //! A session losing its connection gets its deadlines ([`Session::detach`]): its end
 //! (after its expiry) and its will's (after the will delay, at the latest when the session
