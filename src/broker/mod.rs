@@ -22,6 +22,8 @@
 //!   and the locks of the broker's state.
 //! - [`index`]: the subscriptions in a topic trie, with their ACL decisions.
 //! - [`retained`]: retained messages.
+//! - [`timers`]: session expiry and delayed wills of offline sessions, one ordered map
+//!   and one task for all of them.
 //! - [`store`]: optional persistence of sessions and retained messages (SQLite).
 //! - [`stats`]: the counters (Prometheus, through `metrics`), and the snapshots the
 //!   admin server reads: [`Broker::stats`], [`Broker::clients`].
@@ -34,8 +36,11 @@
 //!
 //! Shutdown: `stop` closes the listeners and makes connections ignore new PUBLISHes (they
 //! are not acknowledged, so clients resend them after reconnecting) while the
-//! acknowledgements of settling messages still go out; `done` sends a DISCONNECT
-//! (v5: 0x8B server shutting down) and closes every connection.
+//! acknowledgements of settling messages still go out, and ends the [`timers`] task
+//! (without persistence, the wills still waiting for their delay are published then);
+//! `done` sends a DISCONNECT (v5: 0x8B server shutting down, no will) and closes every
+//! connection. The timers task is tracked with the accept loops and the connections; a
+//! deadline is an entry in its map, never a task of its own.
 
 pub mod auth;
 pub mod client_cert;
@@ -49,6 +54,7 @@ pub mod session;
 pub mod stats;
 pub mod store;
 pub mod sys;
+pub mod timers;
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -83,6 +89,8 @@ pub(crate) struct Shared {
     counters: Counters,
     /// The state file, taken by the flusher when serving starts.
     store: Mutex<Option<store::Store>>,
+    /// Deadlines of offline sessions (expiry, delayed will), fired by [`timers::run`].
+    timers: timers::Timers,
 }
 
 impl Shared {
@@ -128,12 +136,6 @@ impl Broker {
             None => (None, Router::default()),
         };
         let auth = Auth::new(plan.users.clone(), plan.allow_anonymous, plan.acl.clone());
-        let restored: Vec<(String, u64, u32)> = router
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.expiry != u32::MAX)
-            .map(|(id, s)| (id.clone(), s.generation, s.expiry))
-            .collect();
         let (max_connecting, connection_rate) = (plan.max_connecting, plan.connection_rate_per_ip);
         let broker = Broker {
             shared: Arc::new(Shared {
@@ -145,11 +147,13 @@ impl Broker {
                 next_conn_id: AtomicU64::new(1),
                 counters: Counters::default(),
                 store: Mutex::new(store),
+                timers: timers::Timers::default(),
             }),
         };
-        // Restored sessions are offline: their expiry counts from now.
-        for (id, generation, expiry) in restored {
-            connection::schedule_expiry(&broker.shared, &id, generation, expiry);
+        // Restored sessions are offline, their deadlines counted from the restore.
+        let shared = &broker.shared;
+        for (id, s) in shared.lock().sessions.iter_mut() {
+            shared.timers.arm(id, s);
         }
         Ok(broker)
     }
@@ -219,7 +223,10 @@ impl Broker {
                 tasks.clone(),
             ));
         }
-        drop(handoff);
+        tasks.spawn(timers::run(Arc::clone(&self.shared), handoff, stop.clone()));
+        if let Some(every) = self.shared.plan.sys_interval {
+            tasks.spawn(sys::run(Arc::clone(&self.shared), every, stop.clone()));
+        }
         tasks.close();
         let store = self
             .shared
@@ -229,16 +236,8 @@ impl Broker {
             .take();
         let flusher = store
             .map(|store| tokio::spawn(flush_loop(Arc::clone(&self.shared), store, done.clone())));
-        let sys = self
-            .shared
-            .plan
-            .sys_interval
-            .map(|every| tokio::spawn(sys::run(Arc::clone(&self.shared), every, done.clone())));
         done.cancelled().await;
         tasks.wait().await;
-        if let Some(sys) = sys {
-            let _ = sys.await;
-        }
         // Every connection has ended (sessions detached): the last flush.
         if let Some(flusher) = flusher
             && let Ok(mut store) = flusher.await

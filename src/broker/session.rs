@@ -7,17 +7,22 @@
 //! fast as its socket writes and the client's receive window allow, so a slow consumer
 //! fills its queue, not memory: beyond `max_queued_messages` new messages are dropped and
 //! counted (QoS 0 first: they are never queued while the client is offline).
+//!
+//! While offline it also holds its deadlines ([`Session::detach`]): when it ends, and its
+//! will waiting for the will delay, which the broker's [`timers`] fire and a reconnect
+//! cancels ([`Session::reconnected`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::codec::{Outgoing, Publish, PublishProperties, Version};
+use super::codec::{Outgoing, Publish, PublishProperties, Version, Will};
 use super::stats::{Counters, Dropped};
+use super::timers;
 
 /// A published message as the broker keeps it (shared by every subscriber's queue).
 #[derive(Debug)]
@@ -72,28 +77,43 @@ struct Inflight {
 }
 
 /// How the broker reaches a connected client's task: a wake-up to pull from the
-/// session's queue (or, from its writer, because there is room again), and a flag set
-/// when another connection takes the session over. One allocation per connection, where
-/// a cancellation token would be another, and another future in its loop.
+/// session's queue (or, from its writer, because there is room again), and what a
+/// connection that took the session over did with it. One allocation per connection,
+/// where a cancellation token would be another, and another future in its loop.
 #[derive(Debug, Default)]
 pub struct Signal {
     pub notify: Notify,
-    taken_over: AtomicBool,
+    /// [`NOT_TAKEN`], [`RESUMED`] or [`ENDED`].
+    taken_over: AtomicU8,
 }
+
+const NOT_TAKEN: u8 = 0;
+/// Taken over by a connection that resumed the session: the will is not published
+/// ([MQTT-3.1.3-9]: a new connection to the session came before the will delay passed).
+const RESUMED: u8 = 1;
+/// Taken over by a clean start: the session ended, and the will goes out at once.
+const ENDED: u8 = 2;
 
 impl Signal {
     pub fn wake(&self) {
         self.notify.notify_one();
     }
 
-    /// Tells the connection that another one took its session over.
-    pub fn take_over(&self) {
-        self.taken_over.store(true, Ordering::Release);
+    /// Tells the connection that another one took its session over, and whether that one
+    /// resumed the session (clean start 0) or ended it.
+    pub fn take_over(&self, resumed: bool) {
+        let how = if resumed { RESUMED } else { ENDED };
+        self.taken_over.store(how, Ordering::Release);
         self.notify.notify_one();
     }
 
     pub fn taken_over(&self) -> bool {
-        self.taken_over.load(Ordering::Acquire)
+        self.taken_over.load(Ordering::Acquire) != NOT_TAKEN
+    }
+
+    /// Taken over by a connection that resumed the session.
+    pub fn resumed(&self) -> bool {
+        self.taken_over.load(Ordering::Acquire) == RESUMED
     }
 }
 
@@ -145,12 +165,25 @@ pub struct Session {
     pub link: Option<Link>,
     /// The user the client logged in as (for the ACL on delivery).
     pub username: Option<String>,
-    /// Bumped on every connect: timers (expiry, delayed will) check it is still theirs.
-    pub generation: u64,
+    /// While offline: when the session ends (None: connected, or it never does).
+    pub ends_at: Option<tokio::time::Instant>,
+    /// While offline: the will waiting for its delay (MQTT 5 will delay interval).
+    pub will: Option<DelayedWill>,
+    /// The entry of the broker's [`timers`] for the earlier of `ends_at` and the will's
+    /// deadline; taken away by a reconnect.
+    pub timer: Option<timers::Key>,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
     /// What changed since [`super::store`] last wrote it.
     dirty: Dirty,
+}
+
+/// A will waiting for its delay while its session is offline.
+#[derive(Debug)]
+pub struct DelayedWill {
+    pub will: Box<Will>,
+    /// When it is published: its delay after the disconnect, at most the session's end.
+    pub at: tokio::time::Instant,
 }
 
 /// Changes of a session not yet written by [`super::store`].
@@ -177,6 +210,9 @@ pub struct SessionImage {
     /// Sent, not yet acknowledged; true: PUBREL sent (QoS 2).
     pub inflight: Vec<(Publish, bool)>,
     pub last_pkid: u16,
+    /// The will waiting for its delay; its `delay` is what remains to wait after a
+    /// restart (the whole delay, at most the session expiry: both count from the start).
+    pub will: Option<Will>,
 }
 
 impl Session {
@@ -190,7 +226,9 @@ impl Session {
             expiry,
             link: None,
             username: None,
-            generation: 0,
+            ends_at: None,
+            will: None,
+            timer: None,
             dropped: 0,
             dirty: Dirty::Changed,
         }
@@ -212,11 +250,16 @@ impl Session {
                 .map(|i| (i.publish.clone(), i.released))
                 .collect(),
             last_pkid: self.last_pkid,
+            will: self.will.as_ref().map(|w| Will {
+                delay: w.will.delay.min(self.expiry),
+                ..(*w.will).clone()
+            }),
         }
     }
 
-    /// A session as it was persisted, offline.
-    pub fn restore(img: SessionImage) -> Session {
+    /// A session as it was persisted, offline, its deadlines counted from `now` (the
+    /// clock did not run for the session while mqbridge was stopped).
+    pub fn restore(img: SessionImage, now: tokio::time::Instant) -> Session {
         let mut s = Session::new(img.expiry);
         s.username = img.username;
         s.subscriptions = img.subscriptions.into_iter().collect();
@@ -227,8 +270,68 @@ impl Session {
             .map(|(publish, released)| Inflight { publish, released })
             .collect();
         s.last_pkid = img.last_pkid;
+        s.detach(now, None);
+        s.will = img.will.map(|will| DelayedWill {
+            at: now + Duration::from_secs(will.delay as u64),
+            will: Box::new(will),
+        });
         s.dirty = Dirty::Clean;
         s
+    }
+
+    /// The session loses its connection at `now`: sets when it ends (after its expiry)
+    /// and when `will` is due (after its delay, at the latest when the session ends,
+    /// MQTT 5 §3.1.3.2.2). Returns the will when it is due now (no delay, or a session
+    /// that ends with its connection). Arm the broker's timers after.
+    pub fn detach(
+        &mut self,
+        now: tokio::time::Instant,
+        will: Option<Box<Will>>,
+    ) -> Option<Box<Will>> {
+        self.link = None;
+        let after = |secs: u32| now + Duration::from_secs(secs as u64);
+        self.ends_at = (self.expiry != u32::MAX).then(|| after(self.expiry));
+        match will {
+            Some(will) if will.delay > 0 && self.expiry > 0 => {
+                let at = after(will.delay.min(self.expiry));
+                self.will = Some(DelayedWill { will, at });
+                self.touch();
+                None
+            }
+            due => due,
+        }
+    }
+
+    /// A connection came for the session's client id: the offline deadlines no longer
+    /// apply. Returns the pending will, for the caller to publish if the session ends
+    /// (clean start) or drop if it is resumed. Disarm the broker's timers first.
+    pub fn reconnected(&mut self) -> Option<Box<Will>> {
+        self.ends_at = None;
+        let will = self.will.take().map(|w| w.will);
+        if will.is_some() {
+            self.touch();
+        }
+        will
+    }
+
+    /// The earlier of the session's end and its will's deadline (None: connected, or
+    /// neither).
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        let will = self.will.as_ref().map(|w| w.at);
+        match (self.ends_at, will) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The pending will, when it is due at `now` or the session `ends`.
+    pub fn take_will(&mut self, now: tokio::time::Instant, ends: bool) -> Option<Box<Will>> {
+        if !(ends || self.will.as_ref().is_some_and(|w| w.at <= now)) {
+            return None;
+        }
+        let will = self.will.take()?;
+        self.touch();
+        Some(will.will)
     }
 
     /// Marks a change the store must write (anything but a queue append).
@@ -548,6 +651,59 @@ mod tests {
         assert!(matches!(s.resend()[0], Outgoing::PubRel { .. }));
         s.completed(p.pkid);
         assert_eq!(s.inflight(), 0);
+    }
+
+    fn will(delay: u32) -> Option<Box<Will>> {
+        Some(Box::new(Will {
+            topic: "will/c".into(),
+            payload: Bytes::from_static(b"gone"),
+            qos: 1,
+            retain: false,
+            properties: None,
+            delay,
+        }))
+    }
+
+    /// MQTT 5 §3.1.3.2.2: the will is due after its delay or when the session ends,
+    /// whichever comes first; §3.1.2.11.2: the session ends after its expiry (0: with
+    /// its connection, u32::MAX: never).
+    #[test]
+    fn detaching_sets_the_session_end_and_the_will_at_the_earlier_of_the_two() {
+        let now = tokio::time::Instant::now();
+        let secs = |s: u64| now + std::time::Duration::from_secs(s);
+
+        let mut s = online();
+        s.expiry = 100;
+        assert!(s.detach(now, will(5)).is_none(), "delayed");
+        assert!(s.link.is_none());
+        assert_eq!(s.ends_at, Some(secs(100)));
+        assert_eq!(s.will.as_ref().map(|w| w.at), Some(secs(5)));
+        assert_eq!(s.deadline(), Some(secs(5)));
+        assert!(s.take_will(secs(4), false).is_none(), "not yet");
+        assert!(s.take_will(secs(5), false).is_some());
+        assert_eq!(s.deadline(), Some(secs(100)), "then the session's end");
+
+        let mut s = Session::new(5);
+        assert!(s.detach(now, will(50)).is_none());
+        assert_eq!(s.deadline(), Some(secs(5)), "capped by the expiry");
+        assert!(
+            s.take_will(now, true).is_some(),
+            "due when the session ends"
+        );
+
+        let mut s = Session::new(u32::MAX);
+        assert!(s.detach(now, will(5)).is_none());
+        assert_eq!((s.ends_at, s.deadline()), (None, Some(secs(5))));
+
+        // Due at once: no delay, or a session that ends with its connection.
+        assert!(Session::new(100).detach(now, will(0)).is_some());
+        assert!(Session::new(0).detach(now, will(30)).is_some());
+
+        // A reconnect: no deadline left, the will handed back.
+        let mut s = Session::new(100);
+        s.detach(now, will(5));
+        assert!(s.reconnected().is_some());
+        assert_eq!((s.ends_at.is_none(), s.deadline()), (true, None));
     }
 
     #[test]

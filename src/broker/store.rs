@@ -12,8 +12,12 @@
 //! never loses a publisher's acknowledged message, which the sinks stored before the
 //! acknowledgement went out (this file plays no part in that).
 //!
-//! Restored sessions are offline; their expiry counts from the restart. Messages that
-//! were in flight to a subscriber are resent with DUP (or PUBREL) when it reconnects.
+//! Restored sessions are offline; their expiry counts from the restart. So does the delay
+//! of a will that was waiting for it when mqbridge stopped: it is saved with its session
+//! and published after the restart unless the client reconnects first (MQTT 5 counts a
+//! will delay and a session expiry on the server's clock, which did not run meanwhile).
+//! Messages that were in flight to a subscriber are resent with DUP (or PUBREL) when it
+//! reconnects.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection as _, Row as _};
 
-use super::codec::{Publish, PublishProperties};
+use super::codec::{Publish, PublishProperties, Will};
 use super::router::Router;
 use super::session::{Dirty, Outbound, Session, SessionImage, Stored, Subscription};
 
@@ -70,6 +74,17 @@ CREATE TABLE IF NOT EXISTS session_messages (
     subscription_ids TEXT NOT NULL,
     expires_at  INTEGER,
     PRIMARY KEY (client_id, seq)
+);
+-- The will of an offline session waiting for its delay (MQTT 5); `delay`: seconds to
+-- wait after the restart.
+CREATE TABLE IF NOT EXISTS session_wills (
+    client_id   TEXT PRIMARY KEY,
+    topic       TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    qos         INTEGER NOT NULL,
+    retain      INTEGER NOT NULL,
+    properties  TEXT,
+    delay       INTEGER NOT NULL
 );
 ";
 
@@ -197,6 +212,7 @@ impl Store {
                     queued: Vec::new(),
                     inflight: Vec::new(),
                     last_pkid: r.get::<i64, _>("last_pkid") as u16,
+                    will: None,
                 },
             );
         }
@@ -274,12 +290,31 @@ impl Store {
         .iter()
         .map(|r| (r.get("client_id"), r.get("next")))
         .collect();
+        for r in sqlx::query(
+            "SELECT client_id, topic, payload, qos, retain, properties, delay FROM session_wills",
+        )
+        .fetch_all(&mut self.conn)
+        .await?
+        {
+            if let Some(img) = images.get_mut(r.get::<&str, _>("client_id")) {
+                img.will = Some(Will {
+                    topic: r.get("topic"),
+                    payload: Bytes::from(r.get::<Vec<u8>, _>("payload")),
+                    qos: r.get::<i64, _>("qos") as u8,
+                    retain: r.get("retain"),
+                    properties: props_from_json(r.get("properties")),
+                    delay: r.get::<i64, _>("delay") as u32,
+                });
+            }
+        }
+        // Deadlines (expiry, delayed will) count from now: see the module docs.
+        let restored_at = tokio::time::Instant::now();
         for (client_id, img) in images {
             let next = next_seq.get(&client_id).copied().unwrap_or(1);
             self.known.insert(client_id.clone(), next);
             router
                 .sessions
-                .insert(client_id, Box::new(Session::restore(img)));
+                .insert(client_id, Box::new(Session::restore(img, restored_at)));
         }
         Ok(router)
     }
@@ -344,7 +379,7 @@ impl Store {
         let mut tx = self.conn.begin().await?;
         if c.all {
             sqlx::raw_sql(
-                "DELETE FROM retained; DELETE FROM sessions; DELETE FROM subscriptions; DELETE FROM session_messages;",
+                "DELETE FROM retained; DELETE FROM sessions; DELETE FROM subscriptions; DELETE FROM session_messages; DELETE FROM session_wills;",
             )
             .execute(&mut *tx)
             .await?;
@@ -373,7 +408,12 @@ impl Store {
         }
         let changed = c.sessions.iter().map(|(id, _)| id);
         for id in c.removed.iter().chain(changed) {
-            for table in ["sessions", "subscriptions", "session_messages"] {
+            for table in [
+                "sessions",
+                "subscriptions",
+                "session_messages",
+                "session_wills",
+            ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "DELETE FROM {table} WHERE client_id = ?"
                 )))
@@ -404,6 +444,20 @@ impl Store {
                 .bind(sub.no_local)
                 .bind(sub.retain_as_published)
                 .bind(sub.id.map(|i| i as i64))
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some(w) = &s.will {
+                sqlx::query(
+                    "INSERT INTO session_wills (client_id, topic, payload, qos, retain, properties, delay) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(id)
+                .bind(&w.topic)
+                .bind(w.payload.as_ref())
+                .bind(w.qos as i64)
+                .bind(w.retain)
+                .bind(props_to_json(w.properties.as_ref()))
+                .bind(w.delay as i64)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -737,6 +791,49 @@ mod tests {
             })
             .collect();
         assert_eq!(topics, ["q/0", "q/1", "q/2"]);
+    }
+
+    /// A will waiting for its delay is part of the session state (MQTT 5 §4.1): saved with
+    /// its session, its delay at most the session expiry, both counted from the reopening;
+    /// once published, it leaves the file.
+    #[tokio::test]
+    async fn a_pending_will_is_saved_with_its_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        let (mut store, mut router) = Store::open(&path).await.unwrap();
+        let mut s = Session::new(20);
+        let will = Will {
+            topic: "will/c".into(),
+            payload: Bytes::from_static(b"gone"),
+            qos: 1,
+            retain: true,
+            properties: stored("t", "x").properties.clone(),
+            delay: 50,
+        };
+        let now = tokio::time::Instant::now();
+        assert!(s.detach(now, Some(Box::new(will.clone()))).is_none());
+        router.sessions.insert("c".into(), Box::new(s));
+        let c = store.take_changes(&mut router);
+        store.write(c).await;
+        drop(store);
+
+        let before = tokio::time::Instant::now();
+        let (mut store, mut router) = Store::open(&path).await.unwrap();
+        let s = router.sessions.get_mut("c").unwrap();
+        let pending = s.will.as_ref().expect("restored");
+        assert_eq!(*pending.will, Will { delay: 20, ..will });
+        assert!(pending.at >= before + Duration::from_secs(20));
+        assert_eq!(
+            s.deadline(),
+            Some(pending.at),
+            "the will, with the session's end"
+        );
+        assert!(s.take_will(pending.at, false).is_some());
+        let c = store.take_changes(&mut router);
+        store.write(c).await;
+        drop(store);
+        let (_, router) = Store::open(&path).await.unwrap();
+        assert!(router.sessions["c"].will.is_none());
     }
 
     #[test]

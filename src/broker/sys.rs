@@ -22,8 +22,8 @@ pub fn is_sys(topic: &str) -> bool {
     topic == "$SYS" || topic.starts_with("$SYS/")
 }
 
-/// Publishes the figures every `every` until `done`.
-pub(super) async fn run(shared: Arc<Shared>, every: Duration, done: CancellationToken) {
+/// Publishes the figures every `every` until `stop`.
+pub(super) async fn run(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {
     let started = Instant::now();
     let mut last: HashMap<&'static str, String> = HashMap::new();
     let mut tick = tokio::time::interval(every);
@@ -31,7 +31,7 @@ pub(super) async fn run(shared: Arc<Shared>, every: Duration, done: Cancellation
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = done.cancelled() => return,
+            _ = stop.cancelled() => return,
         }
         let stats = super::Broker {
             shared: Arc::clone(&shared),

@@ -101,33 +101,6 @@ impl Handoff {
             tracing::warn!(dropped = n, "pipeline full: QoS 0 messages dropped");
         }
     }
-
-    /// A handle that does not keep the pipeline's input open (for a will published later).
-    pub fn downgrade(&self) -> WeakHandoff {
-        WeakHandoff {
-            out: self.out.downgrade(),
-            stats: Arc::clone(&self.stats),
-            metrics: Arc::clone(&self.metrics),
-        }
-    }
-}
-
-/// A [`Handoff`] that does not keep the pipeline's input open.
-pub struct WeakHandoff {
-    out: mpsc::WeakSender<Message>,
-    stats: Arc<Stats>,
-    metrics: Arc<Metrics>,
-}
-
-impl WeakHandoff {
-    /// The hand-off, unless the pipeline's input has closed.
-    pub fn upgrade(&self) -> Option<Handoff> {
-        Some(Handoff {
-            out: self.out.upgrade()?,
-            stats: Arc::clone(&self.stats),
-            metrics: Arc::clone(&self.metrics),
-        })
-    }
 }
 
 /// More than the bound waited for a full pipeline.

@@ -138,3 +138,99 @@ async fn embedded_state_survives_kill_9_after_a_flush() {
     assert_eq!(&watcher.publish_msg().await.payload[..], b"online");
     drop(bridge);
 }
+
+/// A will waiting for its delay (MQTT 5) when mqbridge stops is saved with its session,
+/// and published after the restart, its delay counted from the restart: to subscribers
+/// and to the rules (the broker's timer task, started by `serve`, holds the hand-off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_pending_will_survives_a_restart() {
+    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, Packet};
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("broker.db");
+    let wills = dir.path().join("wills.db");
+    sqlite_create(&wills, "CREATE TABLE wills (device TEXT, state TEXT)").await;
+    let port = free_port();
+    let rest = format!(
+        r#"sinks:
+  wills: {{ type: sqlite, path: {}, table: wills }}
+rules:
+  - name: wills
+    from: ["gone/{{device}}"]
+    transform: '{{device: .vars.device, state: .payload.state}}'
+    to: [wills]"#,
+        wills.display()
+    );
+    let yaml = config(
+        port,
+        &format!(
+            "  persistence: {{ path: {}, flush_interval: 50ms }}",
+            state.display()
+        ),
+        &rest,
+    );
+    let bridge = start(port, &yaml).await;
+
+    // A device with a 3 s will delay and a session that outlives its connection, lost.
+    let mut opts = rumqttc::v5::MqttOptions::new("d1", "127.0.0.1", port);
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(600));
+    opts.set_last_will(LastWill::new(
+        "gone/d1",
+        r#"{"state": "offline"}"#,
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        Some(LastWillProperties {
+            delay_interval: Some(3),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    ));
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 10);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(
+            eventloop.poll().await.unwrap(),
+            rumqttc::v5::Event::Incoming(Packet::ConnAck(_))
+        ) {}
+    })
+    .await
+    .expect("connected");
+    drop((client, eventloop)); // the connection closes without a DISCONNECT
+    eventually(Duration::from_secs(10), "the will saved", async || {
+        (sqlite_count(&state, "session_wills").await == 1).then_some(())
+    })
+    .await;
+    bridge.stop().await.unwrap();
+    assert_eq!(sqlite_count(&wills, "wills").await, 0, "not published yet");
+
+    let restarted = std::time::Instant::now();
+    let bridge = start(port, &yaml).await;
+    let mut watcher = V4::connect(port, "watcher", true, None).await;
+    watcher
+        .subscribe_acked("gone/#", rumqttc::QoS::AtLeastOnce)
+        .await;
+    let will = watcher.publish_msg().await;
+    let waited = restarted.elapsed();
+    assert_eq!(will.topic, "gone/d1");
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "published {waited:?} after the restart, not before its delay"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the will in the rules' table",
+        async || (sqlite_count(&wills, "wills").await == 1).then_some(()),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the will gone from the state",
+        async || (sqlite_count(&state, "session_wills").await == 0).then_some(()),
+    )
+    .await;
+    bridge.stop().await.unwrap();
+}

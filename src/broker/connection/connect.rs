@@ -214,26 +214,41 @@ impl Conn {
             version,
             since: jiff::Timestamp::now(),
         };
-        let (session_present, resend) = {
+        let (session_present, resend, ended_will) = {
             let mut state = shared.change();
-            let existing = state.remove_session(&client_id);
-            if let Some(link) = existing.as_ref().and_then(|s| s.link.as_ref()) {
-                link.signal.take_over();
-            }
+            // A session of this client id: taken over from its connection, or offline
+            // with its expiry and maybe a will pending, which this connection cancels
+            // ([MQTT-3.1.3-9]) or, when it ends the session, publishes. (One whose
+            // expiry passed a moment ago, before the timers removed it, has ended.)
+            let (existing, ended_will) = match state.remove_session(&client_id) {
+                Some(mut old) => {
+                    shared.timers.disarm(&mut old);
+                    let expired = old.ends_at.is_some_and(|t| t <= Instant::now());
+                    let resume = !c.clean_start && !expired;
+                    if let Some(link) = &old.link {
+                        link.signal.take_over(resume);
+                    }
+                    let will = old.reconnected().filter(|_| !resume);
+                    (Some(old).filter(|_| resume), will)
+                }
+                None => (None, None),
+            };
             let (mut session, present) = match existing {
-                Some(s) if !c.clean_start => (s, true),
-                _ => (Box::new(Session::new(c.session_expiry)), false),
+                Some(s) => (s, true),
+                None => (Box::new(Session::new(c.session_expiry)), false),
             };
             session.expiry = expiry;
             session.touch();
-            // Unique across sessions, so a timer of an earlier session never matches.
-            session.generation = conn_id;
             session.link = Some(link);
             session.username = username.clone();
             let resend = session.resend();
             state.insert_session(client_id.clone(), session);
-            (present, resend)
+            (present, resend, ended_will)
         };
+        // Outside the state lock, which routing takes.
+        if let Some(will) = ended_will {
+            super::end::publish_will(shared, &client_id, will, Some(&handoff));
+        }
 
         let properties = (version == Version::V5).then(|| ConnAckProperties {
             session_expiry_interval: granted_expiry,

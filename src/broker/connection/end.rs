@@ -1,9 +1,11 @@
 //! The end of a connection: the will (sent unless the client disconnected normally or
-//! mqbridge is shutting down; delayed by its will delay), detaching the session from
-//! this connection, and removing it once its expiry has passed.
+//! mqbridge is shutting down), detaching the session from this connection or removing
+//! it (expiry 0). A will delay and a session expiry are left to the broker's timers
+//! ([`crate::broker::timers`]).
 
 use std::sync::Arc;
-use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::inbound::{SOURCE, message, stored};
 use super::{Conn, End, ProtocolError};
@@ -35,7 +37,9 @@ impl Conn {
         })
     }
 
-    /// After the loop: the will, and detaching (or dropping) the session.
+    /// After the loop: the will, and detaching (or dropping) the session. A will with a
+    /// delay waits in the session for the broker's timers ([`crate::broker::timers`]),
+    /// as does the session's expiry.
     pub(super) async fn finish(&mut self, end: &End) {
         let send_will = match end {
             End::Disconnected { send_will } => *send_will,
@@ -47,8 +51,7 @@ impl Conn {
             .will
             .take()
             .filter(|w| send_will && self.shared.auth().can_publish(self.identity(), &w.topic));
-        let mut delayed = None;
-        {
+        let due_now = {
             let mut state = self.shared.change();
             let mine = state
                 .sessions
@@ -56,76 +59,40 @@ impl Conn {
                 .is_some_and(|s| s.link.as_ref().is_some_and(|l| l.conn_id == self.conn_id));
             if mine {
                 let s = state.sessions.get_mut(&self.client_id).expect("checked");
-                s.link = None;
-                let (expiry, generation) = (s.expiry, s.generation);
-                if expiry == 0 {
+                let due_now = s.detach(Instant::now(), will);
+                if s.expiry == 0 {
                     state.remove_session(&self.client_id);
-                } else if expiry != u32::MAX {
-                    schedule_expiry(&self.shared, &self.client_id, generation, expiry);
+                } else {
+                    self.shared.timers.arm(&self.client_id, s);
                 }
-                if let Some(w) = &will
-                    && w.delay > 0
-                    && expiry > 0
-                {
-                    delayed = Some((generation, w.delay.min(expiry)));
-                }
+                due_now
+            } else if self.outbound.signal.resumed() {
+                // Another connection resumed the session before this one closed: the
+                // will is not published ([MQTT-3.1.3-9]).
+                None
+            } else {
+                // Taken over by a clean start: the session has ended.
+                will
             }
-        }
-        if let Some(w) = will {
-            match delayed {
-                Some((generation, secs)) => {
-                    let shared = Arc::clone(&self.shared);
-                    let client_id = self.client_id.clone();
-                    // Weak: a pending will must not keep the pipeline open at shutdown.
-                    let handoff = self.inbound.intake.handoff().map(Handoff::downgrade);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(secs as u64)).await;
-                        let reconnected = shared
-                            .lock()
-                            .sessions
-                            .get(&client_id)
-                            .is_some_and(|s| s.generation != generation);
-                        if !reconnected {
-                            let handoff = handoff.and_then(|h| h.upgrade());
-                            publish_will(&shared, &client_id, w, handoff.as_ref());
-                        }
-                    });
-                }
-                None => publish_will(
-                    &self.shared,
-                    &self.client_id,
-                    w,
-                    self.inbound.intake.handoff(),
-                ),
-            }
+        };
+        if let Some(w) = due_now {
+            publish_will(
+                &self.shared,
+                &self.client_id,
+                w,
+                self.inbound.intake.handoff(),
+            );
         }
     }
 }
 
-/// Removes a session still offline after `expiry` seconds.
-pub(in crate::broker) fn schedule_expiry(
-    shared: &Arc<Shared>,
-    client_id: &str,
-    generation: u64,
-    expiry: u32,
-) {
-    let shared = Arc::clone(shared);
-    let client_id = client_id.to_string();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(expiry as u64)).await;
-        let mut state = shared.change();
-        if state
-            .sessions
-            .get(&client_id)
-            .is_some_and(|s| s.generation == generation && s.link.is_none())
-        {
-            state.remove_session(&client_id);
-        }
-    });
-}
-
 /// Publishes a will message to subscribers and the rules (no one to acknowledge).
-fn publish_will(shared: &Arc<Shared>, client_id: &str, w: Box<Will>, handoff: Option<&Handoff>) {
+pub(in crate::broker) fn publish_will(
+    shared: &Shared,
+    client_id: &str,
+    w: Box<Will>,
+    handoff: Option<&Handoff>,
+) {
     let p = Publish {
         dup: false,
         qos: w.qos,

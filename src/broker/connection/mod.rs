@@ -61,7 +61,7 @@ use super::codec::{self, Outgoing, Version, Will};
 use super::listener::{StreamReader, Transport};
 use super::session::{Session, Signal};
 use crate::source::intake::Handoff;
-pub(super) use end::schedule_expiry;
+pub(super) use end::publish_will;
 use error::ProtocolError;
 use inbound::FromClient;
 use outbound::{ToClient, write_loop};

@@ -40,6 +40,8 @@ struct TestBroker {
     pipeline: mpsc::Receiver<Message>,
     stop: CancellationToken,
     done: CancellationToken,
+    /// The broker's timer task (session expiry, delayed wills), as `serve` runs it.
+    timers: JoinHandle<()>,
 }
 
 /// A broker with the `embedded:` settings `settings` (indented lines), anonymous clients
@@ -58,12 +60,20 @@ async fn broker(settings: &str) -> TestBroker {
         .expect("embedded");
     let shared = Broker::open(plan).await.unwrap().shared;
     let (out, pipeline) = mpsc::channel(16);
+    let handoff = Handoff::new(out);
+    let stop = CancellationToken::new();
+    let timers = tokio::spawn(crate::broker::timers::run(
+        Arc::clone(&shared),
+        handoff.clone(),
+        stop.clone(),
+    ));
     TestBroker {
         shared,
-        handoff: Handoff::new(out),
+        handoff,
         pipeline,
-        stop: CancellationToken::new(),
+        stop,
         done: CancellationToken::new(),
+        timers,
     }
 }
 
@@ -138,6 +148,10 @@ struct Hello<'a> {
     will: Option<&'a str>,
     /// 3.1.1 clean session / MQTT 5 clean start is the opposite.
     persistent: bool,
+    /// MQTT 5 session expiry interval (seconds).
+    session_expiry: Option<u32>,
+    /// MQTT 5 will delay interval (seconds).
+    will_delay: Option<u32>,
 }
 
 impl Hello<'_> {
@@ -168,11 +182,23 @@ impl Hello<'_> {
                     keep_alive: self.keep_alive,
                     client_id: self.client_id.into(),
                     clean_start: !self.persistent,
-                    properties: None,
+                    properties: self.session_expiry.map(|e| v5::ConnectProperties {
+                        session_expiry_interval: Some(e),
+                        ..v5::ConnectProperties::new()
+                    }),
                 };
+                let delay = self.will_delay.map(|d| v5::LastWillProperties {
+                    delay_interval: Some(d),
+                    payload_format_indicator: None,
+                    message_expiry_interval: None,
+                    content_type: None,
+                    response_topic: None,
+                    correlation_data: None,
+                    user_properties: Vec::new(),
+                });
                 let will = self
                     .will
-                    .map(|t| v5::LastWill::new(t, "gone", Qos5::AtMostOnce, false, None));
+                    .map(|t| v5::LastWill::new(t, "gone", Qos5::AtMostOnce, false, delay));
                 let login = self.login.map(|(u, p)| v5::Login::new(u, p));
                 v5::Packet::Connect(c, will, login)
                     .write(&mut buf, None)
@@ -322,11 +348,33 @@ impl Client {
             .unwrap();
     }
 
+    /// The client's end goes away without a DISCONNECT; returns once the broker has ended
+    /// the connection (its will and its session's deadlines are settled).
+    async fn lose(self) {
+        drop(self.io);
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("the connection task ends")
+            .unwrap();
+    }
+
     /// PINGREQ, and its PINGRESP as the very next packet: everything the broker did for
     /// the packets before it is done, and it sent nothing else meanwhile.
     async fn ping(&mut self) {
         self.send(&[0xC0, 0]).await;
         assert_eq!(self.recv().await, Got::PingResp, "nothing before PINGRESP");
+    }
+}
+
+/// Waits, in steps of 10 ms, until `f` holds, for at most [`DEADLINE`].
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within the deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -922,3 +970,5 @@ async fn a_connection_without_a_connect_is_closed_after_connect_timeout() {
     );
     ok.ping().await;
 }
+
+mod timers;
