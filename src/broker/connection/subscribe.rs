@@ -3,6 +3,8 @@
 //! (`$share/GROUP/filter`), and the retained messages a new subscription receives.
 
 use super::{Conn, ProtocolError};
+use crate::broker::auth::Identity;
+use crate::broker::auth::chain::Subscribed;
 use crate::broker::codec::{Outgoing, SubscribeFilter, Version};
 use crate::broker::session::{Outbound, Subscription};
 use crate::topic::validate_filter;
@@ -41,11 +43,22 @@ impl Conn {
                 codes.push(if v5 { 0x8F } else { 0x80 });
                 continue;
             }
-            if !self.shared.auth().can_subscribe(self.identity(), &filter) {
-                tracing::info!(client_id = %self.client_id, %filter, "embedded broker: subscription refused by the ACL");
-                codes.push(if v5 { 0x87 } else { 0x80 });
-                continue;
-            }
+            let auth = self.shared.auth();
+            self.ensure_grants(&auth);
+            let who = Identity {
+                username: self.username.as_deref(),
+                client_id: &self.client_id,
+            };
+            let grants = self.grants.as_deref_mut();
+            let granted = match auth.may_subscribe(grants, who, &filter, f.qos).await {
+                Subscribed::Refused => {
+                    tracing::info!(client_id = %self.client_id, %filter, "embedded broker: subscription refused by the ACL");
+                    codes.push(if v5 { 0x87 } else { 0x80 });
+                    continue;
+                }
+                Subscribed::Whole => true,
+                Subscribed::Local => false,
+            };
             let sub = Subscription {
                 filter: filter.clone(),
                 share: share.clone(),
@@ -53,6 +66,7 @@ impl Conn {
                 no_local: f.no_local,
                 retain_as_published: f.retain_as_published,
                 id,
+                granted,
             };
             let mut state = self.shared.change();
             let max = self.shared.plan.max_subscriptions;
@@ -70,9 +84,8 @@ impl Conn {
             let send_retained =
                 share.is_none() && (f.retain_handling == 0 || (f.retain_handling == 1 && !existed));
             if send_retained {
-                let auth = self.shared.auth();
                 for m in state.retained.matching(&filter) {
-                    if !auth.can_receive(self.identity(), &m.topic) {
+                    if !granted && !auth.can_receive(self.identity(), &m.topic) {
                         continue;
                     }
                     retained.push(Outbound {
