@@ -19,6 +19,16 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEeCSQmhuOj1az5p3QDP0FgaiV1Bst
 wEoL1Xt2aOHYFxoFe2DKwdFxgbboyeFgJxTN3ZkX6loPiZfH/XPNon7z5w==
 -----END PUBLIC KEY-----
 ";
+const RSA_PUBLIC_KEY: &str = "-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAvV5JuoY8CrSIPpHz+xEx
+vaUiX/3FhqrX3svz/kbKNiMjjdpPCWsNO2DJQ/GQRWCMj7sOIAWVZzR59mHE3zc2
+rjEROO1FZfO3G5p+gjTPGQLP+AOCyIAdvb1jTiPcSFnBJZHozdTEYbd/ryQJB86k
+Xw3yzjd6hcI2iDjQoi8wjXw7PdTMkw/wvlQdh5sDCmv8+D4462VRSCUPibnjJWr6
+wsL7h5KRmaYu3tiI56UoHy1zNhS2qnImqZqNVYDj1zEqw2mS3g4hos6Ht/vPeOUt
+XRwG2PberjHPwy660bZh+7m2oCUoeK+Nqa0DU1SfP3Ne6sR6jW+euPJNstBp3wL6
+qQIDAQAB
+-----END PUBLIC KEY-----
+";
 const ED25519_PUBLIC_KEY: &str = "-----BEGIN PUBLIC KEY-----
 MCowBQYDK2VwAyEAreu64Gr7boo6qowrzYhgBffyxnAQyq0x2V8lq9xGXak=
 -----END PUBLIC KEY-----
@@ -199,5 +209,33 @@ fn public_keys_and_key_sets_are_read_from_their_files() {
     ] {
         let errs = jwt(&key).unwrap_err().to_string();
         assert!(errs.contains(message), "{key}: {errs}");
+    }
+}
+
+/// The YAML block after `<!-- MARKER -->` in `doc`.
+fn block<'a>(doc: &'a str, marker: &str) -> &'a str {
+    let after = &doc[doc.find(marker).unwrap_or_else(|| panic!("{marker}"))..];
+    let start = after.find("```yaml\n").unwrap() + "```yaml\n".len();
+    let len = after[start..].find("```").unwrap();
+    &after[start..start + len]
+}
+
+#[test]
+fn the_readme_and_migration_examples_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("issuer.pem");
+    std::fs::write(&key, RSA_PUBLIC_KEY).unwrap();
+    let readme = include_str!("../../../README.md");
+    let migrate = include_str!("../../../docs/migrate.md");
+    for (doc, marker) in [
+        (readme, "<!-- auth-example: http -->"),
+        (readme, "<!-- auth-example: jwt -->"),
+        (migrate, "<!-- emqx-example: mqbridge -->"),
+    ] {
+        let text =
+            block(doc, marker).replace("/etc/mqbridge/jwt-issuer.pem", &key.display().to_string());
+        if let Err(e) = parse(&text, "example.yaml", env) {
+            panic!("{marker}: {e}");
+        }
     }
 }
