@@ -86,7 +86,7 @@ impl HttpAuth {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("mqbridge/", env!("CARGO_PKG_VERSION")))
             .build()
-            .unwrap_or_default();
+            .expect("an HTTP client with rustls and the ring provider builds");
         HttpAuth {
             client,
             authentication,

@@ -56,7 +56,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::auth::chain::Grants;
+use super::auth::chain::{Grants, Subscribed};
 use super::auth::{Auth, Identity};
 use super::codec::{self, Outgoing, Version, Will};
 use super::listener::{StreamReader, Transport};
@@ -369,7 +369,9 @@ impl Conn {
     }
 
     /// May this client publish on `topic` (a PUBLISH or its will)? See
-    /// [`crate::broker::auth::chain`].
+    /// [`crate::broker::auth::chain`]. Without `embedded.auth`, the local ACL answers at
+    /// once; with it, the chain runs boxed, so that its state (an HTTP request's) is no
+    /// part of every connection's task.
     async fn may_publish(&mut self, topic: &str, qos: u8, retain: bool) -> bool {
         let auth = self.shared.auth();
         self.ensure_grants(&auth);
@@ -377,8 +379,25 @@ impl Conn {
             username: self.username.as_deref(),
             client_id: &self.client_id,
         };
-        let grants = self.grants.as_deref_mut();
-        auth.may_publish(grants, who, topic, qos, retain).await
+        match self.grants.as_deref_mut() {
+            None => auth.can_publish(who, topic),
+            Some(g) => Box::pin(auth.may_publish(Some(g), who, topic, qos, retain)).await,
+        }
+    }
+
+    /// How a SUBSCRIBE to `filter` at `qos` is decided, as [`Conn::may_publish`].
+    async fn may_subscribe(&mut self, filter: &str, qos: u8) -> Subscribed {
+        let auth = self.shared.auth();
+        self.ensure_grants(&auth);
+        let who = Identity {
+            username: self.username.as_deref(),
+            client_id: &self.client_id,
+        };
+        match self.grants.as_deref_mut() {
+            None if auth.can_subscribe(who, filter) => Subscribed::Local,
+            None => Subscribed::Refused,
+            Some(g) => Box::pin(auth.may_subscribe(Some(g), who, filter, qos)).await,
+        }
     }
 
     fn with_session<T>(&self, f: impl FnOnce(&mut Session) -> T) -> Option<T> {

@@ -3,7 +3,6 @@
 //! (`$share/GROUP/filter`), and the retained messages a new subscription receives.
 
 use super::{Conn, ProtocolError};
-use crate::broker::auth::Identity;
 use crate::broker::auth::chain::Subscribed;
 use crate::broker::codec::{Outgoing, SubscribeFilter, Version};
 use crate::broker::session::{Outbound, Subscription};
@@ -43,14 +42,7 @@ impl Conn {
                 codes.push(if v5 { 0x8F } else { 0x80 });
                 continue;
             }
-            let auth = self.shared.auth();
-            self.ensure_grants(&auth);
-            let who = Identity {
-                username: self.username.as_deref(),
-                client_id: &self.client_id,
-            };
-            let grants = self.grants.as_deref_mut();
-            let granted = match auth.may_subscribe(grants, who, &filter, f.qos).await {
+            let granted = match self.may_subscribe(&filter, f.qos).await {
                 Subscribed::Refused => {
                     tracing::info!(client_id = %self.client_id, %filter, "embedded broker: subscription refused by the ACL");
                     codes.push(if v5 { 0x87 } else { 0x80 });
@@ -84,6 +76,7 @@ impl Conn {
             let send_retained =
                 share.is_none() && (f.retain_handling == 0 || (f.retain_handling == 1 && !existed));
             if send_retained {
+                let auth = self.shared.auth();
                 for m in state.retained.matching(&filter) {
                     if !granted && !auth.can_receive(self.identity(), &m.topic) {
                         continue;
