@@ -46,6 +46,7 @@ fn index(filters: &[String]) -> Index {
             no_local: false,
             retain_as_published: false,
             id: None,
+            granted: false,
         };
         index.insert(&format!("c{i}"), filter, &sub, Receive::All);
     }

@@ -49,6 +49,10 @@
 //!   `/metrics` is scraped. `admin` also reads the embedded broker (`/api/v1/clients`),
 //!   which `app` hands it.
 //!
+//! - Small pieces shared across components: [`der`] (a few lines of DER, for certificate
+//!   names and public keys) and [`http_client`] (how an HTTP client shows a URL and an
+//!   error: the webhook sink and the broker's HTTP authenticator).
+//!
 //! Dependencies point one way (no cycles): `app` imports the components (`source`,
 //! `broker`, `spool`, `pipeline`, `sink`, `admin`); they import `config`, which hands
 //! them their settings as values; and any of them may import the pure pieces: `rule`,
@@ -59,9 +63,11 @@ pub mod app;
 pub mod broker;
 pub mod config;
 pub mod delivery;
+pub mod der;
 pub mod dryrun;
 pub mod eval_pool;
 pub mod health;
+pub mod http_client;
 pub mod message;
 pub mod mqtt;
 pub mod pipeline;

@@ -227,6 +227,7 @@ impl<'a> Reloader<'a> {
                 embedded.users.clone(),
                 embedded.allow_anonymous,
                 embedded.acl.clone(),
+                &embedded.auth,
             );
         }
         let needs_restart = fingerprint::changed(&self.restart_only, &plan.restart_only);

@@ -23,13 +23,25 @@
 //! decide something for the topics it matches. Most subscriptions overlap no deny rule
 //! and are checked for nothing ([`Receive::All`]); one to `#` beside `deny secret/#`
 //! keeps that one exclusion to test each message against.
+//!
+//! **`embedded.auth`** adds sources asked before these: JSON Web Tokens ([`jwt`]) and an
+//! HTTP service ([`http`]), each of which may hand the client an ACL of its own
+//! ([`client_acl`]). [`chain`] says in which order they are asked and how "ignore" falls
+//! through to the users and the ACL above.
 
+pub mod chain;
+pub mod client_acl;
+pub mod http;
+pub mod jwt;
 pub mod mosquitto;
+
+use std::sync::Arc;
 
 use std::collections::HashMap;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
+use crate::config::auth::AuthPlan;
 use crate::config::{Acl, AclRule, Credential};
 use crate::topic::{covers, filter_matches, overlaps};
 use mosquitto::Op;
@@ -40,6 +52,10 @@ pub struct Auth {
     users: HashMap<String, Credential>,
     pub allow_anonymous: bool,
     acl: Acl,
+    /// `embedded.auth.http`; None: not configured.
+    http: Option<Arc<http::HttpAuth>>,
+    /// `embedded.auth.jwt`; None: not configured.
+    jwt: Option<Arc<jwt::Jwt>>,
 }
 
 /// The client a request comes from, as the ACL sees it.
@@ -160,7 +176,21 @@ impl Auth {
             users: users.into_iter().collect(),
             allow_anonymous,
             acl,
+            http: None,
+            jwt: None,
         }
+    }
+
+    /// These users and ACL with the sources of `embedded.auth` before them.
+    pub fn with(mut self, plan: &AuthPlan) -> Auth {
+        if plan.http_authentication.is_some() || plan.http_authorization.is_some() {
+            self.http = Some(Arc::new(http::HttpAuth::new(
+                plan.http_authentication.clone(),
+                plan.http_authorization.clone(),
+            )));
+        }
+        self.jwt = plan.jwt.clone().map(|j| Arc::new(jwt::Jwt::new(j)));
+        self
     }
 
     /// Checks a CONNECT's credentials. Slow by design (argon2): call off the async threads.

@@ -18,6 +18,7 @@ use rustls::server::danger::ClientCertVerifier;
 use super::listener::ListenError;
 use crate::config::plan::ClientAuthPlan;
 use crate::config::raw::CertName;
+use crate::der::element as der;
 
 /// Who a TLS handshake says the client is, for its CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,27 +111,6 @@ fn common_name(subject: &[u8]) -> Option<String> {
         }
     }
     None
-}
-
-/// One DER element of `input`: its tag, its contents, and what follows it.
-fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let (bytes, rest) = rest.split_at(n);
-        let len = bytes.iter().fold(0usize, |l, &b| (l << 8) | b as usize);
-        (len, rest)
-    };
-    (rest.len() >= len).then(|| {
-        let (contents, rest) = rest.split_at(len);
-        (tag, contents, rest)
-    })
 }
 
 /// A directory string as text: UTF8String, PrintableString, IA5String, a TeletexString

@@ -168,6 +168,7 @@ mod tests {
             no_local: false,
             retain_as_published: false,
             id: None,
+            granted: false,
         }
     }
 

@@ -13,7 +13,8 @@
 //! - [`codec`]: framing, version detection on the CONNECT, decode/encode through
 //!   rumqttc's packet codecs into one normalized packet enum.
 //! - [`auth`]: users (argon2 hashes, or a Mosquitto password file's) and the ACL (ordered
-//!   rules, or a Mosquitto ACL file).
+//!   rules, or a Mosquitto ACL file); before them, with `embedded.auth`, JSON Web Tokens
+//!   and an HTTP service (EMQX's shape), composed as [`auth::chain`] says.
 //! - [`listener`]: TCP, TLS and WebSocket listeners, each giving a byte stream;
 //!   [`client_cert`]: mutual TLS, and the username a client certificate gives.
 //! - `connection`: the per-client task.
@@ -66,6 +67,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::auth::AuthPlan;
 use crate::config::{Acl, Credential, EmbeddedPlan};
 use crate::source::Source;
 use crate::source::intake::Handoff;
@@ -135,7 +137,8 @@ impl Broker {
             }
             None => (None, Router::default()),
         };
-        let auth = Auth::new(plan.users.clone(), plan.allow_anonymous, plan.acl.clone());
+        let auth =
+            Auth::new(plan.users.clone(), plan.allow_anonymous, plan.acl.clone()).with(&plan.auth);
         let (max_connecting, connection_rate) = (plan.max_connecting, plan.connection_rate_per_ip);
         let broker = Broker {
             shared: Arc::new(Shared {
@@ -163,9 +166,18 @@ impl Broker {
     /// connected, and subscriptions made before keep what the old ACL allowed them to
     /// subscribe to (the ACL's `can_subscribe` applies when a subscription is made),
     /// though what each carries from now on follows the new ACL's `can_receive`
-    /// (decided again here for every subscription), queued messages excepted.
-    pub fn set_auth(&self, users: Vec<(String, Credential)>, allow_anonymous: bool, acl: Acl) {
-        let auth = Auth::new(users, allow_anonymous, acl);
+    /// (decided again here for every subscription), queued messages excepted. The same
+    /// goes for `embedded.auth` (`external`): its endpoints and keys apply from now on
+    /// (connections drop the HTTP answers they cached from the old ones), and what it
+    /// granted before stays granted while it is configured.
+    pub fn set_auth(
+        &self,
+        users: Vec<(String, Credential)>,
+        allow_anonymous: bool,
+        acl: Acl,
+        external: &AuthPlan,
+    ) {
+        let auth = Auth::new(users, allow_anonymous, acl).with(external);
         self.shared.state.set_auth(auth);
     }
 

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
-use super::auth::{Auth, Identity};
+use super::auth::{Auth, Identity, Receive};
 use super::index::{Fanout, Index};
 use super::retained::Retained;
 use super::session::{Outbound, Session, Stored, Subscription};
@@ -139,7 +139,7 @@ impl Change<'_> {
                 username: session.username.as_deref(),
                 client_id: &client_id,
             };
-            let receive = self.auth.receive(who, &sub.filter);
+            let receive = receive(&self.auth, who, sub);
             self.index.insert(&client_id, key, sub, receive);
         }
         self.router.sessions.insert(client_id, session);
@@ -163,7 +163,7 @@ impl Change<'_> {
             username: session.username.as_deref(),
             client_id,
         };
-        let receive = self.auth.receive(who, &sub.filter);
+        let receive = receive(&self.auth, who, &sub);
         let replaced = session.subscriptions.insert(key.clone(), sub.clone());
         if let Some(old) = &replaced {
             self.index.remove(client_id, &key, &old.filter);
@@ -191,6 +191,16 @@ impl Change<'_> {
         for (client_id, session) in sessions {
             self.insert_session(client_id, session);
         }
+    }
+}
+
+/// What `sub` of `who` may receive under `auth`: everything, when `embedded.auth`
+/// granted it whole and is still configured; else what the local ACL allows.
+fn receive(auth: &Auth, who: Identity, sub: &Subscription) -> Receive {
+    if sub.granted && auth.external() {
+        Receive::All
+    } else {
+        auth.receive(who, &sub.filter)
     }
 }
 
@@ -287,6 +297,7 @@ mod tests {
             no_local: false,
             retain_as_published: false,
             id: None,
+            granted: false,
         }
     }
 

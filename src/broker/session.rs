@@ -66,6 +66,10 @@ pub struct Subscription {
     pub no_local: bool,
     pub retain_as_published: bool,
     pub id: Option<usize>,
+    /// Granted whole by a source of `embedded.auth` (a token's ACL, the HTTP service):
+    /// it carries every message its filter matches while `embedded.auth` is configured.
+    /// False: the local ACL decides what it carries.
+    pub granted: bool,
 }
 
 /// An outbound QoS 1/2 message not yet acknowledged by the client.

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     no_local    INTEGER NOT NULL,
     retain_as_published INTEGER NOT NULL,
     id          INTEGER,
+    granted     INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (client_id, key)
 );
 CREATE TABLE IF NOT EXISTS session_messages (
@@ -162,6 +163,20 @@ impl Store {
             .execute(&mut conn)
             .await
             .map_err(|e| fail(e.into()))?;
+        // Files written before subscriptions could be granted by `embedded.auth`.
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('subscriptions')")
+                .fetch_all(&mut conn)
+                .await
+                .map_err(|e| fail(e.into()))?;
+        if !columns.iter().any(|c| c == "granted") {
+            sqlx::raw_sql(
+                "ALTER TABLE subscriptions ADD COLUMN granted INTEGER NOT NULL DEFAULT 0",
+            )
+            .execute(&mut conn)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        }
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
@@ -217,7 +232,7 @@ impl Store {
             );
         }
         for r in sqlx::query(
-            "SELECT client_id, key, filter, share, qos, no_local, retain_as_published, id FROM subscriptions",
+            "SELECT client_id, key, filter, share, qos, no_local, retain_as_published, id, granted FROM subscriptions",
         )
         .fetch_all(&mut self.conn)
         .await?
@@ -231,6 +246,7 @@ impl Store {
                         qos: r.get::<i64, _>("qos") as u8,
                         no_local: r.get("no_local"),
                         retain_as_published: r.get("retain_as_published"),
+                        granted: r.get("granted"),
                         id: r.get::<Option<i64>, _>("id").map(|i| i as usize),
                     },
                 ));
@@ -434,7 +450,7 @@ impl Store {
             .await?;
             for (key, sub) in &s.subscriptions {
                 sqlx::query(
-                    "INSERT INTO subscriptions (client_id, key, filter, share, qos, no_local, retain_as_published, id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO subscriptions (client_id, key, filter, share, qos, no_local, retain_as_published, id, granted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(id)
                 .bind(key)
@@ -444,6 +460,7 @@ impl Store {
                 .bind(sub.no_local)
                 .bind(sub.retain_as_published)
                 .bind(sub.id.map(|i| i as i64))
+                .bind(sub.granted)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -660,6 +677,7 @@ mod tests {
                 qos: 2,
                 no_local: false,
                 retain_as_published: true,
+                granted: false,
                 id: Some(4),
             },
         );

@@ -25,7 +25,8 @@ pub fn of(value: &impl Serialize) -> Fingerprint {
 
 /// The settings a reload cannot apply (they need a restart), by the name a warning gives
 /// them. The embedded broker's users, ACL and `allow_anonymous` (and `password_file` and
-/// `acl_file`, read again by each reload) are not among them: a reload applies those.
+/// `acl_file`, read again by each reload), and `auth` (its JWT key file read again too),
+/// are not among them: a reload applies those.
 pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
     let embedded = raw.embedded.as_ref();
     vec![

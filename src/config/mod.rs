@@ -18,6 +18,7 @@
 //! names; sinks and connections are built by `app`.
 
 pub mod admin;
+pub mod auth;
 pub mod env;
 pub mod fingerprint;
 pub mod locate;
@@ -210,6 +211,26 @@ fn read_auth_files(
         files.passwd = mosquitto::read_passwd(path)
             .map_err(|e| report("embedded.password_file", path, e))
             .ok();
+    }
+    let jwt = embedded.and_then(|e| e.auth.as_ref()?.jwt.as_ref());
+    let key_file = jwt.and_then(|j| {
+        [
+            ("secret_file", &j.secret_file),
+            ("public_key_file", &j.public_key_file),
+            ("jwks_file", &j.jwks_file),
+        ]
+        .into_iter()
+        .find_map(|(field, path)| Some((field, path.as_deref()?)))
+    });
+    if let Some((field, path)) = key_file {
+        match std::fs::read(path) {
+            Ok(bytes) => files.jwt_key = Some(bytes),
+            Err(e) => report(
+                &format!("embedded.auth.jwt.{field}"),
+                path,
+                FileError::Unreadable(e),
+            ),
+        }
     }
     if let Some(path) = embedded.and_then(|e| e.acl_file.as_deref()) {
         files.acl = mosquitto::read_acl(path)

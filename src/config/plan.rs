@@ -94,6 +94,8 @@ pub struct EmbeddedPlan {
     /// `users`, then those of `password_file`.
     pub users: Vec<(String, Credential)>,
     pub acl: Acl,
+    /// `auth`: the HTTP service and JWT keys, asked beside `users` and the ACL.
+    pub auth: super::auth::AuthPlan,
     /// Seconds; 0 = no limit.
     pub max_keepalive: u16,
     pub max_packet_size: usize,
@@ -193,6 +195,8 @@ impl Default for Acl {
 pub struct AuthFiles {
     pub passwd: Option<Vec<PasswdUser>>,
     pub acl: Option<MosquittoAcl>,
+    /// What `embedded.auth.jwt`'s `secret_file`, `public_key_file` or `jwks_file` holds.
+    pub jwt_key: Option<super::auth::JwtKeyFile>,
 }
 
 pub(super) type Errors = Vec<(String, String)>;
@@ -489,8 +493,24 @@ fn validate_embedded(
     errs: &mut Errors,
 ) -> Option<EmbeddedPlan> {
     let before = errs.len();
+    let jwt_key_file = e
+        .auth
+        .as_ref()
+        .and_then(|a| a.jwt.as_ref())
+        .is_some_and(|j| {
+            j.secret_file.is_some() || j.public_key_file.is_some() || j.jwks_file.is_some()
+        });
     let unread = (e.password_file.is_some() && files.passwd.is_none())
-        || (e.acl_file.is_some() && files.acl.is_none());
+        || (e.acl_file.is_some() && files.acl.is_none())
+        || (jwt_key_file && files.jwt_key.is_none());
+    let auth = match &e.auth {
+        Some(a) => super::auth::validate_auth(a, files.jwt_key, errs),
+        None => Some(super::auth::AuthPlan::default()),
+    };
+    // Clients an HTTP service or a token lets in need no user entry.
+    let external_users = e.auth.as_ref().is_some_and(|a| {
+        a.jwt.is_some() || a.http.as_ref().is_some_and(|h| h.authentication.is_some())
+    });
     let listen = addresses(&e.listen, "embedded.listen", errs);
     let tls = e.tls.as_ref().map(|t| TlsPlan {
         listen: addresses(&t.listen, "embedded.tls.listen", errs),
@@ -562,7 +582,7 @@ fn validate_embedded(
                 None => users.push((u.username, Credential::Mosquitto(u.hash))),
             }
         }
-        if users.is_empty() && !e.allow_anonymous && !cert_users {
+        if users.is_empty() && !e.allow_anonymous && !cert_users && !external_users {
             errs.push((
                 "embedded.password_file".into(),
                 format!(
@@ -609,10 +629,15 @@ fn validate_embedded(
             subscribe: r.subscribe.clone(),
         });
     }
-    if e.users.is_empty() && e.password_file.is_none() && !e.allow_anonymous && !cert_users {
+    if e.users.is_empty()
+        && e.password_file.is_none()
+        && !e.allow_anonymous
+        && !cert_users
+        && !external_users
+    {
         errs.push((
             "embedded".into(),
-            "no client could connect: add `users:` or `password_file:`, set `allow_anonymous: true`, or name clients by their certificates (`tls.username_from`)".into(),
+            "no client could connect: add `users:` or `password_file:`, set `allow_anonymous: true`, name clients by their certificates (`tls.username_from`), or let `auth:` (an HTTP service, JWT) authenticate them".into(),
         ));
     }
     let keepalive = e.max_keepalive.0.as_secs();
@@ -704,6 +729,8 @@ fn validate_embedded(
             Some(file) => Acl::Mosquitto(Arc::new(file)),
             None => Acl::Rules(acl),
         },
+        // None only along with an error.
+        auth: auth.unwrap_or_default(),
         max_keepalive: keepalive.min(65535) as u16,
         max_packet_size: e.max_packet_size.0 as usize,
         max_connections: e.max_connections,

@@ -176,6 +176,11 @@ pub struct EmbeddedConfig {
     /// is granted while each message is delivered only where `read` allows it.
     #[serde(default)]
     pub acl_file: Option<PathBuf>,
+    /// Authentication and authorization beside `users`, `password_file` and the ACL: an
+    /// HTTP service and JSON Web Tokens, as EMQX's (see the README's "Embedded broker:
+    /// HTTP and JWT authentication").
+    #[serde(default)]
+    pub auth: Option<super::auth::AuthConfig>,
     /// Longest keepalive granted; MQTT 5 clients asking for more (or for none) are told
     /// this one. `0` = no limit.
     #[serde(default = "default_max_keepalive")]

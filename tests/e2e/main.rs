@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod dashboard;
 mod embedded;
+mod embedded_auth;
 mod embedded_limits;
 mod embedded_listeners;
 mod embedded_state;

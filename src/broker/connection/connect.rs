@@ -16,7 +16,8 @@ use super::inbound::{FromClient, TOPIC_ALIAS_MAX};
 use super::outbound::ToClient;
 use super::{Conn, ProtocolError, read_more, write_queue};
 use crate::broker::Shared;
-use crate::broker::auth::Login;
+use crate::broker::auth::chain::Grants;
+use crate::broker::auth::{Identity, Login};
 use crate::broker::client_cert::CertUser;
 use crate::broker::codec::{
     self, CodecError, ConnAckProperties, Connect, Outgoing, Packet, Version,
@@ -165,19 +166,24 @@ impl Conn {
         } else {
             c.client_id.clone()
         };
+        // With `embedded.auth`: what the login gave, for authorization.
+        let auth = shared.auth();
+        let mut grants = auth.external().then(|| Box::new(Grants::new(peer.ip())));
         let (username, login) = match cert {
             CertUser::Name(name) => (Some(name), Login::Ok),
             CertUser::Unnamed(from) => {
                 return Err(refused(ProtocolError::CertificateUnnamed(from)).await);
             }
             CertUser::None => {
-                let auth = shared.auth();
-                let (user, pass) = (c.username.clone(), c.password.clone());
-                let login = tokio::task::spawn_blocking(move || {
-                    auth.login(user.as_deref(), pass.as_deref())
-                })
-                .await
-                .map_err(ProtocolError::LoginFailed)?;
+                let who = Identity {
+                    username: c.username.as_deref(),
+                    client_id: &client_id,
+                };
+                let (login, given) = auth
+                    .authenticate(who, c.password.as_deref(), peer.ip())
+                    .await
+                    .map_err(ProtocolError::LoginFailed)?;
+                grants = given;
                 (c.username.clone(), login)
             }
         };
@@ -283,6 +289,7 @@ impl Conn {
             ),
             outbound: ToClient::new(signal, &c, plan.max_inflight),
             will: c.will.map(Box::new),
+            grants,
         };
         conn.send(Outgoing::ConnAck {
             session_present,

@@ -47,10 +47,10 @@ impl Conn {
             End::TakenOver => true,
             End::Shutdown => false,
         };
-        let will = self
-            .will
-            .take()
-            .filter(|w| send_will && self.shared.auth().can_publish(self.identity(), &w.topic));
+        let will = match self.will.take() {
+            Some(w) if send_will && self.may_publish(&w.topic, w.qos, w.retain).await => Some(w),
+            _ => None,
+        };
         let due_now = {
             let mut state = self.shared.change();
             let mine = state

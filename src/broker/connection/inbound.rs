@@ -175,7 +175,7 @@ impl Conn {
             self.inbound.qos2_pending_here.insert(p.pkid);
         }
 
-        if !self.shared.auth().can_publish(self.identity(), &p.topic) {
+        if !self.may_publish(&p.topic, p.qos, p.retain).await {
             self.refuse(&p);
             return Ok(());
         }

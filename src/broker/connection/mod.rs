@@ -56,7 +56,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::auth::Identity;
+use super::auth::chain::{Grants, Subscribed};
+use super::auth::{Auth, Identity};
 use super::codec::{self, Outgoing, Version, Will};
 use super::listener::{StreamReader, Transport};
 use super::session::{Session, Signal};
@@ -309,6 +310,9 @@ struct Conn {
     /// Sent when the connection ends other than by a normal DISCONNECT; taken by `finish`.
     /// Boxed: most clients have none, and every connection's task holds this field.
     will: Option<Box<Will>>,
+    /// What the login gave for authorization, and the HTTP answers cached, with
+    /// `embedded.auth`; None without it (boxed: most deployments have none).
+    grants: Option<Box<Grants>>,
     /// Encoded packets to the writer task ([`WRITE_QUEUE`] of them at most).
     wtx: write_queue::Sender,
     inbound: FromClient,
@@ -349,6 +353,50 @@ impl Conn {
         Identity {
             username: self.username.as_deref(),
             client_id: &self.client_id,
+        }
+    }
+
+    /// Makes the connection's [`Grants`] when a reload brought `embedded.auth` after this
+    /// client logged in (with where it connected from).
+    fn ensure_grants(&mut self, auth: &Auth) {
+        if self.grants.is_none() && auth.external() {
+            let peer = self.with_session(|s| s.link.as_ref().map(|l| l.peer.ip()));
+            let peer = peer
+                .flatten()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            self.grants = Some(Box::new(Grants::new(peer)));
+        }
+    }
+
+    /// May this client publish on `topic` (a PUBLISH or its will)? See
+    /// [`crate::broker::auth::chain`]. Without `embedded.auth`, the local ACL answers at
+    /// once; with it, the chain runs boxed, so that its state (an HTTP request's) is no
+    /// part of every connection's task.
+    async fn may_publish(&mut self, topic: &str, qos: u8, retain: bool) -> bool {
+        let auth = self.shared.auth();
+        self.ensure_grants(&auth);
+        let who = Identity {
+            username: self.username.as_deref(),
+            client_id: &self.client_id,
+        };
+        match self.grants.as_deref_mut() {
+            None => auth.can_publish(who, topic),
+            Some(g) => Box::pin(auth.may_publish(Some(g), who, topic, qos, retain)).await,
+        }
+    }
+
+    /// How a SUBSCRIBE to `filter` at `qos` is decided, as [`Conn::may_publish`].
+    async fn may_subscribe(&mut self, filter: &str, qos: u8) -> Subscribed {
+        let auth = self.shared.auth();
+        self.ensure_grants(&auth);
+        let who = Identity {
+            username: self.username.as_deref(),
+            client_id: &self.client_id,
+        };
+        match self.grants.as_deref_mut() {
+            None if auth.can_subscribe(who, filter) => Subscribed::Local,
+            None => Subscribed::Refused,
+            Some(g) => Box::pin(auth.may_subscribe(Some(g), who, filter, qos)).await,
         }
     }
 

@@ -3,6 +3,7 @@
 //! (`$share/GROUP/filter`), and the retained messages a new subscription receives.
 
 use super::{Conn, ProtocolError};
+use crate::broker::auth::chain::Subscribed;
 use crate::broker::codec::{Outgoing, SubscribeFilter, Version};
 use crate::broker::session::{Outbound, Subscription};
 use crate::topic::validate_filter;
@@ -41,11 +42,15 @@ impl Conn {
                 codes.push(if v5 { 0x8F } else { 0x80 });
                 continue;
             }
-            if !self.shared.auth().can_subscribe(self.identity(), &filter) {
-                tracing::info!(client_id = %self.client_id, %filter, "embedded broker: subscription refused by the ACL");
-                codes.push(if v5 { 0x87 } else { 0x80 });
-                continue;
-            }
+            let granted = match self.may_subscribe(&filter, f.qos).await {
+                Subscribed::Refused => {
+                    tracing::info!(client_id = %self.client_id, %filter, "embedded broker: subscription refused by the ACL");
+                    codes.push(if v5 { 0x87 } else { 0x80 });
+                    continue;
+                }
+                Subscribed::Whole => true,
+                Subscribed::Local => false,
+            };
             let sub = Subscription {
                 filter: filter.clone(),
                 share: share.clone(),
@@ -53,6 +58,7 @@ impl Conn {
                 no_local: f.no_local,
                 retain_as_published: f.retain_as_published,
                 id,
+                granted,
             };
             let mut state = self.shared.change();
             let max = self.shared.plan.max_subscriptions;
@@ -72,7 +78,7 @@ impl Conn {
             if send_retained {
                 let auth = self.shared.auth();
                 for m in state.retained.matching(&filter) {
-                    if !auth.can_receive(self.identity(), &m.topic) {
+                    if !granted && !auth.can_receive(self.identity(), &m.topic) {
                         continue;
                     }
                     retained.push(Outbound {

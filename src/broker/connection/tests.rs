@@ -453,6 +453,7 @@ async fn logins_after_set_auth_use_the_new_users() {
         )],
         false,
         crate::config::Acl::default(),
+        &Default::default(),
     );
     let mut c = b.open(Version::V5);
     c.send(&u.bytes(Version::V5)).await;

@@ -271,8 +271,9 @@ fn signature(
     None
 }
 
-/// Compiles `headers:`: those without problems.
-fn headers(headers: &Headers, problem: &mut impl FnMut(&str, String)) -> Vec<Header> {
+/// Compiles `headers:`: those without problems (also the HTTP authenticator's and
+/// authorizer's, [`crate::config::auth`]).
+pub(crate) fn headers(headers: &Headers, problem: &mut impl FnMut(&str, String)) -> Vec<Header> {
     let mut out = Vec::new();
     let mut seen: Vec<HeaderName> = Vec::new();
     for (name, value) in &headers.0 {
@@ -309,7 +310,7 @@ fn headers(headers: &Headers, problem: &mut impl FnMut(&str, String)) -> Vec<Hea
 }
 
 /// Compiles the URL template and checks that the scheme, host and port are literal.
-fn url(src: &str) -> Result<Template, String> {
+pub(crate) fn url(src: &str) -> Result<Template, String> {
     let template = Template::compile(src).map_err(|e| format!("template: {e}"))?;
     let literal_end = ["{{", "{%", "{#"]
         .iter()

@@ -6,13 +6,15 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
+use reqwest::StatusCode;
 use reqwest::header;
-use reqwest::{StatusCode, Url};
 
 use super::OpenError;
 use super::request::Request;
 use crate::config::sinks::webhook::{Method, Settings};
 use crate::config::units;
+pub(super) use crate::http_client::error_chain;
+use crate::http_client::redact;
 use crate::sink::{ErrorKind, SinkError};
 
 /// Characters of a response body quoted in an error.
@@ -116,20 +118,6 @@ impl Sender {
     }
 }
 
-fn redact(url: &Url) -> String {
-    let mut u = url.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    let query = u.query().is_some();
-    u.set_query(None);
-    u.set_fragment(None);
-    let mut s = u.to_string();
-    if query {
-        s.push_str("?…");
-    }
-    s
-}
-
 /// None when the status means delivered (2xx), else whether retrying can help.
 fn status_kind(status: StatusCode) -> Option<ErrorKind> {
     match status.as_u16() {
@@ -161,21 +149,6 @@ fn excerpt(body: &[u8]) -> String {
         .collect();
     if text.chars().nth(EXCERPT_CHARS).is_some() {
         out.push('…');
-    }
-    out
-}
-
-/// An error and its causes, e.g. `error sending request: client error (Connect): tcp
-/// connect error: Connection refused (os error 111)`.
-pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            let _ = write!(out, ": {text}");
-        }
-        source = s.source();
     }
     out
 }
