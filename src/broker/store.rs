@@ -348,6 +348,9 @@ impl Store {
         } else {
             router.retained.take_changes()
         };
+        // `$SYS` figures are made again at start: not kept.
+        c.retained
+            .retain(|(topic, _)| !crate::broker::sys::is_sys(topic));
         for (id, s) in router.sessions.iter_mut() {
             let dirty = s.take_dirty();
             if s.expiry == 0 {

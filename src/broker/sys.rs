@@ -5,7 +5,9 @@
 //! Each figure is a retained QoS 0 message, published when it changed since the last
 //! round (the version once). Clients read them like any topic, by subscribing to
 //! `$SYS/#` or below (a filter starting with a wildcard never matches a `$` topic); the
-//! ACL decides who may. No client may publish to a `$SYS` topic ([`is_sys`]).
+//! ACL decides who may. No client may publish to a `$SYS` topic ([`is_sys`]). They count
+//! among the retained messages, as in Mosquitto, but `persistence` does not keep them:
+//! they are made again at start.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -371,6 +371,7 @@ embedded:
   listen: 127.0.0.1:{mqtt_port}
   allow_anonymous: true
   acl: [{{ username: "*", action: deny, publish: ["secret/#"] }}]
+  sys_interval: 0s   # only what the clients did: no $SYS messages sent or retained
 sinks:
   out: {{ type: file, path: {out} }}
 rules:
