@@ -99,7 +99,7 @@ impl Conn {
     /// PUBREL: the QoS 2 exchange is complete.
     pub(super) async fn released(&mut self, pkid: u16) -> Result<(), ProtocolError> {
         self.with_session(|s| s.incoming_qos2.remove(&pkid));
-        self.send(Outgoing::PubComp { pkid }).await
+        self.send(Outgoing::PubComp { pkid, reason: 0 }).await
     }
 
     /// Sends the acknowledgements the intake released, in order.
