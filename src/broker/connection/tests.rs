@@ -433,6 +433,21 @@ async fn an_empty_client_id_needs_a_clean_session_on_3_1_1() {
     c.closed().await;
 }
 
+/// A client need not wait for the CONNACK (3.1.4 in both versions): what it sent with
+/// the CONNECT is handled without waiting for more input (it used to wait in the buffer).
+#[tokio::test]
+async fn packets_sent_with_the_connect_are_handled_at_once() {
+    let mut b = broker("").await;
+    for version in [Version::V311, Version::V5] {
+        let mut c = b.open(version);
+        let hello = Hello::new("eager").bytes(version);
+        c.send(&[hello, publish(version, "t/eager", 0, 0, None)].concat())
+            .await;
+        assert!(matches!(c.recv().await, Got::ConnAck { code: 0, .. }));
+        assert_eq!(b.message().await.topic, "t/eager");
+    }
+}
+
 #[tokio::test]
 async fn qos1_pubacks_wait_for_settlement_and_go_out_in_arrival_order() {
     let mut b = broker("").await;
