@@ -116,7 +116,8 @@ impl Conn {
         match packet {
             Packet::Connect(_) => return Err(ProtocolError::SecondConnect),
             Packet::ServerOnly(what) => return Err(ProtocolError::ServerPacket(what)),
-            Packet::Auth => return Err(ProtocolError::EnhancedAuthUnsupported),
+            // No CONNECT with an authentication method is accepted [MQTT-4.12.0-7].
+            Packet::Auth => return Err(ProtocolError::UnexpectedAuth),
             Packet::PingReq => self.send(Outgoing::PingResp).await?,
             Packet::Disconnect {
                 reason,

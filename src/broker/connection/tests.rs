@@ -131,6 +131,8 @@ struct Hello<'a> {
     will: Option<&'a str>,
     /// 3.1.1 clean session / MQTT 5 clean start is the opposite.
     persistent: bool,
+    /// MQTT 5 session expiry interval (absent: 0).
+    session_expiry: Option<u32>,
 }
 
 impl Hello<'_> {
@@ -157,11 +159,15 @@ impl Hello<'_> {
                 v4::Packet::Connect(c).write(&mut buf, usize::MAX).unwrap();
             }
             Version::V5 => {
+                let properties = self.session_expiry.map(|e| v5::ConnectProperties {
+                    session_expiry_interval: Some(e),
+                    ..v5::ConnectProperties::new()
+                });
                 let c = v5::Connect {
                     keep_alive: self.keep_alive,
                     client_id: self.client_id.into(),
                     clean_start: !self.persistent,
-                    properties: None,
+                    properties,
                 };
                 let will = self
                     .will
@@ -212,7 +218,7 @@ enum Got {
     Publish { topic: String, qos: u8 },
     PubAck { pkid: u16, reason: u8 },
     PubRec { pkid: u16, reason: u8 },
-    PubComp { pkid: u16 },
+    PubComp { pkid: u16, reason: u8 },
     SubAck { pkid: u16, codes: Vec<u8> },
     PingResp,
     Disconnect { reason: u8 },
@@ -248,9 +254,10 @@ fn parse(frame: BytesMut, version: Version) -> Got {
             let (pkid, reason) = ack(&mut body);
             Got::PubRec { pkid, reason }
         }
-        7 => Got::PubComp {
-            pkid: body.get_u16(),
-        },
+        7 => {
+            let (pkid, reason) = ack(&mut body);
+            Got::PubComp { pkid, reason }
+        }
         9 => {
             let pkid = body.get_u16();
             if version == Version::V5 {
@@ -531,7 +538,7 @@ async fn pubrel_gets_pubcomp_and_frees_the_packet_id() {
     b.message().await.ack.settle();
     assert_eq!(c.recv().await, Got::PubRec { pkid: 7, reason: 0 });
     c.send(&pubrel(7)).await;
-    assert_eq!(c.recv().await, Got::PubComp { pkid: 7 });
+    assert_eq!(c.recv().await, Got::PubComp { pkid: 7, reason: 0 });
     assert!(b.shared.lock().sessions["c"].incoming_qos2.is_empty());
     // The id is free: the same id is a new message.
     c.send(&publish(Version::V5, "t/b", 2, 7, None)).await;
@@ -837,3 +844,5 @@ async fn a_connection_without_a_connect_is_closed_after_connect_timeout() {
     );
     ok.ping().await;
 }
+
+mod conformance;
