@@ -37,15 +37,16 @@ pub(super) fn frame(frame: &[u8], version: Version) -> Result<(), CodecError> {
         )));
     }
     let body = frame.get(header..).unwrap_or_default();
-    let blocks = match kind {
-        1 => connect(body, version)?,
-        8 => {
-            subscription_options(body, version)?;
-            property_blocks(body, byte1)
-        }
-        _ => property_blocks(body, byte1),
+    let connect_blocks = if kind == 1 {
+        Some(connect(body, version)?)
+    } else {
+        None
     };
+    if kind == 8 {
+        subscription_options(body, version)?;
+    }
     if version == Version::V5 {
+        let blocks = connect_blocks.unwrap_or_else(|| property_blocks(body, byte1));
         for start in blocks.into_iter().flatten() {
             properties(body.get(start..).unwrap_or_default())?;
         }
