@@ -441,3 +441,29 @@ async fn a_packet_larger_than_the_maximum_packet_size_is_disconnect_0x95() {
     b.no_message();
     other.ping().await;
 }
+
+/// A packet only a server sends (CONNACK, SUBACK, UNSUBACK, PINGRESP) is a protocol
+/// error from a client.
+#[tokio::test]
+async fn a_packet_only_a_server_sends_is_a_protocol_error() {
+    let b = broker("").await;
+    let mut other = bystander(&b).await;
+    #[rustfmt::skip]
+    let cases: [(Version, &[u8]); 8] = [
+        (Version::V5, &[0x20, 3, 0, 0, 0]),
+        (Version::V5, &[0x90, 4, 0, 1, 0, 0]),
+        (Version::V5, &[0xB0, 4, 0, 1, 0, 0]),
+        (Version::V5, &[0xD0, 0]),
+        (Version::V311, &[0x20, 2, 0, 0]),
+        (Version::V311, &[0x90, 3, 0, 1, 0]),
+        (Version::V311, &[0xB0, 2, 0, 1]),
+        (Version::V311, &[0xD0, 0]),
+    ];
+    for (version, bytes) in cases {
+        let mut c = b.connect(version, Hello::new("c")).await;
+        c.ping().await;
+        c.send(bytes).await;
+        closed_with(c, 0x82).await;
+        other.ping().await;
+    }
+}
