@@ -266,6 +266,27 @@ pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// Validates a SUBSCRIBE's or UNSUBSCRIBE's filter, which may name a share group
+/// (`$share/GROUP/filter`): returns the group and the filter. The group is not empty and
+/// holds no `/`, `+` or `#` (MQTT 5.0 [MQTT-4.8.2-1], [MQTT-4.8.2-2]); U+0000 anywhere is
+/// [`TopicError::Nul`].
+pub fn split_shared(filter: &str) -> Result<(Option<&str>, &str), TopicError> {
+    if filter.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    let (group, filter) = match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((group, filter)) if !group.is_empty() && !group.contains(['+', '#']) => {
+                (Some(group), filter)
+            }
+            _ => return Err(TopicError::InvalidShareGroup),
+        },
+        None => (None, filter),
+    };
+    validate_filter(filter)?;
+    Ok((group, filter))
+}
+
 /// Spec matcher on plain strings, no allocation: does MQTT `filter` match topic
 /// `name`? Assumes both are valid.
 pub fn filter_matches(filter: &str, name: &str) -> bool {
@@ -563,6 +584,27 @@ mod tests {
             assert_eq!(f.shared(bad), Err(TopicError::InvalidShareGroup), "{bad}");
         }
         assert_eq!(f.shared("a\0"), Err(TopicError::Nul));
+    }
+
+    #[test]
+    fn a_clients_filter_is_split_from_its_share_group() {
+        use TopicError::*;
+        for (filter, want) in [
+            ("a/+/#", Ok((None, "a/+/#"))),
+            ("$share/g/a/#", Ok((Some("g"), "a/#"))),
+            ("$share/g//", Ok((Some("g"), "/"))),
+            ("$shared/a", Ok((None, "$shared/a"))),
+            ("$share//a", Err(InvalidShareGroup)),
+            ("$share/g", Err(InvalidShareGroup)),
+            ("$share/g+/a", Err(InvalidShareGroup)),
+            ("$share/#/a", Err(InvalidShareGroup)),
+            ("$share/g/", Err(EmptyFilter)),
+            ("$share/g/a#", Err(HashNotWholeLevel)),
+            ("$share/g\0/a", Err(Nul)),
+            ("a/\0", Err(Nul)),
+        ] {
+            assert_eq!(split_shared(filter), want, "{filter:?}");
+        }
     }
 
     /// Deliberately simple reference matcher over level slices (without the '$' rule).

@@ -3,11 +3,12 @@
 //!
 //! Decoding uses rumqttc's codecs (`mqttbytes::v4` and `v5::mqttbytes::v5`); the version
 //! comes from the CONNECT's protocol level, read here before either codec sees it. On
-//! top of the codecs this module checks what they let through: reserved fixed-header
-//! flags, the CONNECT reserved flag, UTF-8 topics, a zero-length v5 DISCONNECT (which
-//! rumqttc rejects although it is valid); `strict` checks the rest of what the
-//! specifications require (`docs/conformance.md`). Encoding of the small server packets is done
-//! here by hand (a few bytes each); PUBLISH and the v5 CONNACK use rumqttc's writers.
+//! top of the codecs this module frames packets (variable byte integers in their
+//! shortest form), checks UTF-8 topics, and decodes what rumqttc's v5 decoder cannot: a
+//! DISCONNECT without reason code or properties, and AUTH; `strict` checks the rest of
+//! what the specifications require (`docs/conformance.md`). Encoding of the small server
+//! packets is done here by hand (a few bytes each); PUBLISH and the v5 CONNACK use
+//! rumqttc's writers.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
@@ -160,8 +161,10 @@ pub enum Outgoing {
     PubRel {
         pkid: u16,
     },
+    /// `reason`: 0, or (MQTT 5) 0x92 for a PUBREL of an unknown packet identifier.
     PubComp {
         pkid: u16,
+        reason: u8,
     },
     SubAck {
         pkid: u16,
@@ -187,7 +190,9 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
 }
 
 /// The variable byte integer `bytes` start with: its value and its length in bytes;
-/// None when `bytes` end first.
+/// None when `bytes` end first. It uses the fewest bytes its value needs [MQTT-1.5.5-1]
+/// (the same encoding as 3.1.1's remaining length): a last byte of 0 after others is
+/// refused.
 fn var_int(bytes: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
     let mut value = 0usize;
     for i in 0..4 {
@@ -196,6 +201,11 @@ fn var_int(bytes: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
         };
         value |= ((b & 0x7f) as usize) << (7 * i);
         if b & 0x80 == 0 {
+            if b == 0 && i > 0 {
+                return Err(malformed(
+                    "variable byte integer longer than its value needs [MQTT-1.5.5-1]",
+                ));
+            }
             return Ok(Some((value, i + 1)));
         }
     }
@@ -218,7 +228,7 @@ pub fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Co
     Ok(Some(buf.split_to(total)))
 }
 
-/// The protocol of a first frame, which must be a CONNECT.
+/// The protocol of a first frame, which must be a CONNECT (its flags `decode` checks).
 pub fn detect_version(frame: &[u8]) -> Result<Version, CodecError> {
     if frame.first() != Some(&0x10) {
         return Err(CodecError::Protocol("first packet is not CONNECT".into()));
@@ -229,16 +239,12 @@ pub fn detect_version(frame: &[u8]) -> Result<Version, CodecError> {
         return Err(malformed("short CONNECT"));
     }
     let name_len = rest.get_u16() as usize;
-    if rest.len() < name_len + 2 {
+    if rest.len() < name_len + 1 {
         return Err(malformed("short CONNECT"));
     }
     let name = String::from_utf8_lossy(&rest[..name_len]).into_owned();
     let level = rest[name_len];
-    let flags = rest[name_len + 1];
     match (name.as_str(), level) {
-        ("MQTT", 4) | ("MQTT", 5) if flags & 1 != 0 => {
-            Err(malformed("CONNECT reserved flag is set"))
-        }
         ("MQTT", 4) => Ok(Version::V311),
         ("MQTT", 5) => Ok(Version::V5),
         _ => Err(CodecError::UnsupportedProtocol { name, level }),
@@ -247,23 +253,7 @@ pub fn detect_version(frame: &[u8]) -> Result<Version, CodecError> {
 
 /// Decodes one frame from [`take_frame`].
 pub fn decode(frame: BytesMut, version: Version) -> Result<Packet, CodecError> {
-    let byte1 = *frame.first().ok_or_else(|| malformed("empty frame"))?;
-    let kind = byte1 >> 4;
-    let flags = byte1 & 0x0f;
-    let expected_flags = match kind {
-        3 => flags, // PUBLISH: dup, qos, retain
-        6 | 8 | 10 => 0b0010,
-        _ => 0,
-    };
-    if flags != expected_flags {
-        return Err(malformed(format!(
-            "invalid fixed header flags {flags:#06b} for packet type {kind}"
-        )));
-    }
-    if byte1 == 0x30 | 0b0110 {
-        return Err(malformed("PUBLISH with QoS 3"));
-    }
-    strict::frame(&frame, kind, version)?;
+    strict::frame(&frame, version)?;
     let packet = match version {
         Version::V311 => decode_v4(frame),
         Version::V5 => decode_v5(frame),
@@ -368,13 +358,19 @@ fn utf8(bytes: Bytes, what: &str) -> Result<String, CodecError> {
 }
 
 fn decode_v5(mut frame: BytesMut) -> Result<Packet, CodecError> {
-    // rumqttc refuses a DISCONNECT without reason code or without properties, which
-    // MQTT 5 allows.
-    if frame[0] == 0xE0 && frame.len() <= 3 {
-        return Ok(Packet::Disconnect {
-            reason: frame.get(2).copied().unwrap_or(0),
-            session_expiry: None,
-        });
+    match frame[0] {
+        // rumqttc refuses a DISCONNECT without reason code or without properties, which
+        // MQTT 5 allows.
+        0xE0 if frame.len() <= 3 => {
+            return Ok(Packet::Disconnect {
+                reason: strict::disconnect_reason(frame.get(2).copied().unwrap_or(0))?,
+                session_expiry: None,
+            });
+        }
+        // rumqttc's decoder has no AUTH; its properties are checked (`strict`), and
+        // whatever it says, the connection refuses it (no CONNECT names a method).
+        0xF0 => return Ok(Packet::Auth),
+        _ => {}
     }
     let packet = v5::Packet::read(&mut frame, None).map_err(malformed)?;
     Ok(match packet {
@@ -415,6 +411,11 @@ fn decode_v5(mut frame: BytesMut) -> Result<Packet, CodecError> {
             }
             if props.max_packet_size == Some(0) {
                 return Err(CodecError::Protocol("maximum packet size 0".into()));
+            }
+            if props.authentication_data.is_some() && props.authentication_method.is_none() {
+                return Err(CodecError::Protocol(
+                    "authentication data without an authentication method".into(),
+                ));
             }
             Packet::Connect(Box::new(Connect {
                 version: Version::V5,
@@ -492,7 +493,7 @@ fn decode_v5(mut frame: BytesMut) -> Result<Packet, CodecError> {
         }
         v5::Packet::PingReq(_) => Packet::PingReq,
         v5::Packet::Disconnect(d) => Packet::Disconnect {
-            reason: d.reason_code as u8,
+            reason: strict::disconnect_reason(d.reason_code as u8)?,
             session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
         },
         v5::Packet::Auth(_) => Packet::Auth,
@@ -586,7 +587,7 @@ pub fn encode(packet: &Outgoing, version: Version, buf: &mut BytesMut) -> Result
         Outgoing::PubAck { pkid, reason } => put_ack(buf, 0x40, *pkid, *reason, version),
         Outgoing::PubRec { pkid, reason } => put_ack(buf, 0x50, *pkid, *reason, version),
         Outgoing::PubRel { pkid } => put_ack(buf, 0x62, *pkid, 0, version),
-        Outgoing::PubComp { pkid } => put_ack(buf, 0x70, *pkid, 0, version),
+        Outgoing::PubComp { pkid, reason } => put_ack(buf, 0x70, *pkid, *reason, version),
         Outgoing::SubAck { pkid, codes } | Outgoing::UnsubAck { pkid, codes } => {
             let suback = matches!(packet, Outgoing::SubAck { .. });
             buf.put_u8(if suback { 0x90 } else { 0xB0 });

@@ -475,6 +475,51 @@ mod tests {
         }
     }
 
+    /// [MQTT-6.0.0-2]: WebSocket messages are one byte stream to the connection (a
+    /// packet split over two, two packets in one); what it writes goes out in binary
+    /// messages; [MQTT-6.0.0-1]: a text message ends its input.
+    #[tokio::test]
+    async fn websocket_messages_are_one_byte_stream_and_a_text_message_closes() {
+        use tokio::time::timeout;
+        use tokio_tungstenite::WebSocketStream;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        let wait = Duration::from_secs(10);
+        let (server_io, client_io) = tokio::io::duplex(4096);
+        let (pipe, mut mqtt) = tokio::io::duplex(4096);
+        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let bridged = tokio::spawn(bridge(server, pipe));
+
+        for part in [&[0xC0][..], &[0x00, 0xC0, 0x00, 0xC0, 0x00]] {
+            let msg = WsMessage::Binary(part.to_vec().into());
+            client.send(msg).await.unwrap();
+        }
+        let mut got = [0u8; 6];
+        let read = timeout(wait, mqtt.read_exact(&mut got)).await;
+        read.expect("three PINGREQs in time").unwrap();
+        assert_eq!(got, [0xC0, 0, 0xC0, 0, 0xC0, 0]);
+
+        mqtt.write_all(&[0xD0, 0]).await.unwrap();
+        let out = timeout(wait, client.next())
+            .await
+            .expect("a message in time");
+        assert_eq!(
+            out.unwrap().unwrap(),
+            WsMessage::Binary(vec![0xD0, 0].into())
+        );
+
+        client.send(WsMessage::Text("hello".into())).await.unwrap();
+        let mut rest = Vec::new();
+        let read = timeout(wait, mqtt.read_to_end(&mut rest)).await;
+        read.expect("the input ends in time").unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        drop(mqtt);
+        timeout(wait, bridged)
+            .await
+            .expect("the bridge ends in time")
+            .unwrap();
+    }
+
     #[test]
     fn listener_settings_are_validated() {
         let err = plan("  websocket: { listen: 127.0.0.1:8080, tls: true }").unwrap_err();

@@ -15,7 +15,8 @@ use crate::delivery::Ack;
 use crate::source::intake::Handoff;
 
 impl Conn {
-    /// The client's DISCONNECT, which may change the session expiry (but not from 0).
+    /// The client's DISCONNECT, which may change the session expiry (but not from 0, 5.0
+    /// 3.14.2.2.2). Only reason 0x00 discards the will [MQTT-3.14.4-3].
     pub(super) fn client_disconnected(
         &mut self,
         reason: u8,
@@ -33,7 +34,7 @@ impl Conn {
             }
         }
         Ok(End::Disconnected {
-            send_will: reason == 0x04,
+            send_will: reason != 0x00,
         })
     }
 

@@ -60,8 +60,12 @@ pub(super) enum ProtocolError {
     SecondConnect,
     #[error("the client sent a {0}, which only a server sends")]
     ServerPacket(&'static str),
+    #[error("AUTH, but the CONNECT named no authentication method")]
+    UnexpectedAuth,
     #[error("invalid topic name: {0}")]
     TopicNameInvalid(TopicError),
+    #[error("invalid topic filter: {0}")]
+    FilterInvalid(TopicError),
     #[error("topic alias {0} outside 1..={TOPIC_ALIAS_MAX}")]
     TopicAliasInvalid(u16),
     #[error("topic alias {0} used before a PUBLISH set it")]
@@ -90,13 +94,23 @@ pub(super) enum ProtocolError {
 
 impl ProtocolError {
     /// The MQTT 5 reason code for it, in the terms of `version`: 3.1.1 has no "topic name
-    /// invalid", so there an invalid topic is a protocol error.
+    /// invalid", so there an invalid topic is a protocol error. U+0000 in a topic or a
+    /// filter makes the packet malformed [MQTT-1.5.4-2]; an empty topic name without a
+    /// topic alias, and a filter the wildcard rules refuse, are protocol errors.
     pub fn reason_code(&self, version: Version) -> u8 {
         use ProtocolError::*;
         match self {
             Codec(e) => e.reason_code(),
-            NotConnect | SecondConnect | ServerPacket(_) | TopicAliasUnknown(_) | SharedNoLocal
-            | SessionExpiryRaised => 0x82,
+            TopicNameInvalid(TopicError::Nul) | FilterInvalid(TopicError::Nul) => 0x81,
+            NotConnect
+            | SecondConnect
+            | ServerPacket(_)
+            | UnexpectedAuth
+            | TopicAliasUnknown(_)
+            | SharedNoLocal
+            | SessionExpiryRaised
+            | FilterInvalid(_)
+            | TopicNameInvalid(TopicError::EmptyName) => 0x82,
             TopicNameInvalid(_) => match version {
                 Version::V5 => 0x90,
                 Version::V311 => 0x82,
@@ -143,6 +157,14 @@ mod tests {
         let topic = || ProtocolError::TopicNameInvalid(TopicError::WildcardInName);
         assert_eq!(topic().reason_code(Version::V5), 0x90);
         assert_eq!(topic().reason_code(Version::V311), 0x82);
+        for (e, code) in [
+            (ProtocolError::TopicNameInvalid(TopicError::Nul), 0x81),
+            (ProtocolError::TopicNameInvalid(TopicError::EmptyName), 0x82),
+            (ProtocolError::FilterInvalid(TopicError::Nul), 0x81),
+            (ProtocolError::FilterInvalid(TopicError::HashNotLast), 0x82),
+        ] {
+            assert_eq!(e.reason_code(Version::V5), code, "{e}");
+        }
         let codec = ProtocolError::Codec(CodecError::TooLarge(10));
         assert_eq!(codec.reason_code(Version::V5), 0x95);
         let unsupported = ProtocolError::Codec(CodecError::UnsupportedProtocol {

@@ -96,10 +96,19 @@ impl Conn {
         self.inbound.intake.unacknowledged() + recorded
     }
 
-    /// PUBREL: the QoS 2 exchange is complete.
+    /// PUBREL: the QoS 2 exchange is complete. Every PUBREL is answered [MQTT-4.3.3-11]
+    /// (3.1.1: [MQTT-4.3.3-2]); one for an identifier whose PUBREC has not gone out
+    /// changes nothing and gets 0x92 (packet identifier not found) in MQTT 5.
     pub(super) async fn released(&mut self, pkid: u16) -> Result<(), ProtocolError> {
-        self.with_session(|s| s.incoming_qos2.remove(&pkid));
-        self.send(Outgoing::PubComp { pkid }).await
+        let known = self.with_session(|s| {
+            let recorded = s.incoming_qos2.get(&pkid) == Some(&Qos2::Recorded);
+            if recorded {
+                s.incoming_qos2.remove(&pkid);
+            }
+            recorded
+        });
+        let reason = if known == Some(true) { 0 } else { 0x92 };
+        self.send(Outgoing::PubComp { pkid, reason }).await
     }
 
     /// Sends the acknowledgements the intake released, in order.

@@ -73,7 +73,7 @@ const WRITE_QUEUE: usize = 64;
 /// Why the read loop ended.
 #[derive(Debug, PartialEq, Eq)]
 enum End {
-    /// DISCONNECT from the client (reason 0x04 asks for the will anyway).
+    /// DISCONNECT from the client (any reason but 0x00 asks for the will anyway).
     Disconnected { send_will: bool },
     /// Socket closed, keepalive expired, protocol error: the will is sent.
     Lost,

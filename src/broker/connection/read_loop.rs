@@ -22,8 +22,12 @@ impl Conn {
         writer: &mut Fuse<JoinHandle<()>>,
     ) -> End {
         let mut deadline = Instant::now() + self.keep_alive;
-        let max_packet = self.shared.plan.max_packet_size;
         let max_inflight = self.shared.plan.max_inflight as usize;
+        // What came with the CONNECT: a client need not wait for the CONNACK (3.1.4).
+        // Boxed: it runs once, and would add its state to every connection's task.
+        if let Some(end) = Box::pin(self.handle_frames(&mut buf, &mut deadline)).await {
+            return end;
+        }
         loop {
             // Checked on every turn (not only when the signal wakes this loop), so that a
             // client whose input never stops still learns at once.
@@ -65,36 +69,43 @@ impl Conn {
                         Ok(0) | Err(_) => return End::Lost,
                         Ok(_) => {}
                     }
-                    loop {
-                        let frame = match codec::take_frame(&mut buf, max_packet) {
-                            Ok(Some(f)) => f,
-                            Ok(None) => break,
-                            Err(e) => {
-                                self.disconnect(&e.into()).await;
-                                return End::Lost;
-                            }
-                        };
-                        deadline = Instant::now() + self.keep_alive;
-                        // The handler on the heap for the time it runs: its state (the
-                        // largest of all packets') would otherwise be part of every
-                        // connection's task, idle or not.
-                        let handled = match codec::decode(frame, self.version) {
-                            Ok(packet) => Box::pin(self.handle(packet)).await,
-                            Err(e) => Err(e.into()),
-                        };
-                        match handled {
-                            Ok(None) => {}
-                            Ok(Some(end)) => return end,
-                            Err(e) => {
-                                self.disconnect(&e).await;
-                                return End::Lost;
-                            }
-                        }
+                    if let Some(end) = self.handle_frames(&mut buf, &mut deadline).await {
+                        return end;
                     }
                 }
                 // After reading: a subscriber with a full queue must not starve its input.
                 // (A takeover wakes this too: the check above ends the loop.)
                 _ = self.outbound.signal.notify.notified() => self.pump(),
+            }
+        }
+    }
+
+    /// Handles the whole packets in `buf`, each one moving the keepalive `deadline`;
+    /// Some when one ends the connection.
+    async fn handle_frames(&mut self, buf: &mut BytesMut, deadline: &mut Instant) -> Option<End> {
+        loop {
+            let frame = match codec::take_frame(buf, self.shared.plan.max_packet_size) {
+                Ok(Some(f)) => f,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.disconnect(&e.into()).await;
+                    return Some(End::Lost);
+                }
+            };
+            *deadline = Instant::now() + self.keep_alive;
+            // The handler on the heap for the time it runs: its state (the largest of all
+            // packets') would otherwise be part of every connection's task, idle or not.
+            let handled = match codec::decode(frame, self.version) {
+                Ok(packet) => Box::pin(self.handle(packet)).await,
+                Err(e) => Err(e.into()),
+            };
+            match handled {
+                Ok(None) => {}
+                Ok(Some(end)) => return Some(end),
+                Err(e) => {
+                    self.disconnect(&e).await;
+                    return Some(End::Lost);
+                }
             }
         }
     }
@@ -105,7 +116,8 @@ impl Conn {
         match packet {
             Packet::Connect(_) => return Err(ProtocolError::SecondConnect),
             Packet::ServerOnly(what) => return Err(ProtocolError::ServerPacket(what)),
-            Packet::Auth => return Err(ProtocolError::EnhancedAuthUnsupported),
+            // No CONNECT with an authentication method is accepted [MQTT-4.12.0-7].
+            Packet::Auth => return Err(ProtocolError::UnexpectedAuth),
             Packet::PingReq => self.send(Outgoing::PingResp).await?,
             Packet::Disconnect {
                 reason,

@@ -245,7 +245,7 @@ enum Got {
     Publish { topic: String, qos: u8 },
     PubAck { pkid: u16, reason: u8 },
     PubRec { pkid: u16, reason: u8 },
-    PubComp { pkid: u16 },
+    PubComp { pkid: u16, reason: u8 },
     SubAck { pkid: u16, codes: Vec<u8> },
     PingResp,
     Disconnect { reason: u8 },
@@ -281,9 +281,10 @@ fn parse(frame: BytesMut, version: Version) -> Got {
             let (pkid, reason) = ack(&mut body);
             Got::PubRec { pkid, reason }
         }
-        7 => Got::PubComp {
-            pkid: body.get_u16(),
-        },
+        7 => {
+            let (pkid, reason) = ack(&mut body);
+            Got::PubComp { pkid, reason }
+        }
         9 => {
             let pkid = body.get_u16();
             if version == Version::V5 {
@@ -582,6 +583,21 @@ async fn an_empty_client_id_needs_a_clean_session_on_3_1_1() {
     c.closed().await;
 }
 
+/// A client need not wait for the CONNACK (3.1.4 in both versions): what it sent with
+/// the CONNECT is handled without waiting for more input (it used to wait in the buffer).
+#[tokio::test]
+async fn packets_sent_with_the_connect_are_handled_at_once() {
+    let mut b = broker("").await;
+    for version in [Version::V311, Version::V5] {
+        let mut c = b.open(version);
+        let hello = Hello::new("eager").bytes(version);
+        c.send(&[hello, publish(version, "t/eager", 0, 0, None)].concat())
+            .await;
+        assert!(matches!(c.recv().await, Got::ConnAck { code: 0, .. }));
+        assert_eq!(b.message().await.topic, "t/eager");
+    }
+}
+
 #[tokio::test]
 async fn qos1_pubacks_wait_for_settlement_and_go_out_in_arrival_order() {
     let mut b = broker("").await;
@@ -665,7 +681,7 @@ async fn pubrel_gets_pubcomp_and_frees_the_packet_id() {
     b.message().await.ack.settle();
     assert_eq!(c.recv().await, Got::PubRec { pkid: 7, reason: 0 });
     c.send(&pubrel(7)).await;
-    assert_eq!(c.recv().await, Got::PubComp { pkid: 7 });
+    assert_eq!(c.recv().await, Got::PubComp { pkid: 7, reason: 0 });
     assert!(b.shared.lock().sessions["c"].incoming_qos2.is_empty());
     // The id is free: the same id is a new message.
     c.send(&publish(Version::V5, "t/b", 2, 7, None)).await;
@@ -972,4 +988,5 @@ async fn a_connection_without_a_connect_is_closed_after_connect_timeout() {
     ok.ping().await;
 }
 
+mod conformance;
 mod timers;
