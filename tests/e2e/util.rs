@@ -796,20 +796,22 @@ pub fn run_ok(cmd: &mut Command) {
     assert!(status.success(), "{cmd:?} failed");
 }
 
+/// `openssl req` arguments for a new P-256 key without a passphrase.
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
 /// A CA and a server certificate for localhost / 127.0.0.1, made with openssl.
 pub fn make_certs(dir: &std::path::Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
     run_ok(
         Command::new("openssl")
             .current_dir(dir)
             .args(["req", "-x509"])
-            .args(ec)
+            .args(EC_KEY)
             .args([
                 "-keyout",
                 "ca.key",
@@ -825,7 +827,7 @@ pub fn make_certs(dir: &std::path::Path) {
         Command::new("openssl")
             .current_dir(dir)
             .args(["req"])
-            .args(ec)
+            .args(EC_KEY)
             .args([
                 "-keyout",
                 "server.key",
@@ -863,18 +865,11 @@ pub fn make_certs(dir: &std::path::Path) {
 /// (CN `device-7`, DNS name `d7.fleet.test`, signed by that CA), and `stranger.pem`/`.key`
 /// (also CN `device-7`, signed by `other-ca.pem`, a CA the broker does not know).
 pub fn make_client_certs(dir: &std::path::Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
     run_ok(
         Command::new("openssl")
             .current_dir(dir)
             .args(["req", "-x509"])
-            .args(ec)
+            .args(EC_KEY)
             .args(["-keyout", "other-ca.key", "-out", "other-ca.pem"])
             .args(["-days", "2", "-subj", "/CN=another CA"]),
     );
@@ -888,7 +883,7 @@ pub fn make_client_certs(dir: &std::path::Path) {
             Command::new("openssl")
                 .current_dir(dir)
                 .arg("req")
-                .args(ec)
+                .args(EC_KEY)
                 .args(["-keyout", &format!("{name}.key")])
                 .args(["-out", &format!("{name}.csr")])
                 .args(["-subj", "/O=Fleet/CN=device-7"]),
