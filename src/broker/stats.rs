@@ -50,6 +50,30 @@ impl Dropped {
     }
 }
 
+/// Which deadline closed a connection: the `timeout` label of
+/// `mqbridge_broker_connections_timed_out_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimedOut {
+    /// `connect_timeout`: no TLS or WebSocket handshake and CONNECT in time.
+    Connect,
+    /// 1.5 × the keepalive without a whole packet from the client.
+    KeepAlive,
+    /// `send_timeout`: the client's socket took nothing the broker sent it.
+    Send,
+}
+
+impl TimedOut {
+    const ALL: [TimedOut; 3] = [TimedOut::Connect, TimedOut::KeepAlive, TimedOut::Send];
+
+    fn label(self) -> &'static str {
+        match self {
+            TimedOut::Connect => "connect",
+            TimedOut::KeepAlive => "keepalive",
+            TimedOut::Send => "send",
+        }
+    }
+}
+
 /// The broker's counters: the `metrics` series, and atomics for [`Stats`].
 #[derive(Debug)]
 pub struct Counters {
@@ -62,6 +86,8 @@ pub struct Counters {
     dropped: [AtomicU64; Dropped::ALL.len()],
     refused: Counter,
     rate_limited: Counter,
+    /// By [`TimedOut`] as an index.
+    timed_out: [Counter; TimedOut::ALL.len()],
 }
 
 impl Default for Counters {
@@ -75,6 +101,9 @@ impl Default for Counters {
             dropped: Default::default(),
             refused: metrics::counter!("mqbridge_broker_connections_refused_total"),
             rate_limited: metrics::counter!("mqbridge_broker_connections_rate_limited_total"),
+            timed_out: TimedOut::ALL.map(|t| {
+                metrics::counter!("mqbridge_broker_connections_timed_out_total", "timeout" => t.label())
+            }),
         }
     }
 }
@@ -100,6 +129,11 @@ impl Counters {
     /// A connection closed at once: its address opened more than `connection_rate_per_ip`.
     pub fn rate_limited(&self) {
         self.rate_limited.increment(1);
+    }
+
+    /// A connection closed by one of its deadlines.
+    pub fn timed_out(&self, which: TimedOut) {
+        self.timed_out[which as usize].increment(1);
     }
 
     /// A CONNECT refused because `max_connections` clients were connected.

@@ -41,7 +41,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
             of(&embedded.map(|e| &e.persistence)),
         ),
         (
-            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, connect_timeout, max_connecting, connection_rate_per_ip, max_subscriptions, max_topic_levels, max_topic_length, session_expiry, sys_interval)",
+            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, connect_timeout, send_timeout, max_connecting, connection_rate_per_ip, max_subscriptions, max_topic_levels, max_topic_length, session_expiry, sys_interval)",
             of(&embedded.map(|e| {
                 (
                     (
@@ -53,6 +53,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
                     ),
                     (
                         e.connect_timeout,
+                        e.send_timeout,
                         e.max_connecting,
                         e.connection_rate_per_ip.to_bits(),
                         e.max_subscriptions,

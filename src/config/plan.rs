@@ -103,6 +103,8 @@ pub struct EmbeddedPlan {
     pub max_inflight: u16,
     pub max_queued_messages: usize,
     pub connect_timeout: Duration,
+    /// A socket that takes no byte of what is to be sent for this long is closed.
+    pub send_timeout: Duration,
     pub max_connecting: usize,
     /// Connections per second per source address; 0: no limit.
     pub connection_rate_per_ip: f64,

@@ -202,6 +202,10 @@ pub struct EmbeddedConfig {
     /// included; then it is closed.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Duration,
+    /// How long a client's socket may take no byte of what the broker has to send it (a
+    /// client that does not read); then the connection is closed.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Duration,
     /// Connections not yet past their CONNECT (TLS and WebSocket handshakes included);
     /// beyond it new connections wait in the listen backlog, not accepted, until one of
     /// these ends.
@@ -405,6 +409,9 @@ fn default_sys_interval() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration(std::time::Duration::from_secs(10))
+}
+fn default_send_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(30))
 }
 fn default_max_connecting() -> usize {
     1000

@@ -312,10 +312,15 @@ fn properties(block: &[u8]) -> Result<(), CodecError> {
             0x0B => var_int(rest)?.map(|(_, n)| n),
             0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => string_end(rest, 0),
             0x26 => string_end(rest, 0).and_then(|key| string_end(rest, key)),
-            _ => None,
+            // Unknown: the decoder refuses it.
+            _ => return Ok(()),
         };
+        // A property cut short by its block's length: rumqttc would read its value from
+        // what follows the block (found by `cargo fuzz run decode`).
         let Some(value) = size.and_then(|s| rest.get(..s)) else {
-            return Ok(());
+            return Err(malformed(format!(
+                "property {id:#04x} runs past the end of its property block"
+            )));
         };
         if id != 0x26 {
             if seen & (1 << id) != 0 {

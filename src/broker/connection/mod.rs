@@ -61,6 +61,7 @@ use super::auth::{Auth, Identity};
 use super::codec::{self, Outgoing, Version, Will};
 use super::listener::{StreamReader, Transport};
 use super::session::{Session, Signal};
+use super::stats::TimedOut;
 use crate::source::intake::Handoff;
 pub(super) use end::publish_will;
 use error::ProtocolError;
@@ -112,6 +113,12 @@ pub(super) async fn serve(
     let mut live = match Box::pin(opened).await {
         Ok(live) => live,
         Err(e) => {
+            if matches!(
+                e,
+                ProtocolError::ConnectTimeout(_) | ProtocolError::HandshakeTimeout(..)
+            ) {
+                shared.counters.timed_out(TimedOut::Connect);
+            }
             tracing::debug!(%peer, error = %e, "embedded broker: connection closed");
             return;
         }
@@ -229,7 +236,7 @@ async fn open(
 
     let (wtx, wrx) = write_queue::write_queue(WRITE_QUEUE);
     let signal = Arc::new(Signal::default());
-    let writer = tokio::spawn(write_loop(wr, wrx, Arc::clone(&signal)));
+    let writer = tokio::spawn(write_loop(wr, wrx, Arc::clone(&signal), Arc::clone(shared)));
     let client = connect::Client { peer, cert, count };
     match Conn::accept(shared, connect, client, wtx, signal, handoff).await {
         Ok(conn) => Ok(Live {

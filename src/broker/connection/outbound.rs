@@ -5,15 +5,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 
 use super::write_queue::Receiver;
-use super::{Conn, ProtocolError};
+use super::{Conn, ProtocolError, Shared};
 use crate::broker::codec::{self, Connect, Outgoing, Publish};
 use crate::broker::listener::StreamWriter;
 use crate::broker::session::Signal;
+use crate::broker::stats::TimedOut;
 
 /// The server → client half of a connection: what the pump may send.
 pub(super) struct ToClient {
@@ -77,44 +79,91 @@ impl AliasesOut {
 /// end ends the read loop. Whatever is queued when the writer gets to
 /// it goes out in one write (a group commit's PUBACKs, a burst of messages): one system
 /// call, not one per packet.
-pub(super) async fn write_loop(mut wr: StreamWriter, mut rx: Receiver, signal: Arc<Signal>) {
+///
+/// A socket that takes no byte for `send_timeout` (a client that does not read, its
+/// window shut) fails the write, and so ends the connection.
+pub(super) async fn write_loop(
+    mut wr: StreamWriter,
+    mut rx: Receiver,
+    signal: Arc<Signal>,
+    shared: Arc<Shared>,
+) {
+    let mut out = Out {
+        wr: &mut wr,
+        limit: shared.plan.send_timeout,
+    };
     while let Some(packets) = rx.recv_all().await {
         // Boxed while it writes: its state would otherwise be part of every connection's
         // writer task, idle or not.
-        if Box::pin(write_batched(&mut wr, packets)).await.is_err() {
-            break;
+        match Box::pin(out.write_batched(packets)).await {
+            Ok(()) => {}
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    tracing::debug!(
+                        send_timeout = ?out.limit,
+                        "embedded broker: the client takes nothing sent to it; closing"
+                    );
+                    shared.counters.timed_out(TimedOut::Send);
+                }
+                break;
+            }
         }
         // Room in the queue again: let the connection pull more messages.
         signal.wake();
     }
-    let _ = wr.shutdown().await;
+    drop(rx);
+    // Not waited for longer than a write: a client that does not read would hold it.
+    let _ = tokio::time::timeout(shared.plan.send_timeout, wr.shutdown()).await;
 }
 
 /// Bytes of small packets gathered into one write.
 const WRITE_BATCH: usize = 64 << 10;
 
-/// Writes `packets` in order: small ones gathered into writes of up to [`WRITE_BATCH`]
-/// bytes, a larger one on its own (not copied).
-async fn write_batched(wr: &mut StreamWriter, packets: VecDeque<Bytes>) -> std::io::Result<()> {
-    if packets.len() == 1 {
-        return wr.write_all(&packets[0]).await;
-    }
-    let mut batch = Vec::new();
-    for p in packets {
-        if batch.len() + p.len() > WRITE_BATCH && !batch.is_empty() {
-            wr.write_all(&batch).await?;
-            batch.clear();
+/// The socket's writing half, and how long it may take no byte.
+struct Out<'a> {
+    wr: &'a mut StreamWriter,
+    limit: Duration,
+}
+
+impl Out<'_> {
+    /// Writes `packets` in order: small ones gathered into writes of up to
+    /// [`WRITE_BATCH`] bytes, a larger one on its own (not copied).
+    async fn write_batched(&mut self, packets: VecDeque<Bytes>) -> std::io::Result<()> {
+        if packets.len() == 1 {
+            return self.write_all(&packets[0]).await;
         }
-        if p.len() >= WRITE_BATCH {
-            wr.write_all(&p).await?;
-        } else {
-            batch.extend_from_slice(&p);
+        let mut batch = Vec::new();
+        for p in packets {
+            if batch.len() + p.len() > WRITE_BATCH && !batch.is_empty() {
+                self.write_all(&batch).await?;
+                batch.clear();
+            }
+            if p.len() >= WRITE_BATCH {
+                self.write_all(&p).await?;
+            } else {
+                batch.extend_from_slice(&p);
+            }
         }
+        if !batch.is_empty() {
+            self.write_all(&batch).await?;
+        }
+        Ok(())
     }
-    if !batch.is_empty() {
-        wr.write_all(&batch).await?;
+
+    /// All of `bytes`; `TimedOut` when the socket takes none of them for `limit` (a slow
+    /// reader that keeps taking some is never cut off).
+    async fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let n = tokio::time::timeout(self.limit, self.wr.write(bytes))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            bytes = &bytes[n..];
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 impl Conn {

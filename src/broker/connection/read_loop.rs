@@ -1,6 +1,14 @@
 //! The read loop of a connected client: reads and decodes packets, dispatches each to
 //! its phase, and in between releases settled acknowledgements, pumps the session's
 //! queue, enforces the keepalive, and ends on takeover or shutdown.
+//!
+//! The keepalive also bounds a packet that arrives a byte at a time (slowloris): while
+//! part of a packet waits, silence is allowed 1.5 × `max_keepalive` at most, even for a
+//! 3.1.1 client that asked for a longer keepalive or none (a server may close a client
+//! it finds unresponsive whatever its keepalive, 3.1.1 section 3.1.2.10). An idle client
+//! with nothing half-sent keeps the keepalive it asked for.
+
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::future::Fuse;
@@ -11,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Conn, End, ProtocolError, read_more};
 use crate::broker::codec::{self, Outgoing, Packet, Version};
 use crate::broker::listener::StreamReader;
+use crate::broker::stats::TimedOut;
 
 impl Conn {
     pub(super) async fn run(
@@ -21,11 +30,12 @@ impl Conn {
         done: &CancellationToken,
         writer: &mut Fuse<JoinHandle<()>>,
     ) -> End {
-        let mut deadline = Instant::now() + self.keep_alive;
+        // When the last whole packet arrived (or reading paused).
+        let mut last = Instant::now();
         let max_inflight = self.shared.plan.max_inflight as usize;
         // What came with the CONNECT: a client need not wait for the CONNACK (3.1.4).
         // Boxed: it runs once, and would add its state to every connection's task.
-        if let Some(end) = Box::pin(self.handle_frames(&mut buf, &mut deadline)).await {
+        if let Some(end) = Box::pin(self.handle_frames(&mut buf, &mut last)).await {
             return end;
         }
         loop {
@@ -40,8 +50,9 @@ impl Conn {
             let paused = self.version == Version::V311
                 && self.inbound.intake.unacknowledged() >= max_inflight;
             if paused {
-                deadline = Instant::now() + self.keep_alive;
+                last = Instant::now();
             }
+            let silence = self.silence_allowed(!buf.is_empty());
             tokio::select! {
                 biased;
                 _ = done.cancelled() => {
@@ -60,8 +71,9 @@ impl Conn {
                         return End::Lost;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline), if !self.keep_alive.is_zero() => {
-                    self.disconnect(&ProtocolError::KeepAliveTimeout(self.keep_alive)).await;
+                _ = tokio::time::sleep_until(last + silence), if !silence.is_zero() => {
+                    self.shared.counters.timed_out(TimedOut::KeepAlive);
+                    self.disconnect(&ProtocolError::KeepAliveTimeout(silence)).await;
                     return End::Lost;
                 }
                 r = read_more(rd, &mut buf), if !paused => {
@@ -69,7 +81,7 @@ impl Conn {
                         Ok(0) | Err(_) => return End::Lost,
                         Ok(_) => {}
                     }
-                    if let Some(end) = self.handle_frames(&mut buf, &mut deadline).await {
+                    if let Some(end) = self.handle_frames(&mut buf, &mut last).await {
                         return end;
                     }
                 }
@@ -80,9 +92,21 @@ impl Conn {
         }
     }
 
-    /// Handles the whole packets in `buf`, each one moving the keepalive `deadline`;
-    /// Some when one ends the connection.
-    async fn handle_frames(&mut self, buf: &mut BytesMut, deadline: &mut Instant) -> Option<End> {
+    /// How long the client may send no whole packet (zero: no limit): 1.5 × its
+    /// keepalive, and while part of a packet waits (`partial`) at most 1.5 ×
+    /// `max_keepalive` (see the module's documentation).
+    fn silence_allowed(&self, partial: bool) -> Duration {
+        let max = Duration::from_secs(self.shared.plan.max_keepalive as u64) * 3 / 2;
+        match (partial, self.keep_alive.is_zero(), max.is_zero()) {
+            (true, true, false) => max,
+            (true, false, false) => self.keep_alive.min(max),
+            _ => self.keep_alive,
+        }
+    }
+
+    /// Handles the whole packets in `buf`, each one setting `last` (the keepalive's
+    /// start); Some when one ends the connection.
+    async fn handle_frames(&mut self, buf: &mut BytesMut, last: &mut Instant) -> Option<End> {
         loop {
             let frame = match codec::take_frame(buf, self.shared.plan.max_packet_size) {
                 Ok(Some(f)) => f,
@@ -92,7 +116,7 @@ impl Conn {
                     return Some(End::Lost);
                 }
             };
-            *deadline = Instant::now() + self.keep_alive;
+            *last = Instant::now();
             // The handler on the heap for the time it runs: its state (the largest of all
             // packets') would otherwise be part of every connection's task, idle or not.
             let handled = match codec::decode(frame, self.version) {

@@ -924,6 +924,79 @@ fn subscribe_v5(pkid: u16, filters: &[&str]) -> BytesMut {
     buf
 }
 
+/// A subscriber that never reads is closed once its socket has taken nothing for
+/// `send_timeout`, while a subscriber that reads gets every message and goes on.
+#[tokio::test]
+async fn a_client_that_does_not_read_is_closed_after_send_timeout() {
+    let mut b = broker("  send_timeout: 300ms\n  max_queued_messages: 100000").await;
+    let mut pipeline = std::mem::replace(&mut b.pipeline, mpsc::channel(1).1);
+    tokio::spawn(async move { while pipeline.recv().await.is_some() {} });
+    let mut lazy = b.connect(Version::V5, Hello::new("lazy")).await;
+    let mut reader = b.connect(Version::V5, Hello::new("reader")).await;
+    for c in [&mut lazy, &mut reader] {
+        c.send(&subscribe_v5(1, &["t/#"])).await;
+        assert!(matches!(c.recv().await, Got::SubAck { .. }));
+    }
+    let mut publisher = b.connect(Version::V311, Hello::new("p")).await;
+    // 256 KiB: more than the lazy client's pipe (64 KiB) and write queue hold.
+    let mut big = BytesMut::new();
+    v4::Packet::Publish(v4::Publish::new(
+        "t/big",
+        Qos4::AtMostOnce,
+        vec![b'x'; 1024],
+    ))
+    .write(&mut big, usize::MAX)
+    .unwrap();
+    for _ in 0..256 {
+        publisher.send(&big).await;
+        assert!(matches!(reader.recv().await, Got::Publish { .. }));
+    }
+    tokio::time::timeout(DEADLINE, &mut lazy.task)
+        .await
+        .expect("the client that does not read is closed")
+        .unwrap();
+    publisher.send(&big).await;
+    assert!(matches!(reader.recv().await, Got::Publish { .. }));
+    reader.ping().await;
+}
+
+/// A 3.1.1 client without a keepalive that sends a packet a byte at a time is closed
+/// 1.5 × `max_keepalive` after its last whole packet; an idle client without a keepalive
+/// and nothing half-sent stays connected.
+#[tokio::test]
+async fn a_packet_trickling_in_is_cut_off_after_one_and_a_half_max_keepalive() {
+    let b = broker("  max_keepalive: 1s").await;
+    let mut idle = b.connect(Version::V311, Hello::new("idle")).await;
+    let mut slow = b.connect(Version::V311, Hello::new("slow")).await;
+    let packet = publish(Version::V311, &"t/".repeat(50), 0, 0, None);
+    let started = tokio::time::Instant::now();
+    let mut next = 0;
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            tokio::select! {
+                r = slow.io.read_buf(&mut slow.buf) => return r,
+                _ = tokio::time::sleep(Duration::from_millis(100)), if next < packet.len() - 1 => {
+                    slow.io.write_all(&packet[next..=next]).await.unwrap();
+                    next += 1;
+                }
+            }
+        }
+    })
+    .await
+    .expect("closed before the packet is whole");
+    assert!(
+        matches!(closed, Ok(0)),
+        "closed, with nothing sent: {closed:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "not before 1.5 × max_keepalive: {:?}",
+        started.elapsed()
+    );
+    assert!(next < packet.len() - 1, "cut off while the packet trickled");
+    idle.ping().await;
+}
+
 #[tokio::test]
 async fn subscriptions_and_topics_beyond_the_configured_limits_are_refused() {
     let b = broker("  max_subscriptions: 2\n  max_topic_levels: 3\n  max_topic_length: 16").await;

@@ -194,6 +194,13 @@ pub(super) fn validate_embedded(
             "must be between 100ms and 5m".into(),
         ));
     }
+    let send_timeout = e.send_timeout.0;
+    if send_timeout < Duration::from_millis(100) || send_timeout > Duration::from_secs(3600) {
+        errs.push((
+            "embedded.send_timeout".into(),
+            "must be between 100ms and 1h".into(),
+        ));
+    }
     if !(e.connection_rate_per_ip >= 0.0 && e.connection_rate_per_ip <= 1e6) {
         errs.push((
             "embedded.connection_rate_per_ip".into(),
@@ -254,6 +261,7 @@ pub(super) fn validate_embedded(
         max_inflight: e.max_inflight,
         max_queued_messages: e.max_queued_messages,
         connect_timeout,
+        send_timeout,
         max_connecting: e.max_connecting,
         connection_rate_per_ip: e.connection_rate_per_ip,
         max_subscriptions: e.max_subscriptions,

@@ -295,6 +295,12 @@ fn identifiers_options_properties_and_reason_codes_that_break_the_rules_are_malf
             connect(V5, 0x02, &props(&[0x24, 1]), &s(b"x")), connect(V5, 0x02, &props(&[0x17, 1]), &s(b"x"))),
         ("an unknown property", V5,
             publish(V5, b"t", &props(&[0x7F, 0])), publish(V5, b"t", &props(&[0x01, 0]))),
+        // Found by the fuzzer: the decoder read the value from the payload.
+        ("a property cut short by its block's length", V5,
+            publish(V5, b"t", &cat(&[&props(&[0x01]), &[0x70]])), publish(V5, b"t", &props(&[0x01, 0]))),
+        ("a string property cut short by its block's length", V5,
+            publish(V5, b"t", &cat(&[&props(&[0x03, 0, 2, b'a']), b"b"])),
+            publish(V5, b"t", &props(&[0x03, 0, 2, b'a', b'b']))),
         ("[MQTT-3.4.2-1] a PUBACK reason code outside its table", V5,
             vec![0x40, 3, 0, 1, 0x05], vec![0x40, 3, 0, 1, 0x10]),
         ("[MQTT-3.5.2-1] a PUBREC reason code outside its table", V5,
