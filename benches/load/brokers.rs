@@ -108,13 +108,23 @@ impl Broker {
         programs: &Programs,
         more: impl FnOnce(&Path) -> String,
     ) -> anyhow::Result<Broker> {
+        let queues = format!("  max_queued_messages: {MAX_QUEUED}\n");
+        Broker::bridge_with(programs, &queues, more).await
+    }
+
+    /// Like [`Broker::bridge`], with `settings` (indented lines of the `embedded:` block)
+    /// instead of its deep queues.
+    pub async fn bridge_with(
+        programs: &Programs,
+        settings: &str,
+        more: impl FnOnce(&Path) -> String,
+    ) -> anyhow::Result<Broker> {
         Broker::mqbridge(
             programs,
             |port| {
                 format!(
                     "embedded:\n  listen: 127.0.0.1:{port}\n  allow_anonymous: true\n  \
-                 max_connections: {MAX_CONNECTIONS}\n  max_inflight: {MAX_INFLIGHT}\n  \
-                 max_queued_messages: {MAX_QUEUED}\n"
+                 max_connections: {MAX_CONNECTIONS}\n  max_inflight: {MAX_INFLIGHT}\n{settings}"
                 )
             },
             more,
@@ -211,14 +221,13 @@ impl Broker {
         std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
 
-    /// Resident memory, KiB (`VmRSS` in /proc).
+    /// Resident memory, KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc status")
+        rss_kib(self.child.id())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -233,4 +242,14 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Resident memory of process `pid`, KiB (`VmRSS` in /proc).
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc status")
 }

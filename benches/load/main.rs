@@ -1,4 +1,4 @@
-//! End-to-end load tool, in seven modes (BENCHMARKS.md records the commands and figures):
+//! End-to-end load tool, in eight modes (BENCHMARKS.md records the commands and figures):
 //!
 //! - **db** (the default): numbered QoS 1 messages through a running mqbridge into
 //!   PostgreSQL or SQLite; the publish rate and the rate until every row is stored.
@@ -16,6 +16,9 @@
 //!   client of a Mosquitto the tool starts), with or without the spool, into a PostgreSQL
 //!   the tool starts: rows/s beside `COPY` of the same rows (and beside Mosquitto's own
 //!   fan-in), and publish → row latency at fixed rates (see `pg`).
+//! - **abuse**: the embedded broker's fan-in beside the same fan-in with hostile clients
+//!   connected (slowloris, tricklers, subscribers that never read, a flood): the healthy
+//!   clients' msg/s and latency, the broker's peak RSS, what its deadlines closed.
 //! - **hold-idle**: internal, a child process holding idle connections for `fanin`.
 //!
 //! ```text
@@ -26,12 +29,14 @@
 //! cargo bench --bench load -- outage --rate 2000 --minutes 10 --csv target/load/outage.csv
 //! cargo bench --bench load -- pg --spool on,off --runs 3 --messages 200000
 //! cargo bench --bench load -- pg-latency --rates 1000,10000 --seconds 20 --csv target/bench
+//! cargo bench --bench load -- abuse --runs 3 --messages 200000 --slowloris 200 --non-readers 20
 //! ```
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a smoke pass instead:
 //! a few hundred messages per broker and QoS with a few idle connections, and a few
-//! hundred records through the webhook sink, failing on any message lost or duplicated,
-//! and asserting nothing about time.
+//! hundred records through the webhook sink, and a few hundred through the fan-in beside
+//! a few hostile clients, failing on any message lost or duplicated, and asserting
+//! nothing about time.
 //!
 //! The modules, in the order a fan-in run uses them: `brokers` (start the broker under
 //! test), `idle` (the idle connections, held by child processes), `fanin` (publishers,
@@ -40,6 +45,7 @@
 //! The webhook mode: `webhook` (the scenario, its variants and their table) with
 //! `receiver` (the HTTP receiver) and `wrk` (its ceiling); `outage` uses the first two.
 
+mod abuse;
 mod brokers;
 mod db;
 mod fanin;
@@ -80,6 +86,11 @@ async fn main() -> anyhow::Result<()> {
         Some("webhook") => {
             let all = webhook::run(&webhook::Args::parse(Flags::new(args.split_off(1)))).await?;
             println!("\n{}", webhook::summary(&all));
+            Ok(())
+        }
+        Some("abuse") => {
+            let all = abuse::run(&abuse::Args::parse(Flags::new(args.split_off(1)))).await?;
+            println!("\n{}", abuse::summary(&all));
             Ok(())
         }
         Some("outage") => outage::run(&outage::Args::parse(Flags::new(args.split_off(1)))).await,
@@ -134,6 +145,7 @@ async fn smoke() -> anyhow::Result<()> {
     };
     let all = matrix.run().await?;
     webhook_smoke().await?;
+    abuse_smoke().await?;
     for m in &all {
         anyhow::ensure!(
             m.outcome.lost == 0 && m.outcome.duplicated == 0,
@@ -168,6 +180,30 @@ async fn webhook_smoke() -> anyhow::Result<()> {
             "webhook {variant:?}: {} lost, {} duplicated",
             m.lost,
             m.duplicated
+        );
+    }
+    Ok(())
+}
+
+/// The abuse mode on a tiny scale: 400 messages through the fan-in without and with two
+/// hostile clients of each kind, failing on any message lost or duplicated; no timing
+/// (nor whether a deadline passed in so short a run) is checked.
+async fn abuse_smoke() -> anyhow::Result<()> {
+    let mut args = abuse::Args::parse(Flags::new(Vec::new()));
+    args.runs = 1;
+    args.scenario.messages_per_publisher = 100;
+    args.hostile = abuse::Hostile {
+        slowloris: 2,
+        tricklers: 2,
+        non_readers: 2,
+        flooders: 1,
+        drip: Duration::from_millis(100),
+    };
+    for m in abuse::run(&args).await? {
+        anyhow::ensure!(
+            m.outcome.lost == 0 && m.outcome.duplicated == 0,
+            "abuse smoke: {}",
+            m.line()
         );
     }
     Ok(())

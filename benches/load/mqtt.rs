@@ -93,6 +93,25 @@ pub fn put_publish(
     fill(&mut out[at..]);
 }
 
+/// CONNECT: 3.1.1, clean session, `keep_alive` seconds (0: none).
+pub fn put_connect(out: &mut BytesMut, client_id: &str, keep_alive: u16) {
+    out.put_u8(0x10);
+    put_len(out, 10 + 2 + client_id.len());
+    put_str(out, "MQTT");
+    out.put_slice(&[4, 0x02]); // 3.1.1, clean session
+    out.put_u16(keep_alive);
+    put_str(out, client_id);
+}
+
+/// SUBSCRIBE (packet identifier 1) of `filter` at `qos`.
+pub fn put_subscribe(out: &mut BytesMut, filter: &str, qos: u8) {
+    out.put_u8(0x82);
+    put_len(out, 2 + 2 + filter.len() + 1);
+    out.put_u16(1);
+    put_str(out, filter);
+    out.put_u8(qos);
+}
+
 pub fn put_puback(out: &mut BytesMut, pkid: u16) {
     out.put_slice(&[PUBACK, 2]);
     out.put_u16(pkid);
@@ -139,12 +158,7 @@ impl Client {
             buf: BytesMut::with_capacity(64),
         };
         let mut out = BytesMut::new();
-        out.put_u8(0x10);
-        put_len(&mut out, 10 + 2 + client_id.len());
-        put_str(&mut out, "MQTT");
-        out.put_slice(&[4, 0x02]); // 3.1.1, clean session
-        out.put_u16(keep_alive);
-        put_str(&mut out, client_id);
+        put_connect(&mut out, client_id, keep_alive);
         c.socket.write_all(&out).await?;
         let (kind, body) = c.next_packet().await?;
         ensure!(kind == CONNACK, "expected CONNACK, got {kind:#x}");
@@ -155,11 +169,7 @@ impl Client {
     /// Subscribes to `filter` at `qos` and waits for a SUBACK that grants it.
     pub async fn subscribe(&mut self, filter: &str, qos: u8) -> anyhow::Result<()> {
         let mut out = BytesMut::new();
-        out.put_u8(0x82);
-        put_len(&mut out, 2 + 2 + filter.len() + 1);
-        out.put_u16(1);
-        put_str(&mut out, filter);
-        out.put_u8(qos);
+        put_subscribe(&mut out, filter, qos);
         self.socket.write_all(&out).await?;
         let (kind, body) = self.next_packet().await?;
         ensure!(kind == SUBACK, "expected SUBACK, got {kind:#x}");

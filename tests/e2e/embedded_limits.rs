@@ -319,3 +319,61 @@ async fn embedded_sys_topics_reach_whom_the_acl_allows_and_no_client_can_publish
 
     running.stop().await;
 }
+
+/// A client whose input never stops (QoS 0 to a topic nobody reads, written from a thread
+/// of its own) does not keep the broker from its other clients: a QoS 1 publisher beside
+/// it has each of its messages acknowledged. Before the reads took from tokio's task
+/// budget, the flooding connection's task never gave its worker back, and the publisher
+/// waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_flooding_client_does_not_starve_the_others() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let port = free_port();
+    let running = alone(port, "").await;
+    let mut flood = crate::embedded::raw_connect(port, "flood", true, None).await;
+    let mut batch = bytes::BytesMut::new();
+    while batch.len() < 64 << 10 {
+        v4::Publish::new("flood/x", rumqttc::QoS::AtMostOnce, vec![b'f'; 100])
+            .write(&mut batch)
+            .unwrap();
+    }
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flooder = std::thread::spawn({
+        let flooding = Arc::clone(&flooding);
+        move || {
+            while flooding.load(Ordering::Relaxed) && flood.write_all(&batch).is_ok() {}
+        }
+    });
+    let steady = tokio::task::spawn_blocking(move || {
+        let mut c = v4::Connect::new("steady");
+        c.keep_alive = 60;
+        let mut s = crate::embedded::raw_send_connect(port, c);
+        let got = crate::embedded::raw_read_packets(&mut s, 1, Duration::from_secs(10));
+        if !matches!(&got[..], [v4::Packet::ConnAck(_)]) {
+            return Err(format!("CONNACK expected, got {got:?}"));
+        }
+        for pkid in 1..=50u16 {
+            let mut p = v4::Publish::new("steady/x", rumqttc::QoS::AtLeastOnce, "x");
+            p.pkid = pkid;
+            let mut buf = bytes::BytesMut::new();
+            p.write(&mut buf).unwrap();
+            s.write_all(&buf).map_err(|e| e.to_string())?;
+            match &crate::embedded::raw_read_packets(&mut s, 1, Duration::from_secs(10))[..] {
+                [v4::Packet::PubAck(a)] if a.pkid == pkid => {}
+                other => return Err(format!("PUBACK {pkid} expected, got {other:?}")),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    flooding.store(false, Ordering::Relaxed);
+    flooder.join().unwrap();
+    if let Err(e) = steady {
+        panic!("the publisher beside the flood: {e}");
+    }
+    running.stop().await;
+}

@@ -165,6 +165,10 @@ async fn read_more(rd: &mut StreamReader, buf: &mut BytesMut) -> std::io::Result
     // of every connection's task.
     let mut try_now = buf.capacity() > 0;
     std::future::poll_fn(|cx| {
+        // Each read takes a unit of the task's budget, as tokio's own reads do (`try_read`
+        // does not): a client whose input never stops (a flood) would otherwise keep its
+        // worker thread from every other connection.
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         loop {
             if !try_now {
                 std::task::ready!(tcp.as_ref().poll_read_ready(cx))?;
@@ -177,7 +181,10 @@ async fn read_more(rd: &mut StreamReader, buf: &mut BytesMut) -> std::io::Result
                     }
                     try_now = false;
                 }
-                r => return Poll::Ready(r),
+                r => {
+                    coop.made_progress();
+                    return Poll::Ready(r);
+                }
             }
         }
     })
