@@ -44,6 +44,8 @@ pub struct Args {
     pub connect_timeout_s: u64,
     pub send_timeout_s: u64,
     pub max_keepalive_s: u64,
+    /// `max_publish_rate`; 0: none.
+    pub max_publish_rate: f64,
     pub programs: Programs,
 }
 
@@ -82,6 +84,7 @@ impl Args {
             connect_timeout_s: 2,
             send_timeout_s: 5,
             max_keepalive_s: 2,
+            max_publish_rate: 0.0,
             programs: Programs::default(),
         };
         let mut messages = 200_000;
@@ -99,6 +102,7 @@ impl Args {
                 "--drip-ms" => a.hostile.drip = Duration::from_millis(flags.value(&flag)),
                 "--max-queued" => a.max_queued = flags.value(&flag),
                 "--send-timeout" => a.send_timeout_s = flags.value(&flag),
+                "--max-publish-rate" => a.max_publish_rate = flags.value(&flag),
                 "--mqbridge" => a.programs.mqbridge = flags.value::<String>(&flag).into(),
                 other => panic!("unknown flag {other}"),
             }
@@ -165,8 +169,8 @@ async fn measure(a: &Args, abused: bool) -> anyhow::Result<Measurement> {
     let admin = free_port()?;
     let settings = format!(
         "  max_queued_messages: {}\n  connect_timeout: {}s\n  send_timeout: {}s\n  \
-         max_keepalive: {}s\n",
-        a.max_queued, a.connect_timeout_s, a.send_timeout_s, a.max_keepalive_s
+         max_keepalive: {}s\n  max_publish_rate: {}\n",
+        a.max_queued, a.connect_timeout_s, a.send_timeout_s, a.max_keepalive_s, a.max_publish_rate
     );
     let broker = Broker::bridge_with(&a.programs, &settings, |_| {
         format!("admin:\n  listen: 127.0.0.1:{admin}\n  token: {TOKEN}\n")

@@ -15,8 +15,13 @@ fuzz_target!(|data: &[u8]| {
     let lookup = |name: &str| (name.len() % 2 == 0).then(|| "fuzz".to_string());
     if let Err(errors) = mqbridge::config::parse(text, "fuzz.yaml", lookup) {
         assert!(!errors.0.is_empty(), "a failed parse reports an error");
-        // YAML's lines: a line break is LF, CR LF or a lone CR. (One more: the end.)
-        let lines = text.matches('\n').count() + text.replace("\r\n", "\n").matches('\r').count() + 2;
+        // YAML's lines, as its scanner counts them: a break is LF, CR LF, a lone CR, NEL,
+        // LS or PS (the last three from YAML 1.1). One more: the end of the text.
+        let breaks = text
+            .replace("\r\n", "\n")
+            .matches(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'])
+            .count();
+        let lines = breaks + 2;
         for e in &errors.0 {
             if e.file != "fuzz.yaml" {
                 continue; // a Mosquitto file the config names: its own lines

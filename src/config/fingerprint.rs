@@ -41,7 +41,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
             of(&embedded.map(|e| &e.persistence)),
         ),
         (
-            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, connect_timeout, send_timeout, max_connecting, connection_rate_per_ip, max_subscriptions, max_topic_levels, max_topic_length, session_expiry, sys_interval)",
+            "embedded limits (max_keepalive, max_packet_size, max_connections, max_inflight, max_queued_messages, connect_timeout, send_timeout, max_connecting, connection_rate_per_ip, max_publish_rate, max_subscriptions, max_topic_levels, max_topic_length, session_expiry, sys_interval)",
             of(&embedded.map(|e| {
                 (
                     (
@@ -56,6 +56,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
                         e.send_timeout,
                         e.max_connecting,
                         e.connection_rate_per_ip.to_bits(),
+                        e.max_publish_rate.to_bits(),
                         e.max_subscriptions,
                         e.max_topic_levels,
                         e.max_topic_length,

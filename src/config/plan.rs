@@ -108,6 +108,8 @@ pub struct EmbeddedPlan {
     pub max_connecting: usize,
     /// Connections per second per source address; 0: no limit.
     pub connection_rate_per_ip: f64,
+    /// PUBLISHes per second per client; 0: no limit.
+    pub max_publish_rate: f64,
     pub max_subscriptions: usize,
     /// `max_topic_length` and `max_topic_levels`.
     pub topic_limits: crate::topic::TopicLimits,

@@ -217,6 +217,12 @@ pub struct EmbeddedConfig {
     /// once after an outage.
     #[serde(default)]
     pub connection_rate_per_ip: f64,
+    /// PUBLISHes per second one client may send (bursts up to one second's worth, at
+    /// least one); beyond it the broker stops reading that client's connection until the
+    /// rate allows again, so a flood is slowed to the rate, not closed. `0` (the
+    /// default): no limit.
+    #[serde(default)]
+    pub max_publish_rate: f64,
     /// Subscriptions one client may hold; beyond it a SUBSCRIBE's new filters are refused
     /// (MQTT 5: quota exceeded, 0x97), while re-subscribing an existing filter still works.
     #[serde(default = "default_max_subscriptions")]

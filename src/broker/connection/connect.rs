@@ -286,6 +286,7 @@ impl Conn {
             inbound: FromClient::new(
                 handoff,
                 (plan.max_inflight as usize).saturating_mul(plan.max_packet_size),
+                plan.max_publish_rate,
             ),
             outbound: ToClient::new(signal, &c, plan.max_inflight),
             will: c.will.map(Box::new),

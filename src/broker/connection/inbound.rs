@@ -9,6 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::{Conn, ProtocolError};
 use crate::broker::codec::{Outgoing, Publish, Version};
 use crate::broker::session::{Qos2, Stored};
@@ -33,18 +35,58 @@ pub(super) struct FromClient {
     qos2_pending_here: HashSet<u16>,
     aliases: TopicAliases,
     source: Arc<str>,
+    /// `max_publish_rate`, where one is set (boxed: most deployments have none).
+    pub(super) rate: Option<Box<PublishRate>>,
 }
 
 impl FromClient {
     /// `max_bytes` bounds what waits for a full pipeline; the receive maximum keeps
-    /// well within it, so it is only a backstop.
-    pub(super) fn new(handoff: Handoff, max_bytes: usize) -> Self {
+    /// well within it, so it is only a backstop. `max_publish_rate`: 0 for none.
+    pub(super) fn new(handoff: Handoff, max_bytes: usize, max_publish_rate: f64) -> Self {
         FromClient {
             intake: Intake::new(handoff, max_bytes),
             qos2_pending_here: HashSet::new(),
             aliases: TopicAliases::default(),
             source: Arc::from(SOURCE),
+            rate: (max_publish_rate > 0.0).then(|| Box::new(PublishRate::new(max_publish_rate))),
         }
+    }
+}
+
+/// A client's PUBLISHes against `max_publish_rate`: a bucket of one second's worth of
+/// tokens (at least one), each PUBLISH taking one. Once it is empty the read loop stops
+/// reading the connection until it has refilled to zero (TCP then holds the client
+/// back); the client is slowed, not closed.
+pub(super) struct PublishRate {
+    per_second: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl PublishRate {
+    fn new(per_second: f64) -> Self {
+        PublishRate {
+            per_second,
+            tokens: per_second.max(1.0),
+            at: Instant::now(),
+        }
+    }
+
+    /// One PUBLISH.
+    fn take(&mut self) {
+        let now = Instant::now();
+        let refilled = now.duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refilled).min(self.per_second.max(1.0)) - 1.0;
+        self.at = now;
+    }
+
+    /// When reading may go on: None now, else when the bucket is back to zero.
+    pub(super) fn resume_at(&self) -> Option<Instant> {
+        if self.tokens >= 0.0 {
+            return None;
+        }
+        let at = self.at + Duration::from_secs_f64(-self.tokens / self.per_second);
+        (at > Instant::now()).then_some(at)
     }
 }
 
@@ -146,6 +188,9 @@ impl Conn {
             .and_then(|()| self.shared.plan.topic_limits.check(&p.topic))
             .map_err(ProtocolError::TopicNameInvalid)?;
         self.shared.counters.received();
+        if let Some(rate) = &mut self.inbound.rate {
+            rate.take();
+        }
         let max_inflight = self.shared.plan.max_inflight;
         if p.qos > 0
             && self.version == Version::V5

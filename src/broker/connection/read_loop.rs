@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::inbound::PublishRate;
 use super::{Conn, End, ProtocolError, read_more};
 use crate::broker::codec::{self, Outgoing, Packet, Version};
 use crate::broker::listener::StreamReader;
@@ -49,10 +50,22 @@ impl Conn {
             // messages wait for settlement (TCP pushes back on them).
             let paused = self.version == Version::V311
                 && self.inbound.intake.unacknowledged() >= max_inflight;
-            if paused {
+            // Over `max_publish_rate`: not read until the rate allows.
+            let resume = self
+                .inbound
+                .rate
+                .as_deref()
+                .and_then(PublishRate::resume_at);
+            if paused || resume.is_some() {
                 last = Instant::now();
             }
             let silence = self.silence_allowed(!buf.is_empty());
+            // One timer for both: the keepalive, and the end of a pause for the rate.
+            let keepalive = (!silence.is_zero()).then(|| last + silence);
+            let wake = match (keepalive, resume) {
+                (Some(k), Some(r)) => Some(k.min(r)),
+                (k, r) => k.or(r),
+            };
             tokio::select! {
                 biased;
                 _ = done.cancelled() => {
@@ -71,12 +84,20 @@ impl Conn {
                         return End::Lost;
                     }
                 }
-                _ = tokio::time::sleep_until(last + silence), if !silence.is_zero() => {
+                _ = tokio::time::sleep_until(wake.unwrap_or(last)), if wake.is_some() => {
+                    if resume.is_some() {
+                        // The pause for the rate is over (or the keepalive's turn came,
+                        // which waits meanwhile): the packets already read go first.
+                        if let Some(end) = self.handle_frames(&mut buf, &mut last).await {
+                            return end;
+                        }
+                        continue;
+                    }
                     self.shared.counters.timed_out(TimedOut::KeepAlive);
                     self.disconnect(&ProtocolError::KeepAliveTimeout(silence)).await;
                     return End::Lost;
                 }
-                r = read_more(rd, &mut buf), if !paused => {
+                r = read_more(rd, &mut buf), if !paused && resume.is_none() => {
                     match r {
                         Ok(0) | Err(_) => return End::Lost,
                         Ok(_) => {}
@@ -106,8 +127,17 @@ impl Conn {
 
     /// Handles the whole packets in `buf`, each one setting `last` (the keepalive's
     /// start); Some when one ends the connection.
+    /// Stops early, leaving the rest in `buf`, once the client is over `max_publish_rate`.
     async fn handle_frames(&mut self, buf: &mut BytesMut, last: &mut Instant) -> Option<End> {
         loop {
+            if self
+                .inbound
+                .rate
+                .as_deref()
+                .is_some_and(|r| r.resume_at().is_some())
+            {
+                return None;
+            }
             let frame = match codec::take_frame(buf, self.shared.plan.max_packet_size) {
                 Ok(Some(f)) => f,
                 Ok(None) => return None,

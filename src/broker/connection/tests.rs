@@ -960,6 +960,43 @@ async fn a_client_that_does_not_read_is_closed_after_send_timeout() {
     reader.ping().await;
 }
 
+/// A client publishing faster than `max_publish_rate` is read at that rate, not closed:
+/// 30 PUBLISHes at 10 per second (one second's worth at once, then ten a second) are
+/// answered after about two seconds, while another client is served at once meanwhile.
+#[tokio::test]
+async fn a_client_over_max_publish_rate_is_slowed_to_it_not_closed() {
+    let mut b = broker("  max_publish_rate: 10").await;
+    let mut pipeline = std::mem::replace(&mut b.pipeline, mpsc::channel(1).1);
+    tokio::spawn(async move {
+        while let Some(m) = pipeline.recv().await {
+            m.ack.settle();
+        }
+    });
+    let mut fast = b.connect(Version::V311, Hello::new("fast")).await;
+    let mut other = b.connect(Version::V311, Hello::new("other")).await;
+    let started = tokio::time::Instant::now();
+    let mut burst = BytesMut::new();
+    for pkid in 1..=30 {
+        burst.extend_from_slice(&publish(Version::V311, "t/fast", 1, pkid, None));
+    }
+    fast.send(&burst).await;
+    other.ping().await;
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "the other client is not held up: {:?}",
+        started.elapsed()
+    );
+    for pkid in 1..=30 {
+        assert_eq!(fast.recv().await, Got::PubAck { pkid, reason: 0 });
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1800) && elapsed < Duration::from_secs(5),
+        "30 at 10 per second, 10 of them at once: {elapsed:?}"
+    );
+    fast.ping().await;
+}
+
 /// A 3.1.1 client without a keepalive that sends a packet a byte at a time is closed
 /// 1.5 × `max_keepalive` after its last whole packet; an idle client without a keepalive
 /// and nothing half-sent stays connected.

@@ -207,6 +207,12 @@ pub(super) fn validate_embedded(
             "must be between 0 (no limit) and 1000000 connections per second".into(),
         ));
     }
+    if !(e.max_publish_rate >= 0.0 && e.max_publish_rate <= 1e7) {
+        errs.push((
+            "embedded.max_publish_rate".into(),
+            "must be between 0 (no limit) and 10000000 messages per second".into(),
+        ));
+    }
     let sys_interval = e.sys_interval.0;
     if !sys_interval.is_zero()
         && (sys_interval < Duration::from_millis(100) || sys_interval > Duration::from_secs(86400))
@@ -264,6 +270,7 @@ pub(super) fn validate_embedded(
         send_timeout,
         max_connecting: e.max_connecting,
         connection_rate_per_ip: e.connection_rate_per_ip,
+        max_publish_rate: e.max_publish_rate,
         max_subscriptions: e.max_subscriptions,
         topic_limits: crate::topic::TopicLimits {
             length: e.max_topic_length.0 as usize,
