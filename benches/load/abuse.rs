@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::brokers::{self, Broker, Programs, free_port};
-use crate::fanin::{self, Outcome, Payload, Scenario};
+use crate::fanin::{self, Outcome, Scenario};
 use crate::flags::Flags;
 use crate::matrix::{ms, spread};
 use crate::mqtt::{self, Client};
@@ -65,13 +65,7 @@ impl Args {
             runs: 3,
             scenario: Scenario {
                 qos: 1,
-                publishers: 4,
-                messages_per_publisher: 50_000,
-                payload_bytes: 100,
-                window: 100,
-                stall: Duration::from_secs(10),
-                payload: Payload::Stamp,
-                rate: None,
+                ..Scenario::default()
             },
             hostile: Hostile {
                 slowloris: 200,

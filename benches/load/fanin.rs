@@ -36,6 +36,23 @@ pub struct Scenario {
     pub rate: Option<f64>,
 }
 
+impl Default for Scenario {
+    /// The fan-in: 4 publishers → 1 subscriber, 100-byte payloads, QoS 0, a
+    /// window of 100, at a size that runs in seconds.
+    fn default() -> Scenario {
+        Scenario {
+            qos: 0,
+            publishers: 4,
+            messages_per_publisher: 50_000,
+            payload_bytes: 100,
+            window: 100,
+            stall: Duration::from_secs(10),
+            payload: Payload::Stamp,
+            rate: None,
+        }
+    }
+}
+
 /// What a payload says about its message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Payload {

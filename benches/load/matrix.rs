@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::brokers::{Broker, Kind, Programs};
-use crate::fanin::{self, Outcome, Payload, Scenario};
+use crate::fanin::{self, Outcome, Scenario};
 use crate::flags::Flags;
 use crate::idle::IdleConnections;
 
@@ -39,16 +39,7 @@ impl Matrix {
             qos: vec![0, 1],
             idle: vec![0],
             runs: 3,
-            scenario: Scenario {
-                qos: 0,
-                publishers: 4,
-                messages_per_publisher: 50_000,
-                payload_bytes: 100,
-                window: 100,
-                stall: Duration::from_secs(10),
-                payload: Payload::Stamp,
-                rate: None,
-            },
+            scenario: Scenario::default(),
             idle_per_process: 6_000,
             programs: Programs::default(),
             csv: None,
