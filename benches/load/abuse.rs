@@ -121,16 +121,10 @@ impl Measurement {
     pub fn line(&self) -> String {
         let o = &self.outcome;
         let mut s = format!(
-            "{}: {:.0} msg/s delivered, lost {} of {}, duplicated {}, latency p50 {:.2} ms \
-             p99 {:.2} ms max {:.2} ms; peak RSS {} KiB",
+            "{}: {:.0} msg/s delivered, {}; peak RSS {} KiB",
             if self.abused { "abused" } else { "clean " },
             o.delivered_per_s,
-            o.lost,
-            o.sent,
-            o.duplicated,
-            ms(o.p50),
-            ms(o.p99),
-            ms(o.max),
+            o.counts(),
             self.peak_rss_kib,
         );
         if self.abused {

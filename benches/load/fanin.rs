@@ -79,6 +79,22 @@ pub struct Outcome {
     pub max: Duration,
 }
 
+impl Outcome {
+    /// What was lost and duplicated, and the latency, as the run lines print them.
+    pub fn counts(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "lost {} of {}, duplicated {}, latency p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+            self.lost,
+            self.sent,
+            self.duplicated,
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.max)
+        )
+    }
+}
+
 pub async fn run(broker: SocketAddr, s: &Scenario) -> anyhow::Result<Outcome> {
     ensure!(
         s.payload_bytes >= STAMP,

@@ -128,19 +128,13 @@ impl Measurement {
     fn line(&self) -> String {
         let o = &self.outcome;
         let mut s = format!(
-            "{:9} QoS {} idle {:>6}: {:>9.0} msg/s delivered ({:.0} published), \
-             lost {} of {}, duplicated {}, latency p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+            "{:9} QoS {} idle {:>6}: {:>9.0} msg/s delivered ({:.0} published), {}",
             self.broker.name(),
             self.qos,
             self.idle,
             o.delivered_per_s,
             o.published_per_s,
-            o.lost,
-            o.sent,
-            o.duplicated,
-            ms(o.p50),
-            ms(o.p99),
-            ms(o.max),
+            o.counts(),
         );
         if let Some(per) = self.rss_per_idle_kib() {
             let _ = write!(
