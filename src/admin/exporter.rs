@@ -162,6 +162,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Connections closed as soon as accepted: their address exceeded connection_rate_per_ip.",
     ),
+    (
+        "mqbridge_broker_connections_timed_out_total",
+        Kind::Counter,
+        Unit::Count,
+        "Connections closed by a deadline, by timeout: connect (connect_timeout), keepalive, send (send_timeout).",
+    ),
     // Spool.
     (
         "mqbridge_spool_bytes",
