@@ -12,7 +12,7 @@
 //! - definite and indefinite lengths are both read; text must be UTF-8.
 
 use ciborium_ll::{Decoder, Header, simple, tag};
-use jaq_json::{Num, Val};
+use jaq_json::Val;
 use num_bigint::{BigInt, BigUint};
 
 use super::{float, int, nested, object, room};
@@ -61,7 +61,7 @@ fn item(dec: &mut Decoder<&[u8]>, depth: usize) -> Result<Val, String> {
                     "bignum (tag {t}) at byte {at} is not a byte string"
                 ));
             }
-            (Header::Positive(n), _) => Val::Num(Num::from_integral(n)),
+            (Header::Positive(n), _) => int(i128::from(n)),
             (Header::Negative(n), _) => int(-1 - i128::from(n)),
             (Header::Float(f), _) => float(f),
             (Header::Simple(simple::FALSE), _) => Val::Bool(false),

@@ -10,11 +10,11 @@
 //! - the marker the specification never uses (0xc1) is an error.
 
 use bytes::Bytes;
-use jaq_json::{Num, Val};
+use jaq_json::Val;
 use rmp::Marker;
 use rmp::decode::{RmpRead, read_marker};
 
-use super::{float, nested, object, room};
+use super::{float, int, nested, object, room};
 
 /// The extension type of timestamps.
 const TIMESTAMP: i8 = -1;
@@ -55,7 +55,6 @@ impl Reader<'_> {
     /// One value, arrays and maps `depth` levels down.
     fn value(&mut self, depth: usize) -> Result<Val, String> {
         let at = self.at();
-        let int = |n: Num| Val::Num(n);
         let rest = &mut self.rest;
         Ok(match read_marker(rest).map_err(truncated)? {
             Marker::Null => Val::Null,
@@ -63,14 +62,14 @@ impl Reader<'_> {
             Marker::False => Val::Bool(false),
             Marker::FixPos(n) => Val::from(isize::from(n)),
             Marker::FixNeg(n) => Val::from(isize::from(n)),
-            Marker::U8 => int(Num::from_integral(rest.read_data_u8().map_err(truncated)?)),
-            Marker::U16 => int(Num::from_integral(rest.read_data_u16().map_err(truncated)?)),
-            Marker::U32 => int(Num::from_integral(rest.read_data_u32().map_err(truncated)?)),
-            Marker::U64 => int(Num::from_integral(rest.read_data_u64().map_err(truncated)?)),
-            Marker::I8 => int(Num::from_integral(rest.read_data_i8().map_err(truncated)?)),
-            Marker::I16 => int(Num::from_integral(rest.read_data_i16().map_err(truncated)?)),
-            Marker::I32 => int(Num::from_integral(rest.read_data_i32().map_err(truncated)?)),
-            Marker::I64 => int(Num::from_integral(rest.read_data_i64().map_err(truncated)?)),
+            Marker::U8 => int(i128::from(rest.read_data_u8().map_err(truncated)?)),
+            Marker::U16 => int(i128::from(rest.read_data_u16().map_err(truncated)?)),
+            Marker::U32 => int(i128::from(rest.read_data_u32().map_err(truncated)?)),
+            Marker::U64 => int(i128::from(rest.read_data_u64().map_err(truncated)?)),
+            Marker::I8 => int(i128::from(rest.read_data_i8().map_err(truncated)?)),
+            Marker::I16 => int(i128::from(rest.read_data_i16().map_err(truncated)?)),
+            Marker::I32 => int(i128::from(rest.read_data_i32().map_err(truncated)?)),
+            Marker::I64 => int(i128::from(rest.read_data_i64().map_err(truncated)?)),
             Marker::F32 => float(f64::from(rest.read_data_f32().map_err(truncated)?)),
             Marker::F64 => float(rest.read_data_f64().map_err(truncated)?),
             Marker::FixStr(n) => self.text(usize::from(n), at)?,
@@ -115,7 +114,7 @@ impl Reader<'_> {
             Marker::Str16 | Marker::Bin16 | Marker::Ext16 | Marker::Array16 | Marker::Map16 => {
                 usize::from(rest.read_data_u16().map_err(truncated)?)
             }
-            // A length beyond the address space cannot be in the payload.
+            // The 32-bit ones; a length beyond the address space cannot be in the payload.
             _ => usize::try_from(rest.read_data_u32().map_err(truncated)?).map_err(truncated)?,
         })
     }
