@@ -50,8 +50,8 @@ enum Command {
         file: PathBuf,
         #[arg(long)]
         topic: String,
-        #[arg(long)]
-        payload: String,
+        #[command(flatten)]
+        payload: Payload,
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
         qos: u8,
     },
@@ -86,6 +86,43 @@ enum Command {
         #[arg(default_value = DEFAULT_HEALTH_URL)]
         url: String,
     },
+}
+
+/// The payload `try` runs through the rules: exactly one of these.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Payload {
+    /// The payload as text.
+    #[arg(long)]
+    payload: Option<String>,
+    /// The payload as hex digits, for binary payloads such as CBOR or MessagePack
+    /// (whitespace between them is ignored): `a16174f94d60`.
+    #[arg(long, value_name = "HEX", value_parser = hex_bytes)]
+    payload_hex: Option<bytes::Bytes>,
+    /// The payload read from a file, byte for byte.
+    #[arg(long, value_name = "PATH")]
+    payload_file: Option<PathBuf>,
+}
+
+impl Payload {
+    /// The payload's bytes; the error says which file could not be read.
+    fn read(self) -> Result<bytes::Bytes, String> {
+        match (self.payload, self.payload_hex, self.payload_file) {
+            (Some(text), _, _) => Ok(text.into()),
+            (_, Some(bytes), _) => Ok(bytes),
+            (_, _, Some(path)) => std::fs::read(&path)
+                .map(Into::into)
+                .map_err(|e| format!("cannot read the payload file {}: {e}", path.display())),
+            (None, None, None) => unreachable!("clap requires one payload argument"),
+        }
+    }
+}
+
+fn hex_bytes(digits: &str) -> Result<bytes::Bytes, String> {
+    let digits: String = digits.split_ascii_whitespace().collect();
+    hex::decode(digits)
+        .map(Into::into)
+        .map_err(|e| format!("not hex digits: {e}"))
 }
 
 /// `admin.listen`'s default address.
@@ -147,7 +184,14 @@ fn main() -> ExitCode {
             // secret, so it also works on a config meant for another machine.
             match config::load(&file, config::Checks::FileOnly) {
                 Ok(plan) => {
-                    let msg = Message::detached(topic, payload.into_bytes(), qos);
+                    let payload = match payload.read() {
+                        Ok(p) => p,
+                        Err(e) => {
+                            eprintln!("{e}");
+                            return ExitCode::FAILURE;
+                        }
+                    };
+                    let msg = Message::detached(topic, payload, qos);
                     print!("{}", mqbridge::dryrun::explain(&plan, &msg));
                     msg.ack.settle();
                     ExitCode::SUCCESS

@@ -6,6 +6,7 @@
 //! program that runs past its time limit (see [`jq`]): a runaway program is a failed
 //! evaluation, not a stuck thread.
 
+mod decode;
 pub mod jq;
 pub mod picks;
 pub mod template;
@@ -16,37 +17,11 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use jaq_json::Val;
-use serde::{Deserialize, Serialize};
 
 use crate::message::Message;
 use crate::topic::TopicFilter;
+pub use decode::{Decode, decode};
 use jq::{Deadline, JqProgram};
-
-/// How a payload is turned into the `payload` value that filters and transforms see.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Decode {
-    /// JSON document (nesting limited to 128 levels).
-    #[default]
-    Json,
-    /// UTF-8 text.
-    Text,
-    /// Raw bytes (a jq byte string; base64 when written out as JSON).
-    Bytes,
-}
-
-/// As written in the config: `json`, `text` or `bytes`.
-impl std::fmt::Display for Decode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Decode::Json => "json",
-            Decode::Text => "text",
-            Decode::Bytes => "bytes",
-        })
-    }
-}
 
 /// One compiled rule.
 #[derive(Debug)]
@@ -119,19 +94,6 @@ impl Rule {
                 error: error.to_string(),
             },
         }
-    }
-}
-
-/// Decodes a payload per the rule's `decode`: JSON straight into a jq value (no
-/// intermediate `serde_json::Value`), text and bytes sharing the payload's buffer.
-pub fn decode(how: Decode, payload: &Bytes) -> Result<Val, String> {
-    match how {
-        Decode::Json => serde_json::from_slice::<Val>(payload)
-            .map_err(|e| format!("payload is not valid JSON: {e}")),
-        Decode::Text => std::str::from_utf8(payload)
-            .map(|_| Val::utf8_str(payload.clone()))
-            .map_err(|e| format!("payload is not valid UTF-8: {e}")),
-        Decode::Bytes => Ok(Val::byte_str(payload.clone())),
     }
 }
 

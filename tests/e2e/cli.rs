@@ -147,6 +147,67 @@ fn try_shows_records_and_what_each_sink_would_do() {
     assert!(out.contains("no rule matches topic \"elsewhere\""), "{out}");
 }
 
+/// `try` with a CBOR payload (README, "Binary payloads"), as hex digits and from a file.
+#[test]
+fn try_takes_binary_payloads_as_hex_or_from_a_file() {
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/binary-sqlite.yaml"
+    );
+    // {"t": 21.5, "seq": 7, "at": 0("2026-12-02T16:45:28Z"), "fw": h'0102'}
+    let digits =
+        "a46174f94d606373657107626174c074323032362d31322d30325431363a34353a32385a626677420102";
+    let try_with = |args: &[&str]| {
+        let mut all = vec!["try", cfg, "--topic", "sensors/d1/cbor"];
+        all.extend(args);
+        mqbridge(&all)
+    };
+    let (code, out, err) = try_with(&["--payload-hex", digits]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("rule cbor-readings matched (device=d1)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            r#"record {"at":"2026-12-02T16:45:28Z","device":"d1","fw":"AQI=","seq":7,"temp":21.5}"#
+        ),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("reading.cbor");
+    std::fs::write(&file, hex::decode(digits).unwrap()).unwrap();
+    let (code, from_file, err) = try_with(&["--payload-file", file.to_str().unwrap()]);
+    assert_eq!((code, &from_file), (0, &out), "{err}");
+
+    // Hex digits may be spaced; a broken payload is dead-lettered with the reason.
+    let (code, out, _) = try_with(&["--payload-hex", "a2 61 74"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("decode failed: payload is not valid CBOR: truncated"),
+        "{out}"
+    );
+    assert!(out.contains("-> dead letter to sink dead_letters"), "{out}");
+
+    // Exactly one payload, hex that is hex, a file that exists.
+    let (code, _, err) = try_with(&[]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = try_with(&["--payload", "x", "--payload-hex", "00"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (code, _, err) = try_with(&["--payload-hex", "a4z"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--payload-hex") && err.contains("not hex digits"),
+        "{err}"
+    );
+    let missing = dir.path().join("missing.cbor");
+    let (code, _, err) = try_with(&["--payload-file", missing.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot read the payload file"), "{err}");
+}
+
 #[test]
 fn check_and_try_describe_webhooks_without_their_secrets() {
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/webhook.yaml");

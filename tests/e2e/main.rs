@@ -7,6 +7,7 @@ mod broker;
 mod cli;
 mod crash;
 mod dashboard;
+mod decoders;
 mod embedded;
 mod embedded_auth;
 mod embedded_limits;
