@@ -52,7 +52,7 @@ fn rule(transform: &str) -> Rule {
     Rule {
         name: Arc::from("readings"),
         from: Vec::new(),
-        decode: Decode::Json,
+        decode: Decode::Json.into(),
         filter: None,
         transform: Some(JqProgram::compile(transform).unwrap()),
         to: Vec::new(),

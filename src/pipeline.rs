@@ -417,7 +417,7 @@ mod tests {
         Rule {
             name: Arc::from(name),
             from: vec![TopicFilter::parse(from).unwrap()],
-            decode: crate::rule::Decode::Json,
+            decode: crate::rule::Decode::Json.into(),
             filter: None,
             transform: Some(JqProgram::compile(transform).unwrap()),
             to: vec![to],

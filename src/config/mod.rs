@@ -25,6 +25,7 @@ pub mod locate;
 pub mod mosquitto;
 pub mod plan;
 pub mod preflight;
+pub mod protobuf;
 pub mod raw;
 pub mod sinks;
 pub mod units;
@@ -158,7 +159,10 @@ fn parse_checked(
     };
     let (files, unreadable, malformed) = read_auth_files(raw.embedded.as_ref());
     errs.extend(unreadable);
-    let plan = match plan::validate(raw, files) {
+    let base = Path::new(file).parent().unwrap_or(Path::new(""));
+    let (decoders, undecodable) = protobuf::decoders(&raw.rules, base);
+    errs.extend(undecodable);
+    let plan = match plan::validate(raw, files, decoders) {
         Ok(plan) => Some(plan),
         Err(invalid) => {
             errs.extend(invalid);

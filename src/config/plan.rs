@@ -12,8 +12,8 @@ use super::fingerprint::{self, Fingerprint};
 use super::mosquitto::{MosquittoAcl, MosquittoHash, PasswdUser};
 use super::raw::{AclAction, BrokerConfig, CertName, EmbeddedConfig, Protocol, RawConfig};
 use super::sinks::{SinkConfig, SinkSettings, sql};
-use crate::rule::Rule;
 use crate::rule::jq::JqProgram;
+use crate::rule::{Decoder, Rule};
 use crate::topic::{TopicFilter, covers};
 
 use super::units::ByteSize;
@@ -208,9 +208,13 @@ pub(super) type Errors = Vec<(String, String)>;
 mod embedded;
 use embedded::validate_embedded;
 
-/// Validates everything, with the files `embedded:` names as read; on failure returns
-/// every (field path, message).
-pub fn validate(mut raw: RawConfig, files: AuthFiles) -> Result<Plan, Errors> {
+/// Validates everything, with the files `embedded:` names as read and each rule's
+/// decoder made (see [`super::protobuf`]); on failure returns every (field path, message).
+pub fn validate(
+    mut raw: RawConfig,
+    files: AuthFiles,
+    mut decoders: Vec<Decoder>,
+) -> Result<Plan, Errors> {
     let mut errs = Errors::new();
     let sink_names: Vec<String> = raw.sinks.keys().cloned().collect();
     let sinks: Vec<Option<SinkPlan>> = std::mem::take(&mut raw.sinks)
@@ -261,7 +265,7 @@ pub fn validate(mut raw: RawConfig, files: AuthFiles) -> Result<Plan, Errors> {
         rules.push(Rule {
             name: Arc::from(r.name.as_str()),
             from,
-            decode: r.decode,
+            decode: std::mem::take(&mut decoders[i]),
             filter,
             transform,
             to,

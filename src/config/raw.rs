@@ -482,8 +482,10 @@ pub struct RuleConfig {
     pub name: String,
     /// Topic filters; `+` and `#` as in MQTT, `{name}` captures a level into `vars.name`.
     pub from: OneOrMany,
+    /// How the payload is read: `json` (the default), `text`, `bytes`, `cbor`,
+    /// `msgpack`, or `{protobuf: {...}}`.
     #[serde(default)]
-    pub decode: Decode,
+    pub decode: DecodeConfig,
     /// jq expression; the message is kept when it yields a value other than false/null.
     #[serde(default)]
     pub filter: Option<String>,
@@ -493,6 +495,72 @@ pub struct RuleConfig {
     pub transform: Option<String>,
     /// Sink names.
     pub to: OneOrMany,
+}
+
+/// `decode:`: a format's name, or a Protobuf message type.
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum DecodeConfig {
+    Named(Decode),
+    Protobuf(ProtobufDecode),
+}
+
+impl Default for DecodeConfig {
+    fn default() -> DecodeConfig {
+        DecodeConfig::Named(Decode::default())
+    }
+}
+
+/// A name is a [`Decode`]; a map is `{protobuf: ...}`. (Not `untagged`: its errors would
+/// not say which name or key is wrong.)
+impl<'de> Deserialize<'de> for DecodeConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IntoDeserializer, MapAccess, Visitor, value::MapAccessDeserializer};
+        struct Either;
+        impl<'de> Visitor<'de> for Either {
+            type Value = DecodeConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("json, text, bytes, cbor, msgpack or {protobuf: {...}}")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<DecodeConfig, E> {
+                Decode::deserialize(name.into_deserializer()).map(DecodeConfig::Named)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DecodeConfig, A::Error> {
+                ProtobufDecode::deserialize(MapAccessDeserializer::new(map))
+                    .map(DecodeConfig::Protobuf)
+            }
+        }
+        d.deserialize_any(Either)
+    }
+}
+
+/// `decode: {protobuf: ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProtobufDecode {
+    pub protobuf: ProtobufConfig,
+}
+
+/// One Protobuf message type, from `.proto` files (compiled when the config loads; no
+/// `protoc` needed) or a compiled descriptor set. Relative paths are relative to the
+/// config file's directory (a schema travels with its config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProtobufConfig {
+    /// The `.proto` files that define the message (and what they import, looked up in
+    /// `include`).
+    #[serde(default)]
+    pub proto_files: Vec<PathBuf>,
+    /// Directories imports are looked up in, as `protoc -I`; default: the directories of
+    /// `proto_files`.
+    #[serde(default)]
+    pub include: Vec<PathBuf>,
+    /// A FileDescriptorSet, instead of `proto_files`: `protoc --include_imports
+    /// --descriptor_set_out=FILE`.
+    #[serde(default)]
+    pub descriptor_set: Option<PathBuf>,
+    /// The message type payloads hold, with its package: `sensors.Reading`.
+    pub message: String,
 }
 
 /// A string or a list of strings.

@@ -17,9 +17,14 @@
 //!
 //! A payload that is not exactly one well-formed item is an error: the message is
 //! dead-lettered with it.
+//!
+//! [`protobuf`] (feature `protobuf`) reads a payload against a message type compiled when
+//! the config loads, so a rule's compiled decode is a [`Decoder`], not just a [`Decode`].
 
 mod cbor;
 mod msgpack;
+#[cfg(feature = "protobuf")]
+mod protobuf;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -63,6 +68,54 @@ impl std::fmt::Display for Decode {
             Decode::Cbor => "cbor",
             Decode::Msgpack => "msgpack",
         })
+    }
+}
+
+/// A rule's compiled `decode`: a format [`Decode`] names, or a Protobuf message type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoder {
+    Named(Decode),
+    /// `decode: { protobuf: ... }`: the message type, compiled when the config loads.
+    #[cfg(feature = "protobuf")]
+    Protobuf(prost_reflect::MessageDescriptor),
+}
+
+impl Default for Decoder {
+    fn default() -> Decoder {
+        Decoder::Named(Decode::default())
+    }
+}
+
+impl From<Decode> for Decoder {
+    fn from(how: Decode) -> Decoder {
+        Decoder::Named(how)
+    }
+}
+
+/// The format's name, or `protobuf` and the message type's full name.
+impl std::fmt::Display for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decoder::Named(how) => how.fmt(f),
+            #[cfg(feature = "protobuf")]
+            Decoder::Protobuf(message) => write!(f, "protobuf {}", message.full_name()),
+        }
+    }
+}
+
+impl Decoder {
+    /// Decodes a payload; the error says why it cannot be read.
+    pub fn decode(&self, payload: &Bytes) -> Result<Val, String> {
+        match self {
+            Decoder::Named(how) => decode(*how, payload),
+            #[cfg(feature = "protobuf")]
+            Decoder::Protobuf(message) => protobuf::decode(message, payload).map_err(|e| {
+                format!(
+                    "payload is not a valid Protobuf {}: {e}",
+                    message.full_name()
+                )
+            }),
+        }
     }
 }
 

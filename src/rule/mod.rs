@@ -20,7 +20,7 @@ use jaq_json::Val;
 
 use crate::message::Message;
 use crate::topic::TopicFilter;
-pub use decode::{Decode, decode};
+pub use decode::{Decode, Decoder, decode};
 use jq::{Deadline, JqProgram};
 
 /// One compiled rule.
@@ -28,7 +28,7 @@ use jq::{Deadline, JqProgram};
 pub struct Rule {
     pub name: Arc<str>,
     pub from: Vec<TopicFilter>,
-    pub decode: Decode,
+    pub decode: Decoder,
     pub filter: Option<JqProgram>,
     pub transform: Option<JqProgram>,
     /// Indices into the pipeline's sink list.
@@ -56,7 +56,7 @@ impl Rule {
     /// and transform together may run for `limit`.
     pub fn evaluate(&self, msg: &Message, vars: &[(&str, &str)], limit: Duration) -> Evaluation {
         let deadline = Deadline::after(limit);
-        let payload = match decode(self.decode, &msg.payload) {
+        let payload = match self.decode.decode(&msg.payload) {
             Ok(p) => p,
             Err(error) => {
                 return Evaluation::Failed {
@@ -213,7 +213,7 @@ mod tests {
         Rule {
             name: Arc::from("r"),
             from: vec![TopicFilter::parse("sensors/{device}/telemetry").unwrap()],
-            decode,
+            decode: decode.into(),
             filter: filter.map(|f| JqProgram::compile(f).unwrap()),
             transform: transform.map(|t| JqProgram::compile(t).unwrap()),
             to: vec![],
