@@ -25,7 +25,7 @@
 //!   connections hand off through the same intake.
 //! - [`message`]: the [`message::Message`] passed along.
 //! - [`spool`]: the durable local log between the source and the rules (optional).
-//! - [`rule`]: decode (JSON, text, bytes, CBOR, MessagePack), jq filter/transform (a transform that only picks paths runs
+//! - [`rule`]: decode (JSON, text, bytes, CBOR, MessagePack, Protobuf), jq filter/transform (a transform that only picks paths runs
 //!   without jq), templates; [`pipeline`] routes messages through them, evaluating them
 //!   on the [`eval_pool`]'s threads, each run under a deadline.
 //! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type,

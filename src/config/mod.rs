@@ -8,13 +8,16 @@
 //!    `admin:` through [`admin`]) and, for `run` and `check`, [`preflight`] checks what
 //!    the config needs from this machine (files readable, environment variables set).
 //!    The Mosquitto password and ACL files `embedded:` names are read and parsed by
-//!    [`mosquitto`] on every load (their users and rules are part of the plan).
+//!    [`mosquitto`] on every load (their users and rules are part of the plan), and
+//!    the `.proto` files or descriptor sets of `decode: {protobuf: ...}` are read and
+//!    compiled by [`protobuf`] (a problem inside a `.proto` file is reported at the
+//!    field that names it, with that file, its line and column).
 //!    *Every* problem is reported at once, each located in the file through
 //!    [`locate`], as
 //!    `FILE:LINE:COL: field.path: message` (a malformed line of a Mosquitto file with
 //!    that file, its line and column, and the field that names it).
 //!
-//! No I/O happens beyond reading the file and those two, and opening the files it
+//! No I/O happens beyond reading the file and those, and opening the files it
 //! names; sinks and connections are built by `app`.
 
 pub mod admin;

@@ -208,6 +208,53 @@ fn try_takes_binary_payloads_as_hex_or_from_a_file() {
     assert!(err.contains("cannot read the payload file"), "{err}");
 }
 
+#[cfg(feature = "protobuf")]
+#[test]
+fn try_reads_protobuf_payloads_with_the_schema_beside_the_config() {
+    // Run elsewhere: the config's sensors.proto is found beside the config.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/binary-sqlite.yaml"
+    );
+    let try_with = |hex: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mqbridge"))
+            .args([
+                "try",
+                cfg,
+                "--topic",
+                "sensors/d1/protobuf",
+                "--payload-hex",
+                hex,
+            ])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        (out.status.code(), text(out.stdout), text(out.stderr))
+    };
+    // sensors.Reading {t: 21.5, seq: 7, at: "2026-12-02T16:45:28Z", fw: 0x0102}
+    let (code, out, err) =
+        try_with("09000000000080354010071a14323032362d31322d30325431363a34353a32385a22020102");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("rule protobuf-readings matched (device=d1)")
+            && out.contains(
+                r#"record {"at":"2026-12-02T16:45:28Z","device":"d1","fw":"AQI=","seq":7,"temp":21.5}"#
+            ),
+        "{out}"
+    );
+    // `t` (a double) as a length-delimited field.
+    let (code, out, _) = try_with("0a 01 00");
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains(
+            "decode failed: payload is not a valid Protobuf sensors.Reading: invalid wire type"
+        ) && out.contains("-> dead letter to sink dead_letters"),
+        "{out}"
+    );
+}
+
 #[test]
 fn check_and_try_describe_webhooks_without_their_secrets() {
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/webhook.yaml");

@@ -1,6 +1,6 @@
-//! Binary payloads through the embedded broker into SQLite: `decode: cbor` and
-//! `decode: msgpack` make rows of good payloads and dead-letter a broken one with the
-//! decoder's reason.
+//! Binary payloads through the embedded broker into SQLite: `decode: cbor`,
+//! `decode: msgpack` and `decode: {protobuf: ...}` make rows of good payloads and
+//! dead-letter a broken one with the decoder's reason.
 
 use std::time::Duration;
 
@@ -53,6 +53,44 @@ fn msgpack_reading(seq: u64) -> Vec<u8> {
     };
     write().unwrap();
     b
+}
+
+/// The directory of `config/examples/sensors.proto`, which defines `sensors.Reading`.
+#[cfg(feature = "protobuf")]
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+
+/// The same reading as a Protobuf `sensors.Reading`, `at` as text.
+#[cfg(feature = "protobuf")]
+fn protobuf_reading(seq: u64) -> Vec<u8> {
+    use prost_reflect::{DynamicMessage, Value, prost::Message as _};
+    let pool = protox::Compiler::new([EXAMPLES])
+        .unwrap()
+        .open_file("sensors.proto")
+        .unwrap()
+        .descriptor_pool();
+    let mut msg = DynamicMessage::new(pool.get_message_by_name("sensors.Reading").unwrap());
+    msg.set_field_by_name("t", Value::F64(21.5));
+    msg.set_field_by_name("seq", Value::U64(seq));
+    msg.set_field_by_name("at", Value::String(AT.into()));
+    msg.set_field_by_name("fw", Value::Bytes(vec![1, 2].into()));
+    msg.encode_to_vec()
+}
+
+#[cfg(feature = "protobuf")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_readings_become_rows_and_a_broken_one_a_dead_letter() {
+    // A reading cut short inside its last field (fw, two bytes long).
+    let mut broken = protobuf_reading(9);
+    broken.pop();
+    readings_and_a_dead_letter(
+        &format!(
+            "{{ protobuf: {{ proto_files: [{EXAMPLES}/sensors.proto], message: sensors.Reading }} }}"
+        ),
+        protobuf_reading,
+        &broken,
+        "payload is not a valid Protobuf sensors.Reading: buffer underflow",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +154,7 @@ dead_letter: {{ sink: dlq }}"#,
         dlq = dlq.display(),
     );
     let bridge = start(port, &config(port, "", &rest)).await;
-    let p = V4::connect(port, &format!("sensor-{decode}"), true, None).await;
+    let p = V4::connect(port, &format!("sensor-{port}"), true, None).await;
     let payloads = std::iter::once(broken.to_vec()).chain((1..=3).map(reading));
     for payload in payloads {
         p.client

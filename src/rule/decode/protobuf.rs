@@ -29,7 +29,14 @@ use super::{float, int};
 
 /// Reads `payload` as one message of type `desc`.
 pub(super) fn decode(desc: &MessageDescriptor, payload: &Bytes) -> Result<Val, String> {
-    let msg = DynamicMessage::decode(desc.clone(), payload.clone()).map_err(|e| e.to_string())?;
+    let msg = DynamicMessage::decode(desc.clone(), payload.clone()).map_err(|e| {
+        let e = e.to_string();
+        // The caller says what failed to decode.
+        match e.strip_prefix("failed to decode Protobuf message: ") {
+            Some(why) => why.to_string(),
+            None => e,
+        }
+    })?;
     Ok(message(&msg))
 }
 
