@@ -17,7 +17,12 @@
 //! - bytes are jq byte strings, as `decode: bytes` gives them;
 //! - nested messages are objects, repeated fields arrays, maps objects (keys as text,
 //!   in sorted order);
-//! - unknown fields are dropped.
+//! - unknown fields are dropped;
+//! - three kinds of well-known types read as the value they stand for: a
+//!   `google.protobuf.Timestamp` as RFC 3339 UTC text (fractional seconds only when not
+//!   zero, as for MessagePack timestamps), a `Duration` as its seconds (a number), a
+//!   wrapper (`DoubleValue`, `StringValue`, ...) as the value it wraps. A timestamp
+//!   beyond what RFC 3339 can write stays a message, as do the other well-known types.
 //!
 //! Nesting is bounded by prost's decoder (100 levels), below the JSON limit.
 
@@ -40,8 +45,12 @@ pub(super) fn decode(desc: &MessageDescriptor, payload: &Bytes) -> Result<Val, S
     Ok(message(&msg))
 }
 
-/// A message as an object, its fields in the schema's order.
+/// A message as an object, its fields in the schema's order (or, for some well-known
+/// types, the value it stands for).
 fn message(msg: &DynamicMessage) -> Val {
+    if let Some(v) = well_known(msg) {
+        return v;
+    }
     let desc = msg.descriptor();
     let fields = desc
         .fields()
@@ -84,6 +93,35 @@ fn value(v: &Value, kind: &Kind) -> Val {
                 .map(|(k, v)| (Val::from(map_key(k)), value(v, &kind)));
             Val::obj(entries.collect())
         }
+    }
+}
+
+/// What a Timestamp, a Duration or a wrapper stands for; None for other messages.
+fn well_known(msg: &DynamicMessage) -> Option<Val> {
+    let int_field = |name: &str| msg.get_field_by_name(name)?.as_i64();
+    let nanos = || msg.get_field_by_name("nanos")?.as_i32();
+    match msg.descriptor().full_name() {
+        "google.protobuf.Timestamp" => {
+            let time = jiff::Timestamp::new(int_field("seconds")?, nanos()?).ok()?;
+            Some(Val::from(time.to_string()))
+        }
+        "google.protobuf.Duration" => match (int_field("seconds")?, nanos()?) {
+            (seconds, 0) => Some(int53(i128::from(seconds))),
+            (seconds, nanos) => Some(float(seconds as f64 + f64::from(nanos) / 1e9)),
+        },
+        "google.protobuf.DoubleValue"
+        | "google.protobuf.FloatValue"
+        | "google.protobuf.Int64Value"
+        | "google.protobuf.UInt64Value"
+        | "google.protobuf.Int32Value"
+        | "google.protobuf.UInt32Value"
+        | "google.protobuf.BoolValue"
+        | "google.protobuf.StringValue"
+        | "google.protobuf.BytesValue" => {
+            let field = msg.descriptor().get_field_by_name("value")?;
+            Some(value(&msg.get_field(&field), &field.kind()))
+        }
+        _ => None,
     }
 }
 
@@ -198,6 +236,49 @@ mod tests {
                 "device_id": "", "temp": 0.0, "ratio": 0.0, "big": 0, "huge": 0, "small": 0,
                 "ok": false, "fw": "", "unit": "UNIT_UNSPECIFIED", "samples": [],
                 "counters": {}, "units": {}, "inners": []
+            })
+        );
+    }
+
+    #[test]
+    fn timestamps_durations_and_wrappers_are_the_values_they_stand_for() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("wkt.proto"),
+            r#"syntax = "proto3";
+               import "google/protobuf/timestamp.proto";
+               import "google/protobuf/duration.proto";
+               import "google/protobuf/wrappers.proto";
+               message Event {
+                 google.protobuf.Timestamp at = 1;
+                 google.protobuf.Timestamp before_1970 = 2;
+                 google.protobuf.Duration took = 3;
+                 google.protobuf.Duration whole = 4;
+                 google.protobuf.DoubleValue temp = 5;
+                 google.protobuf.UInt64Value unset = 6;
+                 google.protobuf.StringValue name = 7;
+               }"#,
+        )
+        .unwrap();
+        let desc = protox::Compiler::new([dir.path()])
+            .unwrap()
+            .open_file("wkt.proto")
+            .unwrap()
+            .descriptor_pool()
+            .get_message_by_name("Event")
+            .unwrap();
+        let payload = encode(
+            &desc,
+            json!({
+                "at": "2026-12-02T16:45:28Z", "before_1970": "1969-12-31T23:59:59.5Z",
+                "took": "1.5s", "whole": "-60s", "temp": 0, "name": "x"
+            }),
+        );
+        assert_eq!(
+            read(&desc, &payload),
+            json!({
+                "at": "2026-12-02T16:45:28Z", "before_1970": "1969-12-31T23:59:59.5Z",
+                "took": 1.5, "whole": -60, "temp": 0.0, "name": "x"
             })
         );
     }
