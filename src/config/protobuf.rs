@@ -84,6 +84,16 @@ fn message(p: &super::raw::ProtobufConfig, base: &Path) -> Result<Decoder, (&'st
         }
         (None, false) => {
             let files: Vec<PathBuf> = p.proto_files.iter().map(at).collect();
+            // protox would call a missing file one "not in any include path".
+            if let Some((path, e)) = files
+                .iter()
+                .find_map(|f| std::fs::metadata(f).err().map(|e| (f, e)))
+            {
+                return Err((
+                    "proto_files",
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
             let include: Vec<PathBuf> = if p.include.is_empty() {
                 let mut dirs: Vec<PathBuf> = files
                     .iter()
@@ -281,9 +291,12 @@ mod tests {
             "{ protobuf: { proto_files: [missing.proto], message: sensors.Reading } }",
         )
         .unwrap_err();
+        let missing = dir.path().join("missing.proto");
         assert!(
-            errs[0].contains("rules[0].decode.protobuf.proto_files: ")
-                && errs[0].contains("missing.proto"),
+            errs[0].contains(&format!(
+                "rules[0].decode.protobuf.proto_files: cannot read {}: ",
+                missing.display()
+            )),
             "{errs:?}"
         );
         let errs = load(dir.path(), "{ protobuf: { message: sensors.Reading } }").unwrap_err();
