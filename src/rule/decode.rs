@@ -271,4 +271,33 @@ mod tests {
         assert_eq!(nested(MAX_DEPTH - 1, 0), Ok(MAX_DEPTH));
         assert!(nested(MAX_DEPTH, 9).unwrap_err().contains("at byte 9"));
     }
+
+    /// In each binary format, arrays of one element nested `MAX_DEPTH` deep read down to
+    /// their 0; one level more is refused where it starts, and so is an endless run.
+    #[test]
+    fn binary_payloads_nest_as_deep_as_json_and_no_deeper() {
+        // Each format's marker of an array of one element.
+        for (how, array_of_one) in [(Decode::Cbor, 0x81), (Decode::Msgpack, 0x91)] {
+            let nest = |levels: usize| {
+                let mut payload = vec![array_of_one; levels];
+                payload.push(0x00);
+                Bytes::from(payload)
+            };
+            let mut deepest = &json_of(&decode(how, &nest(MAX_DEPTH)).unwrap());
+            for _ in 0..MAX_DEPTH {
+                deepest = &deepest[0];
+            }
+            assert_eq!(deepest, &json!(0), "{how}");
+            let too_deep = decode(how, &nest(MAX_DEPTH + 1)).unwrap_err();
+            assert!(
+                too_deep.ends_with("nested deeper than 128 levels at byte 128"),
+                "{how}: {too_deep}"
+            );
+            let endless = decode(how, &Bytes::from(vec![array_of_one; 100_000])).unwrap_err();
+            assert!(
+                endless.contains("nested deeper than 128 levels"),
+                "{how}: {endless}"
+            );
+        }
+    }
 }

@@ -337,25 +337,6 @@ mod tests {
     }
 
     #[test]
-    fn nesting_is_limited_as_for_json() {
-        let nest = |levels: usize| {
-            let mut payload = vec![0x81; levels];
-            payload.push(0x00);
-            payload
-        };
-        let mut deepest = &read(&nest(super::super::MAX_DEPTH));
-        for _ in 0..super::super::MAX_DEPTH {
-            deepest = &deepest[0];
-        }
-        assert_eq!(deepest, &json!(0));
-        assert_eq!(
-            error(&nest(super::super::MAX_DEPTH + 1)),
-            "nested deeper than 128 levels at byte 128"
-        );
-        assert!(error(&vec![0x9f; 100_000]).contains("nested deeper than 128 levels"));
-    }
-
-    #[test]
     fn not_exactly_one_well_formed_item_is_an_error() {
         let truncated = "truncated: the payload ends inside an item";
         assert_eq!(error(&[]), truncated);

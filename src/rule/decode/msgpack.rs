@@ -348,25 +348,6 @@ mod tests {
     }
 
     #[test]
-    fn nesting_is_limited_as_for_json() {
-        let nest = |levels: usize| {
-            let mut payload = vec![0x91; levels];
-            payload.push(0x00);
-            payload
-        };
-        let payload = Bytes::from(nest(super::super::MAX_DEPTH));
-        let mut deepest = &read(&payload);
-        for _ in 0..super::super::MAX_DEPTH {
-            deepest = &deepest[0];
-        }
-        assert_eq!(deepest, &json!(0));
-        assert_eq!(
-            error(&nest(super::super::MAX_DEPTH + 1)),
-            "nested deeper than 128 levels at byte 128"
-        );
-    }
-
-    #[test]
     fn not_exactly_one_well_formed_value_is_an_error() {
         let truncated = "truncated: the payload ends inside a value";
         assert_eq!(error(&[]), truncated);
