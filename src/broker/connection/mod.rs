@@ -382,18 +382,25 @@ impl Conn {
         }
     }
 
-    /// May this client publish on `topic` (a PUBLISH or its will)? See
-    /// [`crate::broker::auth::chain`]. Without `embedded.auth`, the local ACL answers at
-    /// once; with it, the chain runs boxed, so that its state (an HTTP request's) is no
-    /// part of every connection's task.
-    async fn may_publish(&mut self, topic: &str, qos: u8, retain: bool) -> bool {
+    /// What decides for this client: the users and ACL in force, who it is, and (with
+    /// `embedded.auth`) its grants, made on first use.
+    fn deciders(&mut self) -> (Arc<Auth>, Identity<'_>, Option<&mut Grants>) {
         let auth = self.shared.auth();
         self.ensure_grants(&auth);
         let who = Identity {
             username: self.username.as_deref(),
             client_id: &self.client_id,
         };
-        match self.grants.as_deref_mut() {
+        (auth, who, self.grants.as_deref_mut())
+    }
+
+    /// May this client publish on `topic` (a PUBLISH or its will)? See
+    /// [`crate::broker::auth::chain`]. Without `embedded.auth`, the local ACL answers at
+    /// once; with it, the chain runs boxed, so that its state (an HTTP request's) is no
+    /// part of every connection's task.
+    async fn may_publish(&mut self, topic: &str, qos: u8, retain: bool) -> bool {
+        let (auth, who, grants) = self.deciders();
+        match grants {
             None => auth.can_publish(who, topic),
             Some(g) => Box::pin(auth.may_publish(Some(g), who, topic, qos, retain)).await,
         }
@@ -401,13 +408,8 @@ impl Conn {
 
     /// How a SUBSCRIBE to `filter` at `qos` is decided, as [`Conn::may_publish`].
     async fn may_subscribe(&mut self, filter: &str, qos: u8) -> Subscribed {
-        let auth = self.shared.auth();
-        self.ensure_grants(&auth);
-        let who = Identity {
-            username: self.username.as_deref(),
-            client_id: &self.client_id,
-        };
-        match self.grants.as_deref_mut() {
+        let (auth, who, grants) = self.deciders();
+        match grants {
             None if auth.can_subscribe(who, filter) => Subscribed::Local,
             None => Subscribed::Refused,
             Some(g) => Box::pin(auth.may_subscribe(Some(g), who, filter, qos)).await,
