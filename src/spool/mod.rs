@@ -3,26 +3,30 @@
 //! here, however slow or absent the sinks are.
 //!
 //! ```text
-//!  source ──Message──▶ writer ──group commit (write + fdatasync)──▶ segment files
-//!    ▲                   │                                            │
-//!    └── ack (PUBACK) ◀──┘ after the fsync                 reader ◀───┘ committed records, in order
-//!                                                             │
-//!                               pipeline ◀──Message (Ack → window)┘
-//!  janitor: every 100 ms saves the cursor (first unsettled record) and deletes
-//!           segments whose records have all settled
+//!  source ──Message──▶ writer ──group (one write)──▶ segment files ──▶ reader ──▶ pipeline
+//!    ▲                   │                               │          written records,
+//!    │                   ▼                               │          in order (Ack → window)
+//!    └── ack (PUBACK) ◀─ syncer ── one fdatasync ────────┘
+//!                        for every group written meanwhile
+//!  janitor: every 100 ms saves the cursor (first unsettled record, at most the first
+//!           record not yet durable) and deletes segments whose records have all settled
 //! ```
 //!
-//! - **Writer** (a thread): takes what the source has buffered (a group), appends it to the
-//!   active segment with one `write` and one `fdatasync`, then settles each message's
-//!   upstream [`Ack`](crate::delivery::Ack), in order. With `fsync: always` a group is one
-//!   message. When the spool's files would pass `max_bytes` it stops taking messages, so
-//!   acknowledgements stop and the backlog stays with the broker or the publishers.
-//! - **Reader** (a thread): hands committed records to the pipeline in order, each with an
+//! - **Writer** (a thread): takes what the source has buffered (a group) and appends it to
+//!   the active segment with one `write`. With `fsync: always` a group is one message and
+//!   the writer waits for its sync. When the spool's files would pass `max_bytes` it stops
+//!   taking messages, so acknowledgements stop and the backlog stays with the broker or
+//!   the publishers.
+//! - **Syncer** (a thread): one `fdatasync` for all the groups written while the last one
+//!   ran (group commit), then settles each message's upstream
+//!   [`Ack`](crate::delivery::Ack), in order. A slow sync delays acknowledgements, not
+//!   writes or delivery (see [`writer`]).
+//! - **Reader** (a thread): hands written records to the pipeline in order, each with an
 //!   [`Ack`](crate::delivery::Ack) that marks it settled in the settlement window; the
 //!   pipeline's bounded queues bound what is in memory.
-//! - **Cursor**: the first unsettled record, saved in `cursor` (write + rename). After a
-//!   crash the reader resumes there; records settled after the last save are delivered
-//!   again (at least once, like a broker's redelivery).
+//! - **Cursor**: the first unsettled record, saved in `cursor` (write + rename), but never
+//!   past the durable records. After a crash the reader resumes there; records settled
+//!   after the last save are delivered again (at least once, like a broker's redelivery).
 //! - **Recovery**: a crash can leave the last segment with a torn record after the last
 //!   fsync. Such records were never acknowledged (the broker still has them), so opening
 //!   the spool cuts them off.
@@ -115,7 +119,8 @@ struct Shared {
     /// Nominal segment size: a segment is sealed once it reaches this.
     segment_bytes: u64,
     state: Mutex<State>,
-    /// Signalled when records are committed and when space is freed.
+    /// Signalled when records are written or committed, when space is freed and when the
+    /// syncer stops.
     changed: Condvar,
     window: Window,
     /// Held (`flock`) while the spool is open: one process per directory.
@@ -125,8 +130,12 @@ struct Shared {
 }
 
 struct State {
-    /// Every record numbered below this is written and fsynced.
+    /// Every record numbered below this is written: the reader may hand it over.
+    written: u64,
+    /// Every record numbered below this is written and fsynced: durable, acknowledged.
     committed: u64,
+    /// The syncer has ended: nothing more becomes durable.
+    syncer_stopped: bool,
     /// The segments, oldest first, as (first record, bytes); the last one is being written.
     segments: VecDeque<(u64, u64)>,
     /// Bytes in all segments.
@@ -213,7 +222,9 @@ impl Spool {
             segment_bytes: (plan.max_bytes / 16).clamp(64 << 10, 64 << 20),
             max_bytes: plan.max_bytes,
             state: Mutex::new(State {
+                written: committed,
                 committed,
+                syncer_stopped: false,
                 segments,
                 used,
             }),
@@ -242,9 +253,10 @@ impl Spool {
         Probe(Arc::clone(&self.shared))
     }
 
-    /// Starts the writer (taking messages from `input`), the reader (handing them to
-    /// `output`) and the janitor. After `stop` the reader hands over nothing more and the
-    /// writer stops waiting for room; the writer ends when `input` closes.
+    /// Starts the writer (taking messages from `input`), the syncer, the reader (handing
+    /// them to `output`) and the janitor. After `stop` the reader hands over nothing more
+    /// and the writer stops waiting for room; the writer ends when `input` closes, and the
+    /// syncer once it has synced and acknowledged what the writer wrote.
     pub fn start(
         self,
         input: mpsc::Receiver<Message>,
@@ -257,9 +269,19 @@ impl Spool {
             start,
             fsync,
         } = self;
+        let (written, to_sync) = std::sync::mpsc::channel();
         let writer = thread("spool-writer", {
             let (shared, stop) = (Arc::clone(&shared), stop.clone());
-            move || writer::run(&shared, active, input, fsync, &stop)
+            move || writer::run(&shared, active, input, fsync, written, &stop)
+        })?;
+        let syncer = thread("spool-syncer", {
+            let shared = Arc::clone(&shared);
+            move || {
+                let result = writer::sync(&shared, to_sync);
+                shared.state().syncer_stopped = true;
+                shared.changed.notify_all();
+                result
+            }
         })?;
         let reader = thread("spool-reader", {
             let (shared, stop) = (Arc::clone(&shared), stop.clone());
@@ -293,6 +315,7 @@ impl Spool {
         Ok(Running {
             shared,
             writer: Some(writer),
+            syncer: Some(syncer),
             reader: Some(reader),
             janitor,
             janitor_stop,
@@ -310,9 +333,11 @@ pub struct Stats {
     /// Bytes in the segment files, and the bound at which acknowledgements stop.
     pub bytes: u64,
     pub max_bytes: u64,
-    /// Records committed (fsynced) and not yet settled by every sink: the backlog.
+    /// Records written and not yet settled by every sink: the backlog.
     pub records: u64,
-    /// Number of the first unsettled record (the cursor), and of the next to commit.
+    /// Number of the first unsettled record (the cursor), and of the first not yet
+    /// durable. (Records are delivered as soon as they are written, so the cursor may
+    /// pass `committed` while an fsync runs; the cursor saved on disk never does.)
     pub cursor: u64,
     pub committed: u64,
     pub segments: usize,
@@ -338,7 +363,7 @@ impl Probe {
             path: shared.dir.clone(),
             bytes: st.used,
             max_bytes: shared.max_bytes,
-            records: st.committed.saturating_sub(cursor),
+            records: st.written.saturating_sub(cursor),
             cursor,
             committed: st.committed,
             segments: st.segments.len(),
@@ -352,6 +377,7 @@ impl Probe {
 pub struct Running {
     shared: Arc<Shared>,
     writer: Option<oneshot::Receiver<io::Result<()>>>,
+    syncer: Option<oneshot::Receiver<io::Result<()>>>,
     reader: Option<oneshot::Receiver<io::Result<()>>>,
     janitor: tokio::task::JoinHandle<()>,
     /// Ends the janitor between two rounds, so that `close` can wait for it.
@@ -359,8 +385,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// Resolves only if the writer or the reader fails (a disk error): mqbridge must then
-    /// stop, since it can neither acknowledge nor deliver.
+    /// Resolves only if the writer, the syncer or the reader fails (a disk error):
+    /// mqbridge must then stop, since it can neither acknowledge nor deliver.
     pub async fn failed(&mut self) -> SpoolError {
         /// The thread's result once it ends; pending while it runs or once taken.
         async fn end(
@@ -376,6 +402,7 @@ impl Running {
         loop {
             let (part, result) = tokio::select! {
                 r = end(&mut self.writer) => ("writer", r),
+                r = end(&mut self.syncer) => ("syncer", r),
                 r = end(&mut self.reader) => ("reader", r),
             };
             match result {
@@ -386,10 +413,14 @@ impl Running {
         }
     }
 
-    /// Waits for the writer to commit (and acknowledge) what the source handed over; call
-    /// once the source has stopped taking messages.
+    /// Waits for the writer and the syncer to commit (and acknowledge) what the source
+    /// handed over; call once the source has stopped taking messages.
     pub async fn writer_done(&mut self) -> Result<(), SpoolError> {
-        finished("writer", self.writer.take()).await
+        let writer = finished("writer", self.writer.take()).await;
+        // The syncer ends once the writer has: it syncs and acknowledges what was written
+        // even when the writer failed.
+        finished("syncer", self.syncer.take()).await?;
+        writer
     }
 
     /// Waits for the reader to stop, then saves the cursor: call after the sinks have
@@ -450,14 +481,19 @@ fn thread(
 /// only once the next one exists, and the writer may seal and start the next one just
 /// after the cursor passed the end (a full spool then waits for exactly this deletion).
 fn reclaim(shared: &Shared, saved: u64) -> io::Result<u64> {
-    let base = shared.window.base();
+    // Never past the durable records: a power loss may take the others with it.
+    let (base, written) = {
+        let settled = shared.window.base();
+        let st = shared.state();
+        (settled.min(st.committed), st.written)
+    };
     if base != saved {
         write_cursor(&shared.dir, base)?;
     }
     let doomed: Vec<u64> = {
         let mut st = shared.state();
         metrics::gauge!("mqbridge_spool_bytes").set(st.used as f64);
-        metrics::gauge!("mqbridge_spool_records").set(st.committed.saturating_sub(base) as f64);
+        metrics::gauge!("mqbridge_spool_records").set(written.saturating_sub(base) as f64);
         metrics::gauge!("mqbridge_spool_oldest_record_seconds")
             .set(oldest_age(&shared.window).unwrap_or(0.0));
         let mut doomed = Vec::new();

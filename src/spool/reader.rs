@@ -1,4 +1,4 @@
-//! The spool's reader: hands committed records to the pipeline in order, each with an
+//! The spool's reader: hands written records to the pipeline in order, each with an
 //! [`Ack`] that marks it settled in the spool's window. Records go in batches of up to
 //! [`HAND_OFF`], each taking its room in the pipeline's queue at once: when the pipeline
 //! is the slower side, the reader wakes once per batch, not once per record.
@@ -42,14 +42,14 @@ pub fn run(
     // The segment being read: its first record number and a reader.
     let mut current: Option<(u64, SegmentReader)> = None;
     loop {
-        let committed = {
+        let written = {
             let mut st = shared.state();
             loop {
                 if stop.is_cancelled() {
                     return Ok(());
                 }
-                if st.committed > next {
-                    break st.committed;
+                if st.written > next {
+                    break st.written;
                 }
                 st = shared
                     .changed
@@ -61,7 +61,7 @@ pub fn run(
         // A batch never asks for more room than the queue has.
         let hand_off = HAND_OFF.min(out.max_capacity());
         let mut batch = Vec::with_capacity(hand_off);
-        while next < committed {
+        while next < written {
             let (first, seg) = match &mut current {
                 Some(c) => c,
                 None => current.insert(open(shared, |f| f <= next, true)?),
@@ -114,8 +114,7 @@ fn open(
         let mut found = st.segments.iter().map(|&(f, _)| f).filter(|&f| pick(f));
         if last { found.last() } else { found.next() }
     };
-    let first =
-        first.ok_or_else(|| io::Error::other("spool: a committed record has no segment"))?;
+    let first = first.ok_or_else(|| io::Error::other("spool: a written record has no segment"))?;
     Ok((
         first,
         SegmentReader::open(&segment::path(&shared.dir, first))?,

@@ -216,13 +216,17 @@ async fn a_full_spool_stops_acknowledging_until_records_settle() {
         while let Ok(m) = h.output.try_recv() {
             held.push(m);
         }
-        // Full: at the limit (the writer now waits for room), and every committed
-        // message's ack given (the writer settles them just after it commits).
-        let (used, committed) = {
+        // Full: at the limit (the writer now waits for room), everything written
+        // committed, and every committed message's ack given (the syncer settles them
+        // just after it commits).
+        let (used, written, committed) = {
             let st = h.running.shared.state();
-            (st.used, st.committed)
+            (st.used, st.written, st.committed)
         };
-        if used >= 256 << 10 && h.acked.load(Ordering::SeqCst) as u64 == committed {
+        if used >= 256 << 10
+            && written == committed
+            && h.acked.load(Ordering::SeqCst) as u64 == committed
+        {
             break;
         }
         assert!(
@@ -342,4 +346,80 @@ fn a_segment_done_before_the_next_one_started_is_still_deleted() {
     let segments: Vec<u64> = shared.state().segments.iter().map(|&(f, _)| f).collect();
     assert_eq!(segments, [1]);
     assert!(!segment::path(dir.path(), 0).exists());
+}
+
+/// A power loss takes the records written after the last fdatasync with it, though the
+/// sinks may already have settled them (records are delivered before they are durable).
+/// The saved cursor stops at the durable records, so the spool reopens consistently, and
+/// the lost records' messages, never acknowledged, come again from the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_saved_cursor_never_passes_the_durable_records() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = Spool::open(&plan(dir.path(), 1 << 20)).unwrap();
+        let shared = &spool.shared;
+        // Records 0..20 written, 0..10 durable; the sinks settled all 20.
+        let mut bytes = Vec::new();
+        let mut durable = 0;
+        for seq in 0..20 {
+            record::encode(
+                seq,
+                &Message::detached(format!("t/{seq}"), &b"x"[..], 1),
+                &mut bytes,
+            );
+            if seq == 9 {
+                durable = bytes.len();
+            }
+        }
+        std::fs::write(segment::path(dir.path(), 0), &bytes).unwrap();
+        {
+            let mut st = shared.state();
+            (st.written, st.committed) = (20, 10);
+        }
+        for seq in 0..20 {
+            shared.window.dispatched(seq, jiff::Timestamp::now());
+            shared.window.settle(seq);
+        }
+        assert_eq!(spool.probe().stats().cursor, 20);
+        assert_eq!(reclaim(shared, 0).unwrap(), 10, "the cursor saved");
+        assert_eq!(read_cursor(dir.path()), 10);
+        // The power loss: what was not synced is gone.
+        std::fs::write(segment::path(dir.path(), 0), &bytes[..durable]).unwrap();
+        spool.shared.unlock();
+    }
+    let mut h = Harness::start(&plan(dir.path(), 1 << 20));
+    assert_eq!(h.probe.stats().cursor, 10);
+    // The broker sends the unacknowledged messages again; they follow the durable ones.
+    for i in 10..20 {
+        h.send(i, 1).await;
+    }
+    for i in 10..20 {
+        let m = h.recv().await;
+        assert_eq!(m.topic, format!("t/{i}"));
+        m.ack.settle();
+    }
+    h.acked_at_least(10).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_always_syncs_each_message_before_writing_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = SpoolPlan {
+        fsync: Fsync::Always,
+        ..plan(dir.path(), 1 << 20)
+    };
+    let mut h = Harness::start(&plan);
+    for i in 0..50 {
+        h.send(i, 10).await;
+    }
+    h.acked_at_least(50).await;
+    for i in 0..50 {
+        let m = h.recv().await;
+        assert_eq!(m.topic, format!("t/{i}"));
+        m.ack.settle();
+    }
+    let stats = h.probe.stats();
+    assert_eq!((stats.committed, stats.records), (50, 0));
+    h.stop().await;
 }

@@ -1,8 +1,22 @@
-//! The spool's writer: appends what the source has buffered as one group, makes it
-//! durable with one `fdatasync`, and only then acknowledges each message upstream.
+//! The spool's writer and syncer, a pipeline of two threads.
+//!
+//! - The **writer** appends what the source has buffered as one group with one `write`.
+//!   The group is then *written*: the reader may hand it to the pipeline at once.
+//! - The **syncer** makes written groups durable with one `fdatasync` for all that were
+//!   written while the previous one ran, and only then acknowledges their messages
+//!   upstream, in order.
+//!
+//! So a slow `fdatasync` (tens to hundreds of milliseconds on a busy disk) delays the
+//! upstream acknowledgements, as it must, but neither the next writes nor delivery to the
+//! sinks. A record may thus settle before it is durable; the saved cursor never passes
+//! the durable records (see `reclaim`), so a power loss that takes unsynced records with
+//! it leaves the cursor at or before them, and their messages, never acknowledged, come
+//! again from the broker.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -15,19 +29,30 @@ use crate::message::Message;
 /// Most bytes gathered into one group (a larger single message is a group of its own).
 const GROUP_BYTES: usize = 4 << 20;
 
-/// Runs until `input` closes, or `stop` comes while the spool is full.
+/// A written group on its way to the syncer: the segment file it went to, the record
+/// number after it, and its messages' upstream acknowledgements.
+pub struct Written {
+    file: Arc<File>,
+    end: u64,
+    acks: Vec<Ack>,
+}
+
+/// The writer: runs until `input` closes, or `stop` comes while the spool is full. With
+/// `fsync: always` it waits for each message's `fdatasync` before writing the next.
 pub fn run(
     shared: &Shared,
-    mut file: File,
+    file: File,
     mut input: mpsc::Receiver<Message>,
     fsync: Fsync,
+    synced: std_mpsc::Sender<Written>,
     stop: &CancellationToken,
 ) -> io::Result<()> {
+    let mut file = Arc::new(file);
     let mut buf = Vec::with_capacity(GROUP_BYTES + (64 << 10));
-    let mut acks: Vec<Ack> = Vec::new();
-    let mut next = shared.state().committed;
+    let mut next = shared.state().written;
     while let Some(first) = input.blocking_recv() {
         buf.clear();
+        let mut acks = Vec::new();
         let mut seq = next;
         let mut add = |m: Message, buf: &mut Vec<u8>| {
             record::encode(seq, &m, buf);
@@ -52,26 +77,76 @@ pub fn run(
             // Stopping while full: these stay unacknowledged, so they are sent again.
             return Ok(());
         }
-        let started = std::time::Instant::now();
-        file.write_all(&buf)?;
-        file.sync_data()?;
-        metrics::histogram!("mqbridge_spool_fsync_seconds").record(started.elapsed());
+        (&*file).write_all(&buf)?;
         let seal = {
             let mut st = shared.state();
-            st.committed = seq;
+            st.written = seq;
             st.used += len;
             let active = st.segments.back_mut().expect("an active segment");
             active.1 += len;
             active.1 >= shared.segment_bytes
         };
         shared.changed.notify_all();
+        let group = Written {
+            file: Arc::clone(&file),
+            end: seq,
+            acks,
+        };
+        if synced.send(group).is_err() {
+            return Err(io::Error::other("the spool's syncer has stopped"));
+        }
         next = seq;
-        for ack in acks.drain(..) {
-            ack.settle();
+        if fsync == Fsync::Always {
+            wait_until_committed(shared, next)?;
         }
         if seal {
             file = seal_and_start(shared, next)?;
         }
+    }
+    Ok(())
+}
+
+/// The syncer: until the writer has gone and everything it wrote is durable, syncs what
+/// was written, marks it committed and acknowledges it upstream.
+pub fn sync(shared: &Shared, written: std_mpsc::Receiver<Written>) -> io::Result<()> {
+    let mut groups: Vec<Written> = Vec::new();
+    while let Ok(first) = written.recv() {
+        groups.push(first);
+        groups.extend(written.try_iter());
+        let started = std::time::Instant::now();
+        // Groups are in file order: sync each file once, after its last group.
+        for (i, g) in groups.iter().enumerate() {
+            if groups
+                .get(i + 1)
+                .is_none_or(|n| !Arc::ptr_eq(&n.file, &g.file))
+            {
+                g.file.sync_data()?;
+            }
+        }
+        metrics::histogram!("mqbridge_spool_fsync_seconds").record(started.elapsed());
+        let end = groups.last().expect("a group").end;
+        shared.state().committed = end;
+        shared.changed.notify_all();
+        for ack in groups.drain(..).flat_map(|g| g.acks) {
+            ack.settle();
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every record before `end` is durable; an error if the syncer has stopped
+/// first (it failed: nothing more becomes durable).
+fn wait_until_committed(shared: &Shared, end: u64) -> io::Result<()> {
+    let mut st = shared.state();
+    while st.committed < end {
+        if st.syncer_stopped {
+            return Err(io::Error::other("the spool's syncer has stopped"));
+        }
+        st = shared
+            .changed
+            .wait_timeout(st, RECHECK)
+            .expect("spool state lock")
+            .0;
     }
     Ok(())
 }
@@ -83,7 +158,7 @@ pub fn run(
 /// when `stop` comes first.
 fn wait_for_room(
     shared: &Shared,
-    file: &mut File,
+    file: &mut Arc<File>,
     next: u64,
     stop: &CancellationToken,
 ) -> io::Result<bool> {
@@ -125,9 +200,10 @@ fn wait_for_room(
     }
 }
 
-/// Starts a new active segment at record `next` (the current one is already fsynced).
-fn seal_and_start(shared: &Shared, next: u64) -> io::Result<File> {
+/// Starts a new active segment at record `next`. The current one's written groups are
+/// with the syncer, which syncs that file before committing them.
+fn seal_and_start(shared: &Shared, next: u64) -> io::Result<Arc<File>> {
     let f = create_segment(&shared.dir, next)?;
     shared.state().segments.push_back((next, 0));
-    Ok(f)
+    Ok(Arc::new(f))
 }
