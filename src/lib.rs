@@ -6,7 +6,7 @@
 //!  (or devices ──▶ broker, the embedded one, each connection ──▶ its own intake ──▶ the same path)
 //!                 ▲                                     │ records, each holding a share of the message's Ack
 //!                 │                                     ▼
-//!                 │                sink::driver (queue ▶ batch ▶ write ▶ per-record retry) ──▶ postgres / sqlite / webhook / republish / file
+//!                 │                sink::driver (queue ▶ batch ▶ write ▶ per-record retry) ──▶ postgres / sqlite / webhook / republish / mqtt / file
 //!                 │                                     └──▶ dead letter (another sink) with the reason
 //!                 └── PUBACK/PUBREC in arrival order (the intake's AckSequencer) once the message is
 //!                     fsynced to the spool, or, without a spool, once every share settled
@@ -30,7 +30,8 @@
 //!   on the [`eval_pool`]'s threads, each run under a deadline.
 //! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type,
 //!   opened from its settings. Sinks know nothing of sources or the broker: the republish
-//!   sink publishes through [`sink::republish::Publish`].
+//!   sink publishes through [`sink::publish::Publish`]; the `mqtt` sink (edge to cloud)
+//!   on a [`sink::publish::Connection`] of its own, through [`mqtt`].
 //! - [`delivery`]: settlement shares and in-order acknowledgements.
 //! - [`app`]: wires it all from a plan (the republish sink's publisher too: the embedded
 //!   broker, or a connection to the external one) and orders shutdown; [`shutdown`]: signals.

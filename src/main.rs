@@ -316,14 +316,15 @@ fn describe(plan: &config::Plan) -> String {
     let mut out = String::new();
     match &plan.broker {
         Some(b) => {
+            let c = &b.connection;
             let _ = writeln!(
                 out,
                 "broker: {}://{}:{} as {:?} (MQTT {}, persistent session)",
-                if b.tls { "mqtts" } else { "mqtt" },
-                b.host,
-                b.port,
-                b.client_id,
-                b.protocol
+                if c.tls { "mqtts" } else { "mqtt" },
+                c.host,
+                c.port,
+                c.client_id,
+                c.protocol
             );
             for s in &b.subscriptions {
                 let _ = writeln!(out, "  subscribe {s} qos {}", b.qos);

@@ -1,7 +1,7 @@
 //! Glue to rumqttc, the MQTT client, for both protocol versions (3.1.1 and 5): one
 //! [`Client`] / [`EventLoop`] pair whose events are normalised into [`Incoming`], so the
-//! source and the republish sink are written once. Kept in one place so that the client
-//! library could be swapped.
+//! source and the publishing sinks (`republish` to an external broker, `mqtt`) are
+//! written once. Kept in one place so that the client library could be swapped.
 
 use std::time::Duration;
 
@@ -9,8 +9,8 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::{Event as Event4, Outgoing, Packet as Packet4, TlsConfiguration, Transport};
 
-use crate::config::BrokerPlan;
 use crate::config::raw::Protocol;
+use crate::config::{BrokerPlan, ConnectionPlan};
 use crate::message::Properties;
 
 /// Capacity of rumqttc's request channel (publishes, acks, subscribes waiting for the
@@ -35,12 +35,12 @@ pub enum EventLoop {
 pub enum ConnectError {
     #[error("client id must not be empty")]
     EmptyClientId,
-    #[error("broker.ca_file {}: {source}", path.display())]
+    #[error("ca_file {}: {source}", path.display())]
     CaFile {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("broker.password_file {}: {source}", path.display())]
+    #[error("password_file {}: {source}", path.display())]
     PasswordFile {
         path: std::path::PathBuf,
         source: std::io::Error,
@@ -75,10 +75,16 @@ pub enum Incoming {
     /// Per filter: the granted QoS, or why it was refused.
     SubAck(Vec<Result<u8, String>>),
     Publish(Box<Received>),
-    /// The broker confirmed one of our publishes (PUBACK or PUBCOMP).
-    Confirmed,
-    /// One of our publishes went out (all a QoS 0 publish gets).
-    Sent,
+    /// The broker answered our publish of packet id `pkid` for good: confirmed it
+    /// (PUBACK, PUBCOMP), or, MQTT 5 only, refused it with a reason code (PUBACK or
+    /// PUBREC of 0x80 or more: not authorized, quota exceeded, …; `refused` names it).
+    Confirmed {
+        pkid: u16,
+        refused: Option<String>,
+    },
+    /// One of our publishes went out, with packet id `pkid` (0 at QoS 0, for which this
+    /// is all there is). Publishes go out in the order they were queued.
+    Sent(u16),
     DisconnectSent,
     Other,
 }
@@ -100,17 +106,25 @@ fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
     }
 }
 
-/// Opens a connection to the configured broker (the event loop connects on first poll).
-///
-/// `client_id` is the plan's id or a derived one; `persistent` asks for a persistent
-/// session (clean session/start off, a session expiry for MQTT 5) so the broker keeps our
-/// subscriptions and unacknowledged messages while we are away; `manual_acks` leaves
-/// PUBACK/PUBREC to [`Client::ack`].
+/// What a connection is for, which decides its session.
+#[derive(Clone, Copy)]
+pub enum Session<'a> {
+    /// Reading from `broker:` (the source): a persistent session (clean session/start
+    /// off, the plan's session expiry for MQTT 5), so the broker keeps our subscriptions
+    /// and unacknowledged messages while we are away; its `receive_maximum`; and
+    /// PUBACK/PUBREC left to [`Client::ack`].
+    Subscriber(&'a BrokerPlan),
+    /// Publishing (the publishing sinks): a clean session. What the broker had not
+    /// confirmed when a connection ended is published again on a new one.
+    Publisher,
+}
+
+/// Opens a connection to the broker of `plan` as `client_id` (the plan's id or a derived
+/// one); the event loop connects on first poll.
 pub fn connect(
-    plan: &BrokerPlan,
+    plan: &ConnectionPlan,
     client_id: &str,
-    persistent: bool,
-    manual_acks: bool,
+    session: Session<'_>,
 ) -> Result<(Client, EventLoop), ConnectError> {
     if client_id.is_empty() {
         return Err(ConnectError::EmptyClientId);
@@ -120,12 +134,17 @@ pub fn connect(
         None => None,
     };
     let transport = transport(plan)?;
+    let subscriber = match session {
+        Session::Subscriber(b) => Some(b),
+        Session::Publisher => None,
+    };
+    let persistent = subscriber.is_some();
     Ok(match plan.protocol {
         Protocol::V311 => {
             let mut o = rumqttc::MqttOptions::new(client_id, plan.host.clone(), plan.port);
             o.set_keep_alive(plan.keep_alive)
                 .set_clean_session(!persistent)
-                .set_manual_acks(manual_acks)
+                .set_manual_acks(persistent)
                 .set_max_packet_size(plan.max_packet_size, plan.max_packet_size);
             if let Some((u, p)) = credentials {
                 o.set_credentials(u, p);
@@ -140,13 +159,13 @@ pub fn connect(
             let mut o = rumqttc::v5::MqttOptions::new(client_id, plan.host.clone(), plan.port);
             o.set_keep_alive(plan.keep_alive)
                 .set_clean_start(!persistent)
-                .set_manual_acks(manual_acks)
-                .set_max_packet_size(Some(plan.max_packet_size as u32))
-                .set_receive_maximum(Some(plan.receive_maximum));
-            if persistent {
-                o.set_session_expiry_interval(Some(
-                    plan.session_expiry.as_secs().min(u32::MAX as u64) as u32,
-                ));
+                .set_manual_acks(persistent)
+                .set_max_packet_size(Some(plan.max_packet_size as u32));
+            if let Some(b) = subscriber {
+                o.set_receive_maximum(Some(b.receive_maximum))
+                    .set_session_expiry_interval(Some(
+                        b.session_expiry.as_secs().min(u32::MAX as u64) as u32,
+                    ));
             }
             if let Some((u, p)) = credentials {
                 o.set_credentials(u, p);
@@ -160,7 +179,7 @@ pub fn connect(
     })
 }
 
-fn transport(plan: &BrokerPlan) -> Result<Option<Transport>, ConnectError> {
+fn transport(plan: &ConnectionPlan) -> Result<Option<Transport>, ConnectError> {
     if !plan.tls {
         return Ok(None);
     }
@@ -178,7 +197,7 @@ fn transport(plan: &BrokerPlan) -> Result<Option<Transport>, ConnectError> {
 }
 
 /// The password from the plan or its `password_file`.
-fn password(plan: &BrokerPlan) -> Result<Option<String>, ConnectError> {
+fn password(plan: &ConnectionPlan) -> Result<Option<String>, ConnectError> {
     if let Some(p) = &plan.password {
         return Ok(Some(p.0.clone()));
     }
@@ -293,7 +312,7 @@ impl EventLoop {
 
 fn outgoing(o: Outgoing) -> Incoming {
     match o {
-        Outgoing::Publish(_) => Incoming::Sent,
+        Outgoing::Publish(pkid) => Incoming::Sent(pkid),
         Outgoing::Disconnect => Incoming::DisconnectSent,
         _ => Incoming::Other,
     }
@@ -325,7 +344,13 @@ fn incoming4(ev: Event4) -> Incoming {
                 ack,
             }))
         }
-        Event4::Incoming(Packet4::PubAck(_) | Packet4::PubComp(_)) => Incoming::Confirmed,
+        Event4::Incoming(Packet4::PubAck(rumqttc::PubAck { pkid, .. }))
+        | Event4::Incoming(Packet4::PubComp(rumqttc::PubComp { pkid, .. })) => {
+            Incoming::Confirmed {
+                pkid,
+                refused: None,
+            }
+        }
         Event4::Incoming(_) => Incoming::Other,
         Event4::Outgoing(o) => outgoing(o),
     }
@@ -368,7 +393,31 @@ fn incoming5(ev: rumqttc::v5::Event) -> Incoming {
                 ack,
             }))
         }
-        Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => Incoming::Confirmed,
+        // rumqttc treats NoMatchingSubscribers as success, as the specification does.
+        Event::Incoming(Packet::PubAck(a)) => Incoming::Confirmed {
+            pkid: a.pkid,
+            refused: (!matches!(
+                a.reason,
+                p5::PubAckReason::Success | p5::PubAckReason::NoMatchingSubscribers
+            ))
+            .then(|| format!("{:?}", a.reason)),
+        },
+        // A refusal ends a QoS 2 exchange at the PUBREC: no PUBCOMP follows.
+        Event::Incoming(Packet::PubRec(r))
+            if !matches!(
+                r.reason,
+                p5::PubRecReason::Success | p5::PubRecReason::NoMatchingSubscribers
+            ) =>
+        {
+            Incoming::Confirmed {
+                pkid: r.pkid,
+                refused: Some(format!("{:?}", r.reason)),
+            }
+        }
+        Event::Incoming(Packet::PubComp(c)) => Incoming::Confirmed {
+            pkid: c.pkid,
+            refused: (c.reason != p5::PubCompReason::Success).then(|| format!("{:?}", c.reason)),
+        },
         Event::Incoming(_) => Incoming::Other,
         Event::Outgoing(o) => outgoing(o),
     }

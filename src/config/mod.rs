@@ -7,6 +7,7 @@
 //!    references, identifiers, addresses; each sink's settings through [`sinks`],
 //!    `admin:` through [`admin`]) and, for `run` and `check`, [`preflight`] checks what
 //!    the config needs from this machine (files readable, environment variables set).
+//!    A broker connection (`broker:`, an `mqtt` sink) is validated by [`connection`].
 //!    The Mosquitto password and ACL files `embedded:` names are read and parsed by
 //!    [`mosquitto`] on every load (their users and rules are part of the plan), and
 //!    the `.proto` files or descriptor sets of `decode: {protobuf: ...}` are read and
@@ -22,6 +23,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod connection;
 pub mod env;
 pub mod fingerprint;
 pub mod locate;
@@ -37,6 +39,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use admin::{AdminPlan, TokenSource};
+pub use connection::ConnectionPlan;
 pub use plan::{Acl, AclRule, BrokerPlan, Credential, EmbeddedPlan, Plan, SinkPlan, SpoolPlan};
 pub use raw::{Fsync, RawConfig};
 

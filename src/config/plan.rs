@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::admin::{AdminPlan, validate_admin};
+use super::connection::ConnectionPlan;
 use super::fingerprint::{self, Fingerprint};
 use super::mosquitto::{MosquittoAcl, MosquittoHash, PasswdUser};
-use super::raw::{AclAction, BrokerConfig, CertName, EmbeddedConfig, Protocol, RawConfig};
+use super::raw::{AclAction, BrokerConfig, CertName, EmbeddedConfig, RawConfig};
 use super::sinks::{SinkConfig, SinkSettings, sql};
 use crate::rule::jq::JqProgram;
 use crate::rule::{Decoder, Rule};
@@ -58,25 +59,15 @@ pub struct SinkPlan {
     pub fingerprint: Fingerprint,
 }
 
-/// Where and how to connect to the external broker.
+/// The external broker: where and how to connect, and what to ask of it.
 #[derive(Debug, Clone)]
 pub struct BrokerPlan {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-    pub client_id: String,
-    pub protocol: Protocol,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub password_file: Option<PathBuf>,
+    pub connection: ConnectionPlan,
     pub qos: u8,
-    pub keep_alive: Duration,
-    pub max_packet_size: usize,
     pub receive_maximum: u16,
     /// Bytes of messages held while the pipeline is full.
     pub max_buffered: usize,
     pub session_expiry: Duration,
-    pub ca_file: Option<PathBuf>,
     /// What to SUBSCRIBE to: the rules' filters, minus those another one covers, with the
     /// `$share/GROUP/` prefix when a share group is set.
     pub subscriptions: Vec<String>,
@@ -387,79 +378,15 @@ fn validate_sink(name: String, sink: SinkConfig, errs: &mut Errors) -> Option<Si
 
 fn validate_broker(b: &BrokerConfig, rules: &[Rule], errs: &mut Errors) -> Option<BrokerPlan> {
     let before = errs.len();
-    let url = match url::Url::parse(&b.url) {
-        Ok(u) => Some(u),
-        Err(e) => {
-            errs.push(("broker.url".into(), format!("invalid URL: {e}")));
-            None
-        }
-    };
-    let (mut host, mut port, mut tls, mut username, mut password) =
-        (String::new(), 0, false, None, None);
-    if let Some(u) = &url {
-        match u.scheme() {
-            "mqtt" | "tcp" => {
-                tls = false;
-                port = 1883
-            }
-            "mqtts" | "ssl" => {
-                tls = true;
-                port = 8883
-            }
-            other => errs.push((
-                "broker.url".into(),
-                format!("unsupported scheme {other:?}: use mqtt:// or mqtts://"),
-            )),
-        }
-        port = u.port().unwrap_or(port);
-        match u.host_str() {
-            Some(h) if !h.is_empty() => host = h.trim_matches(['[', ']']).to_string(),
-            _ => errs.push(("broker.url".into(), "needs a host".into())),
-        }
-        let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
-        };
-        if !u.username().is_empty() {
-            username = Some(decode(u.username()));
-        }
-        password = u.password().map(|p| Secret(decode(p)));
-    }
-    if b.username.is_some() {
-        username = b.username.clone();
-    }
-    if let Some(p) = &b.password {
-        password = Some(Secret(p.clone()));
-    }
-    if b.password.is_some() && b.password_file.is_some() {
-        errs.push((
-            "broker.password_file".into(),
-            "set password or password_file, not both".into(),
-        ));
-    }
-    if b.client_id.trim().is_empty() {
-        errs.push((
-            "broker.client_id".into(),
-            "must not be empty: a stable client id is what lets the broker keep messages for mqbridge while it is down".into(),
-        ));
-    }
+    let connection = b.connection().validate().map_err(|problems| {
+        errs.extend(
+            problems
+                .into_iter()
+                .map(|(field, message)| (format!("broker.{field}"), message)),
+        )
+    });
     if b.qos > 2 {
         errs.push(("broker.qos".into(), "must be 0, 1 or 2".into()));
-    }
-    if b.max_packet_size.0 < 64 || b.max_packet_size.0 > 268_435_455 {
-        errs.push((
-            "broker.max_packet_size".into(),
-            "must be between 64 bytes and 256MiB".into(),
-        ));
-    }
-    let keep_alive = b.keep_alive.0;
-    if keep_alive < Duration::from_secs(1) || keep_alive > Duration::from_secs(65535) {
-        errs.push((
-            "broker.keep_alive".into(),
-            "must be between 1s and 65535s".into(),
-        ));
     }
     let filters: Vec<&str> = rules
         .iter()
@@ -479,21 +406,11 @@ fn validate_broker(b: &BrokerConfig, rules: &[Rule], errs: &mut Errors) -> Optio
         }
     }
     (errs.len() == before).then(|| BrokerPlan {
-        host,
-        port,
-        tls,
-        client_id: b.client_id.clone(),
-        protocol: b.protocol,
-        username,
-        password,
-        password_file: b.password_file.clone(),
+        connection: connection.expect("no problems"),
         qos: b.qos,
-        keep_alive,
-        max_packet_size: b.max_packet_size.0 as usize,
         receive_maximum: b.receive_maximum,
         max_buffered: b.max_buffered.0 as usize,
         session_expiry: b.session_expiry.0,
-        ca_file: b.ca_file.clone(),
         subscriptions,
     })
 }

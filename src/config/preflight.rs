@@ -1,6 +1,7 @@
 //! What running a config needs from this machine, checked without side effects: the
-//! files it names exist and can be read (nothing is created; `embedded.tls.client_ca_file`
-//! is read, and must hold usable CA certificates), and the environment
+//! files it names (`broker:`'s and each `mqtt` sink's password and CA files among them)
+//! exist and can be read (nothing is created; `embedded.tls.client_ca_file` is read, and
+//! must hold usable CA certificates), and the environment
 //! variables read at start (a webhook's `hmac.secret_env`, `admin.token_env`) are set and not empty.
 //! Anything that needs the network (a broker, a database) is left to `run`.
 //!
@@ -39,6 +40,11 @@ pub fn check(raw: &RawConfig, lookup: impl Fn(&str) -> Option<String>) -> Vec<(S
             .filter_map(|(field, path)| readable(path).err().map(|e| (field.to_string(), e))),
     );
     for (name, sink) in &raw.sinks {
+        for (field, path) in sink.files() {
+            if let Err(e) = readable(path) {
+                errs.push((format!("sinks.{name}.{field}"), e));
+            }
+        }
         for (field, var) in sink.env_vars() {
             // An invalid name is already reported by validation.
             if super::env::is_valid_name(var) && lookup(var).is_none_or(|v| v.is_empty()) {

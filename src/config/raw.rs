@@ -80,69 +80,37 @@ fn default_shutdown() -> Duration {
     Duration(std::time::Duration::from_secs(10))
 }
 
-/// `broker:`.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BrokerConfig {
-    /// `mqtt://[user[:password]@]host[:port]` or `mqtts://…` (TLS, default port 8883).
-    pub url: String,
-    /// Stable client id: with the persistent session it makes the broker keep messages
-    /// for mqbridge while it is down.
-    pub client_id: String,
-    /// MQTT protocol version: `3.1.1` (also `4`) or `5`.
-    #[serde(default)]
-    pub protocol: Protocol,
-    /// Subscribe as `$share/<group>/<filter>` so several instances split the messages.
-    #[serde(default)]
-    pub share_group: Option<String>,
-    /// Username (overrides the URL's).
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Password (overrides the URL's); prefer `${ENV}` or `password_file`.
-    #[serde(default)]
-    pub password: Option<String>,
-    /// File holding the password (trailing newline ignored).
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// Subscription QoS (0, 1 or 2).
-    #[serde(default = "default_qos")]
-    pub qos: u8,
-    #[serde(default = "default_keep_alive")]
-    pub keep_alive: Duration,
-    /// Largest packet accepted or sent. MQTT 5 tells the broker, which then withholds
-    /// larger messages; with 3.1.1 keep it at least the broker's own message size limit.
-    #[serde(default = "default_max_packet")]
-    pub max_packet_size: ByteSize,
-    /// MQTT 5: how many QoS 1/2 messages the broker may have in flight to mqbridge.
-    #[serde(default = "default_receive_maximum")]
-    pub receive_maximum: u16,
-    /// Messages read while the pipeline is full (a broker sending past the window, as
-    /// Mosquitto 2.0 does after a session resumes) are held in memory up to this size;
-    /// past it mqbridge reconnects, and the broker sends them again.
-    #[serde(default = "default_max_buffered")]
-    pub max_buffered: ByteSize,
-    /// MQTT 5: how long the broker keeps the session (and queued messages) while mqbridge is away.
-    #[serde(default = "default_session_expiry")]
-    pub session_expiry: Duration,
-    /// PEM file of CA certificates for `mqtts://` (default: the system's roots).
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
+super::connection::connection_config! {
+    /// `broker:`.
+    pub struct BrokerConfig {
+        /// Subscribe as `$share/<group>/<filter>` so several instances split the messages.
+        #[serde(default)]
+        pub share_group: Option<String>,
+        /// Subscription QoS (0, 1 or 2).
+        #[serde(default = "default_qos")]
+        pub qos: u8,
+        /// MQTT 5: how many QoS 1/2 messages the broker may have in flight to mqbridge.
+        #[serde(default = "default_receive_maximum")]
+        pub receive_maximum: u16,
+        /// Messages read while the pipeline is full (a broker sending past the window, as
+        /// Mosquitto 2.0 does after a session resumes) are held in memory up to this size;
+        /// past it mqbridge reconnects, and the broker sends them again.
+        #[serde(default = "default_max_buffered")]
+        pub max_buffered: ByteSize,
+        /// MQTT 5: how long the broker keeps the session (and queued messages) while mqbridge is away.
+        #[serde(default = "default_session_expiry")]
+        pub session_expiry: Duration,
+    }
 }
 
 fn default_qos() -> u8 {
     1
-}
-fn default_keep_alive() -> Duration {
-    Duration(std::time::Duration::from_secs(30))
 }
 fn default_receive_maximum() -> u16 {
     1000
 }
 fn default_session_expiry() -> Duration {
     Duration(std::time::Duration::from_secs(7 * 24 * 3600))
-}
-fn default_max_packet() -> ByteSize {
-    ByteSize(16 << 20)
 }
 fn default_max_buffered() -> ByteSize {
     ByteSize(32 << 20)

@@ -81,9 +81,16 @@ fn every_shipped_config_parses() {
 fn a_good_file_becomes_a_plan() {
     let plan = parse(GOOD, "rules.yaml", env).unwrap();
     let b = plan.broker.unwrap();
-    assert_eq!((b.host.as_str(), b.port, b.tls), ("localhost", 1884, false));
-    assert_eq!(b.username.as_deref(), Some("user"));
-    assert_eq!(b.password.unwrap().0, "p@ss");
+    assert_eq!(
+        (
+            b.connection.host.as_str(),
+            b.connection.port,
+            b.connection.tls
+        ),
+        ("localhost", 1884, false)
+    );
+    assert_eq!(b.connection.username.as_deref(), Some("user"));
+    assert_eq!(b.connection.password.unwrap().0, "p@ss");
     assert_eq!(b.subscriptions, vec!["sensors/+/telemetry", "other/#"]);
     assert_eq!(plan.rules.len(), 1);
     assert_eq!(plan.sinks.len(), 2);
@@ -172,7 +179,7 @@ fn env_vars_expand_and_missing_ones_are_located() {
     let plan = parse(text, "rules.yaml", env).unwrap();
     let b = plan.broker.unwrap();
     assert_eq!(
-        (b.port, b.client_id.as_str()),
+        (b.connection.port, b.connection.client_id.as_str()),
         (1999, "test-MQBRIDGE_CLIENT_ID")
     );
 }
@@ -235,7 +242,7 @@ fn protocol_versions() {
         ("4", raw::Protocol::V311),
     ] {
         let plan = parse(&base.replace('P', p), "f", env).unwrap();
-        assert_eq!(plan.broker.unwrap().protocol, want);
+        assert_eq!(plan.broker.unwrap().connection.protocol, want);
     }
     assert!(errors(&base.replace('P', "6"))[0].contains("unknown MQTT protocol"));
 }

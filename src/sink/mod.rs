@@ -13,6 +13,7 @@ pub mod driver;
 pub mod file;
 pub mod migrate;
 pub mod postgres;
+pub mod publish;
 pub mod queue;
 pub mod republish;
 pub mod retry;
@@ -306,7 +307,7 @@ pub struct OpenContext<'a> {
     /// Makes the publisher a republish sink publishes through, one per sink (the app
     /// wires it to the embedded broker, or to a connection to the external broker); None
     /// when there is no broker to publish to.
-    pub publisher: Option<&'a (dyn Fn() -> Arc<dyn republish::Publish> + Sync)>,
+    pub publisher: Option<&'a (dyn Fn() -> Arc<dyn publish::Publish> + Sync)>,
     /// Where sinks run jq programs (the postgres sink's `columns:`).
     pub eval: &'a crate::eval_pool::EvalPool,
 }
@@ -345,6 +346,14 @@ pub async fn open(
             let publisher = ctx.publisher.ok_or(OpenError::NoBroker)?;
             Arc::new(republish::RepublishSink::new(s, publisher()))
         }
+        SinkSettings::Mqtt(s) => {
+            let client_id = s.connection.client_id.clone();
+            let connection = publish::Connection::new(&s.connection, client_id, "mqtt");
+            Arc::new(republish::RepublishSink::new(
+                &s.publish,
+                Arc::new(connection),
+            ))
+        }
         SinkSettings::File(s) => Arc::new(file::FileSink::open(s).await?),
         SinkSettings::Webhook(s) => Arc::new(webhook::WebhookSink::new(s, |name| {
             std::env::var(name).ok()
@@ -359,6 +368,11 @@ pub fn would(settings: &SinkSettings, origin: &Origin, record: &serde_json::Valu
         SinkSettings::Postgres(s) => postgres::would(s, origin, record),
         SinkSettings::Sqlite(s) => sqlite::would(s, origin, record),
         SinkSettings::Republish(s) => republish::would(s, origin, record),
+        SinkSettings::Mqtt(s) => format!(
+            "{} at {}",
+            republish::would(&s.publish, origin, record),
+            s.connection.describe()
+        ),
         SinkSettings::File(s) => file::would(s, origin, record),
         SinkSettings::Webhook(s) => webhook::would(s, origin, record),
     }

@@ -1,14 +1,17 @@
-//! `republish` sink: publishes each record to the broker mqbridge reads from, through the
-//! [`Publish`]er the app hands it (into the embedded broker, or over a connection of the
-//! sink's own: see `app::publish`). The topic is rendered from the `topic` template; the
-//! payload is the record, a string as it is and anything else as JSON. A record whose
-//! topic cannot be rendered fails on its own (permanently); the others are published and
-//! succeed or fail as a whole.
+//! The sink that publishes each record as an MQTT message, through a [`Publish`]er: the
+//! `republish` sink's goes to the broker mqbridge reads from (into the embedded broker, or
+//! over a connection of the sink's own: see `app::publish`), the `mqtt` sink's to a
+//! broker of its own ([`publish::Connection`](super::publish::Connection)). The topic is
+//! rendered from the `topic` template; the payload is the record, a string as it is and
+//! anything else as JSON. A record whose topic cannot be rendered fails on its own
+//! (permanently); the others are published, and each succeeds or fails as the broker
+//! answered it.
 
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
+use super::publish::Publish;
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::republish::Settings;
 use crate::rule::template::Template;
@@ -23,19 +26,6 @@ pub fn would(settings: &Settings, origin: &Origin, record: &serde_json::Value) -
         ),
         Err(e) => format!("topic template fails: {e}"),
     }
-}
-
-/// Where the republish sink's messages go: the broker mqbridge reads from, as the app
-/// wires it.
-pub trait Publish: Send + Sync + 'static {
-    /// Publishes `messages` (topic, payload) in order. They succeed or fail as a whole:
-    /// Ok once the broker has every one of them (confirmed, at QoS 1 and 2).
-    fn publish_all(
-        &self,
-        messages: Vec<(String, Vec<u8>)>,
-        qos: u8,
-        retain: bool,
-    ) -> BoxFuture<'_, Result<(), SinkError>>;
 }
 
 pub struct RepublishSink {
@@ -76,11 +66,7 @@ impl Sink for RepublishSink {
         Box::pin(super::prepared(
             batch,
             |d| render(&self.topic, d),
-            move |out| async move {
-                let n = out.len();
-                let published = self.publisher.publish_all(out, self.qos, self.retain);
-                super::all(n, published.await)
-            },
+            move |out| self.publisher.publish_all(out, self.qos, self.retain),
         ))
     }
 }
@@ -111,8 +97,9 @@ mod tests {
             messages: Vec<(String, Vec<u8>)>,
             qos: u8,
             retain: bool,
-        ) -> BoxFuture<'_, Result<(), SinkError>> {
+        ) -> BoxFuture<'_, Vec<Outcome>> {
             let mut published = self.published.lock().unwrap();
+            let n = messages.len();
             for (topic, payload) in messages {
                 published.push((topic, payload, qos, retain));
             }
@@ -120,7 +107,7 @@ mod tests {
                 true => Err(SinkError::transient("broker gone")),
                 false => Ok(()),
             };
-            Box::pin(std::future::ready(result))
+            Box::pin(std::future::ready(crate::sink::all(n, result)))
         }
     }
 
@@ -155,7 +142,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_publish_fails_every_record_of_it() {
+    async fn a_failed_publish_fails_its_records() {
         let publisher = Arc::new(Recorder {
             fail: true,
             ..Recorder::default()

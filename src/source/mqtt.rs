@@ -173,7 +173,11 @@ async fn run(
     stop: CancellationToken,
     done: CancellationToken,
 ) -> Result<(), mqtt::ConnectError> {
-    let (client, mut eventloop) = mqtt::connect(&plan, &plan.client_id, true, true)?;
+    let (client, mut eventloop) = mqtt::connect(
+        &plan.connection,
+        &plan.connection.client_id,
+        mqtt::Session::Subscriber(&plan),
+    )?;
     let source: Arc<str> = Arc::from("broker");
     let mut intake = Intake::new(handoff, plan.max_buffered);
 
@@ -227,7 +231,7 @@ async fn run(
                 backoff.reset();
                 leaving = Leaving::No;
                 lost(&mut intake);
-                tracing::info!(host = %plan.host, port = plan.port, client_id = %plan.client_id, session_present, "connected to broker");
+                tracing::info!(host = %plan.connection.host, port = plan.connection.port, client_id = %plan.connection.client_id, session_present, "connected to broker");
                 online = true;
                 subscriptions.connected(&client, session_present);
             }

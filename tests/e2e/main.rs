@@ -5,6 +5,7 @@
 mod admin;
 mod broker;
 mod cli;
+mod cloud;
 mod crash;
 mod dashboard;
 mod decoders;

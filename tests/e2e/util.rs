@@ -245,6 +245,13 @@ impl Mosquitto {
     /// Stops the broker with SIGTERM (a persistent one saves its state then), waits until
     /// it exited, and starts it again on the same port with the same data directory.
     pub async fn restart_gracefully(&mut self) {
+        self.stop_gracefully().await;
+        self.start_again().await;
+    }
+
+    /// Stops the broker with SIGTERM (a persistent one saves its state then) and waits
+    /// until it exited; [`Mosquitto::start_again`] brings it back.
+    pub async fn stop_gracefully(&mut self) {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -255,6 +262,10 @@ impl Mosquitto {
         })
         .await;
         assert!(status.success(), "mosquitto stopped with {status:?}");
+    }
+
+    /// Starts a stopped broker again on the same port with the same data directory.
+    pub async fn start_again(&mut self) {
         self.child = Self::spawn(&self.conf);
         self.wait_listening().await;
     }

@@ -230,6 +230,7 @@ fn the_readme_and_migration_examples_parse() {
     for (doc, marker) in [
         (readme, "<!-- auth-example: http -->"),
         (readme, "<!-- auth-example: jwt -->"),
+        (readme, "<!-- sink-example: mqtt -->"),
         (migrate, "<!-- emqx-example: mqbridge -->"),
     ] {
         let text =

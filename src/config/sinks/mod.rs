@@ -10,6 +10,7 @@
 //! and in [`SinkSettings`]; in [`crate::sink`], the sink and how it opens.
 
 pub mod file;
+pub mod mqtt;
 pub mod postgres;
 pub mod republish;
 pub mod sql;
@@ -32,6 +33,7 @@ pub enum SinkConfig {
     Postgres(postgres::Config),
     Sqlite(sqlite::Config),
     Republish(republish::Config),
+    Mqtt(mqtt::Config),
     File(file::Config),
     Webhook(webhook::Config),
 }
@@ -44,6 +46,7 @@ impl SinkConfig {
             SinkConfig::Postgres(c) => SinkSettings::Postgres(c.compile()?),
             SinkConfig::Sqlite(c) => SinkSettings::Sqlite(c.compile()?),
             SinkConfig::Republish(c) => SinkSettings::Republish(c.compile()?),
+            SinkConfig::Mqtt(c) => SinkSettings::Mqtt(c.compile()?),
             SinkConfig::File(c) => SinkSettings::File(c.compile()?),
             SinkConfig::Webhook(c) => SinkSettings::Webhook(c.compile()?),
         })
@@ -55,6 +58,7 @@ impl SinkConfig {
             SinkConfig::Postgres(c) => c.common(),
             SinkConfig::Sqlite(c) => c.common(),
             SinkConfig::Republish(c) => c.common(),
+            SinkConfig::Mqtt(c) => c.common(),
             SinkConfig::File(c) => c.common(),
             SinkConfig::Webhook(c) => c.common(),
         }
@@ -68,6 +72,15 @@ impl SinkConfig {
             _ => Vec::new(),
         }
     }
+
+    /// Files the sink reads when it opens or connects, as (field, path), so that loading
+    /// the config can tell a missing one.
+    pub fn files(&self) -> Vec<(&'static str, &std::path::Path)> {
+        match self {
+            SinkConfig::Mqtt(c) => c.files(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// One sink's settings as the plan holds them: validated, templates and jq programs
@@ -77,6 +90,7 @@ pub enum SinkSettings {
     Postgres(postgres::Settings),
     Sqlite(sqlite::Settings),
     Republish(republish::Settings),
+    Mqtt(mqtt::Settings),
     File(file::Settings),
     Webhook(webhook::Settings),
 }
@@ -88,6 +102,7 @@ impl SinkSettings {
             SinkSettings::Postgres(_) => "postgres",
             SinkSettings::Sqlite(_) => "sqlite",
             SinkSettings::Republish(_) => "republish",
+            SinkSettings::Mqtt(_) => "mqtt",
             SinkSettings::File(_) => "file",
             SinkSettings::Webhook(_) => "webhook",
         }
@@ -99,6 +114,7 @@ impl SinkSettings {
             SinkSettings::Postgres(s) => s,
             SinkSettings::Sqlite(s) => s,
             SinkSettings::Republish(s) => s,
+            SinkSettings::Mqtt(s) => s,
             SinkSettings::File(s) => s,
             SinkSettings::Webhook(s) => s,
         }
