@@ -1,5 +1,5 @@
-//! What the republish sink publishes through ([`Publish`]): the broker mqbridge reads
-//! from.
+//! What the republish sink and the rules' commands (Sparkplug B rebirth requests)
+//! publish through ([`Publish`]): the broker mqbridge reads from.
 //!
 //! - **Embedded broker**: no connection; records are handed to its subscribers in-process
 //!   (and to its retained store), which settles them at once. They do not go through the
@@ -40,7 +40,23 @@ impl Upstream<'_> {
     pub fn publisher(self, sink: &str) -> Arc<dyn Publish> {
         match self {
             Upstream::Embedded(broker) => Arc::new(broker.clone()),
-            Upstream::External(plan) => Arc::new(Connection::new(plan, sink)),
+            Upstream::External(plan) => Arc::new(Connection::new(
+                plan,
+                republish_client_id(&plan.client_id, sink),
+            )),
+        }
+    }
+
+    /// The publisher of the rules' commands: with an external broker, a connection of
+    /// its own (client id `<client_id>-commands`, which no republish sink's id is: see
+    /// [`republish_client_id`]), made when the first command is sent.
+    pub fn commands(self) -> Arc<dyn Publish> {
+        match self {
+            Upstream::Embedded(broker) => Arc::new(broker.clone()),
+            Upstream::External(plan) => Arc::new(Connection::new(
+                plan,
+                format!("{}-commands", plan.client_id),
+            )),
         }
     }
 }
@@ -97,10 +113,10 @@ impl Drop for Live {
 }
 
 impl Connection {
-    fn new(broker: &BrokerPlan, sink: &str) -> Self {
+    fn new(broker: &BrokerPlan, client_id: String) -> Self {
         Connection {
             broker: broker.clone(),
-            client_id: republish_client_id(&broker.client_id, sink),
+            client_id,
             live: Mutex::new(None),
         }
     }
