@@ -293,3 +293,82 @@ async fn sqlite_rows(db: &std::path::Path, sql: &str) -> Vec<Json> {
         })
         .collect()
 }
+
+/// `mqbridge try` on the shipped example: an NBIRTH's metrics become the table's rows; an
+/// NDATA on its own (nothing remembered in a one-off try) keeps its alias unnamed.
+#[test]
+fn try_shows_a_record_per_metric_of_the_shipped_example() {
+    let desc = payload_type();
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/sparkplug-postgres.yaml"
+    );
+    let try_with = |topic: &str, fields: Json| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mqbridge"))
+            .args(["try", cfg, "--topic", topic, "--payload-hex"])
+            .arg(hex::encode(encode(&desc, fields)))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = try_with(
+        "spBv1.0/Plant/NBIRTH/Gw",
+        json!({"timestamp": AT, "seq": 0, "metrics": [
+            {"name": "Temperature", "alias": 1, "datatype": 9, "floatValue": 20.5,
+             "properties": {"keys": ["engUnit"], "values": [{"type": 12, "stringValue": "C"}]}},
+        ]}),
+    );
+    assert!(
+        out.contains("rule sparkplug matched (group=Plant, message_type=NBIRTH, edge_node=Gw)")
+            && out.contains(
+                r#"record {"datatype":"Float","device":"","edge_node":"Gw","group_id":"Plant","historical":false,"message_type":"NBIRTH","name":"Temperature","online":true,"properties":{"engUnit":"C"},"seq":0,"ts":"2026-12-02T16:45:28Z","value":20.5}"#
+            )
+            && out.contains("-> metrics: postgres"),
+        "{out}"
+    );
+    let out = try_with(
+        "spBv1.0/Plant/NDATA/Gw",
+        json!({"timestamp": AT, "seq": 1, "metrics": [{"alias": 1, "floatValue": 21.5}]}),
+    );
+    assert!(
+        out.contains(r#""message_type":"NDATA","name":"","online":null"#)
+            && out.contains(r#""datatype":null"#)
+            && out.contains(r#""value":21.5"#),
+        "{out}"
+    );
+}
+
+/// `mqbridge schema` describes both ways of writing the decoder.
+#[test]
+fn the_schema_covers_sparkplug_b() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mqbridge"))
+        .arg("schema")
+        .output()
+        .unwrap();
+    let schema: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let defs = &schema["$defs"];
+    let decode: Vec<&str> = defs["DecodeConfig"]["anyOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["$ref"].as_str())
+        .collect();
+    assert!(
+        decode.contains(&"#/$defs/SparkplugName") && decode.contains(&"#/$defs/SparkplugDecode"),
+        "{decode:?}"
+    );
+    assert_eq!(defs["SparkplugName"]["oneOf"][0]["const"], "sparkplug_b");
+    assert_eq!(
+        defs["SparkplugDecode"]["properties"]["sparkplug_b"]["$ref"],
+        "#/$defs/SparkplugConfig"
+    );
+    let rebirth = &defs["SparkplugConfig"]["properties"]["rebirth_on_gap"];
+    assert_eq!(
+        (&rebirth["type"], &rebirth["default"]),
+        (&json!("boolean"), &json!(false))
+    );
+    assert_eq!(defs["SparkplugConfig"]["additionalProperties"], false);
+}
