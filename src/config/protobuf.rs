@@ -41,18 +41,22 @@ pub fn decoders(rules: &[RuleConfig], base: &Path) -> (Vec<Decoder>, Errors) {
 
 /// Rule `i`'s Sparkplug B decoder (the default one, with an error, when it cannot be had).
 fn sparkplug(s: &SparkplugConfig, i: usize, errs: &mut Errors) -> Decoder {
-    #[cfg(feature = "protobuf")]
-    let made = crate::rule::Sparkplug::new(s.rebirth_on_gap)
-        .map(|s| Decoder::SparkplugB(std::sync::Arc::new(s)));
-    #[cfg(not(feature = "protobuf"))]
-    let made: Result<Decoder, String> = {
-        let _ = s;
-        Err("this mqbridge was built without the `protobuf` feature".into())
-    };
-    made.unwrap_or_else(|e| {
+    decoder(s).unwrap_or_else(|e| {
         errs.push((format!("rules[{i}].decode"), e));
         Decoder::default()
     })
+}
+
+#[cfg(feature = "protobuf")]
+fn decoder(s: &SparkplugConfig) -> Result<Decoder, String> {
+    crate::rule::Sparkplug::new(s.rebirth_on_gap)
+        .map(|s| Decoder::SparkplugB(std::sync::Arc::new(s)))
+}
+
+/// Without the `protobuf` feature, Sparkplug B is an error too.
+#[cfg(not(feature = "protobuf"))]
+fn decoder(_: &SparkplugConfig) -> Result<Decoder, String> {
+    Err("this mqbridge was built without the `protobuf` feature".into())
 }
 
 /// Without the `protobuf` feature, every Protobuf decode is an error.

@@ -31,8 +31,6 @@ mod protobuf;
 #[cfg(feature = "protobuf")]
 mod sparkplug;
 
-use std::sync::Arc;
-
 use base64::Engine as _;
 use bytes::Bytes;
 use jaq_json::{Num, Val};
@@ -92,7 +90,7 @@ pub enum Decoder {
     /// `decode: sparkplug_b`, with what it remembers of the edge nodes (shared by the
     /// rule's copies).
     #[cfg(feature = "protobuf")]
-    SparkplugB(Arc<Sparkplug>),
+    SparkplugB(std::sync::Arc<Sparkplug>),
 }
 
 /// What a decoder made of a payload: one value, or (Sparkplug B) one per record to make.
@@ -171,8 +169,8 @@ impl Decoder {
     /// Decodes the payload of a message on `topic`; the error says why it cannot be
     /// read. A decoder that keeps state (Sparkplug B) reads against it without changing
     /// it: the pipeline reads through [`Decoder::observe`].
+    #[cfg_attr(not(feature = "protobuf"), allow(unused_variables))]
     pub fn decode(&self, topic: &str, payload: &Bytes) -> Result<Decoded, String> {
-        let _ = topic;
         match self {
             Decoder::Named(how) => decode(*how, payload).map(Decoded::One),
             #[cfg(feature = "protobuf")]
@@ -201,8 +199,8 @@ impl Decoder {
 
     /// For a decoder that reads messages in arrival order ([`Decoder::in_order`]): reads
     /// the payload of a message on `topic`, updating what it remembers. None for others.
+    #[cfg_attr(not(feature = "protobuf"), allow(unused_variables))]
     pub fn observe(&self, topic: &str, payload: &Bytes) -> Option<Observed> {
-        let _ = (topic, payload);
         match self {
             #[cfg(feature = "protobuf")]
             Decoder::SparkplugB(s) => Some(s.observe(topic, payload)),
@@ -212,8 +210,8 @@ impl Decoder {
 
     /// The variables the decoder reads from a topic (Sparkplug B's group, message type,
     /// edge node and device), added to the rule's own captures.
+    #[cfg_attr(not(feature = "protobuf"), allow(unused_variables))]
     pub fn vars<'t>(&self, topic: &'t str) -> Vec<(&'static str, &'t str)> {
-        let _ = topic;
         match self {
             #[cfg(feature = "protobuf")]
             Decoder::SparkplugB(_) => sparkplug::vars(topic),
@@ -222,8 +220,8 @@ impl Decoder {
     }
 
     /// Takes over what `earlier` (this rule's decoder before a config reload) remembers.
+    #[cfg_attr(not(feature = "protobuf"), allow(unused_variables))]
     pub fn carry_over(&self, earlier: &Decoder) {
-        let _ = earlier;
         #[cfg(feature = "protobuf")]
         if let (Decoder::SparkplugB(now), Decoder::SparkplugB(before)) = (self, earlier) {
             now.carry_over(before);

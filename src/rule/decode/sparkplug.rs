@@ -776,6 +776,22 @@ mod tests {
     }
 
     #[test]
+    fn a_reloaded_rule_carries_over_what_its_decoder_remembered() {
+        let before = Sparkplug::new(false).unwrap();
+        observe(&before, "spBv1.0/G/NBIRTH/E", birth());
+        let after = Sparkplug::new(true).unwrap();
+        after.carry_over(&before);
+        let o = after.observe(
+            "spBv1.0/G/NDATA/E",
+            &encode(json!({"seq": 2, "metrics": [{"alias": 1, "floatValue": 1.0}]})),
+        );
+        assert_eq!(json_of(&o.payloads.unwrap())[0]["name"], "Temperature");
+        // The seq carried over too, and the new setting holds.
+        assert_eq!(o.gap.map(|g| (g.expected, g.got)), Some((1, 2)));
+        assert!(o.command.is_some());
+    }
+
+    #[test]
     fn topics_give_vars_and_others_are_errors() {
         assert_eq!(
             vars("spBv1.0/Plant/DDATA/Gw/Pump1"),
