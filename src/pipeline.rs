@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use crate::delivery::{Ack, Watch};
 use crate::eval_pool::{EvalError, EvalPool, panic_message};
 use crate::message::Message;
-use crate::rule::{Command, Evaluation, Rule};
+use crate::rule::{Command, Evaluation, Observed, Rule};
 use crate::sink::driver::{DeadLetter, Failure};
 use crate::sink::queue::SinkQueue;
 use crate::sink::republish::Publish;
@@ -363,8 +363,17 @@ impl Router {
             if !rule.decode.in_order() || !rule.from.iter().any(|f| f.matches(&msg.topic)) {
                 continue;
             }
-            let Some(o) = rule.decode.observe(&msg.topic, &msg.payload) else {
-                continue;
+            // A panic costs its message, as on the pool's threads.
+            let observed_one = catch_unwind(AssertUnwindSafe(|| {
+                rule.decode.observe(&msg.topic, &msg.payload)
+            }));
+            let o = match observed_one {
+                Ok(Some(o)) => o,
+                Ok(None) => continue,
+                Err(p) => Observed::records(Err(format!(
+                    "decoding panicked: {}",
+                    panic_message(p.as_ref())
+                ))),
             };
             let counters = active.metrics[i].sparkplug.as_ref();
             if let Some(gap) = &o.gap {

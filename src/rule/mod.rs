@@ -20,9 +20,10 @@ use jaq_json::Val;
 
 use crate::message::Message;
 use crate::topic::TopicFilter;
+use decode::Decoded;
 #[cfg(feature = "protobuf")]
 pub use decode::Sparkplug;
-pub use decode::{Command, Decode, Decoded, Decoder, Gap, Observed, decode};
+pub use decode::{Command, Decode, Decoder, Gap, Observed, decode};
 use jq::{Deadline, JqProgram};
 
 /// One compiled rule.
@@ -50,8 +51,8 @@ pub enum Evaluation {
 
 impl Rule {
     /// The named captures of the first filter that matches `topic`, or None; then the
-    /// variables the decoder reads from the topic (Sparkplug B's), but for those a
-    /// capture already named.
+    /// variables the decoder reads from the topic (Sparkplug B's), except those named
+    /// like a capture.
     pub fn matches<'t>(&self, topic: &'t str) -> Option<Vec<(&str, &'t str)>> {
         let mut vars = self.from.iter().find_map(|f| f.captures(topic))?;
         for (name, value) in self.decode.vars(topic) {

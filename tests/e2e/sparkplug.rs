@@ -372,3 +372,73 @@ fn the_schema_covers_sparkplug_b() {
     );
     assert_eq!(defs["SparkplugConfig"]["additionalProperties"], false);
 }
+
+/// With an external broker (Mosquitto), the rebirth request goes out over a connection
+/// mqbridge makes for it: here for data from an edge node whose NBIRTH it never saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebirth_requests_reach_an_external_broker() {
+    let desc = payload_type();
+    let broker = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let bridge = InProcess::start(&format!(
+        r#"broker: {{ url: "mqtt://127.0.0.1:{port}", client_id: sp-bridge }}
+sinks:
+  out: {{ type: file, path: {out} }}
+rules:
+  - name: plant
+    from: ["spBv1.0/+/NDATA/+"]
+    decode: sparkplug_b
+    to: [out]
+  - name: plant-rebirth
+    from: ["spBv1.0/+/NDATA/+"]
+    decode: {{ sparkplug_b: {{ rebirth_on_gap: true }} }}
+    filter: 'false'
+    to: [out]
+shutdown_timeout: 5s
+"#,
+        port = broker.port,
+        out = out.display(),
+    ));
+    let mut edge = TestClient::connect(broker.port, "Gw").await;
+    edge.client
+        .subscribe("spBv1.0/Plant/NCMD/Gw", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    // Until the bridge has subscribed, its NDATA are not seen: publish until one is.
+    let data = encode(
+        &desc,
+        json!({"seq": 7, "metrics": [{"alias": 1, "floatValue": 1.5}]}),
+    );
+    let ncmd = eventually(Duration::from_secs(20), "the rebirth request", async || {
+        edge.client
+            .publish(
+                "spBv1.0/Plant/NDATA/Gw",
+                QoS::AtLeastOnce,
+                false,
+                data.clone(),
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_millis(300), edge.received.recv())
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert_eq!(ncmd.0, "spBv1.0/Plant/NCMD/Gw");
+    let sent = DynamicMessage::decode(desc.clone(), ncmd.1.as_slice()).unwrap();
+    let sent = serde_json::to_value(&sent).unwrap();
+    assert_eq!(sent["metrics"][0]["name"], "Node Control/Rebirth", "{sent}");
+    assert_eq!(sent["metrics"][0]["booleanValue"], true, "{sent}");
+    // The rule without rebirth_on_gap wrote its records: no name for an unknown alias.
+    eventually(Duration::from_secs(10), "a record", async || {
+        json_lines(&out).first().cloned()
+    })
+    .await;
+    let record = &json_lines(&out)[0];
+    assert_eq!(record["payload"]["alias"], 1, "{record}");
+    assert_eq!(record["payload"]["name"], Json::Null, "{record}");
+    assert_eq!(record["payload"]["value"], 1.5, "{record}");
+    bridge.stop().await.unwrap();
+}
