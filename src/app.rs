@@ -174,6 +174,8 @@ pub async fn run_from(
         taps: admin
             .as_ref()
             .map_or_else(Arc::default, |a| Arc::clone(&a.state.taps)),
+        // Made on first use: a connection (to an external broker) only once one is sent.
+        commands: Some(upstream.commands()),
     };
     let (tx, rx) = mpsc::channel(SOURCE_BUFFER);
     drivers.spawn(pipeline.run(rx));

@@ -65,7 +65,7 @@ pub fn outcomes(plan: &Plan, msg: &Message) -> Vec<RuleOutcome> {
     let verdicts = std::thread::scope(|s| {
         std::thread::Builder::new()
             .stack_size(THREAD_STACK)
-            .spawn_scoped(s, || evaluate(&plan.rules, msg, EVAL_TIMEOUT))
+            .spawn_scoped(s, || evaluate(&plan.rules, msg, Vec::new(), EVAL_TIMEOUT))
             .expect("a thread to evaluate the rules")
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))

@@ -25,9 +25,11 @@
 //!   connections hand off through the same intake.
 //! - [`message`]: the [`message::Message`] passed along.
 //! - [`spool`]: the durable local log between the source and the rules (optional).
-//! - [`rule`]: decode (JSON, text, bytes, CBOR, MessagePack, Protobuf), jq filter/transform (a transform that only picks paths runs
+//! - [`rule`]: decode (JSON, text, bytes, CBOR, MessagePack, Protobuf, Sparkplug B), jq filter/transform (a transform that only picks paths runs
 //!   without jq), templates; [`pipeline`] routes messages through them, evaluating them
-//!   on the [`eval_pool`]'s threads, each run under a deadline.
+//!   on the [`eval_pool`]'s threads, each run under a deadline (Sparkplug B's decoding,
+//!   which remembers births and `seq`, on the router in arrival order; the rebirth
+//!   requests it asks for go to the broker through the same [`sink::publish::Publish`]).
 //! - [`sink`]: the [`sink::Sink`] trait, the delivery driver, retries and each sink type,
 //!   opened from its settings. Sinks know nothing of sources or the broker: the republish
 //!   sink publishes through [`sink::publish::Publish`]; the `mqtt` sink (edge to cloud)

@@ -15,6 +15,17 @@
 //! with the rule's name: messages matched, filtered out, records emitted, errors by
 //! stage, and the evaluation time measured on the pool's thread. Each outcome is also
 //! offered to the rule's watchers ([`crate::tap`]; free while nobody watches).
+//!
+//! **Decoders that keep state** (Sparkplug B: births, `seq`) must see the messages in
+//! arrival order, which the pool's threads do not keep across batches. So the router
+//! runs them itself, in order, as it hands a batch to the pool ([`Decoder::observe`]);
+//! the pool then filters and transforms what they made. Here too a `seq` gap is logged
+//! and counted (`mqbridge_sparkplug_seq_gaps_total`), and a command the decoder asks for
+//! (a rebirth request) is handed to [`Pipeline::commands`], which publishes it to the
+//! broker mqbridge reads from. A new routing takes over what the old one's decoders
+//! remembered, rule by rule (by name).
+//!
+//! [`Decoder::observe`]: crate::rule::Decoder::observe
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -28,10 +39,11 @@ use tokio::sync::mpsc;
 use crate::delivery::{Ack, Watch};
 use crate::eval_pool::{EvalError, EvalPool, panic_message};
 use crate::message::Message;
-use crate::rule::{Evaluation, Rule};
+use crate::rule::{Command, Evaluation, Observed, Rule};
 use crate::sink::driver::{DeadLetter, Failure};
+use crate::sink::publish::Publish;
 use crate::sink::queue::SinkQueue;
-use crate::sink::{Delivery, ErrorKind, Origin};
+use crate::sink::{Delivery, ErrorKind, Origin, Outcome};
 use crate::tap::{Event, Taps};
 
 /// Most messages evaluated per hand-off to the pool.
@@ -46,16 +58,33 @@ pub struct Verdict {
     pub took: Duration,
 }
 
-/// Evaluates every rule against a message, each for at most `limit` (pure; also used by
-/// `mqbridge try`).
-pub fn evaluate(rules: &[Rule], msg: &Message, limit: Duration) -> Vec<Verdict> {
+/// What the decoders that keep state made of one message, read in arrival order: for
+/// each such rule that matches it (by index), its payloads or why it cannot be read.
+pub type Observations = Vec<(usize, Result<Vec<jaq_json::Val>, String>)>;
+
+/// Evaluates every rule against a message, each for at most `limit`; a rule among
+/// `observed` filters and transforms what its decoder already read, any other decodes
+/// the message itself (a decoder that keeps state reads it against that state without
+/// changing it: `mqbridge try` passes no observations).
+pub fn evaluate(
+    rules: &[Rule],
+    msg: &Message,
+    mut observed: Observations,
+    limit: Duration,
+) -> Vec<Verdict> {
     rules
         .iter()
         .enumerate()
         .filter_map(|(i, rule)| {
             let vars = rule.matches(&msg.topic)?;
             let started = Instant::now();
-            let evaluation = rule.evaluate(msg, &vars, limit);
+            let evaluation = match observed.iter().position(|(r, _)| *r == i) {
+                Some(at) => {
+                    let payloads = observed.swap_remove(at).1;
+                    rule.evaluate_observed(msg, &vars, payloads, limit)
+                }
+                None => rule.evaluate(msg, &vars, limit),
+            };
             let took = started.elapsed();
             Some(Verdict {
                 rule: i,
@@ -91,7 +120,14 @@ pub struct Pipeline {
     pub reloads: Option<mpsc::Receiver<Routing>>,
     /// Watchers of the rules' outcomes (the admin API's live tail).
     pub taps: Arc<Taps>,
+    /// Where the commands decoders ask for (Sparkplug B rebirth requests) are published:
+    /// the broker mqbridge reads from. None: they are logged and dropped.
+    pub commands: Option<Arc<dyn Publish>>,
 }
+
+/// Commands waiting to be published; past this many, a new one is dropped (logged): the
+/// next gap asks again.
+const COMMANDS_QUEUED: usize = 64;
 
 /// A routing in use, with its rules' metric handles. Each batch holds the one it was
 /// evaluated with, so that its verdicts (rule and sink indexes) are dispatched by it.
@@ -99,15 +135,29 @@ struct Active {
     rules: Arc<[Rule]>,
     sinks: Vec<SinkQueue>,
     metrics: Vec<RuleMetrics>,
+    /// Whether a rule's decoder reads messages in arrival order (then the router runs
+    /// it: see the module's docs).
+    in_order: bool,
 }
 
 impl Active {
     fn new(routing: Routing) -> Arc<Active> {
         Arc::new(Active {
             metrics: routing.rules.iter().map(RuleMetrics::new).collect(),
+            in_order: routing.rules.iter().any(|r| r.decode.in_order()),
             rules: routing.rules,
             sinks: routing.sinks,
         })
+    }
+
+    /// Lets each rule's decoder take over what the same rule's decoder in `earlier`
+    /// remembered.
+    fn carry_over(&self, earlier: &Active) {
+        for rule in self.rules.iter().filter(|r| r.decode.in_order()) {
+            if let Some(before) = earlier.rules.iter().find(|r| r.name == rule.name) {
+                rule.decode.carry_over(&before.decode);
+            }
+        }
     }
 }
 
@@ -117,6 +167,8 @@ struct Router {
     dead_letter: DeadLetter,
     eval: EvalPool,
     taps: Arc<Taps>,
+    /// To the task that publishes the decoders' commands.
+    commands: Option<mpsc::Sender<Command>>,
 }
 
 /// Messages evaluated in one hand-off; their acks stay here, with the router.
@@ -136,6 +188,8 @@ struct RuleMetrics {
     filtered: metrics::Counter,
     records: metrics::Counter,
     evaluation: metrics::Histogram,
+    /// Sparkplug B rules only: `seq` gaps seen, rebirths asked for.
+    sparkplug: Option<(metrics::Counter, metrics::Counter)>,
     rule: String,
 }
 
@@ -147,6 +201,12 @@ impl RuleMetrics {
             filtered: metrics::counter!("mqbridge_rule_messages_filtered_total", "rule" => name.clone()),
             records: metrics::counter!("mqbridge_rule_records_total", "rule" => name.clone()),
             evaluation: metrics::histogram!("mqbridge_rule_evaluation_seconds", "rule" => name.clone()),
+            sparkplug: rule.decode.in_order().then(|| {
+                (
+                    metrics::counter!("mqbridge_sparkplug_seq_gaps_total", "rule" => name.clone()),
+                    metrics::counter!("mqbridge_sparkplug_rebirths_requested_total", "rule" => name.clone()),
+                )
+            }),
             rule: name,
         }
     }
@@ -174,12 +234,19 @@ impl Pipeline {
             eval,
             mut reloads,
             taps,
+            commands,
         } = self;
+        let commands = commands.map(|publisher| {
+            let (tx, rx) = mpsc::channel(COMMANDS_QUEUED);
+            tokio::spawn(publish_commands(publisher, rx));
+            tx
+        });
         let router = Router {
             watch,
             dead_letter,
             eval,
             taps,
+            commands,
         };
         let mut active = Active::new(routing);
         let mut evaluating = FuturesOrdered::new();
@@ -191,7 +258,8 @@ impl Pipeline {
                 routing = next_routing(&mut reloads), if reloads.is_some() => match routing {
                     Some(mut routing) => {
                         let applied = routing.applied.take();
-                        active = Active::new(routing);
+                        let earlier = std::mem::replace(&mut active, Active::new(routing));
+                        active.carry_over(&earlier);
                         if let Some(applied) = applied {
                             let _ = applied.send(());
                         }
@@ -219,6 +287,23 @@ impl Pipeline {
     }
 }
 
+/// Publishes the decoders' commands, one at a time, until the router is gone. A command
+/// that fails is logged, not retried: the decoder asks again if it still needs to.
+async fn publish_commands(publisher: Arc<dyn Publish>, mut commands: mpsc::Receiver<Command>) {
+    while let Some(c) = commands.recv().await {
+        let topic = c.topic.clone();
+        let outcome = publisher
+            .publish_all(vec![(c.topic, c.payload)], 0, false)
+            .await;
+        match outcome.first() {
+            Some(Outcome::Failed(e)) => {
+                tracing::warn!(%topic, error = %e.message, "cannot publish a command")
+            }
+            _ => tracing::debug!(%topic, "command published"),
+        }
+    }
+}
+
 /// The next routing from `reloads` (None once its sender is gone).
 async fn next_routing(reloads: &mut Option<mpsc::Receiver<Routing>>) -> Option<Routing> {
     match reloads {
@@ -234,6 +319,10 @@ impl Router {
         active: &Arc<Active>,
         mut batch: Vec<Message>,
     ) -> impl Future<Output = (Batch, Result<Vec<Verdicts>, EvalError>)> + use<> {
+        // In arrival order, here: see the module's docs.
+        let observed: Option<Vec<Observations>> = active
+            .in_order
+            .then(|| batch.iter().map(|m| self.observe(active, m)).collect());
         let acks = self
             .watch
             .track(batch.iter_mut().map(|m| (m.topic.as_str(), m.ack.take())));
@@ -241,13 +330,18 @@ impl Router {
         let job = {
             let (active, msgs, limit) = (Arc::clone(active), Arc::clone(&msgs), self.eval.limit());
             move || {
+                let mut observed = observed.map(Vec::into_iter);
                 msgs.iter()
                     .map(|m| {
+                        let observed = observed.as_mut().and_then(Iterator::next);
+                        let observed = observed.unwrap_or_default();
                         // A panic costs its message, not the batch.
-                        catch_unwind(AssertUnwindSafe(|| evaluate(&active.rules, m, limit)))
-                            .map_err(|p| {
-                                format!("rule evaluation panicked: {}", panic_message(p.as_ref()))
-                            })
+                        catch_unwind(AssertUnwindSafe(|| {
+                            evaluate(&active.rules, m, observed, limit)
+                        }))
+                        .map_err(|p| {
+                            format!("rule evaluation panicked: {}", panic_message(p.as_ref()))
+                        })
                     })
                     .collect::<Vec<Verdicts>>()
             }
@@ -261,6 +355,44 @@ impl Router {
             };
             (Batch { msgs, acks, active }, verdicts)
         }
+    }
+
+    /// Runs the decoders that read in arrival order on one message: logs and counts the
+    /// `seq` gaps they saw, and queues the commands they ask for.
+    fn observe(&self, active: &Active, msg: &Message) -> Observations {
+        let mut observed = Observations::new();
+        for (i, rule) in active.rules.iter().enumerate() {
+            if !rule.decode.in_order() || !rule.from.iter().any(|f| f.matches(&msg.topic)) {
+                continue;
+            }
+            // A panic costs its message, as on the pool's threads.
+            let observed_one = catch_unwind(AssertUnwindSafe(|| {
+                rule.decode.observe(&msg.topic, &msg.payload)
+            }));
+            let o = match observed_one {
+                Ok(Some(o)) => o,
+                Ok(None) => continue,
+                Err(p) => Observed::records(Err(format!(
+                    "decoding panicked: {}",
+                    panic_message(p.as_ref())
+                ))),
+            };
+            let counters = active.metrics[i].sparkplug.as_ref();
+            if let Some(gap) = &o.gap {
+                tracing::warn!(rule = %rule.name, node = %gap.node, expected = gap.expected, got = gap.got, "Sparkplug B: seq gap");
+                counters.inspect(|(gaps, _)| gaps.increment(1));
+            }
+            if let Some(command) = o.command {
+                tracing::info!(rule = %rule.name, topic = %command.topic, "Sparkplug B: {}", command.why);
+                counters.inspect(|(_, rebirths)| rebirths.increment(1));
+                let queued = self.commands.as_ref().map(|tx| tx.try_send(command));
+                if !matches!(queued, Some(Ok(()))) {
+                    tracing::warn!(rule = %rule.name, "Sparkplug B: the rebirth request could not be queued (no publisher, or too many waiting)");
+                }
+            }
+            observed.push((i, o.payloads));
+        }
+        observed
     }
 
     /// Dispatches a batch's verdicts, message by message in order, then hands each sink
@@ -466,6 +598,7 @@ mod tests {
             eval,
             reloads: None,
             taps: Arc::default(),
+            commands: None,
         };
         let (tx, rx) = mpsc::channel(16);
         let feed = tokio::spawn(async move {
@@ -557,6 +690,7 @@ mod tests {
             eval: EvalPool::start("pipeline-r", 2, EVAL_TIMEOUT).unwrap(),
             reloads: Some(reloads),
             taps: Arc::default(),
+            commands: None,
         };
         let settled: Vec<Arc<std::sync::atomic::AtomicUsize>> =
             (0..N).map(|_| Arc::default()).collect();

@@ -230,6 +230,18 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Seconds,
         "Time to decode, filter and transform one matched message.",
     ),
+    (
+        "mqbridge_sparkplug_seq_gaps_total",
+        Kind::Counter,
+        Unit::Count,
+        "Sparkplug B messages whose seq did not follow the last one from their edge node.",
+    ),
+    (
+        "mqbridge_sparkplug_rebirths_requested_total",
+        Kind::Counter,
+        Unit::Count,
+        "Rebirth requests (NCMD Node Control/Rebirth) sent to Sparkplug B edge nodes.",
+    ),
     // Sinks.
     (
         "mqbridge_sink_records_written_total",

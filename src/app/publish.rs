@@ -1,5 +1,5 @@
-//! What the republish sink publishes through ([`Publish`]): the broker mqbridge reads
-//! from.
+//! What the republish sink and the rules' commands (Sparkplug B rebirth requests)
+//! publish through ([`Publish`]): the broker mqbridge reads from.
 //!
 //! - **Embedded broker**: no connection; records are handed to its subscribers in-process
 //!   (and to its retained store), which settles them at once. They do not go through the
@@ -36,6 +36,20 @@ impl Upstream<'_> {
                 &plan.connection,
                 republish_client_id(&plan.connection.client_id, sink),
                 "republish",
+            )),
+        }
+    }
+
+    /// The publisher of the rules' commands: with an external broker, a connection of
+    /// its own (client id `<client_id>-commands`, which no republish sink's id is: see
+    /// [`republish_client_id`]), made when the first command is sent.
+    pub fn commands(self) -> Arc<dyn Publish> {
+        match self {
+            Upstream::Embedded(broker) => Arc::new(broker.clone()),
+            Upstream::External(plan) => Arc::new(publish::Connection::new(
+                &plan.connection,
+                format!("{}-commands", plan.connection.client_id),
+                "commands",
             )),
         }
     }

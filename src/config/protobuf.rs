@@ -1,7 +1,8 @@
 //! The rules' compiled `decode`: a [`Decoder`] per rule. A format's name is its decoder;
 //! `decode: {protobuf: ...}` reads the files it names (this is I/O, done on every load
 //! like [`super::mosquitto`]'s) and compiles them: `.proto` files by protox (no `protoc`),
-//! or a FileDescriptorSet, then looks the message type up.
+//! or a FileDescriptorSet, then looks the message type up. `decode: sparkplug_b` gets a
+//! decoder of its own (the Sparkplug B schema is built in).
 //!
 //! A problem is reported at the field that names it; one inside a `.proto` file also
 //! gives that file, line and column, e.g.
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::path::PathBuf;
 
 use super::plan::Errors;
-use super::raw::{DecodeConfig, RuleConfig};
+use super::raw::{DecodeConfig, RuleConfig, SparkplugConfig};
 use crate::rule::Decoder;
 
 /// Each rule's decoder, in order (the default for one that has a problem), and the
@@ -31,9 +32,31 @@ pub fn decoders(rules: &[RuleConfig], base: &Path) -> (Vec<Decoder>, Errors) {
                     Decoder::default()
                 }
             },
+            DecodeConfig::SparkplugB(_) => sparkplug(&SparkplugConfig::default(), i, &mut errs),
+            DecodeConfig::SparkplugBWith(s) => sparkplug(&s.sparkplug_b, i, &mut errs),
         })
         .collect();
     (decoders, errs)
+}
+
+/// Rule `i`'s Sparkplug B decoder (the default one, with an error, when it cannot be had).
+fn sparkplug(s: &SparkplugConfig, i: usize, errs: &mut Errors) -> Decoder {
+    decoder(s).unwrap_or_else(|e| {
+        errs.push((format!("rules[{i}].decode"), e));
+        Decoder::default()
+    })
+}
+
+#[cfg(feature = "protobuf")]
+fn decoder(s: &SparkplugConfig) -> Result<Decoder, String> {
+    crate::rule::Sparkplug::new(s.rebirth_on_gap)
+        .map(|s| Decoder::SparkplugB(std::sync::Arc::new(s)))
+}
+
+/// Without the `protobuf` feature, Sparkplug B is an error too.
+#[cfg(not(feature = "protobuf"))]
+fn decoder(_: &SparkplugConfig) -> Result<Decoder, String> {
+    Err("this mqbridge was built without the `protobuf` feature".into())
 }
 
 /// Without the `protobuf` feature, every Protobuf decode is an error.
@@ -317,6 +340,44 @@ mod tests {
         let errs = load(dir.path(), "jsn").unwrap_err();
         assert!(
             errs[0].contains("rules[0].decode: unknown variant `jsn`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn sparkplug_b_is_a_name_or_a_map_of_its_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        for (decode, shown) in [
+            ("sparkplug_b", "sparkplug_b"),
+            ("{ sparkplug_b: {} }", "sparkplug_b"),
+            (
+                "{ sparkplug_b: { rebirth_on_gap: true } }",
+                "sparkplug_b (rebirth on gap)",
+            ),
+        ] {
+            let plan = load(dir.path(), decode).unwrap();
+            assert_eq!(plan.rules[0].decode.to_string(), shown);
+        }
+        let errs = load(dir.path(), "{ sparkplug_b: { rebirth_on_gaps: true } }").unwrap_err();
+        assert!(
+            errs[0].contains(
+                "rules[0].decode.sparkplug_b.rebirth_on_gaps: unknown field `rebirth_on_gaps`"
+            ),
+            "{errs:?}"
+        );
+        let errs = load(dir.path(), "{ sparkplug_b: { rebirth_on_gap: 3 } }").unwrap_err();
+        assert!(
+            errs[0].contains("rules[0].decode.sparkplug_b.rebirth_on_gap: invalid type"),
+            "{errs:?}"
+        );
+        let errs = load(dir.path(), "{ sparkplug: {} }").unwrap_err();
+        assert!(
+            errs[0].contains("unknown field `sparkplug`, expected `protobuf` or `sparkplug_b`"),
+            "{errs:?}"
+        );
+        let errs = load(dir.path(), "sparkplug").unwrap_err();
+        assert!(
+            errs[0].contains("unknown variant `sparkplug`") && errs[0].contains("`sparkplug_b`"),
             "{errs:?}"
         );
     }

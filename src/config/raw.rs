@@ -451,7 +451,8 @@ pub struct RuleConfig {
     /// Topic filters; `+` and `#` as in MQTT, `{name}` captures a level into `vars.name`.
     pub from: OneOrMany,
     /// How the payload is read: `json` (the default), `text`, `bytes`, `cbor`,
-    /// `msgpack`, or `{protobuf: {...}}`.
+    /// `msgpack`, `{protobuf: {...}}`, or `sparkplug_b` (`{sparkplug_b: {...}}` with
+    /// settings).
     #[serde(default)]
     pub decode: DecodeConfig,
     /// jq expression; the message is kept when it yields a value other than false/null.
@@ -465,12 +466,43 @@ pub struct RuleConfig {
     pub to: OneOrMany,
 }
 
-/// `decode:`: a format's name, or a Protobuf message type.
+/// `decode:`: a format's name, a Protobuf message type, or Sparkplug B.
 #[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum DecodeConfig {
     Named(Decode),
     Protobuf(ProtobufDecode),
+    /// `sparkplug_b`: Sparkplug B with the default settings.
+    SparkplugB(SparkplugName),
+    /// `{sparkplug_b: {...}}`.
+    SparkplugBWith(SparkplugDecode),
+}
+
+/// `decode: sparkplug_b`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum SparkplugName {
+    /// Sparkplug B (topics `spBv1.0/...`, its Protobuf payloads): one record per metric.
+    #[serde(rename = "sparkplug_b")]
+    SparkplugB,
+}
+
+/// `decode: {sparkplug_b: {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugDecode {
+    pub sparkplug_b: SparkplugConfig,
+}
+
+/// Sparkplug B's settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugConfig {
+    /// Ask an edge node for a rebirth (an NCMD with `Node Control/Rebirth` = true, to the
+    /// broker mqbridge reads from) when its `seq` skips, its data comes before its
+    /// birth, or it uses an alias its birth did not define. At most one request per node
+    /// every 10 s.
+    #[serde(default)]
+    pub rebirth_on_gap: bool,
 }
 
 impl Default for DecodeConfig {
@@ -479,23 +511,51 @@ impl Default for DecodeConfig {
     }
 }
 
-/// A name is a [`Decode`]; a map is `{protobuf: ...}`. (Not `untagged`: its errors would
-/// not say which name or key is wrong.)
+/// A name is a [`Decode`] or `sparkplug_b`; a map is `{protobuf: ...}` or
+/// `{sparkplug_b: ...}`. (Not `untagged`: its errors would not say which name or key is
+/// wrong.)
 impl<'de> Deserialize<'de> for DecodeConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::{IntoDeserializer, MapAccess, Visitor, value::MapAccessDeserializer};
+        use serde::de::{IntoDeserializer, MapAccess, Visitor};
         struct Either;
         impl<'de> Visitor<'de> for Either {
             type Value = DecodeConfig;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("json, text, bytes, cbor, msgpack or {protobuf: {...}}")
+                f.write_str(
+                    "json, text, bytes, cbor, msgpack, sparkplug_b, {protobuf: {...}} or {sparkplug_b: {...}}",
+                )
             }
             fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<DecodeConfig, E> {
-                Decode::deserialize(name.into_deserializer()).map(DecodeConfig::Named)
+                if name == "sparkplug_b" {
+                    return Ok(DecodeConfig::SparkplugB(SparkplugName::SparkplugB));
+                }
+                const NAMES: &[&str] = &["json", "text", "bytes", "cbor", "msgpack", "sparkplug_b"];
+                Decode::deserialize(name.into_deserializer())
+                    .map(DecodeConfig::Named)
+                    .map_err(|_: E| E::unknown_variant(name, NAMES))
             }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DecodeConfig, A::Error> {
-                ProtobufDecode::deserialize(MapAccessDeserializer::new(map))
-                    .map(DecodeConfig::Protobuf)
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<DecodeConfig, A::Error> {
+                use serde::de::Error;
+                const KEYS: &[&str] = &["protobuf", "sparkplug_b"];
+                let decode = match map.next_key::<String>()?.as_deref() {
+                    Some("protobuf") => DecodeConfig::Protobuf(ProtobufDecode {
+                        protobuf: map.next_value()?,
+                    }),
+                    Some("sparkplug_b") => DecodeConfig::SparkplugBWith(SparkplugDecode {
+                        sparkplug_b: map.next_value()?,
+                    }),
+                    Some(other) => return Err(A::Error::unknown_field(other, KEYS)),
+                    None => {
+                        return Err(A::Error::invalid_length(
+                            0,
+                            &"one of protobuf or sparkplug_b",
+                        ));
+                    }
+                };
+                if let Some(other) = map.next_key::<String>()? {
+                    return Err(A::Error::unknown_field(&other, &[]));
+                }
+                Ok(decode)
             }
         }
         d.deserialize_any(Either)

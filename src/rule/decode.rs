@@ -20,11 +20,16 @@
 //!
 //! [`protobuf`] (feature `protobuf`) reads a payload against a message type compiled when
 //! the config loads, so a rule's compiled decode is a [`Decoder`], not just a [`Decode`].
+//! [`sparkplug`] (Sparkplug B, feature `protobuf` too) makes one value per metric and
+//! remembers what births announced, so it reads messages in arrival order
+//! ([`Decoder::observe`]) and may ask the pipeline to publish a command ([`Observed`]).
 
 mod cbor;
 mod msgpack;
 #[cfg(feature = "protobuf")]
 mod protobuf;
+#[cfg(feature = "protobuf")]
+mod sparkplug;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -71,13 +76,68 @@ impl std::fmt::Display for Decode {
     }
 }
 
-/// A rule's compiled `decode`: a format [`Decode`] names, or a Protobuf message type.
+#[cfg(feature = "protobuf")]
+pub use sparkplug::Sparkplug;
+
+/// A rule's compiled `decode`: a format [`Decode`] names, a Protobuf message type, or
+/// Sparkplug B.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoder {
     Named(Decode),
     /// `decode: { protobuf: ... }`: the message type, compiled when the config loads.
     #[cfg(feature = "protobuf")]
     Protobuf(prost_reflect::MessageDescriptor),
+    /// `decode: sparkplug_b`, with what it remembers of the edge nodes (shared by the
+    /// rule's copies).
+    #[cfg(feature = "protobuf")]
+    SparkplugB(std::sync::Arc<Sparkplug>),
+}
+
+/// What a decoder made of a payload: one value, or (Sparkplug B) one per record to make.
+#[derive(Debug)]
+pub enum Decoded {
+    One(Val),
+    Each(Vec<Val>),
+}
+
+/// What a decoder that reads messages in arrival order (Sparkplug B) made of one.
+#[derive(Debug)]
+pub struct Observed {
+    /// One value per record to make, or why the message cannot be read.
+    pub payloads: Result<Vec<Val>, String>,
+    /// A `seq` that did not follow the last one.
+    pub gap: Option<Gap>,
+    /// A message to publish to the broker mqbridge reads from (a rebirth request).
+    pub command: Option<Command>,
+}
+
+impl Observed {
+    /// Records (or an error) and nothing else.
+    pub fn records(payloads: Result<Vec<Val>, String>) -> Observed {
+        Observed {
+            payloads,
+            gap: None,
+            command: None,
+        }
+    }
+}
+
+/// A gap in an edge node's `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// `{group}/{edge node}`.
+    pub node: String,
+    pub expected: u8,
+    pub got: u8,
+}
+
+/// A message a decoder asks to publish: QoS 0, not retained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// Why, for the log.
+    pub why: String,
 }
 
 impl Default for Decoder {
@@ -92,29 +152,79 @@ impl From<Decode> for Decoder {
     }
 }
 
-/// The format's name, or `protobuf` and the message type's full name.
+/// The format's name, `protobuf` and the message type's full name, or `sparkplug_b`.
 impl std::fmt::Display for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Decoder::Named(how) => how.fmt(f),
             #[cfg(feature = "protobuf")]
             Decoder::Protobuf(message) => write!(f, "protobuf {}", message.full_name()),
+            #[cfg(feature = "protobuf")]
+            Decoder::SparkplugB(s) => s.fmt(f),
         }
     }
 }
 
 impl Decoder {
-    /// Decodes a payload; the error says why it cannot be read.
-    pub fn decode(&self, payload: &Bytes) -> Result<Val, String> {
+    /// Decodes the payload of a message on `topic`; the error says why it cannot be
+    /// read. A decoder that keeps state (Sparkplug B) reads against it without changing
+    /// it: the pipeline reads through [`Decoder::observe`].
+    #[cfg_attr(not(feature = "protobuf"), allow(unused_variables))]
+    pub fn decode(&self, topic: &str, payload: &Bytes) -> Result<Decoded, String> {
         match self {
-            Decoder::Named(how) => decode(*how, payload),
+            Decoder::Named(how) => decode(*how, payload).map(Decoded::One),
             #[cfg(feature = "protobuf")]
-            Decoder::Protobuf(message) => protobuf::decode(message, payload).map_err(|e| {
-                format!(
-                    "payload is not a valid Protobuf {}: {e}",
-                    message.full_name()
-                )
-            }),
+            Decoder::Protobuf(message) => protobuf::decode(message, payload)
+                .map(Decoded::One)
+                .map_err(|e| {
+                    format!(
+                        "payload is not a valid Protobuf {}: {e}",
+                        message.full_name()
+                    )
+                }),
+            #[cfg(feature = "protobuf")]
+            Decoder::SparkplugB(s) => s.peek(topic, payload).map(Decoded::Each),
+        }
+    }
+
+    /// Whether this decoder reads messages in arrival order, through
+    /// [`Decoder::observe`].
+    pub fn in_order(&self) -> bool {
+        match self {
+            #[cfg(feature = "protobuf")]
+            Decoder::SparkplugB(_) => true,
+            _ => false,
+        }
+    }
+
+    /// For a decoder that reads messages in arrival order ([`Decoder::in_order`]): reads
+    /// the payload of a message on `topic`, updating what it remembers. None for others.
+    #[cfg_attr(not(feature = "protobuf"), allow(unused_variables))]
+    pub fn observe(&self, topic: &str, payload: &Bytes) -> Option<Observed> {
+        match self {
+            #[cfg(feature = "protobuf")]
+            Decoder::SparkplugB(s) => Some(s.observe(topic, payload)),
+            _ => None,
+        }
+    }
+
+    /// The variables the decoder reads from a topic (Sparkplug B's group, message type,
+    /// edge node and device), added to the rule's own captures.
+    #[cfg_attr(not(feature = "protobuf"), allow(unused_variables))]
+    pub fn vars<'t>(&self, topic: &'t str) -> Vec<(&'static str, &'t str)> {
+        match self {
+            #[cfg(feature = "protobuf")]
+            Decoder::SparkplugB(_) => sparkplug::vars(topic),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Takes over what `earlier` (this rule's decoder before a config reload) remembers.
+    #[cfg_attr(not(feature = "protobuf"), allow(unused_variables))]
+    pub fn carry_over(&self, earlier: &Decoder) {
+        #[cfg(feature = "protobuf")]
+        if let (Decoder::SparkplugB(now), Decoder::SparkplugB(before)) = (self, earlier) {
+            now.carry_over(before);
         }
     }
 }

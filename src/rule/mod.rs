@@ -20,7 +20,10 @@ use jaq_json::Val;
 
 use crate::message::Message;
 use crate::topic::TopicFilter;
-pub use decode::{Decode, Decoder, decode};
+use decode::Decoded;
+#[cfg(feature = "protobuf")]
+pub use decode::Sparkplug;
+pub use decode::{Command, Decode, Decoder, Gap, Observed, decode};
 use jq::{Deadline, JqProgram};
 
 /// One compiled rule.
@@ -47,24 +50,87 @@ pub enum Evaluation {
 }
 
 impl Rule {
-    /// The named captures of the first filter that matches `topic`, or None.
+    /// The named captures of the first filter that matches `topic`, or None; then the
+    /// variables the decoder reads from the topic (Sparkplug B's), except those named
+    /// like a capture.
     pub fn matches<'t>(&self, topic: &'t str) -> Option<Vec<(&str, &'t str)>> {
-        self.from.iter().find_map(|f| f.captures(topic))
+        let mut vars = self.from.iter().find_map(|f| f.captures(topic))?;
+        for (name, value) in self.decode.vars(topic) {
+            if !vars.iter().any(|(n, _)| *n == name) {
+                vars.push((name, value));
+            }
+        }
+        Some(vars)
     }
 
     /// Runs decode, filter and transform for a message that matched with `vars`; filter
-    /// and transform together may run for `limit`.
+    /// and transform together may run for `limit`. A decoder that keeps state reads the
+    /// message against it without changing it (see [`Rule::evaluate_observed`]).
     pub fn evaluate(&self, msg: &Message, vars: &[(&str, &str)], limit: Duration) -> Evaluation {
         let deadline = Deadline::after(limit);
-        let payload = match self.decode.decode(&msg.payload) {
-            Ok(p) => p,
-            Err(error) => {
-                return Evaluation::Failed {
-                    stage: "decode",
-                    error,
-                };
+        match self.decode.decode(&msg.topic, &msg.payload) {
+            Ok(Decoded::One(payload)) => self.run(msg, vars, payload, deadline),
+            Ok(Decoded::Each(payloads)) => self.run_each(msg, vars, payloads, deadline),
+            Err(error) => Evaluation::Failed {
+                stage: "decode",
+                error,
+            },
+        }
+    }
+
+    /// [`Rule::evaluate`] for a message its decoder already read, in arrival order
+    /// ([`Decoder::observe`]): filter and transform run on each of its payloads.
+    pub fn evaluate_observed(
+        &self,
+        msg: &Message,
+        vars: &[(&str, &str)],
+        payloads: Result<Vec<Val>, String>,
+        limit: Duration,
+    ) -> Evaluation {
+        match payloads {
+            Ok(payloads) => self.run_each(msg, vars, payloads, Deadline::after(limit)),
+            Err(error) => Evaluation::Failed {
+                stage: "decode",
+                error,
+            },
+        }
+    }
+
+    /// Filter and transform on each of several payloads (one message's): the records of
+    /// all, the first failure, or Filtered when the filter left every one out.
+    fn run_each(
+        &self,
+        msg: &Message,
+        vars: &[(&str, &str)],
+        payloads: Vec<Val>,
+        deadline: Deadline,
+    ) -> Evaluation {
+        let mut records = Vec::new();
+        let mut kept = payloads.is_empty();
+        for payload in payloads {
+            match self.run(msg, vars, payload, deadline) {
+                Evaluation::Records(r) => {
+                    kept = true;
+                    records.extend(r);
+                }
+                Evaluation::Filtered => {}
+                failed @ Evaluation::Failed { .. } => return failed,
             }
-        };
+        }
+        match kept {
+            true => Evaluation::Records(records),
+            false => Evaluation::Filtered,
+        }
+    }
+
+    /// Filter and transform on one decoded payload.
+    fn run(
+        &self,
+        msg: &Message,
+        vars: &[(&str, &str)],
+        payload: Val,
+        deadline: Deadline,
+    ) -> Evaluation {
         // The context jq programs run on, made when one needs it.
         let mut ctx = None;
         if let Some(filter) = &self.filter {

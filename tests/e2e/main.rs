@@ -23,6 +23,8 @@ mod quickstart;
 mod reload;
 mod replay;
 mod scale;
+#[cfg(feature = "protobuf")]
+mod sparkplug;
 mod spool;
 mod util;
 mod webhook;
