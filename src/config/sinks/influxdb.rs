@@ -409,7 +409,7 @@ impl SinkSpec for Settings {
             )),
             Auth::Token(t) => out.push_str(&format!(", {}", t.describe())),
         }
-        out.push_str(&format!(" timeout {}", units::Duration(self.timeout)));
+        out.push_str(&format!(", timeout {}", units::Duration(self.timeout)));
         out
     }
 }
@@ -620,7 +620,7 @@ timeout: 0ms
                 .unwrap();
         assert_eq!(
             s.describe(),
-            "influxdb http://h/write?db=d&precision=ns measurement m, user u (password from $P) timeout 10s"
+            "influxdb http://h/write?db=d&precision=ns measurement m, user u (password from $P), timeout 10s"
         );
     }
 
