@@ -2,8 +2,8 @@
 # The test command (README "Testing"): installs what the tests need when it is missing,
 # starts a throwaway PostgreSQL on a free loopback port in a temp dir (unless
 # MQBRIDGE_TEST_DATABASE_URL points at one), runs every test, and stops it again.
-# The tests start their own throwaway Mosquitto brokers (and, for restart tests, their
-# own PostgreSQL) through the same scripts; nothing needs to be running beforehand.
+# The tests start their own throwaway Mosquitto brokers and InfluxDB servers (and, for
+# restart tests, their own PostgreSQL); nothing needs to be running beforehand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,11 @@ if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]
   missing+=(postgresql)
 fi
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# InfluxDB 1.x for the influxdb sink's tests (tests/e2e/influx.rs); another influxd can be
+# named with INFLUXD.
+if [ -z "${INFLUXD:-}" ] && ! command -v influxd >/dev/null 2>&1; then
+  missing+=(influxdb)
+fi
 # Headless Chromium for the dashboard's browser test (tests/e2e/dashboard.rs); a browser
 # elsewhere can be named with MQBRIDGE_CHROMIUM.
 if [ -z "${MQBRIDGE_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then

@@ -6,7 +6,7 @@
 //!  (or devices ──▶ broker, the embedded one, each connection ──▶ its own intake ──▶ the same path)
 //!                 ▲                                     │ records, each holding a share of the message's Ack
 //!                 │                                     ▼
-//!                 │                sink::driver (queue ▶ batch ▶ write ▶ per-record retry) ──▶ postgres / sqlite / webhook / republish / mqtt / file
+//!                 │                sink::driver (queue ▶ batch ▶ write ▶ per-record retry) ──▶ postgres / sqlite / webhook / influxdb / republish / mqtt / file
 //!                 │                                     └──▶ dead letter (another sink) with the reason
 //!                 └── PUBACK/PUBREC in arrival order (the intake's AckSequencer) once the message is
 //!                     fsynced to the spool, or, without a spool, once every share settled
@@ -54,7 +54,8 @@
 //!
 //! - Small pieces shared across components: [`der`] (a few lines of DER, for certificate
 //!   names and public keys) and [`http_client`] (how an HTTP client shows a URL and an
-//!   error: the webhook sink and the broker's HTTP authenticator).
+//!   error: the HTTP sinks and the broker's HTTP authenticator). The HTTP sinks (webhook,
+//!   influxdb) share their client and status classification in [`sink::http`].
 //!
 //! Dependencies point one way (no cycles): `app` imports the components (`source`,
 //! `broker`, `spool`, `pipeline`, `sink`, `admin`); they import `config`, which hands

@@ -14,7 +14,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-use crate::config::TokenSource;
+use crate::config::{SecretError, TokenSource};
 
 /// The configured token, as its digest (comparing digests makes the comparison's time
 /// independent of the token's length as well as of its bytes).
@@ -30,12 +30,10 @@ impl std::fmt::Debug for Token {
 /// Why the token could not be read at start; names the field, never the value.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("admin.token_file: cannot read {path}: {error}")]
-    File { path: String, error: std::io::Error },
+    #[error("admin.{field}: {error}")]
+    Read { field: String, error: SecretError },
     #[error("admin.{field}: the token is empty")]
-    Empty { field: &'static str },
-    #[error("admin.token_env: environment variable {0} is not set")]
-    Unset(String),
+    Empty { field: String },
 }
 
 impl Token {
@@ -45,23 +43,11 @@ impl Token {
 
     /// Reads the token from its source (a file's trailing newline is ignored).
     pub fn resolve(source: &TokenSource) -> Result<Token, TokenError> {
-        let (field, text) = match source {
-            TokenSource::Inline(secret) => ("token", secret.0.clone()),
-            TokenSource::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|error| TokenError::File {
-                    path: path.display().to_string(),
-                    error,
-                })?;
-                (
-                    "token_file",
-                    text.trim_end_matches(['\n', '\r']).to_string(),
-                )
-            }
-            TokenSource::Env(var) => (
-                "token_env",
-                std::env::var(var).map_err(|_| TokenError::Unset(var.clone()))?,
-            ),
-        };
+        let field = source.field("token");
+        let text = source.read().map_err(|error| TokenError::Read {
+            field: field.clone(),
+            error,
+        })?;
         if text.trim().is_empty() {
             return Err(TokenError::Empty { field });
         }

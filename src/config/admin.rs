@@ -16,15 +16,26 @@ pub struct AdminPlan {
     pub token: Option<TokenSource>,
 }
 
-/// Where the admin token is read from; the file and the variable are read at start.
+/// Where a secret is read from, written as `NAME:`, `NAME_file:` or `NAME_env:`: the
+/// admin token, and the `influxdb` sink's token and password. The file and the variable
+/// are read at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
-    /// `token:` (shown as `***`).
+    /// `NAME:` (shown as `***`).
     Inline(Secret),
-    /// `token_file:`.
+    /// `NAME_file:`.
     File(PathBuf),
-    /// `token_env:`, the variable's name.
+    /// `NAME_env:`, the variable's name.
     Env(String),
+}
+
+/// Why a secret could not be read from its source; never quotes the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read {path}: {error}")]
+    File { path: String, error: std::io::Error },
+    #[error("environment variable {0} is not set")]
+    Unset(String),
 }
 
 impl TokenSource {
@@ -36,40 +47,84 @@ impl TokenSource {
             TokenSource::Env(v) => format!("token from ${v}"),
         }
     }
+
+    /// The field it was written as, for the secret `name` (`token`, `token_file`, ...).
+    pub fn field(&self, name: &str) -> String {
+        match self {
+            TokenSource::Inline(_) => name.to_string(),
+            TokenSource::File(_) => format!("{name}_file"),
+            TokenSource::Env(_) => format!("{name}_env"),
+        }
+    }
+
+    /// Reads the secret (a file's trailing newline is ignored).
+    pub fn read(&self) -> Result<String, SecretError> {
+        match self {
+            TokenSource::Inline(secret) => Ok(secret.0.clone()),
+            TokenSource::File(path) => std::fs::read_to_string(path)
+                .map(|text| text.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|error| SecretError::File {
+                    path: path.display().to_string(),
+                    error,
+                }),
+            TokenSource::Env(var) => {
+                std::env::var(var).map_err(|_| SecretError::Unset(var.clone()))
+            }
+        }
+    }
+}
+
+/// The source of the secret `name`, written as `name`, `{name}_file` or `{name}_env`
+/// (any of them None when that key is absent). Problems (an empty inline value, an
+/// invalid variable name, more than one source) go to `problem` with the field.
+pub(crate) fn secret_source(
+    name: &str,
+    inline: Option<&str>,
+    file: Option<&std::path::Path>,
+    env: Option<&str>,
+    problem: &mut impl FnMut(String, String),
+) -> Option<TokenSource> {
+    let mut sources = Vec::new();
+    if let Some(t) = inline {
+        if t.trim().is_empty() {
+            problem(
+                name.to_string(),
+                format!("must not be empty (without a {name}, remove the key)"),
+            );
+        }
+        sources.push(TokenSource::Inline(Secret(t.to_string())));
+    }
+    if let Some(p) = file {
+        sources.push(TokenSource::File(p.to_path_buf()));
+    }
+    if let Some(v) = env {
+        if !super::env::is_valid_name(v) {
+            problem(
+                format!("{name}_env"),
+                "must be an environment variable name".into(),
+            );
+        }
+        sources.push(TokenSource::Env(v.to_string()));
+    }
+    for s in sources.iter().skip(1) {
+        problem(
+            s.field(name),
+            format!("set one of {name}, {name}_file or {name}_env"),
+        );
+    }
+    sources.into_iter().next()
 }
 
 pub(super) fn validate_admin(a: &AdminConfig, errs: &mut Errors) -> Option<AdminPlan> {
     let before = errs.len();
     let listen = addresses(&OneOrMany::One(a.listen.clone()), "admin.listen", errs).pop();
-    let mut sources = Vec::new();
-    if let Some(t) = &a.token {
-        if t.trim().is_empty() {
-            errs.push((
-                "admin.token".into(),
-                "must not be empty (without a token, remove the key)".into(),
-            ));
-        }
-        sources.push(("admin.token", TokenSource::Inline(Secret(t.clone()))));
-    }
-    if let Some(p) = &a.token_file {
-        sources.push(("admin.token_file", TokenSource::File(p.clone())));
-    }
-    if let Some(v) = &a.token_env {
-        if !super::env::is_valid_name(v) {
-            errs.push((
-                "admin.token_env".into(),
-                "must be an environment variable name".into(),
-            ));
-        }
-        sources.push(("admin.token_env", TokenSource::Env(v.clone())));
-    }
-    for (field, _) in sources.iter().skip(1) {
-        errs.push((
-            field.to_string(),
-            "set one of token, token_file or token_env".into(),
-        ));
-    }
-    let token = sources.into_iter().next().map(|(_, s)| s);
+    let token = secret_source(
+        "token",
+        a.token.as_deref(),
+        a.token_file.as_deref(),
+        a.token_env.as_deref(),
+        &mut |field, message| errs.push((format!("admin.{field}"), message)),
+    );
     if let Some(addr) = listen
         && token.is_none()
         && !addr.ip().is_loopback()

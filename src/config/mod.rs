@@ -38,7 +38,7 @@ pub mod units;
 use std::fmt;
 use std::path::Path;
 
-pub use admin::{AdminPlan, TokenSource};
+pub use admin::{AdminPlan, SecretError, TokenSource};
 pub use connection::ConnectionPlan;
 pub use plan::{Acl, AclRule, BrokerPlan, Credential, EmbeddedPlan, Plan, SinkPlan, SpoolPlan};
 pub use raw::{Fsync, RawConfig};

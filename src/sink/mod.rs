@@ -11,6 +11,8 @@
 
 pub mod driver;
 pub mod file;
+pub mod http;
+pub mod influxdb;
 pub mod migrate;
 pub mod postgres;
 pub mod publish;
@@ -236,10 +238,26 @@ pub fn all(records: usize, result: Result<(), SinkError>) -> Vec<Outcome> {
 /// part that fails permanently is halved until the bad records are alone, so that the
 /// others are written and only those are dead-lettered. After a transient failure the
 /// rest of the batch is held back (not attempted), which keeps every topic in order.
-pub async fn isolate<'a, T, F, Fut>(items: &'a [T], mut write: F) -> Vec<Outcome>
+pub async fn isolate<'a, T, F, Fut>(items: &'a [T], write: F) -> Vec<Outcome>
 where
     F: FnMut(&'a [T]) -> Fut,
     Fut: std::future::Future<Output = Result<(), SinkError>>,
+{
+    isolate_by(items, |e: &SinkError| e.kind == ErrorKind::Permanent, write).await
+}
+
+/// [`isolate`], halving only a part whose failure `split` says may concern some of its
+/// records alone (the `influxdb` sink: a 400 may be one bad line, a 404 is the whole
+/// database's). A failure that is not split is every record's of that part.
+pub async fn isolate_by<'a, T, E, F, Fut>(
+    items: &'a [T],
+    split: impl Fn(&E) -> bool,
+    mut write: F,
+) -> Vec<Outcome>
+where
+    E: Into<SinkError>,
+    F: FnMut(&'a [T]) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
 {
     let mut out = vec![Outcome::HeldBack; items.len()];
     // Parts still to write, as (start, end), the next one last.
@@ -247,12 +265,13 @@ where
     while let Some((start, end)) = parts.pop() {
         match write(&items[start..end]).await {
             Ok(()) => out[start..end].fill(Outcome::Delivered),
-            Err(e) if e.kind == ErrorKind::Permanent && end - start > 1 => {
+            Err(e) if end - start > 1 && split(&e) => {
                 let mid = start + (end - start) / 2;
                 parts.push((mid, end));
                 parts.push((start, mid));
             }
             Err(e) => {
+                let e: SinkError = e.into();
                 let transient = e.kind != ErrorKind::Permanent;
                 out[start..end].fill(Outcome::Failed(e));
                 if transient {
@@ -328,6 +347,8 @@ pub enum OpenError {
     File(#[from] file::OpenError),
     #[error(transparent)]
     Webhook(#[from] webhook::OpenError),
+    #[error(transparent)]
+    Influxdb(#[from] influxdb::OpenError),
     #[error("republish needs `broker:` or `embedded:`")]
     NoBroker,
 }
@@ -358,6 +379,7 @@ pub async fn open(
         SinkSettings::Webhook(s) => Arc::new(webhook::WebhookSink::new(s, |name| {
             std::env::var(name).ok()
         })?),
+        SinkSettings::Influxdb(s) => Arc::new(influxdb::InfluxSink::open(s)?),
     })
 }
 
@@ -375,6 +397,7 @@ pub fn would(settings: &SinkSettings, origin: &Origin, record: &serde_json::Valu
         ),
         SinkSettings::File(s) => file::would(s, origin, record),
         SinkSettings::Webhook(s) => webhook::would(s, origin, record),
+        SinkSettings::Influxdb(s) => influxdb::would(s, origin, record),
     }
 }
 
@@ -417,5 +440,63 @@ mod tests {
                 "record": {"t": 21.5, "tags": ["a"]},
             })
         );
+    }
+
+    /// A failure with the status that caused it, as the HTTP sinks see one.
+    struct Status(u16);
+
+    impl From<Status> for SinkError {
+        fn from(s: Status) -> SinkError {
+            SinkError::permanent(format!("HTTP {}", s.0))
+        }
+    }
+
+    #[tokio::test]
+    async fn isolate_by_splits_only_what_may_concern_some_records() {
+        // 5 is a bad line (400); a part holding 404 fails as a whole (no database).
+        let write = |part: &[i32]| {
+            let r = if part.contains(&404) {
+                Err(Status(404))
+            } else if part.contains(&5) {
+                Err(Status(400))
+            } else {
+                Ok(())
+            };
+            async move { r }
+        };
+        let split = |s: &Status| s.0 == 400;
+        let summary = |out: Vec<Outcome>| -> Vec<String> {
+            out.into_iter()
+                .map(|o| match o {
+                    Outcome::Delivered => "ok".into(),
+                    Outcome::Failed(e) => e.message,
+                    Outcome::HeldBack => "held".into(),
+                })
+                .collect()
+        };
+        let items: Vec<i32> = (0..8).collect();
+        let mut calls = 0;
+        let out = isolate_by(&items, split, |p| {
+            calls += 1;
+            write(p)
+        })
+        .await;
+        let mut want = vec!["ok".to_string(); 8];
+        want[5] = "HTTP 400".into();
+        assert_eq!(summary(out), want);
+        assert_eq!(
+            calls, 7,
+            "8 → 4+4 → 2+2 → 1+1: one call per part on 5's path"
+        );
+
+        let items = [1, 404, 3, 4];
+        let mut calls = 0;
+        let out = isolate_by(&items, split, |p| {
+            calls += 1;
+            write(p)
+        })
+        .await;
+        assert_eq!(summary(out), vec!["HTTP 404"; 4]);
+        assert_eq!(calls, 1);
     }
 }

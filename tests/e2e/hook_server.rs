@@ -41,6 +41,9 @@ pub enum Fault {
 pub struct Seen {
     pub at: Instant,
     pub path: String,
+    pub query: Option<String>,
+    /// The `Authorization` header, when sent.
+    pub authorization: Option<String>,
     pub key: Option<String>,
     pub content_type: Option<String>,
     /// The templated `X-Device` header, when sent.
@@ -214,6 +217,7 @@ async fn handle(
             .map(str::to_owned)
     };
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
     let signature_header = state
         .lock()
         .unwrap()
@@ -223,6 +227,8 @@ async fn handle(
         .map(|(_, h)| *h);
     let mut seen = Seen {
         at: Instant::now(),
+        query,
+        authorization: header("authorization"),
         key: header("idempotency-key"),
         content_type: header("content-type"),
         device: header("x-device"),

@@ -1,5 +1,5 @@
-//! End-to-end tests against real services: Mosquitto on loopback, SQLite files, and the
-//! mqbridge binary. Run through `scripts/test.sh` (the README's test command), which makes
+//! End-to-end tests against real services: Mosquitto and InfluxDB on loopback, SQLite
+//! files, and the mqbridge binary. Run through `scripts/test.sh` (the README's test command), which makes
 //! sure the services are installed.
 
 mod admin;
@@ -17,6 +17,7 @@ mod embedded_state;
 mod faults;
 mod flow;
 mod hook_server;
+mod influx;
 mod migrate;
 mod postgres;
 mod quickstart;

@@ -1,6 +1,6 @@
-//! Real services for the tests: a throwaway Mosquitto per test on a free loopback port,
-//! an MQTT test client, mqbridge itself (in-process or as a child process), and polling
-//! with deadlines instead of sleeps.
+//! Real services for the tests: a throwaway Mosquitto per test on a free loopback port
+//! (and InfluxDB, [`Influx`], for its sink), an MQTT test client, mqbridge itself
+//! (in-process or as a child process), and polling with deadlines instead of sleeps.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -13,8 +13,10 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
 mod browser;
+mod influx;
 mod numbered;
 pub use browser::Browser;
+pub use influx::Influx;
 pub use numbered::*;
 
 /// Polls `check` until it returns Some or `timeout` passes.

@@ -231,6 +231,7 @@ fn the_readme_and_migration_examples_parse() {
         (readme, "<!-- auth-example: http -->"),
         (readme, "<!-- auth-example: jwt -->"),
         (readme, "<!-- sink-example: mqtt -->"),
+        (readme, "<!-- sink-example: influxdb -->"),
         (migrate, "<!-- emqx-example: mqbridge -->"),
     ] {
         let text =

@@ -10,6 +10,7 @@
 //! and in [`SinkSettings`]; in [`crate::sink`], the sink and how it opens.
 
 pub mod file;
+pub mod influxdb;
 pub mod mqtt;
 pub mod postgres;
 pub mod republish;
@@ -36,6 +37,8 @@ pub enum SinkConfig {
     Mqtt(mqtt::Config),
     File(file::Config),
     Webhook(webhook::Config),
+    // Boxed: its settings are much larger than the other types'.
+    Influxdb(Box<influxdb::Config>),
 }
 
 impl SinkConfig {
@@ -49,6 +52,7 @@ impl SinkConfig {
             SinkConfig::Mqtt(c) => SinkSettings::Mqtt(c.compile()?),
             SinkConfig::File(c) => SinkSettings::File(c.compile()?),
             SinkConfig::Webhook(c) => SinkSettings::Webhook(c.compile()?),
+            SinkConfig::Influxdb(c) => SinkSettings::Influxdb((*c).compile()?),
         })
     }
 
@@ -61,6 +65,7 @@ impl SinkConfig {
             SinkConfig::Mqtt(c) => c.common(),
             SinkConfig::File(c) => c.common(),
             SinkConfig::Webhook(c) => c.common(),
+            SinkConfig::Influxdb(c) => c.common(),
         }
     }
 
@@ -69,6 +74,7 @@ impl SinkConfig {
     pub fn env_vars(&self) -> Vec<(&'static str, &str)> {
         match self {
             SinkConfig::Webhook(c) => c.env_vars(),
+            SinkConfig::Influxdb(c) => c.env_vars(),
             _ => Vec::new(),
         }
     }
@@ -78,6 +84,7 @@ impl SinkConfig {
     pub fn files(&self) -> Vec<(&'static str, &std::path::Path)> {
         match self {
             SinkConfig::Mqtt(c) => c.files(),
+            SinkConfig::Influxdb(c) => c.files(),
             _ => Vec::new(),
         }
     }
@@ -93,6 +100,7 @@ pub enum SinkSettings {
     Mqtt(mqtt::Settings),
     File(file::Settings),
     Webhook(webhook::Settings),
+    Influxdb(influxdb::Settings),
 }
 
 impl SinkSettings {
@@ -105,6 +113,7 @@ impl SinkSettings {
             SinkSettings::Mqtt(_) => "mqtt",
             SinkSettings::File(_) => "file",
             SinkSettings::Webhook(_) => "webhook",
+            SinkSettings::Influxdb(_) => "influxdb",
         }
     }
 
@@ -117,6 +126,7 @@ impl SinkSettings {
             SinkSettings::Mqtt(s) => s,
             SinkSettings::File(s) => s,
             SinkSettings::Webhook(s) => s,
+            SinkSettings::Influxdb(s) => s,
         }
     }
 }

@@ -29,10 +29,9 @@
 //!   values, the URL's query) never appear in logs or errors.
 //!
 //! Here the sink and its two ways of writing; `request` renders and signs a request,
-//! `send` sends it and classifies what came back.
+//! [`super::http`] sends it and classifies what came back.
 
 mod request;
-mod send;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -40,10 +39,10 @@ use std::fmt::Write as _;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use super::{Delivery, ErrorKind, Origin, Outcome, Sink};
+use super::http::{Request, Sender};
+use super::{Delivery, ErrorKind, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::webhook::{Method, Settings};
-use request::{Request, Requests};
-use send::Sender;
+use request::Requests;
 
 /// Requests in flight at once for one batch (records of different topics).
 const MAX_PARALLEL: usize = 16;
@@ -99,7 +98,7 @@ pub enum OpenError {
     /// `hmac.secret_env` names a variable that is not set (or is empty).
     #[error("hmac.secret_env: environment variable {0} is not set or empty")]
     NoSecret(String),
-    #[error("cannot build the HTTP client: {}", send::error_chain(.0))]
+    #[error("cannot build the HTTP client: {}", crate::http_client::error_chain(.0))]
     Client(reqwest::Error),
 }
 
@@ -118,7 +117,8 @@ impl WebhookSink {
         }
         Ok(WebhookSink {
             requests,
-            sender: Sender::new(cfg)?,
+            sender: Sender::new(cfg.method.http(), cfg.timeout, cfg.common.retry.max_delay.0)
+                .map_err(OpenError::Client)?,
             batch_body: cfg.batch_body,
         })
     }
@@ -133,7 +133,12 @@ impl WebhookSink {
     ) -> Vec<(usize, Outcome)> {
         let mut out = Vec::with_capacity(topic.len());
         for i in topic {
-            match self.sender.send(&requests[i]).await {
+            match self
+                .sender
+                .send(&requests[i])
+                .await
+                .map_err(SinkError::from)
+            {
                 Ok(()) => out.push((i, Outcome::Delivered)),
                 Err(e) if e.kind == ErrorKind::Permanent => out.push((i, Outcome::Failed(e))),
                 Err(e) => {
@@ -183,7 +188,7 @@ impl WebhookSink {
         let prepare = |d| self.requests.batch_item(d).map(|item| (d, item));
         super::prepared(batch, prepare, move |items| async move {
             let sent = match self.requests.batch_request(&items) {
-                Ok(request) => self.sender.send(&request).await,
+                Ok(request) => self.sender.send(&request).await.map_err(SinkError::from),
                 Err(e) => Err(e),
             };
             super::all(items.len(), sent)

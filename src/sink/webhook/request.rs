@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use super::OpenError;
 use crate::config::sinks::webhook::{Header, IDEMPOTENCY_KEY, Method, Settings, Signature};
 use crate::rule::template::Template;
+use crate::sink::http::Request;
 use crate::sink::{Delivery, SinkError, TemplateContext};
 
 /// The settings' compiled templates, and the key bodies are signed with: renders the
@@ -200,13 +201,6 @@ fn checked_url(text: &str) -> Result<Url, SinkError> {
         return Err(SinkError::permanent("rendered url is not http(s)"));
     }
     Ok(url)
-}
-
-/// One request, rendered.
-pub(super) struct Request {
-    pub(super) url: Url,
-    pub(super) headers: HeaderMap,
-    pub(super) body: Option<Bytes>,
 }
 
 /// The Idempotency-Key of a batch request: the message id when all records come from one

@@ -1,20 +1,20 @@
-//! Sending one request and classifying what came of it: 2xx is delivered; 408, 429, 5xx,
-//! connection errors and timeouts are transient, with the delay a 429 or 503 asked for
-//! (`Retry-After`); anything else is permanent. A failure quotes the status and the start
-//! of the response body, never the URL's credentials or query.
+//! What the HTTP sinks (`webhook`, `influxdb`) share: their client, sending one request,
+//! and classifying what came of it. 2xx is delivered; 408, 429, 5xx, connection errors
+//! and timeouts are transient, with the delay a 429 or 503 asked for (`Retry-After`, up
+//! to the retry policy's `max_delay`); anything else is permanent. A failure quotes the
+//! status and the start of the response body, never the URL's credentials or query, and
+//! keeps the status, so a sink can tell what a rejection concerns (the `influxdb` sink
+//! splits a batch on a 400).
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
-use reqwest::StatusCode;
-use reqwest::header;
+use bytes::Bytes;
+use reqwest::header::{self, HeaderMap};
+use reqwest::{Method, StatusCode, Url};
 
-use super::OpenError;
-use super::request::Request;
-use crate::config::sinks::webhook::{Method, Settings};
 use crate::config::units;
-pub(super) use crate::http_client::error_chain;
-use crate::http_client::redact;
+use crate::http_client::{error_chain, redact};
 use crate::sink::{ErrorKind, SinkError};
 
 /// Characters of a response body quoted in an error.
@@ -22,8 +22,28 @@ const EXCERPT_CHARS: usize = 200;
 /// Bytes of a response body read at most (the rest is dropped with the connection).
 const READ_LIMIT: usize = 64 * 1024;
 
-/// The HTTP client of one webhook sink.
-pub(super) struct Sender {
+/// One request, rendered.
+pub struct Request {
+    pub url: Url,
+    pub headers: HeaderMap,
+    pub body: Option<Bytes>,
+}
+
+/// A request that failed: why, classified, and the status when there was an answer.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: Option<StatusCode>,
+    pub error: SinkError,
+}
+
+impl From<Failure> for SinkError {
+    fn from(f: Failure) -> SinkError {
+        f.error
+    }
+}
+
+/// The HTTP client of one sink: its method, time limit and longest `Retry-After`.
+pub struct Sender {
     client: reqwest::Client,
     method: Method,
     timeout: Duration,
@@ -32,28 +52,34 @@ pub(super) struct Sender {
 }
 
 impl Sender {
-    pub(super) fn new(cfg: &Settings) -> Result<Sender, OpenError> {
+    /// A client sending `method` requests, each within `timeout` (connecting to reading
+    /// the answer), honouring a `Retry-After` up to `max_retry_after`. Redirects are not
+    /// followed.
+    pub fn new(
+        method: Method,
+        timeout: Duration,
+        max_retry_after: Duration,
+    ) -> Result<Sender, reqwest::Error> {
         crate::install_crypto();
         let client = reqwest::Client::builder()
-            .timeout(cfg.timeout)
+            .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("mqbridge/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(OpenError::Client)?;
+            .build()?;
         Ok(Sender {
             client,
-            method: cfg.method,
-            timeout: cfg.timeout,
-            max_retry_after: cfg.common.retry.max_delay.0,
+            method,
+            timeout,
+            max_retry_after,
         })
     }
 
     /// Sends one request and classifies the outcome.
-    pub(super) async fn send(&self, r: &Request) -> Result<(), SinkError> {
-        let method = self.method;
+    pub async fn send(&self, r: &Request) -> Result<(), Failure> {
+        let method = &self.method;
         let mut req = self
             .client
-            .request(method.http(), r.url.clone())
+            .request(method.clone(), r.url.clone())
             .headers(r.headers.clone());
         if let Some(body) = &r.body {
             req = req.body(body.clone());
@@ -72,10 +98,14 @@ impl Sender {
                 } else {
                     format!("{}: {}", what(), error_chain(&e))
                 };
-                return Err(if e.is_builder() {
+                let error = if e.is_builder() {
                     SinkError::permanent(message)
                 } else {
                     SinkError::transient(message)
+                };
+                return Err(Failure {
+                    status: None,
+                    error,
                 });
             }
         };
@@ -110,10 +140,13 @@ impl Sender {
             })
             .flatten()
             .map(|d| d.min(self.max_retry_after));
-        Err(SinkError {
-            kind,
-            message,
-            retry_after,
+        Err(Failure {
+            status: Some(status),
+            error: SinkError {
+                kind,
+                message,
+                retry_after,
+            },
         })
     }
 }
