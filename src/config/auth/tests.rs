@@ -232,9 +232,11 @@ fn the_readme_and_migration_examples_parse() {
         (readme, "<!-- auth-example: jwt -->"),
         (readme, "<!-- sink-example: mqtt -->"),
         (readme, "<!-- sink-example: influxdb -->"),
-        (readme, "<!-- sink-example: nats -->"),
         (migrate, "<!-- emqx-example: mqbridge -->"),
-    ] {
+    ]
+    .into_iter()
+    .chain(cfg!(feature = "nats").then_some((readme, "<!-- sink-example: nats -->")))
+    {
         let text =
             block(doc, marker).replace("/etc/mqbridge/jwt-issuer.pem", &key.display().to_string());
         if let Err(e) = parse(&text, "example.yaml", env) {

@@ -291,10 +291,11 @@ impl SinkSpec for Settings {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{SinkConfig, SinkSettings};
+    use super::super::SinkConfig;
     use super::*;
     use crate::config::parse;
 
+    #[cfg(feature = "nats")]
     fn config(yaml: &str) -> Config {
         yaml_serde::from_str(yaml).unwrap()
     }
@@ -353,10 +354,11 @@ rules:
         }
     }
 
+    #[cfg(feature = "nats")]
     #[test]
     fn the_url_and_credentials_are_compiled() {
         let plan = parse(STREAM, "rules.yaml", |_| None).unwrap();
-        let SinkSettings::Nats(s) = &plan.sinks[0].settings else {
+        let super::super::SinkSettings::Nats(s) = &plan.sinks[0].settings else {
             panic!("a nats sink")
         };
         assert_eq!((s.server.as_str(), s.tls), ("nats://nats.test:4222", false));
@@ -384,6 +386,7 @@ rules:
         assert!(own.own_msg_id);
     }
 
+    #[cfg(feature = "nats")]
     #[test]
     fn secrets_are_never_shown() {
         let text = STREAM.replace("timeout: 2s", "token: tok-s3cret");
@@ -423,6 +426,19 @@ rules:
         ] {
             assert!(errs.contains(want), "missing {want:?} in\n{errs}");
         }
+    }
+
+    #[cfg(not(feature = "nats"))]
+    #[test]
+    fn without_the_feature_the_sink_is_refused() {
+        let errs = match parse(STREAM, "rules.yaml", |_| None) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            errs.contains("rules.yaml:4:11: sinks.stream.type: this mqbridge was built without the `nats` feature"),
+            "{errs}"
+        );
     }
 
     #[test]
