@@ -2,8 +2,8 @@
 # The test command (README "Testing"): installs what the tests need when it is missing,
 # starts a throwaway PostgreSQL on a free loopback port in a temp dir (unless
 # MQBRIDGE_TEST_DATABASE_URL points at one), runs every test, and stops it again.
-# The tests start their own throwaway Mosquitto brokers and InfluxDB servers (and, for
-# restart tests, their own PostgreSQL); nothing needs to be running beforehand.
+# The tests start their own throwaway Mosquitto brokers, InfluxDB servers and nats-servers
+# (and, for restart tests, their own PostgreSQL); nothing needs to be running beforehand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,10 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # named with INFLUXD.
 if [ -z "${INFLUXD:-}" ] && ! command -v influxd >/dev/null 2>&1; then
   missing+=(influxdb)
+fi
+# NATS with JetStream for the nats sink's tests (tests/e2e/nats.rs).
+if ! command -v nats-server >/dev/null 2>&1 && [ -z "${NATS_SERVER:-}" ]; then
+  missing+=(nats-server)
 fi
 # Headless Chromium for the dashboard's browser test (tests/e2e/dashboard.rs); a browser
 # elsewhere can be named with MQBRIDGE_CHROMIUM.

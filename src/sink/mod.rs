@@ -14,6 +14,8 @@ pub mod file;
 pub mod http;
 pub mod influxdb;
 pub mod migrate;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod postgres;
 pub mod publish;
 pub mod queue;
@@ -351,6 +353,9 @@ pub enum OpenError {
     Influxdb(#[from] influxdb::OpenError),
     #[error("republish needs `broker:` or `embedded:`")]
     NoBroker,
+    #[cfg(not(feature = "nats"))]
+    #[error("this mqbridge was built without the `{0}` feature")]
+    NotBuilt(&'static str),
 }
 
 /// Opens the sink of `settings`: connects, opens files.
@@ -375,6 +380,11 @@ pub async fn open(
                 Arc::new(connection),
             ))
         }
+        #[cfg(feature = "nats")]
+        SinkSettings::Nats(s) => Arc::new(nats::NatsSink::new(s)),
+        // Not compiled without the feature, so never in a plan (see its config).
+        #[cfg(not(feature = "nats"))]
+        SinkSettings::Nats(_) => return Err(OpenError::NotBuilt("nats")),
         SinkSettings::File(s) => Arc::new(file::FileSink::open(s).await?),
         SinkSettings::Webhook(s) => Arc::new(webhook::WebhookSink::new(s, |name| {
             std::env::var(name).ok()
@@ -395,6 +405,10 @@ pub fn would(settings: &SinkSettings, origin: &Origin, record: &serde_json::Valu
             republish::would(&s.publish, origin, record),
             s.connection.describe()
         ),
+        #[cfg(feature = "nats")]
+        SinkSettings::Nats(s) => nats::would(s, origin, record),
+        #[cfg(not(feature = "nats"))]
+        SinkSettings::Nats(_) => "nothing: built without the `nats` feature".into(),
         SinkSettings::File(s) => file::would(s, origin, record),
         SinkSettings::Webhook(s) => webhook::would(s, origin, record),
         SinkSettings::Influxdb(s) => influxdb::would(s, origin, record),

@@ -54,11 +54,16 @@ fn render(topic: &Template, d: &Delivery) -> Result<(String, Vec<u8>), SinkError
         .map_err(|e| SinkError::permanent(format!("topic template: {e}")))?;
     validate_topic_name(&topic)
         .map_err(|e| SinkError::permanent(format!("topic {topic:?}: {e}")))?;
-    let payload = match &d.record {
+    Ok((topic, payload(&d.record)))
+}
+
+/// The payload a record is published as (also by the `nats` sink): a string as it is,
+/// anything else as JSON.
+pub fn payload(record: &serde_json::Value) -> Vec<u8> {
+    match record {
         serde_json::Value::String(s) => s.clone().into_bytes(),
         other => other.to_string().into_bytes(),
-    };
-    Ok((topic, payload))
+    }
 }
 
 impl Sink for RepublishSink {

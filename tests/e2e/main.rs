@@ -19,6 +19,8 @@ mod flow;
 mod hook_server;
 mod influx;
 mod migrate;
+#[cfg(feature = "nats")]
+mod nats;
 mod postgres;
 mod quickstart;
 mod reload;

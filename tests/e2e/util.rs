@@ -1,6 +1,7 @@
 //! Real services for the tests: a throwaway Mosquitto per test on a free loopback port
-//! (and InfluxDB, [`Influx`], for its sink), an MQTT test client, mqbridge itself
-//! (in-process or as a child process), and polling with deadlines instead of sleeps.
+//! (and InfluxDB, [`Influx`], and nats-server, [`NatsServer`], for their sinks), an MQTT
+//! test client, mqbridge itself (in-process or as a child process), and polling with
+//! deadlines instead of sleeps.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -14,9 +15,13 @@ use tokio::sync::mpsc;
 
 mod browser;
 mod influx;
+#[cfg(feature = "nats")]
+mod nats;
 mod numbered;
 pub use browser::Browser;
 pub use influx::Influx;
+#[cfg(feature = "nats")]
+pub use nats::NatsServer;
 pub use numbered::*;
 
 /// Polls `check` until it returns Some or `timeout` passes.

@@ -233,7 +233,10 @@ fn the_readme_and_migration_examples_parse() {
         (readme, "<!-- sink-example: mqtt -->"),
         (readme, "<!-- sink-example: influxdb -->"),
         (migrate, "<!-- emqx-example: mqbridge -->"),
-    ] {
+    ]
+    .into_iter()
+    .chain(cfg!(feature = "nats").then_some((readme, "<!-- sink-example: nats -->")))
+    {
         let text =
             block(doc, marker).replace("/etc/mqbridge/jwt-issuer.pem", &key.display().to_string());
         if let Err(e) = parse(&text, "example.yaml", env) {

@@ -12,6 +12,7 @@
 pub mod file;
 pub mod influxdb;
 pub mod mqtt;
+pub mod nats;
 pub mod postgres;
 pub mod republish;
 pub mod sql;
@@ -35,6 +36,7 @@ pub enum SinkConfig {
     Sqlite(sqlite::Config),
     Republish(republish::Config),
     Mqtt(mqtt::Config),
+    Nats(nats::Config),
     File(file::Config),
     Webhook(webhook::Config),
     // Boxed: its settings are much larger than the other types'.
@@ -50,6 +52,7 @@ impl SinkConfig {
             SinkConfig::Sqlite(c) => SinkSettings::Sqlite(c.compile()?),
             SinkConfig::Republish(c) => SinkSettings::Republish(c.compile()?),
             SinkConfig::Mqtt(c) => SinkSettings::Mqtt(c.compile()?),
+            SinkConfig::Nats(c) => SinkSettings::Nats(c.compile()?),
             SinkConfig::File(c) => SinkSettings::File(c.compile()?),
             SinkConfig::Webhook(c) => SinkSettings::Webhook(c.compile()?),
             SinkConfig::Influxdb(c) => SinkSettings::Influxdb((*c).compile()?),
@@ -63,6 +66,7 @@ impl SinkConfig {
             SinkConfig::Sqlite(c) => c.common(),
             SinkConfig::Republish(c) => c.common(),
             SinkConfig::Mqtt(c) => c.common(),
+            SinkConfig::Nats(c) => c.common(),
             SinkConfig::File(c) => c.common(),
             SinkConfig::Webhook(c) => c.common(),
             SinkConfig::Influxdb(c) => c.common(),
@@ -85,6 +89,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Mqtt(c) => c.files(),
             SinkConfig::Influxdb(c) => c.files(),
+            SinkConfig::Nats(c) => c.files(),
             _ => Vec::new(),
         }
     }
@@ -98,6 +103,7 @@ pub enum SinkSettings {
     Sqlite(sqlite::Settings),
     Republish(republish::Settings),
     Mqtt(mqtt::Settings),
+    Nats(nats::Settings),
     File(file::Settings),
     Webhook(webhook::Settings),
     Influxdb(influxdb::Settings),
@@ -111,6 +117,7 @@ impl SinkSettings {
             SinkSettings::Sqlite(_) => "sqlite",
             SinkSettings::Republish(_) => "republish",
             SinkSettings::Mqtt(_) => "mqtt",
+            SinkSettings::Nats(_) => "nats",
             SinkSettings::File(_) => "file",
             SinkSettings::Webhook(_) => "webhook",
             SinkSettings::Influxdb(_) => "influxdb",
@@ -124,6 +131,7 @@ impl SinkSettings {
             SinkSettings::Sqlite(s) => s,
             SinkSettings::Republish(s) => s,
             SinkSettings::Mqtt(s) => s,
+            SinkSettings::Nats(s) => s,
             SinkSettings::File(s) => s,
             SinkSettings::Webhook(s) => s,
             SinkSettings::Influxdb(s) => s,

@@ -271,9 +271,25 @@ fn signature(
     None
 }
 
-/// Compiles `headers:`: those without problems (also the HTTP authenticator's and
-/// authorizer's, [`crate::config::auth`]).
+/// Compiles `headers:` of an HTTP request: those without problems (also the HTTP
+/// authenticator's and authorizer's, [`crate::config::auth`]).
 pub(crate) fn headers(headers: &Headers, problem: &mut impl FnMut(&str, String)) -> Vec<Header> {
+    headers_except(
+        headers,
+        &RESERVED_HEADERS,
+        "is set by the HTTP client",
+        problem,
+    )
+}
+
+/// Compiles `headers:` (also the `nats` sink's): those without problems. A header named
+/// in `reserved` (lowercase) is a problem, `why` says why.
+pub(crate) fn headers_except(
+    headers: &Headers,
+    reserved: &[&str],
+    why: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> Vec<Header> {
     let mut out = Vec::new();
     let mut seen: Vec<HeaderName> = Vec::new();
     for (name, value) in &headers.0 {
@@ -283,8 +299,8 @@ pub(crate) fn headers(headers: &Headers, problem: &mut impl FnMut(&str, String))
                 problem(&field, "invalid header name".into());
                 None
             }
-            Ok(h) if RESERVED_HEADERS.contains(&h.as_str()) => {
-                problem(&field, "is set by the HTTP client".into());
+            Ok(h) if reserved.contains(&h.as_str()) => {
+                problem(&field, why.into());
                 None
             }
             Ok(h) if seen.contains(&h) => {
