@@ -47,21 +47,37 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
 #[derive(Deserialize)]
 pub struct TryRequest {
     topic: String,
-    #[serde(default)]
-    payload: String,
+    /// The payload as text; `payload_base64` carries a binary one (CBOR, Protobuf, …).
+    payload: Option<String>,
+    payload_base64: Option<String>,
     #[serde(default = "qos1")]
     qos: u8,
+}
+
+impl TryRequest {
+    /// The payload's bytes, or what is wrong with the request's payload fields.
+    fn payload(&mut self) -> Result<Vec<u8>, String> {
+        use base64::Engine as _;
+        match (self.payload.take(), self.payload_base64.take()) {
+            (Some(_), Some(_)) => Err("payload, payload_base64: one or the other".into()),
+            (Some(text), None) => Ok(text.into_bytes()),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| format!("payload_base64: not valid base64: {e}")),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
 }
 
 fn qos1() -> u8 {
     1
 }
 
-/// `{"topic", "payload", "qos"}` → `{"topic", "outcomes": [...]}` (see
-/// [`crate::dryrun::RuleOutcome`]); an empty list: no rule matches the topic.
+/// `{"topic", "payload" | "payload_base64", "qos"}` → `{"topic", "outcomes": [...]}`
+/// (see [`crate::dryrun::RuleOutcome`]); an empty list: no rule matches the topic.
 pub async fn try_message(
     Extract(state): Extract<Arc<State>>,
-    Json(req): Json<TryRequest>,
+    Json(mut req): Json<TryRequest>,
 ) -> Response {
     if req.topic.is_empty() || req.topic.contains(['+', '#', '\0']) {
         return error(
@@ -72,10 +88,14 @@ pub async fn try_message(
     if req.qos > 2 {
         return error(StatusCode::BAD_REQUEST, "qos: 0, 1 or 2");
     }
+    let payload = match req.payload() {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
     let plan = state.plan();
     let topic = req.topic.clone();
     let outcomes = tokio::task::spawn_blocking(move || {
-        let msg = Message::detached(req.topic, req.payload.into_bytes(), req.qos);
+        let msg = Message::detached(req.topic, payload, req.qos);
         let outcomes = crate::dryrun::outcomes(&plan, &msg);
         msg.ack.settle();
         outcomes

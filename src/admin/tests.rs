@@ -213,6 +213,33 @@ async fn try_runs_the_running_rules_and_writes_nothing() {
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["outcomes"][0]["result"], "failed");
     assert_eq!(body["outcomes"][0]["stage"], "decode");
+    // A binary payload comes as base64: here the bytes of the JSON above.
+    let (code, body) = post(
+        &url,
+        Some("t0ken"),
+        Some(serde_json::json!({"topic": "sensors/d7/telemetry", "payload_base64": "eyJ0ZW1wIjogMjEuNX0="})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body["outcomes"][0]["records"][0]["record"],
+        serde_json::json!({"device": "d7", "temp": 21.5})
+    );
+    for (bad, why) in [
+        (
+            serde_json::json!({"topic": "sensors/d7/telemetry", "payload": "{}", "payload_base64": "e30="}),
+            "one or the other",
+        ),
+        (
+            serde_json::json!({"topic": "sensors/d7/telemetry", "payload_base64": "not base64!"}),
+            "payload_base64: not valid base64",
+        ),
+    ] {
+        let (code, body) = post(&url, Some("t0ken"), Some(bad)).await;
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains(why), "{body}");
+    }
     let (_, body) = post(
         &url,
         Some("t0ken"),
