@@ -282,3 +282,33 @@ pub(crate) use sink_config;
 pub trait HasCommon {
     fn common(&self) -> Common;
 }
+
+/// Test support: checks that the JSON Schema's variant for sink type `kind` has exactly
+/// the properties `yaml` (a sink of that type with every setting) serializes back to,
+/// and no others allowed; returns them.
+#[cfg(test)]
+pub(crate) fn schema_properties_are_the_settings(yaml: &str, kind: &str) -> Vec<String> {
+    let config: SinkConfig = yaml_serde::from_str(yaml).unwrap();
+    let mut written: Vec<String> = match serde_json::to_value(&config).unwrap() {
+        serde_json::Value::Object(o) => o.keys().cloned().collect(),
+        other => panic!("{other}"),
+    };
+    written.sort();
+    let schema = serde_json::to_value(schemars::schema_for!(SinkConfig)).unwrap();
+    let variant = schema["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["properties"]["type"]["const"] == kind)
+        .unwrap_or_else(|| panic!("a {kind} variant"));
+    let mut properties: Vec<String> = variant["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    properties.sort();
+    assert_eq!(properties, written);
+    assert_eq!(variant["additionalProperties"], false);
+    properties
+}
