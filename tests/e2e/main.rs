@@ -19,6 +19,7 @@ mod flow;
 mod hook_server;
 mod influx;
 mod migrate;
+mod mysql;
 mod postgres;
 mod quickstart;
 mod reload;

@@ -14,9 +14,11 @@ use tokio::sync::mpsc;
 
 mod browser;
 mod influx;
+mod mariadb;
 mod numbered;
 pub use browser::Browser;
 pub use influx::Influx;
+pub use mariadb::{Mariadb, my_count, my_exec, my_texts};
 pub use numbered::*;
 
 /// Polls `check` until it returns Some or `timeout` passes.
