@@ -34,10 +34,11 @@ pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
         .into_iter()
         .map(Cow::Owned)
         .collect();
-    format!(
-        "mysql: {} (record keys that are no column of the table are left out)",
-        insert_sql(&cfg.insert, &names, 1)
-    )
+    let note = match cfg.insert.columns {
+        Some(_) => "",
+        None => " (record keys that are no column of the table are left out)",
+    };
+    format!("mysql: {}{note}", insert_sql(&cfg.insert, &names, 1))
 }
 
 /// The mysql sink: a table sink over a MariaDB/MySQL connection pool.
