@@ -22,7 +22,7 @@ use mqbridge::rule::jq::JqProgram;
 use mqbridge::rule::template::Template;
 use mqbridge::rule::{Decode, Evaluation, Rule};
 use mqbridge::sink::Origin;
-use mqbridge::sink::postgres::{Class, to_text};
+use mqbridge::sink::sql::{Class, to_text};
 use serde_json::Value;
 
 const TOPIC: &str = "sensors/d0042/telemetry";

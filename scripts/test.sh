@@ -2,7 +2,7 @@
 # The test command (README "Testing"): installs what the tests need when it is missing,
 # starts a throwaway PostgreSQL on a free loopback port in a temp dir (unless
 # MQBRIDGE_TEST_DATABASE_URL points at one), runs every test, and stops it again.
-# The tests start their own throwaway Mosquitto brokers, InfluxDB servers and nats-servers
+# The tests start their own throwaway Mosquitto brokers, InfluxDB, MariaDB and NATS servers
 # (and, for restart tests, their own PostgreSQL); nothing needs to be running beforehand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,11 @@ if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]
   missing+=(postgresql)
 fi
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# MariaDB for the mysql sink's tests (tests/e2e/mysql.rs, via scripts/mariadb.sh); another
+# server binary can be named with MARIADBD.
+if [ -z "${MARIADBD:-}" ] && ! command -v mariadbd >/dev/null 2>&1 && [ ! -x /usr/sbin/mariadbd ]; then
+  missing+=(mariadb-server)
+fi
 # InfluxDB 1.x for the influxdb sink's tests (tests/e2e/influx.rs); another influxd can be
 # named with INFLUXD.
 if [ -z "${INFLUXD:-}" ] && ! command -v influxd >/dev/null 2>&1; then

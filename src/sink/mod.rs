@@ -14,6 +14,7 @@ pub mod file;
 pub mod http;
 pub mod influxdb;
 pub mod migrate;
+pub mod mysql;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod postgres;
@@ -21,6 +22,7 @@ pub mod publish;
 pub mod queue;
 pub mod republish;
 pub mod retry;
+pub mod sql;
 pub mod sqlite;
 pub mod webhook;
 
@@ -344,6 +346,8 @@ pub enum OpenError {
     #[error(transparent)]
     Postgres(#[from] postgres::OpenError),
     #[error(transparent)]
+    Mysql(#[from] mysql::OpenError),
+    #[error(transparent)]
     Sqlite(#[from] sqlite::OpenError),
     #[error(transparent)]
     File(#[from] file::OpenError),
@@ -364,9 +368,8 @@ pub async fn open(
     ctx: OpenContext<'_>,
 ) -> Result<Arc<dyn Sink>, OpenError> {
     Ok(match settings {
-        SinkSettings::Postgres(s) => {
-            Arc::new(postgres::PostgresSink::open(s, ctx.eval.clone()).await?)
-        }
+        SinkSettings::Postgres(s) => Arc::new(postgres::open(s, ctx.eval.clone()).await?),
+        SinkSettings::Mysql(s) => Arc::new(mysql::open(s, ctx.eval.clone()).await?),
         SinkSettings::Sqlite(s) => Arc::new(sqlite::SqliteSink::open(s).await?),
         SinkSettings::Republish(s) => {
             let publisher = ctx.publisher.ok_or(OpenError::NoBroker)?;
@@ -398,6 +401,7 @@ pub async fn open(
 pub fn would(settings: &SinkSettings, origin: &Origin, record: &serde_json::Value) -> String {
     match settings {
         SinkSettings::Postgres(s) => postgres::would(s, origin, record),
+        SinkSettings::Mysql(s) => mysql::would(s, origin, record),
         SinkSettings::Sqlite(s) => sqlite::would(s, origin, record),
         SinkSettings::Republish(s) => republish::would(s, origin, record),
         SinkSettings::Mqtt(s) => format!(

@@ -19,6 +19,7 @@ mod flow;
 mod hook_server;
 mod influx;
 mod migrate;
+mod mysql;
 #[cfg(feature = "nats")]
 mod nats;
 mod postgres;

@@ -15,11 +15,13 @@ use tokio::sync::mpsc;
 
 mod browser;
 mod influx;
+mod mariadb;
 #[cfg(feature = "nats")]
 mod nats;
 mod numbered;
 pub use browser::Browser;
 pub use influx::Influx;
+pub use mariadb::{Mariadb, my_count, my_exec, my_texts};
 #[cfg(feature = "nats")]
 pub use nats::NatsServer;
 pub use numbered::*;

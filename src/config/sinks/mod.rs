@@ -12,6 +12,7 @@
 pub mod file;
 pub mod influxdb;
 pub mod mqtt;
+pub mod mysql;
 pub mod nats;
 pub mod postgres;
 pub mod republish;
@@ -33,6 +34,7 @@ pub type Problems = Vec<(String, String)>;
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SinkConfig {
     Postgres(postgres::Config),
+    Mysql(mysql::Config),
     Sqlite(sqlite::Config),
     Republish(republish::Config),
     Mqtt(mqtt::Config),
@@ -49,6 +51,7 @@ impl SinkConfig {
     pub fn compile(self) -> Result<SinkSettings, Problems> {
         Ok(match self {
             SinkConfig::Postgres(c) => SinkSettings::Postgres(c.compile()?),
+            SinkConfig::Mysql(c) => SinkSettings::Mysql(c.compile()?),
             SinkConfig::Sqlite(c) => SinkSettings::Sqlite(c.compile()?),
             SinkConfig::Republish(c) => SinkSettings::Republish(c.compile()?),
             SinkConfig::Mqtt(c) => SinkSettings::Mqtt(c.compile()?),
@@ -63,6 +66,7 @@ impl SinkConfig {
     pub fn common(&self) -> Common {
         match self {
             SinkConfig::Postgres(c) => c.common(),
+            SinkConfig::Mysql(c) => c.common(),
             SinkConfig::Sqlite(c) => c.common(),
             SinkConfig::Republish(c) => c.common(),
             SinkConfig::Mqtt(c) => c.common(),
@@ -100,6 +104,7 @@ impl SinkConfig {
 #[derive(Debug)]
 pub enum SinkSettings {
     Postgres(postgres::Settings),
+    Mysql(mysql::Settings),
     Sqlite(sqlite::Settings),
     Republish(republish::Settings),
     Mqtt(mqtt::Settings),
@@ -114,6 +119,7 @@ impl SinkSettings {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkSettings::Postgres(_) => "postgres",
+            SinkSettings::Mysql(_) => "mysql",
             SinkSettings::Sqlite(_) => "sqlite",
             SinkSettings::Republish(_) => "republish",
             SinkSettings::Mqtt(_) => "mqtt",
@@ -128,6 +134,7 @@ impl SinkSettings {
     pub fn spec(&self) -> &dyn SinkSpec {
         match self {
             SinkSettings::Postgres(s) => s,
+            SinkSettings::Mysql(s) => s,
             SinkSettings::Sqlite(s) => s,
             SinkSettings::Republish(s) => s,
             SinkSettings::Mqtt(s) => s,
