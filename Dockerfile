@@ -5,6 +5,9 @@
 # (--stop-timeout, or compose's stop_grace_period, must exceed the config's
 # shutdown_timeout, 10s by default: docker stop waits that long after SIGTERM, then kills.)
 FROM rust:1.95-bookworm AS build
+# cmake builds librdkafka (the kafka sink); OpenSSL's headers are in the image already.
+RUN apt-get update && apt-get install -y --no-install-recommends cmake \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, from the manifests alone, in a layer of their own: a change to src/
 # rebuilds only mqbridge itself. Empty stand-ins for src/ let cargo load the package

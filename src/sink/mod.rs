@@ -13,6 +13,8 @@ pub mod driver;
 pub mod file;
 pub mod http;
 pub mod influxdb;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod migrate;
 pub mod mysql;
 #[cfg(feature = "nats")]
@@ -287,6 +289,42 @@ where
     out
 }
 
+/// A record's id, for sinks whose consumers drop duplicates by it (`nats`, `kafka`): its
+/// message's id, then a digest of the rule and the record (16 hex digits), so that the
+/// records a message yields (through one rule or several) have ids of their own, the
+/// same each time they are made again from the message (a broker's redelivery, the spool
+/// after a crash, a dead letter's replay). Records equal in content made by one rule from
+/// one message share an id: a consumer keeps one.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub fn record_id(origin: &Origin, record: &serde_json::Value) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(origin.rule.as_bytes());
+    h.update([0u8]);
+    h.update(record.to_string().as_bytes());
+    format!("{}-{}", origin.id(), hex::encode(&h.finalize()[..8]))
+}
+
+/// Keeps each topic in order for a sink that pipelines a batch (`nats`, `kafka`): after a
+/// record failed transiently, the later records of its topic (`topics[i]` is record i's)
+/// are held back, acknowledged or not: they are sent again, in order, after it, and the
+/// copies carry the same [`record_id`].
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub fn held_back_after_failures(topics: &[&str], mut outcomes: Vec<Outcome>) -> Vec<Outcome> {
+    let mut failed: Vec<&str> = Vec::new();
+    for (topic, outcome) in topics.iter().zip(outcomes.iter_mut()) {
+        let transient = matches!(outcome, Outcome::Failed(e) if e.kind != ErrorKind::Permanent);
+        if failed.contains(topic) {
+            if !matches!(outcome, Outcome::Failed(e) if e.kind == ErrorKind::Permanent) {
+                *outcome = Outcome::HeldBack;
+            }
+        } else if transient {
+            failed.push(topic);
+        }
+    }
+    outcomes
+}
+
 /// Prepares each record for writing (rendering, conversion); a record that cannot be
 /// prepared fails permanently on its own. `write` gets the prepared ones, in order, and
 /// returns their outcomes; the result has one outcome per record of `batch`.
@@ -357,7 +395,10 @@ pub enum OpenError {
     Influxdb(#[from] influxdb::OpenError),
     #[error("republish needs `broker:` or `embedded:`")]
     NoBroker,
-    #[cfg(not(feature = "nats"))]
+    #[cfg(feature = "kafka")]
+    #[error(transparent)]
+    Kafka(#[from] kafka::OpenError),
+    #[cfg(not(all(feature = "nats", feature = "kafka")))]
     #[error("this mqbridge was built without the `{0}` feature")]
     NotBuilt(&'static str),
 }
@@ -388,6 +429,10 @@ pub async fn open(
         // Not compiled without the feature, so never in a plan (see its config).
         #[cfg(not(feature = "nats"))]
         SinkSettings::Nats(_) => return Err(OpenError::NotBuilt("nats")),
+        #[cfg(feature = "kafka")]
+        SinkSettings::Kafka(s) => Arc::new(kafka::KafkaSink::open(s)?),
+        #[cfg(not(feature = "kafka"))]
+        SinkSettings::Kafka(_) => return Err(OpenError::NotBuilt("kafka")),
         SinkSettings::File(s) => Arc::new(file::FileSink::open(s).await?),
         SinkSettings::Webhook(s) => Arc::new(webhook::WebhookSink::new(s, |name| {
             std::env::var(name).ok()
@@ -413,6 +458,10 @@ pub fn would(settings: &SinkSettings, origin: &Origin, record: &serde_json::Valu
         SinkSettings::Nats(s) => nats::would(s, origin, record),
         #[cfg(not(feature = "nats"))]
         SinkSettings::Nats(_) => "nothing: built without the `nats` feature".into(),
+        #[cfg(feature = "kafka")]
+        SinkSettings::Kafka(s) => kafka::would(s, origin, record),
+        #[cfg(not(feature = "kafka"))]
+        SinkSettings::Kafka(_) => "nothing: built without the `kafka` feature".into(),
         SinkSettings::File(s) => file::would(s, origin, record),
         SinkSettings::Webhook(s) => webhook::would(s, origin, record),
         SinkSettings::Influxdb(s) => influxdb::would(s, origin, record),
@@ -516,5 +565,48 @@ mod tests {
         .await;
         assert_eq!(summary(out), vec!["HTTP 404"; 4]);
         assert_eq!(calls, 1);
+    }
+
+    #[cfg(any(feature = "nats", feature = "kafka"))]
+    #[test]
+    fn records_of_one_message_have_ids_of_their_own() {
+        let d = Delivery::detached("s/d1", json!({"v": 1}));
+        let a = record_id(&d.origin, &json!({"v": 1}));
+        let b = record_id(&d.origin, &json!({"v": 2}));
+        assert_ne!(a, b);
+        let other_rule = Origin {
+            rule: Arc::from("other"),
+            id: std::sync::OnceLock::from(d.origin.id().to_string()),
+            ..Origin::from_message(
+                &crate::message::Message::detached("s/d1", "{}", 1),
+                &Arc::from("x"),
+                Vec::new(),
+            )
+        };
+        assert_ne!(a, record_id(&other_rule, &json!({"v": 1})));
+    }
+
+    #[cfg(any(feature = "nats", feature = "kafka"))]
+    #[test]
+    fn a_transient_failure_holds_back_the_rest_of_its_topic() {
+        let t = || Outcome::Failed(SinkError::transient("timeout"));
+        let p = || Outcome::Failed(SinkError::permanent("no stream"));
+        let out = held_back_after_failures(
+            &["a", "a", "b", "a", "a"],
+            vec![t(), Outcome::Delivered, Outcome::Delivered, p(), t()],
+        );
+        let shown: Vec<&str> = out
+            .iter()
+            .map(|o| match o {
+                Outcome::Delivered => "delivered",
+                Outcome::HeldBack => "held",
+                Outcome::Failed(e) if e.kind == ErrorKind::Permanent => "permanent",
+                Outcome::Failed(_) => "transient",
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            ["transient", "held", "delivered", "permanent", "held"]
+        );
     }
 }

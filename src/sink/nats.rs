@@ -64,19 +64,6 @@ pub fn would(settings: &Settings, origin: &Origin, record: &serde_json::Value) -
     }
 }
 
-/// A record's id: its message's id, then a digest of the rule and the record (16 hex
-/// digits), so that the records a message yields (through one rule or several) have
-/// ids of their own, the same each time they are made again from the message. Records
-/// equal in content made by one rule from one message share an id: the stream keeps one.
-pub fn msg_id(origin: &Origin, record: &serde_json::Value) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(origin.rule.as_bytes());
-    h.update([0u8]);
-    h.update(record.to_string().as_bytes());
-    format!("{}-{}", origin.id(), hex::encode(&h.finalize()[..8]))
-}
-
 /// One record, ready to publish.
 struct Message {
     subject: String,
@@ -106,7 +93,7 @@ fn message(
     }
     let mut headers = HeaderMap::new();
     if !settings.own_msg_id {
-        headers.insert(MSG_ID, msg_id(origin, record).as_str());
+        headers.insert(MSG_ID, super::record_id(origin, record).as_str());
     }
     for h in &settings.headers {
         let text = h
@@ -196,7 +183,7 @@ impl NatsSink {
         }
         let results = futures::future::join_all(acks).await;
         let timeout = self.settings.timeout;
-        held_back_after_failures(
+        super::held_back_after_failures(
             &topics,
             results
                 .into_iter()
@@ -268,24 +255,6 @@ fn classify(subject: &str, e: &jetstream::context::PublishError, timeout: Durati
     }
 }
 
-/// Keeps each topic in order: after a record failed transiently, the later records of its
-/// topic are held back, acknowledged or not (the stream drops the copies sent again).
-fn held_back_after_failures(topics: &[&str], mut outcomes: Vec<Outcome>) -> Vec<Outcome> {
-    let mut failed: Vec<&str> = Vec::new();
-    for (topic, outcome) in topics.iter().zip(outcomes.iter_mut()) {
-        let transient =
-            matches!(outcome, Outcome::Failed(e) if e.kind != super::ErrorKind::Permanent);
-        if failed.contains(topic) {
-            if !matches!(outcome, Outcome::Failed(e) if e.kind == super::ErrorKind::Permanent) {
-                *outcome = Outcome::HeldBack;
-            }
-        } else if transient {
-            failed.push(topic);
-        }
-    }
-    outcomes
-}
-
 impl Sink for NatsSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(super::prepared(
@@ -298,8 +267,6 @@ impl Sink for NatsSink {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use serde_json::json;
 
     use super::*;
@@ -325,7 +292,11 @@ mod tests {
         assert_eq!(m.headers.get("X-Rule").unwrap().as_str(), "detached");
         let id = m.headers.get(MSG_ID).unwrap().as_str().to_string();
         assert!(id.starts_with(&format!("{}-", d.origin.id())), "{id}");
-        assert_eq!(id, msg_id(&d.origin, &d.record), "deterministic");
+        assert_eq!(
+            id,
+            crate::sink::record_id(&d.origin, &d.record),
+            "deterministic"
+        );
         let text = Delivery::detached("s/d1", json!("plain"));
         assert_eq!(
             &message(&s, &text.origin, &text.record).unwrap().payload[..],
@@ -336,24 +307,6 @@ mod tests {
             shown.contains("\"t.d1\"") && shown.contains("X-Rule: detached"),
             "{shown}"
         );
-    }
-
-    #[test]
-    fn records_of_one_message_have_ids_of_their_own() {
-        let d = Delivery::detached("s/d1", json!({"v": 1}));
-        let a = msg_id(&d.origin, &json!({"v": 1}));
-        let b = msg_id(&d.origin, &json!({"v": 2}));
-        assert_ne!(a, b);
-        let other_rule = Origin {
-            rule: Arc::from("other"),
-            id: std::sync::OnceLock::from(d.origin.id().to_string()),
-            ..Origin::from_message(
-                &crate::message::Message::detached("s/d1", "{}", 1),
-                &Arc::from("x"),
-                Vec::new(),
-            )
-        };
-        assert_ne!(a, msg_id(&other_rule, &json!({"v": 1})));
     }
 
     #[test]
@@ -373,28 +326,5 @@ mod tests {
         let bad = settings("{url: nats://h, subject: s, headers: {X: \"{{ record.v }}\"}}");
         let d = Delivery::detached("s", json!({"v": "a\r\nb"}));
         assert!(message(&bad, &d.origin, &d.record).is_err());
-    }
-
-    #[test]
-    fn a_transient_failure_holds_back_the_rest_of_its_topic() {
-        let t = || Outcome::Failed(SinkError::transient("timeout"));
-        let p = || Outcome::Failed(SinkError::permanent("no stream"));
-        let out = held_back_after_failures(
-            &["a", "a", "b", "a", "a"],
-            vec![t(), Outcome::Delivered, Outcome::Delivered, p(), t()],
-        );
-        let shown: Vec<&str> = out
-            .iter()
-            .map(|o| match o {
-                Outcome::Delivered => "delivered",
-                Outcome::HeldBack => "held",
-                Outcome::Failed(e) if e.kind == ErrorKind::Permanent => "permanent",
-                Outcome::Failed(_) => "transient",
-            })
-            .collect();
-        assert_eq!(
-            shown,
-            ["transient", "held", "delivered", "permanent", "held"]
-        );
     }
 }

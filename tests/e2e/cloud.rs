@@ -155,23 +155,6 @@ async fn wait_forwarding(edge: &TestClient, cloud: &CloudSubscriber) {
     .await;
 }
 
-/// `seqs` (one topic's, as received) hold exactly `want`, in order, each first copy
-/// after the one before; a later copy of a seq already received is a duplicate
-/// (redelivery, at least once). Returns the number of duplicates.
-fn assert_in_order(topic: &str, seqs: &[i64], want: &[i64]) -> usize {
-    let mut seen = std::collections::HashSet::new();
-    let firsts: Vec<i64> = seqs.iter().copied().filter(|s| seen.insert(*s)).collect();
-    if firsts != want {
-        let at = firsts.iter().zip(want).position(|(a, b)| a != b);
-        panic!(
-            "{topic}: first copies out of order or missing: {} received, {} wanted, first difference at {at:?}",
-            firsts.len(),
-            want.len()
-        );
-    }
-    seqs.len() - firsts.len()
-}
-
 async fn records_reach_the_cloud_broker(protocol: &str) {
     const DEVICES: i64 = 4;
     const N: i64 = 400;

@@ -1,6 +1,7 @@
-//! End-to-end tests against real services: Mosquitto and InfluxDB on loopback, SQLite
-//! files, and the mqbridge binary. Run through `scripts/test.sh` (the README's test command), which makes
-//! sure the services are installed.
+//! End-to-end tests against real services: Mosquitto, PostgreSQL, MariaDB, InfluxDB, NATS
+//! and a Kafka-API broker (Tansu) on loopback, SQLite files, and the mqbridge binary. Run
+//! through `scripts/test.sh` (the README's test command), which makes sure the services
+//! are installed.
 
 mod admin;
 mod broker;
@@ -18,6 +19,8 @@ mod faults;
 mod flow;
 mod hook_server;
 mod influx;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod migrate;
 mod mysql;
 #[cfg(feature = "nats")]

@@ -1,7 +1,7 @@
 //! Real services for the tests: a throwaway Mosquitto per test on a free loopback port
-//! (and InfluxDB, [`Influx`], and nats-server, [`NatsServer`], for their sinks), an MQTT
-//! test client, mqbridge itself (in-process or as a child process), and polling with
-//! deadlines instead of sleeps.
+//! (and InfluxDB, [`Influx`], nats-server, [`NatsServer`], MariaDB, [`Mariadb`], and
+//! Tansu, [`Tansu`], for their sinks), an MQTT test client, mqbridge itself (in-process
+//! or as a child process), and polling with deadlines instead of sleeps.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -15,12 +15,16 @@ use tokio::sync::mpsc;
 
 mod browser;
 mod influx;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod mariadb;
 #[cfg(feature = "nats")]
 mod nats;
 mod numbered;
 pub use browser::Browser;
 pub use influx::Influx;
+#[cfg(feature = "kafka")]
+pub use kafka::{Received, Tansu};
 pub use mariadb::{Mariadb, my_count, my_exec, my_texts};
 #[cfg(feature = "nats")]
 pub use nats::NatsServer;
@@ -386,6 +390,23 @@ pub async fn publish_numbered(
         }
     }))
     .await;
+}
+
+/// `seqs` (one topic's, as received) hold exactly `want`, in order, each first copy
+/// after the one before; a later copy of a seq already received is a duplicate
+/// (redelivery, at least once). Returns the number of duplicates.
+pub fn assert_in_order(topic: &str, seqs: &[i64], want: &[i64]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let firsts: Vec<i64> = seqs.iter().copied().filter(|s| seen.insert(*s)).collect();
+    if firsts != want {
+        let at = firsts.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{topic}: first copies out of order or missing: {} received, {} wanted, first difference at {at:?}",
+            firsts.len(),
+            want.len()
+        );
+    }
+    seqs.len() - firsts.len()
 }
 
 /// Whether the long forms of issue 5's fault scenarios run (`MQBRIDGE_LONG_TESTS=1`);

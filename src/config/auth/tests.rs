@@ -236,6 +236,7 @@ fn the_readme_and_migration_examples_parse() {
     ]
     .into_iter()
     .chain(cfg!(feature = "nats").then_some((readme, "<!-- sink-example: nats -->")))
+    .chain(cfg!(feature = "kafka").then_some((readme, "<!-- sink-example: kafka -->")))
     {
         let text =
             block(doc, marker).replace("/etc/mqbridge/jwt-issuer.pem", &key.display().to_string());

@@ -11,6 +11,7 @@
 
 pub mod file;
 pub mod influxdb;
+pub mod kafka;
 pub mod mqtt;
 pub mod mysql;
 pub mod nats;
@@ -39,6 +40,7 @@ pub enum SinkConfig {
     Republish(republish::Config),
     Mqtt(mqtt::Config),
     Nats(nats::Config),
+    Kafka(kafka::Config),
     File(file::Config),
     Webhook(webhook::Config),
     // Boxed: its settings are much larger than the other types'.
@@ -56,6 +58,7 @@ impl SinkConfig {
             SinkConfig::Republish(c) => SinkSettings::Republish(c.compile()?),
             SinkConfig::Mqtt(c) => SinkSettings::Mqtt(c.compile()?),
             SinkConfig::Nats(c) => SinkSettings::Nats(c.compile()?),
+            SinkConfig::Kafka(c) => SinkSettings::Kafka(c.compile()?),
             SinkConfig::File(c) => SinkSettings::File(c.compile()?),
             SinkConfig::Webhook(c) => SinkSettings::Webhook(c.compile()?),
             SinkConfig::Influxdb(c) => SinkSettings::Influxdb((*c).compile()?),
@@ -71,6 +74,7 @@ impl SinkConfig {
             SinkConfig::Republish(c) => c.common(),
             SinkConfig::Mqtt(c) => c.common(),
             SinkConfig::Nats(c) => c.common(),
+            SinkConfig::Kafka(c) => c.common(),
             SinkConfig::File(c) => c.common(),
             SinkConfig::Webhook(c) => c.common(),
             SinkConfig::Influxdb(c) => c.common(),
@@ -94,6 +98,7 @@ impl SinkConfig {
             SinkConfig::Mqtt(c) => c.files(),
             SinkConfig::Influxdb(c) => c.files(),
             SinkConfig::Nats(c) => c.files(),
+            SinkConfig::Kafka(c) => c.files(),
             _ => Vec::new(),
         }
     }
@@ -109,6 +114,7 @@ pub enum SinkSettings {
     Republish(republish::Settings),
     Mqtt(mqtt::Settings),
     Nats(nats::Settings),
+    Kafka(kafka::Settings),
     File(file::Settings),
     Webhook(webhook::Settings),
     Influxdb(influxdb::Settings),
@@ -124,6 +130,7 @@ impl SinkSettings {
             SinkSettings::Republish(_) => "republish",
             SinkSettings::Mqtt(_) => "mqtt",
             SinkSettings::Nats(_) => "nats",
+            SinkSettings::Kafka(_) => "kafka",
             SinkSettings::File(_) => "file",
             SinkSettings::Webhook(_) => "webhook",
             SinkSettings::Influxdb(_) => "influxdb",
@@ -139,6 +146,7 @@ impl SinkSettings {
             SinkSettings::Republish(s) => s,
             SinkSettings::Mqtt(s) => s,
             SinkSettings::Nats(s) => s,
+            SinkSettings::Kafka(s) => s,
             SinkSettings::File(s) => s,
             SinkSettings::Webhook(s) => s,
             SinkSettings::Influxdb(s) => s,
