@@ -1,5 +1,6 @@
 //! The postgres sink against a real PostgreSQL: type conversion, bad rows isolated into
-//! the dead letter, conflict keys, migrations, and a server restart mid-stream.
+//! the dead letter, conflict keys, migrations, a server restart mid-stream, and tables
+//! created and columns added on demand.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -382,4 +383,15 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() {
         json_lines(&dir.path().join("dead.jsonl")).is_empty(),
         "nothing should be dead-lettered"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_are_created_and_columns_added_on_demand() {
+    tables_on_demand(OnDemand {
+        kind: "postgres",
+        url: pg_fresh_database(&pg_admin_url()).await,
+        columns: "{ device: text, seq: bigint, temp: double precision, at: timestamptz }",
+        added: ["bigint", "double precision", "text", "boolean"],
+    })
+    .await;
 }
