@@ -121,9 +121,11 @@ impl Dialect for Mysql {
             Ok(_) => Ok(()),
             Err(e) if number(&e) == DUPLICATE_COLUMN => Ok(()),
             Err(e) => {
-                // SQLSTATE 42: a syntax error, an unknown type, no privilege.
-                let refused = matches!(&e, sqlx::Error::Database(db)
-                    if db.code().is_some_and(|c| c.starts_with("42")));
+                // SQLSTATE 42 (a syntax error, no privilege; MySQL's unknown type), and
+                // MariaDB's unknown type (4161) and too many columns (1117), both HY000.
+                let refused = matches!(number(&e), 4161 | 1117)
+                    || matches!(&e, sqlx::Error::Database(db)
+                        if db.code().is_some_and(|c| c.starts_with("42")));
                 match classify(e) {
                     e if refused => Err(SinkError::permanent(e.message)),
                     e => Err(e),

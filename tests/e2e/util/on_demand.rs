@@ -1,9 +1,14 @@
 //! One scenario of tables on demand for both SQL table sinks, run by `postgres.rs` and
-//! `mysql.rs` against their real servers: `create:` makes the missing table, a second
+//! `mysql.rs` against their real servers: a type the database refuses stops the sink
+//! from opening, `create:` makes the missing table, a second
 //! start finds it made, a key with no column is handled as `unknown_keys` says, and with
 //! `add_columns` two sinks writing to the table at once both add the columns for new keys.
 
 use std::time::Duration;
+
+use mqbridge::config::sinks::SinkConfig;
+use mqbridge::eval_pool::{EVAL_TIMEOUT, EvalPool};
+use mqbridge::sink::OpenContext;
 
 use super::*;
 
@@ -87,6 +92,22 @@ pub async fn tables_on_demand(db: OnDemand) {
 
     // The table is missing: the sink creates it when it opens. A key with no column
     // (`rssi`) is an error, as `unknown_keys` says: that record is dead-lettered.
+    // A type the database does not know stops the sink from opening, with its error.
+    let cfg = serde_json::json!({
+        "type": db.kind, "url": db.url, "table": "broken",
+        "create": {"columns": {"a": "no_such_type"}}
+    });
+    let cfg: SinkConfig = serde_json::from_value(cfg).unwrap();
+    let eval = EvalPool::start("eval", 1, EVAL_TIMEOUT).unwrap();
+    let ctx = OpenContext {
+        publisher: None,
+        eval: &eval,
+    };
+    match mqbridge::sink::open(&cfg.compile().unwrap(), ctx).await {
+        Ok(_) => panic!("a sink on a table of type no_such_type opened"),
+        Err(e) => assert!(e.to_string().contains("creating table broken: "), "{e}"),
+    }
+
     let port = free_port();
     let bridge = InProcess::start(&db.config(port, &dead, "unknown_keys: error", &["a"]));
     let publisher = TestClient::connect(port, "on-demand-1").await;
