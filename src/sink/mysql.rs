@@ -38,9 +38,9 @@ pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
         .into_iter()
         .map(Cow::Owned)
         .collect();
-    let note = match (&cfg.insert.columns, cfg.insert.add_columns) {
-        (None, false) => " (record keys that are no column of the table are left out)",
-        _ => "",
+    let note = match cfg.insert.columns {
+        Some(_) => "",
+        None => " (record keys that are no column of the table are left out)",
     };
     let insert = format!("{}{note}", insert_sql(&cfg.insert, &names, 1));
     format!(
@@ -392,6 +392,7 @@ mod tests {
         assert_eq!(
             would(&adding, origin, &json!({"ok": false, "body": [1]})),
             "mysql: INSERT INTO `plant`.`readings` (`body`, `ok`) VALUES (?, ?) \
+             (record keys that are no column of the table are left out) \
              (after ALTER TABLE `plant`.`readings` ADD COLUMN for each of `body` JSON, \
              `ok` BOOLEAN that is no column yet)"
         );

@@ -338,8 +338,7 @@ mod tests {
              \"device\" text, \"temp\" double precision, PRIMARY KEY (\"device\", \"ts\")) \
              (when the table is missing), then insert into iot.readings the columns among \
              (bad key, device, fw, n, ts) (after ALTER TABLE \"iot\".\"readings\" ADD COLUMN IF \
-             NOT EXISTS for each of \"device\" text, \"fw\" jsonb, \"ts\" bigint that is no \
-             column yet)"
+             NOT EXISTS for each of \"fw\" jsonb that is no column yet)"
         );
     }
 

@@ -422,7 +422,8 @@ pub fn groups<'r, 'b>(rows: &'r [Prepared<'b>]) -> Vec<Vec<&'r Prepared<'b>>> {
 
 /// What writing `record` would do, for `mqbridge try`: `insert` (the dialect's insert
 /// statement or its description), after the table's creation when `create:` is set, and
-/// with the columns `add_columns` would add for the record's keys the table lacks.
+/// with the columns `add_columns` would add for the record's keys the table lacks (those
+/// `create:` does not make).
 pub fn would<D: Dialect>(cfg: &Insert, record: &serde_json::Value, insert: String) -> String {
     let create = match &cfg.create {
         Some(c) => format!(
@@ -431,9 +432,14 @@ pub fn would<D: Dialect>(cfg: &Insert, record: &serde_json::Value, insert: Strin
         ),
         None => String::new(),
     };
+    let created = |k: &str| {
+        let columns = cfg.create.iter().flat_map(|c| &c.columns);
+        columns.map(|(name, _)| name).any(|name| name == k)
+    };
     let mut adds = Vec::new();
     for (k, v) in record.as_object().into_iter().flatten() {
-        if let (true, Some(kind)) = (cfg.add_columns && quote_ident(k).is_some(), Inferred::of(v)) {
+        let new = cfg.add_columns && quote_ident(k).is_some() && !created(k);
+        if let (true, Some(kind)) = (new, Inferred::of(v)) {
             adds.push(format!("{} {}", D::quote(k), D::inferred_type(kind)));
         }
     }
