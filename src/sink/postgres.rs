@@ -243,10 +243,14 @@ fn classify(e: sqlx::Error) -> SinkError {
 }
 
 /// As [`classify`], but a statement the server refuses as written is permanent: SQLSTATE
-/// class 42 (a syntax error, an unknown type, no privilege) and 54 (too many columns).
+/// class 42 (a syntax error, an unknown type, no privilege), 54 (too many columns) and
+/// 3F (no such schema).
 fn classify_ddl(e: sqlx::Error) -> SinkError {
-    let refused = matches!(&e, sqlx::Error::Database(db)
-        if db.code().is_some_and(|c| c.starts_with("42") || c.starts_with("54")));
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.to_string()),
+        _ => None,
+    };
+    let refused = code.is_some_and(|c| ["42", "54", "3F"].iter().any(|k| c.starts_with(k)));
     match classify(e) {
         e if refused => SinkError::permanent(e.message),
         e => e,

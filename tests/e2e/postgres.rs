@@ -395,3 +395,28 @@ async fn tables_are_created_and_columns_added_on_demand() {
     })
     .await;
 }
+
+/// `create:` in a schema that does not exist: the sink does not open (it would wait for
+/// the schema for ever), and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_in_a_missing_schema_stops_the_sink_from_opening() {
+    let db = pg_fresh_database(&pg_admin_url()).await;
+    let cfg: SinkConfig = serde_json::from_value(json!({
+        "type": "postgres", "url": db, "table": "nosuch.readings",
+        "create": {"columns": {"a": "bigint"}}
+    }))
+    .unwrap();
+    let eval = EvalPool::start("eval", 1, EVAL_TIMEOUT).unwrap();
+    let ctx = OpenContext {
+        publisher: None,
+        eval: &eval,
+    };
+    let Err(e) = sink::open(&cfg.compile().unwrap(), ctx).await else {
+        panic!("a sink on nosuch.readings opened");
+    };
+    let e = e.to_string();
+    assert!(
+        e.starts_with("creating table nosuch.readings: postgres 3F000"),
+        "{e}"
+    );
+}
