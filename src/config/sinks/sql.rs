@@ -175,7 +175,7 @@ impl schemars::JsonSchema for ColumnTypes {
     }
 }
 
-/// `create:` validated: the table's columns (quoted name, type) and its primary key.
+/// `create:` validated: the table's columns (name, type) and its primary key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Create {
     /// (name, type) in the order written; each name a valid identifier, each type
@@ -263,8 +263,10 @@ impl Insert {
             if c.columns.0.is_empty() {
                 problem("create.columns", "needs at least one column".into());
             }
-            for k in &c.primary_key {
-                if !c.columns.0.iter().any(|(col, _)| col == k) {
+            for (i, k) in c.primary_key.iter().enumerate() {
+                if c.primary_key[..i].contains(k) {
+                    problem("create.primary_key", format!("{k:?} twice"));
+                } else if !c.columns.0.iter().any(|(col, _)| col == k) {
                     problem(
                         "create.primary_key",
                         format!("{k:?} is not among create.columns"),
@@ -524,7 +526,7 @@ mod tests {
                 "add_columns": true,
                 "create": {
                     "columns": {"ok": "int", "bad name": "int", "x": "int; drop table t"},
-                    "primary_key": ["ok", "y"]
+                    "primary_key": ["ok", "y", "ok"]
                 }
             }))
             .unwrap(),
@@ -537,6 +539,7 @@ mod tests {
                 "create.columns.bad name",
                 "create.columns.x",
                 "create.primary_key",
+                "create.primary_key",
                 "add_columns"
             ],
             "{errs:?}"
@@ -546,6 +549,7 @@ mod tests {
             "{errs:?}"
         );
         assert_eq!(errs[2].1, "\"y\" is not among create.columns");
+        assert_eq!(errs[3].1, "\"ok\" twice");
 
         let twice = yaml_serde::from_str::<CreateConfig>("{columns: {a: int, a: text}}");
         assert!(twice.is_err());
