@@ -19,7 +19,7 @@ use std::time::Duration;
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, Row};
 
-use super::sql::{Class, Column, Columns, Dialect, Prepared, TableSink, to_text};
+use super::sql::{Class, Column, Columns, Dialect, Inferred, Prepared, TableSink, to_text};
 use super::{Origin, SinkError};
 use crate::config::sinks::mysql::Settings;
 use crate::config::sinks::sql::{ConflictAction, Insert, Table, TimeUnit, redacted};
@@ -28,7 +28,11 @@ use crate::eval_pool::EvalPool;
 /// Most parameters one statement may bind (the protocol counts them in 16 bits).
 const MAX_PARAMS: usize = 65_535;
 
-/// What writing `record` would do, for `mqbridge try`: the statement, for one row.
+/// ER_DUP_FIELDNAME: `ADD COLUMN` of a column that exists.
+const DUPLICATE_COLUMN: u16 = 1060;
+
+/// What writing `record` would do, for `mqbridge try`: the statement, for one row (after
+/// the table's creation and the columns added, when so configured).
 pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
     let names: Vec<Cow<str>> = super::sql::would_columns(&cfg.insert, record)
         .into_iter()
@@ -38,7 +42,11 @@ pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
         Some(_) => "",
         None => " (record keys that are no column of the table are left out)",
     };
-    format!("mysql: {}{note}", insert_sql(&cfg.insert, &names, 1))
+    let insert = format!("{}{note}", insert_sql(&cfg.insert, &names, 1));
+    format!(
+        "mysql: {}",
+        super::sql::would::<Mysql>(&cfg.insert, record, insert)
+    )
 }
 
 /// The mysql sink: a table sink over a MariaDB/MySQL connection pool.
@@ -86,7 +94,45 @@ pub async fn open(cfg: &Settings, eval: EvalPool) -> Result<MysqlSink, OpenError
 }
 
 impl Dialect for Mysql {
-    const MISSING_HINT: &'static str = " (create it)";
+    const MISSING_HINT: &'static str = " (create it, or set `create:`)";
+    /// MySQL 8 has no `ADD COLUMN IF NOT EXISTS` (MariaDB has): [`Mysql::alter`] takes
+    /// "duplicate column" (1060) as done instead, on both.
+    const ADD_COLUMN: &'static str = "ADD COLUMN";
+
+    fn quote(name: &str) -> String {
+        quote(name)
+    }
+
+    fn inferred_type(kind: Inferred) -> &'static str {
+        match kind {
+            Inferred::Integer => "BIGINT",
+            Inferred::Float => "DOUBLE",
+            Inferred::Bool => "BOOLEAN",
+            Inferred::Text => "TEXT",
+            Inferred::Json => "JSON",
+        }
+    }
+
+    async fn alter(&self, sql: &str) -> Result<(), SinkError> {
+        match sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+            .execute(&self.pool)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if number(&e) == DUPLICATE_COLUMN => Ok(()),
+            Err(e) => {
+                // SQLSTATE 42 (a syntax error, no privilege; MySQL's unknown type), and
+                // MariaDB's unknown type (4161) and too many columns (1117), both HY000.
+                let refused = matches!(number(&e), 4161 | 1117)
+                    || matches!(&e, sqlx::Error::Database(db)
+                        if db.code().is_some_and(|c| c.starts_with("42")));
+                match classify(e) {
+                    e if refused => Err(SinkError::permanent(e.message)),
+                    e => Err(e),
+                }
+            }
+        }
+    }
 
     async fn columns(&self, table: &Table) -> Result<Columns, SinkError> {
         let (schema, name) = table.parts();
@@ -190,11 +236,7 @@ fn quote(name: &str) -> String {
 
 /// `INSERT INTO t (a, b) VALUES (?, ?), … [ON DUPLICATE KEY UPDATE …]` for `rows` rows.
 fn insert_sql(cfg: &Insert, names: &[Cow<'_, str>], rows: usize) -> String {
-    let (schema, table) = cfg.table.parts();
-    let table = match schema {
-        Some(s) => format!("{}.{}", quote(s), quote(table)),
-        None => quote(table),
-    };
+    let table = super::sql::quoted_table::<Mysql>(&cfg.table);
     let quoted: Vec<String> = names.iter().map(|n| quote(n)).collect();
     let row = format!("({})", vec!["?"; names.len()].join(", "));
     let mut sql = format!(
@@ -225,13 +267,10 @@ fn insert_sql(cfg: &Insert, names: &[Cow<'_, str>], rows: usize) -> String {
 /// Everything else (connection, deadlock 1213, lock wait 1205, shutdown, a table or
 /// column missing while a migration runs) is about the database: transient.
 fn classify(e: sqlx::Error) -> SinkError {
+    let number = number(&e);
     match &e {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            let number = db
-                .try_downcast_ref::<MySqlDatabaseError>()
-                .map(|e| e.number())
-                .unwrap_or(0);
             let msg = format!("mysql {number} ({code}): {}", db.message());
             let data = matches!(
                 number,
@@ -244,6 +283,16 @@ fn classify(e: sqlx::Error) -> SinkError {
             }
         }
         _ => SinkError::transient(format!("mysql: {e}")),
+    }
+}
+
+/// The server's error number (0 when the error is not the server's).
+fn number(e: &sqlx::Error) -> u16 {
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .map_or(0, |e| e.number()),
+        _ => 0,
     }
 }
 
@@ -317,5 +366,44 @@ mod tests {
         assert_eq!(class("tinyint", "tinyint(1)"), Class::Bool);
         assert_eq!(class("tinyint", "tinyint(4)"), Class::Plain);
         assert_eq!(class("timestamp", "timestamp(3)"), Class::Timestamp);
+    }
+
+    #[test]
+    fn try_shows_the_table_created_and_the_columns_added() {
+        let record = json!({"device": "d1", "seq": 1, "temp": 2.5});
+        let origin = &Delivery::detached("t", record.clone()).origin;
+        let created = yaml_serde::from_str::<Config>(
+            "{url: mysql://h/db, table: readings, create: {columns: \
+             {seq: BIGINT, device: VARCHAR(64), at: DATETIME(6)}, primary_key: [seq]}}",
+        )
+        .unwrap()
+        .compile()
+        .unwrap();
+        assert_eq!(
+            would(&created, origin, &record),
+            "mysql: CREATE TABLE IF NOT EXISTS `readings` (`seq` BIGINT, `device` VARCHAR(64), \
+             `at` DATETIME(6), PRIMARY KEY (`seq`)) (when the table is missing), then \
+             INSERT INTO `readings` (`device`, `seq`, `temp`) VALUES (?, ?, ?) \
+             (record keys that are no column of the table are left out)"
+        );
+        let adding = settings(json!({
+            "url": "mysql://h/db", "table": "plant.readings", "add_columns": true
+        }));
+        assert_eq!(
+            would(&adding, origin, &json!({"ok": false, "body": [1]})),
+            "mysql: INSERT INTO `plant`.`readings` (`body`, `ok`) VALUES (?, ?) \
+             (record keys that are no column of the table are left out) \
+             (after ALTER TABLE `plant`.`readings` ADD COLUMN for each of `body` JSON, \
+             `ok` BOOLEAN that is no column yet)"
+        );
+        let table = Table::parse("readings").unwrap();
+        let add =
+            |v| super::super::sql::add_column_sql::<Mysql>(&table, "x", Inferred::of(&v).unwrap());
+        assert_eq!(
+            add(json!(7)),
+            "ALTER TABLE `readings` ADD COLUMN `x` BIGINT"
+        );
+        assert!(add(json!(0.5)).ends_with("`x` DOUBLE"));
+        assert!(add(json!("s")).ends_with("`x` TEXT"));
     }
 }

@@ -14,13 +14,14 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::sql::{Class, Column, Columns, Dialect, Prepared, TableSink};
+use super::sql::{Class, Column, Columns, Dialect, Inferred, Prepared, TableSink};
 use super::{Origin, SinkError};
 use crate::config::sinks::postgres::Settings;
 use crate::config::sinks::sql::{ConflictAction, Insert, Table, redacted};
 use crate::eval_pool::EvalPool;
 
-/// What writing `record` would do, for `mqbridge try`.
+/// What writing `record` would do, for `mqbridge try` (with the table's creation and the
+/// columns added, when so configured).
 pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
     let cols = super::sql::would_columns(&cfg.insert, record);
     let conflict = match &cfg.insert.on_conflict {
@@ -33,10 +34,14 @@ pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
         }
         None => String::new(),
     };
-    format!(
-        "postgres: insert into {} the columns among ({}){conflict}",
+    let insert = format!(
+        "insert into {} the columns among ({}){conflict}",
         cfg.insert.table,
         cols.join(", ")
+    );
+    format!(
+        "postgres: {}",
+        super::sql::would::<Postgres>(&cfg.insert, record, insert)
     )
 }
 
@@ -99,7 +104,30 @@ fn new(cfg: &Settings, eval: EvalPool) -> Result<PostgresSink, OpenError> {
 
 impl Dialect for Postgres {
     const MISSING_HINT: &'static str =
-        " (create it, or set `migrate: true` and use mqbridge_messages)";
+        " (create it, set `create:`, or set `migrate: true` and use mqbridge_messages)";
+    const ADD_COLUMN: &'static str = "ADD COLUMN IF NOT EXISTS";
+
+    fn quote(name: &str) -> String {
+        format!("\"{name}\"")
+    }
+
+    fn inferred_type(kind: Inferred) -> &'static str {
+        match kind {
+            Inferred::Integer => "bigint",
+            Inferred::Float => "double precision",
+            Inferred::Bool => "boolean",
+            Inferred::Text => "text",
+            Inferred::Json => "jsonb",
+        }
+    }
+
+    async fn alter(&self, sql: &str) -> Result<(), SinkError> {
+        sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(classify_ddl)
+    }
 
     async fn columns(&self, table: &Table) -> Result<Columns, SinkError> {
         let rows = sqlx::query(
@@ -214,6 +242,21 @@ fn classify(e: sqlx::Error) -> SinkError {
     }
 }
 
+/// As [`classify`], but a statement the server refuses as written is permanent: SQLSTATE
+/// class 42 (a syntax error, an unknown type, no privilege), 54 (too many columns) and
+/// 3F (no such schema).
+fn classify_ddl(e: sqlx::Error) -> SinkError {
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.to_string()),
+        _ => None,
+    };
+    let refused = code.is_some_and(|c| ["42", "54", "3F"].iter().any(|k| c.starts_with(k)));
+    match classify(e) {
+        e if refused => SinkError::permanent(e.message),
+        e => e,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,7 +288,7 @@ mod tests {
         ]
         .map(|r| Delivery::detached("t", r));
         let started = std::time::Instant::now();
-        let fields = sink.fields(&batch, &columns).await;
+        let fields = sink.fields(&batch, &columns, &Default::default()).await;
         assert!(
             started.elapsed() < LIMIT * 5,
             "took {:?}",
@@ -281,5 +324,44 @@ mod tests {
             would(&cfg.compile().unwrap(), &delivery.origin, &record),
             "postgres: insert into readings the columns among (deviceId, ts) on conflict (deviceId, ts) update"
         );
+    }
+
+    #[test]
+    fn try_shows_the_table_created_and_the_columns_added() {
+        let cfg: Config = yaml_serde::from_str(
+            "{url: postgres://h/db, table: iot.readings, add_columns: true, create: \
+             {columns: {ts: timestamptz, device: text, temp: double precision}, \
+             primary_key: [device, ts]}}",
+        )
+        .unwrap();
+        let record = json!({"device": "d1", "ts": 1, "fw": {"v": 2}, "bad key": 1, "n": null});
+        let delivery = Delivery::detached("t", record.clone());
+        assert_eq!(
+            would(&cfg.compile().unwrap(), &delivery.origin, &record),
+            "postgres: CREATE TABLE IF NOT EXISTS \"iot\".\"readings\" (\"ts\" timestamptz, \
+             \"device\" text, \"temp\" double precision, PRIMARY KEY (\"device\", \"ts\")) \
+             (when the table is missing), then insert into iot.readings the columns among \
+             (bad key, device, fw, n, ts) (after ALTER TABLE \"iot\".\"readings\" ADD COLUMN IF \
+             NOT EXISTS for each of \"fw\" jsonb that is no column yet)"
+        );
+    }
+
+    #[test]
+    fn added_columns_have_the_type_of_the_value() {
+        let table = Table::parse("readings").unwrap();
+        let sql = |v| {
+            let kind = Inferred::of(&v).unwrap();
+            super::super::sql::add_column_sql::<Postgres>(&table, "x", kind)
+        };
+        assert_eq!(
+            sql(json!(1)),
+            "ALTER TABLE \"readings\" ADD COLUMN IF NOT EXISTS \"x\" bigint"
+        );
+        assert!(sql(json!(-1.5)).ends_with("\"x\" double precision"));
+        assert!(sql(json!(true)).ends_with("\"x\" boolean"));
+        assert!(sql(json!("on")).ends_with("\"x\" text"));
+        assert!(sql(json!([1])).ends_with("\"x\" jsonb"));
+        assert!(sql(json!({"a": 1})).ends_with("\"x\" jsonb"));
+        assert_eq!(Inferred::of(&json!(null)), None);
     }
 }

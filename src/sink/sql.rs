@@ -9,18 +9,27 @@
 //! database refuses ([`super::isolate`]). A dialect only says how to read the catalog, how
 //! to write one transaction of rows, and how its errors classify. Values are always bound
 //! parameters; identifiers are validated by the config and quoted by the dialect.
+//!
+//! Tables on demand: with `create:`, a table the discovery finds missing is created
+//! (`CREATE TABLE IF NOT EXISTS`, so instances starting together agree) and discovered
+//! again. With `add_columns`, a batch whose records have keys that are no column first
+//! adds a nullable column for each ([`Inferred`] from its first non-null value; a key that
+//! is no valid identifier is never added) and discovers the columns again; adding is
+//! idempotent in each dialect, so two lanes or instances adding one column both succeed.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::RwLock;
+use tokio::sync::{Mutex, RwLock};
 
 use super::{Delivery, ErrorKind, Outcome, Sink, SinkError};
-use crate::config::sinks::sql::{Insert, Mapping, Table, TimeUnit, UnknownKeys};
+use crate::config::sinks::sql::{
+    Create, Insert, Mapping, Table, TimeUnit, UnknownKeys, quote_ident,
+};
 use crate::eval_pool::{EvalError, EvalPool};
 use crate::rule::jq::{self, Deadline};
 
@@ -47,6 +56,35 @@ pub struct Column {
 /// The table's columns by name.
 pub type Columns = HashMap<String, Column>;
 
+/// Columns `add_columns` could not add in this batch, with the error: the records that
+/// have the key fail with it.
+pub(super) type Unadded = HashMap<String, SinkError>;
+
+/// The type of a column added for a new record key (`add_columns`), from its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inferred {
+    Integer,
+    Float,
+    Bool,
+    Text,
+    Json,
+}
+
+impl Inferred {
+    /// None for `null`: it says nothing of the type (and writing it adds nothing).
+    pub fn of(v: &serde_json::Value) -> Option<Inferred> {
+        use serde_json::Value as J;
+        Some(match v {
+            J::Null => return None,
+            J::Bool(_) => Inferred::Bool,
+            J::Number(n) if n.is_f64() => Inferred::Float,
+            J::Number(_) => Inferred::Integer,
+            J::String(_) => Inferred::Text,
+            J::Array(_) | J::Object(_) => Inferred::Json,
+        })
+    }
+}
+
 /// A record prepared for insertion.
 pub struct Prepared<'b> {
     pub names: Vec<Cow<'b, str>>,
@@ -58,6 +96,21 @@ pub struct Prepared<'b> {
 pub trait Dialect: Send + Sync + 'static {
     /// Why a table is missing, after "table T does not exist".
     const MISSING_HINT: &'static str;
+
+    /// What follows `ALTER TABLE t` to add a column: with `IF NOT EXISTS` where the
+    /// database has it (else [`Dialect::alter`] takes "duplicate column" as done).
+    const ADD_COLUMN: &'static str;
+
+    /// A validated identifier, quoted.
+    fn quote(name: &str) -> String;
+
+    /// The type of a column added for values of `kind`.
+    fn inferred_type(kind: Inferred) -> &'static str;
+
+    /// Runs a statement that changes the table (`CREATE TABLE`, `ALTER TABLE`). A
+    /// statement the server refuses as written (a bad type, no privilege) is a permanent
+    /// error; adding a column that exists is no error.
+    fn alter(&self, sql: &str) -> impl Future<Output = Result<(), SinkError>> + Send;
 
     /// The table's columns; empty when there is no such table.
     fn columns(&self, table: &Table) -> impl Future<Output = Result<Columns, SinkError>> + Send;
@@ -87,6 +140,12 @@ pub struct TableSink<D> {
     cfg: Insert,
     /// Discovered columns; None until discovered, reset after a transient failure.
     columns: RwLock<Option<Arc<Columns>>>,
+    /// Held while adding columns, so that lanes add each column once.
+    adding: Mutex<()>,
+    /// Keys whose column was added without error yet is not in the table (MySQL's column
+    /// names ignore case: `Temp` when `temp` exists), so that each batch does not add them
+    /// again. Cleared with the columns.
+    shadowed: std::sync::Mutex<HashSet<String>>,
     /// Where the `columns:` programs run.
     eval: EvalPool,
 }
@@ -98,6 +157,8 @@ impl<D: Dialect> TableSink<D> {
             db,
             cfg: cfg.clone(),
             columns: RwLock::new(None),
+            adding: Mutex::new(()),
+            shadowed: Default::default(),
             eval,
         }
     }
@@ -123,7 +184,10 @@ impl<D: Dialect> TableSink<D> {
         if let Some(c) = self.columns.read().await.as_ref() {
             return Ok(Arc::clone(c));
         }
-        let map = self.db.columns(&self.cfg.table).await?;
+        let mut map = self.db.columns(&self.cfg.table).await?;
+        if let (true, Some(create)) = (map.is_empty(), &self.cfg.create) {
+            map = self.create(create).await?;
+        }
         if map.is_empty() {
             return Err(SinkError::permanent(format!(
                 "table {} does not exist{}",
@@ -136,17 +200,95 @@ impl<D: Dialect> TableSink<D> {
         Ok(map)
     }
 
+    /// Creates the table of `create:` and discovers its columns. Another instance may
+    /// create it at the same moment (PostgreSQL may then fail with a unique violation):
+    /// what counts is that the table is there afterwards.
+    async fn create(&self, create: &Create) -> Result<Columns, SinkError> {
+        let table = &self.cfg.table;
+        let created = self.db.alter(&create_sql::<D>(table, create)).await;
+        let map = self.db.columns(table).await?;
+        match created {
+            Err(e) if map.is_empty() => Err(SinkError {
+                message: format!("creating table {table}: {}", e.message),
+                ..e
+            }),
+            _ => {
+                tracing::info!(%table, columns = map.len(), "table created (create:)");
+                Ok(map)
+            }
+        }
+    }
+
+    /// `add_columns`: adds a column for each key of the batch's records that is no column
+    /// of the table (valid identifiers with a non-null value only), then discovers the
+    /// columns again. Returns them, and the columns that could not be added.
+    async fn add_columns(
+        &self,
+        batch: &[Delivery],
+        columns: Arc<Columns>,
+    ) -> Result<(Arc<Columns>, Unadded), SinkError> {
+        let wanted = |columns: &Columns| {
+            let shadowed = self.shadowed.lock().expect("not poisoned");
+            let mut wanted: Vec<(&str, Inferred)> = Vec::new();
+            let keys = batch.iter().filter_map(|d| d.record.as_object()).flatten();
+            for (k, v) in keys {
+                let new = !columns.contains_key(k)
+                    && !shadowed.contains(k)
+                    && quote_ident(k).is_some()
+                    && !wanted.iter().any(|(w, _)| w == k);
+                if let (true, Some(kind)) = (new, Inferred::of(v)) {
+                    wanted.push((k, kind));
+                }
+            }
+            wanted
+        };
+        if wanted(&columns).is_empty() {
+            return Ok((columns, Unadded::new()));
+        }
+        let _adding = self.adding.lock().await;
+        // Another lane may have added them while this one waited.
+        let columns = self.columns().await?;
+        let table = &self.cfg.table;
+        let (mut added, mut unadded) = (Vec::new(), Unadded::new());
+        for (name, kind) in wanted(&columns) {
+            match self.db.alter(&add_column_sql::<D>(table, name, kind)).await {
+                Ok(()) => {
+                    tracing::info!(%table, column = name, r#type = D::inferred_type(kind), "column added (add_columns)");
+                    added.push(name);
+                }
+                Err(e) => {
+                    tracing::warn!(%table, column = name, error = %e, "could not add column (add_columns)");
+                    unadded.insert(name.to_string(), e);
+                }
+            }
+        }
+        if added.is_empty() {
+            return Ok((columns, unadded));
+        }
+        *self.columns.write().await = None;
+        let columns = self.columns().await?;
+        let mut shadowed = self.shadowed.lock().expect("not poisoned");
+        shadowed.extend(
+            added
+                .into_iter()
+                .filter(|n| !columns.contains_key(*n))
+                .map(String::from),
+        );
+        Ok((columns, unadded))
+    }
+
     /// The (column, value) pairs of each record of a batch: computed by the `columns:`
     /// programs on the evaluation pool, or else the record's keys that are columns.
     pub(super) async fn fields<'b>(
         &self,
         batch: &'b [Delivery],
         columns: &Columns,
+        unadded: &Unadded,
     ) -> Vec<Result<Fields<'b>, SinkError>> {
         let Some(mapping) = &self.cfg.columns else {
             return batch
                 .iter()
-                .map(|d| self.keyed(&d.record, columns))
+                .map(|d| self.keyed(&d.record, columns, unadded))
                 .collect();
         };
         if let Some((col, _)) = mapping.iter().find(|(c, _)| !columns.contains_key(c)) {
@@ -170,11 +312,15 @@ impl<D: Dialect> TableSink<D> {
         }
     }
 
-    /// The record's keys that are columns of the table, with their values (borrowed).
+    /// The record's keys that are columns of the table, with their values (borrowed). A
+    /// key that is no column fails the record when its column could not be added, is left
+    /// out when `add_columns` and its value is null (a column added later would hold
+    /// NULL), and is handled as `unknown_keys` says otherwise.
     fn keyed<'b>(
         &self,
         record: &'b serde_json::Value,
         columns: &Columns,
+        unadded: &Unadded,
     ) -> Result<Fields<'b>, SinkError> {
         let mut out = Vec::new();
         let obj = record
@@ -183,6 +329,13 @@ impl<D: Dialect> TableSink<D> {
         for (k, v) in obj {
             if columns.contains_key(k) {
                 out.push((Cow::Borrowed(k.as_str()), Cow::Borrowed(v)));
+            } else if let Some(e) = unadded.get(k) {
+                return Err(SinkError {
+                    message: format!("adding column {k} to {}: {}", self.cfg.table, e.message),
+                    ..e.clone()
+                });
+            } else if self.cfg.add_columns && v.is_null() {
+                // Nothing to write, and no type to add a column of.
             } else if self.cfg.unknown_keys == UnknownKeys::Error {
                 return Err(SinkError::permanent(format!(
                     "record key {k:?} has no column in {}",
@@ -216,11 +369,16 @@ impl<D: Dialect> TableSink<D> {
 
     async fn write_batch(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let columns = match self.columns().await {
+            Ok(c) if self.cfg.add_columns => self.add_columns(batch, c).await,
+            Ok(c) => Ok((c, Unadded::new())),
+            Err(e) => Err(e),
+        };
+        let (columns, unadded) = match columns {
             Ok(c) => c,
             Err(e) => return super::all(batch.len(), Err(e)),
         };
         let columns = &*columns;
-        let mut fields = self.fields(batch, columns).await.into_iter();
+        let mut fields = self.fields(batch, columns, &unadded).await.into_iter();
         super::prepared(
             batch,
             |_| self.row(fields.next().expect("fields for each record")?, columns),
@@ -243,6 +401,7 @@ impl<D: Dialect> Sink for TableSink<D> {
             if outcomes.iter().any(transient) {
                 // The table may have changed, or the server was replaced: look again.
                 *self.columns.write().await = None;
+                self.shadowed.lock().expect("not poisoned").clear();
             }
             outcomes
         })
@@ -261,6 +420,41 @@ pub fn groups<'r, 'b>(rows: &'r [Prepared<'b>]) -> Vec<Vec<&'r Prepared<'b>>> {
     groups
 }
 
+/// What writing `record` would do, for `mqbridge try`: `insert` (the dialect's insert
+/// statement or its description), after the table's creation when `create:` is set, and
+/// with the columns `add_columns` would add for the record's keys the table lacks (those
+/// `create:` does not make).
+pub fn would<D: Dialect>(cfg: &Insert, record: &serde_json::Value, insert: String) -> String {
+    let create = match &cfg.create {
+        Some(c) => format!(
+            "{} (when the table is missing), then ",
+            create_sql::<D>(&cfg.table, c)
+        ),
+        None => String::new(),
+    };
+    let created = |k: &str| {
+        let columns = cfg.create.iter().flat_map(|c| &c.columns);
+        columns.map(|(name, _)| name).any(|name| name == k)
+    };
+    let mut adds = Vec::new();
+    for (k, v) in record.as_object().into_iter().flatten() {
+        let new = cfg.add_columns && quote_ident(k).is_some() && !created(k);
+        if let (true, Some(kind)) = (new, Inferred::of(v)) {
+            adds.push(format!("{} {}", D::quote(k), D::inferred_type(kind)));
+        }
+    }
+    let adds = match adds.is_empty() {
+        true => String::new(),
+        false => format!(
+            " (after ALTER TABLE {} {} for each of {} that is no column yet)",
+            quoted_table::<D>(&cfg.table),
+            D::ADD_COLUMN,
+            adds.join(", ")
+        ),
+    };
+    format!("{create}{insert}{adds}")
+}
+
 /// The columns writing `record` would fill, for `mqbridge try`: the `columns:` or the
 /// record's keys (those that are no column are left out when it is written).
 pub fn would_columns(cfg: &Insert, record: &serde_json::Value) -> Vec<String> {
@@ -270,6 +464,44 @@ pub fn would_columns(cfg: &Insert, record: &serde_json::Value) -> Vec<String> {
             .as_object()
             .map(|o| o.keys().cloned().collect())
             .unwrap_or_default(),
+    }
+}
+
+/// `CREATE TABLE IF NOT EXISTS t (c type, …, PRIMARY KEY (…))` for `create:`.
+pub fn create_sql<D: Dialect>(table: &Table, create: &Create) -> String {
+    let mut parts: Vec<String> = create
+        .columns
+        .iter()
+        .map(|(name, ty)| format!("{} {ty}", D::quote(name)))
+        .collect();
+    if !create.primary_key.is_empty() {
+        let key: Vec<String> = create.primary_key.iter().map(|k| D::quote(k)).collect();
+        parts.push(format!("PRIMARY KEY ({})", key.join(", ")));
+    }
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} ({})",
+        quoted_table::<D>(table),
+        parts.join(", ")
+    )
+}
+
+/// `ALTER TABLE t ADD COLUMN c type` (nullable) for `add_columns`; `name` must be a valid
+/// identifier.
+pub fn add_column_sql<D: Dialect>(table: &Table, name: &str, kind: Inferred) -> String {
+    format!(
+        "ALTER TABLE {} {} {} {}",
+        quoted_table::<D>(table),
+        D::ADD_COLUMN,
+        D::quote(name),
+        D::inferred_type(kind)
+    )
+}
+
+/// The table's name quoted as the dialect quotes: `schema.name` or `name`.
+pub fn quoted_table<D: Dialect>(table: &Table) -> String {
+    match table.parts() {
+        (Some(schema), name) => format!("{}.{}", D::quote(schema), D::quote(name)),
+        (None, name) => D::quote(name),
     }
 }
 

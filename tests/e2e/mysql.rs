@@ -1,6 +1,6 @@
 //! The mysql sink against a real MariaDB (one server per test, `scripts/mariadb.sh`):
 //! type conversion, messages through the embedded broker, bad rows isolated into the
-//! dead letter, and conflict keys.
+//! dead letter, conflict keys, and tables created and columns added on demand.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -260,4 +260,16 @@ async fn on_conflict_ignore_and_update() {
     )
     .await;
     assert_eq!(rows().await[1], Some("2:b:6".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_are_created_and_columns_added_on_demand() {
+    let server = Mariadb::start("ondemand").await;
+    tables_on_demand(OnDemand {
+        kind: "mysql",
+        url: server.url("ondemand"),
+        columns: "{ device: VARCHAR(64), seq: BIGINT, temp: DOUBLE, at: DATETIME(6) }",
+        added: ["bigint", "double", "text", "tinyint"],
+    })
+    .await;
 }

@@ -1,5 +1,6 @@
 //! The postgres sink against a real PostgreSQL: type conversion, bad rows isolated into
-//! the dead letter, conflict keys, migrations, and a server restart mid-stream.
+//! the dead letter, conflict keys, migrations, a server restart mid-stream, and tables
+//! created and columns added on demand.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -381,5 +382,41 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() {
     assert!(
         json_lines(&dir.path().join("dead.jsonl")).is_empty(),
         "nothing should be dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_are_created_and_columns_added_on_demand() {
+    tables_on_demand(OnDemand {
+        kind: "postgres",
+        url: pg_fresh_database(&pg_admin_url()).await,
+        columns: "{ device: text, seq: bigint, temp: double precision, at: timestamptz }",
+        added: ["bigint", "double precision", "text", "boolean"],
+    })
+    .await;
+}
+
+/// `create:` in a schema that does not exist: the sink does not open (it would wait for
+/// the schema for ever), and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_in_a_missing_schema_stops_the_sink_from_opening() {
+    let db = pg_fresh_database(&pg_admin_url()).await;
+    let cfg: SinkConfig = serde_json::from_value(json!({
+        "type": "postgres", "url": db, "table": "nosuch.readings",
+        "create": {"columns": {"a": "bigint"}}
+    }))
+    .unwrap();
+    let eval = EvalPool::start("eval", 1, EVAL_TIMEOUT).unwrap();
+    let ctx = OpenContext {
+        publisher: None,
+        eval: &eval,
+    };
+    let Err(e) = sink::open(&cfg.compile().unwrap(), ctx).await else {
+        panic!("a sink on nosuch.readings opened");
+    };
+    let e = e.to_string();
+    assert!(
+        e.starts_with("creating table nosuch.readings: postgres 3F000"),
+        "{e}"
     );
 }

@@ -21,6 +21,7 @@ mod mariadb;
 #[cfg(feature = "nats")]
 mod nats;
 mod numbered;
+mod on_demand;
 pub use browser::Browser;
 pub use influx::Influx;
 #[cfg(feature = "kafka")]
@@ -29,6 +30,7 @@ pub use mariadb::{Mariadb, my_count, my_exec, my_texts};
 #[cfg(feature = "nats")]
 pub use nats::NatsServer;
 pub use numbered::*;
+pub use on_demand::{OnDemand, tables_on_demand};
 
 /// Polls `check` until it returns Some or `timeout` passes.
 pub async fn eventually<T>(

@@ -232,6 +232,7 @@ fn the_readme_and_migration_examples_parse() {
         (readme, "<!-- auth-example: jwt -->"),
         (readme, "<!-- sink-example: mqtt -->"),
         (readme, "<!-- sink-example: influxdb -->"),
+        (readme, "<!-- sink-example: tables-on-demand -->"),
         (migrate, "<!-- emqx-example: mqbridge -->"),
     ]
     .into_iter()

@@ -27,14 +27,7 @@ impl Config {
         let mut errs = Problems::new();
         check_url(&self.url, &["mysql", "mariadb"], &mut errs);
         let common = self.common();
-        let insert = Insert::compile(
-            &self.table,
-            self.columns,
-            self.unknown_keys,
-            self.time_unit,
-            self.on_conflict,
-            &mut errs,
-        );
+        let insert = self.insert(&mut errs);
         match insert {
             Some(insert) if errs.is_empty() => Ok(Settings {
                 common,
@@ -54,7 +47,12 @@ impl HasCommon for Settings {
 
 impl SinkSpec for Settings {
     fn describe(&self) -> String {
-        format!("mysql {} table {}", redacted(&self.url), self.insert.table)
+        format!(
+            "mysql {} table {}{}",
+            redacted(&self.url),
+            self.insert.table,
+            self.insert.on_demand()
+        )
     }
 }
 
@@ -99,13 +97,27 @@ mod tests {
         assert_eq!(fields, ["url", "table", "columns", "on_conflict"]);
     }
 
+    #[test]
+    fn check_says_the_table_is_created_on_demand() {
+        let cfg: Config = serde_json::from_value(json!({
+            "url": "mysql://h/db", "table": "t",
+            "create": {"columns": {"a": "BIGINT"}}, "add_columns": true
+        }))
+        .unwrap();
+        assert_eq!(
+            cfg.compile().unwrap().describe(),
+            "mysql mysql://h/db table t (created when missing, columns added for new keys)"
+        );
+    }
+
     /// Every field the sink reads (as it serializes back) is a property of its variant in
     /// the JSON schema, and the schema has no other.
     #[test]
     fn the_schema_has_every_setting() {
         let properties = crate::config::sinks::schema_properties_are_the_settings(
             "{type: mysql, url: mysql://h/db, table: t, columns: {a: .a}, unknown_keys: ignore, \
-             time_unit: ms, on_conflict: {key: [a], action: update}}",
+             time_unit: ms, on_conflict: {key: [a], action: update}, \
+             create: {columns: {a: BIGINT}, primary_key: [a]}, add_columns: false}",
             "mysql",
         );
         for key in [
@@ -115,6 +127,8 @@ mod tests {
             "unknown_keys",
             "time_unit",
             "on_conflict",
+            "create",
+            "add_columns",
         ] {
             assert!(properties.iter().any(|p| p == key), "{key}");
         }

@@ -32,14 +32,7 @@ impl Config {
         let mut errs = Problems::new();
         check_url(&self.url, &["postgres", "postgresql"], &mut errs);
         let common = self.common();
-        let insert = Insert::compile(
-            &self.table,
-            self.columns,
-            self.unknown_keys,
-            self.time_unit,
-            self.on_conflict,
-            &mut errs,
-        );
+        let insert = self.insert(&mut errs);
         match insert {
             Some(insert) if errs.is_empty() => Ok(Settings {
                 common,
@@ -61,9 +54,10 @@ impl HasCommon for Settings {
 impl SinkSpec for Settings {
     fn describe(&self) -> String {
         format!(
-            "postgres {} table {}",
+            "postgres {} table {}{}",
             redacted(&self.url),
-            self.insert.table
+            self.insert.table,
+            self.insert.on_demand()
         )
     }
 }
@@ -95,5 +89,32 @@ mod tests {
         let settings = cfg.compile().unwrap();
         assert!(!settings.describe().contains("pw"));
         assert!(!format!("{settings:?}").contains("pw"));
+    }
+
+    /// Every field the sink reads is a property of its variant in the JSON schema, and
+    /// the schema has no other; `create:` names its field in errors.
+    #[test]
+    fn the_schema_has_every_setting_and_create_errors_name_their_field() {
+        let properties = crate::config::sinks::schema_properties_are_the_settings(
+            "{type: postgres, url: postgres://h/db, table: t, migrate: true, \
+             create: {columns: {ts: timestamptz, v: double precision}, primary_key: [ts]}, \
+             add_columns: true, unknown_keys: error}",
+            "postgres",
+        );
+        for key in ["create", "add_columns", "migrate", "on_conflict"] {
+            assert!(properties.iter().any(|p| p == key), "{key}");
+        }
+        let cfg: Config = serde_json::from_value(json!({
+            "url": "postgres://h/db", "table": "t",
+            "create": {"columns": {"x": "text; drop table t"}, "primary_key": ["id"]}
+        }))
+        .unwrap();
+        let fields: Vec<String> = cfg
+            .compile()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(fields, ["create.columns.x", "create.primary_key"]);
     }
 }
