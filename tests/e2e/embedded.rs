@@ -21,17 +21,7 @@ pub(crate) fn config(port: u16, extra: &str, rest: &str) -> String {
 
 pub(crate) async fn start(port: u16, yaml: &str) -> InProcess {
     let bridge = InProcess::start(yaml);
-    eventually(
-        Duration::from_secs(10),
-        "the broker to listen",
-        async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        },
-    )
-    .await;
+    wait_listening(port, "the broker to listen").await;
     bridge
 }
 

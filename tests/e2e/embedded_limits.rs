@@ -64,16 +64,7 @@ async fn embedded_max_connections_and_refused_publishes_are_counted() {
         "  max_connections: 2\n  acl:\n    - { username: \"*\", action: deny, publish: [\"secret/#\"] }",
     )
     .await;
-    eventually(
-        Duration::from_secs(10),
-        "the broker to listen",
-        async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-        },
-    )
-    .await;
+    wait_listening(port, "the broker to listen").await;
     let idle = async || (running.broker.stats().connections == 0).then_some(());
     eventually(Duration::from_secs(10), "the probe to go", idle).await;
 

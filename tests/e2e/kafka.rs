@@ -41,21 +41,6 @@ shutdown_timeout: 5s
     )
 }
 
-/// Waits for the embedded broker to listen.
-async fn listening(port: u16) {
-    eventually(
-        Duration::from_secs(10),
-        "the broker to listen",
-        async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        },
-    )
-    .await;
-}
-
 /// Per device, the seqs received in order; checks that each device's records share one
 /// partition and carry their key and headers.
 fn per_device(received: &[Received]) -> BTreeMap<String, Vec<i64>> {
@@ -99,7 +84,7 @@ async fn records_reach_the_topic_keyed_and_in_order_and_a_refused_one_is_dead_le
         &tansu.bootstrap(),
         "batch: { max_rows: 50 }",
     ));
-    listening(port).await;
+    wait_listening(port, "the broker to listen").await;
     let publisher = TestClient::connect(port, "devices").await;
     // One record over the producer's message limit (1,000,000 bytes) but within the
     // embedded broker's (1 MiB), between the others of its topic.
@@ -181,7 +166,7 @@ async fn kafka_frozen_for_30s_loses_nothing_and_keeps_each_device_in_order() {
         &tansu.bootstrap(),
         "batch: { max_rows: 200 }\n    concurrency: 2\n    timeout: 5s\n    retry: { initial_delay: 50ms, max_delay: 1s }",
     ));
-    listening(port).await;
+    wait_listening(port, "the broker to listen").await;
     let mut reader = tansu.reader("telemetry", 3);
 
     let started = Instant::now();

@@ -306,12 +306,7 @@ async fn sighup_reads_the_password_file_again() {
     )
     .unwrap();
     let bridge = ChildBridge::start(&config);
-    eventually(Duration::from_secs(20), "mqbridge to listen", async || {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-    })
-    .await;
+    wait_listening(port, "mqbridge to listen").await;
     assert!(accepts(port, "first", "first-secret").await);
     assert!(!accepts(port, "second", "second-secret").await);
 

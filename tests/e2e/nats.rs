@@ -72,16 +72,7 @@ async fn records_reach_the_stream_in_order_and_duplicates_are_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let _bridge = InProcess::start(&config(dir.path(), port, &nats.url(), ""));
-    eventually(
-        Duration::from_secs(10),
-        "the broker to listen",
-        async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-        },
-    )
-    .await;
+    wait_listening(port, "the broker to listen").await;
     let publisher = TestClient::connect(port, "devices").await;
 
     // 200 records on two devices, with three for the ghost among them.
@@ -178,16 +169,7 @@ async fn credentials_come_from_a_file() {
         password.display()
     );
     let _bridge = InProcess::start(&config(dir.path(), port, &nats.url(), &auth));
-    eventually(
-        Duration::from_secs(10),
-        "the broker to listen",
-        async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-        },
-    )
-    .await;
+    wait_listening(port, "the broker to listen").await;
     let publisher = TestClient::connect(port, "devices").await;
     publisher
         .publish_all([(

@@ -32,6 +32,18 @@ pub use nats::NatsServer;
 pub use numbered::*;
 pub use on_demand::{OnDemand, tables_on_demand};
 
+/// Waits until something accepts connections on loopback `port` (`what` names it when it
+/// does not within 20 s).
+pub async fn wait_listening(port: u16, what: &str) {
+    eventually(Duration::from_secs(20), what, async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
 /// Polls `check` until it returns Some or `timeout` passes.
 pub async fn eventually<T>(
     timeout: Duration,
@@ -238,14 +250,7 @@ impl Mosquitto {
     }
 
     async fn wait_listening(&self) {
-        let port = self.port;
-        eventually(Duration::from_secs(10), "mosquitto to listen", async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
+        wait_listening(self.port, "mosquitto to listen").await;
     }
 
     /// Kills the broker (losing every session: persistence is off) and starts it again

@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{eventually, free_port};
+use super::free_port;
 
 fn tansu_bin() -> PathBuf {
     if let Ok(p) = std::env::var("TANSU") {
@@ -52,13 +52,7 @@ impl Tansu {
             .spawn()
             .expect("start tansu");
         let tansu = Tansu { port, child };
-        eventually(Duration::from_secs(10), "tansu to listen", async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
+        super::wait_listening(port, "tansu to listen").await;
         tansu
     }
 

@@ -50,17 +50,7 @@ impl NatsServer {
             child,
             _dir: dir,
         };
-        eventually(
-            Duration::from_secs(10),
-            "nats-server to listen",
-            async || {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-        .await;
+        super::wait_listening(port, "nats-server to listen").await;
         server
     }
 
