@@ -17,6 +17,16 @@ use crate::message::Properties;
 /// event loop).
 const REQUEST_CAPACITY: usize = 1024;
 
+/// MQTT 5 properties of a message mqbridge publishes (the `mqtt` sink's `properties:`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutgoingProperties {
+    /// Seconds the broker keeps the message for subscribers that have not got it.
+    pub message_expiry_interval: Option<u32>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+}
+
 /// A connection's handle for requests. Cheap to clone.
 #[derive(Clone)]
 pub enum Client {
@@ -264,23 +274,36 @@ impl Client {
         }
     }
 
-    /// Queues a PUBLISH, waiting while the request channel is full.
+    /// Queues a PUBLISH, waiting while the request channel is full. `properties` go out
+    /// on an MQTT 5 connection (config allows them only there).
     pub async fn publish(
         &self,
         topic: String,
         qos: u8,
         retain: bool,
         payload: Vec<u8>,
+        properties: Option<OutgoingProperties>,
     ) -> Result<(), String> {
         match self {
             Client::V4(c) => c
                 .publish(topic, qos4(qos), retain, payload)
                 .await
                 .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .publish(topic, qos5(qos), retain, payload)
-                .await
-                .map_err(|e| e.to_string()),
+            Client::V5(c) => match properties {
+                None => c.publish(topic, qos5(qos), retain, payload).await,
+                Some(p) => {
+                    let properties = p5::PublishProperties {
+                        message_expiry_interval: p.message_expiry_interval,
+                        content_type: p.content_type,
+                        response_topic: p.response_topic,
+                        user_properties: p.user_properties,
+                        ..Default::default()
+                    };
+                    c.publish_with_properties(topic, qos5(qos), retain, payload, properties)
+                        .await
+                }
+            }
+            .map_err(|e| e.to_string()),
         }
     }
 

@@ -41,7 +41,7 @@ use crate::eval_pool::{EvalError, EvalPool, panic_message};
 use crate::message::Message;
 use crate::rule::{Command, Evaluation, Observed, Rule};
 use crate::sink::driver::{DeadLetter, Failure};
-use crate::sink::publish::Publish;
+use crate::sink::publish::{Outgoing, Publish};
 use crate::sink::queue::SinkQueue;
 use crate::sink::{Delivery, ErrorKind, Origin, Outcome};
 use crate::tap::{Event, Taps};
@@ -293,7 +293,15 @@ async fn publish_commands(publisher: Arc<dyn Publish>, mut commands: mpsc::Recei
     while let Some(c) = commands.recv().await {
         let topic = c.topic.clone();
         let outcome = publisher
-            .publish_all(vec![(c.topic, c.payload)], 0, false)
+            .publish_all(
+                vec![Outgoing {
+                    topic: c.topic,
+                    payload: c.payload,
+                    properties: None,
+                }],
+                0,
+                false,
+            )
             .await;
         match outcome.first() {
             Some(Outcome::Failed(e)) => {

@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use crate::broker::Broker;
 use crate::config::BrokerPlan;
 use crate::sink::Outcome;
-use crate::sink::publish::{self, Publish};
+use crate::sink::publish::{self, Outgoing, Publish};
 
 /// The broker mqbridge reads from, which the republish sinks publish to.
 #[derive(Clone, Copy)]
@@ -58,13 +58,14 @@ impl Upstream<'_> {
 impl Publish for Broker {
     fn publish_all(
         &self,
-        messages: Vec<(String, Vec<u8>)>,
+        messages: Vec<Outgoing>,
         qos: u8,
         retain: bool,
     ) -> BoxFuture<'_, Vec<Outcome>> {
         let n = messages.len();
-        for (topic, payload) in messages {
-            self.publish(&topic, payload.into(), qos, retain);
+        // No properties: only the `mqtt` sink sets them, and it publishes elsewhere.
+        for m in messages {
+            self.publish(&m.topic, m.payload.into(), qos, retain);
         }
         Box::pin(std::future::ready(vec![Outcome::Delivered; n]))
     }

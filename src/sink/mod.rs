@@ -414,13 +414,14 @@ pub async fn open(
         SinkSettings::Sqlite(s) => Arc::new(sqlite::SqliteSink::open(s).await?),
         SinkSettings::Republish(s) => {
             let publisher = ctx.publisher.ok_or(OpenError::NoBroker)?;
-            Arc::new(republish::RepublishSink::new(s, publisher()))
+            Arc::new(republish::RepublishSink::new(s, None, publisher()))
         }
         SinkSettings::Mqtt(s) => {
             let client_id = s.connection.client_id.clone();
             let connection = publish::Connection::new(&s.connection, client_id, "mqtt");
             Arc::new(republish::RepublishSink::new(
                 &s.publish,
+                s.properties.clone(),
                 Arc::new(connection),
             ))
         }
@@ -448,10 +449,10 @@ pub fn would(settings: &SinkSettings, origin: &Origin, record: &serde_json::Valu
         SinkSettings::Postgres(s) => postgres::would(s, origin, record),
         SinkSettings::Mysql(s) => mysql::would(s, origin, record),
         SinkSettings::Sqlite(s) => sqlite::would(s, origin, record),
-        SinkSettings::Republish(s) => republish::would(s, origin, record),
+        SinkSettings::Republish(s) => republish::would(s, None, origin, record),
         SinkSettings::Mqtt(s) => format!(
             "{} at {}",
-            republish::would(&s.publish, origin, record),
+            republish::would(&s.publish, s.properties.as_ref(), origin, record),
             s.connection.describe()
         ),
         #[cfg(feature = "nats")]

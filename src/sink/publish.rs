@@ -21,7 +21,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use super::{Outcome, SinkError};
 use crate::config::ConnectionPlan;
-use crate::mqtt::{self, Client, Incoming, Session};
+use crate::mqtt::{self, Client, Incoming, OutgoingProperties, Session};
 
 /// How long a batch waits for the broker's confirmations.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,14 +29,23 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connecting (TCP, TLS, CONNECT/CONNACK) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// One message to publish: its topic, payload and MQTT 5 properties (the `mqtt` sink's
+/// `properties:`; a publisher to the embedded broker is never given any).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub properties: Option<OutgoingProperties>,
+}
+
 /// Where a publishing sink's messages go.
 pub trait Publish: Send + Sync + 'static {
-    /// Publishes `messages` (topic, payload) in order; one outcome per message: delivered
+    /// Publishes `messages` in order; one outcome per message: delivered
     /// once the broker has it (confirmed, at QoS 1 and 2), else failed (transiently when
     /// the connection or the confirmation was lost).
     fn publish_all(
         &self,
-        messages: Vec<(String, Vec<u8>)>,
+        messages: Vec<Outgoing>,
         qos: u8,
         retain: bool,
     ) -> BoxFuture<'_, Vec<Outcome>>;
@@ -119,15 +128,18 @@ impl Connection {
     async fn send_and_confirm(
         &self,
         live: &mut Live,
-        messages: Vec<(String, Vec<u8>)>,
+        messages: Vec<Outgoing>,
         qos: u8,
         retain: bool,
     ) -> (Vec<Outcome>, bool) {
         let mut answers: Vec<Option<Outcome>> = vec![None; messages.len()];
         let mut confirmations = Confirmations::new(qos);
         let mut broken = None;
-        for (topic, payload) in messages {
-            if let Err(e) = live.client.publish(topic, qos, retain, payload).await {
+        for m in messages {
+            let published = live
+                .client
+                .publish(m.topic, qos, retain, m.payload, m.properties);
+            if let Err(e) = published.await {
                 broken = Some(self.transient(e));
                 break;
             }
@@ -223,7 +235,7 @@ impl Confirmations {
 impl Publish for Connection {
     fn publish_all(
         &self,
-        messages: Vec<(String, Vec<u8>)>,
+        messages: Vec<Outgoing>,
         qos: u8,
         retain: bool,
     ) -> BoxFuture<'_, Vec<Outcome>> {

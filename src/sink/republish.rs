@@ -11,20 +11,44 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use super::publish::Publish;
+use super::publish::{Outgoing, Publish};
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
+use crate::config::sinks::mqtt::MessageProperties;
 use crate::config::sinks::republish::Settings;
+use crate::mqtt::OutgoingProperties;
 use crate::rule::template::Template;
 use crate::topic::validate_topic_name;
 
-/// What writing `record` would do, for `mqbridge try`.
-pub fn would(settings: &Settings, origin: &Origin, record: &serde_json::Value) -> String {
-    match settings.topic.render(&origin.template_context(record)) {
-        Ok(t) => format!(
-            "publish to {t:?} qos {} retain {}",
-            settings.qos, settings.retain
+/// What writing `record` would do, for `mqbridge try`: published as `settings` say, with
+/// `properties` (the `mqtt` sink's).
+pub fn would(
+    settings: &Settings,
+    properties: Option<&MessageProperties>,
+    origin: &Origin,
+    record: &serde_json::Value,
+) -> String {
+    let rendered = settings
+        .topic
+        .render(&origin.template_context(record))
+        .map_err(|e| format!("topic template fails: {e}"))
+        .and_then(|t| {
+            let p = properties
+                .map(|p| render_properties(p, origin, record))
+                .transpose()
+                .map_err(|e| e.message)?;
+            Ok((t, p))
+        });
+    match rendered {
+        Ok((t, p)) => format!(
+            "publish to {t:?} qos {} retain {}{}",
+            settings.qos,
+            settings.retain,
+            match p {
+                Some(p) => format!(" with properties {p:?}"),
+                None => String::new(),
+            }
         ),
-        Err(e) => format!("topic template fails: {e}"),
+        Err(e) => e,
     }
 }
 
@@ -33,28 +57,81 @@ pub struct RepublishSink {
     topic: Template,
     qos: u8,
     retain: bool,
+    properties: Option<MessageProperties>,
 }
 
 impl RepublishSink {
-    pub fn new(settings: &Settings, publisher: Arc<dyn Publish>) -> Self {
+    /// Publishes through `publisher` as `settings` say, each message with `properties`
+    /// rendered for its record (the `mqtt` sink's; None for `republish`).
+    pub fn new(
+        settings: &Settings,
+        properties: Option<MessageProperties>,
+        publisher: Arc<dyn Publish>,
+    ) -> Self {
         RepublishSink {
             publisher,
             topic: settings.topic.clone(),
             qos: settings.qos,
             retain: settings.retain,
+            properties,
         }
+    }
+
+    /// The message a record is published as; a record whose topic or properties cannot
+    /// be rendered fails on its own (permanently).
+    fn render(&self, d: &Delivery) -> Result<Outgoing, SinkError> {
+        let topic = self
+            .topic
+            .render(&d.origin.template_context(&d.record))
+            .map_err(|e| SinkError::permanent(format!("topic template: {e}")))?;
+        validate_topic_name(&topic)
+            .map_err(|e| SinkError::permanent(format!("topic {topic:?}: {e}")))?;
+        Ok(Outgoing {
+            topic,
+            payload: payload(&d.record),
+            properties: self
+                .properties
+                .as_ref()
+                .map(|p| render_properties(p, &d.origin, &d.record))
+                .transpose()?,
+        })
     }
 }
 
-/// The topic and payload a record is published as; a record whose topic cannot be
-/// rendered fails on its own (permanently).
-fn render(topic: &Template, d: &Delivery) -> Result<(String, Vec<u8>), SinkError> {
-    let topic = topic
-        .render(&d.origin.template_context(&d.record))
-        .map_err(|e| SinkError::permanent(format!("topic template: {e}")))?;
-    validate_topic_name(&topic)
-        .map_err(|e| SinkError::permanent(format!("topic {topic:?}: {e}")))?;
-    Ok((topic, payload(&d.record)))
+/// The MQTT 5 properties of `record`'s message.
+fn render_properties(
+    p: &MessageProperties,
+    origin: &Origin,
+    record: &serde_json::Value,
+) -> Result<OutgoingProperties, SinkError> {
+    let ctx = origin.template_context(record);
+    let response_topic = match &p.response_topic {
+        Some(t) => {
+            let topic = t.render(&ctx).map_err(|e| {
+                SinkError::permanent(format!("properties.response_topic template: {e}"))
+            })?;
+            validate_topic_name(&topic).map_err(|e| {
+                SinkError::permanent(format!("properties.response_topic {topic:?}: {e}"))
+            })?;
+            Some(topic)
+        }
+        None => None,
+    };
+    let user_properties = p
+        .user_properties
+        .iter()
+        .map(|(name, value)| {
+            value.render(&ctx).map(|v| (name.clone(), v)).map_err(|e| {
+                SinkError::permanent(format!("properties.user_properties.{name} template: {e}"))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(OutgoingProperties {
+        message_expiry_interval: p.message_expiry,
+        content_type: p.content_type.clone(),
+        response_topic,
+        user_properties,
+    })
 }
 
 /// The payload a record is published as (also by the `nats` sink): a string as it is,
@@ -70,7 +147,7 @@ impl Sink for RepublishSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(super::prepared(
             batch,
-            |d| render(&self.topic, d),
+            |d| self.render(d),
             move |out| self.publisher.publish_all(out, self.qos, self.retain),
         ))
     }
@@ -86,8 +163,8 @@ mod tests {
     use crate::config::sinks::republish::Config;
     use crate::sink::ErrorKind;
 
-    /// (topic, payload, qos, retain).
-    type Published = (String, Vec<u8>, u8, bool);
+    /// (message, qos, retain).
+    type Published = (Outgoing, u8, bool);
 
     /// Remembers what it was asked to publish; fails when told to.
     #[derive(Default)]
@@ -99,14 +176,14 @@ mod tests {
     impl Publish for Recorder {
         fn publish_all(
             &self,
-            messages: Vec<(String, Vec<u8>)>,
+            messages: Vec<Outgoing>,
             qos: u8,
             retain: bool,
         ) -> BoxFuture<'_, Vec<Outcome>> {
             let mut published = self.published.lock().unwrap();
             let n = messages.len();
-            for (topic, payload) in messages {
-                published.push((topic, payload, qos, retain));
+            for m in messages {
+                published.push((m, qos, retain));
             }
             let result = match self.fail {
                 true => Err(SinkError::transient("broker gone")),
@@ -123,6 +200,7 @@ mod tests {
         .unwrap();
         RepublishSink::new(
             &cfg.compile().unwrap(),
+            None,
             Arc::clone(publisher) as Arc<dyn Publish>,
         )
     }
@@ -142,7 +220,15 @@ mod tests {
         );
         assert_eq!(
             *publisher.published.lock().unwrap(),
-            [("out/a".to_string(), br#"{"to":"a"}"#.to_vec(), 2, true)]
+            [(
+                Outgoing {
+                    topic: "out/a".to_string(),
+                    payload: br#"{"to":"a"}"#.to_vec(),
+                    properties: None
+                },
+                2,
+                true
+            )]
         );
     }
 

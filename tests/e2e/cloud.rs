@@ -304,3 +304,91 @@ async fn cloud_broker_down_for_30s_loses_nothing_and_keeps_each_topic_in_order()
     assert_eq!(duplicates as i64, tally.duplicates);
     assert!(json_lines(&dir.path().join("dead.jsonl")).is_empty());
 }
+
+/// The `mqtt` sink's MQTT 5 properties reach an MQTT 5 subscriber of the cloud broker:
+/// the message expiry (as what is left of it), the content type, and the response topic
+/// and user properties rendered for each record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_properties_reach_the_cloud_subscriber() {
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
+
+    let edge = Mosquitto::start().await;
+    let cloud = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = format!(
+        r#"  cloud:
+    type: mqtt
+    url: mqtt://127.0.0.1:{}
+    client_id: edge-props
+    protocol: 5
+    topic: "cloud/{{{{ vars.device }}}}"
+    properties:
+      message_expiry: 1h
+      content_type: application/json
+      response_topic: "replies/{{{{ vars.device }}}}"
+      user_properties: {{ device: "{{{{ vars.device }}}}", site: lab }}"#,
+        cloud.port
+    );
+    let bridge = InProcess::start(&bridge_config(
+        dir.path(),
+        edge.port,
+        "edge-bridge-props",
+        &sink,
+    ));
+
+    let (client, mut eventloop) =
+        Client5::new(Options5::new("cloud-v5", "127.0.0.1", cloud.port), 10);
+    client
+        .subscribe("cloud/#", QoS5::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event5::Incoming(Packet5::Publish(p))) => {
+                    let _ = tx.send(p);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    let publisher = TestClient::connect(edge.port, "edge-device-props").await;
+    // Probes until the bridge has subscribed at the edge and connected to the cloud.
+    let p = eventually(
+        Duration::from_secs(20),
+        "a message at the cloud",
+        async || {
+            publisher
+                .publish_all([(
+                    "sensors/d7/telemetry".to_string(),
+                    r#"{"seq": 1}"#.to_string(),
+                )])
+                .await;
+            tokio::time::timeout(Duration::from_millis(500), received.recv())
+                .await
+                .ok()
+                .flatten()
+        },
+    )
+    .await;
+    task.abort();
+    bridge.stop().await.unwrap();
+
+    assert_eq!(&p.topic[..], b"cloud/d7");
+    let props = p.properties.expect("properties");
+    assert_eq!(props.content_type.as_deref(), Some("application/json"));
+    assert_eq!(props.response_topic.as_deref(), Some("replies/d7"));
+    assert_eq!(
+        props.user_properties,
+        [
+            ("device".to_string(), "d7".to_string()),
+            ("site".to_string(), "lab".to_string())
+        ]
+    );
+    let expiry = props.message_expiry_interval.expect("an expiry");
+    assert!((3500..=3600).contains(&expiry), "{expiry}");
+}
