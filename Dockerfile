@@ -25,6 +25,7 @@ RUN touch src/main.rs src/lib.rs \
     && strip target/release/mqbridge
 
 FROM debian:bookworm-slim
+# ca-certificates brings openssl and libssl3, which librdkafka (the kafka sink) links.
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --home /var/lib/mqbridge --create-home mqbridge
