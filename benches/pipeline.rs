@@ -78,7 +78,7 @@ fn render(origin: &Origin, record: &Value, templates: &[Template]) -> usize {
 }
 
 /// The record's values as the postgres sink binds them (text, None for NULL).
-fn encode(record: &Value) -> Vec<Option<String>> {
+fn encode(record: &Value) -> Vec<Option<std::borrow::Cow<'_, str>>> {
     COLUMNS
         .iter()
         .map(|(name, class)| to_text(&record[*name], *class, None).unwrap())

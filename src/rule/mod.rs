@@ -67,6 +67,9 @@ impl Rule {
     /// and transform together may run for `limit`. A decoder that keeps state reads the
     /// message against it without changing it (see [`Rule::evaluate_observed`]).
     pub fn evaluate(&self, msg: &Message, vars: &[(&str, &str)], limit: Duration) -> Evaluation {
+        if let Some(record) = self.picked_from_json(msg, vars) {
+            return Evaluation::Records(vec![record]);
+        }
         let deadline = Deadline::after(limit);
         match self.decode.decode(&msg.topic, &msg.payload) {
             Ok(Decoded::One(payload)) => self.run(msg, vars, payload, deadline),
@@ -76,6 +79,19 @@ impl Rule {
                 error,
             },
         }
+    }
+
+    /// The common rule on its fast path: a JSON payload, no filter, and a transform that
+    /// only picks paths ([`picks`]), read by serde_json straight into the record. None
+    /// when the rule is not such a one, or the payload is not JSON, or a path cannot be
+    /// walked: [`Rule::evaluate`] then reads it the usual way, and says why it fails.
+    fn picked_from_json(&self, msg: &Message, vars: &[(&str, &str)]) -> Option<serde_json::Value> {
+        if self.filter.is_some() || !matches!(self.decode, Decoder::Named(Decode::Json)) {
+            return None;
+        }
+        let picks = self.transform.as_ref()?.picks()?;
+        let payload = serde_json::from_slice(&msg.payload).ok()?;
+        picks.record_from_json(msg, vars, payload)
     }
 
     /// [`Rule::evaluate`] for a message its decoder already read, in arrival order

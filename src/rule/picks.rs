@@ -14,8 +14,15 @@
 //! reports that error, in its own words. On everything else the result is jq's: a
 //! missing key or index is null, null indexed is null, a negative index counts from the
 //! end. The tests compare both on the same messages.
+//!
+//! **Without jq values at all.** A rule with no filter whose JSON payload only feeds such
+//! picks reads the payload with serde_json straight into the record's values
+//! ([`Picks::record_from_json`]): what a path takes from the payload is moved out of it
+//! when no other path needs it (`body: .payload` beside `.payload.temp`), so neither a jq
+//! value nor a copy of the payload is made.
 
 use jaq_json::Val;
+use serde_json::Value as J;
 
 use super::text;
 use crate::message::Message;
@@ -26,7 +33,17 @@ pub enum Picks {
     /// One path: the record is what it points at.
     Path(Path),
     /// `{key: path, …}`: the record is an object of what each path points at.
-    Object(Vec<(String, Path)>),
+    Object(Vec<Field>),
+}
+
+/// One `key: path` of an object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Field {
+    key: String,
+    path: Path,
+    /// Whether, read from a serde_json payload, the value is moved out of it: no other
+    /// path of the object points at it or above it (of equal paths, the last one takes).
+    takes: bool,
 }
 
 /// `.root` then steps.
@@ -34,6 +51,10 @@ pub enum Picks {
 pub struct Path {
     root: String,
     steps: Vec<Step>,
+    /// For a path into `payload` by keys alone: its JSON pointer (RFC 6901), by which
+    /// the value can be moved out of a serde_json payload. Index steps are never moved
+    /// (`[0]` and `[-1]` may be the same element).
+    pointer: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,7 +92,12 @@ impl Picks {
                     return None;
                 }
                 p.blank();
-                fields.push((key, p.path()?));
+                let path = p.path()?;
+                fields.push(Field {
+                    key,
+                    path,
+                    takes: false,
+                });
                 p.blank();
                 if p.eat(b'}') {
                     break;
@@ -79,6 +105,15 @@ impl Picks {
                 if !p.eat(b',') {
                     return None;
                 }
+            }
+            for i in 0..fields.len() {
+                let takes = fields[i].path.pointer.is_some()
+                    && fields.iter().enumerate().all(|(j, other)| {
+                        let (a, b) = (&other.path, &fields[i].path);
+                        let above = j != i && a.root == b.root && b.steps.starts_with(&a.steps);
+                        !above || (a.steps == b.steps && j < i)
+                    });
+                fields[i].takes = takes;
             }
             Picks::Object(fields)
         } else {
@@ -104,14 +139,77 @@ impl Picks {
             Picks::Path(path) => pick(path),
             Picks::Object(fields) => fields
                 .iter()
-                .map(|(k, path)| Some((k.clone(), pick(path)?)))
+                .map(|f| Some((f.key.clone(), pick(&f.path)?)))
                 .collect::<Option<serde_json::Map<_, _>>>()
                 .map(serde_json::Value::Object),
+        }
+    }
+
+    /// [`Picks::record`] for a JSON payload serde_json read (as `decode: json` would,
+    /// the same values): the paths that may take their value move it out of `payload`,
+    /// after every other path copied what it points at.
+    pub fn record_from_json(
+        &self,
+        msg: &Message,
+        vars: &[(&str, &str)],
+        mut payload: J,
+    ) -> Option<J> {
+        match self {
+            Picks::Path(path) => path.pick_json(msg, vars, &mut payload, true),
+            Picks::Object(fields) => {
+                let mut values: Vec<Option<J>> = fields.iter().map(|_| None).collect();
+                for taking in [false, true] {
+                    for (f, value) in fields.iter().zip(&mut values) {
+                        if f.takes == taking {
+                            *value = Some(f.path.pick_json(msg, vars, &mut payload, taking)?);
+                        }
+                    }
+                }
+                let keys = fields.iter().map(|f| f.key.clone());
+                Some(J::Object(keys.zip(values.into_iter().flatten()).collect()))
+            }
         }
     }
 }
 
 impl Path {
+    /// What the path points at in a serde_json payload (moved out of it when `take` and
+    /// the path has a pointer, else copied); None where jq would fail.
+    fn pick_json(
+        &self,
+        msg: &Message,
+        vars: &[(&str, &str)],
+        payload: &mut J,
+        take: bool,
+    ) -> Option<J> {
+        if self.root != "payload" {
+            return self
+                .walk(msg, vars, &Val::Null)
+                .map(|v| super::jq::to_json(&v));
+        }
+        let mut at = &*payload;
+        for step in &self.steps {
+            at = match (at, step) {
+                (J::Null, _) => return Some(J::Null),
+                (J::Object(o), Step::Key(Val::TStr(k))) => {
+                    match o.get(std::str::from_utf8(k).ok()?) {
+                        Some(v) => v,
+                        None => return Some(J::Null),
+                    }
+                }
+                (J::Array(a), Step::Index(i)) => match index(a.len(), *i) {
+                    Some(i) => &a[i],
+                    None => return Some(J::Null),
+                },
+                _ => return None,
+            };
+        }
+        match &self.pointer {
+            Some(pointer) if take => payload.pointer_mut(pointer).map(std::mem::take),
+            _ => Some(at.clone()),
+        }
+    }
+
     /// What the path points at; None where jq would fail.
     fn walk(&self, msg: &Message, vars: &[(&str, &str)], payload: &Val) -> Option<Val> {
         let mut steps = self.steps.iter();
@@ -225,7 +323,24 @@ impl Parser<'_> {
                     return None;
                 }
             } else {
-                return Some(Path { root, steps });
+                let pointer = (root == "payload")
+                    .then(|| {
+                        steps.iter().try_fold(String::new(), |mut p, step| {
+                            let Step::Key(Val::TStr(k)) = step else {
+                                return None;
+                            };
+                            let k = std::str::from_utf8(k).ok()?;
+                            p.push('/');
+                            p.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                            Some(p)
+                        })
+                    })
+                    .flatten();
+                return Some(Path {
+                    root,
+                    steps,
+                    pointer,
+                });
             }
         }
     }
@@ -309,6 +424,13 @@ mod tests {
             "{c: .client_id, at: .received_at, ms: .timestamp_ms, raw: .raw}",
             "{p: .properties, ct: .properties.content_type, u: .properties.user_properties}",
             "{a: .payload.a, a: .payload.temp}",
+            // What serde_json payloads move out rather than copy, beside what copies.
+            "{body: .payload, a: .payload.a, b: .payload.a.b}",
+            "{x: .payload.a, y: .payload.a, z: .payload.list}",
+            "{a: .payload, a: .payload.a}",
+            "{first: .payload.list[0], last: .payload.list[-1], l: .payload.list}",
+            "{p: .payload, q: .payload}",
+            "{s: .payload[\"a\"], t: .payload.temp, d: .vars.device}",
         ];
         let payloads: [&[u8]; 7] = [
             br#"{"a": {"b": 1}, "temp": 21.5, "list": [1, "two", null]}"#,
@@ -329,7 +451,15 @@ mod tests {
                     super::super::decode(super::super::Decode::Json, &msg.payload).unwrap();
                 let ctx = super::super::context(&msg, &vars, decoded.clone());
                 let by_jq = jq.run(ctx, Deadline::after(Duration::from_secs(2)));
-                match picks.record(&msg, &vars, &decoded) {
+                let record = picks.record(&msg, &vars, &decoded);
+                let from_json = serde_json::from_slice(payload).unwrap();
+                assert_eq!(
+                    picks.record_from_json(&msg, &vars, from_json),
+                    record,
+                    "{code} on {:?}: read by serde_json",
+                    String::from_utf8_lossy(payload)
+                );
+                match record {
                     Some(record) => {
                         let by_jq = by_jq
                             .unwrap_or_else(|e| panic!("{code} on {payload:?}: jq failed: {e}"));
@@ -349,6 +479,22 @@ mod tests {
         }
         // Only where a path meets a value it cannot index: a key of the array or the
         // string payload, `.a.b` where `a` is 3 or "s", `[i]` of an object.
-        assert_eq!(gave_up.len(), 21, "{gave_up:#?}");
+        assert_eq!(gave_up.len(), 34, "{gave_up:#?}");
+    }
+
+    #[test]
+    fn only_a_path_nothing_else_points_into_takes_its_value() {
+        let takes = |code: &str| match Picks::parse(code).unwrap() {
+            Picks::Object(fields) => fields.iter().map(|f| f.takes).collect::<Vec<_>>(),
+            Picks::Path(_) => unreachable!(),
+        };
+        // `.payload` is above `.payload.a`: the deeper one copies first, then the whole moves.
+        assert_eq!(takes("{b: .payload, a: .payload.a}"), [true, false]);
+        // Of equal paths, the last takes.
+        assert_eq!(takes("{x: .payload.a, y: .payload.a}"), [false, true]);
+        // Index steps always copy; so does anything outside the payload.
+        assert_eq!(takes("{x: .payload.l[0], y: .topic}"), [false, false]);
+        assert_eq!(takes("{x: .payload.a, y: .payload.b}"), [true, true]);
+        assert_eq!(takes("{x: .payload.a, y: .payload}"), [false, true]);
     }
 }

@@ -147,7 +147,7 @@ impl Dialect for Mysql {
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
-        let mut map = Columns::new();
+        let mut map = Columns::default();
         for r in rows {
             let data_type: String = r.get("data_type");
             let column_type: String = r.get("column_type");
@@ -187,16 +187,16 @@ impl Dialect for Mysql {
     /// As for PostgreSQL, but booleans are `1`/`0` (a `BOOLEAN` is a `TINYINT(1)`, which
     /// also takes numbers), and times are UTC `YYYY-MM-DD hh:mm:ss[.ffffff]` (the
     /// session's time zone is UTC): MySQL reads no RFC 3339 offset.
-    fn text(
+    fn text<'v>(
         &self,
-        v: &serde_json::Value,
+        v: &'v serde_json::Value,
         class: Class,
         unit: Option<TimeUnit>,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<Cow<'v, str>>, String> {
         use serde_json::Value as J;
         match (v, class) {
-            (J::Number(n), Class::Bool) => Ok(Some(n.to_string())),
-            (_, Class::Bool) => Ok(to_text(v, class, unit)?.map(|t| match t.as_str() {
+            (J::Number(n), Class::Bool) => Ok(Some(n.to_string().into())),
+            (_, Class::Bool) => Ok(to_text(v, class, unit)?.map(|t| match t.as_ref() {
                 "true" => "1".into(),
                 "false" => "0".into(),
                 _ => t,
@@ -207,7 +207,7 @@ impl Dialect for Mysql {
                     _ => "%Y-%m-%d %H:%M:%S%.f",
                 };
                 match t.parse::<jiff::Timestamp>() {
-                    Ok(ts) => ts.strftime(format).to_string(),
+                    Ok(ts) => ts.strftime(format).to_string().into(),
                     // No offset: the server reads it as it is.
                     Err(_) => t,
                 }
@@ -342,7 +342,7 @@ mod tests {
             pool: MySqlPoolOptions::new()
                 .connect_lazy_with(MySqlConnectOptions::new().host("127.0.0.1").port(1)),
         };
-        let t = |v, class| db.text(&v, class, None).unwrap();
+        let t = |v, class| db.text(&v, class, None).unwrap().map(Cow::into_owned);
         assert_eq!(t(json!(true), Class::Bool).as_deref(), Some("1"));
         assert_eq!(t(json!("false"), Class::Bool).as_deref(), Some("0"));
         assert_eq!(t(json!(1), Class::Bool).as_deref(), Some("1"));

@@ -140,7 +140,7 @@ impl Dialect for Postgres {
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
-        let mut map = Columns::new();
+        let mut map = Columns::default();
         for r in rows {
             let typname: String = r.get("typname");
             let category: String = r.get("category");
@@ -280,7 +280,7 @@ mod tests {
             sql_type: "bigint".into(),
             class: Class::Plain,
         };
-        let columns = Columns::from([("seq".into(), plain.clone()), ("steps".into(), plain)]);
+        let columns = Columns::from_iter([("seq".into(), plain.clone()), ("steps".into(), plain)]);
         let batch = [
             json!({"seq": 1, "n": 3}),
             json!({"seq": 2, "n": 1e12}),

@@ -53,8 +53,9 @@ pub struct Column {
     pub class: Class,
 }
 
-/// The table's columns by name.
-pub type Columns = HashMap<String, Column>;
+/// The table's columns by name. Every value of every row looks its column up here, so
+/// with a fast hash (the keys are the catalog's; a record's keys only look up).
+pub type Columns = HashMap<String, Column, foldhash::fast::RandomState>;
 
 /// Columns `add_columns` could not add in this batch, with the error: the records that
 /// have the key fail with it.
@@ -88,8 +89,9 @@ impl Inferred {
 /// A record prepared for insertion.
 pub struct Prepared<'b> {
     pub names: Vec<Cow<'b, str>>,
-    /// Each column's value as text (None: NULL), in the order of `names`.
-    pub values: Vec<Option<String>>,
+    /// Each column's value as text (None: NULL), in the order of `names`; a string
+    /// value is borrowed from its record.
+    pub values: Vec<Option<Cow<'b, str>>>,
 }
 
 /// What differs between SQL databases: the catalog, the statements and the errors.
@@ -124,12 +126,12 @@ pub trait Dialect: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 
     /// A value as the text the database reads for a column of `class`.
-    fn text(
+    fn text<'v>(
         &self,
-        v: &serde_json::Value,
+        v: &'v serde_json::Value,
         class: Class,
         unit: Option<TimeUnit>,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<Cow<'v, str>>, String> {
         to_text(v, class, unit)
     }
 }
@@ -357,10 +359,15 @@ impl<D: Dialect> TableSink<D> {
         let mut names = Vec::with_capacity(fields.len());
         let mut values = Vec::with_capacity(fields.len());
         for (c, v) in fields {
-            let text = self
-                .db
-                .text(&v, columns[c.as_ref()].class, self.cfg.time_unit)
-                .map_err(|e| SinkError::permanent(format!("column {c}: {e}")))?;
+            let (class, unit) = (columns[c.as_ref()].class, self.cfg.time_unit);
+            let text = match v {
+                Cow::Borrowed(v) => self.db.text(v, class, unit),
+                Cow::Owned(v) => self
+                    .db
+                    .text(&v, class, unit)
+                    .map(|t| t.map(|t| Cow::Owned(t.into_owned()))),
+            }
+            .map_err(|e| SinkError::permanent(format!("column {c}: {e}")))?;
             names.push(c);
             values.push(text);
         }
@@ -537,13 +544,15 @@ pub fn to_text(
     v: &serde_json::Value,
     class: Class,
     unit: Option<TimeUnit>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<Cow<'_, str>>, String> {
     use serde_json::Value as J;
-    Ok(Some(match (v, class) {
+    // serde_json writes a value into bytes faster than through `Display`.
+    let json = |v| serde_json::to_string(v).expect("a JSON value serializes");
+    Ok(Some(Cow::Owned(match (v, class) {
         (J::Null, _) => return Ok(None),
-        (_, Class::Json) => v.to_string(),
+        (_, Class::Json) => json(v),
         (J::Number(n), Class::Timestamp | Class::Date) => epoch_to_rfc3339(n, unit)?,
-        (J::String(s), _) => s.clone(),
+        (J::String(s), _) => return Ok(Some(Cow::Borrowed(s))),
         (J::Bool(b), _) => b.to_string(),
         (J::Number(n), Class::Bool) => return Err(format!("expected a boolean, got {n}")),
         (J::Number(n), _) => match (n.as_f64(), n.is_f64()) {
@@ -552,8 +561,8 @@ pub fn to_text(
             _ => n.to_string(),
         },
         (J::Array(_), Class::Array) => pg_array(v),
-        (J::Array(_) | J::Object(_), _) => v.to_string(),
-    }))
+        (J::Array(_) | J::Object(_), _) => json(v),
+    })))
 }
 
 fn epoch_to_rfc3339(n: &serde_json::Number, unit: Option<TimeUnit>) -> Result<String, String> {
@@ -594,7 +603,7 @@ mod tests {
 
     #[test]
     fn values_as_text() {
-        let t = |v: serde_json::Value, c| to_text(&v, c, None).unwrap();
+        let t = |v: serde_json::Value, c| to_text(&v, c, None).unwrap().map(Cow::into_owned);
         assert_eq!(t(json!(null), Class::Plain), None);
         assert_eq!(t(json!("x"), Class::Plain).as_deref(), Some("x"));
         assert_eq!(t(json!(12.0), Class::Plain).as_deref(), Some("12"));
@@ -618,7 +627,12 @@ mod tests {
 
     #[test]
     fn epochs() {
-        let t = |v: serde_json::Value, u| to_text(&v, Class::Timestamp, u).unwrap().unwrap();
+        let t = |v: serde_json::Value, u| {
+            to_text(&v, Class::Timestamp, u)
+                .unwrap()
+                .unwrap()
+                .into_owned()
+        };
         assert_eq!(t(json!(1_700_000_000), None), "2023-11-14T22:13:20Z");
         assert_eq!(
             t(json!(1_700_000_000_123i64), None),
