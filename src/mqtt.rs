@@ -324,6 +324,52 @@ impl Client {
 }
 
 impl EventLoop {
+    /// Writes the acknowledgements (PUBACK, PUBREC) of messages received on the current
+    /// connection straight to it, in order, and flushes them at once: one write for a
+    /// whole batch. Through [`Client::ack`], rumqttc's loop takes one request per turn
+    /// and flushes each on its own, so each ack costs a turn, a timer and a system call
+    /// here, and a read for the broker (BENCHMARKS.md, "External mode"). Only 3.1.1
+    /// connections offer that (rumqttc keeps the MQTT 5 connection to itself): an MQTT 5
+    /// connection's acks are returned, for [`Client::ack`]. Without a connection, or when
+    /// writing fails, the connection is gone and its acks with it (the broker sends the
+    /// messages again); the next poll finds that out.
+    ///
+    /// Call it between polls only, never while a poll is pending: this is what keeps the
+    /// order with the packets the loop itself writes.
+    pub async fn ack_at_once(&mut self, tokens: Vec<AckToken>) -> Vec<AckToken> {
+        let EventLoop::V4(e) = self else {
+            return tokens;
+        };
+        let timeout = Duration::from_secs(e.network_options().connection_timeout());
+        let Some(network) = e.network.as_mut() else {
+            tracing::debug!(
+                acks = tokens.len(),
+                "connection gone; the broker sends these again"
+            );
+            return Vec::new();
+        };
+        for t in &tokens {
+            // rumqttc's state keeps nothing for these but a log timestamp.
+            let packet = match t.qos {
+                2 => Packet4::PubRec(rumqttc::PubRec::new(t.pkid)),
+                _ => Packet4::PubAck(rumqttc::PubAck::new(t.pkid)),
+            };
+            if let Err(e) = network.write(packet).await {
+                tracing::debug!(error = %e, "cannot write acks; the connection is gone");
+                return Vec::new();
+            }
+        }
+        match tokio::time::timeout(timeout, network.flush()).await {
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot flush acks; the connection is gone"),
+            // Still buffered: the loop's next flush sends them.
+            Err(_) => {
+                tracing::debug!("acks not flushed in time; the connection's next write takes them")
+            }
+            Ok(Ok(())) => {}
+        }
+        Vec::new()
+    }
+
     /// The next event; an error means the connection is gone (polling again reconnects).
     pub async fn poll(&mut self) -> Result<Incoming, String> {
         match self {

@@ -11,6 +11,9 @@
 //!   (rumqttc#846);
 //! - the **ack task** queues those PUBACK/PUBRECs, waiting for room in rumqttc's request
 //!   channel when it must (acks must not be lost, and the poll loop must not wait).
+//!   With 3.1.1 the poll loop writes them itself, between two polls, a batch in one
+//!   write ([`mqtt::EventLoop::ack_at_once`]); the ack task then only carries the
+//!   DISCONNECT and the acks of the last batch, after the loop.
 //!
 //! QoS 1/2 messages in flight are bounded by the broker's window (our MQTT 5 receive
 //! maximum, or the broker's inflight limit with 3.1.1). While the pipeline is full they
@@ -214,7 +217,10 @@ async fn run(
             }
             tokens = intake.released() => {
                 let of = connection.load(Ordering::Acquire);
-                let _ = ack_tx.send(AckJob::Ack(of, tokens));
+                let tokens = eventloop.ack_at_once(tokens).await;
+                if !tokens.is_empty() {
+                    let _ = ack_tx.send(AckJob::Ack(of, tokens));
+                }
                 if leaving == Leaving::Draining && intake.unacknowledged() == 0 {
                     // After the acks, in the same queue, so they go out first.
                     let _ = ack_tx.send(AckJob::Disconnect(of));
