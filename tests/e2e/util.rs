@@ -272,10 +272,7 @@ impl Mosquitto {
     /// Stops the broker with SIGTERM (a persistent one saves its state then) and waits
     /// until it exited; [`Mosquitto::start_again`] brings it back.
     pub async fn stop_gracefully(&mut self) {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        signal(&self.child, "TERM");
         let child = &mut self.child;
         let status = eventually(Duration::from_secs(10), "mosquitto to stop", async || {
             child.try_wait().unwrap()
@@ -677,12 +674,8 @@ impl ChildBridge {
     }
 
     /// Sends `signal` (a name such as `HUP`) to the process.
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal}");
+    pub fn signal(&self, name: &str) {
+        signal(&self.child, name);
     }
 
     /// How many log lines so far contain `needle`.
@@ -704,10 +697,7 @@ impl ChildBridge {
     /// and how long it took.
     pub async fn terminate(mut self, timeout: Duration) -> (std::process::ExitStatus, Duration) {
         let started = Instant::now();
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        signal(&self.child, "TERM");
         let status = eventually(timeout, "mqbridge to exit after SIGTERM", async || {
             self.child.try_wait().unwrap()
         })
@@ -954,4 +944,13 @@ pub fn make_client_certs(dir: &std::path::Path) {
             "client.ext",
         ]));
     }
+}
+
+/// Sends `name` (a signal name such as `TERM`, `HUP`, `STOP`) to a child process.
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name}");
 }

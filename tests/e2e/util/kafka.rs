@@ -73,12 +73,8 @@ impl Tansu {
 
     /// Freezes (`STOP`) or resumes (`CONT`) the broker: its sockets stay open, and
     /// nothing answers.
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal}");
+    pub fn signal(&self, name: &str) {
+        super::signal(&self.child, name);
     }
 
     /// A reader of `topic`'s partitions 0..partitions from their beginning.
