@@ -370,6 +370,16 @@ impl EventLoop {
         Vec::new()
     }
 
+    /// An event the last poll already read, if any, without polling. rumqttc reads up to
+    /// ten packets at a time but hands them out one per poll, each poll a turn of the
+    /// caller's `select!`; taking them here saves those turns.
+    pub fn buffered(&mut self) -> Option<Incoming> {
+        match self {
+            EventLoop::V4(e) => e.state.events.pop_front().map(incoming4),
+            EventLoop::V5(e) => e.state.events.pop_front().map(incoming5),
+        }
+    }
+
     /// The next event; an error means the connection is gone (polling again reconnects).
     pub async fn poll(&mut self) -> Result<Incoming, String> {
         match self {

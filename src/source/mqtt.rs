@@ -203,32 +203,38 @@ async fn run(
     let mut leaving = Leaving::No;
     let mut online = false;
     loop {
-        let event = tokio::select! {
-            _ = done.cancelled() => break,
-            () = subscriptions.changed(), if online => {
-                subscriptions.sync(&client);
-                continue;
-            }
-            _ = stop.cancelled(), if !stopped => {
-                // Lets the pipeline drain and finish.
-                stopped = true;
-                intake.close();
-                continue;
-            }
-            tokens = intake.released() => {
-                let of = connection.load(Ordering::Acquire);
-                let tokens = eventloop.ack_at_once(tokens).await;
-                if !tokens.is_empty() {
-                    let _ = ack_tx.send(AckJob::Ack(of, tokens));
+        // What the last poll read already goes first, without a turn of the select.
+        let buffered = if online { eventloop.buffered() } else { None };
+        let event = if let Some(event) = buffered {
+            Ok(event)
+        } else {
+            tokio::select! {
+                _ = done.cancelled() => break,
+                () = subscriptions.changed(), if online => {
+                    subscriptions.sync(&client);
+                    continue;
                 }
-                if leaving == Leaving::Draining && intake.unacknowledged() == 0 {
-                    // After the acks, in the same queue, so they go out first.
-                    let _ = ack_tx.send(AckJob::Disconnect(of));
-                    leaving = Leaving::Disconnecting;
+                _ = stop.cancelled(), if !stopped => {
+                    // Lets the pipeline drain and finish.
+                    stopped = true;
+                    intake.close();
+                    continue;
                 }
-                continue;
+                tokens = intake.released() => {
+                    let of = connection.load(Ordering::Acquire);
+                    let tokens = eventloop.ack_at_once(tokens).await;
+                    if !tokens.is_empty() {
+                        let _ = ack_tx.send(AckJob::Ack(of, tokens));
+                    }
+                    if leaving == Leaving::Draining && intake.unacknowledged() == 0 {
+                        // After the acks, in the same queue, so they go out first.
+                        let _ = ack_tx.send(AckJob::Disconnect(of));
+                        leaving = Leaving::Disconnecting;
+                    }
+                    continue;
+                }
+                ev = eventloop.poll() => ev,
             }
-            ev = eventloop.poll() => ev,
         };
         match event {
             Ok(Incoming::Connected { session_present }) => {
@@ -279,6 +285,9 @@ async fn run(
             Err(e) => {
                 lost(&mut intake);
                 online = false;
+                // What the lost connection read but did not hand out yet: unacknowledged,
+                // so the broker sends it again; its packet ids mean nothing on the next.
+                while eventloop.buffered().is_some() {}
                 connected.set_not_ready(format!("broker connection failed: {e}"));
                 metrics::gauge!("mqbridge_source_connected").set(0.0);
                 let delay = backoff.failed();
