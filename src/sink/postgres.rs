@@ -2,10 +2,16 @@
 //!
 //! A [`TableSink`] (column discovery, `columns:` programs, conversion, bad-row isolation:
 //! [`super::sql`]) over the PostgreSQL dialect here: columns come from the catalog, and a
-//! batch is one transaction of `INSERT … SELECT … FROM UNNEST($1::text[], …)`: one array
-//! parameter per column, each value sent as text and cast by PostgreSQL to the column's
-//! type, so the database does the type checking and a bad value fails with its SQLSTATE.
-//! Values are always bound; identifiers are validated and quoted.
+//! batch is one `INSERT … SELECT unnest($1::text[])::type, …`: one array parameter per
+//! column, each value sent as text and cast by PostgreSQL to the column's type, so the
+//! database does the type checking and a bad value fails with its SQLSTATE. Values are
+//! always bound; identifiers are validated and quoted.
+//!
+//! The arrays are unnested in the select list (set-returning functions there run in
+//! step), not in `FROM UNNEST(…)`: a function in `FROM` is first copied into a tuple
+//! store, which cost the server a sixth of its time per row (BENCHMARKS.md, "The
+//! insert's cost in the server"). A batch whose records share one set of columns is that
+//! one statement, atomic on its own; only a batch of several sets is a transaction.
 
 use std::borrow::Cow;
 use std::str::FromStr;
@@ -163,24 +169,35 @@ impl Dialect for Postgres {
         Ok(map)
     }
 
-    /// One statement per set of columns, in order, in one transaction.
+    /// One statement per set of columns, in order: alone when the batch has one set,
+    /// else in one transaction.
     async fn insert(
         &self,
         cfg: &Insert,
         rows: &[Prepared<'_>],
         columns: &Columns,
     ) -> Result<(), SinkError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        for group in super::sql::groups(rows) {
+        let groups = super::sql::groups(rows);
+        let statement = |group: &[&Prepared]| {
             let names = &group[0].names;
-            let sql = insert_sql(cfg, names, columns);
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = sqlx::query(AssertSqlSafe(insert_sql(cfg, names, columns)));
             for i in 0..names.len() {
                 let column: Vec<Option<&str>> =
                     group.iter().map(|r| r.values[i].as_deref()).collect();
                 q = q.bind(column);
             }
-            q.execute(&mut *tx).await.map_err(classify)?;
+            q
+        };
+        if let [group] = groups.as_slice() {
+            return statement(group)
+                .execute(&self.pool)
+                .await
+                .map(|_| ())
+                .map_err(classify);
+        }
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        for group in &groups {
+            statement(group).execute(&mut *tx).await.map_err(classify)?;
         }
         tx.commit().await.map_err(classify)
     }
@@ -188,20 +205,19 @@ impl Dialect for Postgres {
 
 fn insert_sql(cfg: &Insert, names: &[Cow<'_, str>], columns: &Columns) -> String {
     let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
-    let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}::text[]")).collect();
-    let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
-    let casts: Vec<String> = names
+    let values: Vec<String> = names
         .iter()
         .enumerate()
-        .map(|(i, n)| format!("u.c{i}::{}", columns[n.as_ref()].sql_type))
+        .map(|(i, n)| {
+            let sql_type = &columns[n.as_ref()].sql_type;
+            format!("unnest(${}::text[])::{sql_type}", i + 1)
+        })
         .collect();
     let mut sql = format!(
-        "INSERT INTO {} ({}) SELECT {} FROM UNNEST({}) AS u({})",
+        "INSERT INTO {} ({}) SELECT {}",
         cfg.table.quoted(),
         quoted.join(", "),
-        casts.join(", "),
-        params.join(", "),
-        aliases.join(", ")
+        values.join(", ")
     );
     if let Some(c) = &cfg.on_conflict {
         let key: Vec<String> = c.key.iter().map(|k| format!("\"{k}\"")).collect();

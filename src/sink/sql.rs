@@ -7,7 +7,7 @@
 //! [evaluation pool](crate::eval_pool) under a rule's deadline), converts each value to
 //! the text the database reads for the column's [`Class`], and isolates the rows a
 //! database refuses ([`super::isolate`]). A dialect only says how to read the catalog, how
-//! to write one transaction of rows, and how its errors classify. Values are always bound
+//! to write a batch of rows all or none, and how its errors classify. Values are always bound
 //! parameters; identifiers are validated by the config and quoted by the dialect.
 //!
 //! Tables on demand: with `create:`, a table the discovery finds missing is created
@@ -117,7 +117,7 @@ pub trait Dialect: Send + Sync + 'static {
     /// The table's columns; empty when there is no such table.
     fn columns(&self, table: &Table) -> impl Future<Output = Result<Columns, SinkError>> + Send;
 
-    /// Writes `rows` in one transaction: all or none.
+    /// Writes `rows` all or none (one statement, or one transaction).
     fn insert(
         &self,
         cfg: &Insert,
@@ -398,8 +398,8 @@ impl<D: Dialect> TableSink<D> {
 }
 
 impl<D: Dialect> Sink for TableSink<D> {
-    /// One transaction per batch; a batch the database rejects is split to isolate the
-    /// rows it refuses.
+    /// One statement (or one transaction) per batch; a batch the database rejects is
+    /// split to isolate the rows it refuses.
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
             let outcomes = self.write_batch(batch).await;
