@@ -411,12 +411,23 @@ impl Router {
             let error = e.to_string();
             batch.msgs.iter().map(|_| Err(error.clone())).collect()
         });
-        let active = &batch.active;
+        let Batch {
+            mut msgs,
+            acks,
+            active,
+        } = batch;
         let mut out: Vec<Vec<Delivery>> = active.sinks.iter().map(|_| Vec::new()).collect();
-        for ((msg, ack), verdicts) in batch.msgs.iter().zip(batch.acks).zip(verdicts) {
+        for (i, (ack, verdicts)) in acks.into_iter().zip(verdicts).enumerate() {
             match verdicts {
-                Ok(verdicts) => self.dispatch(active, msg, verdicts, ack, &mut out).await,
-                Err(error) => self.fail_all(active, msg, &error, ack).await,
+                Ok(verdicts) => {
+                    // Evaluated: the batch is the router's alone again (the pool's job is
+                    // gone), so the message's last origin takes its topic, not a copy.
+                    let topic = Arc::get_mut(&mut msgs).map(|m| std::mem::take(&mut m[i].topic));
+                    let msg = &msgs[i];
+                    self.dispatch(&active, msg, topic, verdicts, ack, &mut out)
+                        .await
+                }
+                Err(error) => self.fail_all(&active, &msgs[i], &error, ack).await,
             }
         }
         for (queue, records) in active.sinks.iter().zip(out) {
@@ -428,27 +439,36 @@ impl Router {
         }
     }
 
-    /// Makes one message's records for the sinks, into `out` (by sink).
+    /// Makes one message's records for the sinks, into `out` (by sink). `taken`: the
+    /// message's topic, when it was taken out of `msg`.
     async fn dispatch(
         &self,
         active: &Active,
         msg: &Message,
+        mut taken: Option<String>,
         verdicts: Vec<Verdict>,
         ack: Ack,
         out: &mut [Vec<Delivery>],
     ) {
-        for v in verdicts {
+        let last = verdicts.len().saturating_sub(1);
+        for (n, v) in verdicts.into_iter().enumerate() {
             let rule = &active.rules[v.rule];
             let m = &active.metrics[v.rule];
             m.matched.increment(1);
             m.evaluation.record(v.took);
-            let origin = Arc::new(Origin::from_message(msg, &rule.name, v.vars));
+            let topic = match n == last {
+                true => taken.take(),
+                false => taken.clone(),
+            };
+            let topic = topic.unwrap_or_else(|| msg.topic.clone());
+            let origin = Arc::new(Origin::with_topic(msg, topic, &rule.name, v.vars));
+            let topic = &origin.topic;
             match v.evaluation {
                 Evaluation::Records(records) => {
                     m.records.increment(records.len() as u64);
                     for record in records {
                         self.taps.offer(&rule.name, || Event::Record {
-                            topic: msg.topic.clone(),
+                            topic: topic.clone(),
                             record: record.clone(),
                         });
                         // Each sink but the last gets a copy; the last takes the record.
@@ -468,15 +488,15 @@ impl Router {
                 Evaluation::Filtered => {
                     m.filtered.increment(1);
                     self.taps.offer(&rule.name, || Event::Filtered {
-                        topic: msg.topic.clone(),
+                        topic: topic.clone(),
                     });
                 }
                 Evaluation::Failed { stage, error } => {
                     m.error(stage);
-                    tracing::debug!(rule = %rule.name, topic = %msg.topic, stage, %error, "rule failed");
+                    tracing::debug!(rule = %rule.name, %topic, stage, %error, "rule failed");
                     let error = format!("{stage}: {error}");
                     self.taps.offer(&rule.name, || Event::Failed {
-                        topic: msg.topic.clone(),
+                        topic: topic.clone(),
                         error: error.clone(),
                     });
                     let failure = Failure {

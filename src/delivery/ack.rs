@@ -17,35 +17,43 @@ pub trait Settled: Send + Sync + 'static {
     fn settled(&self);
 }
 
-struct Shared {
+/// A message's settlement, with its callback in the same allocation.
+struct Shared<S: ?Sized> {
     /// Shares not yet settled. Never reaches zero while a dropped share existed.
     pending: AtomicUsize,
-    on_settled: Option<Box<dyn Settled>>,
+    on_settled: S,
+}
+
+enum Share {
+    /// Settled or taken: it settles nothing, and it has no parts.
+    Spent,
+    /// Nothing to acknowledge: its parts are detached too (no allocation).
+    Detached,
+    Of(Arc<Shared<dyn Settled>>),
 }
 
 /// One share of a message's settlement. See the module docs.
 #[must_use = "dropping an Ack without settle() leaves its message unacknowledged"]
 pub struct Ack {
-    shared: Option<Arc<Shared>>,
+    share: Share,
 }
 
 impl Ack {
     /// A fresh message's handle; `on_settled` runs once when every share has settled.
     pub fn new(on_settled: impl Settled) -> Self {
-        Self::with(Some(Box::new(on_settled)))
+        let shared: Arc<Shared<dyn Settled>> = Arc::new(Shared {
+            pending: AtomicUsize::new(1),
+            on_settled,
+        });
+        Ack {
+            share: Share::Of(shared),
+        }
     }
 
     /// A handle with nothing to acknowledge (QoS 0, dry runs).
     pub fn detached() -> Self {
-        Self::with(None)
-    }
-
-    fn with(on_settled: Option<Box<dyn Settled>>) -> Self {
         Ack {
-            shared: Some(Arc::new(Shared {
-                pending: AtomicUsize::new(1),
-                on_settled,
-            })),
+            share: Share::Detached,
         }
     }
 
@@ -53,36 +61,39 @@ impl Ack {
     /// nothing: as if already settled).
     pub fn take(&mut self) -> Ack {
         Ack {
-            shared: self.shared.take(),
+            share: std::mem::replace(&mut self.share, Share::Spent),
         }
     }
 
     /// Another share of the same message, to hand to another sink or record.
     pub fn part(&self) -> Ack {
-        let shared = self.shared.as_ref().expect("Ack used after settle");
-        shared.pending.fetch_add(1, Ordering::AcqRel);
-        Ack {
-            shared: Some(Arc::clone(shared)),
-        }
+        let share = match &self.share {
+            Share::Spent => panic!("Ack used after settle"),
+            Share::Detached => Share::Detached,
+            Share::Of(shared) => {
+                shared.pending.fetch_add(1, Ordering::AcqRel);
+                Share::Of(Arc::clone(shared))
+            }
+        };
+        Ack { share }
     }
 
     /// Gives this share back; the last one fires the callback.
     pub fn settle(mut self) {
-        if let Some(shared) = self.shared.take()
+        if let Share::Of(shared) = std::mem::replace(&mut self.share, Share::Spent)
             && shared.pending.fetch_sub(1, Ordering::AcqRel) == 1
-            && let Some(cb) = &shared.on_settled
         {
-            cb.settled();
+            shared.on_settled.settled();
         }
     }
 }
 
 impl fmt::Debug for Ack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let pending = self
-            .shared
-            .as_ref()
-            .map(|s| s.pending.load(Ordering::Relaxed));
+        let pending = match &self.share {
+            Share::Of(shared) => Some(shared.pending.load(Ordering::Relaxed)),
+            Share::Spent | Share::Detached => None,
+        };
         f.debug_struct("Ack").field("pending", &pending).finish()
     }
 }

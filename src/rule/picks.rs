@@ -183,6 +183,10 @@ impl Path {
         take: bool,
     ) -> Option<J> {
         if self.root != "payload" {
+            // `.vars.name`, a string as it is, else through jq's value.
+            if let ("vars", [Step::Key(Val::TStr(name))]) = (&*self.root, &self.steps[..]) {
+                return Some(var(vars, name).map_or(J::Null, |v| J::String(v.to_string())));
+            }
             return self
                 .walk(msg, vars, &Val::Null)
                 .map(|v| super::jq::to_json(&v));
@@ -217,9 +221,7 @@ impl Path {
             // `.vars.name` and `.segments[i]`: one value, without making the whole.
             ("vars", Some(Step::Key(Val::TStr(name)))) => {
                 steps.next();
-                vars.iter()
-                    .find(|(k, _)| k.as_bytes() == &***name)
-                    .map_or(Val::Null, |(_, v)| text(v))
+                var(vars, name).map_or(Val::Null, text)
             }
             ("segments", Some(Step::Index(i))) => {
                 steps.next();
@@ -240,6 +242,13 @@ impl Path {
         }
         Some(at)
     }
+}
+
+/// The topic capture `name`, if the filter has one.
+fn var<'v>(vars: &[(&str, &'v str)], name: &[u8]) -> Option<&'v str> {
+    vars.iter()
+        .find(|(k, _)| k.as_bytes() == name)
+        .map(|(_, v)| *v)
 }
 
 /// Index `i` (negative: from the end) of `len` items, if there is one.

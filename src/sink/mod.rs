@@ -63,9 +63,20 @@ impl Origin {
         rule: &Arc<str>,
         vars: Vec<(String, String)>,
     ) -> Origin {
+        Origin::with_topic(msg, msg.topic.clone(), rule, vars)
+    }
+
+    /// [`Origin::from_message`] with the message's `topic` given (taken out of a message
+    /// that is not needed any more, instead of copied).
+    pub fn with_topic(
+        msg: &crate::message::Message,
+        topic: String,
+        rule: &Arc<str>,
+        vars: Vec<(String, String)>,
+    ) -> Origin {
         Origin {
             id: OnceLock::new(),
-            topic: msg.topic.clone(),
+            topic,
             payload: msg.payload.clone(),
             qos: msg.qos,
             retain: msg.retain,

@@ -118,7 +118,7 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
         |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| "text is not UTF-8".to_string());
     let mut field = || take(&mut b).ok_or_else(truncated);
     let topic = text(field()?)?;
-    let source = text(field()?)?;
+    let source = field()?;
     let mut optional = |bit: u8| -> Result<Option<Bytes>, String> {
         (flags & bit != 0).then(&mut field).transpose()
     };
@@ -134,10 +134,11 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
         user_properties.push((k, v));
     }
     let payload = take(&mut b).ok_or_else(truncated)?;
-    let source = match sources.iter().find(|s| ***s == *source) {
+    // The few sources' names are kept once: a record's is compared, not copied.
+    let source = match sources.iter().find(|s| s.as_bytes() == &source[..]) {
         Some(s) => Arc::clone(s),
         None => {
-            let s: Arc<str> = Arc::from(source);
+            let s: Arc<str> = Arc::from(text(source)?);
             sources.push(Arc::clone(&s));
             s
         }
