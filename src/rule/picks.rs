@@ -44,6 +44,9 @@ pub struct Field {
     /// Whether, read from a serde_json payload, the value is moved out of it: no other
     /// path of the object points at it or above it (of equal paths, the last one takes).
     takes: bool,
+    /// Whether a later field has the same key (jq keeps the last): its path is walked,
+    /// for the failure jq would report, and its value left out.
+    shadowed: bool,
 }
 
 /// `.root` then steps.
@@ -97,6 +100,7 @@ impl Picks {
                     key,
                     path,
                     takes: false,
+                    shadowed: false,
                 });
                 p.blank();
                 if p.eat(b'}') {
@@ -113,7 +117,8 @@ impl Picks {
                         let above = j != i && a.root == b.root && b.steps.starts_with(&a.steps);
                         !above || (a.steps == b.steps && j < i)
                     });
-                fields[i].takes = takes;
+                fields[i].shadowed = fields[i + 1..].iter().any(|f| f.key == fields[i].key);
+                fields[i].takes = takes && !fields[i].shadowed;
             }
             Picks::Object(fields)
         } else {
@@ -157,16 +162,18 @@ impl Picks {
         match self {
             Picks::Path(path) => path.pick_json(msg, vars, &mut payload, true),
             Picks::Object(fields) => {
-                let mut values: Vec<Option<J>> = fields.iter().map(|_| None).collect();
+                // Keys are unique once the shadowed fields are left out, so the map is
+                // filled as the values come: the copies first, then what is taken.
+                let mut record = serde_json::Map::new();
                 for taking in [false, true] {
-                    for (f, value) in fields.iter().zip(&mut values) {
-                        if f.takes == taking {
-                            *value = Some(f.path.pick_json(msg, vars, &mut payload, taking)?);
+                    for f in fields.iter().filter(|f| f.takes == taking) {
+                        let value = f.path.pick_json(msg, vars, &mut payload, taking)?;
+                        if !f.shadowed {
+                            record.insert(f.key.clone(), value);
                         }
                     }
                 }
-                let keys = fields.iter().map(|f| f.key.clone());
-                Some(J::Object(keys.zip(values.into_iter().flatten()).collect()))
+                Some(J::Object(record))
             }
         }
     }
@@ -437,6 +444,7 @@ mod tests {
             "{body: .payload, a: .payload.a, b: .payload.a.b}",
             "{x: .payload.a, y: .payload.a, z: .payload.list}",
             "{a: .payload, a: .payload.a}",
+            "{a: .payload.a, a: .payload}",
             "{first: .payload.list[0], last: .payload.list[-1], l: .payload.list}",
             "{p: .payload, q: .payload}",
             "{s: .payload[\"a\"], t: .payload.temp, d: .vars.device}",
@@ -488,7 +496,7 @@ mod tests {
         }
         // Only where a path meets a value it cannot index: a key of the array or the
         // string payload, `.a.b` where `a` is 3 or "s", `[i]` of an object.
-        assert_eq!(gave_up.len(), 34, "{gave_up:#?}");
+        assert_eq!(gave_up.len(), 36, "{gave_up:#?}");
     }
 
     #[test]
@@ -505,5 +513,7 @@ mod tests {
         assert_eq!(takes("{x: .payload.l[0], y: .topic}"), [false, false]);
         assert_eq!(takes("{x: .payload.a, y: .payload.b}"), [true, true]);
         assert_eq!(takes("{x: .payload.a, y: .payload}"), [false, true]);
+        // A key written again is the later one's: the earlier is only walked.
+        assert_eq!(takes("{a: .payload.b, a: .payload.c}"), [false, true]);
     }
 }
