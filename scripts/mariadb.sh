@@ -20,14 +20,16 @@ dir=${2:?directory}
 case "$cmd" in
   start)
     port=${3:?port}
-    mkdir -p "$dir"
+    # Temporary tables in a directory of this server's own: in a shared /tmp, servers
+    # installed side by side (tests run in parallel) failed on each other's files.
+    mkdir -p "$dir/tmp"
     if [ ! -d "$dir/data/mysql" ]; then
-      mariadb-install-db --no-defaults "${user[@]}" --datadir="$dir/data" \
+      mariadb-install-db --no-defaults "${user[@]}" --datadir="$dir/data" --tmpdir="$dir/tmp" \
         --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1 \
         || { cat "$dir/install.log" >&2; exit 1; }
       fresh=1
     fi
-    "$server" --no-defaults "${user[@]}" --datadir="$dir/data" --socket="$dir/sock" \
+    "$server" --no-defaults "${user[@]}" --datadir="$dir/data" --tmpdir="$dir/tmp" --socket="$dir/sock" \
       --pid-file="$dir/pid" --log-error="$dir/server.log" \
       --skip-networking=0 --bind-address=127.0.0.1 --port="$port" \
       --innodb-buffer-pool-size=32M --innodb-log-file-size=16M --max-connections=300 \
