@@ -22,7 +22,7 @@ use mqbridge::rule::jq::JqProgram;
 use mqbridge::rule::template::Template;
 use mqbridge::rule::{Decode, Evaluation, Rule};
 use mqbridge::sink::Origin;
-use mqbridge::sink::sql::{Class, to_text};
+use mqbridge::sink::sql::{Class, Text, to_text};
 use serde_json::Value;
 
 const TOPIC: &str = "sensors/d0042/telemetry";
@@ -78,7 +78,7 @@ fn render(origin: &Origin, record: &Value, templates: &[Template]) -> usize {
 }
 
 /// The record's values as the postgres sink binds them (text, None for NULL).
-fn encode(record: &Value) -> Vec<Option<std::borrow::Cow<'_, str>>> {
+fn encode(record: &Value) -> Vec<Option<Text<'_>>> {
     COLUMNS
         .iter()
         .map(|(name, class)| to_text(&record[*name], *class, None).unwrap())

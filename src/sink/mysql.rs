@@ -19,7 +19,7 @@ use std::time::Duration;
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, Row};
 
-use super::sql::{Class, Column, Columns, Dialect, Inferred, Prepared, TableSink, to_text};
+use super::sql::{Class, Column, Columns, Dialect, Inferred, Prepared, TableSink, Text, to_text};
 use super::{Origin, SinkError};
 use crate::config::sinks::mysql::Settings;
 use crate::config::sinks::sql::{ConflictAction, Insert, Table, TimeUnit, redacted};
@@ -192,11 +192,11 @@ impl Dialect for Mysql {
         v: &'v serde_json::Value,
         class: Class,
         unit: Option<TimeUnit>,
-    ) -> Result<Option<Cow<'v, str>>, String> {
+    ) -> Result<Option<Text<'v>>, String> {
         use serde_json::Value as J;
         match (v, class) {
-            (J::Number(n), Class::Bool) => Ok(Some(n.to_string().into())),
-            (_, Class::Bool) => Ok(to_text(v, class, unit)?.map(|t| match t.as_ref() {
+            (J::Number(n), Class::Bool) => Ok(Some(Text::display(n))),
+            (_, Class::Bool) => Ok(to_text(v, class, unit)?.map(|t| match &*t {
                 "true" => "1".into(),
                 "false" => "0".into(),
                 _ => t,
@@ -207,7 +207,7 @@ impl Dialect for Mysql {
                     _ => "%Y-%m-%d %H:%M:%S%.f",
                 };
                 match t.parse::<jiff::Timestamp>() {
-                    Ok(ts) => ts.strftime(format).to_string().into(),
+                    Ok(ts) => Text::display(ts.strftime(format)),
                     // No offset: the server reads it as it is.
                     Err(_) => t,
                 }
@@ -342,7 +342,7 @@ mod tests {
             pool: MySqlPoolOptions::new()
                 .connect_lazy_with(MySqlConnectOptions::new().host("127.0.0.1").port(1)),
         };
-        let t = |v, class| db.text(&v, class, None).unwrap().map(Cow::into_owned);
+        let t = |v, class| db.text(&v, class, None).unwrap().map(|t| t.to_string());
         assert_eq!(t(json!(true), Class::Bool).as_deref(), Some("1"));
         assert_eq!(t(json!("false"), Class::Bool).as_deref(), Some("0"));
         assert_eq!(t(json!(1), Class::Bool).as_deref(), Some("1"));

@@ -19,6 +19,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +92,80 @@ pub struct Prepared<'b> {
     pub names: Vec<Cow<'b, str>>,
     /// Each column's value as text (None: NULL), in the order of `names`; a string
     /// value is borrowed from its record.
-    pub values: Vec<Option<Cow<'b, str>>>,
+    pub values: Vec<Option<Text<'b>>>,
+}
+
+/// A column value's text: borrowed from its record, kept inline when it is short (a
+/// number, a time: no allocation), or made.
+#[derive(Debug, Clone)]
+pub enum Text<'v> {
+    Borrowed(&'v str),
+    Inline(Inline),
+    Owned(String),
+}
+
+/// Up to [`Inline::CAPACITY`] bytes of text, held without an allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Inline {
+    len: u8,
+    buf: [u8; Inline::CAPACITY],
+}
+
+impl Inline {
+    /// Room for any integer or float serde_json writes, and RFC 3339 to the nanosecond.
+    const CAPACITY: usize = 30;
+}
+
+impl fmt::Write for Inline {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len as usize + s.len();
+        let room = self.buf.get_mut(self.len as usize..end).ok_or(fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end as u8;
+        Ok(())
+    }
+}
+
+impl Text<'_> {
+    /// `value` as `Display` writes it: inline when it fits.
+    pub fn display(value: impl fmt::Display) -> Text<'static> {
+        let mut inline = Inline {
+            len: 0,
+            buf: [0; Inline::CAPACITY],
+        };
+        match fmt::Write::write_fmt(&mut inline, format_args!("{value}")) {
+            Ok(()) => Text::Inline(inline),
+            Err(_) => Text::Owned(value.to_string()),
+        }
+    }
+
+    /// The same text, owning what it borrowed.
+    pub fn into_static(self) -> Text<'static> {
+        match self {
+            Text::Borrowed(s) => Text::Owned(s.to_string()),
+            Text::Inline(i) => Text::Inline(i),
+            Text::Owned(s) => Text::Owned(s),
+        }
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            Text::Borrowed(s) => s,
+            // Whole `str`s only were written into it.
+            Text::Inline(i) => std::str::from_utf8(&i.buf[..i.len as usize]).expect("UTF-8"),
+            Text::Owned(s) => s,
+        }
+    }
+}
+
+impl<'v> From<&'v str> for Text<'v> {
+    fn from(s: &'v str) -> Self {
+        Text::Borrowed(s)
+    }
 }
 
 /// What differs between SQL databases: the catalog, the statements and the errors.
@@ -131,7 +205,7 @@ pub trait Dialect: Send + Sync + 'static {
         v: &'v serde_json::Value,
         class: Class,
         unit: Option<TimeUnit>,
-    ) -> Result<Option<Cow<'v, str>>, String> {
+    ) -> Result<Option<Text<'v>>, String> {
         to_text(v, class, unit)
     }
 }
@@ -365,7 +439,7 @@ impl<D: Dialect> TableSink<D> {
                 Cow::Owned(v) => self
                     .db
                     .text(&v, class, unit)
-                    .map(|t| t.map(|t| Cow::Owned(t.into_owned()))),
+                    .map(|t| t.map(Text::into_static)),
             }
             .map_err(|e| SinkError::permanent(format!("column {c}: {e}")))?;
             names.push(c);
@@ -544,28 +618,31 @@ pub fn to_text(
     v: &serde_json::Value,
     class: Class,
     unit: Option<TimeUnit>,
-) -> Result<Option<Cow<'_, str>>, String> {
+) -> Result<Option<Text<'_>>, String> {
     use serde_json::Value as J;
     // serde_json writes a value into bytes faster than through `Display`.
-    let json = |v| serde_json::to_string(v).expect("a JSON value serializes");
-    Ok(Some(Cow::Owned(match (v, class) {
+    let json = |v| Text::Owned(serde_json::to_string(v).expect("a JSON value serializes"));
+    Ok(Some(match (v, class) {
         (J::Null, _) => return Ok(None),
         (_, Class::Json) => json(v),
         (J::Number(n), Class::Timestamp | Class::Date) => epoch_to_rfc3339(n, unit)?,
-        (J::String(s), _) => return Ok(Some(Cow::Borrowed(s))),
-        (J::Bool(b), _) => b.to_string(),
+        (J::String(s), _) => Text::Borrowed(s),
+        (J::Bool(b), _) => Text::Borrowed(if *b { "true" } else { "false" }),
         (J::Number(n), Class::Bool) => return Err(format!("expected a boolean, got {n}")),
         (J::Number(n), _) => match (n.as_f64(), n.is_f64()) {
             // 12.0 into an integer column is 12.
-            (Some(f), true) if f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
-            _ => n.to_string(),
+            (Some(f), true) if f.fract() == 0.0 && f.abs() < 9.0e15 => Text::display(f as i64),
+            _ => Text::display(n),
         },
-        (J::Array(_), Class::Array) => pg_array(v),
+        (J::Array(_), Class::Array) => Text::Owned(pg_array(v)),
         (J::Array(_) | J::Object(_), _) => json(v),
-    })))
+    }))
 }
 
-fn epoch_to_rfc3339(n: &serde_json::Number, unit: Option<TimeUnit>) -> Result<String, String> {
+fn epoch_to_rfc3339(
+    n: &serde_json::Number,
+    unit: Option<TimeUnit>,
+) -> Result<Text<'static>, String> {
     let x = n.as_f64().ok_or("not a number")?;
     let ms = match unit {
         Some(TimeUnit::Ms) => x,
@@ -575,7 +652,7 @@ fn epoch_to_rfc3339(n: &serde_json::Number, unit: Option<TimeUnit>) -> Result<St
     };
     let ts = jiff::Timestamp::from_millisecond(ms as i64)
         .map_err(|e| format!("timestamp out of range: {e}"))?;
-    Ok(format!("{ts}"))
+    Ok(Text::display(ts))
 }
 
 /// A JSON array as a PostgreSQL array literal (`{1,2}`, `{"a","b \"c\""}`, nested arrays).
@@ -603,7 +680,7 @@ mod tests {
 
     #[test]
     fn values_as_text() {
-        let t = |v: serde_json::Value, c| to_text(&v, c, None).unwrap().map(Cow::into_owned);
+        let t = |v: serde_json::Value, c| to_text(&v, c, None).unwrap().map(|t| t.to_string());
         assert_eq!(t(json!(null), Class::Plain), None);
         assert_eq!(t(json!("x"), Class::Plain).as_deref(), Some("x"));
         assert_eq!(t(json!(12.0), Class::Plain).as_deref(), Some("12"));
@@ -626,12 +703,25 @@ mod tests {
     }
 
     #[test]
+    fn short_texts_are_kept_inline_and_long_ones_made() {
+        // The longest number serde_json writes.
+        let n = serde_json::Number::from_f64(-1.797_693_134_862_315_7e308).unwrap();
+        assert!(matches!(Text::display(&n), Text::Inline(_)));
+        assert_eq!(&*Text::display(&n), "-1.7976931348623157e+308");
+        assert_eq!(&*Text::display(i64::MIN), "-9223372036854775808");
+        let long = "é".repeat(16);
+        assert!(matches!(Text::display(&long), Text::Owned(_)));
+        assert_eq!(&*Text::display(&long), long);
+        assert_eq!(&*Text::display("ab").into_static(), "ab");
+    }
+
+    #[test]
     fn epochs() {
         let t = |v: serde_json::Value, u| {
             to_text(&v, Class::Timestamp, u)
                 .unwrap()
                 .unwrap()
-                .into_owned()
+                .to_string()
         };
         assert_eq!(t(json!(1_700_000_000), None), "2023-11-14T22:13:20Z");
         assert_eq!(
