@@ -54,10 +54,9 @@ pub struct Field {
 pub struct Path {
     root: String,
     steps: Vec<Step>,
-    /// For a path into `payload` by keys alone: its JSON pointer (RFC 6901), by which
-    /// the value can be moved out of a serde_json payload. Index steps are never moved
-    /// (`[0]` and `[-1]` may be the same element).
-    pointer: Option<String>,
+    /// A path into `payload` by keys alone, whose value can be moved out of a serde_json
+    /// payload. Index steps are never moved (`[0]` and `[-1]` may be the same element).
+    movable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,7 +110,7 @@ impl Picks {
                 }
             }
             for i in 0..fields.len() {
-                let takes = fields[i].path.pointer.is_some()
+                let takes = fields[i].path.movable
                     && fields.iter().enumerate().all(|(j, other)| {
                         let (a, b) = (&other.path, &fields[i].path);
                         let above = j != i && a.root == b.root && b.steps.starts_with(&a.steps);
@@ -181,7 +180,7 @@ impl Picks {
 
 impl Path {
     /// What the path points at in a serde_json payload (moved out of it when `take` and
-    /// the path has a pointer, else copied); None where jq would fail.
+    /// the path is movable, else copied); None where jq would fail.
     fn pick_json(
         &self,
         msg: &Message,
@@ -198,27 +197,27 @@ impl Path {
                 .walk(msg, vars, &Val::Null)
                 .map(|v| super::jq::to_json(&v));
         }
-        let mut at = &*payload;
+        let mut at = payload;
         for step in &self.steps {
             at = match (at, step) {
                 (J::Null, _) => return Some(J::Null),
                 (J::Object(o), Step::Key(Val::TStr(k))) => {
-                    match o.get(std::str::from_utf8(k).ok()?) {
+                    match o.get_mut(std::str::from_utf8(k).ok()?) {
                         Some(v) => v,
                         None => return Some(J::Null),
                     }
                 }
                 (J::Array(a), Step::Index(i)) => match index(a.len(), *i) {
-                    Some(i) => &a[i],
+                    Some(i) => &mut a[i],
                     None => return Some(J::Null),
                 },
                 _ => return None,
             };
         }
-        match &self.pointer {
-            Some(pointer) if take => payload.pointer_mut(pointer).map(std::mem::take),
-            _ => Some(at.clone()),
-        }
+        Some(match take && self.movable {
+            true => std::mem::take(at),
+            false => at.clone(),
+        })
     }
 
     /// What the path points at; None where jq would fail.
@@ -339,23 +338,14 @@ impl Parser<'_> {
                     return None;
                 }
             } else {
-                let pointer = (root == "payload")
-                    .then(|| {
-                        steps.iter().try_fold(String::new(), |mut p, step| {
-                            let Step::Key(Val::TStr(k)) = step else {
-                                return None;
-                            };
-                            let k = std::str::from_utf8(k).ok()?;
-                            p.push('/');
-                            p.push_str(&k.replace('~', "~0").replace('/', "~1"));
-                            Some(p)
-                        })
-                    })
-                    .flatten();
+                let movable = root == "payload"
+                    && steps
+                        .iter()
+                        .all(|step| matches!(step, Step::Key(Val::TStr(_))));
                 return Some(Path {
                     root,
                     steps,
-                    pointer,
+                    movable,
                 });
             }
         }

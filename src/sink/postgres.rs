@@ -9,8 +9,8 @@
 //!
 //! The arrays are unnested in the select list (set-returning functions there run in
 //! step), not in `FROM UNNEST(…)`: a function in `FROM` is first copied into a tuple
-//! store, which cost the server a sixth of its time per row (BENCHMARKS.md, "The
-//! insert's cost in the server"). A batch whose records share one set of columns is that
+//! store, about a tenth of the server's time per row (BENCHMARKS.md, "The server's
+//! share, and allocations per message"). A batch whose records share one set of columns is that
 //! one statement, atomic on its own; only a batch of several sets is a transaction.
 
 use std::borrow::Cow;
