@@ -81,9 +81,9 @@ struct Inflight {
 }
 
 /// How the broker reaches a connected client's task: a wake-up to pull from the
-/// session's queue (or, from its writer, because there is room again), and what a
-/// connection that took the session over did with it. One allocation per connection,
-/// where a cancellation token would be another, and another future in its loop.
+/// session's queue, and what a connection that took the session over did with it. One
+/// allocation per connection, where a cancellation token would be another, and another
+/// future in its loop.
 #[derive(Debug, Default)]
 pub struct Signal {
     pub notify: Notify,

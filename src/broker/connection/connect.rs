@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use bytes::BytesMut;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::inbound::{FromClient, TOPIC_ALIAS_MAX};
 use super::outbound::ToClient;
-use super::{Conn, ProtocolError, read_more, write_queue};
+use super::outbox::Outbox;
+use super::{Conn, ProtocolError, read_more};
 use crate::broker::Shared;
 use crate::broker::auth::chain::Grants;
 use crate::broker::auth::{Identity, Login};
@@ -22,7 +22,7 @@ use crate::broker::client_cert::CertUser;
 use crate::broker::codec::{
     self, CodecError, ConnAckProperties, Connect, Outgoing, Packet, Version,
 };
-use crate::broker::listener::{StreamReader, StreamWriter};
+use crate::broker::listener::StreamReader;
 use crate::broker::session::{Link, Session, Signal};
 use crate::source::intake::Handoff;
 use crate::topic::{TopicLimits, validate_topic_name};
@@ -30,10 +30,11 @@ use crate::topic::{TopicLimits, validate_topic_name};
 /// Reads the CONNECT by `deadline` (the connection's `connect_timeout`, which its
 /// transport's handshakes took their share of); a client that never sends one must not
 /// hold up a shutdown either.
-/// An unsupported protocol, or a v5 CONNECT that does not decode, is refused on `wr`.
+/// An unsupported protocol, or a v5 CONNECT that does not decode, is refused: the
+/// CONNACK that says so is put in `out`.
 pub(super) async fn read_connect(
     rd: &mut StreamReader,
-    wr: &mut StreamWriter,
+    out: &mut Outbox,
     buf: &mut BytesMut,
     max_packet: usize,
     (deadline, timeout): (Instant, Duration),
@@ -61,7 +62,7 @@ pub(super) async fn read_connect(
         Err(e @ CodecError::UnsupportedProtocol { .. }) => {
             // 3.1.1's "unacceptable protocol version"; understood by 3.1 clients too.
             let e = ProtocolError::Codec(e);
-            let _ = wr.write_all(&refusal(Version::V311, &e)).await;
+            refuse(out, Version::V311, &e);
             return Err(e);
         }
         Err(e) => return Err(e.into()),
@@ -72,23 +73,21 @@ pub(super) async fn read_connect(
         Err(e) => {
             let e = ProtocolError::Codec(e);
             if version == Version::V5 {
-                let _ = wr.write_all(&refusal(version, &e)).await;
+                refuse(out, version, &e);
             }
             Err(e)
         }
     }
 }
 
-/// A CONNACK refusing the CONNECT because of `e`.
-fn refusal(version: Version, e: &ProtocolError) -> Bytes {
-    let mut buf = BytesMut::new();
-    let refuse = Outgoing::ConnAck {
+/// Puts in `out` a CONNACK refusing the CONNECT because of `e`.
+fn refuse(out: &mut Outbox, version: Version, e: &ProtocolError) {
+    let refusal = Outgoing::ConnAck {
         session_present: false,
         code: e.connack_code(version),
         properties: None,
     };
-    let _ = codec::encode(&refuse, version, &mut buf);
-    buf.freeze()
+    let _ = out.push(&refusal, version);
 }
 
 /// Who connects, beside what its CONNECT says.
@@ -143,18 +142,19 @@ impl Conn {
         shared: &Arc<Shared>,
         c: Connect,
         Client { peer, cert, count }: Client,
-        wtx: write_queue::Sender,
-        signal: Arc<Signal>,
+        out: Outbox,
         handoff: Handoff,
     ) -> Result<Conn, ProtocolError> {
         let version = c.version;
         let plan = &shared.plan;
-        let refused = async |e: ProtocolError| {
-            let _ = wtx.send(refusal(version, &e)).await;
+        // The refusal written (within `send_timeout`) and the connection closed.
+        let refused = async |mut out: Outbox, e: ProtocolError| {
+            refuse(&mut out, version, &e);
+            out.close(plan.send_timeout).await;
             e
         };
         if let Err(e) = check_connect(shared, &c, count) {
-            return Err(refused(e).await);
+            return Err(refused(out, e).await);
         }
         let mut assigned = None;
         let client_id = if c.client_id.is_empty() {
@@ -172,7 +172,7 @@ impl Conn {
         let (username, login) = match cert {
             CertUser::Name(name) => (Some(name), Login::Ok),
             CertUser::Unnamed(from) => {
-                return Err(refused(ProtocolError::CertificateUnnamed(from)).await);
+                return Err(refused(out, ProtocolError::CertificateUnnamed(from)).await);
             }
             CertUser::None => {
                 let who = Identity {
@@ -188,7 +188,7 @@ impl Conn {
             }
         };
         if let Err(e) = check_login(login, &c, plan.topic_limits) {
-            return Err(refused(e).await);
+            return Err(refused(out, e).await);
         }
 
         // Keepalive: MQTT 5 clients are told the server's maximum.
@@ -212,6 +212,7 @@ impl Conn {
             (_, e) => (e, None),
         };
 
+        let signal = Arc::new(Signal::default());
         let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let link = Link {
             conn_id,
@@ -275,14 +276,14 @@ impl Conn {
             authentication_method: None,
             authentication_data: None,
         });
-        let conn = Conn {
+        let mut conn = Conn {
             shared: Arc::clone(shared),
             version,
             client_id,
             username,
             conn_id,
             keep_alive: Duration::from_secs(keep_alive as u64) * 3 / 2,
-            wtx,
+            out,
             inbound: FromClient::new(
                 handoff,
                 (plan.max_inflight as usize).saturating_mul(plan.max_packet_size),

@@ -2,11 +2,12 @@
 //! handles packets, sends acknowledgements once messages settle, pulls the session's
 //! queue into the socket, and enforces the keepalive (1.5 × the negotiated interval).
 //!
-//! Writes go through a small bounded queue to a writer task, so a client that does not
-//! read never blocks this loop's reading; the session queue is pulled only while that
-//! queue has room, which is what bounds a slow consumer's memory.
+//! The same task writes: packets are encoded into the connection's [`outbox`], written
+//! in one go when the socket takes them, while the loop goes on reading, so a client that
+//! does not read never blocks this loop's reading; the session queue is pulled only while
+//! the outbox has room, which is what bounds a slow consumer's memory.
 //!
-//! An idle connection costs little memory: its read buffer and its write queue hold
+//! An idle connection costs little memory: its read buffer and its outbox hold
 //! memory only while bytes pass, and what a connection needs once (the CONNECT, the
 //! login) is not kept in its task.
 //!
@@ -22,10 +23,9 @@
 //!   external-broker source: acknowledgements released in arrival order once messages
 //!   settle, QoS 1/2 messages held (not the loop) while the pipeline is full.
 //! - `subscribe`: SUBSCRIBE (retained messages included) and UNSUBSCRIBE.
-//! - `outbound`: the session's queue into the socket, server → client topic aliases, the
-//!   writer task.
+//! - `outbound`: the session's queue into the outbox, server → client topic aliases.
 //! - `end`: the will, detaching the session, and its expiry.
-//! - `write_queue`: the bounded queue of encoded packets to the writer task.
+//! - `outbox`: the packets waiting for the socket, and writing them.
 //! - `error`: [`ProtocolError`], why a connection is refused or closed, with the reason
 //!   code that tells the client.
 //!
@@ -37,9 +37,9 @@ mod end;
 mod error;
 mod inbound;
 mod outbound;
+mod outbox;
 mod read_loop;
 mod subscribe;
-mod write_queue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,28 +48,24 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::future::{Fuse, FusedFuture, FutureExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::auth::chain::{Grants, Subscribed};
 use super::auth::{Auth, Identity};
-use super::codec::{self, Outgoing, Version, Will};
+use super::codec::{Outgoing, Version, Will};
 use super::listener::{StreamReader, Transport};
-use super::session::{Session, Signal};
+use super::session::Session;
 use super::stats::TimedOut;
 use crate::source::intake::Handoff;
 pub(super) use end::publish_will;
 use error::ProtocolError;
 use inbound::FromClient;
-use outbound::{ToClient, write_loop};
-
-/// Encoded packets waiting for the writer task.
-const WRITE_QUEUE: usize = 64;
+use outbound::ToClient;
+use outbox::Outbox;
 
 /// Why the read loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -228,76 +224,58 @@ async fn open(
         #[cfg(test)]
         Incoming::Ready(stream, cert) => (stream, cert, None),
     };
-    let (mut rd, mut wr) = socket.split();
+    let (mut rd, wr) = socket.split();
+    let mut out = Outbox::new(wr);
     let max_packet = shared.plan.max_packet_size;
+    let send_timeout = shared.plan.send_timeout;
     let mut buf = BytesMut::new();
-    let connect = *connect::read_connect(
+    let read = connect::read_connect(
         &mut rd,
-        &mut wr,
+        &mut out,
         &mut buf,
         max_packet,
         (deadline, timeout),
         stop,
-    )
-    .await?;
-
-    let (wtx, wrx) = write_queue::write_queue(WRITE_QUEUE);
-    let signal = Arc::new(Signal::default());
-    let writer = tokio::spawn(write_loop(wr, wrx, Arc::clone(&signal), Arc::clone(shared)));
-    let client = connect::Client { peer, cert, count };
-    match Conn::accept(shared, connect, client, wtx, signal, handoff).await {
-        Ok(conn) => Ok(Live {
-            conn,
-            rd,
-            buf,
-            writer: writer.fuse(),
-        }),
+    );
+    let connect = match read.await {
+        Ok(c) => *c,
         Err(e) => {
-            // The refusal is queued; the queue closed with `accept`'s sender.
-            let _ = writer.await;
-            Err(e)
+            // With the refusal, if there is one.
+            out.close(send_timeout).await;
+            return Err(e);
         }
-    }
+    };
+    let client = connect::Client { peer, cert, count };
+    let conn = Conn::accept(shared, connect, client, out, handoff).await?;
+    Ok(Live { conn, rd, buf })
 }
 
-/// A connected client's task state, all it holds while it waits: the connection, the
-/// reading half and its buffer, and the writer task (the queue's other end).
+/// A connected client's task state, all it holds while it waits: the connection (its
+/// outbox included), the reading half and its buffer.
 struct Live {
     conn: Conn,
     rd: StreamReader,
     buf: BytesMut,
-    /// Done once the writer has ended (the socket failed, or the queue closed).
-    writer: Fuse<JoinHandle<()>>,
 }
 
 impl Live {
     /// The read loop, and the end of the session.
     async fn run(&mut self, stop: &CancellationToken, done: &CancellationToken) -> End {
         let buf = std::mem::take(&mut self.buf);
-        let end = (self.conn)
-            .run(&mut self.rd, buf, stop, done, &mut self.writer)
-            .await;
+        let end = self.conn.run(&mut self.rd, buf, stop, done).await;
         self.conn.finish(&end).await;
         end
     }
 
-    /// Closes the writer's queue and lets what it holds out, then lingers for the last
-    /// packets.
+    /// Lets what the outbox holds out, then lingers for the last packets.
     async fn close(self, end: End) {
-        let Live {
-            conn,
-            mut rd,
-            writer,
-            ..
-        } = self;
-        // The queue's last sender: the writer ends once it has written what is queued.
-        drop(conn);
-        // Let queued packets (DISCONNECT, last acks) out, briefly; then read until the
+        let Live { conn, mut rd, .. } = self;
+        let send_timeout = conn.shared.plan.send_timeout;
+        let Conn { out, .. } = conn;
+        // Let waiting packets (DISCONNECT, last acks) out, briefly; then read until the
         // client closes, so that closing with unread input does not reset the connection
         // and destroy the DISCONNECT before the client reads it.
-        if !writer.is_terminated() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), out.close(send_timeout)).await;
         if end == End::Lost {
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 // On the heap: an array here would make every connection's task this much larger.
@@ -327,34 +305,48 @@ struct Conn {
     /// What the login gave for authorization, and the HTTP answers cached, with
     /// `embedded.auth`; None without it (boxed: most deployments have none).
     grants: Option<Box<Grants>>,
-    /// Encoded packets to the writer task ([`WRITE_QUEUE`] of them at most).
-    wtx: write_queue::Sender,
+    /// Packets waiting for the socket, and its writing half.
+    out: Outbox,
     inbound: FromClient,
     outbound: ToClient,
 }
 
 impl Conn {
-    /// Queues `packet` for the writer task (waiting while its queue is full). Encoded
-    /// before the wait, so that only its bytes, not the packet, are held meanwhile (this
-    /// future is part of every connection's task).
-    fn send(&self, packet: Outgoing) -> impl Future<Output = Result<(), ProtocolError>> + '_ {
-        let mut buf = BytesMut::new();
-        let encoded = codec::encode(&packet, self.version, &mut buf);
+    /// Puts `packet` in the outbox, for the read loop to write; past the outbox's bound,
+    /// writes what waits first. Encoded before any wait, so that the packet is not held
+    /// meanwhile (this future is part of every connection's task).
+    fn send(&mut self, packet: Outgoing) -> impl Future<Output = Result<(), ProtocolError>> + '_ {
+        let pushed = self.out.push(&packet, self.version);
         async move {
-            encoded.map_err(ProtocolError::Encode)?;
-            if !buf.is_empty() {
-                self.wtx
-                    .send(buf.freeze())
-                    .await
-                    .map_err(|_| ProtocolError::ConnectionClosed)?;
+            pushed.map_err(ProtocolError::Encode)?;
+            if self.out.full() {
+                // Boxed: it waits rarely, and its state would be part of every task's.
+                let limit = self.shared.plan.send_timeout;
+                if let Err(e) = Box::pin(self.out.write_all(limit)).await {
+                    self.write_failed(e);
+                    return Err(ProtocolError::ConnectionClosed);
+                }
             }
             Ok(())
         }
     }
 
+    /// Writing to the client failed with `e`, which ends the connection; counted when
+    /// the socket took nothing for `send_timeout` (a client that does not read).
+    fn write_failed(&self, e: std::io::Error) {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            tracing::debug!(
+                client_id = %self.client_id,
+                send_timeout = ?self.shared.plan.send_timeout,
+                "embedded broker: the client takes nothing sent to it; closing"
+            );
+            self.shared.counters.timed_out(TimedOut::Send);
+        }
+    }
+
     /// Ends the connection because of `e`: logged, and told to an MQTT 5 client in a
     /// DISCONNECT with its reason code (3.1.1 has no DISCONNECT from the server).
-    async fn disconnect(&self, e: &ProtocolError) {
+    async fn disconnect(&mut self, e: &ProtocolError) {
         tracing::debug!(client_id = %self.client_id, error = %e, "embedded broker: closing the connection");
         if self.version == Version::V5 {
             let reason = e.reason_code(self.version);

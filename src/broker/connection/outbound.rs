@@ -1,21 +1,14 @@
-//! Messages to the client: the writer task that owns the socket's writing half, the
-//! pump that moves the session's queue into it while it has room (and the client's
-//! receive window allows), server → client topic aliases, and the client's
-//! acknowledgements of what it was sent (PUBACK; PUBREC, answered by PUBREL; PUBCOMP).
+//! Messages to the client: the pump that moves the session's queue into the outbox
+//! while it has room (and the client's receive window allows), server → client topic
+//! aliases, and the client's acknowledgements of what it was sent (PUBACK; PUBREC,
+//! answered by PUBREL; PUBCOMP).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-
-use super::write_queue::Receiver;
-use super::{Conn, ProtocolError, Shared};
-use crate::broker::codec::{self, Connect, Outgoing, Publish};
-use crate::broker::listener::StreamWriter;
+use super::{Conn, ProtocolError};
+use crate::broker::codec::{Connect, Outgoing, Publish};
 use crate::broker::session::Signal;
-use crate::broker::stats::TimedOut;
 
 /// The server → client half of a connection: what the pump may send.
 pub(super) struct ToClient {
@@ -75,97 +68,6 @@ impl AliasesOut {
     }
 }
 
-/// Writes what the connection queued until the queue closes or the socket fails; its
-/// end ends the read loop. Whatever is queued when the writer gets to
-/// it goes out in one write (a group commit's PUBACKs, a burst of messages): one system
-/// call, not one per packet.
-///
-/// A socket that takes no byte for `send_timeout` (a client that does not read, its
-/// window shut) fails the write, and so ends the connection.
-pub(super) async fn write_loop(
-    mut wr: StreamWriter,
-    mut rx: Receiver,
-    signal: Arc<Signal>,
-    shared: Arc<Shared>,
-) {
-    let mut out = Out {
-        wr: &mut wr,
-        limit: shared.plan.send_timeout,
-    };
-    while let Some(packets) = rx.recv_all().await {
-        // Boxed while it writes: its state would otherwise be part of every connection's
-        // writer task, idle or not.
-        match Box::pin(out.write_batched(packets)).await {
-            Ok(()) => {}
-            Err(e) => {
-                if e.kind() == std::io::ErrorKind::TimedOut {
-                    tracing::debug!(
-                        send_timeout = ?out.limit,
-                        "embedded broker: the client takes nothing sent to it; closing"
-                    );
-                    shared.counters.timed_out(TimedOut::Send);
-                }
-                break;
-            }
-        }
-        // Room in the queue again: let the connection pull more messages.
-        signal.wake();
-    }
-    drop(rx);
-    // Not waited for longer than a write: a client that does not read would hold it.
-    let _ = tokio::time::timeout(shared.plan.send_timeout, wr.shutdown()).await;
-}
-
-/// Bytes of small packets gathered into one write.
-const WRITE_BATCH: usize = 64 << 10;
-
-/// The socket's writing half, and how long it may take no byte.
-struct Out<'a> {
-    wr: &'a mut StreamWriter,
-    limit: Duration,
-}
-
-impl Out<'_> {
-    /// Writes `packets` in order: small ones gathered into writes of up to
-    /// [`WRITE_BATCH`] bytes, a larger one on its own (not copied).
-    async fn write_batched(&mut self, packets: VecDeque<Bytes>) -> std::io::Result<()> {
-        if packets.len() == 1 {
-            return self.write_all(&packets[0]).await;
-        }
-        let mut batch = Vec::new();
-        for p in packets {
-            if batch.len() + p.len() > WRITE_BATCH && !batch.is_empty() {
-                self.write_all(&batch).await?;
-                batch.clear();
-            }
-            if p.len() >= WRITE_BATCH {
-                self.write_all(&p).await?;
-            } else {
-                batch.extend_from_slice(&p);
-            }
-        }
-        if !batch.is_empty() {
-            self.write_all(&batch).await?;
-        }
-        Ok(())
-    }
-
-    /// All of `bytes`; `TimedOut` when the socket takes none of them for `limit` (a slow
-    /// reader that keeps taking some is never cut off).
-    async fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
-        while !bytes.is_empty() {
-            let n = tokio::time::timeout(self.limit, self.wr.write(bytes))
-                .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            bytes = &bytes[n..];
-        }
-        Ok(())
-    }
-}
-
 impl Conn {
     /// PUBACK of a QoS 1 message sent to the client: room in its window.
     pub(super) fn acked(&mut self, pkid: u16) {
@@ -189,9 +91,9 @@ impl Conn {
         self.pump();
     }
 
-    /// Moves queued messages to the writer while it has room.
+    /// Moves queued messages to the outbox while it has room.
     pub(super) fn pump(&mut self) {
-        let room = self.wtx.capacity();
+        let room = self.out.room();
         if room == 0 {
             return;
         }
@@ -216,13 +118,9 @@ impl Conn {
             if let Outgoing::Publish(publish) = &mut p {
                 self.outbound.aliases.apply(publish);
             }
-            let mut buf = BytesMut::new();
-            if codec::encode(&p, self.version, &mut buf).is_ok() {
-                // Room was reserved above; a full queue here would mean a bug, and the
-                // message stays in flight to be resent after a reconnect.
-                if self.wtx.try_send(buf.freeze()).is_ok() {
-                    sent += 1;
-                }
+            // One that cannot be encoded stays in flight, to be resent after a reconnect.
+            if self.out.push(&p, self.version).is_ok() {
+                sent += 1;
             }
         }
         self.shared.counters.sent(sent);

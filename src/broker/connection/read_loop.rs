@@ -1,6 +1,7 @@
 //! The read loop of a connected client: reads and decodes packets, dispatches each to
 //! its phase, and in between releases settled acknowledgements, pumps the session's
-//! queue, enforces the keepalive, and ends on takeover or shutdown.
+//! queue, writes the outbox when the socket takes it, enforces the keepalive and the
+//! `send_timeout`, and ends on takeover or shutdown.
 //!
 //! The keepalive also bounds a packet that arrives a byte at a time (slowloris): while
 //! part of a packet waits, silence is allowed 1.5 × `max_keepalive` at most, even for a
@@ -11,8 +12,6 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::future::Fuse;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +28,6 @@ impl Conn {
         mut buf: BytesMut,
         stop: &CancellationToken,
         done: &CancellationToken,
-        writer: &mut Fuse<JoinHandle<()>>,
     ) -> End {
         // When the last whole packet arrived (or reading paused).
         let mut last = Instant::now();
@@ -60,12 +58,13 @@ impl Conn {
                 last = Instant::now();
             }
             let silence = self.silence_allowed(!buf.is_empty());
-            // One timer for both: the keepalive, and the end of a pause for the rate.
+            // One timer for all: the keepalive, the end of a pause for the rate, and the
+            // `send_timeout` of a socket that takes nothing.
             let keepalive = (!silence.is_zero()).then(|| last + silence);
-            let wake = match (keepalive, resume) {
-                (Some(k), Some(r)) => Some(k.min(r)),
-                (k, r) => k.or(r),
-            };
+            let stalled = self.out.stalled_until(self.shared.plan.send_timeout);
+            let wake = [keepalive, resume, stalled].into_iter().flatten().min();
+            // The pump stopped for lack of room: writing makes room for it.
+            let pump_waits = self.out.room() == 0;
             tokio::select! {
                 biased;
                 _ = done.cancelled() => {
@@ -75,7 +74,6 @@ impl Conn {
                     self.disconnect(&ProtocolError::ServerShuttingDown).await;
                     return End::Shutdown;
                 }
-                _ = &mut *writer => return End::Lost,
                 _ = stop.cancelled(), if self.inbound.intake.handoff().is_some() => {
                     self.inbound.intake.close();
                 }
@@ -85,6 +83,10 @@ impl Conn {
                     }
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or(last)), if wake.is_some() => {
+                    if stalled.is_some_and(|t| t <= Instant::now()) {
+                        self.write_failed(std::io::ErrorKind::TimedOut.into());
+                        return End::Lost;
+                    }
                     if resume.is_some() {
                         // The pause for the rate is over (or the keepalive's turn came,
                         // which waits meanwhile): the packets already read go first.
@@ -96,6 +98,16 @@ impl Conn {
                     self.shared.counters.timed_out(TimedOut::KeepAlive);
                     self.disconnect(&ProtocolError::KeepAliveTimeout(silence)).await;
                     return End::Lost;
+                }
+                // Before reading: what this loop produced goes out first, in one write.
+                r = std::future::poll_fn(|cx| self.out.poll_write(cx)), if self.out.waiting() => {
+                    if let Err(e) = r {
+                        self.write_failed(e);
+                        return End::Lost;
+                    }
+                    if pump_waits {
+                        self.pump();
+                    }
                 }
                 r = read_more(rd, &mut buf), if !paused && resume.is_none() => {
                     match r {

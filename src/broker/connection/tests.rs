@@ -92,9 +92,19 @@ impl TestBroker {
 
     /// A new connection whose TLS client certificate gave `cert`.
     fn open_with(&self, version: Version, cert: CertUser) -> Client {
+        self.open_over(version, cert, |theirs| Stream::Other(Box::new(theirs)))
+    }
+
+    /// A new connection over the pipe as `transport` wraps the broker's end.
+    fn open_over(
+        &self,
+        version: Version,
+        cert: CertUser,
+        transport: impl FnOnce(DuplexStream) -> Stream,
+    ) -> Client {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(serve(
-            Incoming::Ready(Stream::Other(Box::new(theirs)), cert),
+            Incoming::Ready(transport(theirs), cert),
             "127.0.0.1:1".parse().unwrap(),
             Arc::clone(&self.shared),
             self.handoff.clone(),
@@ -938,7 +948,7 @@ async fn a_client_that_does_not_read_is_closed_after_send_timeout() {
         assert!(matches!(c.recv().await, Got::SubAck { .. }));
     }
     let mut publisher = b.connect(Version::V311, Hello::new("p")).await;
-    // 256 KiB: more than the lazy client's pipe (64 KiB) and write queue hold.
+    // 256 KiB: more than the lazy client's pipe (64 KiB) and outbox hold.
     let mut big = BytesMut::new();
     v4::Packet::Publish(v4::Publish::new(
         "t/big",
@@ -958,6 +968,42 @@ async fn a_client_that_does_not_read_is_closed_after_send_timeout() {
     publisher.send(&big).await;
     assert!(matches!(reader.recv().await, Got::Publish { .. }));
     reader.ping().await;
+}
+
+/// A transport that keeps what is written until it is flushed (TLS keeps the records the
+/// socket did not take) gets every packet at once, the last one too: the broker flushes
+/// what it writes.
+#[tokio::test]
+async fn packets_written_to_a_transport_that_buffers_are_flushed() {
+    let mut b = broker("").await;
+    let buffered = |theirs| Stream::Other(Box::new(tokio::io::BufWriter::new(theirs)));
+    let mut sub = b.open_over(Version::V311, CertUser::None, buffered);
+    sub.send(&Hello::new("s").bytes(Version::V311)).await;
+    assert!(matches!(sub.recv().await, Got::ConnAck { code: 0, .. }));
+    let mut subscribe = v4::Subscribe::new("t", Qos4::AtLeastOnce);
+    subscribe.pkid = 1;
+    let mut buf = BytesMut::new();
+    v4::Packet::Subscribe(subscribe)
+        .write(&mut buf, usize::MAX)
+        .unwrap();
+    sub.send(&buf).await;
+    assert!(matches!(sub.recv().await, Got::SubAck { .. }));
+    let mut publisher = b.connect(Version::V311, Hello::new("p")).await;
+    publisher
+        .send(&publish(Version::V311, "t", 1, 1, None))
+        .await;
+    let routed = b.message().await;
+    routed.ack.settle();
+    assert_eq!(publisher.recv().await, Got::PubAck { pkid: 1, reason: 0 });
+    let got = sub.recv().await;
+    assert_eq!(
+        got,
+        Got::Publish {
+            topic: "t".into(),
+            qos: 1
+        }
+    );
+    sub.ping().await;
 }
 
 /// A client publishing faster than `max_publish_rate` is read at that rate, not closed:
