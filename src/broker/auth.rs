@@ -193,7 +193,15 @@ impl Auth {
         self
     }
 
-    /// Checks a CONNECT's credentials. Slow by design (argon2): call off the async threads.
+    /// Does checking `username`'s login verify a password hash (slow by design, so off
+    /// the async threads)? Not for an anonymous client or an unknown user: those are
+    /// answered at once.
+    pub fn login_hashes(&self, username: Option<&str>) -> bool {
+        username.is_some_and(|u| self.users.contains_key(u))
+    }
+
+    /// Checks a CONNECT's credentials. Slow when it verifies a hash ([`Auth::login_hashes`]):
+    /// then call it off the async threads.
     pub fn login(&self, username: Option<&str>, password: Option<&str>) -> Login {
         let Some(username) = username else {
             return if self.allow_anonymous && password.is_none() {
@@ -325,6 +333,10 @@ mod tests {
         assert_eq!(auth.login(None, None), Login::NotAuthorized);
         let open = rules(vec![]);
         assert_eq!(open.login(None, None), Login::Ok);
+        // Only a known user's login verifies a hash (and goes off the async threads).
+        assert!(auth.login_hashes(Some("sensor")));
+        assert!(!auth.login_hashes(Some("nobody")));
+        assert!(!auth.login_hashes(None));
     }
 
     #[test]

@@ -128,7 +128,12 @@ impl Auth {
                 }
             }
         }
-        // argon2 and PBKDF2 are slow by design: off the async threads.
+        if !self.login_hashes(who.username) {
+            return Ok((self.login(who.username, password), grants));
+        }
+        // argon2 and PBKDF2 are slow by design: off the async threads. (Only then: a
+        // blocking thread per CONNECT would start tens of threads, and their memory, for
+        // a burst of anonymous clients.)
         let this = Arc::clone(self);
         let (user, pass) = (who.username.map(str::to_owned), password.map(str::to_owned));
         let login =
