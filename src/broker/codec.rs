@@ -558,32 +558,7 @@ pub fn encode(packet: &Outgoing, version: Version, buf: &mut BytesMut) -> Result
                 buf[start + header + 1] = *code;
             }
         },
-        Outgoing::Publish(p) => match version {
-            Version::V311 => {
-                let mut out = v4::Publish::from_bytes(
-                    p.topic.clone(),
-                    rumqttc::mqttbytes::qos(p.qos).map_err(malformed)?,
-                    p.payload.clone(),
-                );
-                out.dup = p.dup;
-                out.retain = p.retain;
-                out.pkid = p.pkid;
-                out.write(buf).map_err(malformed)?;
-            }
-            Version::V5 => {
-                let out = v5::Publish {
-                    dup: p.dup,
-                    qos: rumqttc::v5::mqttbytes::qos(p.qos)
-                        .ok_or_else(|| malformed("invalid QoS"))?,
-                    retain: p.retain,
-                    topic: Bytes::copy_from_slice(p.topic.as_bytes()),
-                    pkid: p.pkid,
-                    payload: p.payload.clone(),
-                    properties: p.properties.clone(),
-                };
-                out.write(buf).map_err(malformed)?;
-            }
-        },
+        Outgoing::Publish(p) => put_publish(buf, p, version)?,
         Outgoing::PubAck { pkid, reason } => put_ack(buf, 0x40, *pkid, *reason, version),
         Outgoing::PubRec { pkid, reason } => put_ack(buf, 0x50, *pkid, *reason, version),
         Outgoing::PubRel { pkid } => put_ack(buf, 0x62, *pkid, 0, version),
@@ -618,11 +593,85 @@ pub fn encode(packet: &Outgoing, version: Version, buf: &mut BytesMut) -> Result
     Ok(())
 }
 
-/// Size of `packet` once encoded (for the client's maximum packet size).
-pub fn encoded_len(packet: &Outgoing, version: Version) -> usize {
-    let mut buf = BytesMut::new();
-    match encode(packet, version, &mut buf) {
-        Ok(()) => buf.len(),
+/// A PUBLISH's v5 properties, encoded with their length (None for 3.1.1, or none).
+fn publish_properties(p: &Publish, version: Version) -> Result<Option<BytesMut>, CodecError> {
+    match (version, &p.properties) {
+        (Version::V5, Some(props)) => {
+            let mut out = BytesMut::new();
+            props.write(&mut out).map_err(malformed)?;
+            Ok(Some(out))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A PUBLISH's remaining length: what follows its fixed header.
+fn publish_remaining(p: &Publish, version: Version, properties: Option<&[u8]>) -> usize {
+    let pkid = if p.qos > 0 { 2 } else { 0 };
+    let properties = match (version, properties) {
+        (Version::V311, _) => 0,
+        (Version::V5, Some(props)) => props.len(),
+        // A property length of 0.
+        (Version::V5, None) => 1,
+    };
+    2 + p.topic.len() + pkid + properties + p.payload.len()
+}
+
+/// Bytes a remaining length takes.
+fn len_len(len: usize) -> usize {
+    match len {
+        0..128 => 1,
+        128..16_384 => 2,
+        16_384..2_097_152 => 3,
+        _ => 4,
+    }
+}
+
+/// The largest remaining length MQTT can encode.
+const MAX_REMAINING: usize = 268_435_455;
+
+/// Writes a PUBLISH straight from `p`, without copying its topic or payload into another
+/// packet type first (it is the packet every subscriber gets).
+fn put_publish(buf: &mut BytesMut, p: &Publish, version: Version) -> Result<(), CodecError> {
+    if p.qos > 2 {
+        return Err(malformed("invalid QoS"));
+    }
+    if p.qos > 0 && p.pkid == 0 {
+        return Err(malformed("packet identifier 0 on a QoS 1 or 2 PUBLISH"));
+    }
+    if p.topic.len() > u16::MAX as usize {
+        return Err(malformed("topic longer than 65,535 bytes"));
+    }
+    let properties = publish_properties(p, version)?;
+    let len = publish_remaining(p, version, properties.as_deref());
+    if len > MAX_REMAINING {
+        return Err(malformed("PUBLISH larger than MQTT can encode"));
+    }
+    buf.reserve(1 + len_len(len) + len);
+    buf.put_u8(0x30 | (p.dup as u8) << 3 | p.qos << 1 | p.retain as u8);
+    put_len(buf, len);
+    buf.put_u16(p.topic.len() as u16);
+    buf.put_slice(p.topic.as_bytes());
+    if p.qos > 0 {
+        buf.put_u16(p.pkid);
+    }
+    match (version, properties) {
+        (Version::V311, _) => {}
+        (Version::V5, Some(props)) => buf.put_slice(&props),
+        (Version::V5, None) => buf.put_u8(0),
+    }
+    buf.put_slice(&p.payload);
+    Ok(())
+}
+
+/// Size of the PUBLISH `p` once encoded (for the client's maximum packet size), computed
+/// without encoding it (its v5 properties aside); `usize::MAX` when those cannot be.
+pub fn publish_len(p: &Publish, version: Version) -> usize {
+    match publish_properties(p, version) {
+        Ok(properties) => {
+            let len = publish_remaining(p, version, properties.as_deref());
+            1 + len_len(len) + len
+        }
         Err(_) => usize::MAX,
     }
 }

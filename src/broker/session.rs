@@ -434,8 +434,7 @@ impl Session {
             let pkid = if o.qos > 0 { self.next_pkid() } else { 0 };
             let publish = build_publish(&o, pkid, version, now);
             if let Some(max) = max_packet
-                && super::codec::encoded_len(&Outgoing::Publish(publish.clone()), version)
-                    > max as usize
+                && super::codec::publish_len(&publish, version) > max as usize
             {
                 counters.dropped(Dropped::TooLarge);
                 continue;
