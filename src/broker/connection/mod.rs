@@ -271,7 +271,8 @@ impl Live {
     async fn close(self, end: End) {
         let Live { conn, mut rd, .. } = self;
         let send_timeout = conn.shared.plan.send_timeout;
-        let Conn { out, .. } = conn;
+        // The rest of the connection (its intake, its signal) goes now, not after the wait.
+        let out = conn.into_outbox();
         // Let waiting packets (DISCONNECT, last acks) out, briefly; then read until the
         // client closes, so that closing with unread input does not reset the connection
         // and destroy the DISCONNECT before the client reads it.
@@ -329,6 +330,11 @@ impl Conn {
             }
             Ok(())
         }
+    }
+
+    /// The outbox, the rest dropped.
+    fn into_outbox(self) -> Outbox {
+        self.out
     }
 
     /// Writing to the client failed with `e`, which ends the connection; counted when

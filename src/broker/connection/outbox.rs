@@ -175,3 +175,95 @@ impl Outbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    use super::*;
+    use crate::broker::codec::Publish;
+    use crate::broker::listener::Stream;
+
+    /// An outbox writing into a pipe of `capacity` bytes, and the pipe's other end.
+    fn outbox(capacity: usize) -> (Outbox, DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(capacity);
+        let (_, wr) = Stream::Other(Box::new(theirs)).split();
+        (Outbox::new(wr), ours)
+    }
+
+    fn publish(payload: usize) -> Outgoing {
+        Outgoing::Publish(Publish {
+            dup: false,
+            qos: 0,
+            retain: false,
+            topic: "t".into(),
+            pkid: 0,
+            payload: vec![b'x'; payload].into(),
+            properties: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn packets_go_out_together_in_order_and_the_buffer_is_released() {
+        let (mut out, mut peer) = outbox(1 << 16);
+        out.push(&Outgoing::PingResp, Version::V311).unwrap();
+        out.push(&Outgoing::PubAck { pkid: 7, reason: 0 }, Version::V311)
+            .unwrap();
+        assert!(out.waiting());
+        assert_eq!(out.room(), MAX_PACKETS - 2);
+        std::future::poll_fn(|cx| out.poll_write(cx)).await.unwrap();
+        assert!(!out.waiting());
+        assert_eq!(out.buf.capacity(), 0, "released once written");
+        assert_eq!(out.room(), MAX_PACKETS);
+        let mut got = [0u8; 6];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0xD0, 0, 0x40, 2, 0, 7]);
+    }
+
+    #[tokio::test]
+    async fn the_pump_stops_at_the_bound_and_a_send_waits_past_its_bytes() {
+        let (mut out, _peer) = outbox(1 << 16);
+        for _ in 0..MAX_PACKETS {
+            out.push(&Outgoing::PingResp, Version::V311).unwrap();
+        }
+        assert_eq!(out.room(), 0, "as many packets as the bound");
+        assert!(!out.full(), "a send still goes: the bytes are few");
+        out.push(&publish(MAX_BYTES), Version::V311).unwrap();
+        assert!(out.full());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_takes_nothing_fails_the_write_after_the_limit() {
+        let (mut out, mut peer) = outbox(64);
+        out.push(&publish(1000), Version::V311).unwrap();
+        let limit = Duration::from_secs(30);
+        let started = Instant::now();
+        let e = out.write_all(limit).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= limit);
+        // What the pipe took meanwhile is the packet's start.
+        let mut first = [0u8; 2];
+        peer.read_exact(&mut first).await.unwrap();
+        assert_eq!(first[0], 0x30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_taking_bytes_is_never_cut_off() {
+        let (mut out, mut peer) = outbox(64);
+        out.push(&publish(1000), Version::V311).unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 64];
+            while got.len() < 1000 {
+                // Slower than the limit in all, faster than it each time.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let n = peer.read(&mut chunk).await.unwrap();
+                got.extend_from_slice(&chunk[..n]);
+            }
+            got.len()
+        });
+        out.write_all(Duration::from_secs(5)).await.unwrap();
+        assert!(!out.waiting());
+        assert!(reader.await.unwrap() >= 1000);
+    }
+}
