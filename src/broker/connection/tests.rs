@@ -639,13 +639,7 @@ async fn offline_subscriber(b: &TestBroker, filter: &str) {
         ..Hello::new("sub")
     };
     let mut s = b.connect(Version::V311, hello).await;
-    let mut subscribe = v4::Subscribe::new(filter, Qos4::AtLeastOnce);
-    subscribe.pkid = 1;
-    let mut buf = BytesMut::new();
-    v4::Packet::Subscribe(subscribe)
-        .write(&mut buf, usize::MAX)
-        .unwrap();
-    s.send(&buf).await;
+    s.send(&subscribe_v311(1, filter)).await;
     assert_eq!(
         s.recv().await,
         Got::SubAck {
@@ -920,6 +914,17 @@ async fn a_malformed_packet_closes_that_connection_only() {
 }
 
 /// A v5 SUBSCRIBE of `filters` at QoS 1.
+/// A 3.1.1 SUBSCRIBE to `filter` at QoS 1.
+fn subscribe_v311(pkid: u16, filter: &str) -> BytesMut {
+    let mut subscribe = v4::Subscribe::new(filter, Qos4::AtLeastOnce);
+    subscribe.pkid = pkid;
+    let mut buf = BytesMut::new();
+    v4::Packet::Subscribe(subscribe)
+        .write(&mut buf, usize::MAX)
+        .unwrap();
+    buf
+}
+
 fn subscribe_v5(pkid: u16, filters: &[&str]) -> BytesMut {
     let filters = filters
         .iter()
@@ -980,13 +985,7 @@ async fn packets_written_to_a_transport_that_buffers_are_flushed() {
     let mut sub = b.open_over(Version::V311, CertUser::None, buffered);
     sub.send(&Hello::new("s").bytes(Version::V311)).await;
     assert!(matches!(sub.recv().await, Got::ConnAck { code: 0, .. }));
-    let mut subscribe = v4::Subscribe::new("t", Qos4::AtLeastOnce);
-    subscribe.pkid = 1;
-    let mut buf = BytesMut::new();
-    v4::Packet::Subscribe(subscribe)
-        .write(&mut buf, usize::MAX)
-        .unwrap();
-    sub.send(&buf).await;
+    sub.send(&subscribe_v311(1, "t")).await;
     assert!(matches!(sub.recv().await, Got::SubAck { .. }));
     let mut publisher = b.connect(Version::V311, Hello::new("p")).await;
     publisher
