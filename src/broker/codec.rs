@@ -627,8 +627,9 @@ fn len_len(len: usize) -> usize {
     }
 }
 
-/// The largest remaining length MQTT can encode.
-const MAX_REMAINING: usize = 268_435_455;
+/// The largest remaining length MQTT can encode (four bytes of seven bits), and so the
+/// bound of any maximum packet size.
+pub const MAX_REMAINING: usize = 268_435_455;
 
 /// Writes a PUBLISH straight from `p`, without copying its topic or payload into another
 /// packet type first (it is the packet every subscriber gets).

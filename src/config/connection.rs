@@ -178,11 +178,8 @@ impl ConnectionConfig {
                 "must not be empty: a stable client id is what lets the broker keep a session for mqbridge".into(),
             ));
         }
-        if self.max_packet_size.0 < 64 || self.max_packet_size.0 > 268_435_455 {
-            errs.push((
-                "max_packet_size".into(),
-                "must be between 64 bytes and 256MiB".into(),
-            ));
+        if let Err(why) = self.max_packet_size.check_packet_size() {
+            errs.push(("max_packet_size".into(), why));
         }
         let keep_alive = self.keep_alive.0;
         if keep_alive < Duration::from_secs(1) || keep_alive > Duration::from_secs(65535) {

@@ -732,3 +732,21 @@ fn mosquitto_files_name_the_file_line_and_field_of_each_problem() {
         ]
     );
 }
+
+#[test]
+fn a_max_packet_size_out_of_mqtts_range_names_its_field_for_the_broker_and_the_client() {
+    let text = "broker: { url: \"mqtt://127.0.0.1:1883\", client_id: c, max_packet_size: 32 }\n\
+                embedded: { allow_anonymous: true, max_packet_size: 512MiB }\n";
+    let errs: Vec<String> = parse_checked(text, "rules.yaml", env, Checks::ForRun)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let named = |field: &str| {
+        errs.iter()
+            .any(|e| e.contains(field) && e.contains("must be between 64 bytes and 256MiB"))
+    };
+    assert!(named("broker.max_packet_size"), "{errs:?}");
+    assert!(named("embedded.max_packet_size"), "{errs:?}");
+}

@@ -15,6 +15,19 @@ pub struct Duration(pub StdDuration);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
+impl ByteSize {
+    /// As an MQTT maximum packet size (the embedded broker's, or the client's): from 64
+    /// bytes to the largest packet MQTT can encode.
+    pub fn check_packet_size(self) -> Result<(), String> {
+        let max = crate::broker::codec::MAX_REMAINING as u64;
+        if (64..=max).contains(&self.0) {
+            Ok(())
+        } else {
+            Err("must be between 64 bytes and 256MiB".into())
+        }
+    }
+}
+
 fn split_number(s: &str) -> (&str, &str) {
     let end = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -176,5 +189,13 @@ mod tests {
         assert_eq!("1000".parse::<ByteSize>().unwrap().0, 1000);
         assert!("1TB".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
+    }
+
+    #[test]
+    fn packet_sizes_run_from_64_bytes_to_what_mqtt_can_encode() {
+        assert!(ByteSize(63).check_packet_size().is_err());
+        assert!(ByteSize(64).check_packet_size().is_ok());
+        assert!(ByteSize(268_435_455).check_packet_size().is_ok());
+        assert!(ByteSize(268_435_456).check_packet_size().is_err());
     }
 }

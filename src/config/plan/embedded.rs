@@ -164,11 +164,8 @@ pub(super) fn validate_embedded(
             "must be at most 65535s".into(),
         ));
     }
-    if e.max_packet_size.0 < 64 || e.max_packet_size.0 > 268_435_455 {
-        errs.push((
-            "embedded.max_packet_size".into(),
-            "must be between 64 bytes and 256MiB".into(),
-        ));
+    if let Err(why) = e.max_packet_size.check_packet_size() {
+        errs.push(("embedded.max_packet_size".into(), why));
     }
     if e.max_inflight == 0 {
         errs.push((
