@@ -9,6 +9,8 @@
 //! it finds unresponsive whatever its keepalive, 3.1.1 section 3.1.2.10). An idle client
 //! with nothing half-sent keeps the keepalive it asked for.
 
+use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -37,10 +39,20 @@ impl Conn {
         if let Some(end) = Box::pin(self.handle_frames(&mut buf, &mut last)).await {
             return end;
         }
+        // The loop's waits live as long as it does: made (and registered with their
+        // notifier or the timer wheel) once, not on every turn.
+        let signal = Arc::clone(&self.outbound.signal);
+        let mut shut_down = pin!(done.cancelled());
+        let mut stopping = pin!(stop.cancelled());
+        let mut woken = pin!(signal.notify.notified());
+        // The timer is set no later than the earliest wait and moved only to bring it
+        // closer: when it fires before its wait is due, the loop sets it again.
+        let mut timer = pin!(tokio::time::sleep_until(last));
+        let mut armed: Option<Instant> = None;
         loop {
             // Checked on every turn (not only when the signal wakes this loop), so that a
             // client whose input never stops still learns at once.
-            if self.outbound.signal.taken_over() {
+            if signal.taken_over() {
                 self.disconnect(&ProtocolError::SessionTakenOver).await;
                 return End::TakenOver;
             }
@@ -63,18 +75,24 @@ impl Conn {
             let keepalive = (!silence.is_zero()).then(|| last + silence);
             let stalled = self.out.stalled_until(self.shared.plan.send_timeout);
             let wake = [keepalive, resume, stalled].into_iter().flatten().min();
+            if let Some(w) = wake
+                && armed.is_none_or(|a| a > w)
+            {
+                timer.as_mut().reset(w);
+                armed = Some(w);
+            }
             // The pump stopped for lack of room: writing makes room for it.
             let pump_waits = self.out.room() == 0;
             tokio::select! {
                 biased;
-                _ = done.cancelled() => {
+                _ = &mut shut_down => {
                     // What settled before the end is acknowledged first.
                     let last = self.inbound.intake.released_now();
                     let _ = self.release_acks(last).await;
                     self.disconnect(&ProtocolError::ServerShuttingDown).await;
                     return End::Shutdown;
                 }
-                _ = stop.cancelled(), if self.inbound.intake.handoff().is_some() => {
+                _ = &mut stopping, if self.inbound.intake.handoff().is_some() => {
                     self.inbound.intake.close();
                 }
                 acks = self.inbound.intake.released() => {
@@ -82,8 +100,14 @@ impl Conn {
                         return End::Lost;
                     }
                 }
-                _ = tokio::time::sleep_until(wake.unwrap_or(last)), if wake.is_some() => {
-                    if stalled.is_some_and(|t| t <= Instant::now()) {
+                _ = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    let now = Instant::now();
+                    if wake.is_none_or(|w| now < w) {
+                        // Set for an earlier wait than the one now due (a packet came since).
+                        continue;
+                    }
+                    if stalled.is_some_and(|t| t <= now) {
                         self.write_failed(std::io::ErrorKind::TimedOut.into());
                         return End::Lost;
                     }
@@ -120,7 +144,10 @@ impl Conn {
                 }
                 // After reading: a subscriber with a full queue must not starve its input.
                 // (A takeover wakes this too: the check above ends the loop.)
-                _ = self.outbound.signal.notify.notified() => self.pump(),
+                _ = &mut woken => {
+                    woken.set(signal.notify.notified());
+                    self.pump();
+                }
             }
         }
     }
