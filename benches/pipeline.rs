@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use criterion::Criterion;
 use mqbridge::message::Message;
+use mqbridge::record::Record;
 use mqbridge::rule::jq::JqProgram;
 use mqbridge::rule::template::Template;
 use mqbridge::rule::{Decode, Evaluation, Rule};
@@ -60,7 +61,7 @@ fn rule(transform: &str) -> Rule {
 }
 
 /// The rule's records for the message.
-fn transform(rule: &Rule, msg: &Message) -> Vec<Value> {
+fn transform(rule: &Rule, msg: &Message) -> Vec<Record> {
     match rule.evaluate(msg, &[("device", "d0042")], Duration::from_secs(2)) {
         Evaluation::Records(r) => r,
         other => panic!("{other:?}"),
@@ -69,7 +70,7 @@ fn transform(rule: &Rule, msg: &Message) -> Vec<Value> {
 
 /// The templates rendered for one record, as the webhook sink does per request (URL and
 /// body) and the republish sink per message (topic).
-fn render(origin: &Origin, record: &Value, templates: &[Template]) -> usize {
+fn render(origin: &Origin, record: &Record, templates: &[Template]) -> usize {
     let ctx = origin.template_context(record);
     templates
         .iter()
@@ -78,7 +79,7 @@ fn render(origin: &Origin, record: &Value, templates: &[Template]) -> usize {
 }
 
 /// The record's values as the postgres sink binds them (text, None for NULL).
-fn encode(record: &Value) -> Vec<Option<Text<'_>>> {
+fn encode(record: &Record) -> Vec<Option<Text<'_>>> {
     COLUMNS
         .iter()
         .map(|(name, class)| to_text(&record[*name], *class, None).unwrap())
@@ -91,9 +92,10 @@ fn main() {
     assert_eq!(transform(&computed, &msg)[0]["temp_f"], 70.7);
     let records = transform(&rule, &msg);
     assert_eq!(records.len(), 1);
-    let mut record = records[0].clone();
+    let mut record = records[0].clone().into_value();
     assert_eq!(record["seq"], 42);
     record["received_at"] = Value::from("2026-11-26T03:00:00.123Z");
+    let record = Record::from(record);
     let origin = Origin::from_message(&msg, &rule.name, vec![("device".into(), "d0042".into())]);
     let webhook = [
         Template::compile(URL).unwrap(),

@@ -50,7 +50,7 @@ pub enum RuleResult {
 /// A record, and what each of the rule's sinks would do with it.
 #[derive(Debug, Serialize)]
 pub struct RecordOutcome {
-    pub record: serde_json::Value,
+    pub record: crate::record::Record,
     pub sinks: Vec<SinkAction>,
 }
 

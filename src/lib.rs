@@ -24,6 +24,8 @@
 //!   [`broker`]: the embedded MQTT broker devices connect to, a `Source` too, whose
 //!   connections hand off through the same intake.
 //! - [`message`]: the [`message::Message`] passed along.
+//! - [`record`]: the [`record::Record`] a rule makes of a message and a sink writes (a
+//!   JSON value; an object of a transform's named keys keeps its keys once per rule).
 //! - [`spool`]: the durable local log between the source and the rules (optional).
 //! - [`rule`]: decode (JSON, text, bytes, CBOR, MessagePack, Protobuf, Sparkplug B), jq filter/transform (a transform that only picks paths runs
 //!   without jq), templates; [`pipeline`] routes messages through them, evaluating them
@@ -75,6 +77,7 @@ pub mod http_client;
 pub mod message;
 pub mod mqtt;
 pub mod pipeline;
+pub mod record;
 pub mod replay;
 pub mod rule;
 pub mod shutdown;

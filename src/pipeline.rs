@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 use crate::delivery::{Ack, Watch};
 use crate::eval_pool::{EvalError, EvalPool, panic_message};
 use crate::message::Message;
+use crate::record::Record;
 use crate::rule::{Command, Evaluation, Observed, Rule};
 use crate::sink::driver::{DeadLetter, Failure};
 use crate::sink::publish::{Outgoing, Publish};
@@ -507,7 +508,12 @@ impl Router {
                         first_attempt: jiff::Timestamp::now(),
                     };
                     self.dead_letter
-                        .send(origin, &serde_json::Value::Null, failure, ack.part())
+                        .send(
+                            origin,
+                            &Record::from(serde_json::Value::Null),
+                            failure,
+                            ack.part(),
+                        )
                         .await;
                 }
             }
@@ -537,7 +543,12 @@ impl Router {
             });
             let origin = Arc::new(Origin::from_message(msg, &rule.name, Vec::new()));
             self.dead_letter
-                .send(origin, &serde_json::Value::Null, failure, ack.part())
+                .send(
+                    origin,
+                    &Record::from(serde_json::Value::Null),
+                    failure,
+                    ack.part(),
+                )
                 .await;
         }
         ack.settle();
@@ -568,7 +579,7 @@ mod tests {
             self.0
                 .lock()
                 .unwrap()
-                .extend(batch.iter().map(|d| d.record.clone()));
+                .extend(batch.iter().map(|d| d.record.to_value().into_owned()));
             Box::pin(async { vec![Outcome::Delivered; batch.len()] })
         }
     }

@@ -20,7 +20,7 @@ pub enum Event {
     /// The rule emitted this record (it goes to each of the rule's sinks).
     Record {
         topic: String,
-        record: serde_json::Value,
+        record: crate::record::Record,
     },
     /// The rule's filter left the message out.
     Filtered { topic: String },
@@ -92,7 +92,7 @@ mod tests {
     fn record(n: i64) -> Event {
         Event::Record {
             topic: "t".into(),
-            record: serde_json::json!({ "n": n }),
+            record: serde_json::json!({ "n": n }).into(),
         }
     }
 

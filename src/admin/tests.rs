@@ -288,7 +288,7 @@ async fn tail_streams_a_rules_next_outcomes_then_ends() {
     });
     taps.offer("readings", || crate::tap::Event::Record {
         topic: "sensors/b/telemetry".into(),
-        record: serde_json::json!({"temp": 1}),
+        record: serde_json::json!({"temp": 1}).into(),
     });
     while let Some(chunk) = resp.chunk().await.unwrap() {
         text.push_str(std::str::from_utf8(&chunk).unwrap());

@@ -175,7 +175,7 @@ pub(crate) mod tests {
             attempts: 1,
             first_attempt: jiff::Timestamp::now(),
         };
-        dead_letter_record(&origin, &record, &failure).to_string()
+        dead_letter_record(&origin, &record.into(), &failure).to_string()
     }
 
     #[test]

@@ -37,6 +37,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::Plan;
 use crate::eval_pool::{EvalError, EvalPool};
+use crate::record::Record;
 use crate::rule::Evaluation;
 use crate::sink::retry::Backoff;
 use crate::sink::{self, Delivery, ErrorKind, OpenContext, Origin, Outcome, Sink, SinkError};
@@ -188,7 +189,7 @@ impl Replayer {
             Some(name) => {
                 let i = self.sink_index(name)?;
                 let origin = letter.origin(self.vars(letter));
-                self.write(i, Arc::new(origin), vec![letter.record.clone()])
+                self.write(i, Arc::new(origin), vec![letter.record.clone().into()])
                     .await?;
                 Ok(Replayed::Written { records: 1 })
             }
@@ -300,7 +301,7 @@ impl Replayer {
         &self,
         i: usize,
         origin: Arc<Origin>,
-        records: Vec<serde_json::Value>,
+        records: Vec<Record>,
     ) -> Result<(), ReplayError> {
         let sink = self.sink(i).await?;
         let sp = &self.plan.sinks[i];
@@ -310,7 +311,7 @@ impl Replayer {
             n => n.min(ATTEMPTS),
         };
         let mut backoff = Backoff::new(retry);
-        let mut pending: Vec<serde_json::Value> = records;
+        let mut pending: Vec<Record> = records;
         let mut attempt = 0;
         let mut permanent: Option<SinkError> = None;
         loop {

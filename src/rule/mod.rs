@@ -19,6 +19,7 @@ use bytes::Bytes;
 use jaq_json::Val;
 
 use crate::message::Message;
+use crate::record::Record;
 use crate::topic::TopicFilter;
 use decode::Decoded;
 #[cfg(feature = "protobuf")]
@@ -42,7 +43,7 @@ pub struct Rule {
 #[derive(Debug, PartialEq)]
 pub enum Evaluation {
     /// Zero or more records (a transform may emit a stream).
-    Records(Vec<serde_json::Value>),
+    Records(Vec<Record>),
     /// The filter said no.
     Filtered,
     /// Decode, filter or transform failed: the message goes to the dead letter.
@@ -85,7 +86,7 @@ impl Rule {
     /// only picks paths ([`picks`]), read by serde_json straight into the record. None
     /// when the rule is not such a one, or the payload is not JSON, or a path cannot be
     /// walked: [`Rule::evaluate`] then reads it the usual way, and says why it fails.
-    fn picked_from_json(&self, msg: &Message, vars: &[(&str, &str)]) -> Option<serde_json::Value> {
+    fn picked_from_json(&self, msg: &Message, vars: &[(&str, &str)]) -> Option<Record> {
         if self.filter.is_some() || !matches!(self.decode, Decoder::Named(Decode::Json)) {
             return None;
         }
@@ -163,14 +164,14 @@ impl Rule {
             }
         }
         let Some(t) = &self.transform else {
-            return Evaluation::Records(vec![default_record(msg, &payload)]);
+            return Evaluation::Records(vec![default_record(msg, &payload).into()]);
         };
         if let Some(record) = t.picks().and_then(|p| p.record(msg, vars, &payload)) {
             return Evaluation::Records(vec![record]);
         }
         let ctx = ctx.unwrap_or_else(|| context(msg, vars, payload));
         match t.run(ctx, deadline) {
-            Ok(out) => Evaluation::Records(out.iter().map(jq::to_json).collect()),
+            Ok(out) => Evaluation::Records(out.iter().map(|v| jq::to_json(v).into()).collect()),
             Err(error) => Evaluation::Failed {
                 stage: "transform",
                 error: error.to_string(),
@@ -321,7 +322,7 @@ mod tests {
         assert_eq!(
             eval(&r, "sensors/d7/telemetry", br#"{"temp": 20.5}"#),
             Evaluation::Records(vec![
-                json!({"device": "d7", "temp": 20.5, "level": "telemetry"})
+                json!({"device": "d7", "temp": 20.5, "level": "telemetry"}).into()
             ])
         );
         assert_eq!(
@@ -335,7 +336,7 @@ mod tests {
         let r = rule(None, Some(".payload[] | {v: .}"), Decode::Json);
         assert_eq!(
             eval(&r, "sensors/a/telemetry", b"[1,2]"),
-            Evaluation::Records(vec![json!({"v": 1}), json!({"v": 2})])
+            Evaluation::Records(vec![json!({"v": 1}).into(), json!({"v": 2}).into()])
         );
         assert_eq!(
             eval(&r, "sensors/a/telemetry", b"[]"),
@@ -382,7 +383,7 @@ mod tests {
         let r = rule(None, Some("{p: .payload, raw: .raw}"), Decode::Bytes);
         assert_eq!(
             eval(&r, "sensors/a/telemetry", &[0, 159, 146]),
-            Evaluation::Records(vec![json!({"p": "AJ+S", "raw": null})])
+            Evaluation::Records(vec![json!({"p": "AJ+S", "raw": null}).into()])
         );
     }
 

@@ -20,20 +20,28 @@
 //! ([`Picks::record_from_json`]): what a path takes from the payload is moved out of it
 //! when no other path needs it (`body: .payload` beside `.payload.temp`), so neither a jq
 //! value nor a copy of the payload is made.
+//!
+//! **Keys made once.** An object's keys are the program's: they are made when it compiles
+//! ([`Keys`]), and each record holds only its values, in the slots of those keys
+//! ([`Record::object`]).
+
+use std::sync::Arc;
 
 use jaq_json::Val;
 use serde_json::Value as J;
 
 use super::text;
 use crate::message::Message;
+use crate::record::{Keys, Record};
 
 /// A transform in the subset.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Picks {
     /// One path: the record is what it points at.
     Path(Path),
-    /// `{key: path, …}`: the record is an object of what each path points at.
-    Object(Vec<Field>),
+    /// `{key: path, …}`: the record is an object of what each path points at, with
+    /// these keys (the rule's, shared by its records).
+    Object(Vec<Field>, Arc<Keys>),
 }
 
 /// One `key: path` of an object.
@@ -47,6 +55,8 @@ pub struct Field {
     /// Whether a later field has the same key (jq keeps the last): its path is walked,
     /// for the failure jq would report, and its value left out.
     shadowed: bool,
+    /// Where its value goes in the record ([`Keys::slot`]).
+    slot: usize,
 }
 
 /// `.root` then steps.
@@ -100,6 +110,7 @@ impl Picks {
                     path,
                     takes: false,
                     shadowed: false,
+                    slot: 0,
                 });
                 p.blank();
                 if p.eat(b'}') {
@@ -119,7 +130,11 @@ impl Picks {
                 fields[i].shadowed = fields[i + 1..].iter().any(|f| f.key == fields[i].key);
                 fields[i].takes = takes && !fields[i].shadowed;
             }
-            Picks::Object(fields)
+            let keys = Keys::new(fields.iter().map(|f| f.key.clone()));
+            for f in &mut fields {
+                f.slot = keys.slot(&f.key).expect("a field's key is a key");
+            }
+            Picks::Object(fields, keys)
         } else {
             Picks::Path(p.path()?)
         };
@@ -129,23 +144,23 @@ impl Picks {
 
     /// The record for `msg` (whose payload decoded to `payload`, and whose topic matched
     /// with `vars`), or None when a path cannot be walked (jq would fail: let it say how).
-    pub fn record(
-        &self,
-        msg: &Message,
-        vars: &[(&str, &str)],
-        payload: &Val,
-    ) -> Option<serde_json::Value> {
+    pub fn record(&self, msg: &Message, vars: &[(&str, &str)], payload: &Val) -> Option<Record> {
         let pick = |path: &Path| {
             path.walk(msg, vars, payload)
                 .map(|v| super::jq::to_json(&v))
         };
         match self {
-            Picks::Path(path) => pick(path),
-            Picks::Object(fields) => fields
-                .iter()
-                .map(|f| Some((f.key.clone(), pick(&f.path)?)))
-                .collect::<Option<serde_json::Map<_, _>>>()
-                .map(serde_json::Value::Object),
+            Picks::Path(path) => pick(path).map(Record::from),
+            Picks::Object(fields, keys) => {
+                let mut values = vec![J::Null; keys.len()];
+                for f in fields {
+                    let value = pick(&f.path)?;
+                    if !f.shadowed {
+                        values[f.slot] = value;
+                    }
+                }
+                Some(Record::object(keys, values))
+            }
         }
     }
 
@@ -157,22 +172,24 @@ impl Picks {
         msg: &Message,
         vars: &[(&str, &str)],
         mut payload: J,
-    ) -> Option<J> {
+    ) -> Option<Record> {
         match self {
-            Picks::Path(path) => path.pick_json(msg, vars, &mut payload, true),
-            Picks::Object(fields) => {
-                // Keys are unique once the shadowed fields are left out, so the map is
-                // filled as the values come: the copies first, then what is taken.
-                let mut record = serde_json::Map::new();
+            Picks::Path(path) => path
+                .pick_json(msg, vars, &mut payload, true)
+                .map(Record::from),
+            Picks::Object(fields, keys) => {
+                // Keys are unique once the shadowed fields are left out, so each value
+                // has its own slot: the copies first, then what is taken.
+                let mut values = vec![J::Null; keys.len()];
                 for taking in [false, true] {
                     for f in fields.iter().filter(|f| f.takes == taking) {
                         let value = f.path.pick_json(msg, vars, &mut payload, taking)?;
                         if !f.shadowed {
-                            record.insert(f.key.clone(), value);
+                            values[f.slot] = value;
                         }
                     }
                 }
-                Some(J::Object(record))
+                Some(Record::object(keys, values))
             }
         }
     }
@@ -492,7 +509,7 @@ mod tests {
     #[test]
     fn only_a_path_nothing_else_points_into_takes_its_value() {
         let takes = |code: &str| match Picks::parse(code).unwrap() {
-            Picks::Object(fields) => fields.iter().map(|f| f.takes).collect::<Vec<_>>(),
+            Picks::Object(fields, _) => fields.iter().map(|f| f.takes).collect::<Vec<_>>(),
             Picks::Path(_) => unreachable!(),
         };
         // `.payload` is above `.payload.a`: the deeper one copies first, then the whole moves.

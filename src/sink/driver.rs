@@ -41,6 +41,7 @@ use super::{Delivery, ErrorKind, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::{BatchConfig, Common, RetryConfig};
 use crate::delivery::Ack;
 use crate::health::Status;
+use crate::record::Record;
 
 /// Attempts in all for a record whose write panics, whatever `retry:` says (a panic is a
 /// bug; retrying without end would stall its lane for good).
@@ -504,13 +505,7 @@ impl DeadLetter {
 
     /// Sends a dead letter carrying `ack`, which settles once the letter is written.
     /// Without a dead-letter sink the failure is logged and the message settled.
-    pub async fn send(
-        &self,
-        origin: Arc<Origin>,
-        record: &serde_json::Value,
-        failure: Failure<'_>,
-        ack: Ack,
-    ) {
+    pub async fn send(&self, origin: Arc<Origin>, record: &Record, failure: Failure<'_>, ack: Ack) {
         let record = dead_letter_record(&origin, record, &failure);
         let Some(queue) = self.queue() else {
             tracing::error!(sink = failure.sink, rule = %origin.rule, topic = %origin.topic, error = %failure.error, "message dropped: it failed and no dead_letter sink is configured");
@@ -522,7 +517,7 @@ impl DeadLetter {
         };
         self.recent.push(record.clone());
         let letter = Delivery {
-            record,
+            record: record.into(),
             origin,
             ack,
         };
@@ -537,11 +532,7 @@ impl DeadLetter {
 
 /// The record written to the dead-letter sink (DESIGN.md §4): the original message, the
 /// rule, the sink, the error and the attempt count.
-pub fn dead_letter_record(
-    origin: &Origin,
-    record: &serde_json::Value,
-    f: &Failure<'_>,
-) -> serde_json::Value {
+pub fn dead_letter_record(origin: &Origin, record: &Record, f: &Failure<'_>) -> serde_json::Value {
     let (payload, encoding) = crate::rule::payload_text(&origin.payload);
     serde_json::json!({
         "message_id": origin.id(),
@@ -682,7 +673,10 @@ mod tests {
                         out.push(Outcome::Failed(SinkError::transient("HTTP 503")));
                     } else {
                         self.written.lock().unwrap().push((topic, seq));
-                        self.records.lock().unwrap().push(d.record.clone());
+                        self.records
+                            .lock()
+                            .unwrap()
+                            .push(d.record.to_value().into_owned());
                         out.push(Outcome::Delivered);
                     }
                 }
@@ -705,9 +699,9 @@ mod tests {
 
     /// The record's `seq`, also inside a dead letter.
     fn seq(d: &Delivery) -> i64 {
-        d.record
-            .pointer("/seq")
-            .or(d.record.pointer("/record/seq"))
+        let record = d.record.to_value();
+        (record.pointer("/seq"))
+            .or(record.pointer("/record/seq"))
             .and_then(|v| v.as_i64())
             .unwrap()
     }

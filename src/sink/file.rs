@@ -12,7 +12,7 @@ use super::{Delivery, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::file::Settings;
 
 /// What writing a record would do, for `mqbridge try`.
-pub fn would(cfg: &Settings, _: &Origin, _: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, _: &Origin, _: &crate::record::Record) -> String {
     format!("append one JSON line to {}", cfg.path.display())
 }
 

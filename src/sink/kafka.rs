@@ -40,6 +40,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::kafka::{ID_HEADER, Password, Settings, validate_topic};
+use crate::record::Record;
 
 /// Why the sink could not be opened: a file it reads, or a property librdkafka refused.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ pub enum OpenError {
 }
 
 /// What writing `record` would do, for `mqbridge try`.
-pub fn would(settings: &Settings, origin: &Origin, record: &serde_json::Value) -> String {
+pub fn would(settings: &Settings, origin: &Origin, record: &Record) -> String {
     match prepare(settings, origin, record) {
         Ok(r) => {
             let mut headers: Vec<String> = r
@@ -87,11 +88,7 @@ struct Prepared {
 }
 
 /// Renders the topic, key, headers and payload of `record`.
-fn prepare(
-    settings: &Settings,
-    origin: &Origin,
-    record: &serde_json::Value,
-) -> Result<Prepared, SinkError> {
+fn prepare(settings: &Settings, origin: &Origin, record: &Record) -> Result<Prepared, SinkError> {
     let ctx = origin.template_context(record);
     let topic = settings
         .topic

@@ -37,6 +37,7 @@ use serde::Serialize;
 
 use crate::config::sinks::SinkSettings;
 use crate::delivery::Ack;
+use crate::record::Record;
 
 /// Where one record came from: kept for templates and dead letters.
 #[derive(Debug)]
@@ -96,7 +97,7 @@ impl Origin {
     /// The context string templates render against: `id`, `topic`, `segments`, `vars`, `qos`,
     /// `retain`, `received_at`, `timestamp_ms`, `rule` and the `record` itself. It
     /// borrows the origin and the record: a template renders without a copy of either.
-    pub fn template_context<'a>(&'a self, record: &'a serde_json::Value) -> TemplateContext<'a> {
+    pub fn template_context<'a>(&'a self, record: &'a Record) -> TemplateContext<'a> {
         TemplateContext {
             origin: self,
             record,
@@ -107,7 +108,7 @@ impl Origin {
 /// [`Origin::template_context`]: serialized as the map templates see.
 pub struct TemplateContext<'a> {
     origin: &'a Origin,
-    record: &'a serde_json::Value,
+    record: &'a Record,
 }
 
 impl Serialize for TemplateContext<'_> {
@@ -146,7 +147,7 @@ impl Serialize for TemplateContext<'_> {
 /// One record on its way to one sink, holding a share of its message's settlement.
 #[derive(Debug)]
 pub struct Delivery {
-    pub record: serde_json::Value,
+    pub record: Record,
     pub origin: Arc<Origin>,
     pub ack: Ack,
 }
@@ -154,7 +155,8 @@ pub struct Delivery {
 impl Delivery {
     /// A record from a QoS 1 message on `topic` with nothing to acknowledge (tests,
     /// benchmarks, dry runs).
-    pub fn detached(topic: &str, record: serde_json::Value) -> Delivery {
+    pub fn detached(topic: &str, record: impl Into<Record>) -> Delivery {
+        let record = record.into();
         let msg = crate::message::Message::detached(topic, record.to_string(), 1);
         let origin = Origin::from_message(&msg, &Arc::from("detached"), Vec::new());
         msg.ack.settle();
@@ -307,7 +309,7 @@ where
 /// after a crash, a dead letter's replay). Records equal in content made by one rule from
 /// one message share an id: a consumer keeps one.
 #[cfg(any(feature = "nats", feature = "kafka"))]
-pub fn record_id(origin: &Origin, record: &serde_json::Value) -> String {
+pub fn record_id(origin: &Origin, record: &Record) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(origin.rule.as_bytes());
@@ -455,7 +457,7 @@ pub async fn open(
 
 /// What writing `record` to the sink of `settings` would do, for `mqbridge try` (no side
 /// effects).
-pub fn would(settings: &SinkSettings, origin: &Origin, record: &serde_json::Value) -> String {
+pub fn would(settings: &SinkSettings, origin: &Origin, record: &Record) -> String {
     match settings {
         SinkSettings::Postgres(s) => postgres::would(s, origin, record),
         SinkSettings::Mysql(s) => mysql::would(s, origin, record),
@@ -503,7 +505,7 @@ mod tests {
             source: Arc::from("broker"),
         };
         let record = json!({"t": 21.5, "tags": ["a"]});
-        let ctx = serde_json::to_value(origin.template_context(&record)).unwrap();
+        let ctx = serde_json::to_value(origin.template_context(&record.clone().into())).unwrap();
         assert_eq!(
             ctx,
             json!({
@@ -583,8 +585,8 @@ mod tests {
     #[test]
     fn records_of_one_message_have_ids_of_their_own() {
         let d = Delivery::detached("s/d1", json!({"v": 1}));
-        let a = record_id(&d.origin, &json!({"v": 1}));
-        let b = record_id(&d.origin, &json!({"v": 2}));
+        let a = record_id(&d.origin, &json!({"v": 1}).into());
+        let b = record_id(&d.origin, &json!({"v": 2}).into());
         assert_ne!(a, b);
         let other_rule = Origin {
             rule: Arc::from("other"),
@@ -595,7 +597,7 @@ mod tests {
                 Vec::new(),
             )
         };
-        assert_ne!(a, record_id(&other_rule, &json!({"v": 1})));
+        assert_ne!(a, record_id(&other_rule, &json!({"v": 1}).into()));
     }
 
     #[cfg(any(feature = "nats", feature = "kafka"))]

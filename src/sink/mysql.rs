@@ -24,6 +24,7 @@ use super::{Origin, SinkError};
 use crate::config::sinks::mysql::Settings;
 use crate::config::sinks::sql::{ConflictAction, Insert, Table, TimeUnit, redacted};
 use crate::eval_pool::EvalPool;
+use crate::record::Record;
 
 /// Most parameters one statement may bind (the protocol counts them in 16 bits).
 const MAX_PARAMS: usize = 65_535;
@@ -33,7 +34,7 @@ const DUPLICATE_COLUMN: u16 = 1060;
 
 /// What writing `record` would do, for `mqbridge try`: the statement, for one row (after
 /// the table's creation and the columns added, when so configured).
-pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, _: &Origin, record: &Record) -> String {
     let names: Vec<Cow<str>> = super::sql::would_columns(&cfg.insert, record)
         .into_iter()
         .map(Cow::Owned)
@@ -319,7 +320,7 @@ mod tests {
             "on_conflict": {"key": ["seq"], "action": "update"}
         }));
         assert_eq!(
-            would(&update, origin, &record),
+            would(&update, origin, &record.clone().into()),
             "mysql: INSERT INTO `iot`.`readings` (`device`, `seq`, `temp`) VALUES (?, ?, ?) \
              ON DUPLICATE KEY UPDATE `device` = VALUES(`device`), `temp` = VALUES(`temp`) \
              (record keys that are no column of the table are left out)"
@@ -380,7 +381,7 @@ mod tests {
         .compile()
         .unwrap();
         assert_eq!(
-            would(&created, origin, &record),
+            would(&created, origin, &record.clone().into()),
             "mysql: CREATE TABLE IF NOT EXISTS `readings` (`seq` BIGINT, `device` VARCHAR(64), \
              `at` DATETIME(6), PRIMARY KEY (`seq`)) (when the table is missing), then \
              INSERT INTO `readings` (`device`, `seq`, `temp`) VALUES (?, ?, ?) \
@@ -390,7 +391,7 @@ mod tests {
             "url": "mysql://h/db", "table": "plant.readings", "add_columns": true
         }));
         assert_eq!(
-            would(&adding, origin, &json!({"ok": false, "body": [1]})),
+            would(&adding, origin, &json!({"ok": false, "body": [1]}).into()),
             "mysql: INSERT INTO `plant`.`readings` (`body`, `ok`) VALUES (?, ?) \
              (record keys that are no column of the table are left out) \
              (after ALTER TABLE `plant`.`readings` ADD COLUMN for each of `body` JSON, \

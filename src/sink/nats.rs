@@ -38,9 +38,10 @@ use tokio::sync::Mutex;
 
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::nats::{Auth, MSG_ID, Settings, validate_subject};
+use crate::record::Record;
 
 /// What writing `record` would do, for `mqbridge try`.
-pub fn would(settings: &Settings, origin: &Origin, record: &serde_json::Value) -> String {
+pub fn would(settings: &Settings, origin: &Origin, record: &Record) -> String {
     match message(settings, origin, record) {
         Ok(m) => {
             let mut headers: Vec<String> = m
@@ -72,11 +73,7 @@ struct Message {
 }
 
 /// Renders the subject, the headers and the payload of `record`.
-fn message(
-    settings: &Settings,
-    origin: &Origin,
-    record: &serde_json::Value,
-) -> Result<Message, SinkError> {
+fn message(settings: &Settings, origin: &Origin, record: &Record) -> Result<Message, SinkError> {
     let ctx = origin.template_context(record);
     let subject = settings
         .subject

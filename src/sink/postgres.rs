@@ -25,10 +25,11 @@ use super::{Origin, SinkError};
 use crate::config::sinks::postgres::Settings;
 use crate::config::sinks::sql::{ConflictAction, Insert, Table, redacted};
 use crate::eval_pool::EvalPool;
+use crate::record::Record;
 
 /// What writing `record` would do, for `mqbridge try` (with the table's creation and the
 /// columns added, when so configured).
-pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, _: &Origin, record: &Record) -> String {
     let cols = super::sql::would_columns(&cfg.insert, record);
     let conflict = match &cfg.insert.on_conflict {
         Some(c) => {
@@ -337,7 +338,11 @@ mod tests {
         let record = json!({"deviceId": "d1", "ts": 1});
         let delivery = Delivery::detached("t", record.clone());
         assert_eq!(
-            would(&cfg.compile().unwrap(), &delivery.origin, &record),
+            would(
+                &cfg.compile().unwrap(),
+                &delivery.origin,
+                &record.clone().into()
+            ),
             "postgres: insert into readings the columns among (deviceId, ts) on conflict (deviceId, ts) update"
         );
     }
@@ -353,7 +358,11 @@ mod tests {
         let record = json!({"device": "d1", "ts": 1, "fw": {"v": 2}, "bad key": 1, "n": null});
         let delivery = Delivery::detached("t", record.clone());
         assert_eq!(
-            would(&cfg.compile().unwrap(), &delivery.origin, &record),
+            would(
+                &cfg.compile().unwrap(),
+                &delivery.origin,
+                &record.clone().into()
+            ),
             "postgres: CREATE TABLE IF NOT EXISTS \"iot\".\"readings\" (\"ts\" timestamptz, \
              \"device\" text, \"temp\" double precision, PRIMARY KEY (\"device\", \"ts\")) \
              (when the table is missing), then insert into iot.readings the columns among \

@@ -16,6 +16,7 @@ use super::{Delivery, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::mqtt::MessageProperties;
 use crate::config::sinks::republish::Settings;
 use crate::mqtt::OutgoingProperties;
+use crate::record::Record;
 use crate::rule::template::Template;
 use crate::topic::validate_topic_name;
 
@@ -25,7 +26,7 @@ pub fn would(
     settings: &Settings,
     properties: Option<&MessageProperties>,
     origin: &Origin,
-    record: &serde_json::Value,
+    record: &Record,
 ) -> String {
     let rendered = settings
         .topic
@@ -102,7 +103,7 @@ impl RepublishSink {
 fn render_properties(
     p: &MessageProperties,
     origin: &Origin,
-    record: &serde_json::Value,
+    record: &Record,
 ) -> Result<OutgoingProperties, SinkError> {
     let ctx = origin.template_context(record);
     let response_topic = match &p.response_topic {
@@ -136,10 +137,10 @@ fn render_properties(
 
 /// The payload a record is published as (also by the `nats` sink): a string as it is,
 /// anything else as JSON.
-pub fn payload(record: &serde_json::Value) -> Vec<u8> {
-    match record {
-        serde_json::Value::String(s) => s.clone().into_bytes(),
-        other => other.to_string().into_bytes(),
+pub fn payload(record: &Record) -> Vec<u8> {
+    match record.as_str() {
+        Some(s) => s.as_bytes().to_vec(),
+        None => record.to_string().into_bytes(),
     }
 }
 

@@ -32,6 +32,7 @@ use crate::config::sinks::sql::{
     Create, Insert, Mapping, Table, TimeUnit, UnknownKeys, quote_ident,
 };
 use crate::eval_pool::{EvalError, EvalPool};
+use crate::record::Record;
 use crate::rule::jq::{self, Deadline};
 
 /// How a value is turned into text for a column (public for `benches/pipeline.rs`).
@@ -306,12 +307,12 @@ impl<D: Dialect> TableSink<D> {
         let wanted = |columns: &Columns| {
             let shadowed = self.shadowed.lock().expect("not poisoned");
             let mut wanted: Vec<(&str, Inferred)> = Vec::new();
-            let keys = batch.iter().filter_map(|d| d.record.as_object()).flatten();
+            let keys = batch.iter().filter_map(|d| d.record.entries()).flatten();
             for (k, v) in keys {
                 let new = !columns.contains_key(k)
                     && !shadowed.contains(k)
                     && quote_ident(k).is_some()
-                    && !wanted.iter().any(|(w, _)| w == k);
+                    && !wanted.iter().any(|(w, _)| *w == k);
                 if let (true, Some(kind)) = (new, Inferred::of(v)) {
                     wanted.push((k, kind));
                 }
@@ -372,10 +373,10 @@ impl<D: Dialect> TableSink<D> {
                 SinkError::permanent(format!("column {col} does not exist in {}", self.cfg.table));
             return vec![Err(e); batch.len()];
         }
-        let records: Vec<serde_json::Value> = batch.iter().map(|d| d.record.clone()).collect();
+        let records: Vec<Record> = batch.iter().map(|d| d.record.clone()).collect();
         let (mapping, limit) = (Arc::clone(mapping), self.eval.limit());
         let job = move || {
-            let run = |r: &serde_json::Value| map_record(&mapping, r, Deadline::after(limit));
+            let run = |r: &Record| map_record(&mapping, r, Deadline::after(limit));
             records.iter().map(run).collect()
         };
         match self.eval.run(job).await {
@@ -394,17 +395,17 @@ impl<D: Dialect> TableSink<D> {
     /// NULL), and is handled as `unknown_keys` says otherwise.
     fn keyed<'b>(
         &self,
-        record: &'b serde_json::Value,
+        record: &'b Record,
         columns: &Columns,
         unadded: &Unadded,
     ) -> Result<Fields<'b>, SinkError> {
-        let mut out = Vec::new();
         let obj = record
-            .as_object()
+            .entries()
             .ok_or_else(|| SinkError::permanent("record is not a JSON object"))?;
+        let mut out = Vec::with_capacity(obj.len());
         for (k, v) in obj {
             if columns.contains_key(k) {
-                out.push((Cow::Borrowed(k.as_str()), Cow::Borrowed(v)));
+                out.push((Cow::Borrowed(k), Cow::Borrowed(v)));
             } else if let Some(e) = unadded.get(k) {
                 return Err(SinkError {
                     message: format!("adding column {k} to {}: {}", self.cfg.table, e.message),
@@ -505,7 +506,7 @@ pub fn groups<'r, 'b>(rows: &'r [Prepared<'b>]) -> Vec<Vec<&'r Prepared<'b>>> {
 /// statement or its description), after the table's creation when `create:` is set, and
 /// with the columns `add_columns` would add for the record's keys the table lacks (those
 /// `create:` does not make).
-pub fn would<D: Dialect>(cfg: &Insert, record: &serde_json::Value, insert: String) -> String {
+pub fn would<D: Dialect>(cfg: &Insert, record: &Record, insert: String) -> String {
     let create = match &cfg.create {
         Some(c) => format!(
             "{} (when the table is missing), then ",
@@ -518,7 +519,7 @@ pub fn would<D: Dialect>(cfg: &Insert, record: &serde_json::Value, insert: Strin
         columns.map(|(name, _)| name).any(|name| name == k)
     };
     let mut adds = Vec::new();
-    for (k, v) in record.as_object().into_iter().flatten() {
+    for (k, v) in record.entries().into_iter().flatten() {
         let new = cfg.add_columns && quote_ident(k).is_some() && !created(k);
         if let (true, Some(kind)) = (new, Inferred::of(v)) {
             adds.push(format!("{} {}", D::quote(k), D::inferred_type(kind)));
@@ -538,12 +539,12 @@ pub fn would<D: Dialect>(cfg: &Insert, record: &serde_json::Value, insert: Strin
 
 /// The columns writing `record` would fill, for `mqbridge try`: the `columns:` or the
 /// record's keys (those that are no column are left out when it is written).
-pub fn would_columns(cfg: &Insert, record: &serde_json::Value) -> Vec<String> {
+pub fn would_columns(cfg: &Insert, record: &Record) -> Vec<String> {
     match &cfg.columns {
         Some(mapping) => mapping.iter().map(|(c, _)| c.clone()).collect(),
         None => record
-            .as_object()
-            .map(|o| o.keys().cloned().collect())
+            .entries()
+            .map(|o| o.map(|(k, _)| k.to_string()).collect())
             .unwrap_or_default(),
     }
 }
@@ -593,10 +594,10 @@ pub(super) type Fields<'b> = Vec<(Cow<'b, str>, Cow<'b, serde_json::Value>)>;
 /// deadline covers all of the record's programs.
 fn map_record(
     mapping: &Mapping,
-    record: &serde_json::Value,
+    record: &Record,
     deadline: Deadline,
 ) -> Result<Fields<'static>, SinkError> {
-    let input = jq::from_json(record);
+    let input = jq::from_json(&record.to_value());
     mapping
         .iter()
         .map(|(col, prog)| {

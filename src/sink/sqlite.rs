@@ -21,12 +21,13 @@ use sqlx::{AssertSqlSafe, Row};
 use super::{Delivery, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::sql::Table;
 use crate::config::sinks::sqlite::Settings;
+use crate::record::Record;
 
 /// What writing `record` would do, for `mqbridge try`.
-pub fn would(cfg: &Settings, _: &Origin, record: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, _: &Origin, record: &Record) -> String {
     let keys: Vec<&str> = record
-        .as_object()
-        .map(|o| o.keys().map(String::as_str).collect())
+        .entries()
+        .map(|o| o.map(|(k, _)| k).collect())
         .unwrap_or_default();
     format!(
         "sqlite {}: insert into {} the columns among ({})",
@@ -150,10 +151,10 @@ impl SqliteSink {
     /// The INSERT for one record and the values to bind, in column order.
     fn insert_for<'r>(
         &self,
-        record: &'r serde_json::Value,
+        record: &'r Record,
     ) -> Result<(String, Vec<&'r serde_json::Value>), SinkError> {
         let obj = record
-            .as_object()
+            .entries()
             .ok_or_else(|| SinkError::permanent("record is not a JSON object"))?;
         let mut cols = Vec::new();
         let mut vals = Vec::new();

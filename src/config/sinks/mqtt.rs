@@ -247,7 +247,11 @@ rules:
             &std::sync::Arc::from("r"),
             vec![("device".into(), "d1".into())],
         );
-        let shown = crate::sink::would(&plan.sinks[0].settings, &origin, &serde_json::json!({}));
+        let shown = crate::sink::would(
+            &plan.sinks[0].settings,
+            &origin,
+            &serde_json::json!({}).into(),
+        );
         assert!(
             shown.contains("with properties")
                 && shown.contains("text/plain")
@@ -288,7 +292,7 @@ rules:
         for shown in [
             format!("{plan:?}"),
             settings.spec().describe(),
-            crate::sink::would(settings, &origin, &serde_json::json!({})),
+            crate::sink::would(settings, &origin, &serde_json::json!({}).into()),
         ] {
             assert!(!shown.contains("s3cret"), "{shown}");
         }

@@ -375,7 +375,7 @@ rules:
         for shown in [
             format!("{plan:?}"),
             settings.spec().describe(),
-            crate::sink::would(settings, &origin, &serde_json::json!({})),
+            crate::sink::would(settings, &origin, &serde_json::json!({}).into()),
         ] {
             assert!(!shown.contains("s3cret"), "{shown}");
         }

@@ -21,6 +21,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use crate::config::sinks::influxdb::{Integers, Precision, Settings, TimeUnit, TimestampConfig};
+use crate::record::Record;
 use crate::rule::template::Template;
 use crate::sink::{Origin, SinkError};
 
@@ -53,12 +54,12 @@ impl Lines {
 
     /// The point of `record` as one line (no trailing newline); a record that cannot be
     /// one fails permanently, saying why.
-    pub fn line(&self, origin: &Origin, record: &Value) -> Result<String, SinkError> {
+    pub fn line(&self, origin: &Origin, record: &Record) -> Result<String, SinkError> {
         self.point(origin, record)
             .map_err(|e| SinkError::permanent(format!("line protocol: {e}")))
     }
 
-    fn point(&self, origin: &Origin, record: &Value) -> Result<String, String> {
+    fn point(&self, origin: &Origin, record: &Record) -> Result<String, String> {
         let ctx = origin.template_context(record);
         let mut out = String::with_capacity(128);
         let measurement = self
@@ -87,7 +88,7 @@ impl Lines {
             out.push('=');
             escape(&mut out, &value, KEY).map_err(|e| format!("tags.{key} {value:?}: {e}"))?;
         }
-        let Value::Object(map) = record else {
+        let Some(entries) = record.entries() else {
             return Err("the record is not a JSON object, so it has no fields".into());
         };
         let mut written = 0;
@@ -102,7 +103,7 @@ impl Lines {
         match &self.fields {
             Some(keys) => {
                 for key in keys {
-                    match map.get(key) {
+                    match record.get(key) {
                         None | Some(Value::Null) => {}
                         Some(v) => field(&mut out, key, v)?,
                     }
@@ -116,8 +117,8 @@ impl Lines {
             }
             None => {
                 let ts_key = self.timestamp.as_ref().map(|t| t.key.as_str());
-                for (key, v) in map {
-                    let skipped = Some(key.as_str()) == ts_key
+                for (key, v) in entries {
+                    let skipped = Some(key) == ts_key
                         || key == "time"
                         || self.tags.iter().any(|(t, _)| t == key)
                         || !matches!(v, Value::Number(_) | Value::Bool(_) | Value::String(_));
@@ -135,7 +136,7 @@ impl Lines {
         }
         let nanos = match &self.timestamp {
             None => origin.received_at.as_nanosecond(),
-            Some(t) => timestamp(t, map.get(&t.key)).map_err(|e| format!("timestamp: {e}"))?,
+            Some(t) => timestamp(t, record.get(&t.key)).map_err(|e| format!("timestamp: {e}"))?,
         };
         if !(MIN_NANOS..=MAX_NANOS).contains(&nanos) {
             return Err(
@@ -289,7 +290,7 @@ mod tests {
             rule: Arc::from("r"),
             source: Arc::from("broker"),
         };
-        l.line(&o, &record).map_err(|e| e.message)
+        l.line(&o, &record.into()).map_err(|e| e.message)
     }
 
     #[test]

@@ -35,10 +35,11 @@ use super::{Delivery, Origin, Outcome, Sink};
 use crate::config::SecretError;
 use crate::config::TokenSource;
 use crate::config::sinks::influxdb::{Auth, Settings};
+use crate::record::Record;
 pub use line::Lines;
 
 /// What writing `record` would do, for `mqbridge try`: the request and the line.
-pub fn would(s: &Settings, origin: &Origin, record: &serde_json::Value) -> String {
+pub fn would(s: &Settings, origin: &Origin, record: &Record) -> String {
     let auth = match &s.auth {
         Auth::None => String::new(),
         Auth::Basic { username, .. } => format!(" as {username}"),
@@ -205,7 +206,11 @@ mod tests {
             )
         );
         assert!(!shown.contains("s3cr3t"));
-        let shown = would(&s, &d.origin, &serde_json::json!({"kind": "env\\", "t": 1}));
+        let shown = would(
+            &s,
+            &d.origin,
+            &serde_json::json!({"kind": "env\\", "t": 1}).into(),
+        );
         assert_eq!(
             shown,
             "no point: line protocol: measurement \"env\\\\\": a backslash at the end cannot be written"

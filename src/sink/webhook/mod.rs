@@ -42,13 +42,14 @@ use futures::future::BoxFuture;
 use super::http::{Request, Sender};
 use super::{Delivery, ErrorKind, Origin, Outcome, Sink, SinkError};
 use crate::config::sinks::webhook::{Method, Settings};
+use crate::record::Record;
 use request::Requests;
 
 /// Requests in flight at once for one batch (records of different topics).
 const MAX_PARALLEL: usize = 16;
 
 /// What writing `record` would do, for `mqbridge try`.
-pub fn would(cfg: &Settings, origin: &Origin, record: &serde_json::Value) -> String {
+pub fn would(cfg: &Settings, origin: &Origin, record: &Record) -> String {
     let requests = Requests::new(cfg);
     let ctx = origin.template_context(record);
     let url = match requests.url(&ctx) {
@@ -238,7 +239,7 @@ mod tests {
 
     pub(super) fn delivery(o: &Arc<Origin>, record: serde_json::Value) -> Delivery {
         Delivery {
-            record,
+            record: record.into(),
             origin: Arc::clone(o),
             ack: crate::delivery::Ack::detached(),
         }
@@ -248,7 +249,7 @@ mod tests {
     fn would_shows_method_url_and_mode() {
         let cfg = config("url: \"http://h/d/{{ vars.device }}\"\nheaders: { Authorization: x }\n");
         let o = origin("abc", "sensors/d1");
-        let w = would(&cfg, &o, &json!({"t": 1}));
+        let w = would(&cfg, &o, &json!({"t": 1}).into());
         assert!(
             w.starts_with("POST http://h/d/d1 (one request per record)"),
             "{w}"
@@ -258,7 +259,7 @@ mod tests {
             "{w}"
         );
         let cfg = config("url: \"http://h/{{ record.nope }}\"\n");
-        assert!(would(&cfg, &o, &json!({})).starts_with("url template"));
+        assert!(would(&cfg, &o, &json!({}).into()).starts_with("url template"));
     }
 
     #[tokio::test]

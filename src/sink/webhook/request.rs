@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::OpenError;
 use crate::config::sinks::webhook::{Header, IDEMPOTENCY_KEY, Method, Settings, Signature};
+use crate::record::Record;
 use crate::rule::template::Template;
 use crate::sink::http::Request;
 use crate::sink::{Delivery, SinkError, TemplateContext};
@@ -116,11 +117,7 @@ impl Requests {
     }
 
     /// The body of one record's request.
-    fn body(
-        &self,
-        ctx: &TemplateContext,
-        record: &serde_json::Value,
-    ) -> Result<Option<Bytes>, SinkError> {
+    fn body(&self, ctx: &TemplateContext, record: &Record) -> Result<Option<Bytes>, SinkError> {
         match &self.body {
             Some(t) => t
                 .render(ctx)
@@ -145,16 +142,14 @@ impl Requests {
 
     /// One record's element of a batch body (`batch_body: true`): the record, or the
     /// `body` template's rendering, which must be JSON.
-    pub(super) fn batch_item<'d>(
-        &self,
-        d: &'d Delivery,
-    ) -> Result<Cow<'d, serde_json::Value>, SinkError> {
+    pub(super) fn batch_item<'d>(&self, d: &'d Delivery) -> Result<Cow<'d, Record>, SinkError> {
         if self.body.is_none() {
             return Ok(Cow::Borrowed(&d.record));
         }
         let ctx = d.origin.template_context(&d.record);
         let text = self.body(&ctx, &d.record)?.unwrap_or_default();
-        serde_json::from_slice(&text).map(Cow::Owned).map_err(|e| {
+        let json = serde_json::from_slice::<serde_json::Value>(&text);
+        json.map(|v| Cow::Owned(v.into())).map_err(|e| {
             SinkError::permanent(format!(
                 "body template: with batch_body it must render JSON: {e}"
             ))
@@ -165,7 +160,7 @@ impl Requests {
     /// rendered from the first record.
     pub(super) fn batch_request(
         &self,
-        items: &[(&Delivery, Cow<'_, serde_json::Value>)],
+        items: &[(&Delivery, Cow<'_, Record>)],
     ) -> Result<Request, SinkError> {
         let (first, _) = items.first().expect("batches are never empty");
         let ctx = first.origin.template_context(&first.record);

@@ -1,0 +1,259 @@
+//! The record: what a rule makes of a message, and what a sink writes. It is a JSON value.
+//!
+//! The common record is an object whose keys the rule's transform names
+//! (`{device: .vars.device, temp: .payload.temp}`). Such a record keeps only its values:
+//! the keys are the rule's, made once when the rule compiles and shared by every record
+//! it makes ([`Keys`]). So no key is allocated, compared or freed per message, and the
+//! values sit in one `Vec` instead of a tree of nodes. A sink reads a record through
+//! [`Record::entries`] and [`Record::get`] whatever its form. A record serializes exactly
+//! as the equal `serde_json::Value` does, keys in the same (sorted) order, so what a sink
+//! writes does not depend on how the rule made the record.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// One record.
+#[derive(Debug, Clone)]
+pub struct Record(Repr);
+
+#[derive(Debug, Clone)]
+enum Repr {
+    /// Any JSON value (what jq emitted, a dead letter, a replayed record).
+    Value(Value),
+    /// An object: `values[i]` is the value of `keys[i]`.
+    Object { keys: Arc<Keys>, values: Vec<Value> },
+}
+
+/// The keys of an object record, shared by the records of one rule: distinct, and in the
+/// order `serde_json::Map` keeps them (sorted), so that [`Keys::slot`] finds a key by
+/// binary search and a record serializes as its value would.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Keys(Box<[String]>);
+
+impl Keys {
+    /// The distinct `keys`, sorted.
+    pub fn new(keys: impl IntoIterator<Item = String>) -> Arc<Keys> {
+        let mut keys: Vec<String> = keys.into_iter().collect();
+        keys.sort_unstable();
+        keys.dedup();
+        Arc::new(Keys(keys.into_boxed_slice()))
+    }
+
+    /// Where `key`'s value sits in a record with these keys.
+    pub fn slot(&self, key: &str) -> Option<usize> {
+        self.0.binary_search_by(|k| k.as_str().cmp(key)).ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Record {
+    /// The object with `keys` and their `values`, one for each key, in the keys' order.
+    pub fn object(keys: &Arc<Keys>, values: Vec<Value>) -> Record {
+        assert_eq!(keys.len(), values.len(), "one value per key");
+        Record(Repr::Object {
+            keys: Arc::clone(keys),
+            values,
+        })
+    }
+
+    /// Whether the record is a JSON object.
+    pub fn is_object(&self) -> bool {
+        matches!(&self.0, Repr::Object { .. } | Repr::Value(Value::Object(_)))
+    }
+
+    /// The value of `key` when the record is an object that has it.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match &self.0 {
+            Repr::Value(v) => v.get(key),
+            Repr::Object { keys, values } => keys.slot(key).map(|i| &values[i]),
+        }
+    }
+
+    /// The text, when the record is a JSON string.
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.0 {
+            Repr::Value(v) => v.as_str(),
+            Repr::Object { .. } => None,
+        }
+    }
+
+    /// The keys and values of an object record, in key order; None for any other value.
+    pub fn entries(&self) -> Option<Entries<'_>> {
+        match &self.0 {
+            Repr::Value(Value::Object(map)) => Some(Entries::Map(map.iter())),
+            Repr::Value(_) => None,
+            Repr::Object { keys, values } => Some(Entries::Slots(keys.0.iter().zip(values))),
+        }
+    }
+
+    /// The record as a `serde_json::Value` (borrowed when it is one).
+    pub fn to_value(&self) -> Cow<'_, Value> {
+        match &self.0 {
+            Repr::Value(v) => Cow::Borrowed(v),
+            Repr::Object { .. } => Cow::Owned(self.clone().into_value()),
+        }
+    }
+
+    /// The record as a `serde_json::Value`.
+    pub fn into_value(self) -> Value {
+        match self.0 {
+            Repr::Value(v) => v,
+            Repr::Object { keys, values } => {
+                Value::Object(keys.0.iter().cloned().zip(values).collect())
+            }
+        }
+    }
+}
+
+/// [`Record::entries`].
+pub enum Entries<'a> {
+    Map(serde_json::map::Iter<'a>),
+    Slots(std::iter::Zip<std::slice::Iter<'a, String>, std::slice::Iter<'a, Value>>),
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = (&'a str, &'a Value);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Entries::Map(it) => it.next().map(|(k, v)| (k.as_str(), v)),
+            Entries::Slots(it) => it.next().map(|(k, v)| (k.as_str(), v)),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Entries::Map(it) => it.size_hint(),
+            Entries::Slots(it) => it.size_hint(),
+        }
+    }
+}
+
+impl ExactSizeIterator for Entries<'_> {}
+
+impl From<Value> for Record {
+    fn from(v: Value) -> Record {
+        Record(Repr::Value(v))
+    }
+}
+
+impl Serialize for Record {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Repr::Value(v) => v.serialize(s),
+            Repr::Object { keys, values } => s.collect_map(keys.0.iter().zip(values)),
+        }
+    }
+}
+
+/// Compact JSON, as `serde_json::Value` shows itself.
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Value(v) => v.fmt(f),
+            Repr::Object { .. } => {
+                f.write_str(&serde_json::to_string(self).map_err(|_| fmt::Error)?)
+            }
+        }
+    }
+}
+
+/// Equal when the JSON values are, whatever their form.
+impl PartialEq for Record {
+    fn eq(&self, other: &Record) -> bool {
+        self.to_value() == other.to_value()
+    }
+}
+
+impl PartialEq<Value> for Record {
+    fn eq(&self, other: &Value) -> bool {
+        *self.to_value() == *other
+    }
+}
+
+/// `record["key"]`: the value, or null when the record has no such key (as for a
+/// `serde_json::Value`).
+impl std::ops::Index<&str> for Record {
+    type Output = Value;
+
+    fn index(&self, key: &str) -> &Value {
+        const NULL: Value = Value::Null;
+        self.get(key).unwrap_or(&NULL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn shared() -> Record {
+        let keys = Keys::new(["temp", "device", "body"].map(String::from));
+        // In the keys' order: body, device, temp.
+        Record::object(
+            &keys,
+            vec![json!({"b": 1, "a": [2]}), json!("d1"), json!(21.5)],
+        )
+    }
+
+    #[test]
+    fn an_object_with_shared_keys_is_the_value_it_stands_for() {
+        let value = json!({"device": "d1", "temp": 21.5, "body": {"a": [2], "b": 1}});
+        let r = shared();
+        assert_eq!(r, value);
+        assert_eq!(r.to_string(), value.to_string());
+        assert_eq!(
+            serde_json::to_vec(&r).unwrap(),
+            serde_json::to_vec(&value).unwrap()
+        );
+        assert_eq!(r.clone().into_value(), value);
+        assert_eq!(r, Record::from(value.clone()));
+        assert!(r.is_object());
+        assert_eq!(r.get("temp"), Some(&json!(21.5)));
+        assert_eq!(r["device"], json!("d1"));
+        assert_eq!(r.get("nope"), None);
+        assert_eq!(r["nope"], Value::Null);
+        let from_value = Record::from(value);
+        let keys = |r: &Record| {
+            r.entries()
+                .unwrap()
+                .map(|(k, _)| k.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&r), ["body", "device", "temp"]);
+        assert_eq!(keys(&r), keys(&from_value));
+    }
+
+    #[test]
+    fn other_values_are_kept_as_they_are() {
+        for v in [json!(null), json!(1), json!("s"), json!([1, {"a": 2}])] {
+            let r = Record::from(v.clone());
+            assert!(!r.is_object());
+            assert!(r.entries().is_none());
+            assert_eq!(r.get("a"), None);
+            assert_eq!(r.to_string(), v.to_string());
+            assert_eq!(r.into_value(), v);
+        }
+    }
+
+    #[test]
+    fn keys_are_distinct_and_sorted() {
+        let keys = Keys::new(["b", "a", "b", "c"].map(String::from));
+        assert_eq!(keys.len(), 3);
+        assert_eq!(
+            ["a", "b", "c", "d"].map(|k| keys.slot(k)),
+            [Some(0), Some(1), Some(2), None]
+        );
+    }
+}
