@@ -90,11 +90,16 @@ impl Inferred {
 
 /// A record prepared for insertion.
 pub struct Prepared<'b> {
-    pub names: Vec<Cow<'b, str>>,
+    /// The columns, one list shared by the rows of a batch that have the same (most
+    /// have: the records of one rule share their keys).
+    pub names: Names<'b>,
     /// Each column's value as text (None: NULL), in the order of `names`; a string
     /// value is borrowed from its record.
     pub values: Vec<Option<Text<'b>>>,
 }
+
+/// The columns of a [`Prepared`] row.
+pub type Names<'b> = Arc<[Cow<'b, str>]>;
 
 /// A column value's text: borrowed from its record, kept inline when it is short (a
 /// number, a time: no allocation), or made.
@@ -430,8 +435,17 @@ impl<D: Dialect> TableSink<D> {
     }
 
     /// One record as a row: its column names and each value as text for the database.
-    fn row<'b>(&self, fields: Fields<'b>, columns: &Columns) -> Result<Prepared<'b>, SinkError> {
-        let mut names = Vec::with_capacity(fields.len());
+    /// `last` is the previous row's names, taken again when they are the same.
+    fn row<'b>(
+        &self,
+        fields: Fields<'b>,
+        columns: &Columns,
+        last: &mut Option<Names<'b>>,
+    ) -> Result<Prepared<'b>, SinkError> {
+        let names = match last {
+            Some(names) if names.iter().eq(fields.iter().map(|(c, _)| c)) => Arc::clone(names),
+            _ => Arc::clone(last.insert(fields.iter().map(|(c, _)| c.clone()).collect())),
+        };
         let mut values = Vec::with_capacity(fields.len());
         for (c, v) in fields {
             let (class, unit) = (columns[c.as_ref()].class, self.cfg.time_unit);
@@ -443,7 +457,6 @@ impl<D: Dialect> TableSink<D> {
                     .map(|t| t.map(Text::into_static)),
             }
             .map_err(|e| SinkError::permanent(format!("column {c}: {e}")))?;
-            names.push(c);
             values.push(text);
         }
         Ok(Prepared { names, values })
@@ -461,9 +474,13 @@ impl<D: Dialect> TableSink<D> {
         };
         let columns = &*columns;
         let mut fields = self.fields(batch, columns, &unadded).await.into_iter();
+        let mut last = None;
         super::prepared(
             batch,
-            |_| self.row(fields.next().expect("fields for each record")?, columns),
+            |_| {
+                let fields = fields.next().expect("fields for each record")?;
+                self.row(fields, columns, &mut last)
+            },
             move |rows| async move {
                 super::isolate(&rows, |part| self.db.insert(&self.cfg, part, columns)).await
             },
@@ -494,7 +511,9 @@ impl<D: Dialect> Sink for TableSink<D> {
 pub fn groups<'r, 'b>(rows: &'r [Prepared<'b>]) -> Vec<Vec<&'r Prepared<'b>>> {
     let mut groups: Vec<Vec<&Prepared>> = Vec::new();
     for r in rows {
-        match groups.iter_mut().find(|g| g[0].names == r.names) {
+        let same =
+            |g: &&mut Vec<&Prepared>| Arc::ptr_eq(&g[0].names, &r.names) || g[0].names == r.names;
+        match groups.iter_mut().find(same) {
             Some(group) => group.push(r),
             None => groups.push(vec![r]),
         }
