@@ -103,6 +103,10 @@ pub struct Decoded {
 
 /// Checks and decodes a body read after a header with checksum `crc`. `sources` interns
 /// source names so records do not each allocate one.
+///
+/// The texts are copied out and the payload, the last field, is the body itself with
+/// the rest skipped: a body read into a `Vec` is not split, which would allocate a
+/// shared header for it (see [`take`]).
 pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Decoded, String> {
     if checksum(&body) != crc {
         return Err("checksum mismatch".into());
@@ -117,35 +121,44 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
         .map_err(|e| format!("bad receive time: {e}"))?;
     let qos = b.get_u8();
     let flags = b.get_u8();
-    let text =
-        |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| "text is not UTF-8".to_string());
-    let mut field = || take(&mut b).ok_or_else(truncated);
-    let topic = text(field()?)?;
-    let source = field()?;
-    let mut optional = |bit: u8| -> Result<Option<Bytes>, String> {
-        (flags & bit != 0).then(&mut field).transpose()
+    let text = |b: &[u8]| {
+        let s = std::str::from_utf8(b).map_err(|_| "text is not UTF-8".to_string());
+        s.map(String::from)
     };
-    let client_id = optional(CLIENT_ID)?.map(text).transpose()?;
-    let content_type = optional(CONTENT_TYPE)?.map(text).transpose()?;
-    let response_topic = optional(RESPONSE_TOPIC)?.map(text).transpose()?;
-    let correlation_data = optional(CORRELATION)?;
+    let topic = take(&mut b, text)?;
+    // The few sources' names are kept once: a record's is compared, not copied.
+    let source = take(&mut b, |name| {
+        match sources.iter().find(|s| s.as_bytes() == name) {
+            Some(s) => Ok(Arc::clone(s)),
+            None => {
+                let s: Arc<str> = Arc::from(text(name)?);
+                sources.push(Arc::clone(&s));
+                Ok(s)
+            }
+        }
+    })?;
+    let mut optional = |bit: u8| (flags & bit != 0).then(|| take(&mut b, text)).transpose();
+    let client_id = optional(CLIENT_ID)?;
+    let content_type = optional(CONTENT_TYPE)?;
+    let response_topic = optional(RESPONSE_TOPIC)?;
+    let correlation_data = (flags & CORRELATION != 0)
+        .then(|| take(&mut b, |c| Ok(Bytes::copy_from_slice(c))))
+        .transpose()?;
     let count = bytes_u32(&mut b).ok_or_else(truncated)? as usize;
     let mut user_properties = Vec::with_capacity(count.min(64));
     for _ in 0..count {
-        let k = text(take(&mut b).ok_or_else(truncated)?)?;
-        let v = text(take(&mut b).ok_or_else(truncated)?)?;
+        let k = take(&mut b, text)?;
+        let v = take(&mut b, text)?;
         user_properties.push((k, v));
     }
-    let payload = take(&mut b).ok_or_else(truncated)?;
-    // The few sources' names are kept once: a record's is compared, not copied.
-    let source = match sources.iter().find(|s| s.as_bytes() == &source[..]) {
-        Some(s) => Arc::clone(s),
-        None => {
-            let s: Arc<str> = Arc::from(text(source)?);
-            sources.push(Arc::clone(&s));
-            s
-        }
-    };
+    let n = bytes_u32(&mut b).ok_or_else(truncated)? as usize;
+    if b.remaining() < n {
+        return Err(truncated());
+    }
+    let mut payload = b;
+    if payload.len() > n {
+        payload.truncate(n);
+    }
     Ok(Decoded {
         seq,
         message: Message {
@@ -171,9 +184,16 @@ fn bytes_u32(b: &mut Bytes) -> Option<u32> {
     (b.remaining() >= 4).then(|| b.get_u32_le())
 }
 
-fn take(b: &mut Bytes) -> Option<Bytes> {
-    let n = bytes_u32(b)? as usize;
-    (b.remaining() >= n).then(|| b.split_to(n))
+/// The next length-prefixed field, read by `read` from the body's bytes, which are then
+/// skipped. (`Bytes::split_to` would share the body instead: for a body read into a
+/// `Vec` that allocates, and the payload then holds the whole body either way.)
+fn take<T>(b: &mut Bytes, read: impl FnOnce(&[u8]) -> Result<T, String>) -> Result<T, String> {
+    let truncated = || "record shorter than its fields".to_string();
+    let n = bytes_u32(b).ok_or_else(truncated)? as usize;
+    let field = b.get(..n).ok_or_else(truncated)?;
+    let value = read(field)?;
+    b.advance(n);
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::Bytes;
 
 use super::record::{self, Decoded, HEADER};
 
@@ -79,14 +79,16 @@ impl SegmentReader {
             Ok(v) => v,
             Err(e) => return Ok(Next::Broken(e)),
         };
-        let mut body = BytesMut::zeroed(len);
-        let got = read_full(&mut self.file, &mut body)?;
+        // Read into a vector of the body's size, not zeroed first; as `Bytes` it is one
+        // allocation (see `record::decode`).
+        let mut body = Vec::with_capacity(len);
+        let got = (&mut self.file).take(len as u64).read_to_end(&mut body)?;
         if got < len {
             return Ok(Next::Broken(format!(
                 "record cut short ({got} of {len} bytes)"
             )));
         }
-        match record::decode(body.freeze(), crc, &mut self.sources) {
+        match record::decode(Bytes::from(body), crc, &mut self.sources) {
             Ok(d) => {
                 self.offset += (HEADER + len) as u64;
                 Ok(Next::Record(d))
