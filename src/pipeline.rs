@@ -32,6 +32,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
 use tokio::sync::mpsc;
@@ -422,10 +423,14 @@ impl Router {
             match verdicts {
                 Ok(verdicts) => {
                     // Evaluated: the batch is the router's alone again (the pool's job is
-                    // gone), so the message's last origin takes its topic, not a copy.
-                    let topic = Arc::get_mut(&mut msgs).map(|m| std::mem::take(&mut m[i].topic));
+                    // gone), so the message's last origin takes its topic and payload, not
+                    // copies.
+                    let taken = Arc::get_mut(&mut msgs).map(|m| {
+                        let m = &mut m[i];
+                        (std::mem::take(&mut m.topic), std::mem::take(&mut m.payload))
+                    });
                     let msg = &msgs[i];
-                    self.dispatch(&active, msg, topic, verdicts, ack, &mut out)
+                    self.dispatch(&active, msg, taken, verdicts, ack, &mut out)
                         .await
                 }
                 Err(error) => self.fail_all(&active, &msgs[i], &error, ack).await,
@@ -441,12 +446,12 @@ impl Router {
     }
 
     /// Makes one message's records for the sinks, into `out` (by sink). `taken`: the
-    /// message's topic, when it was taken out of `msg`.
+    /// message's topic and payload, when they were taken out of `msg`.
     async fn dispatch(
         &self,
         active: &Active,
         msg: &Message,
-        mut taken: Option<String>,
+        mut taken: Option<(String, Bytes)>,
         verdicts: Vec<Verdict>,
         ack: Ack,
         out: &mut [Vec<Delivery>],
@@ -457,12 +462,14 @@ impl Router {
             let m = &active.metrics[v.rule];
             m.matched.increment(1);
             m.evaluation.record(v.took);
-            let topic = match n == last {
+            let parts = match n == last {
                 true => taken.take(),
                 false => taken.clone(),
             };
-            let topic = topic.unwrap_or_else(|| msg.topic.clone());
-            let origin = Arc::new(Origin::with_topic(msg, topic, &rule.name, v.vars));
+            let (topic, payload) =
+                parts.unwrap_or_else(|| (msg.topic.clone(), msg.payload.clone()));
+            let origin = Origin::taking(msg, topic, payload, &rule.name, v.vars);
+            let origin = Arc::new(origin);
             let topic = &origin.topic;
             match v.evaluation {
                 Evaluation::Records(records) => {

@@ -64,21 +64,23 @@ impl Origin {
         rule: &Arc<str>,
         vars: Vec<(String, String)>,
     ) -> Origin {
-        Origin::with_topic(msg, msg.topic.clone(), rule, vars)
+        let (topic, payload) = (msg.topic.clone(), msg.payload.clone());
+        Origin::taking(msg, topic, payload, rule, vars)
     }
 
-    /// [`Origin::from_message`] with the message's `topic` given (taken out of a message
-    /// that is not needed any more, instead of copied).
-    pub fn with_topic(
+    /// [`Origin::from_message`] with the message's `topic` and `payload` given (taken
+    /// out of a message that is not needed any more, instead of copied).
+    pub fn taking(
         msg: &crate::message::Message,
         topic: String,
+        payload: Bytes,
         rule: &Arc<str>,
         vars: Vec<(String, String)>,
     ) -> Origin {
         Origin {
             id: OnceLock::new(),
             topic,
-            payload: msg.payload.clone(),
+            payload,
             qos: msg.qos,
             retain: msg.retain,
             vars,
