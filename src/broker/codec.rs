@@ -627,9 +627,10 @@ fn len_len(len: usize) -> usize {
     }
 }
 
-/// The largest remaining length MQTT can encode (four bytes of seven bits), and so the
-/// bound of any maximum packet size.
-pub const MAX_REMAINING: usize = 268_435_455;
+/// The largest remaining length MQTT can encode (see
+/// [`MQTT_MAX_REMAINING`](crate::config::units::MQTT_MAX_REMAINING), where the
+/// configured sizes are checked against it).
+pub const MAX_REMAINING: usize = crate::config::units::MQTT_MAX_REMAINING;
 
 /// Writes a PUBLISH straight from `p`, without copying its topic or payload into another
 /// packet type first (it is the packet every subscriber gets).

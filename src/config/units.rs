@@ -15,11 +15,16 @@ pub struct Duration(pub StdDuration);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
+/// The largest remaining length MQTT can encode (four bytes of seven bits), and so the
+/// bound of any maximum packet size. Defined here, with the check of the configured
+/// sizes, so that the config imports no component; the broker's codec uses it too.
+pub const MQTT_MAX_REMAINING: usize = 268_435_455;
+
 impl ByteSize {
     /// As an MQTT maximum packet size (the embedded broker's, or the client's): from 64
     /// bytes to the largest packet MQTT can encode.
     pub fn check_packet_size(self) -> Result<(), String> {
-        let max = crate::broker::codec::MAX_REMAINING as u64;
+        let max = MQTT_MAX_REMAINING as u64;
         if (64..=max).contains(&self.0) {
             Ok(())
         } else {
