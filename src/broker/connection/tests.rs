@@ -824,6 +824,29 @@ async fn keepalive_expiry_is_disconnect_0x8d_after_one_and_a_half_intervals() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_keepalive_counts_from_the_last_packet() {
+    // The loop's one timer is set for the first expiry and moved only closer: packets
+    // within the keepalive make it fire early, and it is set again from the last one.
+    let b = broker("").await;
+    let hello = Hello {
+        keep_alive: 2,
+        ..Hello::new("c")
+    };
+    let mut c = b.connect(Version::V5, hello).await;
+    let start = tokio::time::Instant::now();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.ping().await;
+    }
+    assert_eq!(c.recv().await, Got::Disconnect { reason: 0x8D });
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_session_taken_over_disconnects_the_old_connection_with_0x8e() {
     let b = broker("").await;
