@@ -112,7 +112,6 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
         return Err("checksum mismatch".into());
     }
     let mut b = body;
-    let truncated = || "record shorter than its fields".to_string();
     if b.remaining() < 18 {
         return Err(truncated());
     }
@@ -180,6 +179,10 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
     })
 }
 
+fn truncated() -> String {
+    "record shorter than its fields".into()
+}
+
 fn bytes_u32(b: &mut Bytes) -> Option<u32> {
     (b.remaining() >= 4).then(|| b.get_u32_le())
 }
@@ -188,7 +191,6 @@ fn bytes_u32(b: &mut Bytes) -> Option<u32> {
 /// skipped. (`Bytes::split_to` would share the body instead: for a body read into a
 /// `Vec` that allocates, and the payload then holds the whole body either way.)
 fn take<T>(b: &mut Bytes, read: impl FnOnce(&[u8]) -> Result<T, String>) -> Result<T, String> {
-    let truncated = || "record shorter than its fields".to_string();
     let n = bytes_u32(b).ok_or_else(truncated)? as usize;
     let field = b.get(..n).ok_or_else(truncated)?;
     let value = read(field)?;
@@ -238,7 +240,25 @@ mod tests {
         let header: [u8; HEADER] = buf[..HEADER].try_into().unwrap();
         let (len, crc) = body_len(&header).unwrap();
         assert_eq!(len, buf.len() - HEADER);
-        decode(Bytes::from(buf).slice(HEADER..), crc, &mut Vec::new()).unwrap()
+        // A body of its own, as the segment reader reads it.
+        decode(Bytes::from(buf[HEADER..].to_vec()), crc, &mut Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn a_body_cut_short_is_an_error() {
+        let mut buf = Vec::new();
+        encode(7, &full_message(), &mut buf);
+        let body = &buf[HEADER..];
+        for end in 0..body.len() {
+            let cut = body[..end].to_vec();
+            let crc = checksum(&cut);
+            let err = decode(Bytes::from(cut), crc, &mut Vec::new()).err();
+            assert_eq!(
+                err.as_deref(),
+                Some("record shorter than its fields"),
+                "{end}"
+            );
+        }
     }
 
     #[test]
