@@ -157,14 +157,25 @@ impl Serialize for Record {
     }
 }
 
-/// Compact JSON, as `serde_json::Value` shows itself.
+/// Compact JSON, as `serde_json::Value` shows itself: written straight into the
+/// formatter, so `to_string` makes one string, not a second one to copy from.
 impl fmt::Display for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// serde_json's output (UTF-8, written a piece at a time) into a formatter.
+        struct Into<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl std::io::Write for Into<'_, '_> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let s = std::str::from_utf8(buf).map_err(std::io::Error::other)?;
+                self.0.write_str(s).map_err(std::io::Error::other)?;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
         match &self.0 {
             Repr::Value(v) => v.fmt(f),
-            Repr::Object { .. } => {
-                f.write_str(&serde_json::to_string(self).map_err(|_| fmt::Error)?)
-            }
+            Repr::Object { .. } => serde_json::to_writer(Into(f), self).map_err(|_| fmt::Error),
         }
     }
 }
@@ -203,13 +214,13 @@ mod tests {
         // In the keys' order: body, device, temp.
         Record::object(
             &keys,
-            vec![json!({"b": 1, "a": [2]}), json!("d1"), json!(21.5)],
+            vec![json!({"b": 1, "a": [2]}), json!("d1 \"é\" ✓"), json!(21.5)],
         )
     }
 
     #[test]
     fn an_object_with_shared_keys_is_the_value_it_stands_for() {
-        let value = json!({"device": "d1", "temp": 21.5, "body": {"a": [2], "b": 1}});
+        let value = json!({"device": "d1 \"é\" ✓", "temp": 21.5, "body": {"a": [2], "b": 1}});
         let r = shared();
         assert_eq!(r, value);
         assert_eq!(r.to_string(), value.to_string());
@@ -221,7 +232,7 @@ mod tests {
         assert_eq!(r, Record::from(value.clone()));
         assert!(r.is_object());
         assert_eq!(r.get("temp"), Some(&json!(21.5)));
-        assert_eq!(r["device"], json!("d1"));
+        assert_eq!(r["device"], json!("d1 \"é\" ✓"));
         assert_eq!(r.get("nope"), None);
         assert_eq!(r["nope"], Value::Null);
         let from_value = Record::from(value);
