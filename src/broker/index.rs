@@ -77,19 +77,26 @@ impl Index {
 
     /// The subscriptions whose filter matches `topic`, unfiltered by the ACL.
     pub fn matching<'a>(&'a self, topic: &str) -> Vec<&'a Entry> {
-        let levels: Vec<&str> = topic.split('/').collect();
         let mut found = Vec::new();
-        collect(&self.root, &levels, topic.starts_with('$'), &mut found);
+        collect(
+            &self.root,
+            topic.split('/'),
+            topic.starts_with('$'),
+            &mut found,
+        );
         found
     }
+}
 
-    /// Where `msg` goes: the matching subscriptions the ACL lets carry it, merged into
-    /// one delivery per session (the highest QoS, every subscription identifier; no-local
-    /// honoured) or collected by shared group. `retain` is the flag as published.
-    pub fn fanout<'a>(&'a self, msg: &Arc<Stored>, retain: bool) -> Fanout<'a> {
+impl<'a> Fanout<'a> {
+    /// Where `msg` goes: of the subscriptions `found` [matching](Index::matching) its
+    /// topic, those the ACL lets carry it, merged into one delivery per session (the
+    /// highest QoS, every subscription identifier; no-local honoured) or collected by
+    /// shared group. `retain` is the flag as published.
+    pub fn new(found: Vec<&'a Entry>, msg: &Arc<Stored>, retain: bool) -> Fanout<'a> {
         let mut by_client: HashMap<&'a str, Outbound> = HashMap::new();
         let mut groups: HashMap<(&'a str, &'a str), Vec<&'a Entry>> = HashMap::new();
-        for e in self.matching(&msg.topic) {
+        for e in found {
             if !e.receive.allows(&msg.topic) {
                 continue;
             }
@@ -121,19 +128,24 @@ impl Index {
 
 /// Adds the entries under `node` that match the topic's remaining `levels`; `dollar`:
 /// at the root of a topic starting with `$`, which wildcards do not match.
-fn collect<'a>(node: &'a Node, levels: &[&str], dollar: bool, found: &mut Vec<&'a Entry>) {
+fn collect<'a>(
+    node: &'a Node,
+    mut levels: std::str::Split<'_, char>,
+    dollar: bool,
+    found: &mut Vec<&'a Entry>,
+) {
     if !dollar && let Some(hash) = node.children.get("#") {
         found.extend(&hash.entries);
     }
-    let Some((level, rest)) = levels.split_first() else {
+    let Some(level) = levels.next() else {
         found.extend(&node.entries);
         return;
     };
-    if let Some(child) = node.children.get(*level) {
-        collect(child, rest, false, found);
+    if let Some(child) = node.children.get(level) {
+        collect(child, levels.clone(), false, found);
     }
     if !dollar && let Some(plus) = node.children.get("+") {
-        collect(plus, rest, false, found);
+        collect(plus, levels, false, found);
     }
 }
 

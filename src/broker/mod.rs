@@ -111,11 +111,13 @@ impl Shared {
         self.state.change()
     }
 
-    /// Delivers a published message to every matching subscription, and keeps it as the
-    /// topic's retained message when `retain` is set.
-    fn route(&self, stored: Arc<session::Stored>, retain: bool) {
+    /// Delivers a message on `topic` to every matching subscription, and keeps it as the
+    /// topic's retained message when `retain` is set. `stored` makes the message as
+    /// subscribers get it, only when one does or it is retained: a device publishing to
+    /// the rules alone costs no copy of it.
+    fn route(&self, topic: &str, retain: bool, stored: impl FnOnce() -> Arc<session::Stored>) {
         let max = self.plan.max_queued_messages;
-        self.state.route(&stored, retain, max, &self.counters);
+        self.state.route(topic, retain, stored, max, &self.counters);
     }
 }
 
@@ -263,15 +265,17 @@ impl Broker {
     /// subscribers and retained store. It does not go through the rules again (a sink
     /// waiting on the rules that feed it could deadlock).
     pub fn publish(&self, topic: &str, payload: bytes::Bytes, qos: u8, retain: bool) {
-        let stored = Arc::new(session::Stored {
-            topic: topic.to_string(),
-            payload,
-            qos,
-            properties: None,
-            expires_at: None,
-            from: None,
-        });
-        self.shared.route(stored, retain);
+        let stored = || {
+            Arc::new(session::Stored {
+                topic: topic.to_string(),
+                payload,
+                qos,
+                properties: None,
+                expires_at: None,
+                from: None,
+            })
+        };
+        self.shared.route(topic, retain, stored);
     }
 }
 

@@ -109,24 +109,32 @@ impl State {
         change.reindex();
     }
 
-    /// Delivers `msg` to every matching subscription's queue, and keeps it as its topic's
-    /// retained message when `retain` is set; returns how many sessions got it (the
-    /// others' drops are counted in `counters`).
+    /// Delivers a message on `topic` to every matching subscription's queue, and keeps
+    /// it as its topic's retained message when `retain` is set; returns how many
+    /// sessions got it (the others' drops are counted in `counters`). `stored` makes the
+    /// message; it is called only when a subscription matches or `retain` is set, and
+    /// the sessions are locked only then.
     pub fn route(
         &self,
-        msg: &Arc<Stored>,
+        topic: &str,
         retain: bool,
+        stored: impl FnOnce() -> Arc<Stored>,
         max_queued: usize,
         counters: &Counters,
     ) -> usize {
         // Read-locked until the messages are queued (see the module docs).
         let index = unpoison(self.index.read());
-        let fanout = index.fanout(msg, retain);
+        let found = index.matching(topic);
+        if found.is_empty() && !retain {
+            return 0;
+        }
+        let msg = stored();
+        let fanout = Fanout::new(found, &msg, retain);
         let mut router = self.lock();
         if retain {
-            router.retained.set(Arc::clone(msg));
+            router.retained.set(Arc::clone(&msg));
         }
-        router.deliver(msg, fanout, max_queued, counters)
+        router.deliver(&msg, fanout, max_queued, counters)
     }
 }
 
@@ -312,7 +320,40 @@ mod tests {
 
     /// Routes `msg` (not retained, queues of 10): how many sessions got it.
     fn route(state: &State, msg: &Arc<Stored>) -> usize {
-        state.route(msg, false, 10, &Counters::default())
+        state.route(
+            &msg.topic,
+            false,
+            || Arc::clone(msg),
+            10,
+            &Counters::default(),
+        )
+    }
+
+    /// A message is made only for a subscriber or the retained store: one that no
+    /// subscription matches, not retained, costs neither it nor the sessions' lock.
+    #[test]
+    fn a_message_is_made_only_when_someone_takes_it() {
+        let state = State::default();
+        let made = std::cell::Cell::new(0);
+        let make = |topic: &str| {
+            made.set(made.get() + 1);
+            msg(topic, 1, None)
+        };
+        let route = |topic, retain| {
+            state.route(topic, retain, || make(topic), 10, &Counters::default())
+        };
+        assert_eq!(route("a/x", false), 0);
+        assert_eq!(made.get(), 0, "nobody subscribed: not made");
+        assert_eq!(route("a/x", true), 0);
+        assert_eq!(made.get(), 1, "retained: made, for the store");
+        assert_eq!(state.lock().retained.len(), 1);
+        state
+            .change()
+            .insert_session("c".into(), session(vec![("a/+", sub("a/+", 1))]));
+        assert_eq!(route("b/x", false), 0);
+        assert_eq!(made.get(), 1, "no subscription matches: not made");
+        assert_eq!(route("a/y", false), 1);
+        assert_eq!(made.get(), 2, "a subscriber: made once");
     }
 
     /// `deny subscribe secret/#` for everyone.

@@ -40,6 +40,28 @@ pub struct Stored {
 }
 
 impl Stored {
+    /// A message from `client_id` (a PUBLISH or its will) as the broker keeps it for
+    /// subscribers: the properties to forward, the expiry as a deadline.
+    pub fn of(p: &Publish, client_id: &str) -> Arc<Stored> {
+        let expiry = p
+            .properties
+            .as_ref()
+            .and_then(|pp| pp.message_expiry_interval);
+        Arc::new(Stored {
+            topic: p.topic.clone(),
+            payload: p.payload.clone(),
+            qos: p.qos,
+            expires_at: expiry.map(|s| Instant::now() + Duration::from_secs(s as u64)),
+            properties: p.properties.clone().map(|mut pp| {
+                pp.subscription_identifiers.clear();
+                pp.topic_alias = None;
+                pp.message_expiry_interval = None;
+                pp
+            }),
+            from: Some(client_id.to_string()),
+        })
+    }
+
     pub fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }

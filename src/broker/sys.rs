@@ -43,15 +43,17 @@ pub(super) async fn run(shared: Arc<Shared>, every: Duration, stop: Cancellation
             if last.get(topic) == Some(&value) {
                 continue;
             }
-            let stored = Arc::new(Stored {
-                topic: topic.to_string(),
-                payload: value.clone().into(),
-                qos: 0,
-                properties: None,
-                expires_at: None,
-                from: None,
-            });
-            shared.route(stored, true);
+            let stored = || {
+                Arc::new(Stored {
+                    topic: topic.to_string(),
+                    payload: value.clone().into(),
+                    qos: 0,
+                    properties: None,
+                    expires_at: None,
+                    from: None,
+                })
+            };
+            shared.route(topic, true, stored);
             last.insert(topic, value);
         }
     }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::inbound::{SOURCE, message, stored};
+use super::inbound::{SOURCE, message};
 use super::{Conn, End, ProtocolError};
 use crate::broker::Shared;
 use crate::broker::codec::{Publish, Will};
+use crate::broker::session::Stored;
 use crate::delivery::Ack;
 use crate::source::intake::Handoff;
 
@@ -103,7 +104,7 @@ pub(in crate::broker) fn publish_will(
         payload: w.payload,
         properties: w.properties,
     };
-    shared.route(stored(&p, client_id), p.retain);
+    shared.route(&p.topic, p.retain, || Stored::of(&p, client_id));
     if let Some(handoff) = handoff {
         handoff.try_hand(message(p, client_id, Arc::from(SOURCE), Ack::detached()));
     }

@@ -234,7 +234,8 @@ impl Conn {
             return Ok(());
         }
         if route {
-            self.shared.route(stored(&p, &self.client_id), p.retain);
+            self.shared
+                .route(&p.topic, p.retain, || Stored::of(&p, &self.client_id));
         }
         let token = (p.qos > 0).then_some(PendingAck {
             pkid: p.pkid,
@@ -272,28 +273,6 @@ impl Conn {
             reason: if v5 { 0x87 } else { 0 },
         });
     }
-}
-
-/// A message from `client_id` (a PUBLISH or its will) as the broker keeps it for
-/// subscribers: the properties to forward, the expiry as a deadline.
-pub(super) fn stored(p: &Publish, client_id: &str) -> Arc<Stored> {
-    let expiry = p
-        .properties
-        .as_ref()
-        .and_then(|pp| pp.message_expiry_interval);
-    Arc::new(Stored {
-        topic: p.topic.clone(),
-        payload: p.payload.clone(),
-        qos: p.qos,
-        expires_at: expiry.map(|s| std::time::Instant::now() + Duration::from_secs(s as u64)),
-        properties: p.properties.clone().map(|mut pp| {
-            pp.subscription_identifiers.clear();
-            pp.topic_alias = None;
-            pp.message_expiry_interval = None;
-            pp
-        }),
-        from: Some(client_id.to_string()),
-    })
 }
 
 /// A message from `client_id` (a PUBLISH or its will) for the rules.
