@@ -63,7 +63,7 @@ fn rule(transform: &str) -> Rule {
 /// The rule's records for the message.
 fn transform(rule: &Rule, msg: &Message) -> Vec<Record> {
     match rule.evaluate(msg, &[("device", "d0042")], Duration::from_secs(2)) {
-        Evaluation::Records(r) => r,
+        Evaluation::Records(r) => r.into_vec(),
         other => panic!("{other:?}"),
     }
 }
@@ -96,7 +96,11 @@ fn main() {
     assert_eq!(record["seq"], 42);
     record["received_at"] = Value::from("2026-11-26T03:00:00.123Z");
     let record = Record::from(record);
-    let origin = Origin::from_message(&msg, &rule.name, vec![("device".into(), "d0042".into())]);
+    let origin = Origin::from_message(
+        &msg,
+        &rule.name,
+        mqbridge::topic::Vars::new(&[("device", "d0042")]),
+    );
     let webhook = [
         Template::compile(URL).unwrap(),
         Template::compile(BODY).unwrap(),

@@ -15,20 +15,16 @@ use crate::pipeline::evaluate;
 use crate::rule::Evaluation;
 use crate::rule::jq::THREAD_STACK;
 use crate::sink::Origin;
+use crate::topic::Vars;
 
 /// What one matching rule makes of the message.
 #[derive(Debug, Serialize)]
 pub struct RuleOutcome {
     pub rule: String,
     /// The topic captures (`{name}` in a `from` filter); an object in JSON.
-    #[serde(serialize_with = "as_map")]
-    pub vars: Vec<(String, String)>,
+    pub vars: Vars,
     #[serde(flatten)]
     pub result: RuleResult,
-}
-
-fn as_map<S: serde::Serializer>(vars: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_map(vars.iter().map(|(k, v)| (k, v)))
 }
 
 #[derive(Debug, Serialize)]

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use crate::delivery::{Ack, Watch};
@@ -47,14 +48,18 @@ use crate::sink::publish::{Outgoing, Publish};
 use crate::sink::queue::SinkQueue;
 use crate::sink::{Delivery, ErrorKind, Origin, Outcome};
 use crate::tap::{Event, Taps};
+use crate::topic::Vars;
 
 /// Most messages evaluated per hand-off to the pool.
 pub const EVAL_BATCH: usize = 256;
 
+/// Every matching rule's verdict on one message: usually one, kept inline.
+pub type Verdicts = SmallVec<[Verdict; 1]>;
+
 /// A matching rule's verdict on one message.
 pub struct Verdict {
     pub rule: usize,
-    pub vars: Vec<(String, String)>,
+    pub vars: Vars,
     pub evaluation: Evaluation,
     /// How long decoding, filtering and transforming took.
     pub took: Duration,
@@ -73,7 +78,7 @@ pub fn evaluate(
     msg: &Message,
     mut observed: Observations,
     limit: Duration,
-) -> Vec<Verdict> {
+) -> Verdicts {
     rules
         .iter()
         .enumerate()
@@ -90,10 +95,7 @@ pub fn evaluate(
             let took = started.elapsed();
             Some(Verdict {
                 rule: i,
-                vars: vars
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                vars: Vars::new(&vars),
                 evaluation,
                 took,
             })
@@ -182,7 +184,7 @@ struct Batch {
 }
 
 /// Each message's verdicts, or why evaluating it broke down.
-type Verdicts = Result<Vec<Verdict>, String>;
+type Evaluated = Result<Verdicts, String>;
 
 /// A rule's metric handles, looked up once.
 struct RuleMetrics {
@@ -328,7 +330,7 @@ impl Router {
         &self,
         active: &Arc<Active>,
         mut batch: Vec<Message>,
-    ) -> impl Future<Output = (Batch, Result<Vec<Verdicts>, EvalError>)> + use<> {
+    ) -> impl Future<Output = (Batch, Result<Vec<Evaluated>, EvalError>)> + use<> {
         // In arrival order, here: see the module's docs.
         let observed: Option<Vec<Observations>> = active
             .in_order
@@ -353,7 +355,7 @@ impl Router {
                             format!("rule evaluation panicked: {}", panic_message(p.as_ref()))
                         })
                     })
-                    .collect::<Vec<Verdicts>>()
+                    .collect::<Vec<Evaluated>>()
             }
         };
         let pending = self.eval.submit(job).await;
@@ -408,7 +410,7 @@ impl Router {
     /// Dispatches a batch's verdicts, message by message in order, then hands each sink
     /// the records the batch made for it, in that order, at once (waiting while its queue
     /// is full).
-    async fn dispatch_batch(&self, batch: Batch, verdicts: Result<Vec<Verdicts>, EvalError>) {
+    async fn dispatch_batch(&self, batch: Batch, verdicts: Result<Vec<Evaluated>, EvalError>) {
         let verdicts = verdicts.unwrap_or_else(|e| {
             let error = e.to_string();
             batch.msgs.iter().map(|_| Err(error.clone())).collect()
@@ -452,7 +454,7 @@ impl Router {
         active: &Active,
         msg: &Message,
         mut taken: Option<(String, Bytes)>,
-        verdicts: Vec<Verdict>,
+        verdicts: Verdicts,
         ack: Ack,
         out: &mut [Vec<Delivery>],
     ) {
@@ -548,7 +550,7 @@ impl Router {
                 topic: msg.topic.clone(),
                 error: error.to_string(),
             });
-            let origin = Arc::new(Origin::from_message(msg, &rule.name, Vec::new()));
+            let origin = Arc::new(Origin::from_message(msg, &rule.name, Vars::default()));
             self.dead_letter
                 .send(
                     origin,

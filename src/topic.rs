@@ -7,6 +7,9 @@
 //! `+` matches exactly one level (possibly empty); `#` must be the last level and
 //! matches the parent level plus any number of child levels. Filters whose first
 //! level is a wildcard never match topic names starting with `$`.
+//!
+//! What a filter's captures bind in one topic is kept with the records made from it as
+//! [`Vars`].
 
 /// Largest topic name or filter MQTT can carry (a two-byte length prefix).
 const MAX_LEN: usize = 65535;
@@ -381,6 +384,88 @@ pub fn overlaps(a: &str, b: &str) -> bool {
     }
 }
 
+/// A message's topic captures for one rule (`{device}` → `d1`), kept with its records
+/// for templates and dead letters. A list is made for every message a rule matches and
+/// freed on a sink's thread, so names and values sit in one allocation (a `Vec` of
+/// `String` pairs made 1 + 2n): each as its length (4 bytes, little-endian), then its
+/// text.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Vars(Box<[u8]>);
+
+impl Vars {
+    /// The `(name, value)` pairs, in this order.
+    pub fn new(pairs: &[(&str, &str)]) -> Vars {
+        let len = pairs.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+        let mut b = Vec::with_capacity(len);
+        for text in pairs.iter().flat_map(|&(k, v)| [k, v]) {
+            let n = u32::try_from(text.len()).expect("a topic level is shorter than 4 GiB");
+            b.extend_from_slice(&n.to_le_bytes());
+            b.extend_from_slice(text.as_bytes());
+        }
+        Vars(b.into_boxed_slice())
+    }
+
+    /// The pairs, in order.
+    pub fn iter(&self) -> VarsIter<'_> {
+        VarsIter(&self.0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> FromIterator<(&'a str, &'a str)> for Vars {
+    fn from_iter<I: IntoIterator<Item = (&'a str, &'a str)>>(pairs: I) -> Vars {
+        Vars::new(&pairs.into_iter().collect::<Vec<_>>())
+    }
+}
+
+impl<'a> IntoIterator for &'a Vars {
+    type Item = (&'a str, &'a str);
+    type IntoIter = VarsIter<'a>;
+
+    fn into_iter(self) -> VarsIter<'a> {
+        self.iter()
+    }
+}
+
+/// [`Vars::iter`].
+pub struct VarsIter<'a>(&'a [u8]);
+
+/// The next text of a list, moving `b` past it.
+fn next_text<'a>(b: &mut &'a [u8]) -> &'a str {
+    let (n, rest) = b.split_at(4);
+    let n = u32::from_le_bytes(n.try_into().expect("4 bytes")) as usize;
+    let (text, rest) = rest.split_at(n);
+    *b = rest;
+    std::str::from_utf8(text).expect("made from text")
+}
+
+impl<'a> Iterator for VarsIter<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<(&'a str, &'a str)> {
+        if self.0.is_empty() {
+            return None;
+        }
+        Some((next_text(&mut self.0), next_text(&mut self.0)))
+    }
+}
+
+impl std::fmt::Debug for Vars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// As a map of name to value.
+impl serde::Serialize for Vars {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,6 +623,24 @@ mod tests {
             assert_eq!(&validate_topic_name(topic), expected, "{topic:?}");
         }
         assert_eq!(validate_topic_name(&"a".repeat(MAX_LEN)), Ok(()));
+    }
+
+    #[test]
+    fn vars_keep_their_pairs_in_order() {
+        let pairs = [("device", "d1"), ("site", ""), ("é", "naïve/𝄞"), ("", "x")];
+        let vars = Vars::new(&pairs);
+        assert_eq!(vars.iter().collect::<Vec<_>>(), pairs);
+        assert_eq!(vars, pairs.into_iter().collect::<Vars>());
+        assert!(!vars.is_empty());
+        assert_eq!(
+            serde_json::to_value(&vars).unwrap(),
+            serde_json::json!({"device": "d1", "site": "", "é": "naïve/𝄞", "": "x"})
+        );
+        assert_eq!(format!("{:?}", Vars::new(&[("a", "b")])), r#"{"a": "b"}"#);
+        let none = Vars::new(&[]);
+        assert!(none.is_empty());
+        assert_eq!(none, Vars::default());
+        assert_eq!(none.iter().count(), 0);
     }
 
     #[test]

@@ -339,9 +339,8 @@ mod tests {
             made.set(made.get() + 1);
             msg(topic, 1, None)
         };
-        let route = |topic, retain| {
-            state.route(topic, retain, || make(topic), 10, &Counters::default())
-        };
+        let route =
+            |topic, retain| state.route(topic, retain, || make(topic), 10, &Counters::default());
         assert_eq!(route("a/x", false), 0);
         assert_eq!(made.get(), 0, "nobody subscribed: not made");
         assert_eq!(route("a/x", true), 0);

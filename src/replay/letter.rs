@@ -12,6 +12,7 @@ use crate::delivery::Ack;
 use crate::message::{Message, Properties};
 use crate::sink::Origin;
 use crate::sink::driver::letter_id;
+use crate::topic::Vars;
 
 /// Why a line is not a dead letter that can be replayed.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +123,7 @@ impl Letter {
     /// The origin of the letter's record: the original message id (so the webhook's
     /// `Idempotency-Key` is the original one), topic, payload, times, rule and source;
     /// `vars` are the rule's topic captures, which the letter does not keep.
-    pub fn origin(&self, vars: Vec<(String, String)>) -> Origin {
+    pub fn origin(&self, vars: Vars) -> Origin {
         Origin {
             id: self.message_id.clone().into(),
             topic: self.topic.clone(),
@@ -166,7 +167,7 @@ pub(crate) mod tests {
         let mut msg = Message::detached(topic, payload.to_vec(), 1);
         msg.retain = true;
         msg.source = Arc::from("broker");
-        let origin = Origin::from_message(&msg, &Arc::from("r"), Vec::new());
+        let origin = Origin::from_message(&msg, &Arc::from("r"), Vars::default());
         msg.ack.settle();
         let failure = Failure {
             sink,
@@ -239,7 +240,7 @@ pub(crate) mod tests {
     fn the_origin_keeps_the_original_message_id() {
         let line = letter_line("dev/1", b"{}", Some("hook"), json!({}));
         let l = Letter::parse(&line).unwrap();
-        let o = l.origin(vec![("device".into(), "1".into())]);
+        let o = l.origin(Vars::new(&[("device", "1")]));
         assert_eq!(o.id(), crate::message::message_id("dev/1", b"{}"));
         assert_eq!(o.received_at, l.received_at);
         assert_eq!(&*o.rule, "r");

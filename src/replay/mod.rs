@@ -41,6 +41,7 @@ use crate::record::Record;
 use crate::rule::Evaluation;
 use crate::sink::retry::Backoff;
 use crate::sink::{self, Delivery, ErrorKind, OpenContext, Origin, Outcome, Sink, SinkError};
+use crate::topic::Vars;
 pub use letter::{Letter, LetterError};
 use sidecar::Sidecar;
 
@@ -206,17 +207,13 @@ impl Replayer {
     }
 
     /// The topic captures of the letter's rule, when it still exists and matches.
-    fn vars(&self, letter: &Letter) -> Vec<(String, String)> {
+    fn vars(&self, letter: &Letter) -> Vars {
         self.plan
             .rules
             .iter()
             .find(|r| r.name == letter.rule)
             .and_then(|r| r.matches(&letter.topic))
-            .map(|v| {
-                v.into_iter()
-                    .map(|(k, x)| (k.to_string(), x.to_string()))
-                    .collect()
-            })
+            .map(|v| Vars::new(&v))
             .unwrap_or_default()
     }
 
@@ -235,11 +232,7 @@ impl Replayer {
                 let rule = &plan.rules[i];
                 let out = rule.matches(&msg.topic).map(|vars| {
                     let evaluation = rule.evaluate(&msg, &vars, limit);
-                    let vars: Vec<(String, String)> = vars
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect();
-                    (vars, evaluation)
+                    (Vars::new(&vars), evaluation)
                 });
                 msg.ack.settle();
                 out
@@ -270,7 +263,7 @@ impl Replayer {
         let n = records.len();
         if n > 0 {
             for &s in &self.plan.rules[i].to {
-                self.write(s, Arc::clone(&origin), records.clone()).await?;
+                self.write(s, Arc::clone(&origin), records.to_vec()).await?;
             }
         }
         Ok(Replayed::Written { records: n })

@@ -17,6 +17,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use jaq_json::Val;
+use smallvec::{SmallVec, smallvec};
 
 use crate::message::Message;
 use crate::record::Record;
@@ -39,11 +40,14 @@ pub struct Rule {
     pub to: Vec<usize>,
 }
 
+/// A message's records from one rule: most rules make one, kept inline.
+pub type Records = SmallVec<[Record; 1]>;
+
 /// What a rule made of one message.
 #[derive(Debug, PartialEq)]
 pub enum Evaluation {
     /// Zero or more records (a transform may emit a stream).
-    Records(Vec<Record>),
+    Records(Records),
     /// The filter said no.
     Filtered,
     /// Decode, filter or transform failed: the message goes to the dead letter.
@@ -69,7 +73,7 @@ impl Rule {
     /// message against it without changing it (see [`Rule::evaluate_observed`]).
     pub fn evaluate(&self, msg: &Message, vars: &[(&str, &str)], limit: Duration) -> Evaluation {
         if let Some(record) = self.picked_from_json(msg, vars) {
-            return Evaluation::Records(vec![record]);
+            return Evaluation::Records(smallvec![record]);
         }
         let deadline = Deadline::after(limit);
         match self.decode.decode(&msg.topic, &msg.payload) {
@@ -122,7 +126,7 @@ impl Rule {
         payloads: Vec<Val>,
         deadline: Deadline,
     ) -> Evaluation {
-        let mut records = Vec::new();
+        let mut records = Records::new();
         let mut kept = payloads.is_empty();
         for payload in payloads {
             match self.run(msg, vars, payload, deadline) {
@@ -164,10 +168,10 @@ impl Rule {
             }
         }
         let Some(t) = &self.transform else {
-            return Evaluation::Records(vec![default_record(msg, &payload).into()]);
+            return Evaluation::Records(smallvec![default_record(msg, &payload).into()]);
         };
         if let Some(record) = t.picks().and_then(|p| p.record(msg, vars, &payload)) {
-            return Evaluation::Records(vec![record]);
+            return Evaluation::Records(smallvec![record]);
         }
         let ctx = ctx.unwrap_or_else(|| context(msg, vars, payload));
         match t.run(ctx, deadline) {
@@ -321,7 +325,7 @@ mod tests {
         );
         assert_eq!(
             eval(&r, "sensors/d7/telemetry", br#"{"temp": 20.5}"#),
-            Evaluation::Records(vec![
+            Evaluation::Records(smallvec![
                 json!({"device": "d7", "temp": 20.5, "level": "telemetry"}).into()
             ])
         );
@@ -336,11 +340,11 @@ mod tests {
         let r = rule(None, Some(".payload[] | {v: .}"), Decode::Json);
         assert_eq!(
             eval(&r, "sensors/a/telemetry", b"[1,2]"),
-            Evaluation::Records(vec![json!({"v": 1}).into(), json!({"v": 2}).into()])
+            Evaluation::Records(smallvec![json!({"v": 1}).into(), json!({"v": 2}).into()])
         );
         assert_eq!(
             eval(&r, "sensors/a/telemetry", b"[]"),
-            Evaluation::Records(vec![])
+            Evaluation::Records(smallvec![])
         );
     }
 
@@ -383,7 +387,7 @@ mod tests {
         let r = rule(None, Some("{p: .payload, raw: .raw}"), Decode::Bytes);
         assert_eq!(
             eval(&r, "sensors/a/telemetry", &[0, 159, 146]),
-            Evaluation::Records(vec![json!({"p": "AJ+S", "raw": null}).into()])
+            Evaluation::Records(smallvec![json!({"p": "AJ+S", "raw": null}).into()])
         );
     }
 

@@ -38,6 +38,7 @@ use serde::Serialize;
 use crate::config::sinks::SinkSettings;
 use crate::delivery::Ack;
 use crate::record::Record;
+use crate::topic::Vars;
 
 /// Where one record came from: kept for templates and dead letters.
 #[derive(Debug)]
@@ -51,7 +52,7 @@ pub struct Origin {
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
-    pub vars: Vec<(String, String)>,
+    pub vars: Vars,
     pub received_at: jiff::Timestamp,
     pub rule: Arc<str>,
     pub source: Arc<str>,
@@ -59,11 +60,7 @@ pub struct Origin {
 
 impl Origin {
     /// The origin of records a rule made from `msg`, with the rule's topic captures.
-    pub fn from_message(
-        msg: &crate::message::Message,
-        rule: &Arc<str>,
-        vars: Vec<(String, String)>,
-    ) -> Origin {
+    pub fn from_message(msg: &crate::message::Message, rule: &Arc<str>, vars: Vars) -> Origin {
         let (topic, payload) = (msg.topic.clone(), msg.payload.clone());
         Origin::taking(msg, topic, payload, rule, vars)
     }
@@ -75,7 +72,7 @@ impl Origin {
         topic: String,
         payload: Bytes,
         rule: &Arc<str>,
-        vars: Vec<(String, String)>,
+        vars: Vars,
     ) -> Origin {
         Origin {
             id: OnceLock::new(),
@@ -117,12 +114,6 @@ impl Serialize for TemplateContext<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         /// The capture variables, as a map.
-        struct Vars<'a>(&'a [(String, String)]);
-        impl Serialize for Vars<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
-            }
-        }
         /// The topic's levels, as a sequence.
         struct Segments<'a>(&'a str);
         impl Serialize for Segments<'_> {
@@ -135,7 +126,7 @@ impl Serialize for TemplateContext<'_> {
         map.serialize_entry("id", o.id())?;
         map.serialize_entry("topic", &o.topic)?;
         map.serialize_entry("segments", &Segments(&o.topic))?;
-        map.serialize_entry("vars", &Vars(&o.vars))?;
+        map.serialize_entry("vars", &o.vars)?;
         map.serialize_entry("qos", &o.qos)?;
         map.serialize_entry("retain", &o.retain)?;
         map.serialize_entry("received_at", &crate::rule::rfc3339(o.received_at))?;
@@ -160,7 +151,7 @@ impl Delivery {
     pub fn detached(topic: &str, record: impl Into<Record>) -> Delivery {
         let record = record.into();
         let msg = crate::message::Message::detached(topic, record.to_string(), 1);
-        let origin = Origin::from_message(&msg, &Arc::from("detached"), Vec::new());
+        let origin = Origin::from_message(&msg, &Arc::from("detached"), Vars::default());
         msg.ack.settle();
         Delivery {
             record,
@@ -498,10 +489,7 @@ mod tests {
             payload: Bytes::from_static(b"{}"),
             qos: 1,
             retain: true,
-            vars: vec![
-                ("device".into(), "d1".into()),
-                ("kind".into(), "temp".into()),
-            ],
+            vars: Vars::new(&[("device", "d1"), ("kind", "temp")]),
             received_at: jiff::Timestamp::from_millisecond(1_700_000_000_123).unwrap(),
             rule: Arc::from("r"),
             source: Arc::from("broker"),
@@ -596,7 +584,7 @@ mod tests {
             ..Origin::from_message(
                 &crate::message::Message::detached("s/d1", "{}", 1),
                 &Arc::from("x"),
-                Vec::new(),
+                Vars::default(),
             )
         };
         assert_ne!(a, record_id(&other_rule, &json!({"v": 1}).into()));

@@ -245,7 +245,7 @@ rules:
         let origin = crate::sink::Origin::from_message(
             &crate::message::Message::detached("s/d1", "{}", 1),
             &std::sync::Arc::from("r"),
-            vec![("device".into(), "d1".into())],
+            crate::topic::Vars::new(&[("device", "d1")]),
         );
         let shown = crate::sink::would(
             &plan.sinks[0].settings,

@@ -285,7 +285,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"{}"),
             qos: 1,
             retain: false,
-            vars: vec![("device".into(), "d1".into())],
+            vars: crate::topic::Vars::new(&[("device", "d1")]),
             received_at: jiff::Timestamp::from_millisecond(1_500).unwrap(),
             rule: Arc::from("r"),
             source: Arc::from("broker"),

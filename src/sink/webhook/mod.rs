@@ -230,7 +230,7 @@ mod tests {
             payload: Bytes::from_static(b"{}"),
             qos: 1,
             retain: false,
-            vars: vec![("device".into(), "d1".into())],
+            vars: crate::topic::Vars::new(&[("device", "d1")]),
             received_at: jiff::Timestamp::UNIX_EPOCH,
             rule: Arc::from("r"),
             source: Arc::from("broker"),
