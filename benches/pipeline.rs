@@ -57,6 +57,7 @@ fn rule(transform: &str) -> Rule {
         filter: None,
         transform: Some(JqProgram::compile(transform).unwrap()),
         to: Vec::new(),
+        keeps_payload_text: true,
     }
 }
 

@@ -601,6 +601,7 @@ mod tests {
             filter: None,
             transform: Some(JqProgram::compile(transform).unwrap()),
             to: vec![to],
+            keeps_payload_text: false,
         }
     }
 

@@ -8,10 +8,18 @@
 //! [`Record::entries`] and [`Record::get`] whatever its form. A record serializes exactly
 //! as the equal `serde_json::Value` does, keys in the same (sorted) order, so what a sink
 //! writes does not depend on how the rule made the record.
+//!
+//! **JSON kept as text.** A value the rule takes whole from a JSON payload
+//! (`body: .payload`) can be kept as the payload's text ([`Json`]), checked to parse
+//! when the rule ran but made into a value only when something reads it as one. A
+//! database that parses and normalizes JSON itself (PostgreSQL's `jsonb`) takes the text
+//! as it is, so on the database path the payload is never made into a map, serialized
+//! again and freed (BENCHMARKS.md, "The database path"). Everything else reads the value,
+//! so it serializes, compares and shows exactly as before.
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -25,7 +33,107 @@ enum Repr {
     /// Any JSON value (what jq emitted, a dead letter, a replayed record).
     Value(Value),
     /// An object: `values[i]` is the value of `keys[i]`.
-    Object { keys: Arc<Keys>, values: Vec<Value> },
+    Object { keys: Arc<Keys>, values: Vec<Slot> },
+}
+
+/// A value of an object record with shared keys.
+#[derive(Debug, Clone)]
+pub enum Slot {
+    Value(Value),
+    Json(Json),
+}
+
+impl From<Value> for Slot {
+    fn from(v: Value) -> Slot {
+        Slot::Value(v)
+    }
+}
+
+/// JSON text that serde_json reads (checked by whoever made it), and its value, made
+/// when first asked for. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Json {
+    text: Box<str>,
+    value: OnceLock<Value>,
+}
+
+impl Json {
+    /// `text`, which the caller checked is JSON serde_json reads: a `Value` made from it
+    /// is the value this stands for.
+    pub fn checked(text: &str) -> Json {
+        Json {
+            text: text.into(),
+            value: OnceLock::new(),
+        }
+    }
+
+    /// The text, as it was given.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The value the text stands for.
+    pub fn value(&self) -> &Value {
+        self.value.get_or_init(|| parse(&self.text))
+    }
+
+    /// [`Json::value`], taken.
+    pub fn into_value(self) -> Value {
+        self.value.into_inner().unwrap_or_else(|| parse(&self.text))
+    }
+}
+
+fn parse(checked: &str) -> Value {
+    serde_json::from_str(checked).expect("the text was checked to be JSON")
+}
+
+/// A value of a record, as [`Record::entries`] gives it: a value, or JSON text that is
+/// made into one when read as one (it derefs to the value).
+#[derive(Debug, Clone, Copy)]
+pub enum Field<'a> {
+    Value(&'a Value),
+    Json(&'a Json),
+}
+
+impl<'a> Field<'a> {
+    /// The value.
+    pub fn value(self) -> &'a Value {
+        match self {
+            Field::Value(v) => v,
+            Field::Json(j) => j.value(),
+        }
+    }
+
+    /// The JSON text the value is kept as, when it is kept as text.
+    pub fn json_text(self) -> Option<&'a str> {
+        match self {
+            Field::Value(_) => None,
+            Field::Json(j) => Some(j.text()),
+        }
+    }
+}
+
+impl std::ops::Deref for Field<'_> {
+    type Target = Value;
+
+    fn deref(&self) -> &Value {
+        self.value()
+    }
+}
+
+impl<'a> From<&'a Slot> for Field<'a> {
+    fn from(slot: &'a Slot) -> Field<'a> {
+        match slot {
+            Slot::Value(v) => Field::Value(v),
+            Slot::Json(j) => Field::Json(j),
+        }
+    }
+}
+
+impl Serialize for Slot {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Field::from(self).value().serialize(s)
+    }
 }
 
 /// The keys of an object record, shared by the records of one rule: distinct, and in the
@@ -59,7 +167,7 @@ impl Keys {
 
 impl Record {
     /// The object with `keys` and their `values`, one for each key, in the keys' order.
-    pub fn object(keys: &Arc<Keys>, values: Vec<Value>) -> Record {
+    pub fn object(keys: &Arc<Keys>, values: Vec<Slot>) -> Record {
         assert_eq!(keys.len(), values.len(), "one value per key");
         Record(Repr::Object {
             keys: Arc::clone(keys),
@@ -76,7 +184,9 @@ impl Record {
     pub fn get(&self, key: &str) -> Option<&Value> {
         match &self.0 {
             Repr::Value(v) => v.get(key),
-            Repr::Object { keys, values } => keys.slot(key).map(|i| &values[i]),
+            Repr::Object { keys, values } => {
+                keys.slot(key).map(|i| Field::from(&values[i]).value())
+            }
         }
     }
 
@@ -110,6 +220,10 @@ impl Record {
         match self.0 {
             Repr::Value(v) => v,
             Repr::Object { keys, values } => {
+                let values = values.into_iter().map(|slot| match slot {
+                    Slot::Value(v) => v,
+                    Slot::Json(j) => j.into_value(),
+                });
                 Value::Object(keys.0.iter().cloned().zip(values).collect())
             }
         }
@@ -119,16 +233,16 @@ impl Record {
 /// [`Record::entries`].
 pub enum Entries<'a> {
     Map(serde_json::map::Iter<'a>),
-    Slots(std::iter::Zip<std::slice::Iter<'a, String>, std::slice::Iter<'a, Value>>),
+    Slots(std::iter::Zip<std::slice::Iter<'a, String>, std::slice::Iter<'a, Slot>>),
 }
 
 impl<'a> Iterator for Entries<'a> {
-    type Item = (&'a str, &'a Value);
+    type Item = (&'a str, Field<'a>);
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
-            Entries::Map(it) => it.next().map(|(k, v)| (k.as_str(), v)),
-            Entries::Slots(it) => it.next().map(|(k, v)| (k.as_str(), v)),
+            Entries::Map(it) => it.next().map(|(k, v)| (k.as_str(), Field::Value(v))),
+            Entries::Slots(it) => it.next().map(|(k, v)| (k.as_str(), Field::from(v))),
         }
     }
 
@@ -214,7 +328,11 @@ mod tests {
         // In the keys' order: body, device, temp.
         Record::object(
             &keys,
-            vec![json!({"b": 1, "a": [2]}), json!("d1 \"é\" ✓"), json!(21.5)],
+            vec![
+                json!({"b": 1, "a": [2]}).into(),
+                json!("d1 \"é\" ✓").into(),
+                json!(21.5).into(),
+            ],
         )
     }
 
@@ -244,6 +362,30 @@ mod tests {
         };
         assert_eq!(keys(&r), ["body", "device", "temp"]);
         assert_eq!(keys(&r), keys(&from_value));
+    }
+
+    #[test]
+    fn json_kept_as_text_is_the_value_it_stands_for() {
+        let keys = Keys::new(["body", "n"].map(String::from));
+        let text = r#"{ "b": [1, "é"], "a": {} }"#;
+        let record = || {
+            let body = Slot::Json(Json::checked(text));
+            Record::object(&keys, vec![body, json!(1).into()])
+        };
+        let r = record();
+        let value = json!({"body": {"a": {}, "b": [1, "é"]}, "n": 1});
+        let (_, body) = r.entries().unwrap().next().unwrap();
+        assert_eq!(body.json_text(), Some(text), "the text as it was given");
+        assert_eq!(*body, value["body"]);
+        assert_eq!(r, value);
+        assert_eq!(r.to_string(), value.to_string());
+        assert_eq!(
+            serde_json::to_vec(&r).unwrap(),
+            serde_json::to_vec(&value).unwrap()
+        );
+        assert_eq!(r.get("body"), Some(&value["body"]));
+        assert_eq!(record().into_value(), value, "never read, then taken whole");
+        assert_eq!(r.into_value(), value, "read, then taken whole");
     }
 
     #[test]

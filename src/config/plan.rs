@@ -253,6 +253,11 @@ pub fn validate(
         };
         let filter = compile("filter", &r.filter);
         let transform = compile("transform", &r.transform);
+        let postgres = |&k: &usize| {
+            let settings = sinks[k].as_ref().map(|s| &s.settings);
+            matches!(settings, Some(SinkSettings::Postgres(_)))
+        };
+        let keeps_payload_text = to.iter().all(postgres);
         rules.push(Rule {
             name: Arc::from(r.name.as_str()),
             from,
@@ -260,6 +265,7 @@ pub fn validate(
             filter,
             transform,
             to,
+            keeps_payload_text,
         });
     }
 

@@ -750,3 +750,27 @@ fn a_max_packet_size_out_of_mqtts_range_names_its_field_for_the_broker_and_the_c
     assert!(named("broker.max_packet_size"), "{errs:?}");
     assert!(named("embedded.max_packet_size"), "{errs:?}");
 }
+
+/// A rule keeps a JSON payload it takes whole as text only when every sink it writes to
+/// is PostgreSQL's (the one sink that writes the text unparsed).
+#[test]
+fn only_rules_writing_to_postgres_alone_keep_the_payload_as_text() {
+    let plan = parse(
+        r#"
+broker: { url: "mqtt://localhost:1883", client_id: c1 }
+sinks:
+  pg: { type: postgres, url: "${DATABASE_URL}", table: readings }
+  pg2: { type: postgres, url: "${DATABASE_URL}", table: copies }
+  db: { type: sqlite, path: x.db, table: readings }
+rules:
+  - { name: a, from: ["a/#"], transform: "{body: .payload}", to: [pg, pg2] }
+  - { name: b, from: ["b/#"], transform: "{body: .payload}", to: [pg, db] }
+  - { name: c, from: ["c/#"], transform: "{body: .payload}", to: [db] }
+"#,
+        "rules.yaml",
+        env,
+    )
+    .unwrap();
+    let keeps: Vec<bool> = plan.rules.iter().map(|r| r.keeps_payload_text).collect();
+    assert_eq!(keeps, [true, false, false]);
+}

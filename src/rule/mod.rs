@@ -38,6 +38,11 @@ pub struct Rule {
     pub transform: Option<JqProgram>,
     /// Indices into the pipeline's sink list.
     pub to: Vec<usize>,
+    /// Whether a JSON payload the transform takes whole is kept as its text
+    /// ([`Picks::record_from_text`](picks::Picks::record_from_text)): when every sink
+    /// of the rule is PostgreSQL's, which writes that text to a `jsonb` column as it is.
+    /// Any other sink reads the value, which would parse the payload a second time.
+    pub keeps_payload_text: bool,
 }
 
 /// A message's records from one rule: most rules make one, kept inline.
@@ -95,6 +100,11 @@ impl Rule {
             return None;
         }
         let picks = self.transform.as_ref()?.picks()?;
+        if self.keeps_payload_text
+            && let Some(record) = picks.record_from_text(msg, vars)
+        {
+            return Some(record);
+        }
         let payload = serde_json::from_slice(&msg.payload).ok()?;
         picks.record_from_json(msg, vars, payload)
     }
@@ -304,6 +314,7 @@ mod tests {
             filter: filter.map(|f| JqProgram::compile(f).unwrap()),
             transform: transform.map(|t| JqProgram::compile(t).unwrap()),
             to: vec![],
+            keeps_payload_text: false,
         }
     }
 

@@ -21,6 +21,12 @@
 //! when no other path needs it (`body: .payload` beside `.payload.temp`), so neither a jq
 //! value nor a copy of the payload is made.
 //!
+//! **The payload kept as text.** When an object takes the payload whole
+//! (`body: .payload`) and reads nothing else of it deeper than one key
+//! (`temp: .payload.temp`), the payload is read in one pass that makes only the values
+//! those keys hold and checks the rest, and the record keeps the payload's text for the
+//! whole ([`Picks::record_from_text`], [`crate::record::Json`]): no map of it is made.
+//!
 //! **Keys made once.** An object's keys are the program's: they are made when it compiles
 //! ([`Keys`]), and each record holds only its values, in the slots of those keys
 //! ([`Record::object`]).
@@ -32,7 +38,8 @@ use serde_json::Value as J;
 
 use super::text;
 use crate::message::Message;
-use crate::record::{Keys, Record};
+use crate::record::{Json, Keys, Record, Slot};
+use smallvec::SmallVec;
 
 /// A transform in the subset.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,8 +47,70 @@ pub enum Picks {
     /// One path: the record is what it points at.
     Path(Path),
     /// `{key: path, …}`: the record is an object of what each path points at, with
-    /// these keys (the rule's, shared by its records).
-    Object(Vec<Field>, Arc<Keys>),
+    /// these keys (the rule's, shared by its records), read in one pass over a JSON
+    /// payload when it can be.
+    Object(Vec<Field>, Arc<Keys>, Option<Scan>),
+}
+
+/// How an object's fields read a JSON payload in one pass, keeping it as text: one
+/// field takes the payload whole, and every other path into it is one key deep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scan {
+    /// The payload's keys the fields read, each once.
+    keys: Vec<String>,
+    /// What each field (in order) reads.
+    reads: Vec<Read>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Read {
+    /// The payload, as its text.
+    Whole,
+    /// The value of `keys[key]`, moved out when no later field reads it (`take`).
+    Key { key: usize, take: bool },
+    /// Anything but the payload.
+    Context,
+}
+
+impl Scan {
+    /// The scan for `fields`, when they read the payload so.
+    fn of(fields: &[Field]) -> Option<Scan> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut reads = Vec::with_capacity(fields.len());
+        for f in fields {
+            let read = match (f.path.root.as_str(), &f.path.steps[..]) {
+                ("payload", []) => Read::Whole,
+                ("payload", [Step::Key(Val::TStr(k))]) => {
+                    let k = std::str::from_utf8(k).ok()?;
+                    let key = keys.iter().position(|x| x == k).unwrap_or_else(|| {
+                        keys.push(k.to_string());
+                        keys.len() - 1
+                    });
+                    Read::Key { key, take: true }
+                }
+                ("payload", _) => return None,
+                _ => Read::Context,
+            };
+            reads.push(read);
+        }
+        // Of the fields that read one key, the last takes its value; the others copy.
+        for i in 0..reads.len() {
+            if let Read::Key { key: k, .. } = reads[i] {
+                let later = reads[i + 1..]
+                    .iter()
+                    .any(|r| matches!(r, Read::Key { key, .. } if *key == k));
+                reads[i] = Read::Key {
+                    key: k,
+                    take: !later,
+                };
+            }
+        }
+        let keeps_whole = fields
+            .iter()
+            .zip(&reads)
+            .any(|(f, r)| *r == Read::Whole && !f.shadowed);
+        keeps_whole.then_some(Scan { keys, reads })
+    }
 }
 
 /// One `key: path` of an object.
@@ -134,7 +203,8 @@ impl Picks {
             for f in &mut fields {
                 f.slot = keys.slot(&f.key).expect("a field's key is a key");
             }
-            Picks::Object(fields, keys)
+            let scan = Scan::of(&fields);
+            Picks::Object(fields, keys, scan)
         } else {
             Picks::Path(p.path()?)
         };
@@ -151,12 +221,12 @@ impl Picks {
         };
         match self {
             Picks::Path(path) => pick(path).map(Record::from),
-            Picks::Object(fields, keys) => {
-                let mut values = vec![J::Null; keys.len()];
+            Picks::Object(fields, keys, _) => {
+                let mut values = vec![Slot::Value(J::Null); keys.len()];
                 for f in fields {
                     let value = pick(&f.path)?;
                     if !f.shadowed {
-                        values[f.slot] = value;
+                        values[f.slot] = value.into();
                     }
                 }
                 Some(Record::object(keys, values))
@@ -177,21 +247,148 @@ impl Picks {
             Picks::Path(path) => path
                 .pick_json(msg, vars, &mut payload, true)
                 .map(Record::from),
-            Picks::Object(fields, keys) => {
+            Picks::Object(fields, keys, _) => {
                 // Keys are unique once the shadowed fields are left out, so each value
                 // has its own slot: the copies first, then what is taken.
-                let mut values = vec![J::Null; keys.len()];
+                let mut values = vec![Slot::Value(J::Null); keys.len()];
                 for taking in [false, true] {
                     for f in fields.iter().filter(|f| f.takes == taking) {
                         let value = f.path.pick_json(msg, vars, &mut payload, taking)?;
                         if !f.shadowed {
-                            values[f.slot] = value;
+                            values[f.slot] = value.into();
                         }
                     }
                 }
                 Some(Record::object(keys, values))
             }
         }
+    }
+
+    /// [`Picks::record_from_json`] in one pass over the JSON payload, for an object that
+    /// can [`Scan`] it: the keys its fields read are made into values, the rest of the
+    /// payload is only checked (as strictly as serde_json reads it into a value), and the
+    /// field that takes it whole keeps its text. None when the object cannot scan, or the
+    /// payload is not a JSON object: [`Picks::record_from_json`] reads it then.
+    pub fn record_from_text(&self, msg: &Message, vars: &[(&str, &str)]) -> Option<Record> {
+        let Picks::Object(fields, keys, Some(scan)) = self else {
+            return None;
+        };
+        let text = std::str::from_utf8(&msg.payload).ok()?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let mut found = serde::de::Deserializer::deserialize_any(&mut de, Top(&scan.keys)).ok()?;
+        de.end().ok()?;
+        let mut values = vec![Slot::Value(J::Null); keys.len()];
+        for (f, read) in fields.iter().zip(&scan.reads) {
+            let value = match *read {
+                Read::Whole => Slot::Json(Json::checked(text)),
+                Read::Key { key, take: true } => found[key].take().unwrap_or_default().into(),
+                Read::Key { key, take: false } => found[key].clone().unwrap_or_default().into(),
+                Read::Context => f.path.pick_json(msg, vars, &mut J::Null, false)?.into(),
+            };
+            if !f.shadowed {
+                values[f.slot] = value;
+            }
+        }
+        Some(Record::object(keys, values))
+    }
+}
+
+/// The values a payload object holds under some keys (the last of a key written twice,
+/// as serde_json keeps it); every other value is only checked. Anything but an object is
+/// an error.
+struct Top<'k>(&'k [String]);
+
+impl<'de> serde::de::Visitor<'de> for Top<'_> {
+    type Value = SmallVec<[Option<J>; 4]>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found: Self::Value = smallvec::smallvec![None; self.0.len()];
+        while let Some(key) = map.next_key_seed(KeyIn(self.0))? {
+            match key {
+                Some(i) => found[i] = Some(map.next_value()?),
+                None => map.next_value::<Checked>().map(drop)?,
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// A map key: which of some keys it is, if any.
+struct KeyIn<'k>(&'k [String]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIn<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeyIn<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|k| k == key))
+    }
+}
+
+/// Any JSON value, read as a `serde_json::Value` would be (the same checks, the same
+/// errors) but kept nowhere.
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Checked {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
     }
 }
 
@@ -483,6 +680,14 @@ mod tests {
                     "{code} on {:?}: read by serde_json",
                     String::from_utf8_lossy(payload)
                 );
+                if let Some(scanned) = picks.record_from_text(&msg, &vars) {
+                    assert_eq!(
+                        Some(scanned),
+                        record,
+                        "{code} on {:?}: scanned, the payload kept as text",
+                        String::from_utf8_lossy(payload)
+                    );
+                }
                 match record {
                     Some(record) => {
                         let by_jq = by_jq
@@ -506,10 +711,84 @@ mod tests {
         assert_eq!(gave_up.len(), 36, "{gave_up:#?}");
     }
 
+    /// An object that takes the payload whole and one key deep scans it: the record
+    /// keeps the payload's text, stands for the value serde_json reads from it, and the
+    /// payload is refused exactly where serde_json refuses it.
+    #[test]
+    fn a_payload_taken_whole_is_kept_as_its_text() {
+        let code = "{d: .vars.device, t: .payload.t, u: .payload.t, body: .payload}";
+        let picks = Picks::parse(code).unwrap();
+        let vars = [("device", "d7")];
+        let msg = |payload: &[u8]| Message::detached("s/d7", payload.to_vec(), 1);
+        let text =
+            br#" { "t" : 1.5e1, "x": ["\u00e9", {"y": null}], "t": 2, "s": "\ud83d\ude00" } "#;
+        let r = picks.record_from_text(&msg(text), &vars).expect("scanned");
+        let field = |k: &str| r.entries().unwrap().find(|(key, _)| *key == k).unwrap().1;
+        let as_text = std::str::from_utf8(text).unwrap();
+        assert_eq!(field("body").json_text(), Some(as_text));
+        assert_eq!(field("t").json_text(), None);
+        let value: J = serde_json::from_slice(text).unwrap();
+        assert_eq!(
+            r,
+            serde_json::json!({"d": "d7", "t": 2, "u": 2, "body": value}),
+            "the last of a key written twice, as serde_json keeps it"
+        );
+        assert_eq!(
+            picks.record_from_json(&msg(text), &vars, value),
+            Some(r.clone())
+        );
+        // Written as the equal value is, whatever the text's spacing and key order.
+        assert_eq!(
+            r.to_string(),
+            r#"{"body":{"s":"😀","t":2,"x":["é",{"y":null}]},"d":"d7","t":2,"u":2}"#
+        );
+
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        let payloads: Vec<Vec<u8>> = [
+            &br#"{"a": "\ud800"}"#[..],
+            br#"{"a": 1e400}"#,
+            br#"{"a": 1} x"#,
+            br#"{"a": 1,}"#,
+            b"{\"a\": \"\x01\"}",
+            b"{\"a\": \"\xff\"}",
+            br#"{"a": tru}"#,
+            br#"{"a": 01}"#,
+            br#"[1]"#,
+            br#"null"#,
+            br#"{}"#,
+            br#"{"t": [1, {"b": -0.0}], "z": 18446744073709551616}"#,
+        ]
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .chain([format!(r#"{{"a": {deep}}}"#).into_bytes()])
+        .collect();
+        for p in payloads {
+            let serde = serde_json::from_slice::<J>(&p);
+            let scanned = picks.record_from_text(&msg(&p), &vars);
+            assert_eq!(
+                scanned.is_some(),
+                matches!(serde, Ok(J::Object(_))),
+                "{:?}: {serde:?}",
+                String::from_utf8_lossy(&p)
+            );
+        }
+
+        // Nothing taken whole, or a path deeper than one key: no scan.
+        let payload = msg(br#"{"t": 1, "a": {"b": 2}}"#);
+        for code in [
+            "{t: .payload.t}",
+            "{b: .payload, a: .payload.a.b}",
+            "{b: .payload, b: .topic}",
+        ] {
+            let picks = Picks::parse(code).unwrap();
+            assert_eq!(picks.record_from_text(&payload, &vars), None, "{code}");
+        }
+    }
+
     #[test]
     fn only_a_path_nothing_else_points_into_takes_its_value() {
         let takes = |code: &str| match Picks::parse(code).unwrap() {
-            Picks::Object(fields, _) => fields.iter().map(|f| f.takes).collect::<Vec<_>>(),
+            Picks::Object(fields, ..) => fields.iter().map(|f| f.takes).collect::<Vec<_>>(),
             Picks::Path(_) => unreachable!(),
         };
         // `.payload` is above `.payload.a`: the deeper one copies first, then the whole moves.

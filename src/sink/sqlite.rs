@@ -161,7 +161,7 @@ impl SqliteSink {
         for (k, v) in obj {
             if self.columns.contains(k) {
                 cols.push(format!("\"{k}\""));
-                vals.push(v);
+                vals.push(v.value());
             }
         }
         if cols.is_empty() {

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use mqbridge::config::sinks::SinkConfig;
 use mqbridge::eval_pool::{EVAL_TIMEOUT, EvalPool};
+use mqbridge::message::Message;
+use mqbridge::rule::picks::Picks;
 use mqbridge::sink::{self, Delivery, OpenContext, Outcome, Sink};
 use serde_json::json;
 
@@ -112,6 +114,39 @@ async fn values_are_converted_to_each_column_type() {
         let got = pg_texts(&db, &format!("SELECT v::text FROM {table}")).await;
         assert_eq!(got, vec![want.map(String::from)], "{ty} from {value}");
     }
+}
+
+/// A payload a rule took whole is kept as its text ("The payload kept as text" in
+/// src/rule/picks.rs): a `jsonb` column gets the text as it is (the server normalizes
+/// it), a `json` column the value as serde_json writes it, as for any other record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_kept_as_text_goes_to_jsonb_as_it_is() {
+    let db = pg_fresh_database(&pg_admin_url()).await;
+    pg_exec(&db, "CREATE TABLE kept (b jsonb, j json, t float8)").await;
+    let sink = open(json!({"type": "postgres", "url": db, "table": "kept"})).await;
+    let picks = Picks::parse("{b: .payload, j: .payload, t: .payload.t}").unwrap();
+    let payload = r#" {"t": 2.5, "z": [1, "\u00e9"],  "a": {"x": 1e2}} "#;
+    let msg = Message::detached("s/1", payload, 1);
+    let record = picks.record_from_text(&msg, &[]).expect("kept as text");
+    msg.ack.settle();
+    assert_eq!(
+        record.entries().unwrap().next().unwrap().1.json_text(),
+        Some(payload)
+    );
+    sink.write(&[Delivery::detached("s/1", record)])
+        .await
+        .into_iter()
+        .try_for_each(Outcome::result)
+        .unwrap();
+    let got = pg_texts(
+        &db,
+        "SELECT b::text || ' | ' || j::text || ' | ' || t::text FROM kept",
+    )
+    .await;
+    // `1e2` shows which text the server read: the payload's (numeric 100), not the
+    // value's as serde_json writes it (100.0, as in the json column).
+    let want = r#"{"a": {"x": 100}, "t": 2.5, "z": [1, "é"]} | {"a":{"x":100.0},"t":2.5,"z":[1,"é"]} | 2.5"#;
+    assert_eq!(got, vec![Some(want.to_string())]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

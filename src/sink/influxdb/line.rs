@@ -118,6 +118,7 @@ impl Lines {
             None => {
                 let ts_key = self.timestamp.as_ref().map(|t| t.key.as_str());
                 for (key, v) in entries {
+                    let v = v.value();
                     let skipped = Some(key) == ts_key
                         || key == "time"
                         || self.tags.iter().any(|(t, _)| t == key)
