@@ -222,7 +222,7 @@ impl Picks {
         match self {
             Picks::Path(path) => pick(path).map(Record::from),
             Picks::Object(fields, keys, _) => {
-                let mut values = vec![Slot::Value(J::Null); keys.len()];
+                let mut values = nulls(keys.len());
                 for f in fields {
                     let value = pick(&f.path)?;
                     if !f.shadowed {
@@ -250,7 +250,7 @@ impl Picks {
             Picks::Object(fields, keys, _) => {
                 // Keys are unique once the shadowed fields are left out, so each value
                 // has its own slot: the copies first, then what is taken.
-                let mut values = vec![Slot::Value(J::Null); keys.len()];
+                let mut values = nulls(keys.len());
                 for taking in [false, true] {
                     for f in fields.iter().filter(|f| f.takes == taking) {
                         let value = f.path.pick_json(msg, vars, &mut payload, taking)?;
@@ -277,7 +277,7 @@ impl Picks {
         let mut de = serde_json::Deserializer::from_str(text);
         let mut found = serde::de::Deserializer::deserialize_any(&mut de, Top(&scan.keys)).ok()?;
         de.end().ok()?;
-        let mut values = vec![Slot::Value(J::Null); keys.len()];
+        let mut values = nulls(keys.len());
         for (f, read) in fields.iter().zip(&scan.reads) {
             let value = match *read {
                 Read::Whole => Slot::Json(Json::checked(text)),
@@ -306,7 +306,7 @@ impl<'de> serde::de::Visitor<'de> for Top<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut found: Self::Value = smallvec::smallvec![None; self.0.len()];
+        let mut found: Self::Value = std::iter::repeat_with(|| None).take(self.0.len()).collect();
         while let Some(key) = map.next_key_seed(KeyIn(self.0))? {
             match key {
                 Some(i) => found[i] = Some(map.next_value()?),
@@ -462,6 +462,14 @@ impl Path {
         }
         Some(at)
     }
+}
+
+/// `n` nulls, for an object's values to be put in (each made, not cloned: `vec![x; n]`
+/// clones an enum through its match).
+fn nulls(n: usize) -> Vec<Slot> {
+    std::iter::repeat_with(|| Slot::Value(J::Null))
+        .take(n)
+        .collect()
 }
 
 /// The topic capture `name`, if the filter has one.
