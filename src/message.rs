@@ -25,8 +25,9 @@ pub struct Message {
     pub qos: u8,
     pub retain: bool,
     pub properties: Properties,
-    /// Publishing client, when the source knows it (the embedded broker does).
-    pub client_id: Option<String>,
+    /// Publishing client, when the source knows it (the embedded broker does; shared by
+    /// a connection's messages).
+    pub client_id: Option<Arc<str>>,
     /// When the source received it.
     pub received_at: jiff::Timestamp,
     /// Name of the source (e.g. `broker`), for logs and dead letters.

@@ -234,7 +234,7 @@ pub fn context(msg: &Message, vars: &[(&str, &str)], payload: Val) -> Val {
 /// One key of the [`context`], made on its own (null for a key it does not have, as jq
 /// reads a missing key): what a path-picking transform takes ([`picks`]).
 pub fn context_field(msg: &Message, vars: &[(&str, &str)], payload: &Val, name: &str) -> Val {
-    let opt = |s: &Option<String>| s.as_deref().map(text).unwrap_or(Val::Null);
+    let opt = |s: Option<&str>| s.map(text).unwrap_or(Val::Null);
     match name {
         "topic" => text(&msg.topic),
         "segments" => msg.topic.split('/').map(text).collect(),
@@ -256,15 +256,15 @@ pub fn context_field(msg: &Message, vars: &[(&str, &str)], payload: &Val, name: 
             Val::obj(
                 [
                     (key("user_properties"), Val::obj(user.collect())),
-                    (key("content_type"), opt(&p.content_type)),
-                    (key("response_topic"), opt(&p.response_topic)),
+                    (key("content_type"), opt(p.content_type.as_deref())),
+                    (key("response_topic"), opt(p.response_topic.as_deref())),
                     (key("correlation_data"), correlation.unwrap_or(Val::Null)),
                 ]
                 .into_iter()
                 .collect(),
             )
         }
-        "client_id" => opt(&msg.client_id),
+        "client_id" => opt(msg.client_id.as_deref()),
         "received_at" => Val::from(rfc3339(msg.received_at)),
         "timestamp_ms" => Val::from(msg.received_at.as_millisecond() as isize),
         _ => Val::Null,

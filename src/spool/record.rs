@@ -58,9 +58,14 @@ pub fn encode(seq: u64, msg: &Message, out: &mut Vec<u8>) {
     out.put_u8(flags);
     put_bytes(out, msg.topic.as_bytes());
     put_bytes(out, msg.source.as_bytes());
-    for s in [&msg.client_id, &p.content_type, &p.response_topic]
-        .into_iter()
-        .flatten()
+    let client_id = msg.client_id.as_deref();
+    for s in [
+        client_id,
+        p.content_type.as_deref(),
+        p.response_topic.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         put_bytes(out, s.as_bytes());
     }
@@ -137,7 +142,7 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
         }
     })?;
     let mut optional = |bit: u8| (flags & bit != 0).then(|| take(&mut b, text)).transpose();
-    let client_id = optional(CLIENT_ID)?;
+    let client_id = optional(CLIENT_ID)?.map(Arc::from);
     let content_type = optional(CONTENT_TYPE)?;
     let response_topic = optional(RESPONSE_TOPIC)?;
     let correlation_data = (flags & CORRELATION != 0)

@@ -106,6 +106,11 @@ pub(in crate::broker) fn publish_will(
     };
     shared.route(&p.topic, p.retain, || Stored::of(&p, client_id));
     if let Some(handoff) = handoff {
-        handoff.try_hand(message(p, client_id, Arc::from(SOURCE), Ack::detached()));
+        handoff.try_hand(message(
+            p,
+            Arc::from(client_id),
+            Arc::from(SOURCE),
+            Ack::detached(),
+        ));
     }
 }

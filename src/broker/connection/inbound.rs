@@ -35,6 +35,9 @@ pub(super) struct FromClient {
     qos2_pending_here: HashSet<u16>,
     aliases: TopicAliases,
     source: Arc<str>,
+    /// The client id, shared by the messages it publishes (made at its first PUBLISH:
+    /// an idle connection does not keep a copy).
+    client_id: Option<Arc<str>>,
     /// `max_publish_rate`, where one is set (boxed: most deployments have none).
     pub(super) rate: Option<Box<PublishRate>>,
 }
@@ -48,6 +51,7 @@ impl FromClient {
             qos2_pending_here: HashSet::new(),
             aliases: TopicAliases::default(),
             source: Arc::from(SOURCE),
+            client_id: None,
             rate: (max_publish_rate > 0.0).then(|| Box::new(PublishRate::new(max_publish_rate))),
         }
     }
@@ -243,7 +247,11 @@ impl Conn {
             reason: 0,
         });
         let source = Arc::clone(&self.inbound.source);
-        let msg = message(p, &self.client_id, source, Ack::detached());
+        let client_id = self
+            .inbound
+            .client_id
+            .get_or_insert_with(|| Arc::from(self.client_id.as_str()));
+        let msg = message(p, Arc::clone(client_id), source, Ack::detached());
         // Within the receive maximum (checked above) this never overflows; a 3.1.1
         // client is not read while its window is full.
         self.inbound
@@ -276,7 +284,7 @@ impl Conn {
 }
 
 /// A message from `client_id` (a PUBLISH or its will) for the rules.
-pub(super) fn message(p: Publish, client_id: &str, source: Arc<str>, ack: Ack) -> Message {
+pub(super) fn message(p: Publish, client_id: Arc<str>, source: Arc<str>, ack: Ack) -> Message {
     let props = p.properties.unwrap_or_default();
     Message {
         topic: p.topic,
@@ -289,7 +297,7 @@ pub(super) fn message(p: Publish, client_id: &str, source: Arc<str>, ack: Ack) -
             response_topic: props.response_topic,
             correlation_data: props.correlation_data,
         },
-        client_id: Some(client_id.to_string()),
+        client_id: Some(client_id),
         received_at: jiff::Timestamp::now(),
         source,
         ack,

@@ -616,9 +616,17 @@ async fn qos1_pubacks_wait_for_settlement_and_go_out_in_arrival_order() {
         c.send(&publish(Version::V311, "t/a", 1, pkid, None)).await;
     }
     let mut acks = Vec::new();
+    let mut ids = Vec::new();
     for _ in 1..=3 {
-        acks.push(b.message().await.ack);
+        let m = b.message().await;
+        ids.push(m.client_id.expect("the publisher's id"));
+        acks.push(m.ack);
     }
+    assert_eq!(&*ids[0], "c");
+    assert!(
+        ids.iter().all(|id| Arc::ptr_eq(id, &ids[0])),
+        "a connection's messages share its id"
+    );
     c.ping().await;
     let first = acks.remove(0);
     // Settled out of order: the third, then the second. Nothing may go out yet.
