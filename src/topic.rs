@@ -415,21 +415,6 @@ impl Vars {
     }
 }
 
-impl<'a> FromIterator<(&'a str, &'a str)> for Vars {
-    fn from_iter<I: IntoIterator<Item = (&'a str, &'a str)>>(pairs: I) -> Vars {
-        Vars::new(&pairs.into_iter().collect::<Vec<_>>())
-    }
-}
-
-impl<'a> IntoIterator for &'a Vars {
-    type Item = (&'a str, &'a str);
-    type IntoIter = VarsIter<'a>;
-
-    fn into_iter(self) -> VarsIter<'a> {
-        self.iter()
-    }
-}
-
 /// [`Vars::iter`].
 pub struct VarsIter<'a>(&'a [u8]);
 
@@ -630,7 +615,6 @@ mod tests {
         let pairs = [("device", "d1"), ("site", ""), ("é", "naïve/𝄞"), ("", "x")];
         let vars = Vars::new(&pairs);
         assert_eq!(vars.iter().collect::<Vec<_>>(), pairs);
-        assert_eq!(vars, pairs.into_iter().collect::<Vars>());
         assert!(!vars.is_empty());
         assert_eq!(
             serde_json::to_value(&vars).unwrap(),
