@@ -335,9 +335,9 @@ impl Router {
         let observed: Option<Vec<Observations>> = active
             .in_order
             .then(|| batch.iter().map(|m| self.observe(active, m)).collect());
-        let acks = self
-            .watch
-            .track(batch.iter_mut().map(|m| (m.topic.as_str(), m.ack.take())));
+        self.watch
+            .track(batch.iter_mut().map(|m| (m.topic.as_str(), &mut m.ack)));
+        let acks: Vec<Ack> = batch.iter_mut().map(|m| m.ack.take()).collect();
         let msgs: Arc<[Message]> = batch.into();
         let job = {
             let (active, msgs, limit) = (Arc::clone(active), Arc::clone(&msgs), self.eval.limit());

@@ -9,8 +9,10 @@
 //! restart. Losing an ack is safe; acking early is not.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use super::Watch;
 
 /// What happens when a message is fully settled.
 pub trait Settled: Send + Sync + 'static {
@@ -21,7 +23,16 @@ pub trait Settled: Send + Sync + 'static {
 struct Shared<S: ?Sized> {
     /// Shares not yet settled. Never reaches zero while a dropped share existed.
     pending: AtomicUsize,
+    /// The watchdog's entry for the message, told first when it settles.
+    watched: OnceLock<(Arc<Watch>, u64)>,
     on_settled: S,
+}
+
+/// The callback of a message with nothing upstream to acknowledge, once it is watched.
+struct Unacknowledged;
+
+impl Settled for Unacknowledged {
+    fn settled(&self) {}
 }
 
 enum Share {
@@ -43,6 +54,7 @@ impl Ack {
     pub fn new(on_settled: impl Settled) -> Self {
         let shared: Arc<Shared<dyn Settled>> = Arc::new(Shared {
             pending: AtomicUsize::new(1),
+            watched: OnceLock::new(),
             on_settled,
         });
         Ack {
@@ -78,13 +90,30 @@ impl Ack {
         Ack { share }
     }
 
-    /// Gives this share back; the last one fires the callback.
+    /// Gives this share back; the last one tells the watchdog, then fires the callback.
     pub fn settle(mut self) {
         if let Share::Of(shared) = std::mem::replace(&mut self.share, Share::Spent)
             && shared.pending.fetch_sub(1, Ordering::AcqRel) == 1
         {
+            if let Some((watch, entry)) = shared.watched.get() {
+                watch.settle(*entry);
+            }
             shared.on_settled.settled();
         }
+    }
+
+    /// Has the message's settlement tell `watch` that its entry `entry` settled (in the
+    /// same allocation: no wrapper, no lock). A detached handle becomes one with nothing
+    /// upstream, so that it can be watched too.
+    pub(super) fn watched(&mut self, watch: &Arc<Watch>, entry: u64) {
+        if let Share::Detached = self.share {
+            *self = Ack::new(Unacknowledged);
+        }
+        let Share::Of(shared) = &self.share else {
+            panic!("Ack used after settle");
+        };
+        let fresh = shared.watched.set((Arc::clone(watch), entry)).is_ok();
+        assert!(fresh, "a message is watched once");
     }
 }
 

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Ack, Settled};
+use super::Ack;
 
 /// Messages in flight, oldest first.
 #[derive(Default)]
@@ -30,53 +30,22 @@ struct Inner {
     reported: u64,
 }
 
-/// Settles the message's own share once the tracked share settles.
-struct Tracked {
-    watch: Arc<Watch>,
-    seq: u64,
-    upstream: Mutex<Option<Ack>>,
-}
-
-impl Settled for Tracked {
-    fn settled(&self) {
-        self.watch.settle(self.seq);
-        if let Some(ack) = self.upstream.lock().expect("tracked ack").take() {
-            ack.settle();
+impl Watch {
+    /// Tracks messages, given as their topic and their ack, from now until the ack's
+    /// message settles (the ack tells the watch itself: see [`Ack::settle`]). One lock and
+    /// one clock reading for the lot.
+    pub fn track<'a>(self: &Arc<Self>, msgs: impl IntoIterator<Item = (&'a str, &'a mut Ack)>) {
+        let now = Instant::now();
+        let mut w = self.inner.lock().expect("watch lock");
+        for (topic, ack) in msgs {
+            let entry = w.base + w.entries.len() as u64;
+            w.entries.push_back(Some((now, Arc::from(topic))));
+            ack.watched(self, entry);
         }
     }
-}
 
-impl Watch {
-    /// Tracks messages, given as their topic and their ack (a share, which it takes),
-    /// from now until that share would settle; returns, in order, the shares to use in
-    /// their place. One lock and one clock reading for the lot.
-    pub fn track<'a>(self: &Arc<Self>, msgs: impl IntoIterator<Item = (&'a str, Ack)>) -> Vec<Ack> {
-        let now = Instant::now();
-        let (first, upstream) = {
-            let mut w = self.inner.lock().expect("watch lock");
-            let first = w.base + w.entries.len() as u64;
-            let upstream: Vec<Ack> = msgs
-                .into_iter()
-                .map(|(topic, ack)| {
-                    w.entries.push_back(Some((now, Arc::from(topic))));
-                    ack
-                })
-                .collect();
-            (first, upstream)
-        };
-        (first..)
-            .zip(upstream)
-            .map(|(seq, ack)| {
-                Ack::new(Tracked {
-                    watch: Arc::clone(self),
-                    seq,
-                    upstream: Mutex::new(Some(ack)),
-                })
-            })
-            .collect()
-    }
-
-    fn settle(&self, seq: u64) {
+    /// Entry `seq`'s message has settled.
+    pub(super) fn settle(&self, seq: u64) {
         let mut w = self.inner.lock().expect("watch lock");
         let i = (seq - w.base) as usize;
         w.entries[i] = None;
@@ -149,10 +118,8 @@ mod tests {
         let watch = Arc::new(Watch::default());
         let settled = Arc::new(AtomicUsize::new(0));
         let ack = || Ack::new(Count(Arc::clone(&settled)));
-        let [a, b, c] = watch
-            .track([("t/a", ack()), ("t/b", ack()), ("t/c", ack())])
-            .try_into()
-            .unwrap();
+        let [mut a, mut b, mut c] = [ack(), ack(), ack()];
+        watch.track([("t/a", &mut a), ("t/b", &mut b), ("t/c", &mut c)]);
         b.settle();
         assert_eq!(
             settled.load(Ordering::SeqCst),
@@ -178,7 +145,8 @@ mod tests {
         c.settle();
         assert_eq!(settled.load(Ordering::SeqCst), 3);
         assert!(watch.oldest().is_none(), "nothing in flight");
-        let [d] = watch.track([("t/d", ack())]).try_into().unwrap();
+        let mut d = ack();
+        watch.track([("t/d", &mut d)]);
         assert_eq!(
             watch.overdue(Duration::ZERO).len(),
             1,
@@ -189,5 +157,27 @@ mod tests {
             watch.inner.lock().unwrap().entries.is_empty(),
             "memory is given back"
         );
+    }
+
+    #[test]
+    fn a_message_settles_for_the_watch_when_its_last_part_does() {
+        let watch = Arc::new(Watch::default());
+        let settled = Arc::new(AtomicUsize::new(0));
+        let mut ack = Ack::new(Count(Arc::clone(&settled)));
+        let mut detached = Ack::detached();
+        watch.track([("t/a", &mut ack), ("t/b", &mut detached)]);
+        let part = ack.part();
+        ack.settle();
+        assert!(watch.oldest().is_some(), "one part is still out");
+        part.settle();
+        assert_eq!(settled.load(Ordering::SeqCst), 1);
+        let overdue: Vec<String> = watch
+            .overdue(Duration::ZERO)
+            .into_iter()
+            .map(|(t, _)| t.to_string())
+            .collect();
+        assert_eq!(overdue, ["t/b"], "a detached message is watched too");
+        detached.settle();
+        assert!(watch.oldest().is_none(), "nothing in flight");
     }
 }
