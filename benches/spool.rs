@@ -148,7 +148,7 @@ async fn sqlite_wal(dir: &Path, n: usize) -> f64 {
                     seq += 1;
                     q = q
                         .bind(seq)
-                        .bind(m.topic.as_str())
+                        .bind(&*m.topic)
                         .bind(m.payload.as_ref())
                         .bind(m.received_at.as_microsecond());
                 }

@@ -19,7 +19,7 @@ pub struct Properties {
 /// One received message.
 #[derive(Debug)]
 pub struct Message {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub payload: Bytes,
     /// 0, 1 or 2.
     pub qos: u8,
@@ -38,7 +38,7 @@ pub struct Message {
 
 impl Message {
     /// A message with no upstream to acknowledge (used by `mqbridge try` and tests).
-    pub fn detached(topic: impl Into<String>, payload: impl Into<Bytes>, qos: u8) -> Self {
+    pub fn detached(topic: impl Into<Arc<str>>, payload: impl Into<Bytes>, qos: u8) -> Self {
         Message {
             topic: topic.into(),
             payload: payload.into(),

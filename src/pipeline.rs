@@ -336,7 +336,7 @@ impl Router {
             .in_order
             .then(|| batch.iter().map(|m| self.observe(active, m)).collect());
         self.watch
-            .track(batch.iter_mut().map(|m| (m.topic.as_str(), &mut m.ack)));
+            .track(batch.iter_mut().map(|m| (&*m.topic, &mut m.ack)));
         let acks: Vec<Ack> = batch.iter_mut().map(|m| m.ack.take()).collect();
         let msgs: Arc<[Message]> = batch.into();
         let job = {
@@ -453,7 +453,7 @@ impl Router {
         &self,
         active: &Active,
         msg: &Message,
-        mut taken: Option<(String, Bytes)>,
+        mut taken: Option<(Arc<str>, Bytes)>,
         verdicts: Verdicts,
         ack: Ack,
         out: &mut [Vec<Delivery>],
@@ -478,7 +478,7 @@ impl Router {
                     m.records.increment(records.len() as u64);
                     for record in records {
                         self.taps.offer(&rule.name, || Event::Record {
-                            topic: topic.clone(),
+                            topic: topic.to_string(),
                             record: record.clone(),
                         });
                         // Each sink but the last gets a copy; the last takes the record.
@@ -498,7 +498,7 @@ impl Router {
                 Evaluation::Filtered => {
                     m.filtered.increment(1);
                     self.taps.offer(&rule.name, || Event::Filtered {
-                        topic: topic.clone(),
+                        topic: topic.to_string(),
                     });
                 }
                 Evaluation::Failed { stage, error } => {
@@ -506,7 +506,7 @@ impl Router {
                     tracing::debug!(rule = %rule.name, %topic, stage, %error, "rule failed");
                     let error = format!("{stage}: {error}");
                     self.taps.offer(&rule.name, || Event::Failed {
-                        topic: topic.clone(),
+                        topic: topic.to_string(),
                         error: error.clone(),
                     });
                     let failure = Failure {
@@ -547,7 +547,7 @@ impl Router {
                 first_attempt: jiff::Timestamp::now(),
             };
             self.taps.offer(&rule.name, || Event::Failed {
-                topic: msg.topic.clone(),
+                topic: msg.topic.to_string(),
                 error: error.to_string(),
             });
             let origin = Arc::new(Origin::from_message(msg, &rule.name, Vars::default()));

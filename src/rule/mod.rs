@@ -282,7 +282,7 @@ fn default_record(msg: &Message, payload: &Val) -> serde_json::Value {
     let payload = jq::to_json(payload);
     serde_json::json!({
         "message_id": crate::message::message_id(&msg.topic, &msg.payload),
-        "topic": msg.topic,
+        "topic": &*msg.topic,
         "payload": payload,
         "qos": msg.qos,
         "retain": msg.retain,

@@ -235,7 +235,7 @@ impl Driver {
             let ready: Vec<bool> = pending
                 .iter()
                 .map(|(d, b)| {
-                    let topic = d.origin.topic.as_str();
+                    let topic = &*d.origin.topic;
                     let ready =
                         b.not_before.is_none_or(|t| t <= now) && !waiting_topics.contains(&topic);
                     if !ready && !waiting_topics.contains(&topic) {
@@ -536,7 +536,7 @@ pub fn dead_letter_record(origin: &Origin, record: &Record, f: &Failure<'_>) -> 
     let (payload, encoding) = crate::rule::payload_text(&origin.payload);
     serde_json::json!({
         "message_id": origin.id(),
-        "topic": origin.topic,
+        "topic": &*origin.topic,
         "payload": payload,
         "payload_encoding": encoding,
         "qos": origin.qos,
@@ -672,7 +672,7 @@ mod tests {
                         failed_topics.push(topic);
                         out.push(Outcome::Failed(SinkError::transient("HTTP 503")));
                     } else {
-                        self.written.lock().unwrap().push((topic, seq));
+                        self.written.lock().unwrap().push((topic.to_string(), seq));
                         self.records
                             .lock()
                             .unwrap()

@@ -99,7 +99,7 @@ fn prepare(settings: &Settings, origin: &Origin, record: &Record) -> Result<Prep
         Some(k) => k
             .render(&ctx)
             .map_err(|e| SinkError::permanent(format!("key template: {e}")))?,
-        None => origin.topic.clone(),
+        None => origin.topic.to_string(),
     };
     let mut headers = vec![(ID_HEADER.to_string(), super::record_id(origin, record))];
     for h in &settings.headers {
@@ -315,7 +315,7 @@ impl Sink for KafkaSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(super::prepared(
             batch,
-            |d| prepare(&self.settings, &d.origin, &d.record).map(|r| (d.origin.topic.as_str(), r)),
+            |d| prepare(&self.settings, &d.origin, &d.record).map(|r| (&*d.origin.topic, r)),
             move |records| self.produce_all(records),
         ))
     }

@@ -48,7 +48,7 @@ pub struct Origin {
     /// called (most sinks never ask: it costs a SHA-256 of the payload), or set when it
     /// is known (a replayed dead letter keeps its original message's id).
     pub id: OnceLock<String>,
-    pub topic: String,
+    pub topic: Arc<str>,
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
@@ -69,7 +69,7 @@ impl Origin {
     /// out of a message that is not needed any more, instead of copied).
     pub fn taking(
         msg: &crate::message::Message,
-        topic: String,
+        topic: Arc<str>,
         payload: Bytes,
         rule: &Arc<str>,
         vars: Vars,
@@ -124,7 +124,7 @@ impl Serialize for TemplateContext<'_> {
         let o = self.origin;
         let mut map = s.serialize_map(Some(10))?;
         map.serialize_entry("id", o.id())?;
-        map.serialize_entry("topic", &o.topic)?;
+        map.serialize_entry("topic", &*o.topic)?;
         map.serialize_entry("segments", &Segments(&o.topic))?;
         map.serialize_entry("vars", &o.vars)?;
         map.serialize_entry("qos", &o.qos)?;

@@ -256,7 +256,7 @@ impl Sink for NatsSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(super::prepared(
             batch,
-            |d| message(&self.settings, &d.origin, &d.record).map(|m| (d.origin.topic.as_str(), m)),
+            |d| message(&self.settings, &d.origin, &d.record).map(|m| (&*d.origin.topic, m)),
             move |messages| self.publish_all(messages),
         ))
     }

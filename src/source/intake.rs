@@ -425,7 +425,7 @@ mod tests {
             tokio::select! {
                 m = rx.recv() => {
                     let m = m.unwrap();
-                    order.push(m.topic.clone());
+                    order.push(m.topic.to_string());
                     m.ack.settle();
                 }
                 tokens = intake.released() => assert!(!tokens.is_empty()),

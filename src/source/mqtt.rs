@@ -261,7 +261,7 @@ async fn run(
                 } = *received;
                 arrivals += 1;
                 let msg = Message {
-                    topic,
+                    topic: topic.into(),
                     payload,
                     qos,
                     retain,

@@ -125,24 +125,27 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
         .map_err(|e| format!("bad receive time: {e}"))?;
     let qos = b.get_u8();
     let flags = b.get_u8();
-    let text = |b: &[u8]| {
-        let s = std::str::from_utf8(b).map_err(|_| "text is not UTF-8".to_string());
-        s.map(String::from)
-    };
-    let topic = take(&mut b, text)?;
+    fn utf8(b: &[u8]) -> Result<&str, String> {
+        std::str::from_utf8(b).map_err(|_| "text is not UTF-8".to_string())
+    }
+    let text = |b: &[u8]| utf8(b).map(String::from);
+    let shared = |b: &[u8]| utf8(b).map(Arc::<str>::from);
+    let topic = take(&mut b, shared)?;
     // The few sources' names are kept once: a record's is compared, not copied.
     let source = take(&mut b, |name| {
         match sources.iter().find(|s| s.as_bytes() == name) {
             Some(s) => Ok(Arc::clone(s)),
             None => {
-                let s: Arc<str> = Arc::from(text(name)?);
+                let s = shared(name)?;
                 sources.push(Arc::clone(&s));
                 Ok(s)
             }
         }
     })?;
+    let client_id = (flags & CLIENT_ID != 0)
+        .then(|| take(&mut b, shared))
+        .transpose()?;
     let mut optional = |bit: u8| (flags & bit != 0).then(|| take(&mut b, text)).transpose();
-    let client_id = optional(CLIENT_ID)?.map(Arc::from);
     let content_type = optional(CONTENT_TYPE)?;
     let response_topic = optional(RESPONSE_TOPIC)?;
     let correlation_data = (flags & CORRELATION != 0)
@@ -285,7 +288,7 @@ mod tests {
 
         let bare = Message::detached("t", Bytes::new(), 0);
         let r = roundtrip(0, &bare).message;
-        assert_eq!((r.topic.as_str(), r.payload.len()), ("t", 0));
+        assert_eq!((&*r.topic, r.payload.len()), ("t", 0));
         assert_eq!(r.properties, Properties::default());
         assert_eq!(r.client_id, None);
     }

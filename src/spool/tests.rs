@@ -87,7 +87,7 @@ async fn messages_are_acknowledged_once_spooled_and_come_out_in_order() {
     h.acked_at_least(500).await;
     for i in 0..500 {
         let m = h.recv().await;
-        assert_eq!(m.topic, format!("t/{i}"));
+        assert_eq!(&*m.topic, format!("t/{i}"));
         assert_eq!(m.payload.len(), 100);
         m.ack.settle();
     }
@@ -95,7 +95,7 @@ async fn messages_are_acknowledged_once_spooled_and_come_out_in_order() {
     // Everything settled: a restart has nothing to deliver again.
     let mut h = Harness::start(&plan(dir.path(), 64 << 20));
     h.send(500, 10).await;
-    assert_eq!(h.recv().await.topic, "t/500");
+    assert_eq!(&*h.recv().await.topic, "t/500");
     h.stop().await;
 }
 
@@ -142,12 +142,12 @@ async fn unsettled_records_are_delivered_again_after_a_restart() {
     let mut h = Harness::start(&plan(dir.path(), 64 << 20));
     for i in 40..100 {
         let m = h.recv().await;
-        assert_eq!(m.topic, format!("t/{i}"));
+        assert_eq!(&*m.topic, format!("t/{i}"));
         m.ack.settle();
     }
     h.send(100, 10).await;
     assert_eq!(
-        h.recv().await.topic,
+        &*h.recv().await.topic,
         "t/100",
         "new records follow the backlog"
     );
@@ -183,12 +183,12 @@ async fn a_torn_write_is_cut_off_and_numbering_continues() {
     let mut h = Harness::start(&plan(dir.path(), 64 << 20));
     for i in 0..10 {
         let m = h.recv().await;
-        assert_eq!(m.topic, format!("t/{i}"));
+        assert_eq!(&*m.topic, format!("t/{i}"));
         m.ack.settle();
     }
     h.send(10, 10).await;
     let m = h.recv().await;
-    assert_eq!(m.topic, "t/10", "the torn record is gone, not delivered");
+    assert_eq!(&*m.topic, "t/10", "the torn record is gone, not delivered");
     m.ack.settle();
     h.stop().await;
 }
@@ -272,7 +272,7 @@ async fn a_message_larger_than_the_spool_passes_when_it_is_empty() {
     m.ack.settle();
     h.send(1, 10).await;
     let m = h.recv().await;
-    assert_eq!(m.topic, "t/1");
+    assert_eq!(&*m.topic, "t/1");
     m.ack.settle();
     h.stop().await;
 }
@@ -302,7 +302,7 @@ async fn a_closed_spool_reopens_at_once_while_its_janitor_was_busy() {
         for _ in 0..50 {
             h.send(sent, 10).await;
             let m = h.recv().await;
-            assert_eq!(m.topic, format!("t/{sent}"), "round {round}");
+            assert_eq!(&*m.topic, format!("t/{sent}"), "round {round}");
             m.ack.settle();
             sent += 1;
             if sent % 7 == 0 {
@@ -319,7 +319,7 @@ async fn a_closed_spool_reopens_at_once_while_its_janitor_was_busy() {
     // Nothing settled is handed out again.
     let mut h = Harness::start(&plan);
     h.send(sent, 10).await;
-    assert_eq!(h.recv().await.topic, format!("t/{sent}"));
+    assert_eq!(&*h.recv().await.topic, format!("t/{sent}"));
     h.stop().await;
 }
 
@@ -395,7 +395,7 @@ async fn the_saved_cursor_never_passes_the_durable_records() {
     }
     for i in 10..20 {
         let m = h.recv().await;
-        assert_eq!(m.topic, format!("t/{i}"));
+        assert_eq!(&*m.topic, format!("t/{i}"));
         m.ack.settle();
     }
     h.acked_at_least(10).await;
@@ -416,7 +416,7 @@ async fn fsync_always_syncs_each_message_before_writing_the_next() {
     h.acked_at_least(50).await;
     for i in 0..50 {
         let m = h.recv().await;
-        assert_eq!(m.topic, format!("t/{i}"));
+        assert_eq!(&*m.topic, format!("t/{i}"));
         m.ack.settle();
     }
     let stats = h.probe.stats();

@@ -287,7 +287,7 @@ impl Conn {
 pub(super) fn message(p: Publish, client_id: Arc<str>, source: Arc<str>, ack: Ack) -> Message {
     let props = p.properties.unwrap_or_default();
     Message {
-        topic: p.topic,
+        topic: p.topic.into(),
         payload: p.payload,
         qos: p.qos,
         retain: p.retain,

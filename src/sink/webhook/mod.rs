@@ -153,11 +153,7 @@ impl WebhookSink {
 
     /// One request per record: the topics in parallel, each in order.
     async fn write_each<'a>(&'a self, batch: &'a [Delivery]) -> Vec<Outcome> {
-        let prepare = |d: &'a Delivery| {
-            self.requests
-                .prepare(d)
-                .map(|r| (d.origin.topic.as_str(), r))
-        };
+        let prepare = |d: &'a Delivery| self.requests.prepare(d).map(|r| (&*d.origin.topic, r));
         super::prepared(batch, prepare, move |prepared| async move {
             let mut topics: Vec<Vec<usize>> = Vec::new();
             let mut by_topic: HashMap<&str, usize> = HashMap::new();

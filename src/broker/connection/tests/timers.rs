@@ -63,7 +63,7 @@ async fn a_delayed_will_goes_out_after_its_delay_and_a_reconnect_before_cancels_
         "one entry for the offline session"
     );
     let will = b.message().await;
-    assert_eq!(will.topic, "will/c");
+    assert_eq!(&*will.topic, "will/c");
     let waited = lost.elapsed();
     assert!(
         waited >= Duration::from_secs(5) && waited < Duration::from_millis(5100),
@@ -105,11 +105,11 @@ async fn a_will_goes_out_at_once_when_its_session_ends() {
     };
     let (c, present) = session_present(&b, clean).await;
     assert!(!present);
-    assert_eq!(b.message().await.topic, "will/c");
+    assert_eq!(&*b.message().await.topic, "will/c");
     assert!(started.elapsed() < Duration::from_secs(1), "at once");
     c.lose().await;
     assert_eq!(
-        b.message().await.topic,
+        &*b.message().await.topic,
         "will/c",
         "expiry 0: at the disconnect"
     );
@@ -126,7 +126,7 @@ async fn a_will_delay_longer_than_the_session_expiry_goes_out_when_the_session_e
     let hello = with_will("c", 50, 5);
     b.connect(Version::V5, hello).await.lose().await;
     let lost = Instant::now();
-    assert_eq!(b.message().await.topic, "will/c");
+    assert_eq!(&*b.message().await.topic, "will/c");
     let waited = lost.elapsed();
     assert!(
         waited >= Duration::from_secs(5) && waited < Duration::from_millis(5100),
@@ -193,7 +193,7 @@ async fn a_takeover_publishes_the_old_will_only_when_it_ends_the_session() {
         };
         let mut newest = b.connect(version, clean).await;
         taken_over(new).await;
-        assert_eq!(b.message().await.topic, "will/c", "{version:?}");
+        assert_eq!(&*b.message().await.topic, "will/c", "{version:?}");
         // A normal DISCONNECT: no will.
         newest.send(&[0xE0, 0]).await;
         newest.closed().await;
@@ -211,7 +211,7 @@ async fn stopping_without_persistence_publishes_the_pending_wills_and_ends_the_t
         .await;
     b.no_message();
     b.stop.cancel();
-    assert_eq!(b.message().await.topic, "will/c");
+    assert_eq!(&*b.message().await.topic, "will/c");
     tokio::time::timeout(Duration::from_secs(1), &mut b.timers)
         .await
         .expect("the timer task ends at stop")
@@ -256,7 +256,7 @@ async fn a_pending_will_survives_a_restart_with_persistence() {
     let mut b = broker(&settings).await;
     let restarted = Instant::now();
     assert_eq!(sessions(&b), 1);
-    assert_eq!(b.message().await.topic, "will/c");
+    assert_eq!(&*b.message().await.topic, "will/c");
     let waited = restarted.elapsed();
     assert!(
         waited >= Duration::from_secs(5) && waited < Duration::from_millis(5100),
