@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 
 use crate::delivery::Ack;
 
@@ -19,7 +20,9 @@ pub struct Properties {
 /// One received message.
 #[derive(Debug)]
 pub struct Message {
-    pub topic: Arc<str>,
+    /// UTF-8 in shared bytes: a copy (the watchdog's, each record's origin) is a
+    /// reference count, and a topic read from the spool is a slice of its record.
+    pub topic: ByteString,
     pub payload: Bytes,
     /// 0, 1 or 2.
     pub qos: u8,
@@ -38,7 +41,7 @@ pub struct Message {
 
 impl Message {
     /// A message with no upstream to acknowledge (used by `mqbridge try` and tests).
-    pub fn detached(topic: impl Into<Arc<str>>, payload: impl Into<Bytes>, qos: u8) -> Self {
+    pub fn detached(topic: impl Into<ByteString>, payload: impl Into<Bytes>, qos: u8) -> Self {
         Message {
             topic: topic.into(),
             payload: payload.into(),

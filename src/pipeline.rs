@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
 use smallvec::SmallVec;
@@ -336,7 +337,7 @@ impl Router {
             .in_order
             .then(|| batch.iter().map(|m| self.observe(active, m)).collect());
         self.watch
-            .track(batch.iter_mut().map(|m| (&*m.topic, &mut m.ack)));
+            .track(batch.iter_mut().map(|m| (&m.topic, &mut m.ack)));
         let acks: Vec<Ack> = batch.iter_mut().map(|m| m.ack.take()).collect();
         let msgs: Arc<[Message]> = batch.into();
         let job = {
@@ -453,7 +454,7 @@ impl Router {
         &self,
         active: &Active,
         msg: &Message,
-        mut taken: Option<(Arc<str>, Bytes)>,
+        mut taken: Option<(ByteString, Bytes)>,
         verdicts: Verdicts,
         ack: Ack,
         out: &mut [Vec<Delivery>],

@@ -12,6 +12,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytestring::ByteString;
+
 use super::Ack;
 
 /// Messages in flight, oldest first.
@@ -25,7 +27,7 @@ struct Inner {
     /// Number of the first entry.
     base: u64,
     /// Arrival time and topic of each message from `base` on; None once settled.
-    entries: VecDeque<Option<(Instant, Arc<str>)>>,
+    entries: VecDeque<Option<(Instant, ByteString)>>,
     /// Entries below this number were already reported.
     reported: u64,
 }
@@ -34,12 +36,15 @@ impl Watch {
     /// Tracks messages, given as their topic and their ack, from now until the ack's
     /// message settles (the ack tells the watch itself: see [`Ack::settle`]). One lock and
     /// one clock reading for the lot.
-    pub fn track<'a>(self: &Arc<Self>, msgs: impl IntoIterator<Item = (&'a str, &'a mut Ack)>) {
+    pub fn track<'a>(
+        self: &Arc<Self>,
+        msgs: impl IntoIterator<Item = (&'a ByteString, &'a mut Ack)>,
+    ) {
         let now = Instant::now();
         let mut w = self.inner.lock().expect("watch lock");
         for (topic, ack) in msgs {
             let entry = w.base + w.entries.len() as u64;
-            w.entries.push_back(Some((now, Arc::from(topic))));
+            w.entries.push_back(Some((now, topic.clone())));
             ack.watched(self, entry);
         }
     }
@@ -57,7 +62,7 @@ impl Watch {
 
     /// Messages unsettled for longer than `after` and not reported before, as (topic,
     /// age), oldest first; each is reported once.
-    pub fn overdue(&self, after: Duration) -> Vec<(Arc<str>, Duration)> {
+    pub fn overdue(&self, after: Duration) -> Vec<(ByteString, Duration)> {
         let now = Instant::now();
         let mut w = self.inner.lock().expect("watch lock");
         let from = w.reported.max(w.base);
@@ -66,7 +71,7 @@ impl Watch {
         for entry in w.entries.iter().skip((from - w.base) as usize) {
             match entry {
                 Some((at, _)) if now.duration_since(*at) <= after => break,
-                Some((at, topic)) => out.push((Arc::clone(topic), now.duration_since(*at))),
+                Some((at, topic)) => out.push((topic.clone(), now.duration_since(*at))),
                 None => {}
             }
             reported += 1;
@@ -119,7 +124,11 @@ mod tests {
         let settled = Arc::new(AtomicUsize::new(0));
         let ack = || Ack::new(Count(Arc::clone(&settled)));
         let [mut a, mut b, mut c] = [ack(), ack(), ack()];
-        watch.track([("t/a", &mut a), ("t/b", &mut b), ("t/c", &mut c)]);
+        watch.track([
+            (&ByteString::from("t/a"), &mut a),
+            (&ByteString::from("t/b"), &mut b),
+            (&ByteString::from("t/c"), &mut c),
+        ]);
         b.settle();
         assert_eq!(
             settled.load(Ordering::SeqCst),
@@ -146,7 +155,7 @@ mod tests {
         assert_eq!(settled.load(Ordering::SeqCst), 3);
         assert!(watch.oldest().is_none(), "nothing in flight");
         let mut d = ack();
-        watch.track([("t/d", &mut d)]);
+        watch.track([(&ByteString::from("t/d"), &mut d)]);
         assert_eq!(
             watch.overdue(Duration::ZERO).len(),
             1,
@@ -165,7 +174,10 @@ mod tests {
         let settled = Arc::new(AtomicUsize::new(0));
         let mut ack = Ack::new(Count(Arc::clone(&settled)));
         let mut detached = Ack::detached();
-        watch.track([("t/a", &mut ack), ("t/b", &mut detached)]);
+        watch.track([
+            (&ByteString::from("t/a"), &mut ack),
+            (&ByteString::from("t/b"), &mut detached),
+        ]);
         let part = ack.part();
         ack.settle();
         assert!(watch.oldest().is_some(), "one part is still out");

@@ -108,7 +108,7 @@ impl Letter {
     /// acknowledge; MQTT 5 properties and the client id are not in a dead letter).
     pub fn message(&self) -> Message {
         Message {
-            topic: Arc::from(self.topic.as_str()),
+            topic: self.topic.as_str().into(),
             payload: self.payload.clone(),
             qos: self.qos,
             retain: self.retain,
@@ -126,7 +126,7 @@ impl Letter {
     pub fn origin(&self, vars: Vars) -> Origin {
         Origin {
             id: self.message_id.clone().into(),
-            topic: Arc::from(self.topic.as_str()),
+            topic: self.topic.as_str().into(),
             payload: self.payload.clone(),
             qos: self.qos,
             retain: self.retain,

@@ -32,6 +32,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
@@ -48,7 +49,7 @@ pub struct Origin {
     /// called (most sinks never ask: it costs a SHA-256 of the payload), or set when it
     /// is known (a replayed dead letter keeps its original message's id).
     pub id: OnceLock<String>,
-    pub topic: Arc<str>,
+    pub topic: ByteString,
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
@@ -69,7 +70,7 @@ impl Origin {
     /// out of a message that is not needed any more, instead of copied).
     pub fn taking(
         msg: &crate::message::Message,
-        topic: Arc<str>,
+        topic: ByteString,
         payload: Bytes,
         rule: &Arc<str>,
         vars: Vars,

@@ -373,7 +373,7 @@ mod tests {
         queue.send_all(records).await.unwrap();
         drop(queue);
         // topic → (its lane, the last number seen on it)
-        let mut topics: std::collections::HashMap<Arc<str>, (usize, Option<u64>)> =
+        let mut topics: std::collections::HashMap<bytestring::ByteString, (usize, Option<u64>)> =
             Default::default();
         let mut seen = 0;
         for (n, mut lane) in lanes.into_iter().enumerate() {

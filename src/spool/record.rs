@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes};
+use bytestring::ByteString;
 
 use crate::delivery::Ack;
 use crate::message::{Message, Properties};
@@ -130,7 +131,12 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
     }
     let text = |b: &[u8]| utf8(b).map(String::from);
     let shared = |b: &[u8]| utf8(b).map(Arc::<str>::from);
-    let topic = take(&mut b, shared)?;
+    // A slice of the record, as the payload is: no copy.
+    let n = bytes_u32(&mut b).ok_or_else(truncated)? as usize;
+    if b.remaining() < n {
+        return Err(truncated());
+    }
+    let topic = ByteString::try_from(b.split_to(n)).map_err(|_| "text is not UTF-8".to_string())?;
     // The few sources' names are kept once: a record's is compared, not copied.
     let source = take(&mut b, |name| {
         match sources.iter().find(|s| s.as_bytes() == name) {
