@@ -110,9 +110,10 @@ pub struct Decoded {
 /// Checks and decodes a body read after a header with checksum `crc`. `sources` interns
 /// source names so records do not each allocate one.
 ///
-/// The texts are copied out and the payload, the last field, is the body itself with
-/// the rest skipped: a body read into a `Vec` is not split, which would allocate a
-/// shared header for it (see [`take`]).
+/// The topic and the payload (the last field, the body itself with the rest skipped)
+/// share the body: splitting the topic off allocates the body's shared header once, in
+/// place of a copy of the topic, and later copies of either are reference counts. The
+/// other texts are copied out (see [`take`]).
 pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Decoded, String> {
     if checksum(&body) != crc {
         return Err("checksum mismatch".into());
@@ -131,7 +132,7 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
     }
     let text = |b: &[u8]| utf8(b).map(String::from);
     let shared = |b: &[u8]| utf8(b).map(Arc::<str>::from);
-    // A slice of the record, as the payload is: no copy.
+    // A slice of the body, as the payload is (see above).
     let n = bytes_u32(&mut b).ok_or_else(truncated)? as usize;
     if b.remaining() < n {
         return Err(truncated());
@@ -202,8 +203,7 @@ fn bytes_u32(b: &mut Bytes) -> Option<u32> {
 }
 
 /// The next length-prefixed field, read by `read` from the body's bytes, which are then
-/// skipped. (`Bytes::split_to` would share the body instead: for a body read into a
-/// `Vec` that allocates, and the payload then holds the whole body either way.)
+/// skipped.
 fn take<T>(b: &mut Bytes, read: impl FnOnce(&[u8]) -> Result<T, String>) -> Result<T, String> {
     let n = bytes_u32(b).ok_or_else(truncated)? as usize;
     let field = b.get(..n).ok_or_else(truncated)?;
