@@ -300,6 +300,26 @@ mod tests {
     }
 
     #[test]
+    fn the_topic_is_a_slice_of_the_body_and_must_be_utf8() {
+        let mut buf = Vec::new();
+        encode(7, &full_message(), &mut buf);
+        let body = Bytes::from(buf[HEADER..].to_vec());
+        let span = body.as_ptr_range();
+        let d = decode(body.clone(), checksum(&body), &mut Vec::new()).unwrap();
+        assert!(span.contains(&d.message.topic.as_ptr()), "not copied");
+        assert_eq!(&*d.message.topic, "sensors/d1/telemetry");
+
+        // The topic's first byte (after seq, time, qos, flags and its length), made
+        // invalid UTF-8 under a checksum that matches: refused, not read as text.
+        let mut bad = buf[HEADER..].to_vec();
+        assert_eq!(bad[22], b's');
+        bad[22] = 0xFF;
+        let crc = checksum(&bad);
+        let err = decode(Bytes::from(bad), crc, &mut Vec::new()).err();
+        assert_eq!(err.as_deref(), Some("text is not UTF-8"));
+    }
+
+    #[test]
     fn a_flipped_bit_is_caught() {
         let mut buf = Vec::new();
         encode(7, &full_message(), &mut buf);
