@@ -91,8 +91,10 @@ pub struct TopicFilter {
     levels: Vec<Level>,
     /// The filter ends with a `#` level.
     multi: bool,
-    captures: usize,
 }
+
+/// A filter's captures of one topic: (name, level value), in the filter's order.
+pub type Captures<'f, 't> = smallvec::SmallVec<[(&'f str, &'t str); 4]>;
 
 impl TopicFilter {
     /// Parses a filter as written in the rules file: MQTT wildcards `+`, `#` and named
@@ -162,7 +164,6 @@ impl TopicFilter {
             mqtt,
             levels,
             multi,
-            captures: names.len(),
         })
     }
 
@@ -183,9 +184,10 @@ impl TopicFilter {
     }
 
     /// None when it does not match; otherwise the named captures in filter order:
-    /// (name, level value).
-    pub fn captures<'f, 't>(&'f self, topic: &'t str) -> Option<Vec<(&'f str, &'t str)>> {
-        let mut out = Vec::with_capacity(self.captures);
+    /// (name, level value). Made for every message a rule matches: up to four are kept
+    /// inline, without an allocation.
+    pub fn captures<'f, 't>(&'f self, topic: &'t str) -> Option<Captures<'f, 't>> {
+        let mut out = Captures::new();
         self.walk(topic, |name, value| out.push((name, value)))
             .then_some(out)
     }
@@ -634,32 +636,35 @@ mod tests {
         assert_eq!(f.mqtt_filter(), "sensors/+/telemetry");
         assert_eq!(
             f.captures("sensors/d1/telemetry"),
-            Some(vec![("device", "d1")])
+            Some(smallvec::smallvec![("device", "d1")])
         );
-        assert_eq!(f.captures("sensors//telemetry"), Some(vec![("device", "")]));
+        assert_eq!(
+            f.captures("sensors//telemetry"),
+            Some(smallvec::smallvec![("device", "")])
+        );
         assert_eq!(f.captures("sensors/d1/status"), None);
         assert!(!f.matches("sensors/d1/telemetry/x"));
 
         let two = TopicFilter::parse("{site}/+/{_dev2}/t").unwrap();
         assert_eq!(two.mqtt_filter(), "+/+/+/t");
         let got = two.captures("s1/x/d9/t").unwrap();
-        assert_eq!(got, vec![("site", "s1"), ("_dev2", "d9")]);
+        assert_eq!(got[..], [("site", "s1"), ("_dev2", "d9")]);
         assert_eq!(two.captures("$s1/x/d9/t"), None);
 
         let hash = TopicFilter::parse("home/{room}/#").unwrap();
         assert_eq!(hash.mqtt_filter(), "home/+/#");
         assert_eq!(
             hash.captures("home/kitchen"),
-            Some(vec![("room", "kitchen")])
+            Some(smallvec::smallvec![("room", "kitchen")])
         );
         assert_eq!(
             hash.captures("home/kitchen/a/b"),
-            Some(vec![("room", "kitchen")])
+            Some(smallvec::smallvec![("room", "kitchen")])
         );
         assert_eq!(hash.captures("home"), None);
         assert_eq!(
             TopicFilter::parse("a/b").unwrap().captures("a/b"),
-            Some(vec![])
+            Some(smallvec::smallvec![])
         );
     }
 
@@ -753,7 +758,7 @@ mod tests {
                 with_captures.iter().zip(&levels)
                     .filter(|(f, _)| f.starts_with('{'))
                     .map(|(f, t)| (&f[1..f.len() - 1], *t))
-                    .collect::<Vec<_>>()
+                    .collect::<Captures>()
             });
             prop_assert_eq!(captured.captures(&topic), expected_caps);
         }

@@ -21,7 +21,7 @@ use smallvec::{SmallVec, smallvec};
 
 use crate::message::Message;
 use crate::record::Record;
-use crate::topic::TopicFilter;
+use crate::topic::{Captures, TopicFilter};
 use decode::Decoded;
 #[cfg(feature = "protobuf")]
 pub use decode::Sparkplug;
@@ -63,7 +63,7 @@ impl Rule {
     /// The named captures of the first filter that matches `topic`, or None; then the
     /// variables the decoder reads from the topic (Sparkplug B's), except those named
     /// like a capture.
-    pub fn matches<'t>(&self, topic: &'t str) -> Option<Vec<(&str, &'t str)>> {
+    pub fn matches<'t>(&self, topic: &'t str) -> Option<Captures<'_, 't>> {
         let mut vars = self.from.iter().find_map(|f| f.captures(topic))?;
         for (name, value) in self.decode.vars(topic) {
             if !vars.iter().any(|(n, _)| *n == name) {
