@@ -178,7 +178,9 @@ struct Router {
 
 /// Messages evaluated in one hand-off; their acks stay here, with the router.
 struct Batch {
-    msgs: Arc<[Message]>,
+    /// Shared with the pool's job while it evaluates; an `Arc` of the `Vec` itself, not
+    /// of a slice, so that the messages are not copied into a new allocation.
+    msgs: Arc<Vec<Message>>,
     acks: Vec<Ack>,
     /// The routing its messages were evaluated with, and are dispatched with.
     active: Arc<Active>,
@@ -339,7 +341,7 @@ impl Router {
         self.watch
             .track(batch.iter_mut().map(|m| (&m.topic, &mut m.ack)));
         let acks: Vec<Ack> = batch.iter_mut().map(|m| m.ack.take()).collect();
-        let msgs: Arc<[Message]> = batch.into();
+        let msgs = Arc::new(batch);
         let job = {
             let (active, msgs, limit) = (Arc::clone(active), Arc::clone(&msgs), self.eval.limit());
             move || {
