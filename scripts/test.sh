@@ -30,6 +30,19 @@ if [ -z "${MQBRIDGE_TEST_DATABASE_URL:-}" ]; then
   export MQBRIDGE_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 fi
 
+# Every target, unless the arguments pick some (`--test e2e`, `--lib`): cargo adds the
+# targets it is given to --all-targets instead of narrowing them.
+targets=(--all-targets)
+for arg in "$@"; do
+  case "$arg" in
+    --) break ;;
+    --lib | --bins | --bin | --bin=* | --tests | --test | --test=* | --benches | --bench | \
+      --bench=* | --examples | --example | --example=* | --doc | --all-targets)
+      targets=()
+      break
+      ;;
+  esac
+done
 # --no-fail-fast: every test target runs even when an earlier one fails, so one failure
 # never hides the others.
-cargo test --all-targets --no-fail-fast "$@"
+cargo test "${targets[@]}" --no-fail-fast "$@"
