@@ -127,8 +127,11 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
         .map_err(|e| format!("bad receive time: {e}"))?;
     let qos = b.get_u8();
     let flags = b.get_u8();
+    fn not_utf8<E>(_: E) -> String {
+        "text is not UTF-8".into()
+    }
     fn utf8(b: &[u8]) -> Result<&str, String> {
-        std::str::from_utf8(b).map_err(|_| "text is not UTF-8".to_string())
+        std::str::from_utf8(b).map_err(not_utf8)
     }
     let text = |b: &[u8]| utf8(b).map(String::from);
     let shared = |b: &[u8]| utf8(b).map(Arc::<str>::from);
@@ -137,7 +140,7 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
     if b.remaining() < n {
         return Err(truncated());
     }
-    let topic = ByteString::try_from(b.split_to(n)).map_err(|_| "text is not UTF-8".to_string())?;
+    let topic = ByteString::try_from(b.split_to(n)).map_err(not_utf8)?;
     // The few sources' names are kept once: a record's is compared, not copied.
     let source = take(&mut b, |name| {
         match sources.iter().find(|s| s.as_bytes() == name) {
