@@ -257,7 +257,10 @@ impl<T> Intake<T> {
             };
             match step {
                 Step::Settled(seq) => {
-                    let ready = self.acks.settle(seq);
+                    // With what settled meanwhile: a group the spool synced, or a batch a
+                    // sink wrote, settles together and is acknowledged in one write.
+                    let mut ready = self.acks.settle(seq);
+                    self.take_settled(&mut ready);
                     if !ready.is_empty() {
                         self.report_pending();
                         return ready;
@@ -278,11 +281,16 @@ impl<T> Intake<T> {
     /// acknowledgements to send when the connection is about to end.
     pub fn released_now(&mut self) -> Vec<T> {
         let mut ready = Vec::new();
+        self.take_settled(&mut ready);
+        self.report_pending();
+        ready
+    }
+
+    /// Adds to `ready` what the settlements already reported release.
+    fn take_settled(&mut self, ready: &mut Vec<T>) {
         while let Some(seq) = self.settled.try_recv() {
             ready.extend(self.acks.settle(seq));
         }
-        self.report_pending();
-        ready
     }
 
     /// QoS 1/2 messages taken (handed over or waiting) and not yet released.
@@ -506,6 +514,22 @@ mod tests {
         assert_eq!(intake.released_now(), vec![0, 1]);
         assert_eq!(intake.released_now(), Vec::<i32>::new());
         assert_eq!(intake.unacknowledged(), 1);
+    }
+
+    #[tokio::test]
+    async fn what_settled_together_is_released_together() {
+        let (tx, mut rx) = mpsc::channel(10);
+        let mut intake = Intake::new(Handoff::new(tx), 1000);
+        for i in 0..3 {
+            intake.offer(msg("t", 1), Some(i)).unwrap();
+        }
+        // In arrival order, as a synced group or a written batch settles: each one alone
+        // would release itself.
+        for m in taken(&mut rx) {
+            m.ack.settle();
+        }
+        assert_eq!(released(&mut intake).await, vec![0, 1, 2]);
+        assert_eq!(intake.unacknowledged(), 0);
     }
 
     #[tokio::test]
