@@ -4,7 +4,8 @@
 //! and password hashing.
 //!
 //! The pool never grows. Jobs wait in a bounded queue; a caller whose job does not fit
-//! waits (asynchronously) for room. A runaway program does not hold a thread for long:
+//! waits (asynchronously) for room. A job wakes one idle thread, and only when one is
+//! idle: a thread that finishes a job takes the next without sleeping. A runaway program does not hold a thread for long:
 //! every run carries a deadline that stops it from inside the interpreter (see
 //! [`crate::rule::jq`]), after [`EvalPool::limit`]. What no deadline can interrupt is one
 //! native operation on a huge value; it keeps its thread busy until it ends, while the
@@ -14,14 +15,15 @@
 //! never a thread.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::rule::jq::THREAD_STACK;
 
@@ -48,9 +50,44 @@ pub enum EvalError {
 /// is dropped and the queue is empty.
 #[derive(Clone)]
 pub struct EvalPool {
-    jobs: mpsc::Sender<Job>,
+    queue: Arc<Closing>,
+    /// Room in the queue: a permit per queued job, given back when a thread takes it.
+    room: Arc<Semaphore>,
     threads: usize,
     limit: Duration,
+}
+
+/// The jobs waiting for a thread, shared by the threads and the handles.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<Waiting>,
+    /// Signalled once per job, and for all at the end.
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Waiting {
+    jobs: VecDeque<(Job, OwnedSemaphorePermit)>,
+    /// Threads waiting on `ready`.
+    idle: usize,
+    /// No handle is left: the threads end once `jobs` is empty.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The queue as the handles hold it: dropping the last one closes it.
+struct Closing(Arc<Queue>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.ready.notify_all();
+    }
 }
 
 impl std::fmt::Debug for EvalPool {
@@ -67,17 +104,18 @@ impl EvalPool {
     /// each run for `limit`.
     pub fn start(name: &str, threads: usize, limit: Duration) -> std::io::Result<Self> {
         let threads = threads.max(1);
-        let (tx, rx) = mpsc::channel::<Job>(threads * QUEUE_PER_THREAD);
-        let rx = Arc::new(Mutex::new(rx));
+        // Closed (its threads told to end) if a thread cannot be started.
+        let queue = Closing(Arc::new(Queue::default()));
         for i in 0..threads {
-            let rx = Arc::clone(&rx);
+            let queue = Arc::clone(&queue.0);
             std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .stack_size(THREAD_STACK)
-                .spawn(move || work(&rx))?;
+                .spawn(move || work(&queue))?;
         }
         Ok(EvalPool {
-            jobs: tx,
+            queue: Arc::new(queue),
+            room: Arc::new(Semaphore::new(threads * QUEUE_PER_THREAD)),
             threads,
             limit,
         })
@@ -100,7 +138,7 @@ impl EvalPool {
 
     /// Queues `job` (waiting for room in the queue) and returns its pending result, so a
     /// caller can queue several jobs before awaiting any.
-    pub async fn submit<T, F>(&self, job: F) -> Result<Pending<T>, EvalError>
+    pub async fn submit<T, F>(&self, job: F) -> Pending<T>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
@@ -109,8 +147,20 @@ impl EvalPool {
         let job: Job = Box::new(move || {
             let _ = tx.send(catch_unwind(AssertUnwindSafe(job)));
         });
-        self.jobs.send(job).await.map_err(|_| EvalError::Stopped)?;
-        Ok(Pending(rx))
+        let room = Arc::clone(&self.room)
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed");
+        let queue = &self.queue.0;
+        let wake = {
+            let mut waiting = queue.lock();
+            waiting.jobs.push_back((job, room));
+            waiting.idle > 0
+        };
+        if wake {
+            queue.ready.notify_one();
+        }
+        Pending(rx)
     }
 
     /// Runs `job` on the pool and returns its result.
@@ -119,7 +169,7 @@ impl EvalPool {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        self.submit(job).await?.await
+        self.submit(job).await.await
     }
 }
 
@@ -138,18 +188,28 @@ impl<T> Future for Pending<T> {
     }
 }
 
-/// A pool thread: takes the next job (one idle thread waits on the queue, the others on
-/// the lock) and runs it, until the queue is closed.
-fn work(jobs: &Mutex<mpsc::Receiver<Job>>) {
+/// A pool thread: takes the next job and runs it, until the queue is closed and empty.
+fn work(queue: &Queue) {
     loop {
-        let job = jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .blocking_recv();
-        match job {
-            Some(job) => job(),
-            None => return,
-        }
+        let (job, room) = {
+            let mut waiting = queue.lock();
+            loop {
+                if let Some(next) = waiting.jobs.pop_front() {
+                    break next;
+                }
+                if waiting.closed {
+                    return;
+                }
+                waiting.idle += 1;
+                waiting = queue
+                    .ready
+                    .wait(waiting)
+                    .unwrap_or_else(PoisonError::into_inner);
+                waiting.idle -= 1;
+            }
+        };
+        drop(room);
+        job();
     }
 }
 
@@ -176,6 +236,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn jobs_queued_while_threads_are_idle_run_side_by_side() {
+        let pool = EvalPool::start("evalpool-p", 2, EVAL_TIMEOUT).unwrap();
+        // Each job waits for the other: they end only if both threads took one.
+        let meet = Arc::new(std::sync::Barrier::new(2));
+        let mut pending = Vec::new();
+        for _ in 0..2 {
+            let meet = Arc::clone(&meet);
+            pending.push(pool.submit(move || meet.wait().is_leader()).await);
+        }
+        let mut leaders = 0;
+        for p in pending {
+            let led = tokio::time::timeout(Duration::from_secs(10), p)
+                .await
+                .expect("both jobs ran at once")
+                .unwrap();
+            leaders += usize::from(led);
+        }
+        assert_eq!(leaders, 1);
+    }
+
+    #[tokio::test]
     async fn runs_jobs_on_its_own_threads_and_survives_panics() {
         let pool = EvalPool::start("evalpool-t", 2, EVAL_TIMEOUT).unwrap();
         let name = pool
@@ -189,7 +270,7 @@ mod tests {
         // Many more jobs than threads and queue: all run, on the same two threads.
         let mut pending = Vec::new();
         for i in 0..50 {
-            pending.push(pool.submit(move || i * 2).await.unwrap());
+            pending.push(pool.submit(move || i * 2).await);
         }
         for (i, p) in pending.into_iter().enumerate() {
             assert_eq!(p.await.unwrap(), i * 2);

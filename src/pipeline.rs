@@ -363,13 +363,7 @@ impl Router {
         };
         let pending = self.eval.submit(job).await;
         let active = Arc::clone(active);
-        async move {
-            let verdicts = match pending {
-                Ok(pending) => pending.await,
-                Err(e) => Err(e),
-            };
-            (Batch { msgs, acks, active }, verdicts)
-        }
+        async move { (Batch { msgs, acks, active }, pending.await) }
     }
 
     /// Runs the decoders that read in arrival order on one message: logs and counts the
