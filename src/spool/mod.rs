@@ -119,8 +119,10 @@ struct Shared {
     /// Nominal segment size: a segment is sealed once it reaches this.
     segment_bytes: u64,
     state: Mutex<State>,
-    /// Signalled when records are written or committed, when space is freed and when the
-    /// syncer stops.
+    /// Signalled when records are written: what the reader waits for.
+    appended: Condvar,
+    /// Signalled when records are committed, when space is freed and when the syncer
+    /// stops: what the writer waits for (with `fsync: always`, or while full).
     changed: Condvar,
     window: Window,
     /// Held (`flock`) while the spool is open: one process per directory.
@@ -228,6 +230,7 @@ impl Spool {
                 segments,
                 used,
             }),
+            appended: Condvar::new(),
             changed: Condvar::new(),
             window: Window::new(start),
             dir,

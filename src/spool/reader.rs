@@ -52,7 +52,7 @@ pub fn run(
                     break st.written;
                 }
                 st = shared
-                    .changed
+                    .appended
                     .wait_timeout(st, RECHECK)
                     .expect("spool state lock")
                     .0;

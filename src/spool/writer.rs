@@ -86,7 +86,7 @@ pub fn run(
             active.1 += len;
             active.1 >= shared.segment_bytes
         };
-        shared.changed.notify_all();
+        shared.appended.notify_one();
         let group = Written {
             file: Arc::clone(&file),
             end: seq,
