@@ -221,7 +221,11 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(errs) => return fail(&errs),
             };
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(plan.workers)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             let result = rt.block_on(async {
                 let shutdown = mqbridge::shutdown::on_signal();
                 mqbridge::app::run_from(plan, Some(file), shutdown).await

@@ -71,6 +71,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
         ("admin", of(&raw.admin)),
         ("shutdown_timeout", of(&raw.shutdown_timeout)),
         ("unsettled_warning", of(&raw.unsettled_warning)),
+        ("workers", of(&raw.workers)),
     ]
 }
 

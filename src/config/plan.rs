@@ -40,6 +40,8 @@ pub struct Plan {
     pub admin: Option<AdminPlan>,
     /// The settings a reload cannot apply, to tell which of them changed.
     pub restart_only: Vec<(&'static str, Fingerprint)>,
+    /// Threads for the async tasks (`workers:`, or its default for the mode).
+    pub workers: usize,
 }
 
 /// The durable spool's place and limits (`spool:`).
@@ -334,7 +336,24 @@ pub fn validate(
         shutdown_timeout: raw.shutdown_timeout.0,
         unsettled_warning: raw.unsettled_warning.0,
         admin,
+        workers: raw.workers.map_or_else(
+            || default_workers(raw.embedded.is_some(), cores()),
+            std::num::NonZeroUsize::get,
+        ),
     })
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// The async tasks' threads when `workers:` is not set. The embedded broker's
+/// connections want every core. As a client there is one connection, and the rules'
+/// and the spool's threads take the other cores: a second worker then mostly wakes and
+/// parks (on 2 cores, one worker cut mqbridge's CPU per message by a quarter; see
+/// BENCHMARKS.md, "External mode").
+fn default_workers(embedded: bool, cores: usize) -> usize {
+    if embedded { cores } else { (cores / 2).max(1) }
 }
 
 fn unknown_sink(name: &str, known: &[String]) -> String {
@@ -487,6 +506,14 @@ pub fn minimal_filters<'a>(filters: &[&'a str]) -> Vec<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_embedded_broker_takes_every_core_and_a_client_half() {
+        assert_eq!(default_workers(true, 2), 2);
+        assert_eq!(default_workers(false, 2), 1);
+        assert_eq!(default_workers(false, 8), 4);
+        assert_eq!(default_workers(false, 1), 1);
+    }
 
     #[test]
     fn minimal_filters_drop_duplicates_and_covered_ones() {

@@ -46,6 +46,11 @@ pub struct RawConfig {
     /// when omitted; `admin: {}` listens on 127.0.0.1:9883.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// Threads that run the async tasks (connections, routing, sinks; the spool and the
+    /// rules' jq have threads of their own). Default: one per core with `embedded:`;
+    /// as a client of an external broker, half the cores (at least one).
+    #[serde(default)]
+    pub workers: Option<std::num::NonZeroUsize>,
 }
 
 /// `admin:`.

@@ -98,6 +98,22 @@ fn a_good_file_becomes_a_plan() {
 }
 
 #[test]
+fn workers_are_set_or_follow_the_mode() {
+    let default = parse(GOOD, "rules.yaml", env).unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(default.workers, (cores / 2).max(1), "a client of a broker");
+    let set = parse(&format!("{GOOD}workers: 3\n"), "rules.yaml", env).unwrap();
+    assert_eq!(set.workers, 3);
+    let errs = errors(&format!("{GOOD}workers: 0\n"));
+    let line = GOOD.lines().count() + 1;
+    assert!(
+        errs[0].starts_with(&format!("rules.yaml:{line}:10: workers: ")),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
 fn secrets_are_not_printed() {
     let plan = parse(GOOD, "rules.yaml", env).unwrap();
     let debug = format!("{plan:?}");
