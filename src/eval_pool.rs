@@ -5,11 +5,13 @@
 //!
 //! The pool never grows. Jobs wait in a bounded queue; a caller whose job does not fit
 //! waits (asynchronously) for room. A job wakes one idle thread, and only when one is
-//! idle: a thread that finishes a job takes the next without sleeping. A runaway program does not hold a thread for long:
-//! every run carries a deadline that stops it from inside the interpreter (see
-//! [`crate::rule::jq`]), after [`EvalPool::limit`]. What no deadline can interrupt is one
-//! native operation on a huge value; it keeps its thread busy until it ends, while the
-//! other threads go on with the queue.
+//! idle: a thread that finishes a job takes the next without sleeping.
+//!
+//! A runaway program does not hold a thread for long: every run carries a deadline that
+//! stops it from inside the interpreter (see [`crate::rule::jq`]), after
+//! [`EvalPool::limit`]. What no deadline can interrupt is one native operation on a huge
+//! value; it keeps its thread busy until it ends, while the other threads go on with the
+//! queue.
 //!
 //! A job that panics costs its result ([`EvalError::Panicked`], with the panic's payload),
 //! never a thread.

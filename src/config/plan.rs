@@ -351,7 +351,7 @@ fn cores() -> usize {
 /// connections want every core. As a client there is one connection, and the rules'
 /// and the spool's threads take the other cores: a second worker then mostly wakes and
 /// parks (on 2 cores, one worker cut mqbridge's CPU per message by a quarter; see
-/// BENCHMARKS.md, "External mode").
+/// BENCHMARKS.md, "Wake-ups, and one worker as a client").
 fn default_workers(embedded: bool, cores: usize) -> usize {
     if embedded { cores } else { (cores / 2).max(1) }
 }
