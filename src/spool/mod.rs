@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  source ──Message──▶ writer ──group (one write)──▶ segment files ──▶ reader ──▶ pipeline
-//!    ▲                   │                               │          written records,
+//!    ▲                   │  │                            │          written records,
+//!    │                   │  └── the group itself, when the reader has caught up ──▶ pipeline
 //!    │                   ▼                               │          in order (Ack → window)
 //!    └── ack (PUBACK) ◀─ syncer ── one fdatasync ────────┘
 //!                        for every group written meanwhile
@@ -16,14 +17,18 @@
 //!   the active segment with one `write`. With `fsync: always` a group is one message and
 //!   the writer waits for its sync. When the spool's files would pass `max_bytes` it stops
 //!   taking messages, so acknowledgements stop and the backlog stays with the broker or
-//!   the publishers.
+//!   the publishers. When the reader has handed over everything before the group and the
+//!   pipeline has room for all of it, the writer hands the group's messages over itself,
+//!   as they are: the reader would only read back and decode what was just written.
 //! - **Syncer** (a thread): one `fdatasync` for all the groups written while the last one
 //!   ran (group commit), then settles each message's upstream
 //!   [`Ack`](crate::delivery::Ack), in order. A slow sync delays acknowledgements, not
 //!   writes or delivery (see [`writer`]).
 //! - **Reader** (a thread): hands written records to the pipeline in order, each with an
 //!   [`Ack`](crate::delivery::Ack) that marks it settled in the settlement window; the
-//!   pipeline's bounded queues bound what is in memory.
+//!   pipeline's bounded queues bound what is in memory. It takes over whenever the
+//!   pipeline is behind (or at startup, with a backlog) and hands back once it has caught
+//!   up, continuing on disk after what the writer handed meanwhile.
 //! - **Cursor**: the first unsettled record, saved in `cursor` (write + rename), but never
 //!   past the durable records. After a crash the reader resumes there; records settled
 //!   after the last save are delivered again (at least once, like a broker's redelivery).
@@ -134,6 +139,16 @@ struct Shared {
 struct State {
     /// Every record numbered below this is written: the reader may hand it over.
     written: u64,
+    /// Every record numbered below this is handed to the pipeline, or claimed by the
+    /// reader to hand over.
+    handed: u64,
+    /// The reader is handing over records it claimed: until it waits again (caught up),
+    /// the writer must not hand any itself, or the pipeline would get them out of order.
+    reading: bool,
+    /// Where record `handed` starts on disk, (segment, byte offset), once the writer has
+    /// handed the records before it: where the reader continues. (When the writer sealed
+    /// that segment since, the record is the next segment's first.)
+    handed_at: (u64, u64),
     /// Every record numbered below this is written and fsynced: durable, acknowledged.
     committed: u64,
     /// The syncer has ended: nothing more becomes durable.
@@ -225,6 +240,9 @@ impl Spool {
             max_bytes: plan.max_bytes,
             state: Mutex::new(State {
                 written: committed,
+                handed: start,
+                reading: false,
+                handed_at: (committed, 0),
                 committed,
                 syncer_stopped: false,
                 segments,
@@ -256,10 +274,11 @@ impl Spool {
         Probe(Arc::clone(&self.shared))
     }
 
-    /// Starts the writer (taking messages from `input`), the syncer, the reader (handing
-    /// them to `output`) and the janitor. After `stop` the reader hands over nothing more
-    /// and the writer stops waiting for room; the writer ends when `input` closes, and the
-    /// syncer once it has synced and acknowledged what the writer wrote.
+    /// Starts the writer (taking messages from `input`), the syncer, the reader (the
+    /// writer and the reader hand them to `output`) and the janitor. After `stop` neither
+    /// hands over anything more and the writer stops waiting for room; the writer ends
+    /// when `input` closes, and the syncer once it has synced and acknowledged what the
+    /// writer wrote.
     pub fn start(
         self,
         input: mpsc::Receiver<Message>,
@@ -274,8 +293,8 @@ impl Spool {
         } = self;
         let (written, to_sync) = std::sync::mpsc::channel();
         let writer = thread("spool-writer", {
-            let (shared, stop) = (Arc::clone(&shared), stop.clone());
-            move || writer::run(&shared, active, input, fsync, written, &stop)
+            let (shared, stop, output) = (Arc::clone(&shared), stop.clone(), output.clone());
+            move || writer::run(&shared, active, input, fsync, written, output, &stop)
         })?;
         let syncer = thread("spool-syncer", {
             let shared = Arc::clone(&shared);

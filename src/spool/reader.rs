@@ -2,6 +2,10 @@
 //! [`Ack`] that marks it settled in the spool's window. Records go in batches of up to
 //! [`HAND_OFF`], each taking its room in the pipeline's queue at once: when the pipeline
 //! is the slower side, the reader wakes once per batch, not once per record.
+//!
+//! The reader claims what was written and not yet handed over, and hands it over; while
+//! it waits (caught up), the writer hands groups over itself (see [`super::writer`]).
+//! Its next claim then starts after those, where the writer noted it on disk.
 
 use std::io;
 use std::sync::Arc;
@@ -30,6 +34,16 @@ impl Settled for Settle {
     }
 }
 
+/// Record `seq` (`msg`) goes to the pipeline: the window counts it, and its ack settles
+/// it there.
+pub(super) fn dispatch(shared: &Arc<Shared>, seq: u64, msg: &mut Message) {
+    shared.window.dispatched(seq, msg.received_at);
+    msg.ack = Ack::new(Settle {
+        shared: Arc::clone(shared),
+        seq,
+    });
+}
+
 /// Runs until `stop`, or until the pipeline goes away.
 pub fn run(
     shared: &Arc<Shared>,
@@ -42,15 +56,19 @@ pub fn run(
     // The segment being read: its first record number and a reader.
     let mut current: Option<(u64, SegmentReader)> = None;
     loop {
-        let written = {
+        let (from, written, handed_at) = {
             let mut st = shared.state();
             loop {
                 if stop.is_cancelled() {
                     return Ok(());
                 }
-                if st.written > next {
-                    break st.written;
+                if st.written > st.handed {
+                    let claim = (st.handed, st.written, st.handed_at);
+                    st.handed = st.written;
+                    st.reading = true;
+                    break claim;
                 }
+                st.reading = false;
                 st = shared
                     .appended
                     .wait_timeout(st, RECHECK)
@@ -58,6 +76,16 @@ pub fn run(
                     .0;
             }
         };
+        if from != next {
+            // The writer handed `next..from` over: continue on disk after them.
+            let (seg, offset) = handed_at;
+            let (first, mut reader) = open(shared, |f| f <= from, true)?;
+            if first == seg {
+                reader.seek(offset)?;
+            }
+            current = Some((first, reader));
+            next = from;
+        }
         // A batch never asks for more room than the queue has.
         let hand_off = HAND_OFF.min(out.max_capacity());
         let mut batch = Vec::with_capacity(hand_off);
@@ -76,13 +104,9 @@ pub fn run(
                             "spool: records missing (unreadable segment); they are lost"
                         );
                     }
-                    shared.window.dispatched(d.seq, d.message.received_at);
                     next = d.seq + 1;
                     let mut msg = d.message;
-                    msg.ack = Ack::new(Settle {
-                        shared: Arc::clone(shared),
-                        seq: d.seq,
-                    });
+                    dispatch(shared, d.seq, &mut msg);
                     batch.push(msg);
                     if batch.len() == hand_off && !send(&out, &mut batch, stop, handle) {
                         return Ok(());

@@ -2,7 +2,7 @@
 //! record number they hold (`00000000000000001234.seg`).
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -62,6 +62,13 @@ impl SegmentReader {
             offset: 0,
             sources: Vec::new(),
         })
+    }
+
+    /// Continues at byte `offset`, where a record starts.
+    pub fn seek(&mut self, offset: u64) -> io::Result<()> {
+        self.file.seek(SeekFrom::Start(offset))?;
+        self.offset = offset;
+        Ok(())
     }
 
     pub fn next(&mut self) -> io::Result<Next> {

@@ -1,7 +1,9 @@
 //! The spool's writer and syncer, a pipeline of two threads.
 //!
 //! - The **writer** appends what the source has buffered as one group with one `write`.
-//!   The group is then *written*: the reader may hand it to the pipeline at once.
+//!   The group is then *written*: it may go to the pipeline at once. The writer hands it
+//!   over itself when the reader has caught up and the pipeline has room for the whole
+//!   group; otherwise it wakes the reader, which reads it back.
 //! - The **syncer** makes written groups durable with one `fdatasync` for all that were
 //!   written while the previous one ran, and only then acknowledges their messages
 //!   upstream, in order.
@@ -21,7 +23,7 @@ use std::sync::mpsc as std_mpsc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{RECHECK, Shared, create_segment, record};
+use super::{RECHECK, Shared, create_segment, reader, record};
 use crate::config::Fsync;
 use crate::delivery::Ack;
 use crate::message::Message;
@@ -39,24 +41,33 @@ pub struct Written {
 
 /// The writer: runs until `input` closes, or `stop` comes while the spool is full. With
 /// `fsync: always` it waits for each message's `fdatasync` before writing the next.
+/// After `stop` it hands nothing to `output` (nor does the reader).
 pub fn run(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     file: File,
     mut input: mpsc::Receiver<Message>,
     fsync: Fsync,
     synced: std_mpsc::Sender<Written>,
+    output: mpsc::Sender<Message>,
     stop: &CancellationToken,
 ) -> io::Result<()> {
     let mut file = Arc::new(file);
     let mut buf = Vec::with_capacity(GROUP_BYTES + (64 << 10));
     let mut next = shared.state().written;
+    let mut output = Some(output);
     while let Some(first) = input.blocking_recv() {
+        if stop.is_cancelled() {
+            output = None; // so that the pipeline's queue closes once the reader has gone
+        }
         buf.clear();
         let mut acks = Vec::new();
+        // The group's messages, with their upstream acks taken out, for the pipeline.
+        let mut msgs = Vec::new();
         let mut seq = next;
-        let mut add = |m: Message, buf: &mut Vec<u8>| {
+        let mut add = |mut m: Message, buf: &mut Vec<u8>| {
             record::encode(seq, &m, buf);
-            acks.push(m.ack);
+            acks.push(m.ack.take());
+            msgs.push(m);
             seq += 1;
         };
         add(first, &mut buf);
@@ -78,15 +89,33 @@ pub fn run(
             return Ok(());
         }
         (&*file).write_all(&buf)?;
-        let seal = {
+        let (seal, room) = {
             let mut st = shared.state();
             st.written = seq;
             st.used += len;
             let active = st.segments.back_mut().expect("an active segment");
             active.1 += len;
-            active.1 >= shared.segment_bytes
+            let end = *active;
+            // Handed over here only when the reader has handed over all before it.
+            let room = output
+                .as_ref()
+                .filter(|_| !st.reading && st.handed == next)
+                .and_then(|out| out.try_reserve_many(msgs.len()).ok());
+            if room.is_some() {
+                st.handed = seq;
+                st.handed_at = end;
+            }
+            (end.1 >= shared.segment_bytes, room)
         };
-        shared.appended.notify_one();
+        match room {
+            Some(room) => {
+                for ((place, mut m), s) in room.zip(msgs).zip(next..) {
+                    reader::dispatch(shared, s, &mut m);
+                    place.send(m);
+                }
+            }
+            None => shared.appended.notify_one(),
+        }
         let group = Written {
             file: Arc::clone(&file),
             end: seq,
