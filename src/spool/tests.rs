@@ -115,7 +115,6 @@ async fn messages_are_acknowledged_once_spooled_and_come_out_in_order() {
     h.stop().await;
 }
 
-/// The spool's age is its oldest unsettled message's, counted from when it was received.
 /// While the reader has caught up, the writer hands each group over as it was sent; when
 /// the pipeline falls behind, the reader takes over, reading back from disk, and once it
 /// has caught up it hands back. Its next turn continues on disk after what the writer
@@ -177,6 +176,7 @@ async fn the_writer_hands_over_what_the_reader_would_read_back() {
     h.stop().await;
 }
 
+/// The spool's age is its oldest unsettled message's, counted from when it was received.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oldest_unsettled_record_has_an_age() {
     let dir = tempfile::tempdir().unwrap();
