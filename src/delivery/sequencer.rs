@@ -34,23 +34,28 @@ impl<T> AckSequencer<T> {
         self.base + self.entries.len() as u64 - 1
     }
 
-    /// Marks `seq` settled and returns the items now ready to acknowledge, in arrival order.
+    /// Marks `seq` settled; [`AckSequencer::release`] then takes what it releases.
     /// Numbers from before the last reset, or already settled, are ignored.
-    pub fn settle(&mut self, seq: u64) -> Vec<T> {
-        let Some(index) = seq.checked_sub(self.base) else {
-            return Vec::new();
-        };
-        match self.entries.get_mut(index as usize) {
-            Some(entry) => entry.1 = true,
-            None => return Vec::new(),
+    pub fn settle(&mut self, seq: u64) {
+        let entry = seq
+            .checked_sub(self.base)
+            .and_then(|index| self.entries.get_mut(index as usize));
+        if let Some(entry) = entry {
+            entry.1 = true;
         }
-        let mut ready = Vec::new();
-        while self.entries.front().is_some_and(|(_, settled)| *settled) {
-            let (item, _) = self.entries.pop_front().expect("front exists");
-            ready.push(item);
-            self.base += 1;
-        }
-        ready
+    }
+
+    /// Moves the items ready to acknowledge (the settled prefix) to `ready`, in arrival
+    /// order: a group settled together is one allocation, not one per item.
+    pub fn release(&mut self, ready: &mut Vec<T>) {
+        let n = self
+            .entries
+            .iter()
+            .take_while(|(_, settled)| *settled)
+            .count();
+        ready.reserve(n);
+        ready.extend(self.entries.drain(..n).map(|(item, _)| item));
+        self.base += n as u64;
     }
 
     /// Forgets every pending arrival (new connection); later numbers continue upward so
@@ -76,15 +81,24 @@ impl<T> AckSequencer<T> {
 mod tests {
     use super::*;
 
+    impl<T> AckSequencer<T> {
+        fn settle_one(&mut self, seq: u64) -> Vec<T> {
+            self.settle(seq);
+            let mut ready = Vec::new();
+            self.release(&mut ready);
+            ready
+        }
+    }
+
     #[test]
     fn settled_out_of_order_released_in_order() {
         let mut s = AckSequencer::default();
         let a = s.arrive('a');
         let b = s.arrive('b');
         let c = s.arrive('c');
-        assert!(s.settle(c).is_empty());
-        assert!(s.settle(b).is_empty());
-        assert_eq!(s.settle(a), vec!['a', 'b', 'c']);
+        assert!(s.settle_one(c).is_empty());
+        assert!(s.settle_one(b).is_empty());
+        assert_eq!(s.settle_one(a), vec!['a', 'b', 'c']);
         assert_eq!(s.pending(), 0);
     }
 
@@ -92,12 +106,12 @@ mod tests {
     fn partial_prefix() {
         let mut s = AckSequencer::default();
         let seqs: Vec<u64> = "abcd".chars().map(|ch| s.arrive(ch)).collect();
-        assert_eq!(s.settle(seqs[0]), vec!['a']);
-        assert!(s.settle(seqs[2]).is_empty());
-        assert_eq!(s.settle(seqs[1]), vec!['b', 'c']);
+        assert_eq!(s.settle_one(seqs[0]), vec!['a']);
+        assert!(s.settle_one(seqs[2]).is_empty());
+        assert_eq!(s.settle_one(seqs[1]), vec!['b', 'c']);
         assert_eq!(s.pending(), 1);
         assert!(
-            s.settle(seqs[1]).is_empty(),
+            s.settle_one(seqs[1]).is_empty(),
             "settling twice releases nothing"
         );
     }
@@ -109,8 +123,8 @@ mod tests {
         s.reset();
         let new = s.arrive('y');
         assert_ne!(old, new);
-        assert!(s.settle(old).is_empty());
-        assert_eq!(s.settle(new), vec!['y']);
+        assert!(s.settle_one(old).is_empty());
+        assert_eq!(s.settle_one(new), vec!['y']);
     }
 
     #[test]
@@ -120,7 +134,7 @@ mod tests {
             let mut s = AckSequencer::default();
             for i in 0..50u64 { s.arrive(i); }
             let mut released = Vec::new();
-            for seq in order { released.extend(s.settle(seq)); }
+            for seq in order { released.extend(s.settle_one(seq)); }
             prop_assert_eq!(released, (0..50).collect::<Vec<_>>());
         });
     }

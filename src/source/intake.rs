@@ -259,7 +259,8 @@ impl<T> Intake<T> {
                 Step::Settled(seq) => {
                     // With what settled meanwhile: a group the spool synced, or a batch a
                     // sink wrote, settles together and is acknowledged in one write.
-                    let mut ready = self.acks.settle(seq);
+                    self.acks.settle(seq);
+                    let mut ready = Vec::new();
                     self.take_settled(&mut ready);
                     if !ready.is_empty() {
                         self.report_pending();
@@ -289,8 +290,9 @@ impl<T> Intake<T> {
     /// Adds to `ready` what the settlements already reported release.
     fn take_settled(&mut self, ready: &mut Vec<T>) {
         while let Some(seq) = self.settled.try_recv() {
-            ready.extend(self.acks.settle(seq));
+            self.acks.settle(seq);
         }
+        self.acks.release(ready);
     }
 
     /// QoS 1/2 messages taken (handed over or waiting) and not yet released.
