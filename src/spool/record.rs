@@ -114,7 +114,7 @@ pub struct Decoded {
 /// share the body: splitting the topic off allocates the body's shared header once, in
 /// place of a copy of the topic, and later copies of either are reference counts. The
 /// other texts are copied out (see [`take`]).
-pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Decoded, String> {
+pub fn decode(body: Bytes, crc: u32, names: &mut Names) -> Result<Decoded, String> {
     if checksum(&body) != crc {
         return Err("checksum mismatch".into());
     }
@@ -127,33 +127,16 @@ pub fn decode(body: Bytes, crc: u32, sources: &mut Vec<Arc<str>>) -> Result<Deco
         .map_err(|e| format!("bad receive time: {e}"))?;
     let qos = b.get_u8();
     let flags = b.get_u8();
-    fn not_utf8<E>(_: E) -> String {
-        "text is not UTF-8".into()
-    }
-    fn utf8(b: &[u8]) -> Result<&str, String> {
-        std::str::from_utf8(b).map_err(not_utf8)
-    }
     let text = |b: &[u8]| utf8(b).map(String::from);
-    let shared = |b: &[u8]| utf8(b).map(Arc::<str>::from);
     // A slice of the body, as the payload is (see above).
     let n = bytes_u32(&mut b).ok_or_else(truncated)? as usize;
     if b.remaining() < n {
         return Err(truncated());
     }
     let topic = ByteString::try_from(b.split_to(n)).map_err(not_utf8)?;
-    // The few sources' names are kept once: a record's is compared, not copied.
-    let source = take(&mut b, |name| {
-        match sources.iter().find(|s| s.as_bytes() == name) {
-            Some(s) => Ok(Arc::clone(s)),
-            None => {
-                let s = shared(name)?;
-                sources.push(Arc::clone(&s));
-                Ok(s)
-            }
-        }
-    })?;
+    let source = take(&mut b, |name| names.source(name))?;
     let client_id = (flags & CLIENT_ID != 0)
-        .then(|| take(&mut b, shared))
+        .then(|| take(&mut b, |id| names.client_id(id)))
         .transpose()?;
     let mut optional = |bit: u8| (flags & bit != 0).then(|| take(&mut b, text)).transpose();
     let content_type = optional(CONTENT_TYPE)?;
@@ -203,6 +186,59 @@ fn truncated() -> String {
 
 fn bytes_u32(b: &mut Bytes) -> Option<u32> {
     (b.remaining() >= 4).then(|| b.get_u32_le())
+}
+
+/// The names a reader's records repeat, each kept once: the few sources', and the
+/// client ids read lately, so that a connection's messages share one `Arc<str>` again
+/// after the spool as they did before it.
+#[derive(Default)]
+pub struct Names {
+    sources: Vec<Arc<str>>,
+    /// Direct-mapped by a hash of the id: bounded, and a miss costs only the copy.
+    client_ids: Vec<Option<Arc<str>>>,
+}
+
+/// Slots of [`Names`]'s client ids.
+const CLIENT_ID_SLOTS: usize = 256;
+
+impl Names {
+    fn source(&mut self, name: &[u8]) -> Result<Arc<str>, String> {
+        if let Some(s) = self.sources.iter().find(|s| s.as_bytes() == name) {
+            return Ok(Arc::clone(s));
+        }
+        let s = utf8_shared(name)?;
+        self.sources.push(Arc::clone(&s));
+        Ok(s)
+    }
+
+    fn client_id(&mut self, id: &[u8]) -> Result<Arc<str>, String> {
+        if self.client_ids.is_empty() {
+            self.client_ids.resize(CLIENT_ID_SLOTS, None);
+        }
+        // FNV-1a.
+        let hash = id.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let slot = &mut self.client_ids[hash as usize % CLIENT_ID_SLOTS];
+        if let Some(s) = slot.as_ref().filter(|s| s.as_bytes() == id) {
+            return Ok(Arc::clone(s));
+        }
+        let s = utf8_shared(id)?;
+        *slot = Some(Arc::clone(&s));
+        Ok(s)
+    }
+}
+
+fn not_utf8<E>(_: E) -> String {
+    "text is not UTF-8".into()
+}
+
+fn utf8(b: &[u8]) -> Result<&str, String> {
+    std::str::from_utf8(b).map_err(not_utf8)
+}
+
+fn utf8_shared(b: &[u8]) -> Result<Arc<str>, String> {
+    utf8(b).map(Arc::from)
 }
 
 /// The next length-prefixed field, read by `read` from the body's bytes, which are then
@@ -258,7 +294,37 @@ mod tests {
         let (len, crc) = body_len(&header).unwrap();
         assert_eq!(len, buf.len() - HEADER);
         // A body of its own, as the segment reader reads it.
-        decode(Bytes::from(buf[HEADER..].to_vec()), crc, &mut Vec::new()).unwrap()
+        decode(
+            Bytes::from(buf[HEADER..].to_vec()),
+            crc,
+            &mut Names::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_readers_records_share_their_client_ids() {
+        let mut names = Names::default();
+        let mut read = |client: &str| {
+            let mut m = full_message();
+            m.client_id = Some(Arc::from(client));
+            let mut buf = Vec::new();
+            encode(1, &m, &mut buf);
+            let (_, crc) = body_len(&buf[..HEADER].try_into().unwrap()).unwrap();
+            let body = Bytes::from(buf[HEADER..].to_vec());
+            let m = decode(body, crc, &mut names).unwrap().message;
+            (m.client_id.unwrap(), m.source)
+        };
+        let (a, source_a) = read("sensor-1");
+        let (b, source_b) = read("sensor-1");
+        assert!(Arc::ptr_eq(&a, &b) && Arc::ptr_eq(&source_a, &source_b));
+        // Every other id, however many, is read right, whatever slot it takes.
+        let others: Vec<String> = (0..1000).map(|i| format!("device-{i}")).collect();
+        for id in &others {
+            assert_eq!(&*read(id).0, id.as_str());
+        }
+        assert_eq!(&*read("sensor-1").0, "sensor-1");
+        assert!(names.client_ids.len() == CLIENT_ID_SLOTS);
     }
 
     #[test]
@@ -269,7 +335,7 @@ mod tests {
         for end in 0..body.len() {
             let cut = body[..end].to_vec();
             let crc = checksum(&cut);
-            let err = decode(Bytes::from(cut), crc, &mut Vec::new()).err();
+            let err = decode(Bytes::from(cut), crc, &mut Names::default()).err();
             assert_eq!(
                 err.as_deref(),
                 Some("record shorter than its fields"),
@@ -308,7 +374,7 @@ mod tests {
         encode(7, &full_message(), &mut buf);
         let body = Bytes::from(buf[HEADER..].to_vec());
         let span = body.as_ptr_range();
-        let d = decode(body.clone(), checksum(&body), &mut Vec::new()).unwrap();
+        let d = decode(body.clone(), checksum(&body), &mut Names::default()).unwrap();
         assert!(span.contains(&d.message.topic.as_ptr()), "not copied");
         assert_eq!(&*d.message.topic, "sensors/d1/telemetry");
 
@@ -318,7 +384,7 @@ mod tests {
         assert_eq!(bad[22], b's');
         bad[22] = 0xFF;
         let crc = checksum(&bad);
-        let err = decode(Bytes::from(bad), crc, &mut Vec::new()).err();
+        let err = decode(Bytes::from(bad), crc, &mut Names::default()).err();
         assert_eq!(err.as_deref(), Some("text is not UTF-8"));
     }
 
@@ -331,7 +397,7 @@ mod tests {
         for i in HEADER..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x10;
-            let err = decode(Bytes::from(bad).slice(HEADER..), crc, &mut Vec::new())
+            let err = decode(Bytes::from(bad).slice(HEADER..), crc, &mut Names::default())
                 .err()
                 .expect("corruption detected");
             assert_eq!(err, "checksum mismatch");

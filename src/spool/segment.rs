@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -52,7 +51,7 @@ pub struct SegmentReader {
     file: BufReader<File>,
     /// Bytes of whole records read so far.
     pub offset: u64,
-    sources: Vec<Arc<str>>,
+    names: record::Names,
 }
 
 impl SegmentReader {
@@ -60,7 +59,7 @@ impl SegmentReader {
         Ok(SegmentReader {
             file: BufReader::with_capacity(256 << 10, File::open(path)?),
             offset: 0,
-            sources: Vec::new(),
+            names: record::Names::default(),
         })
     }
 
@@ -95,7 +94,7 @@ impl SegmentReader {
                 "record cut short ({got} of {len} bytes)"
             )));
         }
-        match record::decode(Bytes::from(body), crc, &mut self.sources) {
+        match record::decode(Bytes::from(body), crc, &mut self.names) {
             Ok(d) => {
                 self.offset += (HEADER + len) as u64;
                 Ok(Next::Record(d))

@@ -60,9 +60,14 @@ pub fn run(
             output = None; // so that the pipeline's queue closes once the reader has gone
         }
         buf.clear();
-        let mut acks = Vec::new();
+        // Sized for the most the group can take (what is queued): one allocation each.
+        let queued = match fsync {
+            Fsync::Batch => input.len() + 1,
+            Fsync::Always => 1,
+        };
+        let mut acks = Vec::with_capacity(queued);
         // The group's messages, with their upstream acks taken out, for the pipeline.
-        let mut msgs = Vec::new();
+        let mut msgs = Vec::with_capacity(queued);
         let mut seq = next;
         let mut add = |mut m: Message, buf: &mut Vec<u8>| {
             record::encode(seq, &m, buf);
