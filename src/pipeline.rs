@@ -276,7 +276,8 @@ impl Pipeline {
                 },
                 first = rx.recv(), if open && evaluating.len() < router.eval.threads() => match first {
                     Some(first) => {
-                        let mut batch = vec![first];
+                        let mut batch = Vec::with_capacity(EVAL_BATCH.min(rx.len() + 1));
+                        batch.push(first);
                         while batch.len() < EVAL_BATCH {
                             match rx.try_recv() {
                                 Ok(m) => batch.push(m),

@@ -28,6 +28,7 @@ use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use bytestring::ByteString;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -205,16 +206,50 @@ struct Driver {
     health: Status,
 }
 
+/// A record's place in its batch, and its retry budget.
+type Placed = (usize, (Delivery, Budget));
+
+/// Splits `pending` into this round (with each record's place in the batch) and the
+/// records that wait: those waiting out a Retry-After, and those behind one of their
+/// topic that does. A first round (no record waits) is the batch as it is.
+fn split_ready(
+    pending: Vec<(Delivery, Budget)>,
+    now: Instant,
+) -> (Vec<usize>, Vec<(Delivery, Budget)>, Vec<Placed>) {
+    let ready = |b: &Budget| b.not_before.is_none_or(|t| t <= now);
+    if pending.iter().all(|(_, b)| ready(b)) {
+        return ((0..pending.len()).collect(), pending, Vec::new());
+    }
+    let mut waiting_topics: Vec<ByteString> = Vec::new();
+    let (mut places, mut round, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
+    for (place, (d, b)) in pending.into_iter().enumerate() {
+        let topic = &d.origin.topic;
+        if ready(&b) && !waiting_topics.contains(topic) {
+            places.push(place);
+            round.push((d, b));
+        } else {
+            if !waiting_topics.contains(topic) {
+                waiting_topics.push(topic.clone());
+            }
+            waiting.push((place, (d, b)));
+        }
+    }
+    (places, round, waiting)
+}
+
 impl Driver {
     /// Runs one lane until its queue is closed and drained: takes whatever is queued,
     /// then waits up to `max_wait` for more, up to `max_rows`, and delivers that batch.
     async fn run(self: Arc<Self>, mut queue: LaneQueue) {
         let max = self.batch.max_rows.max(1);
-        let mut batch = Vec::with_capacity(max.min(4096));
+        let room = max.min(4096);
+        let mut batch = Vec::with_capacity(room);
         while queue.wait().await {
             let deadline = Instant::now() + self.batch.max_wait.0;
             queue.take(&mut batch, max, deadline).await;
-            self.deliver(std::mem::take(&mut batch)).await;
+            // The next batch has its room at once, not grown record by record.
+            let next = Vec::with_capacity(room);
+            self.deliver(std::mem::replace(&mut batch, next)).await;
         }
         tracing::debug!(sink = %self.name, "sink queue closed, driver done");
     }
@@ -228,39 +263,14 @@ impl Driver {
         let mut pending: Vec<(Delivery, Budget)> =
             batch.into_iter().map(|d| (d, Budget::default())).collect();
         loop {
-            // This round: every record not waiting out a Retry-After, nor behind one of
-            // its topic that is.
             let now = Instant::now();
-            let mut waiting_topics: Vec<&str> = Vec::new();
-            let ready: Vec<bool> = pending
-                .iter()
-                .map(|(d, b)| {
-                    let topic = &*d.origin.topic;
-                    let ready =
-                        b.not_before.is_none_or(|t| t <= now) && !waiting_topics.contains(&topic);
-                    if !ready && !waiting_topics.contains(&topic) {
-                        waiting_topics.push(topic);
-                    }
-                    ready
-                })
-                .collect();
-            drop(waiting_topics);
-            let (round, waiting): (Vec<_>, Vec<_>) = pending
-                .into_iter()
-                .zip(ready)
-                .enumerate()
-                .partition(|(_, (_, ready))| *ready);
+            let (places, round, waiting) = split_ready(pending, now);
             if round.is_empty() {
-                let until = waiting
-                    .iter()
-                    .filter_map(|(_, ((_, b), _))| b.not_before)
-                    .min();
+                let until = waiting.iter().filter_map(|(_, (_, b))| b.not_before).min();
                 tokio::time::sleep_until(until.unwrap_or(now)).await;
-                pending = waiting.into_iter().map(|(_, (p, _))| p).collect();
+                pending = waiting.into_iter().map(|(_, p)| p).collect();
                 continue;
             }
-            let (places, round): (Vec<usize>, Vec<(Delivery, Budget)>) =
-                round.into_iter().map(|(i, (p, _))| (i, p)).unzip();
             let (records, budgets): (Vec<Delivery>, Vec<Budget>) = round.into_iter().unzip();
 
             let started = (Instant::now(), jiff::Timestamp::now());
@@ -312,7 +322,7 @@ impl Driver {
                     self.dead_letter(d, &e, &budget).await;
                 }
             }
-            again.extend(waiting.into_iter().map(|(i, (p, _))| (i, p)));
+            again.extend(waiting);
             if again.is_empty() {
                 return;
             }
