@@ -306,7 +306,7 @@ mod tests {
         ]
         .map(|r| Delivery::detached("t", r));
         let started = std::time::Instant::now();
-        let fields = sink.fields(&batch, &columns, &Default::default()).await;
+        let fields = sink.mapped(&batch, &columns).await.unwrap();
         assert!(
             started.elapsed() < LIMIT * 5,
             "took {:?}",

@@ -276,24 +276,19 @@ impl<D: Dialect> TableSink<D> {
         Ok((columns, unadded))
     }
 
-    /// The (column, value) pairs of each record of a batch: computed by the `columns:`
-    /// programs on the evaluation pool, or else the record's keys that are columns.
-    pub(super) async fn fields<'b>(
+    /// The (column, value) pairs of each record of a batch as the `columns:` programs
+    /// compute them, on the evaluation pool; None without `columns:` (see
+    /// [`TableSink::keyed`]).
+    pub(super) async fn mapped(
         &self,
-        batch: &'b [Delivery],
+        batch: &[Delivery],
         columns: &Columns,
-        unadded: &Unadded,
-    ) -> Vec<Result<Fields<'b>, SinkError>> {
-        let Some(mapping) = &self.cfg.columns else {
-            return batch
-                .iter()
-                .map(|d| self.keyed(&d.record, columns, unadded))
-                .collect();
-        };
+    ) -> Option<Vec<Result<Fields<'static>, SinkError>>> {
+        let mapping = self.cfg.columns.as_ref()?;
         if let Some((col, _)) = mapping.iter().find(|(c, _)| !columns.contains_key(c)) {
             let e =
                 SinkError::permanent(format!("column {col} does not exist in {}", self.cfg.table));
-            return vec![Err(e); batch.len()];
+            return Some(vec![Err(e); batch.len()]);
         }
         let records: Vec<Record> = batch.iter().map(|d| d.record.clone()).collect();
         let (mapping, limit) = (Arc::clone(mapping), self.eval.limit());
@@ -301,30 +296,32 @@ impl<D: Dialect> TableSink<D> {
             let run = |r: &Record| map_record(&mapping, r, Deadline::after(limit));
             records.iter().map(run).collect()
         };
-        match self.eval.run(job).await {
+        Some(match self.eval.run(job).await {
             Ok(fields) => fields,
             // The driver isolates a panic and dead-letters its record.
             Err(EvalError::Panicked(payload)) => std::panic::resume_unwind(payload),
             Err(e @ EvalError::Stopped) => {
                 vec![Err(SinkError::transient(e.to_string())); batch.len()]
             }
-        }
+        })
     }
 
     /// The record's keys that are columns of the table, with their values (borrowed). A
     /// key that is no column fails the record when its column could not be added, is left
     /// out when `add_columns` and its value is null (a column added later would hold
-    /// NULL), and is handled as `unknown_keys` says otherwise.
+    /// NULL), and is handled as `unknown_keys` says otherwise. Into `out` (emptied
+    /// first, so that a batch's records share one vector).
     fn keyed<'b>(
         &self,
         record: &'b Record,
         columns: &Columns,
         unadded: &Unadded,
-    ) -> Result<Fields<'b>, SinkError> {
+        out: &mut Fields<'b>,
+    ) -> Result<(), SinkError> {
         let obj = record
             .entries()
             .ok_or_else(|| SinkError::permanent("record is not a JSON object"))?;
-        let mut out = Vec::with_capacity(obj.len());
+        out.clear();
         for (k, v) in obj {
             if columns.contains_key(k) {
                 out.push((Cow::Borrowed(k), Cell::Record(v)));
@@ -348,14 +345,15 @@ impl<D: Dialect> TableSink<D> {
                 self.cfg.table
             )));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// One record as a row: its column names and each value as text for the database.
     /// `last` is the previous row's names, taken again when they are the same.
+    /// Takes the fields out of `fields`.
     fn row<'b>(
         &self,
-        fields: Fields<'b>,
+        fields: &mut Fields<'b>,
         columns: &Columns,
         last: &mut Option<Names<'b>>,
     ) -> Result<Prepared<'b>, SinkError> {
@@ -364,7 +362,7 @@ impl<D: Dialect> TableSink<D> {
             _ => Arc::clone(last.insert(fields.iter().map(|(c, _)| c.clone()).collect())),
         };
         let mut values = Vec::with_capacity(fields.len());
-        for (c, v) in fields {
+        for (c, v) in fields.drain(..) {
             let (class, unit) = (columns[c.as_ref()].class, self.cfg.time_unit);
             let text = match v {
                 Cell::Record(f) => match (f.json_text(), class) {
@@ -393,12 +391,23 @@ impl<D: Dialect> TableSink<D> {
             Err(e) => return super::all(batch.len(), Err(e)),
         };
         let columns = &*columns;
-        let mut fields = self.fields(batch, columns, &unadded).await.into_iter();
+        let mut mapped = self.mapped(batch, columns).await.map(Vec::into_iter);
+        let mut keyed = Fields::new();
         let mut last = None;
         super::prepared(
             batch,
-            |_| {
-                let fields = fields.next().expect("fields for each record")?;
+            |d| {
+                let mut one;
+                let fields = match &mut mapped {
+                    Some(m) => {
+                        one = m.next().expect("fields for each record")?;
+                        &mut one
+                    }
+                    None => {
+                        self.keyed(&d.record, columns, &unadded, &mut keyed)?;
+                        &mut keyed
+                    }
+                };
                 self.row(fields, columns, &mut last)
             },
             move |rows| async move {
