@@ -388,23 +388,26 @@ pub fn overlaps(a: &str, b: &str) -> bool {
 
 /// A message's topic captures for one rule (`{device}` → `d1`), kept with its records
 /// for templates and dead letters. A list is made for every message a rule matches and
-/// freed on a sink's thread, so names and values sit in one allocation (a `Vec` of
-/// `String` pairs made 1 + 2n): each as its length (4 bytes, little-endian), then its
-/// text.
+/// freed on a sink's thread, so names and values sit in one buffer (a `Vec` of `String`
+/// pairs made 1 + 2n allocations), inline up to [`VARS_INLINE`] bytes (one short capture
+/// costs no allocation): each as its length (4 bytes, little-endian), then its text.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Vars(Box<[u8]>);
+pub struct Vars(smallvec::SmallVec<[u8; VARS_INLINE]>);
+
+/// Bytes of [`Vars`] held without an allocation: `{device}` → a 14-byte id.
+pub const VARS_INLINE: usize = 28;
 
 impl Vars {
     /// The `(name, value)` pairs, in this order.
     pub fn new(pairs: &[(&str, &str)]) -> Vars {
         let len = pairs.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
-        let mut b = Vec::with_capacity(len);
+        let mut b = smallvec::SmallVec::with_capacity(len);
         for text in pairs.iter().flat_map(|&(k, v)| [k, v]) {
             let n = u32::try_from(text.len()).expect("a topic level is shorter than 4 GiB");
             b.extend_from_slice(&n.to_le_bytes());
             b.extend_from_slice(text.as_bytes());
         }
-        Vars(b.into_boxed_slice())
+        Vars(b)
     }
 
     /// The pairs, in order.
