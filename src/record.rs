@@ -21,6 +21,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
+use bytestring::ByteString;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -53,16 +54,17 @@ impl From<Value> for Slot {
 /// when first asked for. See the module docs.
 #[derive(Debug, Clone)]
 pub struct Json {
-    text: Box<str>,
+    /// Shared bytes: a payload kept whole is its message's buffer, not a copy.
+    text: ByteString,
     value: OnceLock<Value>,
 }
 
 impl Json {
     /// `text`, which the caller checked is JSON serde_json reads: a `Value` made from it
     /// is the value this stands for.
-    pub fn checked(text: &str) -> Json {
+    pub fn checked(text: ByteString) -> Json {
         Json {
-            text: text.into(),
+            text,
             value: OnceLock::new(),
         }
     }
@@ -369,7 +371,7 @@ mod tests {
         let keys = Keys::new(["body", "n"].map(String::from));
         let text = r#"{ "b": [1, "é"], "a": {} }"#;
         let record = || {
-            let body = Slot::Json(Json::checked(text));
+            let body = Slot::Json(Json::checked(text.into()));
             Record::object(&keys, vec![body, json!(1).into()])
         };
         let r = record();

@@ -33,6 +33,7 @@
 
 use std::sync::Arc;
 
+use bytestring::ByteString;
 use jaq_json::Val;
 use serde_json::Value as J;
 
@@ -273,14 +274,14 @@ impl Picks {
         let Picks::Object(fields, keys, Some(scan)) = self else {
             return None;
         };
-        let text = std::str::from_utf8(&msg.payload).ok()?;
-        let mut de = serde_json::Deserializer::from_str(text);
+        let text = ByteString::try_from(msg.payload.clone()).ok()?;
+        let mut de = serde_json::Deserializer::from_str(&text);
         let mut found = serde::de::Deserializer::deserialize_any(&mut de, Top(&scan.keys)).ok()?;
         de.end().ok()?;
         let mut values = nulls(keys.len());
         for (f, read) in fields.iter().zip(&scan.reads) {
             let value = match *read {
-                Read::Whole => Slot::Json(Json::checked(text)),
+                Read::Whole => Slot::Json(Json::checked(text.clone())),
                 Read::Key { key, take: true } => found[key].take().unwrap_or_default().into(),
                 Read::Key { key, take: false } => found[key].clone().unwrap_or_default().into(),
                 Read::Context => f.path.pick_json(msg, vars, &mut J::Null, false)?.into(),
