@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use smallvec::SmallVec;
 use tokio::sync::{Mutex, RwLock};
 
 use super::{Delivery, ErrorKind, Outcome, Sink, SinkError};
@@ -84,9 +85,13 @@ pub struct Prepared<'b> {
     /// have: the records of one rule share their keys).
     pub names: Names<'b>,
     /// Each column's value as text (None: NULL), in the order of `names`; a string
-    /// value is borrowed from its record.
-    pub values: Vec<Option<Text<'b>>>,
+    /// value is borrowed from its record. Inline up to [`ROW_INLINE`] columns: a row of
+    /// a few columns costs no allocation of its own.
+    pub values: SmallVec<[Option<Text<'b>>; ROW_INLINE]>,
 }
+
+/// Columns of a [`Prepared`] row held inline.
+const ROW_INLINE: usize = 6;
 
 /// The columns of a [`Prepared`] row.
 pub type Names<'b> = Arc<[Cow<'b, str>]>;
@@ -361,7 +366,7 @@ impl<D: Dialect> TableSink<D> {
             Some(names) if names.iter().eq(fields.iter().map(|(c, _)| c)) => Arc::clone(names),
             _ => Arc::clone(last.insert(fields.iter().map(|(c, _)| c.clone()).collect())),
         };
-        let mut values = Vec::with_capacity(fields.len());
+        let mut values = SmallVec::with_capacity(fields.len());
         for (c, v) in fields.drain(..) {
             let (class, unit) = (columns[c.as_ref()].class, self.cfg.time_unit);
             let text = match v {
