@@ -107,7 +107,7 @@ pub async fn run_from(
     };
     let drivers = TaskTracker::new();
     // Rules and `columns:` programs run here, on threads of their own.
-    let eval = EvalPool::start("mqb-eval", EvalPool::default_threads(), EVAL_TIMEOUT)
+    let eval = EvalPool::start("mqb-eval", plan.eval_threads, EVAL_TIMEOUT)
         .context("starting the evaluation threads")?;
     if let Some(admin) = &admin {
         admin.state.replays.start(eval.clone());

@@ -123,12 +123,6 @@ impl EvalPool {
         })
     }
 
-    /// As many threads as cores, and at least two, so that one long evaluation does not
-    /// hold up all the others.
-    pub fn default_threads() -> usize {
-        std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
-    }
-
     pub fn threads(&self) -> usize {
         self.threads
     }

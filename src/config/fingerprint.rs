@@ -72,6 +72,7 @@ pub fn restart_only(raw: &RawConfig) -> Vec<(&'static str, Fingerprint)> {
         ("shutdown_timeout", of(&raw.shutdown_timeout)),
         ("unsettled_warning", of(&raw.unsettled_warning)),
         ("workers", of(&raw.workers)),
+        ("eval_threads", of(&raw.eval_threads)),
     ]
 }
 

@@ -42,6 +42,8 @@ pub struct Plan {
     pub restart_only: Vec<(&'static str, Fingerprint)>,
     /// Threads for the async tasks (`workers:`, or its default for the mode).
     pub workers: usize,
+    /// Threads for the rules' programs (`eval_threads:`, or half the cores).
+    pub eval_threads: usize,
 }
 
 /// The durable spool's place and limits (`spool:`).
@@ -340,6 +342,10 @@ pub fn validate(
             || default_workers(raw.embedded.is_some(), cores()),
             std::num::NonZeroUsize::get,
         ),
+        eval_threads: raw.eval_threads.map_or_else(
+            || default_eval_threads(cores()),
+            std::num::NonZeroUsize::get,
+        ),
     })
 }
 
@@ -354,6 +360,14 @@ fn cores() -> usize {
 /// BENCHMARKS.md, "Wake-ups, and one worker as a client").
 fn default_workers(embedded: bool, cores: usize) -> usize {
     if embedded { cores } else { (cores / 2).max(1) }
+}
+
+/// The rules' threads when `eval_threads:` is not set: half the cores, at least one.
+/// They share the machine with the async workers, the spool's threads and often the
+/// database; on 2 cores a second one cost CPU and gained no throughput (see
+/// BENCHMARKS.md, "One evaluation thread on two cores").
+fn default_eval_threads(cores: usize) -> usize {
+    (cores / 2).max(1)
 }
 
 fn unknown_sink(name: &str, known: &[String]) -> String {
@@ -513,6 +527,9 @@ mod tests {
         assert_eq!(default_workers(false, 2), 1);
         assert_eq!(default_workers(false, 8), 4);
         assert_eq!(default_workers(false, 1), 1);
+        assert_eq!(default_eval_threads(1), 1);
+        assert_eq!(default_eval_threads(2), 1);
+        assert_eq!(default_eval_threads(8), 4);
     }
 
     #[test]

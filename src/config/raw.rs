@@ -51,6 +51,10 @@ pub struct RawConfig {
     /// as a client of an external broker, half the cores (at least one).
     #[serde(default)]
     pub workers: Option<std::num::NonZeroUsize>,
+    /// Threads that run the rules' jq programs and decoders (and the sinks' `columns:`
+    /// programs). Default: half the cores, at least one.
+    #[serde(default)]
+    pub eval_threads: Option<std::num::NonZeroUsize>,
 }
 
 /// `admin:`.

@@ -98,6 +98,22 @@ fn a_good_file_becomes_a_plan() {
 }
 
 #[test]
+fn eval_threads_are_set_or_half_the_cores() {
+    let default = parse(GOOD, "rules.yaml", env).unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(default.eval_threads, (cores / 2).max(1));
+    let set = parse(&format!("{GOOD}eval_threads: 3\n"), "rules.yaml", env).unwrap();
+    assert_eq!(set.eval_threads, 3);
+    let errs = errors(&format!("{GOOD}eval_threads: 0\n"));
+    let line = GOOD.lines().count() + 1;
+    assert!(
+        errs[0].starts_with(&format!("rules.yaml:{line}:15: eval_threads: ")),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
 fn workers_are_set_or_follow_the_mode() {
     let default = parse(GOOD, "rules.yaml", env).unwrap();
     let cores = std::thread::available_parallelism().unwrap().get();
