@@ -97,36 +97,22 @@ fn a_good_file_becomes_a_plan() {
     assert_eq!(plan.dead_letter, Some(1));
 }
 
+/// `workers:` and `eval_threads:`: with a client of a broker (GOOD) both default to
+/// half the cores (at least one); a count is taken as set, and 0 is an error at its line.
 #[test]
-fn eval_threads_are_set_or_half_the_cores() {
+fn thread_counts_are_set_or_half_the_cores() {
     let default = parse(GOOD, "rules.yaml", env).unwrap();
-    let cores = std::thread::available_parallelism().unwrap().get();
-    assert_eq!(default.eval_threads, (cores / 2).max(1));
-    let set = parse(&format!("{GOOD}eval_threads: 3\n"), "rules.yaml", env).unwrap();
-    assert_eq!(set.eval_threads, 3);
-    let errs = errors(&format!("{GOOD}eval_threads: 0\n"));
+    let half = (std::thread::available_parallelism().unwrap().get() / 2).max(1);
+    assert_eq!((default.workers, default.eval_threads), (half, half));
     let line = GOOD.lines().count() + 1;
-    assert!(
-        errs[0].starts_with(&format!("rules.yaml:{line}:15: eval_threads: ")),
-        "{}",
-        errs[0]
-    );
-}
-
-#[test]
-fn workers_are_set_or_follow_the_mode() {
-    let default = parse(GOOD, "rules.yaml", env).unwrap();
-    let cores = std::thread::available_parallelism().unwrap().get();
-    assert_eq!(default.workers, (cores / 2).max(1), "a client of a broker");
-    let set = parse(&format!("{GOOD}workers: 3\n"), "rules.yaml", env).unwrap();
-    assert_eq!(set.workers, 3);
-    let errs = errors(&format!("{GOOD}workers: 0\n"));
-    let line = GOOD.lines().count() + 1;
-    assert!(
-        errs[0].starts_with(&format!("rules.yaml:{line}:10: workers: ")),
-        "{}",
-        errs[0]
-    );
+    let n = half + 2;
+    for (key, expected) in [("workers", (n, half)), ("eval_threads", (half, n))] {
+        let set = parse(&format!("{GOOD}{key}: {n}\n"), "rules.yaml", env).unwrap();
+        assert_eq!((set.workers, set.eval_threads), expected, "{key}");
+        let errs = errors(&format!("{GOOD}{key}: 0\n"));
+        let at = format!("rules.yaml:{line}:{}: {key}: ", key.len() + 3);
+        assert!(errs[0].starts_with(&at), "{}", errs[0]);
+    }
 }
 
 #[test]
