@@ -35,7 +35,7 @@ use crate::config::{Plan, SinkPlan};
 use crate::delivery::Watch;
 use crate::eval_pool::{EVAL_TIMEOUT, EvalPool};
 use crate::health::{Readiness, Status};
-use crate::pipeline::{Pipeline, Routing};
+use crate::pipeline::{INLINE_BUDGET, Pipeline, Routing};
 use crate::sink::OpenContext;
 use crate::sink::driver::{self, DeadLetter};
 use crate::sink::queue::SinkQueue;
@@ -170,6 +170,7 @@ pub async fn run_from(
         watch,
         dead_letter,
         eval: eval.clone(),
+        inline: INLINE_BUDGET,
         reloads: Some(reloads),
         taps: admin
             .as_ref()

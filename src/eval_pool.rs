@@ -15,6 +15,10 @@
 //!
 //! A job that panics costs its result ([`EvalError::Panicked`], with the panic's payload),
 //! never a thread.
+//!
+//! [`runtime`] builds mqbridge's async runtime, whose threads may run programs too: the
+//! router evaluates a batch on its own worker for a short while before it hands the rest
+//! here (see [`crate::pipeline`]).
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -27,10 +31,24 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::rule::jq::THREAD_STACK;
+use crate::rule::jq::{self, THREAD_STACK};
 
 /// How long one evaluation may run: a rule on one message, or one record's `columns:`.
 pub const EVAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The runtime mqbridge runs on, with `workers` async workers. Its threads have the
+/// stack programs need ([`THREAD_STACK`], reserved, not committed: only the pages a
+/// thread touches take memory) and say so ([`jq::mark_program_stack`]), so that the
+/// router may evaluate a batch on its own worker for a short while (see
+/// [`crate::pipeline`]) instead of always handing it to the pool.
+pub fn runtime(workers: usize) -> tokio::runtime::Builder {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(workers)
+        .thread_stack_size(THREAD_STACK)
+        .on_thread_start(jq::mark_program_stack)
+        .enable_all();
+    b
+}
 
 /// Jobs queued per thread beyond the one it runs.
 const QUEUE_PER_THREAD: usize = 2;

@@ -221,9 +221,7 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(errs) => return fail(&errs),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(plan.workers)
-                .enable_all()
+            let rt = mqbridge::eval_pool::runtime(plan.workers)
                 .build()
                 .expect("tokio runtime");
             let result = rt.block_on(async {

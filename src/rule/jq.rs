@@ -132,6 +132,23 @@ pub const MAX_STACK: usize = 8 << 20;
 /// the caller's frames, the steps between two checks, and the unwinding.
 pub const THREAD_STACK: usize = 2 * MAX_STACK;
 
+thread_local! {
+    /// Whether this thread was started with [`THREAD_STACK`] (see [`mark_program_stack`]).
+    static PROGRAM_STACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Notes that the calling thread was started with a stack of [`THREAD_STACK`], so that
+/// programs may run on it: a thread that does not know its stack size must not run one
+/// (a deep recursion, stopped only past [`MAX_STACK`], would overflow a smaller stack).
+pub fn mark_program_stack() {
+    PROGRAM_STACK.set(true);
+}
+
+/// Whether [`mark_program_stack`] was called on this thread.
+pub fn has_program_stack() -> bool {
+    PROGRAM_STACK.get()
+}
+
 /// Steps between two measurements of the stack: at most ~25 KiB a step (a debug build),
 /// well within the [`THREAD_STACK`] left beyond [`MAX_STACK`].
 const STACK_EVERY: u32 = 32;
