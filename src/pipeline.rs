@@ -8,8 +8,9 @@
 //! Rules are evaluated in batches of up to [`EVAL_BATCH`] messages, with up to one batch
 //! per pool thread in flight; the verdicts are dispatched in arrival order. The router
 //! evaluates a batch on its own worker first, for up to [`INLINE_BUDGET`]: moving a batch
-//! to another thread and back costs more than evaluating a usual one (a measured 3–11% of
-//! mqbridge's CPU per message). What is left when the budget is spent goes to the
+//! to another thread and back costs more than evaluating a usual one (as a client, where
+//! batches are small, a tenth of mqbridge's CPU per message: BENCHMARKS.md, "Where the
+//! CPU goes"). What is left when the budget is spent goes to the
 //! [`EvalPool`]'s threads, so a slow or runaway program holds the worker for at most
 //! about the budget. A message whose rule the budget stopped is evaluated again there,
 //! whole. Each rule may take [`EvalPool::limit`] per message: a runaway jq program is
