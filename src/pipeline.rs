@@ -10,7 +10,8 @@
 //! evaluates a batch on its own worker first, for up to [`INLINE_BUDGET`]: moving a batch
 //! to another thread and back costs more than evaluating a usual one (as a client, where
 //! batches are small, a tenth of mqbridge's CPU per message: BENCHMARKS.md, "Where the
-//! CPU goes"). What is left when the budget is spent goes to the
+//! CPU goes"). What is left when the budget is spent, or from the first payload larger
+//! than [`INLINE_PAYLOAD`] on (decoding one cannot be stopped halfway), goes to the
 //! [`EvalPool`]'s threads, so a slow or runaway program holds the worker for at most
 //! about the budget. A message whose rule the budget stopped is evaluated again there,
 //! whole. Each rule may take [`EvalPool::limit`] per message: a runaway jq program is
@@ -65,6 +66,11 @@ pub const EVAL_BATCH: usize = 256;
 /// How long the router evaluates a batch on its own worker before it hands the rest to
 /// the pool (see the module's docs).
 pub const INLINE_BUDGET: Duration = Duration::from_millis(2);
+
+/// The largest payload the router evaluates on its own worker. Decoding a payload cannot
+/// be stopped halfway and costs in proportion to its size, so a larger one (up to the
+/// broker's maximum packet size), and the batch's messages after it, go to the pool.
+pub const INLINE_PAYLOAD: usize = 64 << 10;
 
 /// Every matching rule's verdict on one message: usually one, kept inline.
 pub type Verdicts = SmallVec<[Verdict; 1]>;
@@ -127,11 +133,12 @@ fn evaluate_caught(
         .map_err(|p| format!("rule evaluation panicked: {}", panic_message(p.as_ref())))
 }
 
-/// Evaluates `msgs` in order, each for at most `limit`, until `until`: the verdicts of
-/// the first ones, as many as were done by then. A message that failed once `until` had
-/// passed is left out, with the ones after it: `until` may have stopped a rule before its
-/// `limit`, so it is to be evaluated again with the whole `limit`. (Evaluating again is
-/// safe: only the decoders that keep state have effects, and they are not run here.)
+/// Evaluates `msgs` in order, each for at most `limit`, until `until` or a payload larger
+/// than [`INLINE_PAYLOAD`]: the verdicts of the first ones, as many as were done by then.
+/// A message that failed once `until` had passed is left out, with the ones after it:
+/// `until` may have stopped a rule before its `limit`, so it is to be evaluated again with
+/// the whole `limit`. (Evaluating again is safe: only the decoders that keep state have
+/// effects, and they are not run here.)
 fn evaluate_until(
     rules: &[Rule],
     msgs: &[Message],
@@ -141,7 +148,7 @@ fn evaluate_until(
     let mut done = Vec::with_capacity(msgs.len());
     for m in msgs {
         let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if left.is_zero() || m.payload.len() > INLINE_PAYLOAD {
             break;
         }
         let verdicts = evaluate_caught(rules, m, Observations::new(), limit.min(left));
@@ -823,6 +830,33 @@ mod tests {
         );
         // Stopped at `until`, not at the limit (2 s).
         assert!(started.elapsed() < EVAL_TIMEOUT, "{:?}", started.elapsed());
+    }
+
+    /// A payload too large to decode on the router's worker is left to the pool, with the
+    /// messages after it, however much time is left.
+    #[test]
+    fn evaluating_until_a_time_leaves_a_large_payload_to_the_pool() {
+        let rules = [rule("r", "ok/+", "{v: .payload.v}", 0)];
+        let large = |v: usize, pad: usize| {
+            let payload = format!(r#"{{"v": {v}, "pad": "{}"}}"#, "x".repeat(pad));
+            Message::detached("ok/large", payload, 1)
+        };
+        // The largest payload taken here, then one byte more.
+        let at_limit = large(1, INLINE_PAYLOAD - r#"{"v": 1, "pad": ""}"#.len());
+        assert_eq!(at_limit.payload.len(), INLINE_PAYLOAD);
+        let mut msgs = numbered("ok/a", 1);
+        msgs.push(at_limit);
+        msgs.push(large(2, INLINE_PAYLOAD));
+        msgs.extend(numbered("ok/b", 1));
+        let far = Instant::now() + Duration::from_secs(60);
+        let done = evaluate_until(&rules, &msgs, EVAL_TIMEOUT, far);
+        assert_eq!(
+            outcomes(&done),
+            [
+                vec![r#"{"v":0}"#.to_string()],
+                vec![r#"{"v":1}"#.to_string()]
+            ]
+        );
     }
 
     /// On mqbridge's runtime the router evaluates on its own worker: the stream goes
